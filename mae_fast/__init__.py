@@ -1,0 +1,3 @@
+"""mae_fast: fast masked autoencoders for Cell Painting microscopy."""
+
+__version__ = "0.1.0"

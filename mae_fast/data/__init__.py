@@ -1,0 +1,1 @@
+"""Data: the built-in synthetic screen, dataset readers, crop pipelines and tiling."""

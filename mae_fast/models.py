@@ -1,0 +1,529 @@
+"""MAE and channel-agnostic MAE (CA-MAE) ViTs for microscopy, in plain PyTorch, top to bottom.
+
+Encoder (Kraus et al. 2023/2024): ViT with parallel scaling blocks (ViT-22B), QK-norm, no qkv bias, LayerScale,
+stochastic depth, fixed 2-D sin-cos positions and a class token. Parameter names follow timm's VisionTransformer
+/ ParallelScalingBlock so that checkpoints convert by renaming only (see mae_fast.checkpoint).
+
+Masking happens on pixel tokens *before* the patch projection (a linear map of the (p, q, c)-ordered patch,
+identical to timm's strided Conv2d), so the encoder never projects the 75% of tokens it then drops, and the fused
+masked-patchify op can write visible tokens straight from the raw image.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+from mae_fast import ops
+from mae_fast.attention import attention
+
+LN_EPS = 1e-6
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Config and presets
+# ------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MAEConfig:
+    name: str = "custom"
+    img_size: int = 256
+    patch_size: int = 16
+    in_chans: int = 6
+    embed_dim: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    drop_path: float = 0.1
+    init_values: float = 1e-4          # LayerScale
+    channel_agnostic: bool = False
+    max_in_chans: int = 11             # CA-MAE: positions built for this many channels
+    fc_norm: bool = False              # True: LayerNorm after pooling (timm global_pool='avg'), not on tokens
+    decoder_dim: int = 512
+    decoder_depth: int = 8             # CA-MAE: depth of each per-channel block stack
+    decoder_heads: int = 16
+    mask_ratio: float = 0.75
+    fourier_alpha: float = 0.01
+    norm_pix_loss: bool = False
+    grad_checkpointing: bool = False
+    # optimiser defaults of the paper (Lion)
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+
+    @property
+    def layout(self) -> str:
+        return "channel" if self.channel_agnostic else "standard"
+
+    @property
+    def grid_size(self) -> int:
+        return self.img_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:  # spatial patches per channel
+        return self.grid_size**2
+
+    def tokens(self, in_chans: int | None = None) -> int:
+        """Encoder sequence length without the class token (C*L for CA-MAE)."""
+        return self.num_patches * ((in_chans or self.in_chans) if self.channel_agnostic else 1)
+
+    @property
+    def token_dim(self) -> int:  # pixels per token
+        return self.patch_size**2 * (1 if self.channel_agnostic else self.in_chans)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MAEConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown MAEConfig keys {unknown}; valid keys: {sorted(known)}")
+        d = dict(d)
+        if "betas" in d:
+            d["betas"] = tuple(d["betas"])
+        return cls(**d)
+
+
+_SIZES = {  # name: (embed_dim, depth, heads, drop_path, lr)
+    "micro": (192, 4, 3, 0.0, 1e-4),    # not in the paper: CPU demo and tests
+    "tiny": (192, 12, 3, 0.1, 1e-4),
+    "small": (384, 12, 6, 0.1, 1e-4),
+    "base": (768, 12, 12, 0.1, 1e-4),
+    "large": (1024, 24, 16, 0.3, 3e-5),
+}
+PRESETS: dict[str, MAEConfig] = {}
+for _size, (_dim, _depth, _heads, _dp, _lr) in _SIZES.items():
+    for _patch in (8, 16):
+        _name = f"mae_vit_{_size}_patch{_patch}_256"
+        PRESETS[_name] = MAEConfig(_name, patch_size=_patch, embed_dim=_dim, depth=_depth, num_heads=_heads,
+                                   drop_path=_dp, lr=_lr)
+        # CA-MAE decoder as in OpenPhenom's released config: 256-d, 4 blocks per channel, 16 heads.
+        _name = f"camae_vit_{_size}_patch{_patch}_256"
+        PRESETS[_name] = MAEConfig(_name, patch_size=_patch, embed_dim=_dim, depth=_depth, num_heads=_heads,
+                                   drop_path=_dp, lr=_lr, channel_agnostic=True, decoder_dim=256,
+                                   decoder_depth=4, decoder_heads=16)
+for _name in ("mae_vit_micro_patch16_256", "mae_vit_micro_patch8_256", "camae_vit_micro_patch16_256",
+              "camae_vit_micro_patch8_256"):
+    PRESETS[_name] = replace(PRESETS[_name], decoder_dim=128, decoder_depth=2, decoder_heads=4)
+
+
+def get_config(name: str, **overrides) -> MAEConfig:
+    """A preset by name, with field overrides (`get_config("mae_vit_small_patch16_256", in_chans=5)`)."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; available presets: {', '.join(sorted(PRESETS))}")
+    cfg = PRESETS[name]
+    if overrides:
+        valid = set(MAEConfig.__dataclass_fields__)
+        bad = sorted(set(overrides) - valid)
+        if bad:
+            raise ValueError(f"unknown config keys {bad}; valid keys: {sorted(valid)}")
+        cfg = replace(cfg, **overrides)
+    return cfg
+
+
+def list_presets() -> list[str]:
+    return sorted(PRESETS)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Positions
+# ------------------------------------------------------------------------------------------------------------
+
+def sincos_pos_embed(dim: int, grid: int, channels: int = 1, cls_token: bool = True) -> torch.Tensor:
+    """Fixed 2-D sin-cos positions (1 [+1], channels*grid*grid, dim): [sin(h w_k), cos(h w_k), sin(x w_k), cos(x w_k)]
+    with w_k = 10000^(-k/(dim/4)); repeated per channel (CA-MAE) and a zero vector at the class-token slot."""
+    if dim % 4:
+        raise ValueError(f"embed dim {dim} must be a multiple of 4 for 2-D sin-cos positions")
+    pos = torch.arange(grid, dtype=torch.float32)
+    hh, ww = torch.meshgrid(pos, pos, indexing="ij")
+    omega = 1.0 / 10000.0 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
+    h, w = torch.outer(hh.flatten(), omega), torch.outer(ww.flatten(), omega)
+    emb = torch.cat([h.sin(), h.cos(), w.sin(), w.cos()], dim=1).repeat(channels, 1)
+    if cls_token:
+        emb = torch.cat([torch.zeros(1, dim), emb])
+    return emb.unsqueeze(0)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Blocks
+# ------------------------------------------------------------------------------------------------------------
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int, init_values: float):
+        super().__init__()
+        self.gamma = nn.Parameter(init_values * torch.ones(dim))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample during training."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+
+class ParallelScalingBlock(nn.Module):
+    """x + drop_path(ls(attn_out(Attn(qknorm(q), qknorm(k), v)) + mlp_out(gelu(h)))), with [h|q|k|v] from one
+    input projection of LayerNorm(x) (no qkv bias; a bias on the MLP part only)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, init_values: float = 1e-4,
+                 drop_path: float = 0.0):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        hidden = int(dim * mlp_ratio)
+        self.in_split = [hidden, dim, dim, dim]
+        self.in_norm = nn.LayerNorm(dim, eps=LN_EPS)
+        self.in_proj = nn.Linear(dim, hidden + 3 * dim, bias=False)
+        self.mlp_bias = nn.Parameter(torch.zeros(hidden))
+        self.q_norm = nn.LayerNorm(self.head_dim, eps=LN_EPS)
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=LN_EPS)
+        self.attn_out_proj = nn.Linear(dim, dim)
+        self.mlp_act = nn.GELU()
+        self.mlp_out_proj = nn.Linear(hidden, dim)
+        self.ls = LayerScale(dim, init_values)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x):  # (B, N, D)
+        B, N, D = x.shape
+        h, q, k, v = torch.split(self.in_proj(self.in_norm(x)), self.in_split, dim=-1)
+        q = self.q_norm(q.view(B, N, self.num_heads, self.head_dim)).transpose(1, 2)  # (B, H, N, d)
+        k = self.k_norm(k.view(B, N, self.num_heads, self.head_dim)).transpose(1, 2)
+        v = v.view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+        a = attention(q, k, v).transpose(1, 2).reshape(B, N, D)
+        y = self.attn_out_proj(a) + self.mlp_out_proj(self.mlp_act(h + self.mlp_bias))
+        return x + self.drop_path(self.ls(y))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):  # (B, N, D)
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        return self.proj(attention(q, k, v).transpose(1, 2).reshape(B, N, D))
+
+
+class CrossAttention(nn.Module):
+    """Queries from x (B, N, D), keys/values from context (B, M, D)."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.kv = nn.Linear(dim, 2 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, context):
+        B, N, D = x.shape
+        M, H = context.shape[1], self.num_heads
+        q = self.q(x).view(B, N, H, D // H).transpose(1, 2)
+        k, v = self.kv(context).view(B, M, 2, H, D // H).permute(2, 0, 3, 1, 4)
+        return self.proj(attention(q, k, v).transpose(1, 2).reshape(B, N, D))
+
+
+class Block(nn.Module):
+    """Standard pre-norm transformer block (decoder): x + attn(norm1(x)); x + mlp(norm2(x))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.attn = SelfAttention(dim, num_heads, qkv_bias=True)
+        self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+def _run_blocks(blocks: nn.ModuleList, x: torch.Tensor, checkpointing: bool) -> torch.Tensor:
+    for blk in blocks:
+        if checkpointing and torch.is_grad_enabled():
+            x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+        else:
+            x = blk(x)
+    return x
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Encoder
+# ------------------------------------------------------------------------------------------------------------
+
+class PatchEmbed(nn.Module):
+    """timm-compatible patch projection: `proj.weight` (D, C, p, p), applied as a linear map of pixel tokens."""
+
+    def __init__(self, patch_size: int, in_chans: int, dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, patch_size, patch_size)
+
+    def forward(self, tokens):  # (B, N, p*p*C) in (p, q, c) order -> (B, N, D)
+        w = self.proj.weight  # (D, C, p, q)
+        return F.linear(tokens, w.permute(0, 2, 3, 1).reshape(w.shape[0], -1), self.proj.bias)
+
+
+class ViTEncoder(nn.Module):
+    def __init__(self, cfg: MAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.embed_dim
+        self.patch_embed = PatchEmbed(cfg.patch_size, 1 if cfg.channel_agnostic else cfg.in_chans, D)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        pos_channels = cfg.max_in_chans if cfg.channel_agnostic else 1
+        self.register_buffer("pos_embed", sincos_pos_embed(D, cfg.grid_size, pos_channels), persistent=False)
+        rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
+        self.blocks = nn.ModuleList(
+            ParallelScalingBlock(D, cfg.num_heads, cfg.mlp_ratio, cfg.init_values, r) for r in rates
+        )
+        self.norm = nn.Identity() if cfg.fc_norm else nn.LayerNorm(D, eps=LN_EPS)
+        self.fc_norm = nn.LayerNorm(D, eps=LN_EPS) if cfg.fc_norm else nn.Identity()
+
+    def forward_tokens(self, pixel_tokens: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Pixel tokens (B, K, P) (standardised) at sequence positions `ids` (B, K) (all, in order, if None)
+        -> encoded sequence (B, 1 + K, D), class token first."""
+        B, K, _ = pixel_tokens.shape
+        x = self.patch_embed(pixel_tokens)
+        pos = self.pos_embed[:, 1:]
+        if ids is None:
+            x = x + pos[:, :K]
+        else:
+            x = x + pos[0][ids]
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(B, -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        x = _run_blocks(self.blocks, x, self.cfg.grad_checkpointing)
+        return self.norm(x)
+
+    def pool(self, x: torch.Tensor, in_chans: int, per_channel: bool = False) -> torch.Tensor:
+        """Mean of the non-class tokens: (B, D), or (B, C, D) per channel for CA-MAE."""
+        tokens = x[:, 1:]
+        if per_channel:
+            if not self.cfg.channel_agnostic:
+                raise ValueError("per-channel embeddings need a channel-agnostic (CA-MAE) model")
+            return self.fc_norm(tokens.reshape(x.shape[0], in_chans, -1, x.shape[-1]).mean(dim=2))
+        return self.fc_norm(tokens.mean(dim=1))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Decoders
+# ------------------------------------------------------------------------------------------------------------
+
+class MAEDecoder(nn.Module):
+    """Mask tokens back in original order + sin-cos positions, then standard blocks and a final norm."""
+
+    def __init__(self, cfg: MAEConfig):
+        super().__init__()
+        Dd = cfg.decoder_dim
+        self.mask_token = nn.Parameter(torch.zeros(Dd))
+        self.register_buffer("pos_embed", sincos_pos_embed(Dd, cfg.grid_size), persistent=False)
+        self.blocks = nn.ModuleList(Block(Dd, cfg.decoder_heads, cfg.mlp_ratio) for _ in range(cfg.decoder_depth))
+        self.norm = nn.LayerNorm(Dd, eps=LN_EPS)
+        self.checkpointing = cfg.grad_checkpointing
+
+    def forward(self, x: torch.Tensor, ids_restore: torch.Tensor, in_chans: int) -> torch.Tensor:
+        """x: (B, 1 + K, Dd) class + visible tokens -> (B, L, Dd) decoded patch tokens (class token dropped)."""
+        full = ops.unshuffle(x[:, 1:], self.mask_token, ids_restore, self.pos_embed[0, 1:])
+        x = torch.cat([x[:, :1] + self.pos_embed[:, :1], full], dim=1)
+        x = _run_blocks(self.blocks, x, self.checkpointing)
+        return self.norm(x)[:, 1:]
+
+
+class CAMAEDecoder(nn.Module):
+    """OpenPhenom-style channel-agnostic decoder: per-channel learned tokens; for each channel a shared
+    cross-attention (queries: that channel's tokens, context: all tokens) and shared MLP, then that channel's own
+    stack of blocks."""
+
+    def __init__(self, cfg: MAEConfig):
+        super().__init__()
+        Dd, C = cfg.decoder_dim, cfg.in_chans
+        self.in_chans = C
+        self.mask_token = nn.Parameter(torch.zeros(Dd))
+        self.register_buffer("pos_embed", sincos_pos_embed(Dd, cfg.grid_size, C), persistent=False)
+        self.modality_tokens = nn.ParameterList(nn.Parameter(torch.zeros(1, 1, Dd)) for _ in range(C))
+        self.query_norm = nn.LayerNorm(Dd, eps=LN_EPS)
+        self.context_norm = nn.LayerNorm(Dd, eps=LN_EPS)
+        self.cross_attention = CrossAttention(Dd, cfg.decoder_heads)
+        self.out_norm = nn.LayerNorm(Dd, eps=LN_EPS)
+        self.mlp = Mlp(Dd, int(Dd * cfg.mlp_ratio))
+        self.decoders = nn.ModuleList(
+            nn.ModuleList(Block(Dd, cfg.decoder_heads, cfg.mlp_ratio) for _ in range(cfg.decoder_depth))
+            for _ in range(C)
+        )
+        self.checkpointing = cfg.grad_checkpointing
+
+    def forward(self, x: torch.Tensor, ids_restore: torch.Tensor, in_chans: int) -> torch.Tensor:
+        """x: (B, 1 + K, Dd) -> (B, C*L, Dd), channel-major."""
+        if in_chans != self.in_chans:
+            raise ValueError(f"this CA-MAE decoder was built for {self.in_chans} channels, got {in_chans}")
+        full = ops.unshuffle(x[:, 1:], self.mask_token, ids_restore, self.pos_embed[0, 1:])
+        B, N, Dd = full.shape
+        L = N // in_chans
+        channel_tokens = torch.cat([t.expand(1, L, Dd) for t in self.modality_tokens], dim=1)
+        full = full + channel_tokens
+        context = self.context_norm(full)
+        outs = []
+        for c, stack in enumerate(self.decoders):
+            y = self.cross_attention(self.query_norm(full[:, c * L:(c + 1) * L]), context)
+            y = y + self.mlp(self.out_norm(y))
+            outs.append(_run_blocks(stack, y, self.checkpointing))
+        return torch.cat(outs, dim=1)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The masked autoencoder
+# ------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class MAEOutput:
+    loss: torch.Tensor
+    pred: torch.Tensor              # (B, L, P) predictions of every token, original order
+    masking: ops.Masking
+    target: torch.Tensor            # (B, L - K, P) standardised targets of the masked tokens (shuffled order)
+    extras: dict = field(default_factory=dict)
+
+
+class MaskedAutoencoder(nn.Module):
+    """MAE (standard tokens) or CA-MAE (channel-agnostic tokens), selected by `cfg.channel_agnostic`."""
+
+    def __init__(self, cfg: MAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = ViTEncoder(cfg)
+        self.encoder_decoder_proj = nn.Linear(cfg.embed_dim, cfg.decoder_dim)
+        self.decoder = CAMAEDecoder(cfg) if cfg.channel_agnostic else MAEDecoder(cfg)
+        self.decoder_pred = nn.Linear(cfg.decoder_dim, cfg.token_dim)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        def init(m):
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+        self.apply(init)
+        w = self.encoder.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a linear map of the flattened patch
+        nn.init.zeros_(self.encoder.patch_embed.proj.bias)
+        nn.init.normal_(self.encoder.cls_token, std=0.02)
+        nn.init.normal_(self.decoder.mask_token, std=0.02)
+        for blk in self.encoder.blocks:
+            nn.init.constant_(blk.ls.gamma, self.cfg.init_values)
+            nn.init.zeros_(blk.mlp_bias)
+        if self.cfg.channel_agnostic:
+            for t in self.decoder.modality_tokens:
+                nn.init.normal_(t, std=0.02)
+
+    # -- input checks ------------------------------------------------------------------------------------------
+    def check_images(self, images: torch.Tensor) -> int:
+        """Validate a raw image batch; returns its channel count."""
+        cfg = self.cfg
+        if images.ndim != 4:
+            raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
+        B, C, H, W = images.shape
+        if H != W:
+            raise ValueError(f"images must be square {cfg.img_size}x{cfg.img_size} crops, got {H}x{W}")
+        if H != cfg.img_size:
+            raise ValueError(
+                f"images must be {cfg.img_size}x{cfg.img_size} crops (tile larger images with "
+                f"mae_fast.data), got {H}x{W}"
+            )
+        if cfg.channel_agnostic:
+            if not 1 <= C <= cfg.max_in_chans:
+                raise ValueError(f"CA-MAE takes 1..{cfg.max_in_chans} channels, got {C}")
+        elif C != cfg.in_chans:
+            raise ValueError(f"model {cfg.name} expects {cfg.in_chans} channels, got {C}")
+        if images.is_floating_point():
+            ops.to_unit_float(images, check_range=True)
+        return C
+
+    # -- training ------------------------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor, mask_ratio: float | None = None,
+                generator: torch.Generator | None = None) -> MAEOutput:
+        """Raw images (B, C, H, W) -> loss on the masked tokens (+ predictions)."""
+        cfg = self.cfg
+        C = self.check_images(images)
+        if self.training and cfg.channel_agnostic and C != cfg.in_chans:
+            raise ValueError(f"CA-MAE decoder was built for {cfg.in_chans} channels, got {C}")
+        ratio = cfg.mask_ratio if mask_ratio is None else mask_ratio
+        patches = ops.masked_patchify(images, cfg.patch_size, ratio, cfg.layout, generator)
+        masking = patches.masking
+        latent = self.encoder.forward_tokens(patches.visible, masking.ids_keep)
+        decoded = self.decoder(self.encoder_decoder_proj(latent), masking.ids_restore, C)
+        pred = self.decoder_pred(decoded)  # (B, L, P)
+        target = patches.target
+        if cfg.norm_pix_loss:
+            mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+            target = (target - mean) / (var + 1e-6).sqrt()
+        pred_masked = ops.gather_tokens(pred, masking.ids_masked)
+        loss = ops.mae_loss(pred_masked, target, patch_size=cfg.patch_size, layout=cfg.layout,
+                            alpha=cfg.fourier_alpha)
+        return MAEOutput(loss, pred, masking, target)
+
+    # -- inference ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor, per_channel: bool = False) -> torch.Tensor:
+        """Raw images -> mean of the non-class tokens, no masking: (B, D), or (B, C*D) per channel (CA-MAE)."""
+        C = self.check_images(images)
+        x = ops.standardize(ops.to_unit_float(images, check_range=False))
+        tokens = ops.patchify(x, self.cfg.patch_size, self.cfg.layout)
+        z = self.encoder.pool(self.encoder.forward_tokens(tokens), C, per_channel)
+        return z.flatten(1)
+
+    def reconstruct(self, images: torch.Tensor, generator: torch.Generator | None = None):
+        """For figures: (standardised input, masked input, reconstruction with visible patches pasted), each
+        (B, C, H, W)."""
+        cfg = self.cfg
+        C = images.shape[1]
+        with torch.no_grad():
+            out = self.forward(images, generator=generator)
+            x = ops.standardize(ops.to_unit_float(images, check_range=False))
+            tokens = ops.patchify(x, cfg.patch_size, cfg.layout)
+            keep = (1 - out.masking.mask).unsqueeze(-1)
+            masked = ops.unpatchify(tokens * keep, cfg.patch_size, C, cfg.layout)
+            recon = ops.unpatchify(tokens * keep + out.pred.float() * (1 - keep), cfg.patch_size, C, cfg.layout)
+        return x, masked, recon
+
+
+def create_model(name_or_cfg: str | MAEConfig, **overrides) -> MaskedAutoencoder:
+    """timm-style constructor: `create_model("mae_vit_large_patch8_256")`."""
+    cfg = get_config(name_or_cfg, **overrides) if isinstance(name_or_cfg, str) else replace(name_or_cfg, **overrides)
+    return MaskedAutoencoder(cfg)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
