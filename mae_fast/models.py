@@ -302,7 +302,7 @@ class ViTEncoder(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         pos_channels = cfg.max_in_chans if cfg.channel_agnostic else 1
         self.register_buffer("pos_embed", sincos_pos_embed(D, cfg.grid_size, pos_channels), persistent=False)
-        rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
+        rates = [cfg.drop_path * i / max(1, cfg.depth - 1) for i in range(cfg.depth)]  # linear in depth
         self.blocks = nn.ModuleList(
             ParallelScalingBlock(D, cfg.num_heads, cfg.mlp_ratio, cfg.init_values, r) for r in rates
         )

@@ -7,7 +7,7 @@ chromosome arm adds a small shared shift (the CRISPR arm bias) and each plate ad
 offset (the batch effect).
 
 Files written under `root`:
-    images/{experiment}/Plate{plate}/{address}_s1_w{c}.png    c = 1..C, 8- or 16-bit PNG
+    images/{experiment}/Plate{plate}/{address}_s1_w{c}.png    c = 1..C, 8-bit (default) or 16-bit PNG
     metadata.csv                                               RxRx3 columns (well_id, experiment_name, plate, ...)
     relationships/synthetic_complexes.csv                      entity1,entity2 for every planted pair
     gene_arms.csv                                              gene, chromosome_arm, expressed
@@ -47,7 +47,7 @@ class SyntheticScreenConfig:
     n_crispr_controls: int = 4        # wells per plate
     site_size: int = 512
     channels: int = 6
-    bit_depth: int = 16
+    bit_depth: int = 8                # 8 (RxRx1, RxRx3-core) or 16 (RxRx3)
     cells_per_site: int = 36
     n_arms: int = 6
     effect_size: float = 1.0          # scale of the knockout phenotypes
@@ -211,10 +211,10 @@ def _to_png_array(plane: np.ndarray, bit_depth: int) -> np.ndarray:
 def write_png(path: str, array: np.ndarray) -> None:
     from PIL import Image
 
-    if array.dtype == np.uint16:
-        Image.fromarray(array, mode="I;16").save(path)
-    else:
-        Image.fromarray(array).save(path)
+    image = Image.fromarray(array)  # uint16 -> mode "I;16", uint8 -> "L"
+    if array.dtype == np.uint16 and image.mode != "I;16":
+        raise RuntimeError(f"Pillow stored a uint16 plane as mode {image.mode}, not I;16")
+    image.save(path, compress_level=1)  # fast writes; the noise barely compresses anyway
 
 
 def make_synthetic_screen(root: str, config: SyntheticScreenConfig | None = None, **overrides) -> SyntheticScreen:

@@ -1,0 +1,260 @@
+"""Checkpoints and interop.
+
+- Our checkpoints: a directory with `model.safetensors` (weights) + `config.json` (the MAEConfig), written
+  atomically (temp file, fsync, rename).
+- timm: the standard encoder's parameter names already follow timm's VisionTransformer with ParallelScalingBlock,
+  so export/import is a key filter; `timm_vit_kwargs` builds the matching timm model.
+- OpenPhenom: a torch pickle named `model.safetensors` holding {"state_dict": ...} with `encoder.vit_backbone.*`
+  (timm names), `decoder.*`, `encoder_decoder_proj.*`, `decoder_pred.*`; read with weights_only=True only.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from typing import Callable
+
+import torch
+
+from mae_fast.models import MAEConfig, MaskedAutoencoder, sincos_pos_embed
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model: names the file and the offending keys."""
+
+
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """Call write(tmp_path) for a temp file beside `path`, fsync it, then rename it over `path`."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=directory)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _contiguous_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+
+
+def save_model(model: MaskedAutoencoder, directory: str, extra: dict | None = None) -> str:
+    """Write `directory/model.safetensors` + `directory/config.json`; returns the directory."""
+    from safetensors.torch import save_file
+
+    state = _contiguous_cpu(model.state_dict())
+    atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    meta = {"mae_fast_config": model.cfg.to_dict(), **(extra or {})}
+    atomic_write(os.path.join(directory, CONFIG_NAME), lambda tmp: open(tmp, "w").write(json.dumps(meta, indent=2)))
+    return directory
+
+
+def load_state_dict_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """load_state_dict that reports every missing, unexpected and wrongly shaped key in one clear error."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = sorted(
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape)
+    )
+    if missing or unexpected or mismatched:
+        parts = []
+        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
+            if keys:
+                shown = ", ".join(keys[:12]) + (f", ... ({len(keys)} in all)" if len(keys) > 12 else "")
+                parts.append(f"{label}: {shown}")
+        raise CheckpointError(f"{source} does not fit {type(module).__name__}: " + "; ".join(parts))
+    module.load_state_dict(state, strict=True)
+
+
+def load_model(directory: str, map_location: str | torch.device = "cpu") -> MaskedAutoencoder:
+    """Load a checkpoint written by `save_model`."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    cfg_path, weights_path = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
+    for path in (cfg_path, weights_path):
+        if not os.path.exists(path):
+            raise CheckpointError(f"checkpoint file {path} does not exist")
+    try:
+        with open(cfg_path) as f:
+            meta = json.load(f)
+        cfg = MAEConfig.from_dict(meta["mae_fast_config"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{cfg_path} is not a mae_fast config: {err}") from err
+    try:
+        state = load_file(weights_path, device=str(map_location))
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise CheckpointError(f"{weights_path} is not a readable safetensors file: {err}") from err
+    model = MaskedAutoencoder(cfg)
+    load_state_dict_strict(model, state, weights_path)
+    return model
+
+
+# ------------------------------------------------------------------------------------------------------------
+# timm
+# ------------------------------------------------------------------------------------------------------------
+
+def timm_vit_kwargs(cfg: MAEConfig) -> dict:
+    """Arguments of timm.models.vision_transformer.VisionTransformer that build our standard encoder."""
+    from functools import partial
+
+    from timm.models.vision_transformer import ParallelScalingBlock
+
+    if cfg.channel_agnostic:
+        raise ValueError("timm's VisionTransformer has no channel-agnostic patch embedding; export the CA-MAE "
+                         "encoder with save_model instead")
+    return dict(
+        img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans, embed_dim=cfg.embed_dim,
+        depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=False, qk_norm=True,
+        init_values=cfg.init_values, class_token=True, global_pool="avg", fc_norm=cfg.fc_norm, num_classes=0,
+        drop_path_rate=cfg.drop_path, block_fn=ParallelScalingBlock,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+    )
+
+
+def to_timm_state_dict(model: MaskedAutoencoder) -> dict[str, torch.Tensor]:
+    """The encoder as a timm VisionTransformer state dict (fixed sin-cos positions written into `pos_embed`)."""
+    if model.cfg.channel_agnostic:
+        raise ValueError("only the standard (non channel-agnostic) encoder exports to timm")
+    state = {k: v.detach().clone() for k, v in model.encoder.state_dict().items()}
+    state["pos_embed"] = model.encoder.pos_embed.detach().clone()
+    return state
+
+
+def _check_positions(pos: torch.Tensor, expected: torch.Tensor, source: str) -> None:
+    if tuple(pos.shape) != tuple(expected.shape):
+        raise CheckpointError(f"{source}: pos_embed has shape {tuple(pos.shape)}, the model needs {tuple(expected.shape)}")
+    if not torch.allclose(pos.float(), expected, atol=1e-4):
+        raise CheckpointError(f"{source}: pos_embed is not the fixed 2-D sin-cos embedding mae_fast uses "
+                              "(learned positions are not supported)")
+
+
+def from_timm_state_dict(state: dict[str, torch.Tensor], cfg: MAEConfig, source: str = "timm state dict") -> MaskedAutoencoder:
+    """A MaskedAutoencoder whose encoder holds the timm weights (the decoder stays freshly initialised)."""
+    state = dict(state)
+    state.pop("head.weight", None), state.pop("head.bias", None)
+    model = MaskedAutoencoder(cfg)
+    if "pos_embed" in state:
+        _check_positions(state.pop("pos_embed"), model.encoder.pos_embed, source)
+    load_state_dict_strict(model.encoder, state, source)
+    return model
+
+
+# ------------------------------------------------------------------------------------------------------------
+# OpenPhenom
+# ------------------------------------------------------------------------------------------------------------
+
+def _read_openphenom_state(path: str) -> dict[str, torch.Tensor]:
+    if os.path.isdir(path):
+        path = os.path.join(path, WEIGHTS_NAME)
+    if not os.path.exists(path):
+        raise CheckpointError(f"OpenPhenom checkpoint {path} does not exist")
+    try:  # a real safetensors file
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    except Exception:  # noqa: BLE001 - fall through to the pickle form, read safely
+        pass
+    try:  # through a file object: torch >= 2.15 would read a `.safetensors` path as safetensors again
+        with open(path, "rb") as f:
+            obj = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001
+        raise CheckpointError(f"{path} is neither safetensors nor a weights-only torch checkpoint: {err}") from err
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} holds no tensor state_dict")
+    return state
+
+
+def openphenom_config(state: dict[str, torch.Tensor], source: str = "checkpoint") -> MAEConfig:
+    """Infer the architecture from the OpenPhenom key layout."""
+    try:
+        proj = state["encoder.vit_backbone.patch_embed.proj.weight"]  # (D, C, p, p)
+        D, C_in, p, _ = proj.shape
+        depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"encoder\.vit_backbone\.blocks\.(\d+)\.", k)))
+        head_dim = state["encoder.vit_backbone.blocks.0.q_norm.weight"].shape[0]
+        hidden = state["encoder.vit_backbone.blocks.0.mlp_bias"].shape[0]
+        dec_dim = state["encoder_decoder_proj.weight"].shape[0]
+        pos = state.get("encoder.vit_backbone.pos_embed")
+    except (KeyError, ValueError) as err:
+        raise CheckpointError(f"{source} does not have the OpenPhenom key layout (missing {err})") from err
+    channel_agnostic = C_in == 1
+    modality = sorted(int(m.group(1)) for k in state if (m := re.match(r"decoder\.modality_tokens\.(\d+)$", k)))
+    if channel_agnostic:
+        in_chans = len(modality) if modality else 6
+        stacks = [k for k in state if re.match(r"decoder\.decoders\.0\.(\d+)\.norm1\.weight$", k)]
+        dec_depth = len(stacks)
+    else:
+        in_chans = C_in
+        dec_depth = len([k for k in state if re.match(r"decoder\.blocks\.(\d+)\.norm1\.weight$", k)])
+    L = None
+    if pos is not None:
+        tokens = pos.shape[1] - 1
+        L = tokens // 11 if channel_agnostic and tokens % 11 == 0 else tokens
+    grid = int(round((L or 256) ** 0.5))
+    return MAEConfig(
+        name="openphenom", img_size=grid * p, patch_size=p, in_chans=in_chans, embed_dim=D, depth=depth,
+        num_heads=D // head_dim, mlp_ratio=hidden / D, channel_agnostic=channel_agnostic,
+        fc_norm="encoder.vit_backbone.fc_norm.weight" in state, decoder_dim=dec_dim, decoder_depth=dec_depth,
+        decoder_heads=16,
+    )
+
+
+def load_openphenom(path: str) -> MaskedAutoencoder:
+    """Import an OpenPhenom checkpoint (file or directory holding `model.safetensors`)."""
+    raw = _read_openphenom_state(path)
+    cfg = openphenom_config(raw, path)
+    model = MaskedAutoencoder(cfg)
+    state: dict[str, torch.Tensor] = {}
+    for key, value in raw.items():
+        if key.startswith("encoder.vit_backbone."):
+            name = key[len("encoder.vit_backbone."):]
+            if name == "pos_embed":
+                _check_positions(value, model.encoder.pos_embed, path)
+                continue
+            state["encoder." + name] = value
+        elif key in ("decoder.placeholder", "decoder.pos_embeddings", "decoder.pos_embed"):
+            continue  # constants: the class-token placeholder and the fixed decoder positions
+        elif key == "decoder.mask_token":
+            state[key] = value.reshape(-1)
+        else:
+            state[key] = value
+    load_state_dict_strict(model, state, path)
+    return model
+
+
+def load_any(path: str) -> MaskedAutoencoder:
+    """Our checkpoint directory, or an OpenPhenom file/directory."""
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, CONFIG_NAME)):
+        with open(os.path.join(path, CONFIG_NAME)) as f:
+            try:
+                is_ours = "mae_fast_config" in json.load(f)
+            except json.JSONDecodeError:
+                is_ours = False
+        if is_ours:
+            return load_model(path)
+    return load_openphenom(path)
+
+
+__all__ = [
+    "CheckpointError", "atomic_write", "save_model", "load_model", "load_state_dict_strict", "timm_vit_kwargs",
+    "to_timm_state_dict", "from_timm_state_dict", "load_openphenom", "openphenom_config", "load_any",
+    "sincos_pos_embed",
+]

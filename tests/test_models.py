@@ -1,0 +1,166 @@
+"""Models: parameter counts, shapes, masking plumbing, CA-MAE channel flexibility, bad input."""
+import pytest
+import torch
+
+from mae_fast import attention, ops
+from mae_fast.models import (
+    PRESETS, MaskedAutoencoder, count_parameters, create_model, get_config, list_presets, sincos_pos_embed,
+)
+
+PAPER_ENCODER_PARAMS = {"small": 22e6, "base": 86e6, "large": 304e6}
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_parameter_count(name):
+    cfg = PRESETS[name]
+    with torch.device("meta"):
+        model = MaskedAutoencoder(cfg)
+    enc = count_parameters(model.encoder)
+    size = name.split("_")[2]
+    if size in PAPER_ENCODER_PARAMS:
+        # CA-MAE's shared 1-channel patch projection is C times smaller than the standard one
+        tolerance = 0.05 if cfg.channel_agnostic else 0.03
+        assert abs(enc - PAPER_ENCODER_PARAMS[size]) / PAPER_ENCODER_PARAMS[size] < tolerance, enc
+    if not cfg.channel_agnostic and size != "micro":
+        dec = count_parameters(model.decoder) + count_parameters(model.encoder_decoder_proj) \
+            + count_parameters(model.decoder_pred)
+        dec_blocks = count_parameters(model.decoder)
+        assert abs(dec_blocks - 25.2e6) / 25.2e6 < 0.03, dec_blocks
+        assert dec > dec_blocks
+    assert name in list_presets()
+
+
+def test_preset_details_match_the_paper():
+    large = get_config("mae_vit_large_patch8_256")
+    assert (large.embed_dim, large.depth, large.num_heads, large.patch_size) == (1024, 24, 16, 8)
+    assert large.drop_path == 0.3 and large.lr == 3e-5
+    small = get_config("mae_vit_small_patch16_256")
+    assert small.drop_path == 0.1 and small.lr == 1e-4 and small.betas == (0.9, 0.95)
+    assert small.weight_decay == 0.05 and small.mask_ratio == 0.75 and small.fourier_alpha == 0.01
+    model = create_model("mae_vit_micro_patch16_256")
+    blk = model.encoder.blocks[-1]
+    assert torch.allclose(blk.ls.gamma, torch.full_like(blk.ls.gamma, 1e-4))
+    assert blk.in_proj.bias is None and blk.q_norm.eps == 1e-6
+    rates = [b.drop_path.p for b in create_model("mae_vit_small_patch16_256", depth=3).encoder.blocks]
+    assert rates == pytest.approx([0.0, 0.05, 0.1])
+
+
+def test_unknown_preset_and_key_are_clear_errors():
+    with pytest.raises(KeyError, match="available presets: .*mae_vit_large_patch8_256"):
+        get_config("mae_vit_huge_patch14_256")
+    with pytest.raises(ValueError, match="unknown config keys \\['depht'\\]"):
+        get_config("mae_vit_small_patch16_256", depht=3)
+
+
+def test_sincos_positions():
+    pos = sincos_pos_embed(32, 4, channels=3)
+    assert pos.shape == (1, 1 + 3 * 16, 32)
+    assert torch.all(pos[0, 0] == 0)
+    assert torch.equal(pos[0, 1:17], pos[0, 17:33])          # repeated per channel
+    assert len({tuple(r.tolist()) for r in pos[0, 1:17]}) == 16  # distinct per position
+
+
+def _small(name, **kw):
+    torch.manual_seed(0)
+    return create_model(name, img_size=64, **kw)
+
+
+@pytest.mark.parametrize("name,patch", [("mae_vit_micro_patch16_256", 16), ("mae_vit_micro_patch8_256", 8),
+                                        ("camae_vit_micro_patch16_256", 16), ("camae_vit_micro_patch8_256", 8)])
+@pytest.mark.parametrize("ratio", [0.25, 0.75])
+def test_forward_shapes_and_backward(name, patch, ratio):
+    C = 5
+    model = _small(name, in_chans=C)
+    x = torch.randint(0, 256, (3, C, 64, 64), dtype=torch.uint8)
+    out = model(x, mask_ratio=ratio)
+    L_spatial = (64 // patch) ** 2
+    L = L_spatial * (C if model.cfg.channel_agnostic else 1)
+    P = patch * patch * (1 if model.cfg.channel_agnostic else C)
+    keep = int(L * (1 - ratio))
+    assert out.pred.shape == (3, L, P)
+    assert out.target.shape == (3, L - keep, P)
+    assert out.masking.mask.shape == (3, L) and int(out.masking.mask[0].sum()) == L - keep
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert model.encoder.patch_embed.proj.weight.grad.abs().sum() > 0
+
+
+def test_embed_standard_and_channel_agnostic_channels():
+    model = _small("mae_vit_micro_patch16_256").eval()
+    x = torch.randint(0, 65536, (2, 6, 64, 64), dtype=torch.int32).to(torch.uint16)
+    assert model.embed(x).shape == (2, 192)
+    with pytest.raises(ValueError, match="per-channel embeddings need a channel-agnostic"):
+        model.embed(x, per_channel=True)
+    ca = _small("camae_vit_micro_patch16_256").eval()
+    for C in (1, 3, 6, 11):
+        xc = torch.randint(0, 256, (2, C, 64, 64), dtype=torch.uint8)
+        assert ca.embed(xc).shape == (2, 192)
+        assert ca.embed(xc, per_channel=True).shape == (2, C * 192)
+    with pytest.raises(ValueError, match="1..11 channels"):
+        ca.embed(torch.randint(0, 256, (1, 12, 64, 64), dtype=torch.uint8))
+
+
+def test_embed_is_mean_of_non_cls_tokens_and_deterministic():
+    model = _small("mae_vit_micro_patch16_256").eval()
+    x = torch.randint(0, 256, (2, 6, 64, 64), dtype=torch.uint8)
+    tokens = ops.patchify(ops.standardize(ops.to_unit_float(x)), 16)
+    seq = model.encoder.forward_tokens(tokens)
+    assert torch.allclose(model.embed(x), seq[:, 1:].mean(1), atol=1e-6)
+    assert torch.equal(model.embed(x), model.embed(x))
+
+
+def test_uint8_and_uint16_inputs_are_self_standardised_alike():
+    model = _small("mae_vit_micro_patch16_256").eval()
+    x8 = torch.randint(0, 256, (2, 6, 64, 64), dtype=torch.uint8)
+    x16 = (x8.to(torch.int32) * 257).to(torch.uint16)  # the same intensities at 16 bits
+    assert torch.allclose(model.embed(x8), model.embed(x16), atol=1e-5)
+
+
+def test_masking_is_reproducible_by_generator():
+    model = _small("mae_vit_micro_patch16_256")
+    x = torch.randint(0, 256, (2, 6, 64, 64), dtype=torch.uint8)
+    a = model(x, generator=torch.Generator().manual_seed(3))
+    b = model(x, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a.masking.ids_shuffle, b.masking.ids_shuffle)
+    model.eval()
+    assert torch.equal(model(x, generator=torch.Generator().manual_seed(3)).loss,
+                       model(x, generator=torch.Generator().manual_seed(3)).loss)
+
+
+@pytest.mark.parametrize("shape,dtype,match", [
+    ((2, 5, 64, 64), torch.uint8, "expects 6 channels, got 5"),
+    ((2, 6, 64, 48), torch.uint8, "must be square"),
+    ((2, 6, 32, 32), torch.uint8, "must be 64x64 crops"),
+    ((6, 64, 64), torch.uint8, "must be \\(B, C, H, W\\)"),
+])
+def test_bad_image_shapes(shape, dtype, match):
+    model = _small("mae_vit_micro_patch16_256")
+    x = torch.randint(0, 200, shape, dtype=dtype)
+    with pytest.raises(ValueError, match=match):
+        model(x)
+
+
+def test_float_input_outside_unit_range_is_refused():
+    model = _small("mae_vit_micro_patch16_256")
+    x = torch.rand(2, 6, 64, 64) * 255
+    with pytest.raises(ValueError, match="scaled to \\[0, 1\\]"):
+        model(x)
+    model(torch.rand(2, 6, 64, 64))  # in range: fine
+
+
+def test_attention_reports_backend():
+    model = _small("mae_vit_micro_patch16_256")
+    model(torch.randint(0, 256, (1, 6, 64, 64), dtype=torch.uint8))
+    assert attention.last_backend() == "sdpa"  # CPU float32 never takes flash_attn
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    x = torch.randint(0, 256, (2, 6, 64, 64), dtype=torch.uint8)
+    grads = []
+    for ckpt in (False, True):
+        model = _small("mae_vit_micro_patch16_256", grad_checkpointing=ckpt, drop_path=0.0)
+        model(x, generator=torch.Generator().manual_seed(0)).loss.backward()
+        grads.append(model.encoder.patch_embed.proj.weight.grad)
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
