@@ -62,12 +62,12 @@ setup(
         "pillow",
         "tifffile",
         "pyyaml",
+        "imagecodecs",  # blosc2 tiles of `mae-fast pack`, fast PNG / JPEG 2000 decoding
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "timm", "imagecodecs"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "timm"],
         "dali": ["nvidia-dali-cuda130"],
         "flash": ["flash-attn"],
-        "jp2": ["imagecodecs"],
     },
     entry_points={"console_scripts": ["mae-fast=mae_fast.cli:main"]},
     ext_modules=ext_modules,
