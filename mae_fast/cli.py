@@ -10,6 +10,7 @@ import sys
 
 COMMANDS = {
     "demo": ("mae_fast.demo", "generate the synthetic screen, train a small MAE, write figures"),
+    "evaluate": ("mae_fast.evaluate_cli", "recall of known relationships: TVN, arm correction, baselines, tables, plots"),
     "pack": ("mae_fast.pack_cli", "convert a dataset into losslessly compressed tiles the crop loader reads fast"),
 }
 

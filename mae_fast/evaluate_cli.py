@@ -1,0 +1,162 @@
+"""`mae-fast evaluate`: recall of known relationships for an embeddings table, beside random and pixel-stats baselines.
+
+    mae-fast evaluate embeddings.parquet --relationships CORUM=corum.csv string.csv --out eval/ \
+        --arms gene_arms.csv --baselines random,pixel-stats --images-root screen/
+
+Prints the Markdown table and where the files are (evaluation.json, recall.md, recall_curve.png,
+similarity_heatmap.png, pixel_stats.parquet when computed).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from mae_fast.evaluate import (
+    BASELINES, ColumnSpec, EvalConfig, EvaluationInputError, evaluate, pixel_statistics_table, write_outputs,
+)
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("embeddings", help="embeddings table (parquet or CSV), one row per well")
+    parser.add_argument("--relationships", nargs="+", required=True, metavar="[NAME=]FILE",
+                        help="relationship files (CSV header entity1,entity2); NAME defaults to the file name")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--arms", help="gene -> chromosome_arm table (optional column expressed/expression)")
+    parser.add_argument("--baselines", type=_names, default=(), help=f"comma-separated: {','.join(BASELINES)}")
+    parser.add_argument("--images-root", help="RxRx3-layout folder for the pixel-stats baseline")
+    parser.add_argument("--pixel-stats", help="precomputed pixel-statistics table (instead of --images-root)")
+    parser.add_argument("--channels", type=int, default=6, help="image channels for pixel statistics (default 6)")
+
+    columns = parser.add_argument_group("columns")
+    columns.add_argument("--perturbation-column", default="gene")
+    columns.add_argument("--batch-column", default="experiment_name", help="'none' for a single batch")
+    columns.add_argument("--plate-column", default="plate")
+    columns.add_argument("--control-values", type=_names, default=("EMPTY_control", "CRISPR_control"),
+                         help="perturbation values of negative controls (comma-separated)")
+    columns.add_argument("--control-column", help="boolean column marking negative controls (overrides values)")
+    columns.add_argument("--feature-prefix", default="feature_")
+    columns.add_argument("--features", type=_names, help="explicit feature columns (comma-separated)")
+
+    method = parser.add_argument_group("method")
+    method.add_argument("--tvn-batch", choices=("experiment", "plate"), default="experiment")
+    method.add_argument("--tvn-shrinkage", type=float, default=0.5)
+    method.add_argument("--tails", type=_floats, default=(5.0,),
+                        help="recall thresholds, percent per side (default 5: bottom 5%% or top 5%%)")
+    method.add_argument("--curve-tails", type=_floats, default=EvalConfig().curve_tails)
+    method.add_argument("--arm-min-genes", type=int, default=3, help="fewer reference genes: arm left uncorrected")
+    method.add_argument("--expression-threshold", type=float, default=1.0,
+                        help="numeric expression below this counts as unexpressed")
+    method.add_argument("--min-replicates", type=int, default=1)
+    method.add_argument("--strict-replicates", action="store_true",
+                        help="error (instead of a reported skip) for perturbations below --min-replicates")
+    method.add_argument("--seed", type=int, default=0, help="random baseline seed")
+
+    plots = parser.add_argument_group("plots")
+    plots.add_argument("--heatmap", help="relationship NAME or file for the heat map (default: the first one)")
+    plots.add_argument("--no-heatmap", action="store_true")
+    plots.add_argument("--heatmap-max-genes", type=int, default=200)
+
+
+def _relationship_args(values: list[str]) -> dict[str, str]:
+    out = {}
+    for value in values:
+        name, path = (value.split("=", 1) if "=" in value and not os.path.exists(value) else (None, value))
+        name = name or os.path.splitext(os.path.basename(path))[0]
+        if name in out:
+            raise EvaluationInputError(f"two relationship files are both named {name!r}; use NAME=FILE")
+        out[name] = path
+    return out
+
+
+def _config(args) -> EvalConfig:
+    columns = ColumnSpec(
+        perturbation=args.perturbation_column,
+        batch=None if args.batch_column.lower() == "none" else args.batch_column,
+        plate=args.plate_column,
+        control_values=tuple(args.control_values),
+        control_column=args.control_column,
+        feature_prefix=args.feature_prefix,
+        feature_columns=tuple(args.features) if args.features else None,
+    )
+    return EvalConfig(
+        columns=columns, tvn_batch_level=args.tvn_batch, tvn_shrinkage=args.tvn_shrinkage,
+        arm_min_genes=args.arm_min_genes, arm_expression_threshold=args.expression_threshold,
+        min_replicates=args.min_replicates, strict_replicates=args.strict_replicates,
+        tails=tuple(args.tails), curve_tails=tuple(args.curve_tails), seed=args.seed, pixel_channels=args.channels,
+    )
+
+
+def _notes(result) -> list[str]:
+    """What was skipped or left out, so that nothing is lost silently (one line per distinct note)."""
+    notes = []
+    per_source: dict[str, list[str]] = {}                      # note text -> sources it applies to
+    for db, info in result.relationships.items():
+        dropped = info["self_pairs"] + info["duplicate_pairs"] + info["empty_rows"]
+        if dropped:
+            notes.append(f"{db}: {info['self_pairs']} self-pairs, {info['duplicate_pairs']} duplicates, "
+                         f"{info['empty_rows']} empty rows dropped; {info['unique_pairs']} unique pairs")
+    for name, source in result.sources.items():
+        found = []
+        for db, r in source.databases.items():
+            if r.genes_absent:
+                found.append(f"{db}: {r.genes_absent} of {r.genes_in_file} genes absent from the map "
+                             f"({', '.join(r.absent_examples[:5])}...); {r.pairs_dropped} pairs left out")
+        report = source.report
+        reps = report["replicates"]
+        if reps["perturbations_below_min_replicates"] or reps["perturbations_without_wells"]:
+            found.append(f"{reps['perturbations_below_min_replicates']} perturbation(s) below "
+                         f"{reps['min_replicates']} replicate(s) and {reps['perturbations_without_wells']} without "
+                         f"wells left out ({', '.join(reps['perturbations_below_min_replicates_examples'][:5])})")
+        if report["rows_without_perturbation_skipped"]:
+            found.append(f"{report['rows_without_perturbation_skipped']} row(s) without a perturbation skipped")
+        arm = report.get("arm_correction")
+        if arm and (arm["arms_left_uncorrected"] or arm["genes_without_arm"]):
+            found.append(f"arms left uncorrected (< {arm['min_reference_genes']} reference genes): "
+                         f"{arm['arms_left_uncorrected']}; genes without an arm: {arm['genes_without_arm']}")
+        for text in found:
+            per_source.setdefault(text, []).append(name)
+    notes += [f"{', '.join(names)}: {text}" for text, names in per_source.items()]
+    return notes
+
+
+def run(args) -> int:
+    try:
+        config = _config(args)
+        relationships = _relationship_args(args.relationships)
+        pixel_stats = args.pixel_stats
+        extra_paths = {}
+        if "pixel-stats" in args.baselines and pixel_stats is None:
+            if args.images_root is None:
+                raise EvaluationInputError("--baselines pixel-stats needs --images-root or --pixel-stats")
+            pixel_stats = pixel_statistics_table(args.images_root, channels=args.channels)
+            os.makedirs(args.out, exist_ok=True)
+            extra_paths["pixel_stats"] = os.path.join(args.out, "pixel_stats.parquet")
+            pixel_stats.to_parquet(extra_paths["pixel_stats"], index=False)
+        result = evaluate(
+            args.embeddings, relationships, arms=args.arms, config=config, baselines=args.baselines,
+            pixel_stats=pixel_stats,
+        )
+        heatmap = None if args.no_heatmap else (args.heatmap or next(iter(relationships)))
+        paths = write_outputs(result, args.out, heatmap_relationships=heatmap,
+                              max_heatmap_genes=args.heatmap_max_genes)
+    except EvaluationInputError as err:
+        print(f"mae-fast evaluate: error: {err}", file=sys.stderr)
+        return 2
+    print(result.markdown())
+    for note in _notes(result):
+        print(f"note: {note}")
+    for kind, path in {**paths, **extra_paths}.items():
+        print(f"{kind}: {path}")
+    return 0

@@ -1,0 +1,140 @@
+"""Baselines run through the same TVN and recall as the model: random embeddings and pixel statistics.
+
+Pixel statistics: for every channel of a well's image, 5 numbers of its intensities scaled to [0, 1]
+(uint8 / 255, uint16 / 65535; float images are taken as already in [0, 1]):
+    mean, standard deviation (population), 5th, 50th and 95th percentile (numpy's 'linear' method),
+ordered channel-major: [w1 mean, w1 std, w1 p5, w1 p50, w1 p95, w2 mean, ...] -> 30 numbers for 6 channels.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .table import EvaluationInputError, WellTable, name_some, require_columns
+
+PIXEL_STATISTICS = ("mean", "std", "p5", "p50", "p95")
+PIXEL_PERCENTILES = (5.0, 50.0, 95.0)
+INTEGER_SCALE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
+
+
+def random_embeddings_like(table: WellTable, seed: int = 0, source: str = "random") -> WellTable:
+    """The same wells with standard-normal float32 features of the same shape (fixed seed)."""
+    rng = np.random.default_rng(seed)
+    features = rng.standard_normal(table.features.shape, dtype=np.float32)
+    return table.with_features(features, source)
+
+
+def pixel_feature_names(channels: int) -> list[str]:
+    """Readable names of the pixel-statistics features: w1_mean, w1_std, ..., w6_p95."""
+    return [f"w{c + 1}_{stat}" for c in range(channels) for stat in PIXEL_STATISTICS]
+
+
+def _histogram_statistics(plane: np.ndarray, levels: int) -> np.ndarray:
+    """(5,) statistics of one integer plane via its histogram: exact, and O(pixels) instead of a sort."""
+    counts = np.bincount(plane.ravel(), minlength=levels).astype(np.int64)
+    values = np.arange(levels, dtype=np.float64)
+    n = int(counts.sum())
+    mean = float(counts @ values) / n
+    std = float(np.sqrt(max(counts @ (values - mean) ** 2 / n, 0.0)))
+    # numpy 'linear' percentiles from the cumulative histogram: value at rank r = first level with cum > r.
+    q = np.asarray(PIXEL_PERCENTILES) / 100
+    virtual = (n - 1) * q
+    previous = np.floor(virtual).astype(np.int64)
+    nxt = np.minimum(previous + 1, n - 1)
+    cumulative = np.cumsum(counts)
+    low = np.searchsorted(cumulative, previous, side="right").astype(np.float64)
+    high = np.searchsorted(cumulative, nxt, side="right").astype(np.float64)
+    gamma = virtual - previous
+    percentiles = np.where(gamma >= 0.5, high - (high - low) * (1 - gamma), low + (high - low) * gamma)
+    return np.concatenate([[mean, std], percentiles])
+
+
+def pixel_statistics(images) -> np.ndarray:
+    """Per-channel intensity statistics. images (B, C, H, W) uint8/uint16/float (tensor or array) -> (B, 5*C) float32."""
+    if isinstance(images, torch.Tensor):
+        images = images.detach().cpu().numpy()
+    images = np.asarray(images)
+    if images.ndim != 4:
+        raise EvaluationInputError(f"pixel_statistics expects images of shape (B, C, H, W), got {images.shape}")
+    b, c = images.shape[:2]
+    out = np.empty((b, c, len(PIXEL_STATISTICS)), dtype=np.float64)
+    if images.dtype in INTEGER_SCALE:
+        scale = INTEGER_SCALE[images.dtype]
+        levels = int(scale) + 1
+        for i in range(b):
+            for j in range(c):
+                out[i, j] = _histogram_statistics(images[i, j], levels) / scale
+    elif np.issubdtype(images.dtype, np.floating):
+        flat = images.reshape(b, c, -1).astype(np.float64)
+        out[..., 0] = flat.mean(axis=-1)
+        out[..., 1] = flat.std(axis=-1)
+        out[..., 2:] = np.moveaxis(np.percentile(flat, PIXEL_PERCENTILES, axis=-1), 0, -1)
+    else:
+        raise EvaluationInputError(f"pixel_statistics: unsupported image dtype {images.dtype} (uint8, uint16 or float)")
+    return out.reshape(b, c * len(PIXEL_STATISTICS)).astype(np.float32)
+
+
+def read_png_plane(path: str) -> np.ndarray:
+    """One channel PNG as uint8 or uint16 (H, W)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        mode = image.mode
+        array = np.array(image)
+    if mode in ("L", "P") or array.dtype == np.uint8:
+        return array.astype(np.uint8, copy=False)
+    if mode.startswith("I;16") or array.dtype == np.uint16:
+        return array.astype(np.uint16, copy=False)
+    if mode == "I" and array.min() >= 0 and array.max() <= 65535:   # older Pillow opens 16-bit PNGs as int32
+        return array.astype(np.uint16)
+    raise EvaluationInputError(f"{path}: expected a single-channel 8- or 16-bit PNG, got mode {mode} {array.shape}")
+
+
+def rxrx3_image_paths(root: str, metadata: pd.DataFrame, channels: int) -> list[list[str]]:
+    """`{root}/images/{experiment_name}/Plate{plate}/{address}_s1_w{c}.png` for every well and channel."""
+    return [
+        [os.path.join(root, "images", str(e), f"Plate{p}", f"{a}_s1_w{c}.png") for c in range(1, channels + 1)]
+        for e, p, a in zip(metadata["experiment_name"], metadata["plate"], metadata["address"])
+    ]
+
+
+def pixel_statistics_table(
+    root: str, channels: int = 6, metadata: pd.DataFrame | None = None, num_workers: int | None = None
+) -> pd.DataFrame:
+    """Pixel statistics of every well of an RxRx3-layout directory: metadata columns + feature_0..feature_{5C-1}.
+
+    Reads `{root}/metadata.csv` unless `metadata` is given. Missing image files are an error naming them.
+    """
+    if metadata is None:
+        metadata_csv = os.path.join(root, "metadata.csv")
+        if not os.path.exists(metadata_csv):
+            raise EvaluationInputError(f"{metadata_csv}: not found (pixel statistics need the RxRx3 metadata)")
+        metadata = pd.read_csv(metadata_csv, dtype={"gene": str}, keep_default_na=False, na_values={"gene": [""]})
+        where = metadata_csv
+    else:
+        where = f"metadata for {root}"
+    require_columns(metadata, ["experiment_name", "plate", "address"], where, "metadata")
+    paths = rxrx3_image_paths(root, metadata, channels)
+    missing = [p for well in paths for p in well if not os.path.exists(p)]
+    if missing:
+        raise EvaluationInputError(f"{len(missing)} image file(s) missing under {root}: {name_some(missing, 5)}")
+
+    def well_statistics(well_paths: list[str]) -> np.ndarray:
+        planes = [read_png_plane(p) for p in well_paths]
+        if len({(p.dtype, p.shape) for p in planes}) != 1:
+            raise EvaluationInputError(f"channels of one well differ in bit depth or size: {name_some(well_paths)}")
+        return pixel_statistics(np.stack(planes)[None])[0]
+
+    workers = num_workers or min(4, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:   # PNG decoding releases the GIL
+        rows = list(pool.map(well_statistics, paths))
+    features = pd.DataFrame(
+        np.stack(rows), columns=[f"feature_{k}" for k in range(channels * len(PIXEL_STATISTICS))], index=metadata.index
+    )
+    table = pd.concat([metadata.reset_index(drop=True), features.reset_index(drop=True)], axis=1)
+    table.attrs["feature_names"] = pixel_feature_names(channels)
+    return table
