@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .table import EvaluationInputError, WellTable, name_some, require_columns
+from .table import EvaluationInputError, WellTable
 
 PIXEL_STATISTICS = ("mean", "std", "p5", "p50", "p95")
 PIXEL_PERCENTILES = (5.0, 50.0, 95.0)
@@ -78,63 +78,48 @@ def pixel_statistics(images) -> np.ndarray:
     return out.reshape(b, c * len(PIXEL_STATISTICS)).astype(np.float32)
 
 
-def read_png_plane(path: str) -> np.ndarray:
-    """One channel PNG as uint8 or uint16 (H, W)."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        mode = image.mode
-        array = np.array(image)
-    if mode in ("L", "P") or array.dtype == np.uint8:
-        return array.astype(np.uint8, copy=False)
-    if mode.startswith("I;16") or array.dtype == np.uint16:
-        return array.astype(np.uint16, copy=False)
-    if mode == "I" and array.min() >= 0 and array.max() <= 65535:   # older Pillow opens 16-bit PNGs as int32
-        return array.astype(np.uint16)
-    raise EvaluationInputError(f"{path}: expected a single-channel 8- or 16-bit PNG, got mode {mode} {array.shape}")
-
-
-def rxrx3_image_paths(root: str, metadata: pd.DataFrame, channels: int) -> list[list[str]]:
-    """`{root}/images/{experiment_name}/Plate{plate}/{address}_s1_w{c}.png` for every well and channel."""
-    return [
-        [os.path.join(root, "images", str(e), f"Plate{p}", f"{a}_s1_w{c}.png") for c in range(1, channels + 1)]
-        for e, p, a in zip(metadata["experiment_name"], metadata["plate"], metadata["address"])
-    ]
-
-
 def pixel_statistics_table(
-    root: str, channels: int = 6, metadata: pd.DataFrame | None = None, num_workers: int | None = None
+    source, channels: int = 6, metadata: pd.DataFrame | None = None, num_workers: int | None = None
 ) -> pd.DataFrame:
-    """Pixel statistics of every well of an RxRx3-layout directory: metadata columns + feature_0..feature_{5C-1}.
+    """Pixel statistics of every well: its metadata columns + feature_0..feature_{5C-1}.
 
-    Reads `{root}/metadata.csv` unless `metadata` is given. Missing image files are an error naming them.
+    `source` is an RxRx-layout root (read with `mae_fast.data.SiteIndex.from_rxrx`, joined with
+    `{root}/metadata.csv` or `metadata`) or any `SiteIndex` (RxRx3-core parquet, JUMP, packed). Images are decoded
+    by the data layer, so a missing or corrupt file is a `DataError` naming the file and the well. Wells with
+    several sites get the mean of their sites' statistics.
     """
-    if metadata is None:
-        metadata_csv = os.path.join(root, "metadata.csv")
-        if not os.path.exists(metadata_csv):
-            raise EvaluationInputError(f"{metadata_csv}: not found (pixel statistics need the RxRx3 metadata)")
-        metadata = pd.read_csv(metadata_csv, dtype={"gene": str}, keep_default_na=False, na_values={"gene": [""]})
-        where = metadata_csv
-    else:
-        where = f"metadata for {root}"
-    require_columns(metadata, ["experiment_name", "plate", "address"], where, "metadata")
-    paths = rxrx3_image_paths(root, metadata, channels)
-    missing = [p for well in paths for p in well if not os.path.exists(p)]
-    if missing:
-        raise EvaluationInputError(f"{len(missing)} image file(s) missing under {root}: {name_some(missing, 5)}")
+    from mae_fast.data import SiteIndex
+    from mae_fast.data.loading import load_site
 
-    def well_statistics(well_paths: list[str]) -> np.ndarray:
-        planes = [read_png_plane(p) for p in well_paths]
-        if len({(p.dtype, p.shape) for p in planes}) != 1:
-            raise EvaluationInputError(f"channels of one well differ in bit depth or size: {name_some(well_paths)}")
-        return pixel_statistics(np.stack(planes)[None])[0]
+    if isinstance(source, SiteIndex):
+        index = source
+    else:
+        metadata_csv = None
+        if metadata is not None:
+            metadata_csv = os.path.join(source, ".pixel_stats_metadata.csv")
+            metadata.to_csv(metadata_csv, index=False)
+        try:
+            index = SiteIndex.from_rxrx(source, metadata_csv=metadata_csv, channels=list(range(1, channels + 1)))
+        finally:
+            if metadata_csv is not None:
+                os.remove(metadata_csv)
+    if len(index) == 0:
+        raise EvaluationInputError(f"no image sites found in {source}")
+
+    def site_statistics(site) -> np.ndarray:
+        return pixel_statistics(load_site(site).full()[None])[0]
 
     workers = num_workers or min(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:   # PNG decoding releases the GIL
-        rows = list(pool.map(well_statistics, paths))
-    features = pd.DataFrame(
-        np.stack(rows), columns=[f"feature_{k}" for k in range(channels * len(PIXEL_STATISTICS))], index=metadata.index
-    )
-    table = pd.concat([metadata.reset_index(drop=True), features.reset_index(drop=True)], axis=1)
-    table.attrs["feature_names"] = pixel_feature_names(channels)
+        rows = list(pool.map(site_statistics, index))
+    n_features = len(rows[0])
+    features = pd.DataFrame(np.stack(rows), columns=[f"feature_{k}" for k in range(n_features)])
+    meta = pd.DataFrame([{"well_id": s.well_id, **dict(s.metadata)} for s in index])
+    table = pd.concat([meta, features], axis=1)
+    feature_columns = list(features.columns)
+    meta_columns = [c for c in meta.columns]
+    table = (table.groupby("well_id", sort=False, dropna=False)
+             .agg({**{c: "first" for c in meta_columns if c != "well_id"}, **{c: "mean" for c in feature_columns}})
+             .reset_index())
+    table.attrs["feature_names"] = pixel_feature_names(n_features // len(PIXEL_STATISTICS))
     return table
