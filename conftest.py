@@ -11,6 +11,11 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 if sys.path[0] != ROOT:
     sys.path.insert(0, ROOT)
 
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():  # Triton kernels run in its CPU interpreter; must be set before triton imports
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import mae_fast  # noqa: E402
 
 if os.path.dirname(os.path.abspath(mae_fast.__file__)) == os.path.join(ROOT, "mae_fast") and "mae_fast.kernels" not in sys.modules:

@@ -1,5 +1,32 @@
 """Triton kernels of the fused ops (installed as `mae_fast.kernels`).
 
-Each op file holds a kernel, its launcher and, where the op has a backward, a `torch.autograd.Function`.
-Importing this package never requires Triton; the op modules import it lazily.
+Each op file holds a kernel, its launcher and, where the op has a backward, the kernel calls that
+`mae_fast.ops.FusedUnshuffle` / `FusedMAELoss` wrap in autograd. Importing this package never requires Triton;
+`register_all` imports the op modules (and with them Triton) only when Triton is importable.
+
+    masked_patchify.py  per-image per-channel statistics, then masked patchify + standardise in one pass
+    unshuffle.py        decoder unshuffle + positional embedding, forward and backward
+    mae_loss.py         MSE + Fourier loss with the gradient wrt pred in the same pass (DFT as a matrix product)
+    lion.py             multi-tensor Lion: one launch per dtype combination through a pointer table
 """
+from __future__ import annotations
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def register_all(register) -> None:
+    """Register the "triton" backend of every op (nothing when Triton cannot be imported)."""
+    try:
+        from mae_fast.kernels import lion, mae_loss, masked_patchify, unshuffle
+    except ImportError:  # no Triton (or a broken install): the ops stay on their C++ / reference backends
+        return
+    register("masked_patchify", "triton")(masked_patchify.masked_patchify_triton)
+    register("unshuffle", "triton")(unshuffle.unshuffle_triton)
+    register("mae_loss", "triton")(mae_loss.mae_loss_triton)
+    register("lion_update", "triton")(lion.lion_update_triton)

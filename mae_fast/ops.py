@@ -2,8 +2,11 @@
 
 Each op exists in up to three forms under one name: the plain-PyTorch reference below (the oracle and the last
 fallback), a Triton kernel for CUDA tensors (`mae_fast.kernels.<op>`) and a C++ kernel for CPU tensors
-(`mae_fast._C`, when the extension is built). `choose_impl` picks one; `impl="reference"` (or the environment
-variable MAE_FAST_IMPL=reference) forces the reference for debugging.
+(`mae_fast._C`, wrapped by `mae_fast.cpu_ops`, when the extension is built). The dispatcher picks Triton for CUDA
+tensors, C++ for CPU tensors, the reference otherwise; `impl="reference"` (or the environment variable
+MAE_FAST_IMPL=reference) forces the reference for debugging. A fused backend that cannot take some input (say
+float64 for gradcheck, or a patch size it has no kernel for) raises `UnsupportedInput` before doing any work; under
+`impl="auto"` the call then runs the reference, and `last_impl(op)` says so.
 
 Token layouts (see DESIGN.md §2):
     "standard": (B, L, p*p*C), tokens (h, w) row-major, pixels within a token ordered (p, q, c)
@@ -16,7 +19,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 LAYOUTS = ("standard", "channel")
 IMPLS = ("auto", "reference", "triton", "cpp")
@@ -25,6 +27,10 @@ STANDARDIZE_EPS = 1e-5
 # op name -> backend name -> callable with the reference's signature
 _REGISTRY: dict[str, dict[str, Callable]] = {}
 _last_impl: dict[str, str] = {}
+
+
+class UnsupportedInput(Exception):
+    """Raised by a fused backend, before it does any work, for inputs it has no kernel for."""
 
 
 def register(op: str, backend: str):
@@ -43,21 +49,20 @@ def _load_fast_backends() -> None:
         return
     _load_fast_backends.done = True
     try:
-        from mae_fast import kernels  # noqa: F401  (registers Triton ops where Triton is importable)
+        from mae_fast import kernels
 
         register_all = getattr(kernels, "register_all", None)
         if register_all is not None:
-            register_all(register)
+            register_all(register)  # registers nothing when Triton is not importable
     except ImportError:
         pass
     try:
-        from mae_fast import _C  # noqa: F401
-
-        from mae_fast import cpu_ops
-
-        cpu_ops.register_all(register)
+        from mae_fast import _C  # noqa: F401  (loads the torch.ops.mae_fast library)
     except ImportError:
-        pass
+        return
+    from mae_fast import cpu_ops
+
+    cpu_ops.register_all(register)
 
 
 def available_impls(op: str) -> list[str]:
@@ -65,22 +70,46 @@ def available_impls(op: str) -> list[str]:
     return sorted(_REGISTRY.get(op, {}))
 
 
-def choose_impl(op: str, device: torch.device, impl: str = "auto") -> Callable:
-    """The implementation of `op` for tensors on `device`."""
+def _resolve(op: str, device: torch.device, impl: str) -> tuple[str, bool]:
+    """(backend name, whether the caller asked for it explicitly)."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     _load_fast_backends()
     backends = _REGISTRY[op]
     if impl == "auto":
         impl = os.environ.get("MAE_FAST_IMPL", "auto")
+        if impl not in IMPLS:
+            raise ValueError(f"environment variable MAE_FAST_IMPL must be one of {IMPLS}, got {impl!r}")
+    explicit = impl != "auto"
     if impl == "auto":
         impl = "triton" if device.type == "cuda" else "cpp"
         if impl not in backends:
             impl = "reference"
     if impl not in backends:
         raise RuntimeError(f"op {op!r} has no {impl!r} implementation here (available: {sorted(backends)})")
-    _last_impl[op] = impl
-    return backends[impl]
+    return impl, explicit
+
+
+def choose_impl(op: str, device: torch.device, impl: str = "auto") -> Callable:
+    """The implementation of `op` for tensors on `device` (no fallback on unsupported inputs: see `_dispatch`)."""
+    name, _ = _resolve(op, device, impl)
+    _last_impl[op] = name
+    return _REGISTRY[op][name]
+
+
+def _dispatch(op: str, device: torch.device, impl: str, *args):
+    """Run `op` with the chosen backend; an `UnsupportedInput` falls back to the reference unless the backend was
+    asked for by name."""
+    name, explicit = _resolve(op, device, impl)
+    try:
+        out = _REGISTRY[op][name](*args)
+    except UnsupportedInput as why:
+        if explicit and name != "reference":
+            raise RuntimeError(f"{op}: the {name!r} implementation cannot take these inputs: {why}") from None
+        name = "reference"
+        out = _REGISTRY[op]["reference"](*args)
+    _last_impl[op] = name
+    return out
 
 
 def last_impl(op: str) -> str | None:
@@ -88,9 +117,26 @@ def last_impl(op: str) -> str | None:
     return _last_impl.get(op)
 
 
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """float64 stays float64 (gradcheck); everything else is computed in float32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Input scaling and self-standardisation
 # --------------------------------------------------------------------------------------------------------------
+
+def pixel_scale(dtype: torch.dtype) -> float:
+    """The divisor that maps raw pixels of `dtype` to [0, 1]: 255 (uint8), 65535 (uint16, or int32 holding
+    widened uint16), 1 (float)."""
+    if dtype == torch.uint8:
+        return 255.0
+    if dtype in (torch.uint16, torch.int32):
+        return 65535.0
+    if dtype.is_floating_point:
+        return 1.0
+    raise TypeError(f"images must be uint8, uint16 or float in [0, 1], got dtype {dtype}")
+
 
 def to_unit_float(images: torch.Tensor, check_range: bool = True) -> torch.Tensor:
     """uint8 / 255, uint16 / 65535 (as float32); float input must already lie in [0, 1]."""
@@ -206,6 +252,21 @@ def random_masking(
     return Masking(ids_shuffle, ids_restore, mask, len_keep)
 
 
+def check_masking(masking: Masking) -> None:
+    """A caller-supplied masking must be a permutation per row with ids_restore its inverse (the fused kernels
+    write token t to slot ids_restore[b, t] without bounds checks)."""
+    B, L = masking.ids_shuffle.shape
+    if masking.ids_restore.shape != (B, L) or not 0 <= masking.len_keep <= L:
+        raise ValueError(f"masking: ids_restore {tuple(masking.ids_restore.shape)} and len_keep "
+                         f"{masking.len_keep} do not match ids_shuffle {(B, L)}")
+    ids = masking.ids_restore.long()
+    if int(ids.min()) < 0 or int(ids.max()) >= L:
+        raise ValueError(f"masking: ids_restore holds values outside [0, {L})")
+    positions = torch.arange(L, device=ids.device).expand(B, L)
+    if not torch.equal(torch.gather(masking.ids_shuffle.long(), 1, ids), positions):
+        raise ValueError("masking: ids_restore is not the inverse permutation of ids_shuffle")
+
+
 def gather_tokens(tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """tokens (B, L, P), ids (B, K) -> (B, K, P)."""
     return torch.gather(tokens, 1, ids.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
@@ -219,10 +280,46 @@ class MaskedPatches:
 
 
 @register("masked_patchify", "reference")
-def _masked_patchify_reference(images, patch_size, masking, layout):
-    x = standardize(to_unit_float(images, check_range=False))
+def _masked_patchify_reference(images, patch_size, masking, layout, stats=None):
+    x = to_unit_float(images, check_range=False)
+    if stats is None:
+        x = standardize(x)
+    else:
+        mean, rstd = stats
+        x = (x - mean[:, :, None, None]) * rstd[:, :, None, None]
     tokens = patchify(x, patch_size, layout)
     return MaskedPatches(gather_tokens(tokens, masking.ids_keep), gather_tokens(tokens, masking.ids_masked), masking)
+
+
+def masked_patchify_outputs(
+    images: torch.Tensor, patch_size: int, masking: Masking, layout: str,
+    visible: torch.Tensor | None = None, target: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float32 (visible, target) buffers a fused masked-patchify writes (given ones are checked, for tests that
+    poison them first)."""
+    B, C, H, W = images.shape
+    L = masking.ids_restore.shape[1]
+    P = patch_size * patch_size * (1 if layout == "channel" else C)
+    shapes = {"visible": (B, masking.len_keep, P), "target": (B, L - masking.len_keep, P)}
+    out = []
+    for name, given in (("visible", visible), ("target", target)):
+        if given is None:
+            given = torch.empty(shapes[name], dtype=torch.float32, device=images.device)
+        elif given.shape != shapes[name] or given.dtype != torch.float32 or not given.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous float32 tensor of shape {shapes[name]}, got "
+                             f"{tuple(given.shape)} {given.dtype}")
+        out.append(given)
+    return out[0], out[1]
+
+
+def check_fused_patchify_input(images: torch.Tensor, masking: Masking) -> None:
+    """The fused kernels take uint8/uint16/int32/float16/bfloat16/float32 pixels and int64 permutations."""
+    if images.dtype not in (torch.uint8, torch.uint16, torch.int32, torch.float16, torch.bfloat16, torch.float32):
+        raise UnsupportedInput(f"images of dtype {images.dtype}")
+    if images.shape[1] > 16:
+        raise UnsupportedInput(f"{images.shape[1]} channels (the kernels take at most 16)")
+    if masking.ids_restore.dtype != torch.int64:
+        raise UnsupportedInput(f"ids_restore of dtype {masking.ids_restore.dtype}")
 
 
 def masked_patchify(
@@ -233,21 +330,41 @@ def masked_patchify(
     generator: torch.Generator | None = None,
     masking: Masking | None = None,
     impl: str = "auto",
+    *,
+    seed: int | None = None,
+    stats: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> MaskedPatches:
     """Raw images (B, C, H, W; uint8/uint16/float in [0,1]) -> self-standardised visible tokens + masked targets.
 
-    The random permutation is drawn here (reproducible through `generator`) unless `masking` is given.
+    The random permutation is drawn here, reproducibly through `generator` or an integer `seed` (the same draw for
+    every backend: torch.rand + argsort, as FAIR's MAE), unless `masking` is given. The fused backends then write
+    both outputs in one pass over the image, using per-image per-channel statistics from a first reduction, or
+    `stats` = (mean, rstd), each (B, C) float32 of the [0, 1]-scaled images, when the caller has them already.
     """
+    if images.ndim != 4:
+        raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
     B, C, H, W = images.shape
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if H % patch_size or W % patch_size:
+        raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {patch_size}")
+    pixel_scale(images.dtype)  # rejects unsupported dtypes with a clear message
     L = (H // patch_size) * (W // patch_size) * (C if layout == "channel" else 1)
     if masking is None:
+        if seed is not None:
+            if generator is not None:
+                raise ValueError("pass either generator or seed, not both")
+            generator = torch.Generator(device=images.device).manual_seed(int(seed))
         masking = random_masking(B, L, mask_ratio, images.device, generator)
     elif masking.ids_shuffle.shape != (B, L):
         raise ValueError(f"masking covers {tuple(masking.ids_shuffle.shape)} tokens, images give {(B, L)}")
+    else:
+        check_masking(masking)
+    if stats is not None:
+        if len(stats) != 2 or any(t.shape != (B, C) for t in stats):
+            raise ValueError(f"stats must be (mean, rstd), each of shape {(B, C)}")
     with torch.no_grad():  # images are data: no gradient flows into them
-        return choose_impl("masked_patchify", images.device, impl)(images, patch_size, masking, layout)
+        return _dispatch("masked_patchify", images.device, impl, images, patch_size, masking, layout, stats)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -270,7 +387,57 @@ def unshuffle(
     pos_embed: torch.Tensor | None = None, impl: str = "auto",
 ) -> torch.Tensor:
     """Visible tokens (B, K, D) in shuffled order + mask token (D,) -> (B, L, D) in original order (+ pos (L, D))."""
-    return choose_impl("unshuffle", x_visible.device, impl)(x_visible, mask_token, ids_restore, pos_embed)
+    if x_visible.ndim != 3:
+        raise ValueError(f"x_visible must be (B, K, D), got shape {tuple(x_visible.shape)}")
+    B, K, D = x_visible.shape
+    if ids_restore.ndim != 2 or ids_restore.shape[0] != B or ids_restore.shape[1] < K:
+        raise ValueError(f"ids_restore must be (B={B}, L>={K}), got shape {tuple(ids_restore.shape)}")
+    if mask_token.numel() != D:
+        raise ValueError(f"mask_token must hold D={D} values, got shape {tuple(mask_token.shape)}")
+    L = ids_restore.shape[1]
+    if pos_embed is not None and pos_embed.numel() != L * D:
+        raise ValueError(f"pos_embed must be (L={L}, D={D}), got shape {tuple(pos_embed.shape)}")
+    return _dispatch("unshuffle", x_visible.device, impl, x_visible, mask_token, ids_restore, pos_embed)
+
+
+class FusedUnshuffle(torch.autograd.Function):
+    """Autograd wrapper of a fused unshuffle. `forward_kernel(x, mask_token, ids_restore, pos_embed) -> out` gets
+    mask_token and pos_embed already in x's dtype (so both paths round as the reference);
+    `backward_kernel(grad_out, ids_restore, grad_x) -> grad of the mask token (D,) float32` fills grad_x."""
+
+    @staticmethod
+    def forward(ctx, x_visible, mask_token, ids_restore, pos_embed, forward_kernel, backward_kernel):
+        B, K, D = x_visible.shape
+        pos = None if pos_embed is None else pos_embed.reshape(-1, D).to(x_visible.dtype).contiguous()
+        out = forward_kernel(x_visible, mask_token.reshape(D).to(x_visible.dtype).contiguous(), ids_restore, pos)
+        ctx.save_for_backward(ids_restore)
+        ctx.backward_kernel = backward_kernel
+        ctx.x_meta = (B, K, D, x_visible.dtype)
+        ctx.mask_meta = (mask_token.shape, mask_token.dtype)
+        ctx.pos_meta = None if pos_embed is None else (pos_embed.shape, pos_embed.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (ids_restore,) = ctx.saved_tensors
+        B, K, D, dtype = ctx.x_meta
+        grad_out = grad_out.contiguous()
+        grad_x = torch.empty((B, K, D), dtype=grad_out.dtype, device=grad_out.device)
+        grad_mask = ctx.backward_kernel(grad_out, ids_restore, grad_x)
+        grad_mask = grad_mask.to(ctx.mask_meta[1]).reshape(ctx.mask_meta[0]) if ctx.needs_input_grad[1] else None
+        grad_pos = None
+        if ctx.pos_meta is not None and ctx.needs_input_grad[3]:
+            grad_pos = grad_out.sum(0).to(ctx.pos_meta[1]).reshape(ctx.pos_meta[0])
+        return grad_x.to(dtype), grad_mask, None, grad_pos, None, None
+
+
+def check_fused_unshuffle_input(x_visible, mask_token, ids_restore, pos_embed) -> None:
+    if x_visible.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise UnsupportedInput(f"x_visible of dtype {x_visible.dtype}")
+    if x_visible.stride(-1) != 1:
+        raise UnsupportedInput("x_visible without unit stride in the last dimension")
+    if ids_restore.dtype != torch.int64:
+        raise UnsupportedInput(f"ids_restore of dtype {ids_restore.dtype}")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -291,12 +458,14 @@ def patch_planes(tokens: torch.Tensor, patch_size: int, layout: str) -> torch.Te
 
 def fourier_magnitude(tokens: torch.Tensor, patch_size: int, layout: str) -> torch.Tensor:
     """|FFT2| of every p x p plane of every token: (B, N, C', p, p)."""
-    return torch.fft.fft2(patch_planes(tokens, patch_size, layout).float()).abs()
+    planes = patch_planes(tokens, patch_size, layout)
+    return torch.fft.fft2(planes.to(_compute_dtype(tokens))).abs()
 
 
 @register("mae_loss", "reference")
 def _mae_loss_reference(pred, target, mask, patch_size, layout, alpha):
-    mse = (pred.float() - target.float()).pow(2).mean(dim=-1)  # (B, N)
+    dtype = _compute_dtype(pred)
+    mse = (pred.to(dtype) - target.to(dtype)).pow(2).mean(dim=-1)  # (B, N)
     fourier = (fourier_magnitude(pred, patch_size, layout) - fourier_magnitude(target, patch_size, layout)).abs()
     fourier = fourier.flatten(2).mean(dim=-1)  # (B, N): mean over channels and frequencies
     per_token = (1 - alpha) * mse + alpha * fourier
@@ -304,6 +473,56 @@ def _mae_loss_reference(pred, target, mask, patch_size, layout, alpha):
         return per_token.mean()
     mask = mask.to(per_token.dtype)
     return (per_token * mask).sum() / mask.sum().clamp_min(1)
+
+
+def token_weights(mask: torch.Tensor | None, batch: int, tokens: int) -> tuple[torch.Tensor | None, float]:
+    """The fused losses weight token n by mask[n] / max(sum(mask), 1), or uniformly by 1 / (B*N) without a mask:
+    (per-token float32 weights (B*N,) or None, the uniform weight)."""
+    if mask is None:
+        return None, 1.0 / (batch * tokens)
+    if mask.shape != (batch, tokens):
+        raise ValueError(f"mask must be (B={batch}, N={tokens}), got shape {tuple(mask.shape)}")
+    mask = mask.float()
+    return (mask / mask.sum().clamp_min(1)).reshape(-1).contiguous(), 0.0
+
+
+class FusedMAELoss(torch.autograd.Function):
+    """Autograd wrapper of a fused loss. `kernel(pred, target, token_weight, uniform_weight, patch_size,
+    planes_per_token, alpha, grad) -> loss` writes d loss / d pred into `grad` in the same pass; backward only
+    scales that buffer by the incoming gradient (in place: it runs once, like any graph freed after backward)."""
+
+    @staticmethod
+    def forward(ctx, pred, target, mask, patch_size, layout, alpha, kernel):
+        B, N, P = pred.shape
+        weight, uniform = token_weights(mask, B, N)
+        planes = P // (patch_size * patch_size)
+        pred, target = pred.contiguous(), target.contiguous()
+        grad = torch.empty_like(pred)
+        loss = kernel(pred, target, weight, uniform, patch_size, planes, alpha, grad)
+        ctx.grad = grad
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad = ctx.grad
+        if grad is None:
+            raise RuntimeError("the fused mae_loss can be differentiated once per forward; use impl='reference' "
+                               "for retain_graph or higher-order gradients")
+        ctx.grad = None
+        return grad.mul_(grad_loss), None, None, None, None, None, None
+
+
+def check_fused_loss_input(pred, target, mask, patch_size, layout, alpha, patch_sizes=None) -> None:
+    """What the fused losses take: float32/bfloat16/float16 tensors, no gradient into target, a float mask."""
+    for name, t in (("pred", pred), ("target", target)):
+        if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise UnsupportedInput(f"{name} of dtype {t.dtype}")
+    if target.requires_grad and torch.is_grad_enabled():
+        raise UnsupportedInput("a target that requires grad")
+    if patch_sizes is not None and patch_size not in patch_sizes:
+        raise UnsupportedInput(f"patch size {patch_size} (kernels for {patch_sizes})")
+    if mask is not None and mask.requires_grad and torch.is_grad_enabled():
+        raise UnsupportedInput("a mask that requires grad")
 
 
 def mae_loss(
@@ -314,15 +533,21 @@ def mae_loss(
 
     pred, target: (B, N, P) in `layout`. Per token: (1-alpha) * mean squared error over its pixels
     + alpha * mean over channels and frequencies of | |FFT2(pred plane)| - |FFT2(target plane)| |.
+    The fused backends compute the loss and its gradient with respect to `pred` in one pass; gradients with
+    respect to `target` (which is data) are only available from the reference.
     """
     if pred.shape != target.shape:
         raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
+    if pred.ndim != 3:
+        raise ValueError(f"pred and target must be (B, N, P), got shape {tuple(pred.shape)}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     P = pred.shape[-1]
     if P % (patch_size * patch_size):
         raise ValueError(f"token size {P} is not a multiple of patch_size^2 = {patch_size**2}")
     if layout == "channel" and P != patch_size * patch_size:
         raise ValueError(f"channel-layout tokens hold p*p = {patch_size**2} values, got {P}")
-    return choose_impl("mae_loss", pred.device, impl)(pred, target, mask, patch_size, layout, alpha)
+    return _dispatch("mae_loss", pred.device, impl, pred, target, mask, patch_size, layout, float(alpha))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -364,18 +589,73 @@ def _lion_update_foreach(params, grads, exp_avgs, lr, beta1, beta2, weight_decay
                                lr, beta1, beta2, weight_decay)
 
 
+LION_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def lion_fusable(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor) -> bool:
+    """Whether the fused Lion kernels take this (param, grad, exp_avg) triple: one device, contiguous, same
+    shape, float32/bfloat16 storage. Others are updated by the reference, one tensor at a time."""
+    return (
+        p.dtype in LION_DTYPES and g.dtype in LION_DTYPES and m.dtype in LION_DTYPES
+        and p.shape == g.shape == m.shape
+        and p.device == g.device == m.device
+        and p.is_contiguous() and g.is_contiguous() and m.is_contiguous()
+        and not g.is_sparse
+    )
+
+
+@dataclass(frozen=True)
+class LionScalars:
+    """The float32 scalars of one Lion step, rounded exactly as the reference's tensor-scalar ops round them."""
+
+    lr: float
+    decay: float            # 1 - lr * wd
+    beta1: float
+    one_minus_beta1: float
+    beta2: float
+    one_minus_beta2: float
+
+    @classmethod
+    def make(cls, lr: float, beta1: float, beta2: float, weight_decay: float) -> "LionScalars":
+        return cls(lr, 1 - lr * weight_decay, beta1, 1 - beta1, beta2, 1 - beta2)
+
+
+def lion_groups(params, grads, exp_avgs) -> tuple[dict[tuple, tuple[list, list, list]], list[int]]:
+    """Split a Lion call into one group per (param, grad, exp_avg) dtype combination of fusable tensors (one kernel
+    launch each) and the indices of the rest (updated by the reference)."""
+    groups: dict[tuple, tuple[list, list, list]] = {}
+    rest = []
+    for i, (p, g, m) in enumerate(zip(params, grads, exp_avgs)):
+        if not lion_fusable(p, g, m):
+            rest.append(i)
+            continue
+        ps, gs, ms = groups.setdefault((p.dtype, g.dtype, m.dtype), ([], [], []))
+        ps.append(p)
+        gs.append(g)
+        ms.append(m)
+    return groups, rest
+
+
+def lion_update_rest(rest, params, grads, exp_avgs, lr, beta1, beta2, weight_decay) -> None:
+    """The reference update of the tensors no fused kernel takes (see `lion_fusable`)."""
+    if rest:
+        _lion_update_reference([params[i] for i in rest], [grads[i] for i in rest], [exp_avgs[i] for i in rest],
+                               lr, beta1, beta2, weight_decay)
+
+
 def lion_update(
     params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor], *,
     lr: float, beta1: float = 0.9, beta2: float = 0.95, weight_decay: float = 0.0, impl: str = "auto",
 ) -> None:
-    """In-place Lion step over lists of tensors (all on one device)."""
+    """In-place Lion step over lists of tensors (all on one device). The fused backends launch one kernel per
+    (param, grad, exp_avg) dtype combination; the hyperparameters are runtime arguments."""
     if not (len(params) == len(grads) == len(exp_avgs)):
         raise ValueError("params, grads and exp_avgs must have the same length")
     if not params:
         return
+    args = (list(params), list(grads), list(exp_avgs), float(lr), float(beta1), float(beta2), float(weight_decay))
     if impl == "foreach":
-        fn = _REGISTRY["lion_update"]["foreach"]
+        _REGISTRY["lion_update"]["foreach"](*args)
         _last_impl["lion_update"] = "foreach"
-    else:
-        fn = choose_impl("lion_update", params[0].device, impl)
-    fn(params, grads, exp_avgs, float(lr), float(beta1), float(beta2), float(weight_decay))
+        return
+    _dispatch("lion_update", params[0].device, impl, *args)

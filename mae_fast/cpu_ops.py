@@ -1,0 +1,106 @@
+"""The "cpp" backends: thin wrappers of the C++ CPU kernels in csrc/ (torch.ops.mae_fast, loaded by mae_fast._C).
+
+Imported by `mae_fast.ops` only when the extension imports. Each wrapper checks what its kernel takes and raises
+`ops.UnsupportedInput` otherwise (auto dispatch then runs the reference). The keyword-only output arguments
+exist for tests that poison outputs before a call.
+"""
+from __future__ import annotations
+
+import torch
+
+from mae_fast import _C  # noqa: F401  (loads the torch.ops.mae_fast library; ImportError when not built)
+from mae_fast import ops
+
+_lib = torch.ops.mae_fast
+
+
+def _check_cpu(*tensors: torch.Tensor | None) -> None:
+    for t in tensors:
+        if t is not None and t.device.type != "cpu":
+            raise ops.UnsupportedInput(f"a {t.device.type} tensor (the C++ kernels run on the CPU)")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Masked patchify
+# ------------------------------------------------------------------------------------------------------------
+
+def channel_stats_cpp(images: torch.Tensor, eps: float = ops.STANDARDIZE_EPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image per-channel (mean, rstd) of the unit-scaled images, (B, C) float32 each."""
+    return _lib.channel_stats(images, ops.pixel_scale(images.dtype), eps)
+
+
+def masked_patchify_cpp(images, patch_size, masking, layout, stats=None, *, visible=None, target=None):
+    """Backend of `ops.masked_patchify` for CPU tensors -> ops.MaskedPatches."""
+    _check_cpu(images)
+    ops.check_fused_patchify_input(images, masking)
+    if stats is None:
+        mean, rstd = channel_stats_cpp(images)
+    else:
+        mean, rstd = (s.float().contiguous() for s in stats)
+    visible, target = ops.masked_patchify_outputs(images, patch_size, masking, layout, visible, target)
+    _lib.masked_patchify_out(images, mean, rstd, masking.ids_restore.contiguous(), masking.len_keep, patch_size,
+                             layout == "channel", ops.pixel_scale(images.dtype), visible, target)
+    return ops.MaskedPatches(visible, target, masking)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Unshuffle
+# ------------------------------------------------------------------------------------------------------------
+
+def unshuffle_forward_cpp(x_visible, mask_token, ids_restore, pos_embed, *, out=None) -> torch.Tensor:
+    """Kernel call of the forward; mask_token and pos_embed already in x_visible's dtype."""
+    B, _, D = x_visible.shape
+    if out is None:
+        out = torch.empty((B, ids_restore.shape[1], D), dtype=x_visible.dtype)
+    _lib.unshuffle_out(x_visible, mask_token, ids_restore.contiguous(), pos_embed, out)
+    return out
+
+
+def unshuffle_backward_cpp(grad_out, ids_restore, grad_x) -> torch.Tensor:
+    return _lib.unshuffle_backward_out(grad_out, ids_restore.contiguous(), grad_x)
+
+
+def unshuffle_cpp(x_visible, mask_token, ids_restore, pos_embed) -> torch.Tensor:
+    _check_cpu(x_visible, mask_token, ids_restore, pos_embed)
+    ops.check_fused_unshuffle_input(x_visible, mask_token, ids_restore, pos_embed)
+    return ops.FusedUnshuffle.apply(x_visible, mask_token, ids_restore, pos_embed, unshuffle_forward_cpp,
+                                    unshuffle_backward_cpp)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# MAE loss
+# ------------------------------------------------------------------------------------------------------------
+
+def mae_loss_forward_cpp(pred, target, token_weight, uniform_weight, patch_size, planes_per_token, alpha, grad):
+    """Loss (float32 scalar) and d loss / d pred written into `grad`, in one pass."""
+    if target.dtype not in (torch.float32, pred.dtype):  # the kernel takes float32 targets or pred's dtype
+        target = target.float()
+    return _lib.mae_loss_out(pred, target, token_weight, uniform_weight, patch_size, planes_per_token, alpha, grad)
+
+
+def mae_loss_cpp(pred, target, mask, patch_size, layout, alpha) -> torch.Tensor:
+    _check_cpu(pred, target, mask)
+    ops.check_fused_loss_input(pred, target, mask, patch_size, layout, alpha)
+    return ops.FusedMAELoss.apply(pred, target, mask, patch_size, layout, alpha, mae_loss_forward_cpp)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Lion
+# ------------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def lion_update_cpp(params, grads, exp_avgs, lr, beta1, beta2, weight_decay) -> None:
+    """One parallel pass per dtype combination; tensors no kernel takes go through the reference."""
+    _check_cpu(params[0])
+    s = ops.LionScalars.make(lr, beta1, beta2, weight_decay)
+    groups, rest = ops.lion_groups(params, grads, exp_avgs)
+    for ps, gs, ms in groups.values():
+        _lib.lion_update_(ps, gs, ms, s.lr, s.decay, s.beta1, s.one_minus_beta1, s.beta2, s.one_minus_beta2)
+    ops.lion_update_rest(rest, params, grads, exp_avgs, lr, beta1, beta2, weight_decay)
+
+
+def register_all(register) -> None:
+    register("masked_patchify", "cpp")(masked_patchify_cpp)
+    register("unshuffle", "cpp")(unshuffle_cpp)
+    register("mae_loss", "cpp")(mae_loss_cpp)
+    register("lion_update", "cpp")(lion_update_cpp)

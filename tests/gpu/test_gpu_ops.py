@@ -1,0 +1,262 @@
+"""The Triton kernels on a GPU against the reference ops, at ViT-L/8 MAE per-image sizes (batch 8), float32 and
+bfloat16, with per-(op, dtype) tolerance tables. Skipped without CUDA; run on a lent GPU:
+
+    python -m pytest -q tests/gpu -m gpu
+
+Fresh random inputs (never zeros), odd shapes where the op allows (batch 3, 5 channels), outputs poisoned with NaN
+before each call and checked fully written, forward and backward. Tolerances are relative to the largest magnitude
+of the reference (`atol`) plus a relative part (`rtol`).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mae_fast import ops
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+if torch.cuda.is_available():
+    from mae_fast.kernels import lion, mae_loss, masked_patchify, unshuffle
+
+DEV = torch.device("cuda")
+
+# (op, dtype of the compared tensor) -> (rtol, atol as a fraction of max |reference|)
+TOL = {
+    ("masked_patchify", torch.float32): (1e-5, 1e-6),
+    ("unshuffle", torch.float32): (0.0, 0.0),          # a gather + one add, rounded once: bitwise
+    ("unshuffle", torch.bfloat16): (0.0, 0.0),
+    ("unshuffle_token_grad", torch.float32): (1e-5, 1e-6),  # float32 sums in another order
+    ("unshuffle_token_grad", torch.bfloat16): (1e-2, 1e-3),  # reference sums bf16 gradients in bf16
+    ("mae_loss", torch.float32): (1e-4, 1e-6),          # loss value, tf32 DFT products (Fourier term * alpha)
+    ("mae_loss", torch.bfloat16): (1e-4, 1e-6),         # loss from bf16 pred: computed in float32 by both
+    ("mae_loss_grad", torch.float32): (1e-3, 1e-4),     # zero-spectrum case: no sign ties there
+    ("lion", torch.float32): (2.5e-7, 0.0),             # op-by-op roundings as torch's CUDA ops: <= 1 ulp
+    ("lion", torch.bfloat16): (8e-3, 0.0),              # <= 1 bf16 ulp
+}
+
+
+# (rtol, atol as a fraction of max |reference|, relative L2 error) of loss gradients per kind of arithmetic
+GRAD_TOL = {"float32": (1e-4, 1e-5, 1e-4), "tf32": (1e-3, 1e-4, 5e-3), "bfloat16": (1.6e-2, 8e-3, 5e-3),
+            "float16": (2e-3, 1e-3, 1e-3)}
+
+
+def _close_loss_grad(got, ref, *, kind, alpha, p, planes, weight_max, scale=1.0):
+    """Loss gradients. sign(|Fx| - |Fy|) is ill-conditioned where the two magnitudes (nearly) tie: either sign is a
+    valid subgradient and rounding may pick the other. A flip at frequency f (and its conjugate mirror, which ties
+    with it) moves that plane's gradient by at most 4 w alpha / (C' p^2) per element. So: elementwise within
+    (rtol, atol) plus two such pair flips, and a relative L2 error below the kind's bound (flips are sparse; a wrong
+    Fourier or MSE term is not)."""
+    rtol, atol, norm_tol = GRAD_TOL[kind]
+    got, ref = got.detach().float(), ref.detach().float()
+    assert torch.isfinite(got).all(), "gradient not fully written (NaN poison survived) or non-finite"
+    pair_flip = 4 * scale * weight_max * alpha / (planes * p * p)
+    excess = (got - ref).abs() - (atol * ref.abs().max() + rtol * ref.abs() + 2 * pair_flip)
+    assert excess.max() <= 0, f"max excess {excess.max().item():.3g} over the tolerance"
+    rel = ((got - ref).norm() / ref.norm()).item()
+    assert rel <= norm_tol, f"relative L2 error {rel:.3g} > {norm_tol}"
+
+
+def _close(got, expected, key):
+    rtol, atol = TOL[key]
+    got, expected = got.detach(), expected.detach()
+    assert torch.isfinite(got).all(), f"{key}: output not fully written (NaN poison survived) or non-finite"
+    torch.testing.assert_close(got.float(), expected.float(), rtol=rtol,
+                               atol=atol * float(expected.float().abs().max()))
+
+
+def _gen(seed):
+    return torch.Generator(device=DEV).manual_seed(seed)
+
+
+def _nan(shape, dtype=torch.float32):
+    return torch.full(shape, float("nan"), dtype=dtype, device=DEV)
+
+
+def _images(B, C, H, dtype, seed):
+    g = _gen(seed)
+    if dtype == torch.uint8:
+        return torch.randint(0, 256, (B, C, H, H), generator=g, device=DEV, dtype=torch.uint8)
+    if dtype == torch.uint16:
+        return torch.randint(0, 65536, (B, C, H, H), generator=g, device=DEV, dtype=torch.int32).to(torch.uint16)
+    return torch.rand(B, C, H, H, generator=g, device=DEV).to(dtype)
+
+
+def _compiled_variants(kernel) -> int:
+    caches = getattr(kernel, "device_caches", None)
+    if caches is not None:
+        return sum(len(entry[0]) for entry in caches.values())
+    return sum(len(c) for c in kernel.cache.values())
+
+
+def test_triton_is_the_default_on_cuda():
+    x = torch.randn(3, 4, 64, device=DEV)
+    ops.mae_loss(x, x + 1, patch_size=8, layout="channel")
+    assert ops.last_impl("mae_loss") == "triton"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# masked patchify
+# --------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", ops.LAYOUTS)
+@pytest.mark.parametrize("p", [8, 16])
+@pytest.mark.parametrize("ratio", [0.25, 0.75])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.uint16, torch.float32])
+def test_masked_patchify(layout, p, ratio, dtype):
+    B, C = 3, 5
+    images = _images(B, C, 256, dtype, seed=p)
+    L = (256 // p) ** 2 * (C if layout == "channel" else 1)
+    masking = ops.random_masking(B, L, ratio, device=DEV, generator=_gen(p + 1))
+    ref = ops.masked_patchify(images, p, ratio, layout, masking=masking, impl="reference")
+    out = masked_patchify.masked_patchify_triton(images, p, masking, layout, visible=_nan(ref.visible.shape),
+                                                 target=_nan(ref.target.shape))
+    _close(out.visible, ref.visible, ("masked_patchify", torch.float32))
+    _close(out.target, ref.target, ("masked_patchify", torch.float32))
+
+
+def test_masked_patchify_is_reproducible_by_seed():
+    images = _images(3, 5, 256, torch.uint16, seed=3)
+    a = ops.masked_patchify(images, 8, 0.75, seed=11)
+    b = ops.masked_patchify(images, 8, 0.75, seed=11)
+    assert ops.last_impl("masked_patchify") == "triton"
+    assert torch.equal(a.masking.ids_shuffle, b.masking.ids_shuffle)
+    assert torch.equal(a.visible, b.visible) and torch.equal(a.target, b.target)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# unshuffle
+# --------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unshuffle(dtype):
+    B, L, D = 8, 1024, 512
+    K = 256
+    g = _gen(4)
+    x_full = torch.randn(B, 1 + K, D, generator=g, device=DEV).to(dtype).requires_grad_()
+    token = torch.randn(D, generator=g, device=DEV).requires_grad_()
+    pos = torch.randn(L, D, generator=g, device=DEV)
+    ids = torch.argsort(torch.rand(B, L, generator=g, device=DEV), dim=1)
+    grad_out = torch.randn(B, L, D, generator=g, device=DEV).to(dtype)
+    ref = ops.unshuffle(x_full[:, 1:], token, ids, pos, impl="reference")
+    ref_gx, ref_gt = torch.autograd.grad(ref, (x_full, token), grad_out)
+
+    x = x_full.detach()[:, 1:]
+    out = unshuffle.unshuffle_forward_triton(x, token.detach().to(dtype), ids, pos.to(dtype),
+                                             out=_nan((B, L, D), dtype))
+    _close(out, ref, ("unshuffle", dtype))
+    grad_x = _nan((B, K, D), dtype)
+    gt = unshuffle.unshuffle_backward_triton(grad_out, ids, grad_x)
+    _close(grad_x, ref_gx[:, 1:], ("unshuffle", dtype))
+    _close(gt, ref_gt, ("unshuffle_token_grad", dtype))
+
+    fused = ops.unshuffle(x_full[:, 1:], token, ids, pos)
+    assert ops.last_impl("unshuffle") == "triton"
+    gx, gt = torch.autograd.grad(fused, (x_full, token), grad_out)
+    _close(fused, ref, ("unshuffle", dtype))
+    _close(gx, ref_gx, ("unshuffle", dtype))
+    _close(gt, ref_gt, ("unshuffle_token_grad", dtype))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# MAE loss
+# --------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", ops.LAYOUTS)
+@pytest.mark.parametrize("p", [8, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("masked", [False, True])
+def test_mae_loss(layout, p, dtype, masked):
+    B, C = 3, 5
+    N = (256 // p) ** 2 * (C if layout == "channel" else 1) * 3 // 4
+    P = p * p * (C if layout == "standard" else 1)
+    g = _gen(5 + p)
+    pred = torch.randn(B, N, P, generator=g, device=DEV).to(dtype)
+    target = torch.randn(B, N, P, generator=g, device=DEV)
+    mask = (torch.rand(B, N, generator=g, device=DEV) < 0.6).float() if masked else None
+    leaf = pred.clone().requires_grad_()
+    ref = ops.mae_loss(leaf, target, mask, patch_size=p, layout=layout, alpha=0.01, impl="reference")
+    (ref_grad,) = torch.autograd.grad(ref * 1.5, leaf)
+
+    weight, uniform = ops.token_weights(mask, B, N)
+    w_max = 1.0 / (B * N) if mask is None else float(mask.max() / mask.sum())
+    shape = dict(alpha=0.01, p=p, planes=P // (p * p), weight_max=w_max, scale=1.5)
+    for precision in ("tf32", "ieee"):
+        if precision == "ieee" and dtype != torch.float32:
+            continue
+        grad = _nan(pred.shape, dtype)
+        loss = mae_loss.mae_loss_forward_triton(pred, target, weight, uniform, p, P // (p * p), 0.01, grad,
+                                                dot_precision=precision)
+        _close(loss, ref, ("mae_loss", dtype))
+        kind = "bfloat16" if dtype == torch.bfloat16 else ("tf32" if precision == "tf32" else "float32")
+        _close_loss_grad(grad * 1.5, ref_grad, kind=kind, **shape)
+
+    leaf2 = pred.clone().requires_grad_()
+    fused = ops.mae_loss(leaf2, target, mask, patch_size=p, layout=layout, alpha=0.01)
+    assert ops.last_impl("mae_loss") == "triton"
+    (grad,) = torch.autograd.grad(fused * 1.5, leaf2)
+    _close(fused, ref, ("mae_loss", dtype))
+    _close_loss_grad(grad, ref_grad, kind="bfloat16" if dtype == torch.bfloat16 else "tf32", **shape)
+
+
+def test_mae_loss_zero_spectrum_is_finite():
+    target = torch.randn(3, 7, 64 * 5, generator=_gen(6), device=DEV)
+    zero = torch.zeros_like(target, requires_grad=True)
+    (grad,) = torch.autograd.grad(ops.mae_loss(zero, target, patch_size=8), zero)
+    (ref,) = torch.autograd.grad(ops.mae_loss(zero, target, patch_size=8, impl="reference"), zero)
+    _close(grad, ref, ("mae_loss_grad", torch.float32))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Lion
+# --------------------------------------------------------------------------------------------------------------
+
+def _lion_state(dtypes, seed, sizes=(1, 17, 4099, 70001, 1 << 20)):
+    g = _gen(seed)
+    params = [torch.randn(n, generator=g, device=DEV).to(dtypes[0]) for n in sizes]
+    grads = [torch.randn(n, generator=g, device=DEV).to(dtypes[1]) for n in sizes]
+    moms = [(torch.randn(n, generator=g, device=DEV) * 0.1).to(dtypes[2]) for n in sizes]
+    grads[2][:64] = 0  # c = 0 exactly: sign(0) = 0
+    moms[2][:64] = 0
+    return params, grads, moms
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float32,) * 3, (torch.bfloat16,) * 3,
+                                    (torch.float32, torch.bfloat16, torch.bfloat16),
+                                    (torch.bfloat16, torch.bfloat16, torch.float32)])
+def test_lion(dtypes):
+    ref = _lion_state(dtypes, seed=7)
+    got = [[t.clone() for t in ts] for ts in ref]
+    for lr in (1e-3, 3e-4, 1e-4):
+        ops.lion_update(*ref, lr=lr, weight_decay=0.05, impl="reference")
+        ops.lion_update(*got, lr=lr, weight_decay=0.05)
+    assert ops.last_impl("lion_update") == "triton"
+    for a, b in zip(got[0] + got[2], ref[0] + ref[2]):
+        _close(a, b, ("lion", a.dtype))
+
+
+def test_lion_no_recompilation_when_lr_changes_and_one_launch_per_group():
+    params, grads, moms = _lion_state((torch.float32,) * 3, seed=8)
+    ops.lion_update(params, grads, moms, lr=1e-3, weight_decay=0.05)
+    variants = _compiled_variants(lion._lion_kernel)
+    before = lion.launches
+    for step in range(5):
+        ops.lion_update(params, grads, moms, lr=1e-3 / (step + 2), weight_decay=0.05 * step)
+    assert _compiled_variants(lion._lion_kernel) == variants
+    assert lion.launches - before == 5
+
+
+def test_lion_launches_per_optimiser_step_of_vit_large():
+    """All ~329M parameters of mae_vit_large_patch8_256 in float32: Lion's param groups (decay / no decay) give
+    one launch each."""
+    from mae_fast.models import create_model
+    from mae_fast.optim import Lion, lion_param_groups
+
+    model = create_model("mae_vit_large_patch8_256").to(DEV)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt = Lion(lion_param_groups(model, 0.05), lr=3e-5, weight_decay=0.05)
+    before = lion.launches
+    opt.step()
+    assert lion.launches - before == len(opt.param_groups) == 2

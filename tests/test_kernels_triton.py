@@ -1,0 +1,310 @@
+"""The Triton kernels (kernels/*.py) against the reference ops, float32, small sizes.
+
+Without CUDA the repo conftest sets TRITON_INTERPRET=1 and the kernels run in Triton's CPU interpreter (about a
+second per million elements, hence the small shapes); on a CUDA machine the same tests run on the GPU. Fresh
+random inputs, odd shapes (batch 3, 5 channels, patch 8 and 16, ratio 0.25 and 0.75), outputs poisoned with NaN
+before each call and checked fully written, forward and backward. bfloat16 is left to tests/gpu: the interpreter
+rounds float32 -> bfloat16 by truncation, not to nearest as a GPU does.
+"""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mae_fast import ops
+
+pytest.importorskip("triton")
+from mae_fast.kernels import lion, mae_loss, masked_patchify, unshuffle  # noqa: E402
+from mae_fast.kernels._common import interpreting  # noqa: E402
+
+if not (torch.cuda.is_available() or interpreting()):
+    pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# the loss kernel's dots are exact float32 in the interpreter; on a GPU ask for ieee products here (tf32 is
+# covered by the tolerance tables of tests/gpu)
+DOT = "ieee"
+RTOL, ATOL = 1e-4, 1e-5  # atol as a fraction of the reference's largest magnitude
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _randn(*shape, seed, dtype=torch.float32):
+    return torch.randn(*shape, generator=_gen(seed)).to(dtype).to(DEVICE)
+
+
+def _nan(shape, dtype=torch.float32):
+    return torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+
+
+def _close(got, expected, rtol=RTOL, atol=ATOL):
+    got, expected = got.detach(), expected.detach()
+    assert torch.isfinite(got).all(), "output not fully written (NaN poison survived) or non-finite"
+    torch.testing.assert_close(got.float().cpu(), expected.float().cpu(), rtol=rtol,
+                               atol=atol * float(expected.float().abs().max()))
+
+
+# (rtol, atol as a fraction of max |reference|, relative L2 error) of loss gradients per kind of arithmetic
+GRAD_TOL = {"float32": (1e-4, 1e-5, 1e-4), "tf32": (1e-3, 1e-4, 5e-3), "bfloat16": (1.6e-2, 8e-3, 5e-3),
+            "float16": (2e-3, 1e-3, 1e-3)}
+
+
+def _close_loss_grad(got, ref, *, kind, alpha, p, planes, weight_max, scale=1.0):
+    """Loss gradients. sign(|Fx| - |Fy|) is ill-conditioned where the two magnitudes (nearly) tie: either sign is a
+    valid subgradient and rounding may pick the other. A flip at frequency f (and its conjugate mirror, which ties
+    with it) moves that plane's gradient by at most 4 w alpha / (C' p^2) per element. So: elementwise within
+    (rtol, atol) plus two such pair flips, and a relative L2 error below the kind's bound (flips are sparse; a wrong
+    Fourier or MSE term is not)."""
+    rtol, atol, norm_tol = GRAD_TOL[kind]
+    got, ref = got.detach().float(), ref.detach().float()
+    assert torch.isfinite(got).all(), "gradient not fully written (NaN poison survived) or non-finite"
+    pair_flip = 4 * scale * weight_max * alpha / (planes * p * p)
+    excess = (got - ref).abs() - (atol * ref.abs().max() + rtol * ref.abs() + 2 * pair_flip)
+    assert excess.max() <= 0, f"max excess {excess.max().item():.3g} over the tolerance"
+    rel = ((got - ref).norm() / ref.norm()).item()
+    assert rel <= norm_tol, f"relative L2 error {rel:.3g} > {norm_tol}"
+
+
+def _images(B, C, H, dtype, seed):
+    g = _gen(seed)
+    if dtype == torch.uint8:
+        x = torch.randint(0, 256, (B, C, H, H), generator=g, dtype=torch.uint8)
+    elif dtype == torch.uint16:
+        x = torch.randint(0, 65536, (B, C, H, H), generator=g, dtype=torch.int32).to(torch.uint16)
+    else:
+        x = torch.rand(B, C, H, H, generator=g)
+    return x.to(DEVICE)
+
+
+def test_triton_backends_are_registered():
+    for op in ("masked_patchify", "unshuffle", "mae_loss", "lion_update"):
+        assert "triton" in ops.available_impls(op)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# masked patchify
+# --------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", ops.LAYOUTS)
+@pytest.mark.parametrize("p", [8, 16])
+@pytest.mark.parametrize("ratio", [0.25, 0.75])
+def test_masked_patchify_matches_reference(layout, p, ratio):
+    images = _images(3, 5, 32, torch.uint16, seed=p)
+    L = (32 // p) ** 2 * (5 if layout == "channel" else 1)
+    masking = ops.random_masking(3, L, ratio, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(p))
+    ref = ops.masked_patchify(images, p, ratio, layout, masking=masking, impl="reference")
+    visible, target = _nan(ref.visible.shape), _nan(ref.target.shape)
+    out = masked_patchify.masked_patchify_triton(images, p, masking, layout, visible=visible, target=target)
+    assert out.visible is visible and out.target is target
+    _close(visible, ref.visible, rtol=2e-6, atol=2e-6)
+    _close(target, ref.target, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_masked_patchify_pixel_dtypes_and_strides(dtype):
+    images = _images(3, 5, 32, dtype, seed=1).contiguous(memory_format=torch.channels_last)
+    masking = ops.random_masking(3, 16, 0.75, device=DEVICE)
+    ref = ops.masked_patchify(images, 8, 0.75, masking=masking, impl="reference")
+    out = masked_patchify.masked_patchify_triton(images, 8, masking, "standard",
+                                                 visible=_nan(ref.visible.shape), target=_nan(ref.target.shape))
+    _close(out.visible, ref.visible, rtol=2e-6, atol=2e-6)
+    _close(out.target, ref.target, rtol=2e-6, atol=2e-6)
+
+
+def test_channel_stats_precise_on_low_contrast_16_bit():
+    """Chan's merge of per-tile (mean, M2) keeps float32 accurate where E[x^2] - E[x]^2 would cancel."""
+    base = torch.randint(39300, 39310, (3, 5, 48, 40), generator=_gen(2), dtype=torch.int32)
+    images = base.to(torch.uint16).to(DEVICE)
+    mean, rstd = masked_patchify.channel_stats_triton(images)
+    x = ops.to_unit_float(images.cpu()).double()
+    torch.testing.assert_close(mean.cpu().double(), x.mean(dim=(2, 3)), rtol=1e-6, atol=0)
+    expected = torch.rsqrt(x.var(dim=(2, 3), unbiased=False) + ops.STANDARDIZE_EPS)
+    torch.testing.assert_close(rstd.cpu().double(), expected, rtol=1e-4, atol=0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# unshuffle
+# --------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("D", [40, 300])  # 300 > one 256-wide chunk
+@pytest.mark.parametrize("with_pos", [True, False])
+def test_unshuffle_forward_backward(D, with_pos):
+    B, K, L = 3, 5, 21
+    x_full = _randn(B, 1 + K, D, seed=3).requires_grad_()
+    token = _randn(D, seed=4).requires_grad_()
+    pos = _randn(L, D, seed=5) if with_pos else None
+    ids = torch.argsort(torch.rand(B, L, generator=_gen(6)), dim=1).to(DEVICE)
+    grad_out = _randn(B, L, D, seed=7)
+
+    ref = ops.unshuffle(x_full[:, 1:], token, ids, pos, impl="reference")
+    ref_gx, ref_gt = torch.autograd.grad(ref, (x_full, token), grad_out)
+
+    x = x_full.detach()[:, 1:]  # strided view, as the decoder passes it
+    out = unshuffle.unshuffle_forward_triton(x, token.detach(), ids, pos, out=_nan((B, L, D)))
+    _close(out, ref, rtol=0, atol=0)
+    grad_x = _nan((B, K, D))
+    grad_token = unshuffle.unshuffle_backward_triton(grad_out, ids, grad_x)
+    _close(grad_x, ref_gx[:, 1:], rtol=0, atol=0)
+    _close(grad_token, ref_gt)
+
+    fused = ops.unshuffle(x_full[:, 1:], token, ids, pos, impl="triton")
+    gx, gt = torch.autograd.grad(fused, (x_full, token), grad_out)
+    _close(fused, ref, rtol=0, atol=0)
+    _close(gx, ref_gx, rtol=0, atol=0)
+    _close(gt, ref_gt)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# MAE loss
+# --------------------------------------------------------------------------------------------------------------
+
+def test_dft_tables_give_fft2():
+    """vec(x) (K_re + i K_im) is the 2-D DFT of the row-major p x p plane x."""
+    for p in (8, 16):
+        k_re, k_im = mae_loss.dft_tables(p, torch.device("cpu"))
+        x = torch.randn(7, p, p, generator=_gen(p), dtype=torch.float64)
+        F = torch.complex(x.reshape(7, -1) @ k_re.double(), x.reshape(7, -1) @ k_im.double()).reshape(7, p, p)
+        torch.testing.assert_close(F, torch.fft.fft2(x), rtol=1e-5, atol=1e-5 * p)
+        assert torch.equal(k_re, k_re.T) and torch.equal(k_im, k_im.T)
+
+
+def test_round_to_tf32():
+    x = torch.tensor([1.0, 1 + 2**-11, 1 + 3 * 2**-11, 1 + 2**-10 + 2**-12, -math.pi])
+    r = mae_loss.round_to_tf32(x)
+    assert r[0] == 1.0 and r[1] == 1.0  # tie to even
+    assert r[2] == 1 + 2**-9             # tie to even (upwards)
+    assert r[3] == 1 + 2**-10
+    assert abs(r[4] + math.pi) <= 2**-10 * math.pi
+
+
+def _loss_case(layout, p, seed, N=7):
+    P = p * p * (5 if layout == "standard" else 1)
+    return _randn(3, N, P, seed=seed), _randn(3, N, P, seed=seed + 1)
+
+
+@pytest.mark.parametrize("layout", ops.LAYOUTS)
+@pytest.mark.parametrize("p", [8, 16])
+@pytest.mark.parametrize("masked", [False, True])
+def test_mae_loss_matches_reference(layout, p, masked):
+    pred, target = _loss_case(layout, p, seed=10 * p)
+    B, N, P = pred.shape
+    mask = (torch.rand(B, N, generator=_gen(p)) < 0.6).float().to(DEVICE) if masked else None
+    alpha = 0.3  # large enough that an error in the Fourier gradient cannot hide under the MSE term
+    leaf = pred.clone().requires_grad_()
+    ref = ops.mae_loss(leaf, target, mask, patch_size=p, layout=layout, alpha=alpha, impl="reference")
+    (ref_grad,) = torch.autograd.grad(ref * 2.5, leaf)
+
+    weight, uniform = ops.token_weights(mask, B, N)
+    grad = _nan(pred.shape)
+    loss = mae_loss.mae_loss_forward_triton(pred, target, weight, uniform, p, P // (p * p), alpha, grad,
+                                            dot_precision=DOT)
+    torch.testing.assert_close(loss.cpu(), ref.detach().cpu(), rtol=1e-5, atol=0)
+    w_max = 1.0 / (B * N) if mask is None else float(mask.max() / mask.sum())
+    shape = dict(alpha=alpha, p=p, planes=P // (p * p), weight_max=w_max, scale=2.5)
+    _close_loss_grad(grad * 2.5, ref_grad, kind="float32", **shape)
+
+    leaf2 = pred.clone().requires_grad_()
+    fused = ops.mae_loss(leaf2, target, mask, patch_size=p, layout=layout, alpha=alpha, impl="triton")
+    (fused_grad,) = torch.autograd.grad(fused * 2.5, leaf2)
+    torch.testing.assert_close(fused.cpu(), ref.detach().cpu(), rtol=1e-3, atol=0)
+    # default dot precision: exact in the interpreter, tf32 on a GPU
+    _close_loss_grad(fused_grad, ref_grad, kind="float32" if DEVICE.type == "cpu" else "tf32", **shape)
+
+
+def test_mae_loss_zero_spectrum_and_identical_inputs():
+    target = _randn(3, 5, 64 * 5, seed=20)
+    zero = torch.zeros_like(target, requires_grad=True)  # |F| = 0: gradient defined as 0 there, never NaN
+    (grad,) = torch.autograd.grad(ops.mae_loss(zero, target, patch_size=8, impl="triton"), zero)
+    (ref,) = torch.autograd.grad(ops.mae_loss(zero, target, patch_size=8, impl="reference"), zero)
+    _close(grad, ref, rtol=1e-3, atol=1e-3)
+    same = target.clone().requires_grad_()
+    loss = ops.mae_loss(same, target, patch_size=8, impl="triton")
+    (grad,) = torch.autograd.grad(loss, same)
+    assert loss.item() == 0.0 and grad.abs().max() == 0
+
+
+def test_mae_loss_unsupported_patch_size_is_refused():
+    """p = 6 (p^2 = 36 is no tile size for tl.dot): the Triton backend refuses; "auto" then uses the reference."""
+    pred, target = _randn(3, 4, 36 * 5, seed=21), _randn(3, 4, 36 * 5, seed=22)
+    with pytest.raises(RuntimeError, match="cannot take these inputs"):
+        ops.mae_loss(pred, target, patch_size=6, impl="triton")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Lion
+# --------------------------------------------------------------------------------------------------------------
+
+def _lion_lists(sizes, seed, dtypes=(torch.float32,) * 3):
+    g = _gen(seed)
+    params = [torch.randn(n, generator=g).to(dtypes[0]).to(DEVICE) for n in sizes]
+    grads = [torch.randn(n, generator=g).to(dtypes[1]).to(DEVICE) for n in sizes]
+    moms = [(torch.randn(n, generator=g) * 0.1).to(dtypes[2]).to(DEVICE) for n in sizes]
+    return params, grads, moms
+
+
+def test_lion_matches_reference_one_launch_per_dtype_group():
+    sizes = [1, 17, 0, 4099, 9000, 5]  # across BLOCK (4096), with an empty tensor
+    ref = _lion_lists(sizes, seed=30)
+    ref[1][3][:40] = 0  # c = 0 exactly: sign(0) = 0
+    ref[2][3][:40] = 0
+    got = [[t.clone() for t in ts] for ts in ref]
+    before = lion.launches
+    for lr in (1e-3, 2e-4):  # runtime lr
+        ops.lion_update(*ref, lr=lr, weight_decay=0.05, impl="reference")
+        ops.lion_update(*got, lr=lr, weight_decay=0.05, impl="triton")
+    assert lion.launches - before == 2  # one dtype group, two steps
+    for a, b in zip(got[0] + got[2], ref[0] + ref[2]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_lion_many_tensors_binary_search():
+    sizes = [int(s) for s in torch.randint(1, 3000, (37,), generator=_gen(31))]
+    ref = _lion_lists(sizes, seed=32)
+    got = [[t.clone() for t in ts] for ts in ref]
+    ops.lion_update(*ref, lr=1e-2, weight_decay=0.1, impl="reference")
+    ops.lion_update(*got, lr=1e-2, weight_decay=0.1, impl="triton")
+    for a, b in zip(got[0] + got[2], ref[0] + ref[2]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_lion_mixed_dtypes_launch_per_group():
+    a = _lion_lists([100, 5000], seed=33)
+    b = _lion_lists([300], seed=34, dtypes=(torch.float32, torch.float32, torch.bfloat16))
+    params, grads, moms = (x + y for x, y in zip(a, b))
+    ref = [[t.clone() for t in ts] for ts in (params, grads, moms)]
+    before = lion.launches
+    ops.lion_update(params, grads, moms, lr=1e-3, impl="triton")
+    ops.lion_update(*ref, lr=1e-3, impl="reference")
+    assert lion.launches - before == 2
+    for x, y in zip(params + moms, ref[0] + ref[2]):
+        # bfloat16 momentum: the interpreter truncates instead of rounding, at most one bf16 ulp apart
+        torch.testing.assert_close(x.float(), y.float(), rtol=8e-3, atol=1e-7)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# GPU compilation without a GPU
+# --------------------------------------------------------------------------------------------------------------
+
+def test_every_kernel_compiles_for_sm90(tmp_path):
+    """The interpreter accepts programs a GPU compiler rejects (tile shapes, types): compile one variant of each
+    kernel for sm_90 with Triton's bundled ptxas, in a process without TRITON_INTERPRET (about 15 s; the full
+    table of variants with registers and spills: python kernels/compile_check.py)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    out = tmp_path / "compile.json"
+    proc = subprocess.run([sys.executable, os.path.join(root, "kernels", "compile_check.py"), "--quick", "--json",
+                           str(out)], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    import json
+
+    report = json.loads(out.read_text())["variants"]
+    assert len(report) == 6 and all(r["ok"] for r in report)
+    assert all(r.get("stack", 0) == 0 for r in report if not r["variant"].startswith("mae_loss")), report
