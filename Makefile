@@ -25,7 +25,7 @@ test: install
 	$(BIN)/python -m pytest -q tests
 
 bench: install
-	$(BIN)/python -m pytest -q benchmarks --benchmark-only
+	$(BIN)/python -m pytest -q benchmarks/bench_*.py --benchmark-only
 
 clean:
 	rm -rf $(VENV) build *.egg-info mae_fast/*.so demo_out

@@ -10,6 +10,8 @@ import sys
 
 COMMANDS = {
     "demo": ("mae_fast.demo", "generate the synthetic screen, train a small MAE, write figures"),
+    "flops": ("mae_fast.flops", "FLOPs per crop and per training run (exact count and the paper's method), scaling plot"),
+    "bench": ("mae_fast.bench", "end-to-end train-step and embedding benchmarks (crops/s, TFLOP/s, MFU) as JSON"),
     "evaluate": ("mae_fast.evaluate_cli", "recall of known relationships: TVN, arm correction, baselines, tables, plots"),
     "pack": ("mae_fast.pack_cli", "convert a dataset into losslessly compressed tiles the crop loader reads fast"),
 }

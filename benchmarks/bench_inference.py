@@ -1,0 +1,26 @@
+"""Embedding throughput (no masking, encoder on every token, mean of the patch tokens) for every selected preset,
+eager and compiled, with achieved TFLOP/s and MFU from the exact inference FLOP count."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mae_fast import bench
+
+INFERENCE_STACKS = ("fused", "fused_compiled")  # embedding calls none of the dispatched training ops
+
+
+@pytest.mark.parametrize("inference_stack", INFERENCE_STACKS)
+def test_embed(preset, inference_stack, settings, batch_for, compiled_allowed, measure):
+    stack = bench.STACKS[inference_stack]
+    if stack.compiled and not compiled_allowed(preset):
+        pytest.skip(f"compiled stacks not selected for {preset} (--bench-compile-presets)")
+    cfg = bench.parse_preset(preset)
+    batch = batch_for(cfg, "inference")
+    rec = bench.base_record("inference", preset, cfg, stack, batch, settings)
+    if stack.compiled:
+        bench.reset_compiled()
+    runner = bench.InferenceRunner(cfg, stack, batch, settings.device, settings.amp, settings.compile_backend)
+    measure(runner, rec)
+    out = runner.last_output
+    assert out.shape == (batch, cfg.embed_dim) and torch.isfinite(out).all()

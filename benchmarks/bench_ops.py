@@ -1,0 +1,442 @@
+"""Per-op benchmarks: the plain-PyTorch reference against the fused kernel (Triton on CUDA, C++ on the CPU).
+
+Sizes: ViT-L/8 MAE on CUDA (256^2 crops, 6 channels, ratio 0.75, batch 256, decoder 512-d in bf16; Lion over all
+~329M parameters of mae_vit_large_patch8_256, float32); on the CPU the same per-image sizes at batch 16 and Lion
+over mae_vit_small_patch16_256 (48M). Each case reports its time (median), achieved GB/s and the fraction of its
+byte floor: every input read once and every output written once (the bytes below), moved at the memory bandwidth
+measured in the same run (`copy_bandwidth`: a large copy on a GPU, an in-place add on the CPU).
+
+    pytest benchmarks/bench_ops.py                       # pytest-benchmark, extra_info per case
+    python benchmarks/bench_ops.py --json OUT.json       # the same cases as JSON with provenance, table on stdout
+    python benchmarks/bench_ops.py --device cpu --ops mae_loss,lion_update
+    python benchmarks/bench_ops.py --json OUT.json --loss-sweep   # GPU: + loss kernel tile shapes / precisions
+
+Byte floors (B images, C channels, H^2 pixels, L tokens, K visible, D decoder dim, P = p^2 C):
+    masked_patchify   raw image + ids_restore read, visible + target (float32) written; "fused" includes the
+                      statistics pass (a second read of the image), "fused[stats given]" is the patchify kernel alone
+    unshuffle         fwd: x (B K D), pos (L D), ids read, out (B L D) written; bwd: grad_out read, grad_x written
+    mae_loss          pred + target read, grad wrt pred written (forward and backward)
+    lion_update       param, grad, exp_avg read; param, exp_avg written
+Speed is measured here, never asserted in a test.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from mae_fast import bench, ops  # noqa: E402
+
+bench.import_checkout_kernels()  # a plain checkout: map kernels/ to mae_fast.kernels (as setup.py does)
+
+OPS = ("masked_patchify", "unshuffle", "mae_loss", "lion_update")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    batch: int
+    channels: int = 6
+    img: int = 256
+    patch: int = 8
+    ratio: float = 0.75
+    decoder_dim: int = 512
+    act_dtype: torch.dtype = torch.bfloat16     # decoder activations / predictions under autocast
+    pixel_dtype: torch.dtype = torch.uint16     # RxRx3 16-bit crops
+    lion_model: str = "mae_vit_large_patch8_256"
+
+    @property
+    def tokens(self) -> int:
+        return (self.img // self.patch) ** 2
+
+    @property
+    def visible(self) -> int:
+        return ops.num_visible(self.tokens, self.ratio)
+
+    @property
+    def token_size(self) -> int:
+        return self.patch * self.patch * self.channels
+
+
+CUDA_SIZES = Sizes(batch=256)
+CPU_SIZES = Sizes(batch=16, lion_model="mae_vit_small_patch16_256")
+
+
+@dataclass
+class Case:
+    op: str
+    impl: str                    # "reference", "foreach", "fused", "fused[stats given]"
+    bytes: int                   # byte floor of the op (see module docstring)
+    run: Callable[[], object]
+    info: dict = field(default_factory=dict)
+
+
+def _fused_name(device: torch.device) -> str:
+    return "triton" if device.type == "cuda" else "cpp"
+
+
+def _has_fused(op: str, device: torch.device) -> bool:
+    return _fused_name(device) in ops.available_impls(op)
+
+
+def _nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _images(s: Sizes, device) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    top = 256 if s.pixel_dtype == torch.uint8 else 65536
+    x = torch.randint(0, top, (s.batch, s.channels, s.img, s.img), generator=g, dtype=torch.int32)
+    return x.to(s.pixel_dtype).to(device)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# cases per op (inputs are built when the op is benchmarked and freed afterwards)
+# --------------------------------------------------------------------------------------------------------------
+
+def masked_patchify_cases(s: Sizes, device) -> list[Case]:
+    images = _images(s, device)
+    masking = ops.random_masking(s.batch, s.tokens, s.ratio, device=device)
+    P = s.token_size
+    out_bytes = s.batch * s.tokens * P * 4
+    floor = _nbytes(images, masking.ids_restore) + out_bytes
+    cases = [Case("masked_patchify", "reference", floor,
+                  lambda: ops.masked_patchify(images, s.patch, s.ratio, masking=masking, impl="reference"))]
+    if _has_fused("masked_patchify", device):
+        impl = _fused_name(device)
+        cases.append(Case("masked_patchify", "fused", floor,
+                          lambda: ops.masked_patchify(images, s.patch, s.ratio, masking=masking, impl=impl),
+                          {"backend": impl, "note": "statistics pass + patchify pass (two reads of the image)"}))
+        stats = ops.channel_stats(ops.to_unit_float(images, check_range=False))
+        cases.append(Case("masked_patchify", "fused[stats given]", floor,
+                          lambda: ops.masked_patchify(images, s.patch, s.ratio, masking=masking, stats=stats,
+                                                      impl=impl),
+                          {"backend": impl, "note": "patchify pass alone, statistics from the caller"}))
+    return cases
+
+
+def unshuffle_cases(s: Sizes, device) -> list[Case]:
+    g = torch.Generator().manual_seed(1)
+    B, K, L, D = s.batch, s.visible, s.tokens, s.decoder_dim
+    x = torch.randn(B, K, D, generator=g).to(s.act_dtype).to(device).requires_grad_()
+    token = torch.randn(D, generator=g).to(device).requires_grad_()
+    pos = torch.randn(L, D, generator=g).to(device)
+    ids = torch.argsort(torch.rand(B, L, generator=g), dim=1).to(device)
+    grad_out = torch.randn(B, L, D, generator=g).to(s.act_dtype).to(device)
+    act = torch.tensor([], dtype=s.act_dtype).element_size()
+    floor = (B * K * D + B * L * D) * act * 2 + L * D * act + 2 * _nbytes(ids)
+
+    def run(impl):
+        out = ops.unshuffle(x, token, ids, pos, impl=impl)
+        return torch.autograd.grad(out, (x, token), grad_out)
+
+    cases = [Case("unshuffle", "reference", floor, lambda: run("reference"), {"pass": "forward+backward"})]
+    if _has_fused("unshuffle", device):
+        impl = _fused_name(device)
+        cases.append(Case("unshuffle", "fused", floor, lambda: run(impl),
+                          {"backend": impl, "pass": "forward+backward"}))
+    return cases
+
+
+def mae_loss_cases(s: Sizes, device) -> list[Case]:
+    g = torch.Generator().manual_seed(2)
+    N = s.tokens - s.visible  # the model calls the loss on the masked tokens only
+    pred = torch.randn(s.batch, N, s.token_size, generator=g).to(s.act_dtype).to(device).requires_grad_()
+    target = torch.randn(s.batch, N, s.token_size, generator=g).to(device)
+    floor = 2 * _nbytes(pred) + _nbytes(target)
+
+    def run(impl):
+        loss = ops.mae_loss(pred, target, patch_size=s.patch, layout="standard", alpha=0.01, impl=impl)
+        return torch.autograd.grad(loss, pred)
+
+    cases = [Case("mae_loss", "reference", floor, lambda: run("reference"), {"pass": "forward+backward"})]
+    if _has_fused("mae_loss", device):
+        impl = _fused_name(device)
+        cases.append(Case("mae_loss", "fused", floor, lambda: run(impl), {"backend": impl, "pass": "forward+backward"}))
+    return cases
+
+
+def lion_shapes(model_name: str) -> list[torch.Size]:
+    from mae_fast.models import create_model
+
+    with torch.device("meta"):
+        model = create_model(model_name)
+    return [p.shape for p in model.parameters() if p.requires_grad]
+
+
+def lion_update_cases(s: Sizes, device) -> list[Case]:
+    shapes = lion_shapes(s.lion_model)
+    g = torch.Generator(device=device).manual_seed(3)
+    params = [torch.randn(sh, device=device, generator=g) for sh in shapes]
+    grads = [torch.randn(sh, device=device, generator=g) for sh in shapes]
+    moms = [torch.randn(sh, device=device, generator=g) * 0.01 for sh in shapes]
+    floor = 2 * _nbytes(*params) + _nbytes(*grads) + 2 * _nbytes(*moms)
+    numel = sum(p.numel() for p in params)
+    info = {"model": s.lion_model, "tensors": len(params), "parameters": numel}
+
+    def run(impl):
+        ops.lion_update(params, grads, moms, lr=1e-4, beta1=0.9, beta2=0.95, weight_decay=0.05, impl=impl)
+
+    cases = [Case("lion_update", "reference", floor, lambda: run("reference"), dict(info)),
+             Case("lion_update", "foreach", floor, lambda: run("foreach"), dict(info))]
+    if _has_fused("lion_update", device):
+        impl = _fused_name(device)
+        cases.append(Case("lion_update", "fused", floor, lambda: run(impl),
+                          dict(info, backend=impl, launches_per_step=lion_launches_per_step(run, impl))))
+    return cases
+
+
+def lion_launches_per_step(run, impl: str) -> int | None:
+    """Kernel launches of one fused Lion step over one dtype group (Triton counts them; the C++ op is one call)."""
+    if impl != "triton":
+        return None
+    from mae_fast.kernels import lion
+
+    before = lion.launches
+    run(impl)
+    return lion.launches - before
+
+
+def loss_config_sweep(s: Sizes, device) -> list[dict]:
+    """GPU only: the fused loss kernel (forward with its gradient) under other tile shapes and dot precisions, for
+    tuning `kernels/mae_loss.py::_launch_config` on the device at hand."""
+    from mae_fast.kernels import mae_loss
+
+    g = torch.Generator().manual_seed(4)
+    N = s.tokens - s.visible
+    pred = torch.randn(s.batch, N, s.token_size, generator=g).to(s.act_dtype).to(device)
+    target = torch.randn(s.batch, N, s.token_size, generator=g).to(device)
+    grad = torch.empty_like(pred)
+    floor = 2 * _nbytes(pred) + _nbytes(target)
+    planes = s.token_size // s.patch**2
+    out = []
+    configs = [(bp, bf, w) for bp in (16, 32, 64) for bf in (16, 32, 64) for w in (4, 8) if bf <= s.patch**2]
+    for precision in ("tf32", "tf32x3", "ieee"):
+        for bp, bf, w in configs if precision == "tf32" else [mae_loss._launch_config(s.patch)]:
+            def run():
+                return mae_loss.mae_loss_forward_triton(pred, target, None, 1.0 / (s.batch * N), s.patch, planes,
+                                                        0.01, grad, dot_precision=precision, block_planes=bp,
+                                                        block_freq=bf, num_warps=w)
+            try:
+                t = time_median(run, device)["median_s"]
+            except Exception as err:  # noqa: BLE001 - e.g. out of shared memory for one tile shape: report it
+                out.append({"block_planes": bp, "block_freq": bf, "num_warps": w, "precision": precision,
+                            "error": f"{type(err).__name__}: {err}"[:300]})
+                continue
+            out.append({"block_planes": bp, "block_freq": bf, "num_warps": w, "precision": precision,
+                        "median_ms": t * 1e3, "achieved_GBps": floor / t / 1e9})
+    return out
+
+
+CASE_BUILDERS = {"masked_patchify": masked_patchify_cases, "unshuffle": unshuffle_cases,
+                 "mae_loss": mae_loss_cases, "lion_update": lion_update_cases}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# timing
+# --------------------------------------------------------------------------------------------------------------
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_median(fn: Callable[[], object], device: torch.device, min_runs: int = 5, min_time_s: float = 1.0) -> dict:
+    """Median seconds per call after warm-up: CUDA events through triton.testing.do_bench on a GPU (median of
+    its repetitions), host clock on the CPU (at least `min_runs` calls and `min_time_s`)."""
+    fn()
+    _sync(device)
+    if device.type == "cuda":
+        try:
+            from triton.testing import do_bench
+
+            ms = do_bench(fn, warmup=100, rep=500, return_mode="median")
+            return {"median_s": ms / 1e3, "timer": "triton.testing.do_bench (CUDA events), median"}
+        except ImportError:
+            pass
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_runs or time.perf_counter() - start < min_time_s:
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(times), "runs": len(times), "timer": "host clock, median"}
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes/s of the memory ceiling the byte floors are measured against (bytes read + written): a 1 GiB
+    device-to-device copy on a GPU; on the CPU an in-place `x += y` over 256 MiB each (a plain copy there also
+    reads every destination line before writing it, which would understate the bandwidth by a third)."""
+    if device.type == "cuda":
+        n = (1 << 30) // 4
+        src = torch.randn(n, device=device)
+        dst = torch.empty_like(src)
+        t = time_median(lambda: dst.copy_(src), device)["median_s"]
+        return 2 * n * 4 / t
+    n = (1 << 28) // 4
+    x, y = torch.randn(n), torch.randn(n)
+    t = time_median(lambda: x.add_(y), device)["median_s"]
+    return 3 * n * 4 / t
+
+
+def summarise(case: Case, median_s: float, copy_bps: float) -> dict:
+    gbps = case.bytes / median_s / 1e9
+    return {"op": case.op, "impl": case.impl, "median_ms": median_s * 1e3, "bytes": case.bytes,
+            "achieved_GBps": gbps, "floor_ms": case.bytes / copy_bps * 1e3,
+            "fraction_of_floor": case.bytes / copy_bps / median_s, **case.info}
+
+
+def device_from(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def sizes_for(device: torch.device) -> Sizes:
+    return CUDA_SIZES if device.type == "cuda" else CPU_SIZES
+
+
+def _free(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_all(device: torch.device, op_names=OPS, sizes: Sizes | None = None, loss_sweep: bool = False) -> dict:
+    sizes = sizes or sizes_for(device)
+    copy_bps = copy_bandwidth(device)
+    results, ratios = [], []
+    for op in op_names:
+        cases = CASE_BUILDERS[op](sizes, device)
+        medians = {}
+        for case in cases:
+            timing = time_median(case.run, device)
+            medians[case.impl] = timing["median_s"]
+            results.append(dict(summarise(case, timing["median_s"], copy_bps), timer=timing["timer"]))
+        for impl in medians:
+            if impl.startswith("fused") and "reference" in medians:
+                ratios.append({"op": op, "fused": impl, "speedup_vs_reference": medians["reference"] / medians[impl]})
+        del cases
+        _free(device)
+    sweep = loss_config_sweep(sizes, device) if loss_sweep and device.type == "cuda" else None
+    return {
+        "schema": "mae_fast.bench_ops/1",
+        "provenance": bench.provenance(device, " ".join(sys.argv)),
+        "sizes": {k: str(v) if isinstance(v, torch.dtype) else v for k, v in sizes.__dict__.items()},
+        "copy_GBps": copy_bps / 1e9,
+        "results": results,
+        "speedups": ratios,
+        "loss_config_sweep": sweep,
+    }
+
+
+def print_table(payload: dict) -> None:
+    print(f"device {payload['provenance']['device']}; memory bandwidth {payload['copy_GBps']:.1f} GB/s")
+    print(f"{'op':<16} {'impl':<20} {'median ms':>10} {'GB/s':>9} {'floor ms':>9} {'of floor':>9}")
+    for r in payload["results"]:
+        print(f"{r['op']:<16} {r['impl']:<20} {r['median_ms']:10.3f} {r['achieved_GBps']:9.1f} "
+              f"{r['floor_ms']:9.3f} {100 * r['fraction_of_floor']:8.1f}%")
+    for r in payload["speedups"]:
+        print(f"speedup {r['op']:<16} {r['fused']:<20} {r['speedup_vs_reference']:6.2f}x vs reference")
+    for r in payload.get("loss_config_sweep") or []:
+        cfg = f"planes {r['block_planes']:>2} freq {r['block_freq']:>2} warps {r['num_warps']} {r['precision']:<6}"
+        print(f"loss kernel {cfg}: " + (f"{r['median_ms']:.3f} ms {r['achieved_GBps']:.0f} GB/s" if "median_ms" in r
+                                        else r["error"]))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", help="write the results (with provenance) to this file")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if present), cuda, cpu")
+    parser.add_argument("--ops", default=",".join(OPS), help=f"comma list of {', '.join(OPS)}")
+    parser.add_argument("--batch", type=int, default=None, help="override the batch of the per-image ops")
+    parser.add_argument("--loss-sweep", action="store_true",
+                        help="CUDA: also time the fused loss kernel over tile shapes and dot precisions")
+    args = parser.parse_args(argv)
+    device = device_from(args.device)
+    op_names = [o for o in args.ops.split(",") if o]
+    unknown = sorted(set(op_names) - set(OPS))
+    if unknown:
+        parser.error(f"unknown ops {unknown}; choose from {', '.join(OPS)}")
+    sizes = sizes_for(device)
+    if args.batch:
+        sizes = Sizes(**{**sizes.__dict__, "batch": args.batch})
+    payload = run_all(device, op_names, sizes, loss_sweep=args.loss_sweep)
+    print_table(payload)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(payload, f, indent=2)
+        os.replace(tmp, args.json)
+        print(f"results: {args.json}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# pytest-benchmark suites: one test per (op, implementation), grouped by op
+# --------------------------------------------------------------------------------------------------------------
+
+def _pytest_cases():
+    device = device_from(os.environ.get("MAE_FAST_BENCH_DEVICE", "auto"))
+    out = []
+    for op in OPS:
+        impls = ["reference", "fused"] + (["fused[stats given]"] if op == "masked_patchify" else []) \
+            + (["foreach"] if op == "lion_update" else [])
+        out += [(op, impl) for impl in impls]
+    return device, out
+
+
+_DEVICE, _CASES = _pytest_cases()
+_SESSION: dict = {}
+
+try:
+    import pytest
+except ImportError:  # script mode without pytest installed
+    pytest = None
+
+if pytest is not None:
+
+    @pytest.fixture(scope="module")
+    def copy_bps():
+        return copy_bandwidth(_DEVICE)
+
+    @pytest.mark.parametrize("op,impl", _CASES, ids=[f"{o}-{i}" for o, i in _CASES])
+    def test_op(benchmark, copy_bps, op, impl):
+        key = op
+        if _SESSION.get("op") != key:  # build one op's inputs at a time
+            _SESSION.clear()
+            _free(_DEVICE)
+            _SESSION.update(op=key, cases={c.impl: c for c in CASE_BUILDERS[op](sizes_for(_DEVICE), _DEVICE)})
+        case = _SESSION["cases"].get(impl)
+        if case is None:
+            pytest.skip(f"no {impl} implementation of {op} on {_DEVICE.type} (extension / Triton not available)")
+        case.run()  # warm-up (compilation, allocator)
+        _sync(_DEVICE)
+
+        def call():
+            case.run()
+            _sync(_DEVICE)
+
+        benchmark.group = op
+        rounds = 20 if _DEVICE.type == "cuda" else 3
+        benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=1)
+        summary = summarise(case, benchmark.stats.stats.median, copy_bps)
+        benchmark.extra_info.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))},
+                                    device=str(_DEVICE), copy_GBps=copy_bps / 1e9)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""The benchmark harness on a CPU: `mae-fast bench` writes a valid results JSON with provenance, the stacks run the
+implementations they claim, the largest-batch search converges, `mae-fast flops` writes its plot, and the README
+renderer fills (only) its block. Correctness of the harness, not speed: no timing is asserted."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+
+from mae_fast import bench, flops
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = "mae_vit_micro_patch16_256:img_size=64"  # 16 tokens: seconds per stack on a CPU
+
+
+def _render_module():
+    spec = importlib.util.spec_from_file_location("render_results",
+                                                  os.path.join(ROOT, "benchmarks", "render_results.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def cpu_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "cpu.json"
+    rc = bench.main(["--device", "cpu", "--preset", TINY, "--stacks", ",".join(bench.STACKS),
+                     "--rounds", "2", "--iters", "1", "--warmup", "0", "--out", str(out)])
+    with open(out) as f:
+        return rc, json.load(f)
+
+
+def test_bench_cli_writes_results_with_provenance(cpu_results):
+    rc, payload = cpu_results
+    assert rc == 0
+    bench.validate_payload(payload)
+    prov = payload["provenance"]
+    assert prov["device_type"] == "cpu" and prov["torch"] == torch.__version__
+    assert prov["git"]["commit"] and "date" in prov and "--preset" in prov["command"]
+    assert payload["ceiling"]["tflops"] > 0 and payload["ceiling"]["dtype"] == "float32"
+    stacks = {r["stack"]: r for r in payload["train"]}
+    assert set(stacks) == set(bench.STACKS)
+    for rec in payload["train"]:
+        assert rec["status"] == "ok", rec
+        assert rec["img_size"] == 64 and rec["batch"] == 2 and rec["timed_steps"] == 2
+        assert rec["crops_per_s"] > 0 and rec["flops_per_crop"] == flops.training_flops_per_crop(
+            bench.parse_preset(TINY))
+        assert rec["achieved_tflops"] == pytest.approx(rec["flops_per_crop"] * rec["crops_per_s"] / 1e12)
+        assert rec["mfu"] == pytest.approx(rec["achieved_tflops"] / payload["ceiling"]["tflops"])
+        assert rec["impls"]["attention"] == "sdpa"
+        assert rec["max_batch"] is None and rec["max_batch_note"] == "not searched on CPU"
+    # the reference stacks run the references and foreach Lion; compiled stacks really compiled
+    for name in ("reference", "reference_compiled"):
+        assert {stacks[name]["impls"][op] for op in ("masked_patchify", "unshuffle", "mae_loss")} == {"reference"}
+        assert stacks[name]["impls"]["lion_update"] == "foreach"
+    assert stacks["reference_compiled"]["dynamo"]["graphs"] >= 1
+    assert stacks["reference_compiled"]["compile_backend"] == "aot_eager"
+    # ratios of the same run, from both rounds
+    pairs = {(r["numerator"], r["denominator"]): r for r in payload["ratios"]}
+    assert ("fused", "reference") in pairs and pairs[("fused", "reference")]["rounds"] == 2
+    assert [r["stack"] for r in payload["inference"]] == ["fused", "fused_compiled"]
+    assert all(r["status"] == "ok" for r in payload["inference"])
+
+
+def test_render_results_fills_only_the_readme_block(cpu_results, tmp_path):
+    _, payload = cpu_results
+    render = _render_module()
+    result_file = tmp_path / "r.json"
+    result_file.write_text(json.dumps(payload))
+    readme = tmp_path / "README.md"
+    readme.write_text("# title\n\n<!-- results:begin -->\nold table\n<!-- results:end -->\n\nafter\n")
+    assert render.main([str(result_file), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "old table" not in text and text.startswith("# title") and text.endswith("after\n")
+    block = text.split("<!-- results:begin -->\n")[1].split("<!-- results:end -->")[0]
+    assert "| mae_vit_micro_patch16_256:img_size=64 | reference |" in block
+    assert "not measured on a GPU" in block and payload["provenance"]["git"]["commit"][:10] in block
+    broken = tmp_path / "BROKEN.md"
+    broken.write_text("no markers here\n")
+    assert render.main([str(result_file), "--readme", str(broken)]) == 2
+    assert broken.read_text() == "no markers here\n"
+
+
+def test_bench_cli_rejects_bad_arguments(capsys):
+    assert bench.main(["--device", "cpu", "--preset", "mae_vit_nope_256"]) == 2
+    assert "unknown preset" in capsys.readouterr().err
+    assert bench.main(["--device", "cpu", "--stacks", "reference,turbo"]) == 2
+    assert "turbo" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="bad override"):
+        bench.parse_preset("mae_vit_micro_patch16_256:img_sise=64")
+    cfg = bench.parse_preset("camae_vit_micro_patch16_256:img_size=32,in_chans=3,mask_ratio=0.5")
+    assert (cfg.img_size, cfg.in_chans, cfg.mask_ratio) == (32, 3, 0.5)
+    assert bench.split_specs(["a:img_size=64,in_chans=3,b", "c"]) == ["a:img_size=64,in_chans=3", "b", "c"]
+
+
+class _FakeRunner:
+    """Steps fail with out-of-memory above `capacity` crops, and with a launch-limit error at `broken`."""
+
+    def __init__(self, capacity: int, broken: int | None = None):
+        self.cfg = bench.parse_preset("mae_vit_micro_patch16_256:img_size=16")
+        self.capacity, self.broken = capacity, broken
+        self.tried: list[int] = []
+
+    def step(self, images):
+        batch = images.shape[0]
+        self.tried.append(batch)
+        if self.broken is not None and batch >= self.broken:
+            raise RuntimeError("CUDA error: invalid configuration argument")
+        if batch > self.capacity:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+@pytest.mark.parametrize("capacity", [0, 1, 37, 300, 5000])
+def test_max_batch_search_converges(capacity):
+    runner = _FakeRunner(capacity)
+    result = bench.find_max_batch(lambda b: runner, torch.device("cpu"), start=4, limit=4096, time_cap_s=60)
+    if capacity >= 4096:
+        assert result["max_batch"] == 4096 and result["first_failing_batch"] is None
+    elif capacity == 0:
+        assert result["max_batch"] is None and result["first_failing_batch"] == 1
+    else:  # within ~3% below the true capacity
+        assert capacity * 0.96 <= result["max_batch"] <= capacity < result["first_failing_batch"]
+    assert not result["capped"] and result["note"] is None
+
+
+def test_max_batch_search_reports_non_oom_failures():
+    runner = _FakeRunner(capacity=10_000, broken=100)
+    result = bench.find_max_batch(lambda b: runner, torch.device("cpu"), start=8, limit=4096, time_cap_s=60)
+    assert result["max_batch"] < 100 <= result["first_failing_batch"]
+    assert "invalid configuration" in result["note"]
+
+
+def test_flops_command_prints_counts_and_writes_plots(tmp_path, capsys):
+    png, js = tmp_path / "scaling.png", tmp_path / "flops.json"
+    assert flops.main(["--plot", str(png), "--json", str(js), "--crops-per-s", "567"]) == 0
+    text = capsys.readouterr().out
+    assert "ViT-L/8" in text and "implied MFU 10.8%" in text and "GPU-hours" in text
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    payload = json.loads(js.read_text())
+    assert {m["label"] for m in payload["models"]} >= {"ViT-S/16", "ViT-L/8"}
+    # a recorded metric against training FLOPs
+    runs = tmp_path / "runs.csv"
+    runs.write_text("model,crops,recall,label\nViT-S/16,1e8,0.41,S16\nViT-B/8,4e8,0.52,B8\nViT-L/8,3.5e9,0.62,L8+\n")
+    png2 = tmp_path / "recall.png"
+    assert flops.main(["--metrics", str(runs), "--plot", str(png2)]) == 0
+    assert png2.read_bytes()[:4] == b"\x89PNG"
+    bad = tmp_path / "bad.csv"
+    bad.write_text("model,crops\nViT-S/16,1e8\n")
+    assert flops.main(["--metrics", str(bad), "--no-plot"]) == 2
+    assert "--metric" in capsys.readouterr().err
+    assert flops.main(["--mask-ratio", "1.0", "--no-plot"]) == 2
+    assert "mask_ratio" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bench_harness_on_gpu(tmp_path):
+    """The CUDA paths of the harness (bf16 ceiling, CUDA events, peak memory, largest-batch search, Triton
+    dispatch) before gpu.sh spends minutes on the large presets."""
+    from mae_fast import ops
+
+    out = tmp_path / "gpu.json"
+    rc = bench.main(["--device", "cuda", "--preset", "mae_vit_micro_patch16_256", "--stacks", "reference,fused",
+                     "--rounds", "2", "--iters", "2", "--warmup", "1", "--no-inference",
+                     "--max-batch-presets", "mae_vit_micro_patch16_256", "--max-batch-time", "10", "--out", str(out)])
+    payload = json.loads(out.read_text())
+    assert rc == 0, payload
+    bench.validate_payload(payload)
+    assert payload["ceiling"]["dtype"] == "bfloat16" and payload["ceiling"]["tflops"] > 10
+    assert payload["provenance"]["device_type"] == "cuda" and payload["provenance"]["compute_capability"]
+    stacks = {r["stack"]: r for r in payload["train"]}
+    for rec in stacks.values():
+        assert rec["status"] == "ok" and rec["amp"] == "bfloat16"
+        assert rec["peak_mem_bytes"] > 0 and 0 < rec["mfu"] < 1.5
+        assert rec["max_batch"] is None or rec["max_batch"] >= rec["batch"]
+    assert stacks["reference"]["impls"]["masked_patchify"] == "reference"
+    for op in bench.FUSED_OPS:
+        if "triton" in ops.available_impls(op):
+            assert stacks["fused"]["impls"][op] == "triton", op
