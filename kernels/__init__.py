@@ -1,7 +1,8 @@
 """Triton kernels of the fused ops (installed as `mae_fast.kernels`).
 
-Each op file holds a kernel, its launcher and, where the op has a backward, the kernel calls that
-`mae_fast.ops.FusedUnshuffle` / `FusedMAELoss` wrap in autograd. Importing this package never requires Triton;
+Each op file holds a kernel, its launcher and the torch op around it (`mae_fast::<op>_triton`, made by the
+`mae_fast.ops.define_*_op` factories, with a fake implementation and, where the op has a backward, an autograd
+formula), so that torch.compile keeps every fused op as one opaque node. Importing this package never requires Triton;
 `register_all` imports the op modules (and with them Triton) only when Triton is importable.
 
     masked_patchify.py  per-image per-channel statistics, then masked patchify + standardise in one pass

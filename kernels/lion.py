@@ -123,20 +123,35 @@ def _aligned(*lists) -> bool:
     return all(t.data_ptr() % 16 == 0 for ts in lists for t in ts)
 
 
-def lion_group_triton(ps, gs, ms, s: ops.LionScalars) -> None:
-    """One launch over tensors that share one (param, grad, exp_avg) dtype combination."""
+@torch.library.custom_op("mae_fast::lion_update_triton", mutates_args=("params", "exp_avgs"), schema=(
+    "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, float lr, float decay, float beta1, "
+    "float one_minus_beta1, float beta2, float one_minus_beta2) -> ()"))
+def _lion_update_op(params, grads, exp_avgs, lr, decay, beta1, one_minus_beta1, beta2, one_minus_beta2) -> None:
+    """The launch as a torch op that mutates params and exp_avgs (opaque to torch.compile, which cannot trace the
+    pointer table's addresses)."""
     global launches
-    table, n_blocks = _tables.get(ps, gs, ms)
+    table, n_blocks = _tables.get(params, grads, exp_avgs)
     if n_blocks == 0:
         return
-    n = len(ps)
+    n = len(params)
     _lion_kernel[(n_blocks,)](
-        table, n, s.lr, s.decay, s.beta1, s.one_minus_beta1, s.beta2, s.one_minus_beta2,
-        P_DTYPE=_TORCH_TO_TL[ps[0].dtype], G_DTYPE=_TORCH_TO_TL[gs[0].dtype], M_DTYPE=_TORCH_TO_TL[ms[0].dtype],
-        LOG2_TENSORS=max(1, (n - 1).bit_length() + 1), BLOCK=BLOCK, ALIGNED=_aligned(ps, gs, ms),
+        table, n, lr, decay, beta1, one_minus_beta1, beta2, one_minus_beta2,
+        P_DTYPE=_TORCH_TO_TL[params[0].dtype], G_DTYPE=_TORCH_TO_TL[grads[0].dtype],
+        M_DTYPE=_TORCH_TO_TL[exp_avgs[0].dtype], LOG2_TENSORS=max(1, (n - 1).bit_length() + 1), BLOCK=BLOCK,
+        ALIGNED=_aligned(params, grads, exp_avgs),
         num_warps=NUM_WARPS, enable_fp_fusion=False,
     )
     launches += 1
+
+
+@_lion_update_op.register_fake
+def _(params, grads, exp_avgs, lr, decay, beta1, one_minus_beta1, beta2, one_minus_beta2) -> None:
+    return None
+
+
+def lion_group_triton(ps, gs, ms, s: ops.LionScalars) -> None:
+    """One launch over tensors that share one (param, grad, exp_avg) dtype combination."""
+    _lion_update_op(ps, gs, ms, s.lr, s.decay, s.beta1, s.one_minus_beta1, s.beta2, s.one_minus_beta2)
 
 
 @torch.no_grad()

@@ -131,7 +131,11 @@ def mae_loss_forward_triton(pred, target, token_weight, uniform_weight, patch_si
     return partial.sum()
 
 
+# `mae_fast::mae_loss_triton`: one opaque node with a fake and an autograd formula under torch.compile
+_mae_loss_op = ops.define_mae_loss_op("triton", mae_loss_forward_triton)
+
+
 def mae_loss_triton(pred, target, mask, patch_size, layout, alpha):
     check_device(pred, target, mask)
     ops.check_fused_loss_input(pred, target, mask, patch_size, layout, alpha, patch_sizes=PATCH_SIZES)
-    return ops.FusedMAELoss.apply(pred, target, mask, patch_size, layout, alpha, mae_loss_forward_triton)
+    return ops.fused_mae_loss(_mae_loss_op, pred, target, mask, patch_size, alpha)

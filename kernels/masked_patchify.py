@@ -125,26 +125,32 @@ def channel_stats_triton(images: torch.Tensor, eps: float = ops.STANDARDIZE_EPS)
     return mean, rstd
 
 
+def _masked_patchify_write(images, mean, rstd, ids_restore, len_keep, patch_size, channel_layout, visible, target):
+    """One launch filling visible (B, len_keep, P) and target (B, L - len_keep, P), float32."""
+    B, C, H, W = images.shape
+    p = patch_size
+    h, w = H // p, W // p
+    rows = B * h * (C if channel_layout else 1)
+    block_t = min(next_pow2(w), max(1, 2048 // (p * p)))  # tiles of 2048 pixels (40-50 registers on sm_90)
+    grid = (rows, triton.cdiv(w, block_t))
+    _masked_patchify_kernel[grid](
+        images, mean, rstd, ids_restore, visible, target,
+        H, W, *images.stride(),
+        ids_restore.shape[1], len_keep, 1.0 / ops.pixel_scale(images.dtype),
+        C=C, PATCH=p, CHANNEL_LAYOUT=channel_layout, BLOCK_T=block_t, num_warps=8,
+    )
+
+
+# `mae_fast::masked_patchify_triton`: one opaque node with a fake under torch.compile
+_masked_patchify = ops.define_masked_patchify_op("triton", channel_stats_triton, _masked_patchify_write)
+
+
 def masked_patchify_triton(images, patch_size, masking, layout, stats=None, *, visible=None, target=None):
     """Backend of `ops.masked_patchify` for CUDA tensors. `stats`: optional (mean, rstd), (B, C) float32 of the
     unit-scaled images (computed by `channel_stats_triton` otherwise)."""
     check_device(images, masking.ids_restore)
     ops.check_fused_patchify_input(images, masking)
-    B, C, H, W = images.shape
     p = patch_size
     if p * p < 16 or p & (p - 1):
         raise ops.UnsupportedInput(f"patch size {p} (the Triton kernel takes powers of two >= 4)")
-    mean, rstd = channel_stats_triton(images) if stats is None else (s.float().contiguous() for s in stats)
-    visible, target = ops.masked_patchify_outputs(images, p, masking, layout, visible, target)
-    h, w = H // p, W // p
-    channel = layout == "channel"
-    rows = B * h * (C if channel else 1)
-    block_t = min(next_pow2(w), max(1, 2048 // (p * p)))  # tiles of 2048 pixels (40-50 registers on sm_90)
-    grid = (rows, triton.cdiv(w, block_t))
-    _masked_patchify_kernel[grid](
-        images, mean, rstd, masking.ids_restore.contiguous(), visible, target,
-        H, W, *images.stride(),
-        masking.ids_restore.shape[1], masking.len_keep, 1.0 / ops.pixel_scale(images.dtype),
-        C=C, PATCH=p, CHANNEL_LAYOUT=channel, BLOCK_T=block_t, num_warps=8,
-    )
-    return ops.MaskedPatches(visible, target, masking)
+    return _masked_patchify(images, p, masking, layout, stats, visible=visible, target=target)

@@ -103,8 +103,11 @@ def unshuffle_backward_triton(grad_out, ids_restore, grad_x):
     return partial.sum(0)
 
 
+# `mae_fast::unshuffle_triton` (+ `_backward`): one opaque node with a fake and an autograd formula under torch.compile
+_unshuffle_op = ops.define_unshuffle_op("triton", unshuffle_forward_triton, unshuffle_backward_triton)
+
+
 def unshuffle_triton(x_visible, mask_token, ids_restore, pos_embed):
     check_device(x_visible, mask_token, ids_restore, pos_embed)
     ops.check_fused_unshuffle_input(x_visible, mask_token, ids_restore, pos_embed)
-    return ops.FusedUnshuffle.apply(x_visible, mask_token, ids_restore, pos_embed, unshuffle_forward_triton,
-                                    unshuffle_backward_triton)
+    return _unshuffle_op(x_visible, mask_token, ids_restore, pos_embed)

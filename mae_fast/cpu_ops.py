@@ -3,6 +3,11 @@
 Imported by `mae_fast.ops` only when the extension imports. Each wrapper checks what its kernel takes and raises
 `ops.UnsupportedInput` otherwise (auto dispatch then runs the reference). The keyword-only output arguments
 exist for tests that poison outputs before a call.
+
+torch.compile: every C++ op gets a fake (meta) implementation here (csrc/module.cpp names this module as the
+place to find them), and the dispatch goes through the functional ops `mae_fast::masked_patchify_cpp`,
+`unshuffle_cpp` (+ `_backward`) and `mae_loss_cpp` (defined by the `ops.define_*_op` factories: fakes and autograd
+formulas), so that a compiled train step holds each fused op as one opaque node and no graph breaks.
 """
 from __future__ import annotations
 
@@ -21,6 +26,43 @@ def _check_cpu(*tensors: torch.Tensor | None) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------------
+# Fake implementations of the C++ ops (shapes and dtypes as the kernels produce them; mutated outputs are the
+# caller's buffers, so the out-style ops return nothing new but their own fresh results)
+# ------------------------------------------------------------------------------------------------------------
+
+@torch.library.register_fake("mae_fast::channel_stats")
+def _channel_stats_fake(images, scale, eps):
+    B, C = images.shape[:2]
+    return images.new_empty((B, C), dtype=torch.float32), images.new_empty((B, C), dtype=torch.float32)
+
+
+@torch.library.register_fake("mae_fast::masked_patchify_out")
+def _masked_patchify_out_fake(images, mean, rstd, ids_restore, len_keep, patch_size, channel_layout, scale, visible,
+                              target):
+    return None
+
+
+@torch.library.register_fake("mae_fast::unshuffle_out")
+def _unshuffle_out_fake(x, mask_token, ids_restore, pos_embed, out):
+    return None
+
+
+@torch.library.register_fake("mae_fast::unshuffle_backward_out")
+def _unshuffle_backward_out_fake(grad_out, ids_restore, grad_x):
+    return grad_out.new_empty((grad_out.shape[-1],), dtype=torch.float32)
+
+
+@torch.library.register_fake("mae_fast::mae_loss_out")
+def _mae_loss_out_fake(pred, target, token_weight, uniform_weight, patch_size, planes_per_token, alpha, grad):
+    return pred.new_empty((), dtype=torch.float32)
+
+
+@torch.library.register_fake("mae_fast::lion_update_")
+def _lion_update_fake(params, grads, exp_avgs, lr, decay, beta1, one_minus_beta1, beta2, one_minus_beta2):
+    return None
+
+
+# ------------------------------------------------------------------------------------------------------------
 # Masked patchify
 # ------------------------------------------------------------------------------------------------------------
 
@@ -29,18 +71,19 @@ def channel_stats_cpp(images: torch.Tensor, eps: float = ops.STANDARDIZE_EPS) ->
     return _lib.channel_stats(images, ops.pixel_scale(images.dtype), eps)
 
 
+def _masked_patchify_write(images, mean, rstd, ids_restore, len_keep, patch_size, channel_layout, visible, target):
+    _lib.masked_patchify_out(images, mean, rstd, ids_restore, len_keep, patch_size, channel_layout,
+                             ops.pixel_scale(images.dtype), visible, target)
+
+
+_masked_patchify = ops.define_masked_patchify_op("cpp", channel_stats_cpp, _masked_patchify_write)
+
+
 def masked_patchify_cpp(images, patch_size, masking, layout, stats=None, *, visible=None, target=None):
     """Backend of `ops.masked_patchify` for CPU tensors -> ops.MaskedPatches."""
     _check_cpu(images)
     ops.check_fused_patchify_input(images, masking)
-    if stats is None:
-        mean, rstd = channel_stats_cpp(images)
-    else:
-        mean, rstd = (s.float().contiguous() for s in stats)
-    visible, target = ops.masked_patchify_outputs(images, patch_size, masking, layout, visible, target)
-    _lib.masked_patchify_out(images, mean, rstd, masking.ids_restore.contiguous(), masking.len_keep, patch_size,
-                             layout == "channel", ops.pixel_scale(images.dtype), visible, target)
-    return ops.MaskedPatches(visible, target, masking)
+    return _masked_patchify(images, patch_size, masking, layout, stats, visible=visible, target=target)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -60,11 +103,13 @@ def unshuffle_backward_cpp(grad_out, ids_restore, grad_x) -> torch.Tensor:
     return _lib.unshuffle_backward_out(grad_out, ids_restore.contiguous(), grad_x)
 
 
+_unshuffle_op = ops.define_unshuffle_op("cpp", unshuffle_forward_cpp, unshuffle_backward_cpp)
+
+
 def unshuffle_cpp(x_visible, mask_token, ids_restore, pos_embed) -> torch.Tensor:
     _check_cpu(x_visible, mask_token, ids_restore, pos_embed)
     ops.check_fused_unshuffle_input(x_visible, mask_token, ids_restore, pos_embed)
-    return ops.FusedUnshuffle.apply(x_visible, mask_token, ids_restore, pos_embed, unshuffle_forward_cpp,
-                                    unshuffle_backward_cpp)
+    return _unshuffle_op(x_visible, mask_token, ids_restore, pos_embed)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -78,10 +123,13 @@ def mae_loss_forward_cpp(pred, target, token_weight, uniform_weight, patch_size,
     return _lib.mae_loss_out(pred, target, token_weight, uniform_weight, patch_size, planes_per_token, alpha, grad)
 
 
+_mae_loss_op = ops.define_mae_loss_op("cpp", mae_loss_forward_cpp)
+
+
 def mae_loss_cpp(pred, target, mask, patch_size, layout, alpha) -> torch.Tensor:
     _check_cpu(pred, target, mask)
     ops.check_fused_loss_input(pred, target, mask, patch_size, layout, alpha)
-    return ops.FusedMAELoss.apply(pred, target, mask, patch_size, layout, alpha, mae_loss_forward_cpp)
+    return ops.fused_mae_loss(_mae_loss_op, pred, target, mask, patch_size, alpha)
 
 
 # ------------------------------------------------------------------------------------------------------------

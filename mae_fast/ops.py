@@ -8,6 +8,12 @@ MAE_FAST_IMPL=reference) forces the reference for debugging. A fused backend tha
 float64 for gradcheck, or a patch size it has no kernel for) raises `UnsupportedInput` before doing any work; under
 `impl="auto"` the call then runs the reference, and `last_impl(op)` says so.
 
+torch.compile: each fused backend is a torch op with a fake implementation (`mae_fast::<op>_<backend>`, made by the
+`define_*_op` factories below; the C++ kernels' own ops get fakes in `mae_fast.cpu_ops`), and ops with a backward
+carry an autograd formula, so a compiled train step holds every fused op as one opaque node without graph breaks.
+The dispatch itself (environment variable, fallbacks) is traced by Dynamo and guarded; checks that would read
+tensor values back to the host (masking permutation, float pixel range) run in eager calls only.
+
 Token layouts (see DESIGN.md §2):
     "standard": (B, L, p*p*C), tokens (h, w) row-major, pixels within a token ordered (p, q, c)
     "channel":  (B, C*L, p*p), channel-major (all patches of channel 0, then channel 1, ...), pixels (p, q)
@@ -27,6 +33,8 @@ STANDARDIZE_EPS = 1e-5
 # op name -> backend name -> callable with the reference's signature
 _REGISTRY: dict[str, dict[str, Callable]] = {}
 _last_impl: dict[str, str] = {}
+# "mae_fast::<op>_<backend>" -> what the define_*_op factory below returned for it (torch ops are defined once)
+_TORCH_OPS: dict[str, Callable] = {}
 
 
 class UnsupportedInput(Exception):
@@ -43,8 +51,10 @@ def register(op: str, backend: str):
     return deco
 
 
+@torch.compiler.assume_constant_result
 def _load_fast_backends() -> None:
-    """Import the optional kernel modules once; each registers itself. Missing ones are simply absent."""
+    """Import the optional kernel modules once; each registers itself. Missing ones are simply absent.
+    torch.compile runs this eagerly when it meets the first call (registering torch ops cannot be traced)."""
     if getattr(_load_fast_backends, "done", False):
         return
     _load_fast_backends.done = True
@@ -139,7 +149,9 @@ def pixel_scale(dtype: torch.dtype) -> float:
 
 
 def to_unit_float(images: torch.Tensor, check_range: bool = True) -> torch.Tensor:
-    """uint8 / 255, uint16 / 65535 (as float32); float input must already lie in [0, 1]."""
+    """uint8 / 255, uint16 / 65535 (as float32); float input must already lie in [0, 1]. The range check reads
+    min and max back to the host, so torch.compile leaves it out (it would break the graph every step); eager
+    calls check."""
     if images.dtype == torch.uint8:
         return images.float() / 255.0
     if images.dtype == torch.uint16:
@@ -148,7 +160,7 @@ def to_unit_float(images: torch.Tensor, check_range: bool = True) -> torch.Tenso
         return images.float() / 65535.0
     if not images.is_floating_point():
         raise TypeError(f"images must be uint8, uint16 or float in [0, 1], got dtype {images.dtype}")
-    if check_range:
+    if check_range and not torch.compiler.is_compiling():
         lo, hi = float(images.min()), float(images.max())
         if lo < 0.0 or hi > 1.0:
             raise ValueError(
@@ -254,11 +266,15 @@ def random_masking(
 
 def check_masking(masking: Masking) -> None:
     """A caller-supplied masking must be a permutation per row with ids_restore its inverse (the fused kernels
-    write token t to slot ids_restore[b, t] without bounds checks)."""
+    write token t to slot ids_restore[b, t] without bounds checks). Under torch.compile only the shapes are
+    checked: the value checks read the permutation back to the host (a graph break every step), and they are a
+    debugging aid for hand-made maskings; run the step eagerly once to validate one."""
     B, L = masking.ids_shuffle.shape
     if masking.ids_restore.shape != (B, L) or not 0 <= masking.len_keep <= L:
         raise ValueError(f"masking: ids_restore {tuple(masking.ids_restore.shape)} and len_keep "
                          f"{masking.len_keep} do not match ids_shuffle {(B, L)}")
+    if torch.compiler.is_compiling():
+        return
     ids = masking.ids_restore.long()
     if int(ids.min()) < 0 or int(ids.max()) >= L:
         raise ValueError(f"masking: ids_restore holds values outside [0, {L})")
@@ -310,6 +326,62 @@ def masked_patchify_outputs(
                              f"{tuple(given.shape)} {given.dtype}")
         out.append(given)
     return out[0], out[1]
+
+
+def define_masked_patchify_op(backend: str, channel_stats: Callable, write: Callable) -> Callable:
+    """A fused backend of `masked_patchify` around the torch op `mae_fast::masked_patchify_{backend}(images,
+    ids_restore, len_keep, patch_size, channel_layout, mean, rstd) -> (visible, target)`, which has a fake
+    implementation, so that torch.compile keeps it as one opaque node (no autograd: images are data).
+
+    `channel_stats(images) -> (mean, rstd)`, (B, C) float32 each, when no stats are given;
+    `write(images, mean, rstd, ids_restore, len_keep, patch_size, channel_layout, visible, target)` fills the float32
+    outputs. Returns `fn(images, patch_size, masking, layout, stats=None, *, visible=None, target=None) ->
+    MaskedPatches`; given output buffers (tests poison them first) are written directly, without the torch op."""
+    name = f"mae_fast::masked_patchify_{backend}"
+    if name in _TORCH_OPS:
+        return _TORCH_OPS[name]
+
+    def float_stats(images, mean, rstd):
+        if mean is None or rstd is None:
+            return channel_stats(images)
+        return mean.float().contiguous(), rstd.float().contiguous()
+
+    @torch.library.custom_op(name, mutates_args=(), schema=(
+        "(Tensor images, Tensor ids_restore, int len_keep, int patch_size, bool channel_layout, Tensor? mean, "
+        "Tensor? rstd) -> (Tensor, Tensor)"))
+    def masked_patchify_op(images, ids_restore, len_keep, patch_size, channel_layout, mean, rstd):
+        mean, rstd = float_stats(images, mean, rstd)
+        visible, target = _patchify_buffers(images, ids_restore.shape[1], len_keep, patch_size, channel_layout)
+        write(images, mean, rstd, ids_restore.contiguous(), len_keep, patch_size, channel_layout, visible, target)
+        return visible, target
+
+    @masked_patchify_op.register_fake
+    def _(images, ids_restore, len_keep, patch_size, channel_layout, mean, rstd):
+        return _patchify_buffers(images, ids_restore.shape[1], len_keep, patch_size, channel_layout)
+
+    def masked_patchify_fused(images, patch_size, masking, layout, stats=None, *, visible=None, target=None):
+        channel = layout == "channel"
+        mean, rstd = (None, None) if stats is None else stats
+        if visible is None and target is None:
+            visible, target = masked_patchify_op(images, masking.ids_restore, masking.len_keep, patch_size, channel,
+                                                 mean, rstd)
+        else:
+            visible, target = masked_patchify_outputs(images, patch_size, masking, layout, visible, target)
+            mean, rstd = float_stats(images, mean, rstd)
+            write(images, mean, rstd, masking.ids_restore.contiguous(), masking.len_keep, patch_size, channel,
+                  visible, target)
+        return MaskedPatches(visible, target, masking)
+
+    _TORCH_OPS[name] = masked_patchify_fused
+    return masked_patchify_fused
+
+
+def _patchify_buffers(images, num_tokens, len_keep, patch_size, channel_layout):
+    """Empty float32 (visible (B, len_keep, P), target (B, L - len_keep, P)) on images' device."""
+    B, C = images.shape[:2]
+    P = patch_size * patch_size * (1 if channel_layout else C)
+    return (images.new_empty((B, len_keep, P), dtype=torch.float32),
+            images.new_empty((B, num_tokens - len_keep, P), dtype=torch.float32))
 
 
 def check_fused_patchify_input(images: torch.Tensor, masking: Masking) -> None:
@@ -400,35 +472,64 @@ def unshuffle(
     return _dispatch("unshuffle", x_visible.device, impl, x_visible, mask_token, ids_restore, pos_embed)
 
 
-class FusedUnshuffle(torch.autograd.Function):
-    """Autograd wrapper of a fused unshuffle. `forward_kernel(x, mask_token, ids_restore, pos_embed) -> out` gets
-    mask_token and pos_embed already in x's dtype (so both paths round as the reference);
-    `backward_kernel(grad_out, ids_restore, grad_x) -> grad of the mask token (D,) float32` fills grad_x."""
+def define_unshuffle_op(backend: str, forward_kernel: Callable, backward_kernel: Callable) -> Callable:
+    """The torch op `mae_fast::unshuffle_{backend}(x, mask_token, ids_restore, pos_embed) -> out` (and its backward
+    op), with a fake implementation and an autograd formula, so that torch.compile keeps it as one opaque node.
 
-    @staticmethod
-    def forward(ctx, x_visible, mask_token, ids_restore, pos_embed, forward_kernel, backward_kernel):
-        B, K, D = x_visible.shape
-        pos = None if pos_embed is None else pos_embed.reshape(-1, D).to(x_visible.dtype).contiguous()
-        out = forward_kernel(x_visible, mask_token.reshape(D).to(x_visible.dtype).contiguous(), ids_restore, pos)
+    `forward_kernel(x, mask_token, ids_restore, pos_embed) -> out` gets mask_token (D,) and pos_embed (L, D)
+    already in x's dtype (so both paths round as the reference); `backward_kernel(grad_out, ids_restore, grad_x)
+    -> grad of the mask token (D,) float32` fills grad_x (B, K, D). The mask token's gradient is converted from
+    float32 to its own dtype once (not through x's dtype)."""
+    name = f"mae_fast::unshuffle_{backend}"
+    if name in _TORCH_OPS:
+        return _TORCH_OPS[name]
+
+    @torch.library.custom_op(name, mutates_args=(),
+                             schema="(Tensor x, Tensor mask_token, Tensor ids_restore, Tensor? pos_embed) -> Tensor")
+    def unshuffle_op(x, mask_token, ids_restore, pos_embed):
+        D = x.shape[-1]
+        pos = None if pos_embed is None else pos_embed.reshape(-1, D).to(x.dtype).contiguous()
+        return forward_kernel(x, mask_token.reshape(D).to(x.dtype).contiguous(), ids_restore, pos)
+
+    @unshuffle_op.register_fake
+    def _(x, mask_token, ids_restore, pos_embed):
+        B, _, D = x.shape
+        return x.new_empty((B, ids_restore.shape[1], D))
+
+    @torch.library.custom_op(f"{name}_backward", mutates_args=(),
+                             schema="(Tensor grad_out, Tensor ids_restore, SymInt num_visible) -> (Tensor, Tensor)")
+    def unshuffle_backward_op(grad_out, ids_restore, num_visible):
+        B, _, D = grad_out.shape
+        grad_x = torch.empty((B, num_visible, D), dtype=grad_out.dtype, device=grad_out.device)
+        grad_mask = backward_kernel(grad_out.contiguous(), ids_restore, grad_x)
+        return grad_x, grad_mask
+
+    @unshuffle_backward_op.register_fake
+    def _(grad_out, ids_restore, num_visible):
+        B, _, D = grad_out.shape
+        return grad_out.new_empty((B, num_visible, D)), grad_out.new_empty((D,), dtype=torch.float32)
+
+    def setup_context(ctx, inputs, output):
+        x, mask_token, ids_restore, pos_embed = inputs
         ctx.save_for_backward(ids_restore)
-        ctx.backward_kernel = backward_kernel
-        ctx.x_meta = (B, K, D, x_visible.dtype)
+        ctx.x_meta = (x.shape[1], x.dtype)
         ctx.mask_meta = (mask_token.shape, mask_token.dtype)
         ctx.pos_meta = None if pos_embed is None else (pos_embed.shape, pos_embed.dtype)
-        return out
 
-    @staticmethod
     def backward(ctx, grad_out):
         (ids_restore,) = ctx.saved_tensors
-        B, K, D, dtype = ctx.x_meta
+        K, dtype = ctx.x_meta
         grad_out = grad_out.contiguous()
-        grad_x = torch.empty((B, K, D), dtype=grad_out.dtype, device=grad_out.device)
-        grad_mask = ctx.backward_kernel(grad_out, ids_restore, grad_x)
+        grad_x, grad_mask = unshuffle_backward_op(grad_out, ids_restore, K)
         grad_mask = grad_mask.to(ctx.mask_meta[1]).reshape(ctx.mask_meta[0]) if ctx.needs_input_grad[1] else None
         grad_pos = None
         if ctx.pos_meta is not None and ctx.needs_input_grad[3]:
             grad_pos = grad_out.sum(0).to(ctx.pos_meta[1]).reshape(ctx.pos_meta[0])
-        return grad_x.to(dtype), grad_mask, None, grad_pos, None, None
+        return grad_x.to(dtype), grad_mask, None, grad_pos
+
+    unshuffle_op.register_autograd(backward, setup_context=setup_context)
+    _TORCH_OPS[name] = unshuffle_op
+    return unshuffle_op
 
 
 def check_fused_unshuffle_input(x_visible, mask_token, ids_restore, pos_embed) -> None:
@@ -486,30 +587,51 @@ def token_weights(mask: torch.Tensor | None, batch: int, tokens: int) -> tuple[t
     return (mask / mask.sum().clamp_min(1)).reshape(-1).contiguous(), 0.0
 
 
-class FusedMAELoss(torch.autograd.Function):
-    """Autograd wrapper of a fused loss. `kernel(pred, target, token_weight, uniform_weight, patch_size,
-    planes_per_token, alpha, grad) -> loss` writes d loss / d pred into `grad` in the same pass; backward only
-    scales that buffer by the incoming gradient (in place: it runs once, like any graph freed after backward)."""
+def define_mae_loss_op(backend: str, kernel: Callable) -> Callable:
+    """The torch op `mae_fast::mae_loss_{backend}(pred, target, mask, patch_size, alpha) -> (loss, grad)`, with a fake
+    implementation and an autograd formula, so that torch.compile keeps it as one opaque node.
 
-    @staticmethod
-    def forward(ctx, pred, target, mask, patch_size, layout, alpha, kernel):
+    `kernel(pred, target, token_weight, uniform_weight, patch_size, planes_per_token, alpha, grad) -> loss` writes
+    d loss / d pred into `grad` in the same pass. The op returns that buffer as a second, non-differentiable output;
+    backward only scales it by the incoming gradient (out of place, so retain_graph works; higher-order gradients
+    are refused: use impl="reference")."""
+    name = f"mae_fast::mae_loss_{backend}"
+    if name in _TORCH_OPS:
+        return _TORCH_OPS[name]
+
+    @torch.library.custom_op(name, mutates_args=(), schema=(
+        "(Tensor pred, Tensor target, Tensor? mask, int patch_size, float alpha) -> (Tensor, Tensor)"))
+    def mae_loss_op(pred, target, mask, patch_size, alpha):
         B, N, P = pred.shape
         weight, uniform = token_weights(mask, B, N)
-        planes = P // (patch_size * patch_size)
         pred, target = pred.contiguous(), target.contiguous()
         grad = torch.empty_like(pred)
-        loss = kernel(pred, target, weight, uniform, patch_size, planes, alpha, grad)
-        ctx.grad = grad
-        return loss
+        loss = kernel(pred, target, weight, uniform, patch_size, P // (patch_size * patch_size), alpha, grad)
+        return loss, grad
 
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad = ctx.grad
-        if grad is None:
-            raise RuntimeError("the fused mae_loss can be differentiated once per forward; use impl='reference' "
-                               "for retain_graph or higher-order gradients")
-        ctx.grad = None
-        return grad.mul_(grad_loss), None, None, None, None, None, None
+    @mae_loss_op.register_fake
+    def _(pred, target, mask, patch_size, alpha):
+        return pred.new_empty((), dtype=torch.float32), pred.new_empty(pred.shape)
+
+    def setup_context(ctx, inputs, output):
+        _, grad = output
+        ctx.mark_non_differentiable(grad)
+        ctx.save_for_backward(grad)
+
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, _grad_of_grad):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss, None, None, None, None
+
+    mae_loss_op.register_autograd(backward, setup_context=setup_context)
+    _TORCH_OPS[name] = mae_loss_op
+    return mae_loss_op
+
+
+def fused_mae_loss(op: Callable, pred, target, mask, patch_size: int, alpha: float) -> torch.Tensor:
+    """The loss of an op made by `define_mae_loss_op` (its gradient buffer stays with autograd)."""
+    loss, _ = op(pred, target, mask, patch_size, alpha)
+    return loss
 
 
 def check_fused_loss_input(pred, target, mask, patch_size, layout, alpha, patch_sizes=None) -> None:
