@@ -1,0 +1,520 @@
+"""`mae-fast embed`: embed every site of a screen and write per-well (and per-site) tables.
+
+    mae-fast embed --checkpoint runs/s16/model --data /data/rxrx3 --out emb/embeddings.parquet
+    mae-fast embed --checkpoint openphenom/ --data screen/ --out emb.parquet --per-channel
+    mae-fast embed --checkpoint vit_s16.safetensors --preset mae_vit_small_patch16_256 --data screen/ --out emb.parquet
+    torchrun --nproc_per_node 8 -m mae_fast.cli embed ...       # plates shared out over the ranks
+
+Models: our checkpoints (a `save_model` folder, a training run folder, or a single weights file with --preset), an
+OpenPhenom checkpoint (folder or file), or a timm state dict of the encoder (with --preset for the architecture).
+
+Every site is cut into non-overlapping tiles of the model's crop size (`mae_fast.data.tiling`); each tile is
+embedded without masking (mean of the patch tokens; bf16 autocast on GPU, fp32 on CPU); a site's embedding is the
+mean of its tiles, a well's the mean of all its tiles (= the mean of its sites when they have the same tile count).
+
+Output: `OUT` (parquet, one row per well): the metadata columns (RxRx3 schema: well_id, experiment_name, plate,
+address, gene, treatment, SMILES, concentration, perturbation_type, cell_type -- as far as the metadata has them,
+then the dataset's other metadata columns), perturbation, n_sites, n_tiles, then feature_0 .. feature_{D-1}
+(float32). With --per-channel (CA-MAE models) the features are the per-channel embeddings, feature index
+c * D + i for channel c, dimension i. With --sites also `OUT_STEM_sites.parquet`, one row per site.
+
+Resuming: work is done plate by plate; each finished plate is one part file in `OUT_STEM_parts/`, written
+atomically, and a rerun skips the plates that have one (a manifest guards against mixing settings). When every
+plate is done the parts are merged into OUT. An existing OUT is refused unless --overwrite.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from mae_fast.checkpoint import CheckpointError, atomic_write
+from mae_fast.models import MaskedAutoencoder, get_config
+from mae_fast.train import (
+    ConfigError, DataConfig, DistInfo, agree, all_gather_objects, barrier, build_site_index, env_world,
+    init_distributed, load_pretrained, resolve_amp, resolve_device, torch_threads,
+)
+
+RXRX3_COLUMNS = ("well_id", "experiment_name", "plate", "address", "gene", "treatment", "SMILES", "concentration",
+                 "perturbation_type", "cell_type")
+SITE_ONLY_COLUMNS = ("site", "site_id")  # per-site metadata keys left out of well rows
+MANIFEST = "manifest.json"
+PART_META_KEY = b"mae_fast_embed"
+
+
+@dataclass
+class EmbedConfig:
+    checkpoint: str = ""
+    out: str = "embeddings.parquet"
+    data: DataConfig = field(default_factory=DataConfig)
+    preset: str | None = None            # architecture of a single weights file (timm state dict)
+    model: dict = field(default_factory=dict)  # MAEConfig overrides for --preset (e.g. img_size)
+    edge: str = "drop"                   # tiles at the image border: drop, center, pad, error (see tiling.py)
+    batch_size: int = 64                 # tiles per forward pass
+    device: str = "auto"
+    amp: str = "auto"                    # auto (bf16 on GPU, fp32 on CPU), bf16, fp32
+    per_channel: bool = False            # CA-MAE: per-channel embeddings (C * D features)
+    sites: bool = False                  # also write the per-site table
+    overwrite: bool = False
+    progress: bool = True
+    threads: int = 0
+
+
+@dataclass
+class EmbedResult:
+    out: str                             # the per-well table
+    sites_path: str | None               # the per-site table (--sites)
+    parts_dir: str
+    n_wells: int
+    n_sites: int
+    n_tiles: int                         # tiles embedded in this call (this rank)
+    dims: int
+    seconds: float
+    tiles_per_second: float
+    plates_done: list[str]               # plates embedded in this call (this rank)
+    plates_skipped: list[str]            # plates found finished from an earlier run
+    skipped_sites: dict                  # ErrorSummary.to_dict() of the sites left out (on_error="skip")
+
+
+def output_paths(out: str) -> tuple[str, str, str]:
+    """(well table, site table, parts folder) for OUT."""
+    stem = out[:-len(".parquet")] if out.endswith(".parquet") else out
+    return out, stem + "_sites.parquet", stem + "_parts"
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
+
+
+def plate_part_name(experiment: str, plate: str) -> str:
+    digest = hashlib.blake2b(f"{experiment}\x1f{plate}".encode(), digest_size=4).hexdigest()
+    return f"{_safe(experiment)}__Plate{_safe(plate)}__{digest}.parquet"
+
+
+def assign_plates(plates: list[tuple[str, str]], sizes: list[int], world_size: int) -> list[list[int]]:
+    """Plates (by position) per rank: largest first to the least-loaded rank (deterministic)."""
+    load = [0] * world_size
+    owned: list[list[int]] = [[] for _ in range(world_size)]
+    for i in sorted(range(len(plates)), key=lambda i: (-sizes[i], i)):
+        r = min(range(world_size), key=lambda r: (load[r], r))
+        owned[r].append(i)
+        load[r] += sizes[i]
+    return [sorted(o) for o in owned]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Model
+# ------------------------------------------------------------------------------------------------------------
+
+def load_embedding_model(cfg: EmbedConfig) -> tuple[MaskedAutoencoder, str]:
+    arch = None
+    if cfg.preset:
+        try:
+            arch = get_config(cfg.preset, **cfg.model)
+        except (KeyError, ValueError, TypeError) as err:
+            raise ConfigError(str(err).strip('"')) from err
+    elif cfg.model:
+        raise ConfigError("model overrides need --preset (they describe the architecture of a weights file)")
+    model, kind = load_pretrained(cfg.checkpoint, arch)
+    if arch is not None and kind != "timm" and model.cfg.to_dict() != arch.to_dict():
+        diffs = [k for k, v in arch.to_dict().items() if model.cfg.to_dict().get(k) != v and k != "name"]
+        if any(k not in ("drop_path", "lr", "weight_decay", "betas", "grad_checkpointing") for k in diffs):
+            raise CheckpointError(f"{cfg.checkpoint} holds a {model.cfg.name} model that differs from --preset "
+                                  f"{cfg.preset} in {diffs}")
+    return model, kind
+
+
+def _check_channels(model: MaskedAutoencoder, index, per_channel: bool) -> None:
+    m = model.cfg
+    C = len(index.channels)
+    if per_channel and not m.channel_agnostic:
+        raise ConfigError("--per-channel needs a channel-agnostic (CA-MAE) model; this one is a standard MAE")
+    if m.channel_agnostic:
+        if not 1 <= C <= m.max_in_chans:
+            raise ConfigError(f"the CA-MAE model takes 1..{m.max_in_chans} channels, the dataset has {C}")
+    elif C != m.in_chans:
+        raise ConfigError(f"the model expects {m.in_chans} channels, the dataset has {C} "
+                          f"({', '.join(index.channels)}); choose channels with --channels")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Tables
+# ------------------------------------------------------------------------------------------------------------
+
+def _metadata_row(site, well_level: bool) -> dict:
+    """RxRx3 columns first (as far as present), the keys every table needs, then the other metadata."""
+    meta = dict(site.metadata)
+    row = {k: meta[k] for k in RXRX3_COLUMNS if k in meta}
+    row.setdefault("well_id", site.well_id)
+    row.setdefault("experiment_name", site.experiment)
+    row.setdefault("plate", int(site.plate) if str(site.plate).isdigit() else site.plate)
+    row.setdefault("address", site.address)
+    row["perturbation"] = site.perturbation
+    for k, v in meta.items():
+        if k not in row and not (well_level and k in SITE_ONLY_COLUMNS):
+            row[k] = v
+    if not well_level:
+        row["site"] = site.site
+    return row
+
+
+def plate_table(sites, sums: dict, counts: dict, dims: int):
+    """One plate's rows: a `level` column ("well"/"site"), metadata, n_sites, n_tiles, features."""
+    import pandas as pd
+
+    rows, feats = [], []
+    wells: dict[str, list] = {}
+    for site in sites:
+        key = (site.well_id, site.site)
+        if counts.get(key, 0) == 0:
+            continue
+        wells.setdefault(site.well_id, []).append(site)
+        rows.append({"level": "site", **_metadata_row(site, False), "n_sites": 1, "n_tiles": counts[key]})
+        feats.append(sums[key] / counts[key])
+    for well_id, members in wells.items():
+        total = sum(sums[(s.well_id, s.site)] for s in members)
+        n = sum(counts[(s.well_id, s.site)] for s in members)
+        rows.append({"level": "well", **_metadata_row(members[0], True), "n_sites": len(members), "n_tiles": n})
+        feats.append(total / n)
+    meta = pd.DataFrame(rows)
+    features = np.asarray(feats, dtype=np.float32).reshape(len(rows), dims)
+    frame = pd.DataFrame(features, columns=[f"feature_{i}" for i in range(dims)])
+    return pd.concat([meta.reset_index(drop=True), frame], axis=1)
+
+
+def _numeric_metadata(frame):
+    """Object columns holding only numbers and missing values (e.g. an empty `concentration`) become float."""
+    import pandas as pd
+
+    for column in frame.columns:
+        if frame[column].dtype == object:
+            values = frame[column].dropna()
+            if all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) for v in values):
+                if column == "concentration" or len(values):
+                    frame[column] = pd.to_numeric(frame[column], errors="coerce").astype(np.float64)
+    return frame
+
+
+def write_parquet(frame, path: str, extra_meta: dict | None = None) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    if extra_meta is not None:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                               PART_META_KEY: json.dumps(extra_meta).encode()})
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+
+
+def merge_parts(parts_dir: str, part_names: list[str], out: str, sites_path: str | None):
+    """Concatenate the plates' parts (in plate order) into the well table (and the site table)."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    from mae_fast.data.errors import ErrorSummary, SkippedItem
+
+    frames, summary = [], ErrorSummary()
+    for name in part_names:
+        path = os.path.join(parts_dir, name)
+        table = pq.read_table(path)
+        meta = json.loads((table.schema.metadata or {}).get(PART_META_KEY, b"{}"))
+        skipped = meta.get("skipped") or {}
+        summary.counts.update(skipped.get("counts", {}))
+        summary.skipped.extend(SkippedItem(**s) for s in skipped.get("skipped", []))
+        frames.append(table.to_pandas())
+    frames = [f for f in frames if len(f)]
+    if not frames:
+        raise ConfigError(f"no site could be embedded ({summary})")
+    everything = _numeric_metadata(pd.concat(frames, ignore_index=True))
+    features = [c for c in everything.columns if c.startswith("feature_")]
+    wells = everything[everything["level"] == "well"].drop(columns=["level", "site"], errors="ignore")
+    wells = wells.reset_index(drop=True)
+    wells[features] = wells[features].astype(np.float32)
+    write_parquet(wells[[c for c in wells.columns if c not in features] + features], out)
+    if sites_path:
+        sites = everything[everything["level"] == "site"].drop(columns=["level"]).reset_index(drop=True)
+        sites[features] = sites[features].astype(np.float32)
+        write_parquet(sites[[c for c in sites.columns if c not in features] + features], sites_path)
+    return len(wells), int((everything["level"] == "site").sum()), summary
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The run
+# ------------------------------------------------------------------------------------------------------------
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A hash of every weight's bytes: parts embedded by other weights (a retrained checkpoint) are not mixed in."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+def _manifest(cfg: EmbedConfig, model: MaskedAutoencoder, index, amp) -> dict:
+    return {"checkpoint": os.path.abspath(cfg.checkpoint), "weights": weights_fingerprint(model),
+            "model": model.cfg.to_dict(), "tile": model.cfg.img_size, "edge": cfg.edge,
+            "per_channel": cfg.per_channel, "amp": "bf16" if amp else "fp32", "index": index.fingerprint(),
+            "n_sites": len(index)}
+
+
+def _prepare(cfg: EmbedConfig, info: DistInfo):
+    """Every check before work: output, model, data, channels, an earlier run's manifest."""
+    out, sites_path, parts_dir = output_paths(cfg.out)
+    if not cfg.checkpoint:
+        raise ConfigError("give the model: --checkpoint PATH")
+    if cfg.batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {cfg.batch_size}")
+    from mae_fast.data.tiling import EDGES
+
+    if cfg.edge not in EDGES:
+        raise ConfigError(f"edge is {cfg.edge!r}; valid values: {', '.join(EDGES)}")
+    if not cfg.overwrite:
+        existing = [p for p in (out, sites_path if cfg.sites else None) if p and os.path.exists(p)]
+        if existing:
+            raise ConfigError(f"output {existing[0]} exists; pass --overwrite to replace it")
+    device = resolve_device(cfg.device, info.local_rank)
+    amp = resolve_amp(cfg.amp, device)
+    model, kind = load_embedding_model(cfg)
+    index = build_site_index(cfg.data)
+    _check_channels(model, index, cfg.per_channel)
+    manifest = _manifest(cfg, model, index, amp)
+    manifest_path = os.path.join(parts_dir, MANIFEST)
+    if not cfg.overwrite and os.path.exists(manifest_path):
+        with open(manifest_path) as f:
+            saved = json.load(f)
+        diffs = [f"{k} (saved {saved.get(k)!r}, now {v!r})" for k, v in manifest.items() if saved.get(k) != v]
+        if diffs:
+            raise ConfigError(f"{parts_dir} holds parts of a run with other settings: {'; '.join(diffs)}; "
+                              "pass --overwrite to start again")
+    return device, amp, model, kind, index, manifest
+
+
+def embed(cfg: EmbedConfig) -> EmbedResult:
+    """Embed the configured dataset; under torchrun every rank calls this (plates are shared out)."""
+    info = env_world()
+    device = resolve_device(cfg.device, info.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    init_distributed(info, device)
+    try:
+        with torch_threads(cfg.threads):
+            return _embed(cfg, info)
+    finally:
+        if info.created_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _embed(cfg: EmbedConfig, info: DistInfo) -> EmbedResult:
+    from tqdm import tqdm
+
+    from mae_fast.data.errors import ErrorSummary
+    from mae_fast.data.tiling import iter_tiles
+
+    out, sites_path, parts_dir = output_paths(cfg.out)
+    device, amp, model, kind, index, manifest = agree(lambda: _prepare(cfg, info), info)
+    if info.is_main:
+        if cfg.overwrite:
+            for path in (out, sites_path):
+                if os.path.exists(path):
+                    os.remove(path)
+            shutil.rmtree(parts_dir, ignore_errors=True)
+        os.makedirs(parts_dir, exist_ok=True)
+        if not os.path.exists(os.path.join(parts_dir, MANIFEST)):
+            text = json.dumps(manifest, indent=1)
+            atomic_write(os.path.join(parts_dir, MANIFEST), lambda tmp: open(tmp, "w").write(text))
+    barrier(info)
+
+    model = model.to(device).eval()
+    dims = model.cfg.embed_dim * (len(index.channels) if cfg.per_channel else 1)
+    plates: list[tuple[str, str]] = []
+    for s in index:
+        if not plates or plates[-1] != (s.experiment, s.plate):
+            if (s.experiment, s.plate) not in plates:
+                plates.append((s.experiment, s.plate))
+    by_plate = {p: index.select(where=lambda s, p=p: (s.experiment, s.plate) == p) for p in plates}
+    names = [plate_part_name(*p) for p in plates]
+    mine = assign_plates(plates, [len(by_plate[p]) for p in plates], info.world_size)[info.rank]
+    done_before = [i for i in mine if os.path.exists(os.path.join(parts_dir, names[i]))]
+    todo = [i for i in mine if i not in done_before]
+    label = [f"{e}/Plate{p}" for e, p in plates]
+    if info.is_main:
+        print(f"embedding {len(index)} sites on {len(plates)} plate(s) with {model.cfg.name} ({kind}, "
+              f"{model.cfg.img_size}px tiles, {dims} features, {device.type} {'bf16' if amp else 'fp32'})"
+              + (f"; {len(done_before)} plate(s) already done" if done_before else "") + f" -> {out}", flush=True)
+
+    bar = tqdm(total=sum(len(by_plate[plates[i]]) for i in todo), desc="embed", unit="site", dynamic_ncols=True,
+               disable=not cfg.progress or not info.is_main)
+    n_tiles, t0 = 0, time.perf_counter()
+    summary = ErrorSummary()
+    autocast = torch.autocast(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None)
+    for i in todo:
+        sub = by_plate[plates[i]]
+        tiles_it = iter_tiles(sub, tile=model.cfg.img_size, batch_size=cfg.batch_size, edge=cfg.edge,
+                              on_error=cfg.data.on_error, num_workers=_workers(cfg.data.num_workers), device=device,
+                              backend=cfg.data.backend)
+        sums: dict[tuple, np.ndarray] = {}
+        counts: dict[tuple, int] = {}
+        for tiles, keys in tiles_it:
+            with torch.no_grad(), autocast:
+                z = model.embed(tiles, per_channel=cfg.per_channel)  # (B, dims)
+            z = z.float().cpu().numpy().astype(np.float64)
+            new_sites = 0
+            for (well, site, _), row in zip(keys, z):
+                key = (well, site)
+                if key in sums:
+                    sums[key] += row
+                    counts[key] += 1
+                else:
+                    sums[key], counts[key] = row.copy(), 1
+                    new_sites += 1
+            n_tiles += len(keys)
+            bar.update(new_sites)
+            bar.set_postfix(crops_s=f"{n_tiles / max(time.perf_counter() - t0, 1e-9):.1f}", refresh=False)
+        summary.merge(tiles_it.summary)
+        frame = plate_table(sub, sums, counts, dims)
+        write_parquet(frame, os.path.join(parts_dir, names[i]),
+                      {"plate": label[i], "skipped": tiles_it.summary.to_dict(), "n_tiles": int(sum(counts.values()))})
+    bar.close()
+    seconds = time.perf_counter() - t0
+    barrier(info)
+
+    n_wells = n_sites = 0
+    merged_summary: dict = summary.to_dict()
+    if info.is_main:
+        missing = [label[i] for i, n in enumerate(names) if not os.path.exists(os.path.join(parts_dir, n))]
+        if missing:
+            raise RuntimeError(f"plates {missing} have no part file in {parts_dir}; rerun to finish them")
+        n_wells, n_sites, merged = merge_parts(parts_dir, names, out, sites_path if cfg.sites else None)
+        merged_summary = merged.to_dict()
+        rate = n_tiles / seconds if seconds > 0 else 0.0
+        print(f"{n_wells} wells, {n_sites} sites, {dims} features -> {out} ({n_tiles} tiles in {seconds:.1f} s, "
+              f"{rate:.1f} crops/s)" + (f"; {merged}" if merged else ""), flush=True)
+    counts_all = all_gather_objects((n_wells, n_sites, merged_summary), info)[0]
+    barrier(info)
+    return EmbedResult(
+        out=out, sites_path=sites_path if cfg.sites else None, parts_dir=parts_dir, n_wells=counts_all[0],
+        n_sites=counts_all[1], n_tiles=n_tiles, dims=dims, seconds=seconds,
+        tiles_per_second=n_tiles / seconds if seconds > 0 else 0.0,
+        plates_done=[label[i] for i in todo], plates_skipped=[label[i] for i in done_before],
+        skipped_sites=counts_all[2],
+    )
+
+
+def _workers(n: int | None) -> int:
+    return min(4, os.cpu_count() or 1) if n is None else int(n)
+
+
+def embed_dataset(checkpoint: str, data_root: str, out: str, *, preset: str | None = None, model: dict | None = None,
+                  metadata: str | None = None, data_format: str = "auto", channels=None, experiments=None,
+                  plates=None, perturbations=None, edge: str = "drop", batch_size: int = 64, device: str = "auto",
+                  amp: str = "auto", per_channel: bool = False, sites: bool = False, num_workers: int | None = None,
+                  backend: str = "auto", on_error: str = "raise", overwrite: bool = False, progress: bool = True,
+                  threads: int = 0) -> EmbedResult:
+    """Python API of `mae-fast embed` (see the module doc)."""
+    data = DataConfig(root=data_root, format=data_format, metadata=metadata,
+                      channels=[str(c) for c in channels] if channels else None,
+                      experiments=_strings(experiments), plates=_strings(plates), perturbations=_strings(perturbations),
+                      num_workers=num_workers, backend=backend, on_error=on_error)
+    return embed(EmbedConfig(checkpoint=checkpoint, out=out, data=data, preset=preset, model=dict(model or {}),
+                             edge=edge, batch_size=batch_size, device=device, amp=amp, per_channel=per_channel,
+                             sites=sites, overwrite=overwrite, progress=progress, threads=threads))
+
+
+def _strings(values):
+    if values is None:
+        return None
+    if isinstance(values, (str, int)):
+        values = [values]
+    return [str(v) for v in values]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------------------
+
+def _csv(text: str) -> list[str]:
+    return [t for t in (s.strip() for s in text.split(",")) if t]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True,
+                   help="our checkpoint folder / training run folder, an OpenPhenom folder or file, or a timm state "
+                        "dict file (with --preset)")
+    p.add_argument("--preset", help="architecture of a single weights file (timm state dict)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="model.KEY=VALUE",
+                   help="architecture overrides for --preset, e.g. model.img_size=128")
+    p.add_argument("--data", required=True, help="dataset root (RxRx folder, RxRx3-core parquet, JUMP table, pack)")
+    p.add_argument("--format", default="auto", help="auto, rxrx, rxrx3_core, jump, pack")
+    p.add_argument("--metadata", help="metadata CSV (default ROOT/metadata.csv)")
+    p.add_argument("--channels", type=_csv, help="comma list: RxRx channel numbers or JUMP channel names")
+    p.add_argument("--experiments", type=_csv, help="comma list of experiments to embed")
+    p.add_argument("--plates", type=_csv, help="comma list of plates to embed")
+    p.add_argument("--out", required=True, help="well table (parquet)")
+    p.add_argument("--sites", action="store_true", help="also write OUT_STEM_sites.parquet (one row per site)")
+    p.add_argument("--per-channel", action="store_true", help="CA-MAE: per-channel embeddings")
+    p.add_argument("--batch-size", type=int, default=64, help="tiles per forward pass (default 64)")
+    p.add_argument("--edge", default="drop", help="tiles at the border: drop, center, pad, error")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--amp", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp32")
+    p.add_argument("--num-workers", type=int, default=None, help="decode workers (default min(4, cores))")
+    p.add_argument("--backend", default="auto", help="image decoding: auto, torch, dali")
+    p.add_argument("--on-error", default="raise", choices=("raise", "skip"), help="bad sites: stop, or skip and count")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output (and its parts)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def config_from_args(args) -> EmbedConfig:
+    from mae_fast.train import _coerce, _model_fields, parse_override
+
+    model = {}
+    fields = _model_fields()
+    for text in args.overrides:
+        key, value = parse_override(text)
+        name = key[len("model."):] if key.startswith("model.") else key
+        if name not in fields:
+            raise ConfigError(f"unknown model key {key!r}; valid keys: {', '.join('model.' + k for k in fields)}")
+        model[name] = _coerce(value, fields[name], key)
+    data = DataConfig(root=args.data, format=args.format, metadata=args.metadata, channels=args.channels,
+                      experiments=args.experiments, plates=args.plates, num_workers=args.num_workers,
+                      backend=args.backend, on_error=args.on_error)
+    return EmbedConfig(checkpoint=args.checkpoint, out=args.out, data=data, preset=args.preset, model=model,
+                       edge=args.edge, batch_size=args.batch_size, device=args.device, amp=args.amp,
+                       per_channel=args.per_channel, sites=args.sites, overwrite=args.overwrite,
+                       progress=not args.no_progress, threads=args.threads)
+
+
+def run(args) -> int:
+    from mae_fast.data.errors import DataError
+
+    try:
+        result = embed(config_from_args(args))
+    except (ConfigError, CheckpointError, DataError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if env_world().is_main:
+        print(f"embeddings:  {result.out}")
+        if result.sites_path:
+            print(f"sites:       {result.sites_path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mae-fast embed", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
