@@ -1155,7 +1155,7 @@ def _train(cfg: TrainConfig, plan: RunPlan, info: DistInfo, device: torch.device
         return path or os.path.join(cfg.out_dir, CHECKPOINT_DIR, step_dir_name(step))
 
     def reconstruction(step: int) -> None:
-        from mae_fast.demo import plot_reconstruction
+        from mae_fast.plots import plot_reconstruction
 
         if cfg.distributed == "fsdp" and info.active:
             weights = full_model_state(wrapped)  # collective
@@ -1248,7 +1248,7 @@ def _train(cfg: TrainConfig, plan: RunPlan, info: DistInfo, device: torch.device
     else:
         final_model = core
     if info.is_main:
-        from mae_fast.demo import plot_loss
+        from mae_fast.plots import plot_loss
 
         save_model(final_model, model_dir, extra={"step": step, "crops": crops_seen})
         loss_png = os.path.join(cfg.out_dir, "loss_curve.png")
