@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mae_fast import ops
+from mae_fast.testing import assert_loss_grad_close
 
 pytest.importorskip("mae_fast._C", reason="C++ extension not built (python setup.py build_ext --inplace)")
 from mae_fast import cpu_ops  # noqa: E402
@@ -42,27 +43,6 @@ def _close(got, expected, dtype=None, tol=None):
     assert torch.isfinite(got).all(), "output not fully written (NaN poison survived) or non-finite"
     torch.testing.assert_close(got.float(), expected.float(), rtol=rtol,
                                atol=atol * float(expected.float().abs().max()))
-
-
-# (rtol, atol as a fraction of max |reference|, relative L2 error) of loss gradients per kind of arithmetic
-GRAD_TOL = {"float32": (1e-4, 1e-5, 1e-4), "tf32": (1e-3, 1e-4, 5e-3), "bfloat16": (1.6e-2, 8e-3, 5e-3),
-            "float16": (2e-3, 1e-3, 1e-3)}
-
-
-def _close_loss_grad(got, ref, *, kind, alpha, p, planes, weight_max, scale=1.0):
-    """Loss gradients. sign(|Fx| - |Fy|) is ill-conditioned where the two magnitudes (nearly) tie: either sign is a
-    valid subgradient and rounding may pick the other. A flip at frequency f (and its conjugate mirror, which ties
-    with it) moves that plane's gradient by at most 4 w alpha / (C' p^2) per element. So: elementwise within
-    (rtol, atol) plus two such pair flips, and a relative L2 error below the kind's bound (flips are sparse; a wrong
-    Fourier or MSE term is not)."""
-    rtol, atol, norm_tol = GRAD_TOL[kind]
-    got, ref = got.detach().float(), ref.detach().float()
-    assert torch.isfinite(got).all(), "gradient not fully written (NaN poison survived) or non-finite"
-    pair_flip = 4 * scale * weight_max * alpha / (planes * p * p)
-    excess = (got - ref).abs() - (atol * ref.abs().max() + rtol * ref.abs() + 2 * pair_flip)
-    assert excess.max() <= 0, f"max excess {excess.max().item():.3g} over the tolerance"
-    rel = ((got - ref).norm() / ref.norm()).item()
-    assert rel <= norm_tol, f"relative L2 error {rel:.3g} > {norm_tol}"
 
 
 def test_cpp_backends_are_registered_and_default_on_cpu():
@@ -215,13 +195,13 @@ def test_mae_loss_matches_reference(layout, p, dtype):
     torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=0)
     kind = str(dtype).removeprefix("torch.")
     shape = dict(kind=kind, alpha=0.01, p=p, planes=P // (p * p), weight_max=1.0 / (B * N), scale=3.5)
-    _close_loss_grad(grad * 3.5, ref_grad, **shape)
+    assert_loss_grad_close(grad * 3.5, ref_grad, **shape)
 
     leaf2 = pred.clone().requires_grad_()
     fused = ops.mae_loss(leaf2, target, patch_size=p, layout=layout, alpha=0.01)
     assert ops.last_impl("mae_loss") == "cpp"
     (fused_grad,) = torch.autograd.grad(fused * 3.5, leaf2)
-    _close_loss_grad(fused_grad, ref_grad, **shape)
+    assert_loss_grad_close(fused_grad, ref_grad, **shape)
 
 
 @pytest.mark.parametrize("layout", ops.LAYOUTS)
@@ -237,7 +217,7 @@ def test_mae_loss_with_mask_and_large_alpha(layout):
     (grad,) = torch.autograd.grad(got, leaf2)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=0)
     P = pred.shape[-1]
-    _close_loss_grad(grad, ref_grad, kind="float32", alpha=0.5, p=8, planes=P // 64,
+    assert_loss_grad_close(grad, ref_grad, kind="float32", alpha=0.5, p=8, planes=P // 64,
                      weight_max=float(mask.max() / mask.sum()))
 
 
@@ -254,7 +234,7 @@ def test_mae_loss_dtype_combinations(pred_dtype, target_dtype):
     (grad,) = torch.autograd.grad(got, leaf2)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=0)
     B, N, P = pred.shape
-    _close_loss_grad(grad, ref_grad, kind=str(pred_dtype).removeprefix("torch."), alpha=0.5, p=8, planes=P // 64,
+    assert_loss_grad_close(grad, ref_grad, kind=str(pred_dtype).removeprefix("torch."), alpha=0.5, p=8, planes=P // 64,
                      weight_max=1.0 / (B * N))
 
 
@@ -270,7 +250,7 @@ def test_mae_loss_other_patch_sizes(p):
     (grad,) = torch.autograd.grad(got, leaf2)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=0)
     B, N, P = pred.shape
-    _close_loss_grad(grad, ref_grad, kind="float32", alpha=0.5, p=p, planes=P // (p * p), weight_max=1.0 / (B * N))
+    assert_loss_grad_close(grad, ref_grad, kind="float32", alpha=0.5, p=p, planes=P // (p * p), weight_max=1.0 / (B * N))
 
 
 def test_mae_loss_zero_spectrum_and_identical_inputs():

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from mae_fast import ops
+from mae_fast.testing import assert_loss_grad_close
 
 pytest.importorskip("triton")
 from mae_fast.kernels import lion, mae_loss, masked_patchify, unshuffle  # noqa: E402
@@ -49,27 +50,6 @@ def _close(got, expected, rtol=RTOL, atol=ATOL):
     assert torch.isfinite(got).all(), "output not fully written (NaN poison survived) or non-finite"
     torch.testing.assert_close(got.float().cpu(), expected.float().cpu(), rtol=rtol,
                                atol=atol * float(expected.float().abs().max()))
-
-
-# (rtol, atol as a fraction of max |reference|, relative L2 error) of loss gradients per kind of arithmetic
-GRAD_TOL = {"float32": (1e-4, 1e-5, 1e-4), "tf32": (1e-3, 1e-4, 5e-3), "bfloat16": (1.6e-2, 8e-3, 5e-3),
-            "float16": (2e-3, 1e-3, 1e-3)}
-
-
-def _close_loss_grad(got, ref, *, kind, alpha, p, planes, weight_max, scale=1.0):
-    """Loss gradients. sign(|Fx| - |Fy|) is ill-conditioned where the two magnitudes (nearly) tie: either sign is a
-    valid subgradient and rounding may pick the other. A flip at frequency f (and its conjugate mirror, which ties
-    with it) moves that plane's gradient by at most 4 w alpha / (C' p^2) per element. So: elementwise within
-    (rtol, atol) plus two such pair flips, and a relative L2 error below the kind's bound (flips are sparse; a wrong
-    Fourier or MSE term is not)."""
-    rtol, atol, norm_tol = GRAD_TOL[kind]
-    got, ref = got.detach().float(), ref.detach().float()
-    assert torch.isfinite(got).all(), "gradient not fully written (NaN poison survived) or non-finite"
-    pair_flip = 4 * scale * weight_max * alpha / (planes * p * p)
-    excess = (got - ref).abs() - (atol * ref.abs().max() + rtol * ref.abs() + 2 * pair_flip)
-    assert excess.max() <= 0, f"max excess {excess.max().item():.3g} over the tolerance"
-    rel = ((got - ref).norm() / ref.norm()).item()
-    assert rel <= norm_tol, f"relative L2 error {rel:.3g} > {norm_tol}"
 
 
 def _images(B, C, H, dtype, seed):
@@ -208,14 +188,14 @@ def test_mae_loss_matches_reference(layout, p, masked):
     torch.testing.assert_close(loss.cpu(), ref.detach().cpu(), rtol=1e-5, atol=0)
     w_max = 1.0 / (B * N) if mask is None else float(mask.max() / mask.sum())
     shape = dict(alpha=alpha, p=p, planes=P // (p * p), weight_max=w_max, scale=2.5)
-    _close_loss_grad(grad * 2.5, ref_grad, kind="float32", **shape)
+    assert_loss_grad_close(grad * 2.5, ref_grad, kind="float32", **shape)
 
     leaf2 = pred.clone().requires_grad_()
     fused = ops.mae_loss(leaf2, target, mask, patch_size=p, layout=layout, alpha=alpha, impl="triton")
     (fused_grad,) = torch.autograd.grad(fused * 2.5, leaf2)
     torch.testing.assert_close(fused.cpu(), ref.detach().cpu(), rtol=1e-3, atol=0)
     # default dot precision: exact in the interpreter, tf32 on a GPU
-    _close_loss_grad(fused_grad, ref_grad, kind="float32" if DEVICE.type == "cpu" else "tf32", **shape)
+    assert_loss_grad_close(fused_grad, ref_grad, kind="float32" if DEVICE.type == "cpu" else "tf32", **shape)
 
 
 def test_mae_loss_zero_spectrum_and_identical_inputs():

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from mae_fast import ops
+from mae_fast.testing import assert_loss_grad_close
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -35,27 +36,6 @@ TOL = {
     ("lion", torch.float32): (2.5e-7, 0.0),             # op-by-op roundings as torch's CUDA ops: <= 1 ulp
     ("lion", torch.bfloat16): (8e-3, 0.0),              # <= 1 bf16 ulp
 }
-
-
-# (rtol, atol as a fraction of max |reference|, relative L2 error) of loss gradients per kind of arithmetic
-GRAD_TOL = {"float32": (1e-4, 1e-5, 1e-4), "tf32": (1e-3, 1e-4, 5e-3), "bfloat16": (1.6e-2, 8e-3, 5e-3),
-            "float16": (2e-3, 1e-3, 1e-3)}
-
-
-def _close_loss_grad(got, ref, *, kind, alpha, p, planes, weight_max, scale=1.0):
-    """Loss gradients. sign(|Fx| - |Fy|) is ill-conditioned where the two magnitudes (nearly) tie: either sign is a
-    valid subgradient and rounding may pick the other. A flip at frequency f (and its conjugate mirror, which ties
-    with it) moves that plane's gradient by at most 4 w alpha / (C' p^2) per element. So: elementwise within
-    (rtol, atol) plus two such pair flips, and a relative L2 error below the kind's bound (flips are sparse; a wrong
-    Fourier or MSE term is not)."""
-    rtol, atol, norm_tol = GRAD_TOL[kind]
-    got, ref = got.detach().float(), ref.detach().float()
-    assert torch.isfinite(got).all(), "gradient not fully written (NaN poison survived) or non-finite"
-    pair_flip = 4 * scale * weight_max * alpha / (planes * p * p)
-    excess = (got - ref).abs() - (atol * ref.abs().max() + rtol * ref.abs() + 2 * pair_flip)
-    assert excess.max() <= 0, f"max excess {excess.max().item():.3g} over the tolerance"
-    rel = ((got - ref).norm() / ref.norm()).item()
-    assert rel <= norm_tol, f"relative L2 error {rel:.3g} > {norm_tol}"
 
 
 def _close(got, expected, key):
@@ -190,14 +170,14 @@ def test_mae_loss(layout, p, dtype, masked):
                                                 dot_precision=precision)
         _close(loss, ref, ("mae_loss", dtype))
         kind = "bfloat16" if dtype == torch.bfloat16 else ("tf32" if precision == "tf32" else "float32")
-        _close_loss_grad(grad * 1.5, ref_grad, kind=kind, **shape)
+        assert_loss_grad_close(grad * 1.5, ref_grad, kind=kind, **shape)
 
     leaf2 = pred.clone().requires_grad_()
     fused = ops.mae_loss(leaf2, target, mask, patch_size=p, layout=layout, alpha=0.01)
     assert ops.last_impl("mae_loss") == "triton"
     (grad,) = torch.autograd.grad(fused * 1.5, leaf2)
     _close(fused, ref, ("mae_loss", dtype))
-    _close_loss_grad(grad, ref_grad, kind="bfloat16" if dtype == torch.bfloat16 else "tf32", **shape)
+    assert_loss_grad_close(grad, ref_grad, kind="bfloat16" if dtype == torch.bfloat16 else "tf32", **shape)
 
 
 def test_mae_loss_zero_spectrum_is_finite():
