@@ -720,17 +720,21 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: BaselineConfig | None = None, *, lr: float | None = None,
-                    weight_decay: float | None = None, global_batch: int | None = None) -> torch.optim.Optimizer:
+                    weight_decay: float | None = None, global_batch: int | None = None,
+                    betas: tuple[float, float] | None = None) -> torch.optim.Optimizer:
     """The config's optimiser: SGD (Nesterov momentum) for WSL, AdamW for MU-Net. lr: given, else
-    `cfg.peak_lr(global_batch)` (linear scaling for SGD), else `cfg.lr`. The schedule is the trainer's."""
+    `cfg.peak_lr(global_batch)` (linear scaling for SGD), else `cfg.lr`; `betas` (AdamW only) overrides the
+    config's. The schedule is the trainer's."""
     cfg = cfg or model.cfg
     if lr is None:
         lr = cfg.peak_lr(global_batch) if global_batch else cfg.lr
     wd = cfg.weight_decay if weight_decay is None else weight_decay
     groups = param_groups(model, wd)
     if cfg.optimizer == "sgd":
+        if betas is not None:
+            raise ValueError(f"{cfg.name} trains with SGD (momentum {cfg.momentum}), which has no betas")
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=wd)
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), weight_decay=wd)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas if betas is None else betas), weight_decay=wd)
 
 
 def count_parameters(module: nn.Module) -> int:

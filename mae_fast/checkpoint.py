@@ -1,7 +1,8 @@
 """Checkpoints and interop.
 
-- Our checkpoints: a directory with `model.safetensors` (weights) + `config.json` (the MAEConfig), written
-  atomically (temp file, fsync, rename).
+- Our checkpoints: a directory with `model.safetensors` (weights) + `config.json` (the MAEConfig, or a baseline's
+  WSLConfig / MUNetConfig, told apart by its `family` key), written atomically (temp file, fsync, rename).
+  `load_model` / `load_any` rebuild either kind.
 - timm: the standard encoder's parameter names already follow timm's VisionTransformer with ParallelScalingBlock,
   so export/import is a key filter; `timm_vit_kwargs` builds the matching timm model.
 - OpenPhenom: a torch pickle named `model.safetensors` holding {"state_dict": ...} with `encoder.vit_backbone.*`
@@ -53,8 +54,9 @@ def _contiguous_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 
-def save_model(model: MaskedAutoencoder, directory: str, extra: dict | None = None) -> str:
-    """Write `directory/model.safetensors` + `directory/config.json`; returns the directory."""
+def save_model(model: torch.nn.Module, directory: str, extra: dict | None = None) -> str:
+    """Write `directory/model.safetensors` + `directory/config.json` for any model with `cfg.to_dict()` (MAE,
+    baselines); `extra` keys go into config.json beside the config. Returns the directory."""
     from safetensors.torch import save_file
 
     state = _contiguous_cpu(model.state_dict())
@@ -83,8 +85,26 @@ def load_state_dict_strict(module: torch.nn.Module, state: dict[str, torch.Tenso
     module.load_state_dict(state, strict=True)
 
 
-def load_model(directory: str, map_location: str | torch.device = "cpu") -> MaskedAutoencoder:
-    """Load a checkpoint written by `save_model`."""
+def _config_of(saved: dict):
+    """The model config saved by `save_model`: a baseline's (its `family` key names the class) or an MAEConfig."""
+    if isinstance(saved, dict) and "family" in saved:
+        from mae_fast.baselines import config_from_dict
+
+        return config_from_dict(saved)
+    return MAEConfig.from_dict(saved)
+
+
+def _model_of(cfg) -> torch.nn.Module:
+    if hasattr(cfg, "family"):
+        from mae_fast.baselines import create_baseline
+
+        return create_baseline(cfg)
+    return MaskedAutoencoder(cfg)
+
+
+def load_model(directory: str, map_location: str | torch.device = "cpu") -> torch.nn.Module:
+    """Load a checkpoint written by `save_model`: a MaskedAutoencoder, or a baseline (WSLClassifier / MaskedUNet)
+    when the saved config has a baseline `family`."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -95,14 +115,14 @@ def load_model(directory: str, map_location: str | torch.device = "cpu") -> Mask
     try:
         with open(cfg_path) as f:
             meta = json.load(f)
-        cfg = MAEConfig.from_dict(meta["mae_fast_config"])
+        cfg = _config_of(meta["mae_fast_config"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{cfg_path} is not a mae_fast config: {err}") from err
     try:
         state = load_file(weights_path, device=str(map_location))
     except (SafetensorError, OSError, RuntimeError) as err:
         raise CheckpointError(f"{weights_path} is not a readable safetensors file: {err}") from err
-    model = MaskedAutoencoder(cfg)
+    model = _model_of(cfg)
     load_state_dict_strict(model, state, weights_path)
     return model
 
@@ -240,8 +260,8 @@ def load_openphenom(path: str) -> MaskedAutoencoder:
     return model
 
 
-def load_any(path: str) -> MaskedAutoencoder:
-    """Our checkpoint directory, or an OpenPhenom file/directory."""
+def load_any(path: str) -> torch.nn.Module:
+    """Our checkpoint directory (an MAE or a baseline), or an OpenPhenom file/directory."""
     if os.path.isdir(path) and os.path.exists(os.path.join(path, CONFIG_NAME)):
         with open(os.path.join(path, CONFIG_NAME)) as f:
             try:

@@ -9,11 +9,11 @@ import importlib
 import sys
 
 COMMANDS = {
-    "demo": ("mae_fast.demo", "generate the synthetic screen, train a small MAE, write figures"),
+    "demo": ("mae_fast.demo", "the whole job on the synthetic screen: train (one model or several with --models), embed, evaluate"),
     "flops": ("mae_fast.flops", "FLOPs per crop and per training run (exact count and the paper's method), scaling plot"),
     "bench": ("mae_fast.bench", "end-to-end train-step and embedding benchmarks (crops/s, TFLOP/s, MFU) as JSON"),
     "evaluate": ("mae_fast.evaluate_cli", "recall of known relationships: TVN, arm correction, baselines, tables, plots"),
-    "train": ("mae_fast.train", "pre-train an MAE / CA-MAE (preset + YAML/TOML + --set overrides; torchrun; --resume)"),
+    "train": ("mae_fast.train", "train an MAE / CA-MAE or a baseline (WSL DenseNet-161, MU-Net); YAML/TOML + --set; torchrun"),
     "embed": ("mae_fast.embed", "embed every site of a screen; per-well (and per-site) parquet tables, resumable by plate"),
     "pack": ("mae_fast.pack_cli", "convert a dataset into losslessly compressed tiles the crop loader reads fast"),
 }

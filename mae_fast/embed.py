@@ -7,6 +7,15 @@
 
 Models: our checkpoints (a `save_model` folder, a training run folder, or a single weights file with --preset), an
 OpenPhenom checkpoint (folder or file), or a timm state dict of the encoder (with --preset for the architecture).
+The baselines (`mae_fast.baselines`) embed the same way: WSL DenseNet -> its 128-d neck output, MU-Net -> the
+global average of its bottleneck.
+
+AdaBN models (WSL with ghost batch norm) normalise each forward pass with that batch's own statistics, so their
+batches must come from one plate and should not be the tiles of one well (whose statistics would remove the
+well's own phenotype). Per plate, the sites are taken in a seeded order (`seed`) in windows of about
+`adabn_window` tiles (default 8 x batch_size, at least 2 sites a window); a window's tiles are shuffled (seeded)
+and cut into near-equal batches of at most batch_size and at least 2 tiles. The result is deterministic in
+(seed, adabn_window, batch_size), which the parts' manifest records.
 
 Every site is cut into non-overlapping tiles of the model's crop size (`mae_fast.data.tiling`); each tile is
 embedded without masking (mean of the patch tokens; bf16 autocast on GPU, fp32 on CPU); a site's embedding is the
@@ -27,6 +36,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -38,8 +48,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from mae_fast import baselines as bl
 from mae_fast.checkpoint import CheckpointError, atomic_write
-from mae_fast.models import MaskedAutoencoder, get_config
+from mae_fast.models import get_config
 from mae_fast.train import (
     ConfigError, DataConfig, DistInfo, agree, all_gather_objects, barrier, build_site_index, env_world,
     init_distributed, load_pretrained, resolve_amp, resolve_device, torch_threads,
@@ -57,8 +68,8 @@ class EmbedConfig:
     checkpoint: str = ""
     out: str = "embeddings.parquet"
     data: DataConfig = field(default_factory=DataConfig)
-    preset: str | None = None            # architecture of a single weights file (timm state dict)
-    model: dict = field(default_factory=dict)  # MAEConfig overrides for --preset (e.g. img_size)
+    preset: str | None = None            # architecture of a single weights file (timm state dict, or a baseline's)
+    model: dict = field(default_factory=dict)  # config overrides for --preset (e.g. img_size)
     edge: str = "drop"                   # tiles at the image border: drop, center, pad, error (see tiling.py)
     batch_size: int = 64                 # tiles per forward pass
     device: str = "auto"
@@ -68,6 +79,8 @@ class EmbedConfig:
     overwrite: bool = False
     progress: bool = True
     threads: int = 0
+    seed: int = 0                        # AdaBN models: order of the sites and tiles that share a batch
+    adabn_window: int = 0                # AdaBN models: tiles shuffled together (0: 8 x batch_size)
 
 
 @dataclass
@@ -116,30 +129,54 @@ def assign_plates(plates: list[tuple[str, str]], sizes: list[int], world_size: i
 # Model
 # ------------------------------------------------------------------------------------------------------------
 
-def load_embedding_model(cfg: EmbedConfig) -> tuple[MaskedAutoencoder, str]:
+# config keys that do not change what a model computes at inference (a --preset may differ from a checkpoint in them)
+TRAINING_ONLY_KEYS = {
+    "drop_path", "lr", "weight_decay", "betas", "grad_checkpointing",                        # MAE
+    "num_classes", "label_smoothing", "virtual_batch_size", "bn_momentum", "optimizer", "lr_batch", "momentum",
+    "nesterov", "schedule", "mask_ratio", "mask_patch",                                        # baselines
+}
+
+
+def preset_config(preset: str, overrides: dict):
+    """The architecture of `preset` (an MAE or a baseline) with overrides; errors as ConfigError."""
+    try:
+        if bl.is_baseline(preset):
+            return bl.get_baseline_config(preset, **overrides)
+        return get_config(preset, **overrides)
+    except (KeyError, ValueError, TypeError) as err:
+        raise ConfigError(str(err).strip('"')) from err
+
+
+def load_embedding_model(cfg: EmbedConfig) -> tuple[torch.nn.Module, str]:
     arch = None
     if cfg.preset:
-        try:
-            arch = get_config(cfg.preset, **cfg.model)
-        except (KeyError, ValueError, TypeError) as err:
-            raise ConfigError(str(err).strip('"')) from err
+        arch = preset_config(cfg.preset, cfg.model)
     elif cfg.model:
         raise ConfigError("model overrides need --preset (they describe the architecture of a weights file)")
     model, kind = load_pretrained(cfg.checkpoint, arch)
     if arch is not None and kind != "timm" and model.cfg.to_dict() != arch.to_dict():
-        diffs = [k for k, v in arch.to_dict().items() if model.cfg.to_dict().get(k) != v and k != "name"]
-        if any(k not in ("drop_path", "lr", "weight_decay", "betas", "grad_checkpointing") for k in diffs):
+        saved = model.cfg.to_dict()
+        diffs = sorted(set(k for k, v in arch.to_dict().items() if saved.get(k) != v and k != "name")
+                       | (set(saved) ^ set(arch.to_dict())))
+        if any(k not in TRAINING_ONLY_KEYS for k in diffs):
             raise CheckpointError(f"{cfg.checkpoint} holds a {model.cfg.name} model that differs from --preset "
                                   f"{cfg.preset} in {diffs}")
     return model, kind
 
 
-def _check_channels(model: MaskedAutoencoder, index, per_channel: bool) -> None:
+def is_adabn(model: torch.nn.Module) -> bool:
+    """Batch statistics at inference: batches must be of one plate (see the module doc)."""
+    return bool(getattr(model.cfg, "adabn", False))
+
+
+def _check_channels(model: torch.nn.Module, index, per_channel: bool) -> None:
     m = model.cfg
     C = len(index.channels)
-    if per_channel and not m.channel_agnostic:
-        raise ConfigError("--per-channel needs a channel-agnostic (CA-MAE) model; this one is a standard MAE")
-    if m.channel_agnostic:
+    channel_agnostic = getattr(m, "channel_agnostic", False)
+    if per_channel and not channel_agnostic:
+        kind = "a standard MAE" if not hasattr(m, "family") else f"the {m.family.upper()} baseline {m.name}"
+        raise ConfigError(f"--per-channel needs a channel-agnostic (CA-MAE) model; this one is {kind}")
+    if channel_agnostic:
         if not 1 <= C <= m.max_in_chans:
             raise ConfigError(f"the CA-MAE model takes 1..{m.max_in_chans} channels, the dataset has {C}")
     elif C != m.in_chans:
@@ -257,15 +294,19 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     h = hashlib.blake2b(digest_size=16)
     for name, tensor in sorted(model.state_dict().items()):
         h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().data)
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)  # 0-d: BN counters
     return h.hexdigest()
 
 
-def _manifest(cfg: EmbedConfig, model: MaskedAutoencoder, index, amp) -> dict:
-    return {"checkpoint": os.path.abspath(cfg.checkpoint), "weights": weights_fingerprint(model),
-            "model": model.cfg.to_dict(), "tile": model.cfg.img_size, "edge": cfg.edge,
-            "per_channel": cfg.per_channel, "amp": "bf16" if amp else "fp32", "index": index.fingerprint(),
-            "n_sites": len(index)}
+def _manifest(cfg: EmbedConfig, model: torch.nn.Module, index, amp) -> dict:
+    manifest = {"checkpoint": os.path.abspath(cfg.checkpoint), "weights": weights_fingerprint(model),
+                "model": model.cfg.to_dict(), "tile": model.cfg.img_size, "edge": cfg.edge,
+                "per_channel": cfg.per_channel, "amp": "bf16" if amp else "fp32", "index": index.fingerprint(),
+                "n_sites": len(index)}
+    if is_adabn(model):  # the batches' composition changes the embeddings
+        manifest["adabn_batches"] = {"seed": cfg.seed, "window_tiles": adabn_window_tiles(cfg),
+                                     "batch_size": cfg.batch_size}
+    return manifest
 
 
 def _prepare(cfg: EmbedConfig, info: DistInfo):
@@ -275,6 +316,8 @@ def _prepare(cfg: EmbedConfig, info: DistInfo):
         raise ConfigError("give the model: --checkpoint PATH")
     if cfg.batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {cfg.batch_size}")
+    if cfg.adabn_window < 0:
+        raise ConfigError(f"adabn_window must be >= 0 (0: 8 x batch_size), got {cfg.adabn_window}")
     from mae_fast.data.tiling import EDGES
 
     if cfg.edge not in EDGES:
@@ -286,6 +329,9 @@ def _prepare(cfg: EmbedConfig, info: DistInfo):
     device = resolve_device(cfg.device, info.local_rank)
     amp = resolve_amp(cfg.amp, device)
     model, kind = load_embedding_model(cfg)
+    if is_adabn(model) and cfg.batch_size < 2:
+        raise ConfigError(f"{model.cfg.name} normalises with batch statistics (AdaBN): batch_size must be >= 2, got "
+                          f"{cfg.batch_size}")
     index = build_site_index(cfg.data)
     _check_channels(model, index, cfg.per_channel)
     manifest = _manifest(cfg, model, index, amp)
@@ -360,9 +406,12 @@ def _embed(cfg: EmbedConfig, info: DistInfo) -> EmbedResult:
     autocast = torch.autocast(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None)
     for i in todo:
         sub = by_plate[plates[i]]
-        tiles_it = iter_tiles(sub, tile=model.cfg.img_size, batch_size=cfg.batch_size, edge=cfg.edge,
-                              on_error=cfg.data.on_error, num_workers=_workers(cfg.data.num_workers), device=device,
-                              backend=cfg.data.backend)
+        if is_adabn(model):
+            tiles_it = AdaBNPlateTiles(sub, label[i], model.cfg.img_size, cfg, device)
+        else:
+            tiles_it = iter_tiles(sub, tile=model.cfg.img_size, batch_size=cfg.batch_size, edge=cfg.edge,
+                                  on_error=cfg.data.on_error, num_workers=_workers(cfg.data.num_workers),
+                                  device=device, backend=cfg.data.backend)
         sums: dict[tuple, np.ndarray] = {}
         counts: dict[tuple, int] = {}
         for tiles, keys in tiles_it:
@@ -415,12 +464,110 @@ def _workers(n: int | None) -> int:
     return min(4, os.cpu_count() or 1) if n is None else int(n)
 
 
+# ------------------------------------------------------------------------------------------------------------
+# AdaBN batches: one plate, tiles of several sites, seeded
+# ------------------------------------------------------------------------------------------------------------
+
+_ADABN_SITE_ORDER, _ADABN_TILE_ORDER = 21, 22  # stream tags: independent generators per purpose
+
+
+def adabn_window_tiles(cfg: EmbedConfig) -> int:
+    return cfg.adabn_window or 8 * cfg.batch_size
+
+
+def adabn_batch_sizes(n: int, batch_size: int) -> list[int]:
+    """Near-equal sizes of batches covering n tiles, each <= batch_size and >= 2 (batch statistics need two
+    samples); only with batch_size 2 and an odd n does one batch hold 3."""
+    from mae_fast.data.samplers import balanced_batch_sizes
+
+    if n < 2 or batch_size < 2:
+        raise ValueError(f"AdaBN batches need n >= 2 tiles and batch_size >= 2, got n={n}, batch_size={batch_size}")
+    sizes = balanced_batch_sizes(n, batch_size)
+    if min(sizes) < 2:
+        k = n // 2
+        sizes = [n // k + (1 if j < n % k else 0) for j in range(k)]
+    return sizes
+
+
+def _plate_seed(label: str) -> int:
+    return int.from_bytes(hashlib.blake2b(label.encode(), digest_size=4).digest(), "little")
+
+
+def _tiles_per_site(sites, tile: int, edge: str) -> int:
+    """Tiles of the first readable site (from its headers; sites of a dataset share a size)."""
+    from mae_fast.data.errors import DataError
+    from mae_fast.data.loading import probe_site
+    from mae_fast.data.tiling import tile_grid
+
+    for site in sites.sites[:8]:
+        try:
+            probe = probe_site(site)
+        except DataError:
+            continue
+        return max(1, len(tile_grid(probe.height, probe.width, tile, edge)))
+    return 1
+
+
+class AdaBNPlateTiles:
+    """(tiles, keys) batches of one plate for an AdaBN model (see the module doc): sites in a seeded order, cut into
+    windows of >= 2 sites and about `adabn_window` tiles; each window's tiles shuffled (seeded by seed, plate,
+    window) and cut by `adabn_batch_sizes`. `summary` counts the sites skipped (on_error="skip")."""
+
+    def __init__(self, sites, plate_label: str, tile: int, cfg: EmbedConfig, device):
+        from mae_fast.data.errors import ErrorSummary
+
+        self.sites, self.plate_label, self.tile, self.cfg, self.device = sites, plate_label, tile, cfg, device
+        self.summary = ErrorSummary()
+
+    def windows(self) -> list[list[int]]:
+        """Positions of the plate's sites per window: balanced, >= 2 sites each (when the plate has 2)."""
+        n = len(self.sites)
+        order = np.random.default_rng([_ADABN_SITE_ORDER, self.cfg.seed, _plate_seed(self.plate_label)]).permutation(n)
+        per_site = _tiles_per_site(self.sites, self.tile, self.cfg.edge)
+        sites_per_window = max(2, math.ceil(adabn_window_tiles(self.cfg) / per_site))
+        k = max(1, n // sites_per_window)
+        bounds = np.cumsum([0] + [n // k + (1 if j < n % k else 0) for j in range(k)])
+        return [sorted(order[a:b].tolist()) for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def _window_tiles(self, positions: list[int]):
+        """Every tile of the window's sites: (n, C, tile, tile) and their keys."""
+        from mae_fast.data.tiling import iter_tiles
+
+        wanted = {self.sites[p].key for p in positions}
+        window = self.sites.select(where=lambda s: s.key in wanted)
+        cfg = self.cfg
+        it = iter_tiles(window, tile=self.tile, batch_size=cfg.batch_size, edge=cfg.edge, on_error=cfg.data.on_error,
+                        num_workers=_workers(cfg.data.num_workers), device=self.device, backend=cfg.data.backend)
+        parts, keys = [], []
+        for tiles, batch_keys in it:
+            parts.append(tiles)
+            keys.extend(batch_keys)
+        self.summary.merge(it.summary)
+        return (torch.cat(parts) if parts else None), keys
+
+    def __iter__(self):
+        for w, positions in enumerate(self.windows()):
+            tiles, keys = self._window_tiles(positions)
+            if not keys:
+                continue  # every site of the window was skipped (counted in the summary)
+            if len(keys) < 2:
+                raise ConfigError(f"plate {self.plate_label}: only {len(keys)} tile could be read, but an AdaBN model "
+                                  "needs batches of >= 2 tiles of one plate (its batch statistics)")
+            perm = np.random.default_rng([_ADABN_TILE_ORDER, self.cfg.seed, _plate_seed(self.plate_label), w]
+                                         ).permutation(len(keys))
+            start = 0
+            for size in adabn_batch_sizes(len(keys), self.cfg.batch_size):
+                chosen = perm[start:start + size]
+                start += size
+                yield tiles[torch.from_numpy(chosen).to(tiles.device)], [keys[j] for j in chosen]
+
+
 def embed_dataset(checkpoint: str, data_root: str, out: str, *, preset: str | None = None, model: dict | None = None,
                   metadata: str | None = None, data_format: str = "auto", channels=None, experiments=None,
                   plates=None, perturbations=None, edge: str = "drop", batch_size: int = 64, device: str = "auto",
                   amp: str = "auto", per_channel: bool = False, sites: bool = False, num_workers: int | None = None,
                   backend: str = "auto", on_error: str = "raise", overwrite: bool = False, progress: bool = True,
-                  threads: int = 0) -> EmbedResult:
+                  threads: int = 0, seed: int = 0, adabn_window: int = 0) -> EmbedResult:
     """Python API of `mae-fast embed` (see the module doc)."""
     data = DataConfig(root=data_root, format=data_format, metadata=metadata,
                       channels=[str(c) for c in channels] if channels else None,
@@ -428,7 +575,8 @@ def embed_dataset(checkpoint: str, data_root: str, out: str, *, preset: str | No
                       num_workers=num_workers, backend=backend, on_error=on_error)
     return embed(EmbedConfig(checkpoint=checkpoint, out=out, data=data, preset=preset, model=dict(model or {}),
                              edge=edge, batch_size=batch_size, device=device, amp=amp, per_channel=per_channel,
-                             sites=sites, overwrite=overwrite, progress=progress, threads=threads))
+                             sites=sites, overwrite=overwrite, progress=progress, threads=threads, seed=seed,
+                             adabn_window=adabn_window))
 
 
 def _strings(values):
@@ -451,7 +599,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True,
                    help="our checkpoint folder / training run folder, an OpenPhenom folder or file, or a timm state "
                         "dict file (with --preset)")
-    p.add_argument("--preset", help="architecture of a single weights file (timm state dict)")
+    p.add_argument("--preset", help="architecture of a single weights file (timm state dict, or a baseline's)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="model.KEY=VALUE",
                    help="architecture overrides for --preset, e.g. model.img_size=128")
     p.add_argument("--data", required=True, help="dataset root (RxRx folder, RxRx3-core parquet, JUMP table, pack)")
@@ -471,6 +619,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", help="image decoding: auto, torch, dali")
     p.add_argument("--on-error", default="raise", choices=("raise", "skip"), help="bad sites: stop, or skip and count")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    p.add_argument("--seed", type=int, default=0, help="AdaBN models: seed of which tiles share a batch (default 0)")
+    p.add_argument("--adabn-window", type=int, default=0,
+                   help="AdaBN models: tiles of one plate shuffled together into batches (default 8 x batch size)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output (and its parts)")
     p.add_argument("--no-progress", action="store_true")
 
@@ -479,7 +630,7 @@ def config_from_args(args) -> EmbedConfig:
     from mae_fast.train import _coerce, _model_fields, parse_override
 
     model = {}
-    fields = _model_fields()
+    fields = _model_fields(args.preset)
     for text in args.overrides:
         key, value = parse_override(text)
         name = key[len("model."):] if key.startswith("model.") else key
@@ -492,7 +643,8 @@ def config_from_args(args) -> EmbedConfig:
     return EmbedConfig(checkpoint=args.checkpoint, out=args.out, data=data, preset=args.preset, model=model,
                        edge=args.edge, batch_size=args.batch_size, device=args.device, amp=args.amp,
                        per_channel=args.per_channel, sites=args.sites, overwrite=args.overwrite,
-                       progress=not args.no_progress, threads=args.threads)
+                       progress=not args.no_progress, threads=args.threads, seed=args.seed,
+                       adabn_window=args.adabn_window)
 
 
 def run(args) -> int:

@@ -5,7 +5,10 @@ import numpy as np
 import torch
 
 
-def plot_loss(losses: list[float], path: str) -> None:
+LOSS_LABELS = {"mae": "loss (0.99 MSE + 0.01 Fourier)", "wsl": "cross-entropy", "munet": "MSE of the hidden pixels"}
+
+
+def plot_loss(losses: list[float], path: str, ylabel: str = LOSS_LABELS["mae"]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -18,7 +21,7 @@ def plot_loss(losses: list[float], path: str) -> None:
         smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
         ax.plot(np.arange(k, len(losses) + 1), smooth, lw=2, label=f"mean of {k}")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (0.99 MSE + 0.01 Fourier)")
+    ax.set_ylabel(ylabel)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

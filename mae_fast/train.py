@@ -1,4 +1,5 @@
-"""`mae-fast train`: pre-train an MAE / CA-MAE on a screen, on one device or many (torchrun).
+"""`mae-fast train`: pre-train an MAE / CA-MAE, or train a baseline of the seed paper (WSL DenseNet-161 with or without
+AdaBN, MU-Net-M/L; `mae_fast.baselines`), on a screen, on one device or many (torchrun).
 
 Configuration = a preset name + an optional YAML/TOML file + command-line overrides (`--set key=value`, dotted keys
 for the nested sections: `model.img_size=128`, `data.root=/data/rxrx3`). Everything is validated before any work
@@ -11,6 +12,21 @@ starts; unknown presets and keys are errors that list the valid ones.
 Training: Lion (paper lr per size: 1e-4 S/B, 3e-5 L; wd 0.05; betas 0.9/0.95), one-cycle cosine with 10% warm-up,
 bf16 autocast on GPUs with fp32 master weights, gradient accumulation up to the global batch, optional activation
 checkpointing and torch.compile, DDP (or FSDP for the largest models): nccl on GPUs, gloo on CPUs.
+
+Baselines (`--preset wsl_densenet161_256`, `wsl_densenet161_adabn_256`, `munet_m_256`, `munet_l_256`, or their
+micro versions) go through the same loop, schedule, checkpoints and resume; what differs:
+    optimiser      the preset's: SGD with Nesterov momentum (WSL; lr 0.1 per 256 crops, scaled linearly with
+                   global_batch) or AdamW (MU-Net; lr 1e-3), with the same one-cycle cosine schedule
+    model keys     `model.*` keys are the baseline config's (WSLConfig / MUNetConfig); MAE-only keys, Lion's
+                   optimizer_impl, activation checkpointing and FSDP are refused (DDP works)
+    WSL labels     only sites with a perturbation label are trained on; the classes (sorted perturbation names)
+                   are stored in every checkpoint (`classes` in config.json and train_state.pt); model.num_classes
+                   is set from them; each micro-batch's labels come from its crops' sites
+    AdaBN          every micro-batch is from one plate: per data shard, one crop loader per plate, and a
+                   PlateBatchSampler that chooses which plate gives the next micro-batch (plates in proportion to
+                   their crops, order seeded per epoch); resumable (sampler position + every plate loader's state);
+                   model.virtual_batch_size must be <= micro_batch
+    figures        reconstructions only for models that reconstruct (MAE, MU-Net); MFU is n/a (no FLOP count)
 
 Data and determinism. The global batch of a step is `global_batch / micro_batch` micro-batches j = 0, 1, ...;
 micro-batch j comes from *data shard* j % S (S = `data.shards`, default the world size) and runs on rank j % W.
@@ -51,12 +67,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from mae_fast import baselines as bl
 from mae_fast.checkpoint import (
     CONFIG_NAME, WEIGHTS_NAME, CheckpointError, atomic_write, from_timm_state_dict, load_any,
     load_state_dict_strict, save_model,
 )
 from mae_fast.models import PRESETS, MAEConfig, MaskedAutoencoder, get_config, list_presets
 from mae_fast.optim import Lion, lion_param_groups, one_cycle_cosine
+
+ModelConfig = Union[MAEConfig, bl.WSLConfig, bl.MUNetConfig]
 
 STATE_NAME = "train_state.pt"
 CHECKPOINT_DIR = "checkpoints"
@@ -104,7 +123,8 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     preset: str = "mae_vit_small_patch16_256"
-    model: dict = field(default_factory=dict)       # MAEConfig overrides, e.g. {"img_size": 128}
+    model: dict = field(default_factory=dict)       # model config overrides, e.g. {"img_size": 128} (MAEConfig, or
+                                                    # the baseline's WSLConfig / MUNetConfig)
     data: DataConfig = field(default_factory=DataConfig)
     out_dir: str = "runs/mae"
     overwrite: bool = False
@@ -116,11 +136,11 @@ class TrainConfig:
     steps: int = 0                       # optimiser steps (or give `crops`)
     crops: int = 0                       # crops to train on: steps = ceil(crops / global_batch)
     max_seconds: float = 0.0             # stop early after this wall time (checkpoint written; 0 = no limit)
-    lr: float | None = None              # peak lr (default: the preset's paper value)
-    weight_decay: float | None = None    # default: the preset's (0.05)
-    betas: tuple[float, float] | None = None
+    lr: float | None = None              # peak lr (default: the preset's paper value; WSL: scaled with global_batch)
+    weight_decay: float | None = None    # default: the preset's (0.05; WSL 1e-4)
+    betas: tuple[float, float] | None = None  # Lion / AdamW (not SGD)
     warmup_fraction: float = 0.1
-    optimizer_impl: str = "auto"         # Lion backend: auto, reference, foreach, triton, cpp
+    optimizer_impl: str = "auto"         # Lion backend: auto, reference, foreach, triton, cpp (MAE only)
     amp: str = "auto"                    # auto (bf16 on GPU, fp32 on CPU), bf16, fp32
     activation_checkpointing: bool = False
     compile: bool = False
@@ -139,9 +159,11 @@ class TrainConfig:
     tensorboard: bool = True             # also write TensorBoard events when tensorboard is installed
 
     def to_dict(self) -> dict:
+        """The JSON form (tuples as lists, so a saved config compares equal to a live one)."""
         d = dataclasses.asdict(self)
         if d["betas"] is not None:
             d["betas"] = list(d["betas"])
+        d["model"] = {k: list(v) if isinstance(v, tuple) else v for k, v in d["model"].items()}
         return d
 
     @classmethod
@@ -159,14 +181,41 @@ RESUME_MAY_CHANGE = {
 }
 
 
-def _model_fields() -> dict[str, Any]:
-    hints = typing.get_type_hints(MAEConfig)
-    return {k: v for k, v in hints.items() if k != "name"}
+def model_config_class(preset: str | None) -> type:
+    """The config class of a preset: a baseline's WSLConfig / MUNetConfig, else MAEConfig."""
+    if preset and bl.is_baseline(preset):
+        return type(bl.get_baseline_config(preset))
+    return MAEConfig
+
+
+def _fields_of(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.name != "name"}
+
+
+def _model_fields(preset: str | None = None) -> dict[str, Any]:
+    """The `model.*` keys of `preset` (MAEConfig's when None or an MAE preset) and their types."""
+    return _fields_of(model_config_class(preset))
+
+
+def _all_model_fields() -> dict[str, Any]:
+    """Every model key of any model family (MAE first), with the type of the first family that has it."""
+    out: dict[str, Any] = {}
+    for cls in (MAEConfig, *bl.CONFIG_CLASSES.values()):
+        for k, v in _fields_of(cls).items():
+            out.setdefault(k, v)
+    return out
+
+
+def model_family(model_cfg) -> str:
+    """"mae", "wsl" or "munet"."""
+    return getattr(model_cfg, "family", "mae")
 
 
 def valid_keys() -> list[str]:
     top = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("model", "data")]
-    return top + [f"data.{f.name}" for f in dataclasses.fields(DataConfig)] + [f"model.{k}" for k in _model_fields()]
+    return (top + [f"data.{f.name}" for f in dataclasses.fields(DataConfig)]
+            + [f"model.{k}" for k in _all_model_fields()])
 
 
 def _type_name(hint) -> str:
@@ -207,6 +256,9 @@ def _coerce(value, hint, key: str):
         items = value if isinstance(value, (list, tuple)) else [value]
         return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(items)]
     elif origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:  # tuple[int, ...]
+            items = value if isinstance(value, (list, tuple)) else [value]
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(items))
         if isinstance(value, (list, tuple)) and len(value) == len(args):
             return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     elif hint is dict or origin is dict:
@@ -229,10 +281,13 @@ def set_key(cfg: TrainConfig, key: str, value) -> None:
             set_key(cfg, f"{key}.{k}", v)
         return
     if parts[0] == "model" and len(parts) == 2:
-        hints = _model_fields()
-        if parts[1] not in hints:
+        # typed by the current preset's family when it has the key; whether the key fits the preset finally
+        # chosen (a config file may set the preset after its model keys) is checked by resolve_model_config
+        hints = _model_fields(cfg.preset)
+        hint = hints.get(parts[1], _all_model_fields().get(parts[1]))
+        if hint is None:
             raise _unknown_key(key)
-        cfg.model[parts[1]] = _coerce(value, hints[parts[1]], key)
+        cfg.model[parts[1]] = _coerce(value, hint, key)
         return
     if parts[0] == "data" and len(parts) == 2:
         hints = typing.get_type_hints(DataConfig)
@@ -328,14 +383,22 @@ def build_config(preset: str | None = None, config_file: str | None = None, over
 class RunPlan:
     """The resolved numbers of a run."""
 
-    model_cfg: MAEConfig
+    model_cfg: ModelConfig          # WSL: num_classes is filled in from the dataset's labels before the model is built
     total_steps: int
     n_micro: int                    # micro-batches per optimiser step, all ranks together
     shards: int                     # data shards S
     world_size: int
     lr: float
     weight_decay: float
-    betas: tuple[float, float]
+    betas: tuple[float, float] | None   # None for SGD
+
+    @property
+    def family(self) -> str:
+        return model_family(self.model_cfg)
+
+    @property
+    def adabn(self) -> bool:
+        return bool(getattr(self.model_cfg, "adabn", False))
 
     def local_micro(self, rank: int) -> list[int]:
         """The micro-batch numbers j that `rank` runs every step."""
@@ -350,9 +413,57 @@ def _check_choice(key: str, value, choices) -> None:
         raise ConfigError(f"config key {key!r} is {value!r}; valid values: {', '.join(map(str, choices))}")
 
 
-def resolve_model_config(cfg: TrainConfig) -> MAEConfig:
+def all_presets() -> list[str]:
+    return list_presets() + bl.list_baselines()
+
+
+def _foreign_model_keys(cfg: TrainConfig, cls: type) -> None:
+    fields = _fields_of(cls)
+    foreign = sorted(set(cfg.model) - set(fields))
+    if foreign:
+        kind = f"the baseline {cfg.preset} ({cls.__name__})" if cls is not MAEConfig else \
+            f"the MAE preset {cfg.preset} (MAEConfig)"
+        raise ConfigError(f"model key(s) {', '.join('model.' + k for k in foreign)} do not apply to {kind}; its "
+                          f"model keys: {', '.join('model.' + k for k in fields)}")
+
+
+def resolve_baseline_config(cfg: TrainConfig):
+    """The baseline preset with the `model.*` overrides (typed by its config class), and the MAE-only settings
+    refused."""
+    cls = model_config_class(cfg.preset)
+    _foreign_model_keys(cfg, cls)
+    if "num_classes" in cfg.model:
+        raise ConfigError("model.num_classes is not set by hand: the trainer sets it to the number of perturbation "
+                          "labels of the selected sites (select them with data.perturbations)")
+    fields = _fields_of(cls)
+    overrides = {k: _coerce(v, fields[k], f"model.{k}") for k, v in cfg.model.items()}
+    try:
+        model_cfg = bl.get_baseline_config(cfg.preset, **overrides)
+    except (KeyError, ValueError, TypeError) as err:
+        raise ConfigError(f"preset {cfg.preset}: {str(err).strip(chr(34))}") from err
+    refused = {
+        "activation_checkpointing": (cfg.activation_checkpointing, "activation checkpointing is implemented for the "
+                                     "MAE's transformer blocks only"),
+        "distributed": (cfg.distributed == "fsdp", "FSDP shards the MAE's transformer blocks; train baselines with "
+                        "DDP (distributed=ddp)"),
+        "optimizer_impl": (cfg.optimizer_impl != "auto", "optimizer_impl picks Lion's kernel; baselines use torch's "
+                           + ("SGD" if model_cfg.optimizer == "sgd" else "AdamW")),
+        "betas": (cfg.betas is not None and model_cfg.optimizer == "sgd", "the WSL baseline trains with SGD "
+                  "(momentum), which has no betas; set model.momentum instead"),
+    }
+    for key, (bad, why) in refused.items():
+        if bad:
+            raise ConfigError(f"config key {key!r} ({getattr(cfg, key)!r}) does not apply to the baseline "
+                              f"{cfg.preset}: {why}")
+    return model_cfg
+
+
+def resolve_model_config(cfg: TrainConfig) -> ModelConfig:
+    if bl.is_baseline(cfg.preset):
+        return resolve_baseline_config(cfg)
     if cfg.preset not in PRESETS:
-        raise ConfigError(f"unknown preset {cfg.preset!r}; valid presets: {', '.join(list_presets())}")
+        raise ConfigError(f"unknown preset {cfg.preset!r}; valid presets: {', '.join(all_presets())}")
+    _foreign_model_keys(cfg, MAEConfig)
     try:
         model_cfg = get_config(cfg.preset, **cfg.model)
     except (KeyError, ValueError, TypeError) as err:
@@ -404,12 +515,33 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> RunPlan:
             f"global_batch / micro_batch = {n_micro} micro-batches per step do not split evenly over "
             f"{shards} data shards (world size {world_size}); change global_batch, micro_batch or data.shards")
     total = cfg.steps if cfg.steps > 0 else math.ceil(cfg.crops / cfg.global_batch)
+    if model_family(model_cfg) != "mae":
+        return _baseline_plan(cfg, model_cfg, total, n_micro, shards, world_size)
     lr = model_cfg.lr if cfg.lr is None else cfg.lr
     wd = model_cfg.weight_decay if cfg.weight_decay is None else cfg.weight_decay
     betas = tuple(model_cfg.betas if cfg.betas is None else cfg.betas)
     if lr <= 0 or wd < 0 or not all(0.0 <= b < 1.0 for b in betas):
         raise ConfigError(f"invalid optimiser settings lr={lr}, weight_decay={wd}, betas={betas}")
     model_cfg = replace(model_cfg, lr=lr, weight_decay=wd, betas=betas)
+    return RunPlan(model_cfg, total, n_micro, shards, world_size, lr, wd, betas)
+
+
+def _baseline_plan(cfg: TrainConfig, model_cfg, total: int, n_micro: int, shards: int, world_size: int) -> RunPlan:
+    """Optimiser numbers of a baseline: lr = the preset's `peak_lr(global_batch)` (linear scaling for WSL's SGD)
+    unless given; the model config keeps its base lr (per `lr_batch` crops) and records wd/betas as used."""
+    lr = model_cfg.peak_lr(cfg.global_batch) if cfg.lr is None else cfg.lr
+    wd = model_cfg.weight_decay if cfg.weight_decay is None else cfg.weight_decay
+    betas = None
+    if model_cfg.optimizer == "adamw":
+        betas = tuple(model_cfg.betas if cfg.betas is None else cfg.betas)
+        model_cfg = replace(model_cfg, betas=betas)
+    if lr <= 0 or wd < 0 or (betas is not None and not all(0.0 <= b < 1.0 for b in betas)):
+        raise ConfigError(f"invalid optimiser settings lr={lr}, weight_decay={wd}, betas={betas}")
+    if getattr(model_cfg, "adabn", False) and model_cfg.virtual_batch_size > cfg.micro_batch:
+        raise ConfigError(f"model.virtual_batch_size {model_cfg.virtual_batch_size} is larger than micro_batch "
+                          f"{cfg.micro_batch}: ghost batch norm normalises virtual batches within one micro-batch "
+                          "(of one plate); lower model.virtual_batch_size or raise micro_batch")
+    model_cfg = replace(model_cfg, weight_decay=wd)
     return RunPlan(model_cfg, total, n_micro, shards, world_size, lr, wd, betas)
 
 
@@ -499,7 +631,7 @@ def build_site_index(data: DataConfig):
 
 
 class ShardStream:
-    """Endless batches of one data shard's crop loader, epoch after epoch."""
+    """Endless batches of one data shard's crop loader, epoch after epoch (with return_info: (batch, CropInfo))."""
 
     def __init__(self, loader):
         self.loader = loader
@@ -522,8 +654,8 @@ class ShardStream:
         self._it = None
 
 
-def make_shard_streams(index, cfg: TrainConfig, plan: RunPlan, rank: int,
-                       device: torch.device) -> dict[int, ShardStream]:
+def make_shard_streams(index, cfg: TrainConfig, plan: RunPlan, rank: int, device: torch.device,
+                       return_info: bool = False) -> dict[int, ShardStream]:
     from mae_fast.data.loader import make_train_loader
 
     streams = {}
@@ -533,11 +665,150 @@ def make_shard_streams(index, cfg: TrainConfig, plan: RunPlan, rank: int,
                 index, crop_size=plan.model_cfg.img_size, batch_size=cfg.micro_batch,
                 crops_per_image=cfg.data.crops_per_image, seed=cfg.seed, rank=s, world_size=plan.shards,
                 backend=cfg.data.backend, device=device, num_workers=cfg.data.num_workers,
-                shuffle_sites=cfg.data.shuffle_sites, on_error=cfg.data.on_error)
+                shuffle_sites=cfg.data.shuffle_sites, on_error=cfg.data.on_error, return_info=return_info)
         except ValueError as err:
             raise ConfigError(f"data shard {s} of {plan.shards}: {err}") from err
         streams[s] = ShardStream(loader)
     return streams
+
+
+def plate_key(site) -> tuple[str, str]:
+    return (site.experiment, site.plate)
+
+
+class PlateShardStream:
+    """One data shard of an AdaBN run: endless (batch, CropInfo) micro-batches, each from a single plate.
+
+    One crop loader per plate (over that plate's sites, sharded like the plain loader: rank s of S); a
+    PlateBatchSampler over the same plates' crops (rank s of S, seeded per epoch) gives the plate of each next
+    micro-batch -- plates in proportion to their crops, interleaved in a seeded order. CropInfo.site_index is
+    mapped back to positions in the full index (labels are looked up there).
+
+    Only `max_open` plate loaders keep a live iterator (and DataLoader workers); a plate whose iterator was closed
+    continues exactly where it stopped (the loader counts yielded batches). Plate loaders default to windows of
+    ceil(micro_batch / crops_per_image) sites, so a window is one micro-batch and reopening decodes nothing twice.
+    State: sampler epoch and position + every plate loader's state."""
+
+    max_open = 2
+
+    def __init__(self, sampler, loaders: dict, positions: dict):
+        self.sampler = sampler
+        self.streams = {key: ShardStream(loader) for key, loader in loaders.items()}
+        self.positions = positions             # plate key -> (n_plate_sites,) positions in the full index
+        self.epoch, self.position = sampler.epoch, 0
+        self._order: tuple[int, list] | None = None
+        self._open: list = []                  # plate keys with a live iterator, least recently used first
+
+    def plates_of_epoch(self) -> list:
+        """The plate key of every micro-batch of the current sampler epoch, in order."""
+        if self._order is None or self._order[0] != self.epoch:
+            self.sampler.set_epoch(self.epoch)
+            self._order = (self.epoch, [self.sampler.plate_of(batch) for batch in self.sampler])
+        return self._order[1]
+
+    def _touch(self, key) -> None:
+        if key in self._open:
+            self._open.remove(key)
+        self._open.append(key)
+        while len(self._open) > self.max_open:
+            stale = self.streams[self._open.pop(0)]
+            if stale._it is not None:
+                stale._it.close()  # ends its DataLoader workers; the loader state keeps the position
+                stale._it = None
+
+    def next(self):
+        from mae_fast.data.loader import CropInfo
+
+        order = self.plates_of_epoch()
+        if self.position >= len(order):
+            self.epoch, self.position = self.epoch + 1, 0
+            order = self.plates_of_epoch()
+        key = order[self.position]
+        self.position += 1
+        self._touch(key)
+        images, info = self.streams[key].next()
+        site_index = self.positions[key][info.site_index]
+        return images, CropInfo(site_index, info.y, info.x, info.hflip, info.vflip)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "batch_size": self.sampler.batch_size,
+                "plates": [[key[0], key[1], stream.state_dict()] for key, stream in self.streams.items()]}
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = [(e, p) for e, p, _ in state["plates"]]
+        if saved != list(self.streams) or state["batch_size"] != self.sampler.batch_size:
+            raise ValueError(f"the AdaBN loader state was saved for plates {saved[:5]}{'...' if len(saved) > 5 else ''}"
+                             f" (batch {state['batch_size']}), this run has {list(self.streams)[:5]} (batch "
+                             f"{self.sampler.batch_size}); an exact resume needs the same data")
+        for e, p, loader_state in state["plates"]:
+            self.streams[(e, p)].load_state_dict(loader_state)
+        self.epoch, self.position, self._order, self._open = int(state["epoch"]), int(state["position"]), None, []
+
+
+def make_plate_streams(index, cfg: TrainConfig, plan: RunPlan, rank: int, device: torch.device,
+                       log=None) -> dict[int, PlateShardStream]:
+    """The AdaBN data shards (see PlateShardStream). Plates with fewer than micro_batch crops per data shard and
+    epoch cannot give a single-plate micro-batch: they are left out (reported through `log`)."""
+    from mae_fast.data.loader import default_crops_per_image, make_train_loader
+    from mae_fast.data.samplers import PlateBatchSampler
+
+    crop, B, S = plan.model_cfg.img_size, cfg.micro_batch, plan.shards
+    k = cfg.data.crops_per_image or default_crops_per_image(index, crop)
+    window = cfg.data.shuffle_sites or math.ceil(B / k)
+    members: dict[tuple, list[int]] = {}
+    for i, site in enumerate(index):
+        members.setdefault(plate_key(site), []).append(i)
+    usable = {key: m for key, m in members.items() if (len(m) // S) * k >= B}
+    left_out = sorted(set(members) - set(usable))
+    if not usable:
+        largest = max(len(m) for m in members.values())
+        raise ConfigError(
+            f"AdaBN training needs single-plate micro-batches of {B} crops, but no plate has that many per data shard "
+            f"({len(members)} plate(s), largest {largest} sites x {k} crops per site / {S} shard(s)); lower "
+            "micro_batch or raise data.crops_per_image")
+    if left_out and log is not None:
+        log(f"AdaBN: {len(left_out)} plate(s) have fewer than micro_batch={B} crops per data shard and are not "
+            f"trained on (first: {left_out[0][0]}/Plate{left_out[0][1]})")
+    sub_index = index.select(where=lambda s: plate_key(s) in usable)
+    plate_index = {key: _sites_at(index, m) for key, m in usable.items()}
+    streams = {}
+    for s in plan.local_shards(rank):
+        try:
+            sampler = PlateBatchSampler.from_index(sub_index, B, repeat=k, train=True, seed=cfg.seed, rank=s,
+                                                   world_size=S)
+            loaders = {key: make_train_loader(
+                plate_index[key], crop_size=crop, batch_size=B, crops_per_image=k, seed=cfg.seed, rank=s,
+                world_size=S, backend=cfg.data.backend, device=device, num_workers=cfg.data.num_workers,
+                shuffle_sites=window, on_error=cfg.data.on_error, return_info=True) for key in usable}
+        except ValueError as err:
+            raise ConfigError(f"data shard {s} of {S} (AdaBN, one plate per micro-batch): {err}") from err
+        positions = {key: np.asarray(m, dtype=np.int64) for key, m in usable.items()}
+        streams[s] = PlateShardStream(sampler, loaders, positions)
+    return streams
+
+
+def _sites_at(index, positions: list[int]):
+    """The sub-index of the sites at sorted `positions` (a plate's sites are usually one run of the sorted index)."""
+    if positions[-1] - positions[0] + 1 == len(positions):
+        return index[positions[0]:positions[-1] + 1]
+    wanted = {index[i].key for i in positions}
+    return index.select(where=lambda s: s.key in wanted)
+
+
+def wsl_labels(index, classes=None):
+    """The labelled sites of `index` and their PerturbationLabels (classes: a checkpoint's, on resume)."""
+    labelled = index.select(where=lambda s: s.perturbation is not None)
+    if len(labelled) == 0:
+        raise ConfigError(f"the WSL baseline trains on perturbation labels, but none of the {len(index)} selected "
+                          "sites has one (metadata gene / treatment / sirna)")
+    try:
+        labels = bl.PerturbationLabels.from_index(labelled, classes=classes)
+    except ValueError as err:
+        raise ConfigError(f"WSL labels: {err}") from err
+    if len(labels) < 2:
+        raise ConfigError(f"the WSL classifier needs at least 2 perturbation classes; the selected sites have "
+                          f"{len(labels)} ({', '.join(labels.classes)})")
+    return labelled, labels
 
 
 def validation_batch(index, cfg: TrainConfig, plan: RunPlan, device: torch.device) -> torch.Tensor:
@@ -701,17 +972,18 @@ def load_optimizer_state(wrapped: torch.nn.Module, optimizer: torch.optim.Optimi
     set_optimizer_state_dict(wrapped, optimizer, state, options=_state_dict_options(cpu_offload=False))
 
 
-def _model_for_saving(cfg: MAEConfig, state: dict[str, torch.Tensor]) -> MaskedAutoencoder:
+def _model_for_saving(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> torch.nn.Module:
     """A CPU model holding `state` (for saving and figures when the training model is sharded)."""
-    model = MaskedAutoencoder(cfg)
+    model = build_model(cfg)
     load_state_dict_strict(model, state, "gathered weights")
     return model
 
 
-def write_checkpoint(out_dir: str, step: int, cfg: MAEConfig, model_state: dict, train_state: dict,
-                     keep_last: int) -> str:
+def write_checkpoint(out_dir: str, step: int, cfg: ModelConfig, model_state: dict, train_state: dict,
+                     keep_last: int, extra: dict | None = None) -> str:
     """checkpoints/step_N/ written in a temporary folder, every file fsynced, then renamed into place; older
-    checkpoints beyond the last `keep_last` are removed afterwards."""
+    checkpoints beyond the last `keep_last` are removed afterwards. `extra`: more keys for config.json (the WSL
+    classes)."""
     root = os.path.join(out_dir, CHECKPOINT_DIR)
     final = os.path.join(root, step_dir_name(step))
     if os.path.isdir(final):
@@ -719,7 +991,7 @@ def write_checkpoint(out_dir: str, step: int, cfg: MAEConfig, model_state: dict,
     os.makedirs(root, exist_ok=True)
     tmp = os.path.join(root, f".tmp-{step_dir_name(step)}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_model(_StateHolder(cfg, model_state), tmp, extra={"step": step})
+    save_model(_StateHolder(cfg, model_state), tmp, extra={"step": step, **(extra or {})})
     atomic_write(os.path.join(tmp, STATE_NAME), lambda path: torch.save(train_state, path))
     os.replace(tmp, final)
     _fsync_dir(root)
@@ -731,7 +1003,7 @@ def write_checkpoint(out_dir: str, step: int, cfg: MAEConfig, model_state: dict,
 class _StateHolder:
     """What checkpoint.save_model needs from a model: `cfg` and `state_dict()` (no second copy of the weights)."""
 
-    def __init__(self, cfg: MAEConfig, state: dict[str, torch.Tensor]):
+    def __init__(self, cfg: ModelConfig, state: dict[str, torch.Tensor]):
         self.cfg, self._state = cfg, state
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -756,10 +1028,25 @@ def read_weights(path: str) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{os.path.join(path, WEIGHTS_NAME)} is not a readable safetensors file: {err}") from err
 
 
-def load_pretrained(path: str, cfg: MAEConfig | None = None) -> tuple[MaskedAutoencoder, str]:
+def build_model(cfg: ModelConfig) -> torch.nn.Module:
+    """A freshly initialised model of any family (MAE / CA-MAE, WSL, MU-Net)."""
+    return MaskedAutoencoder(cfg) if model_family(cfg) == "mae" else bl.create_baseline(cfg)
+
+
+def _baseline_from_state(cfg, state: dict[str, torch.Tensor], path: str):
+    """A baseline of architecture `cfg` holding a bare state dict; a WSL head's class count is read from it."""
+    if model_family(cfg) == "wsl" and "head.weight" in state:
+        cfg = replace(cfg, num_classes=int(state["head.weight"].shape[0]))
+    model = bl.create_baseline(cfg)
+    load_state_dict_strict(model, state, path)
+    return model
+
+
+def load_pretrained(path: str, cfg: ModelConfig | None = None) -> tuple[torch.nn.Module, str]:
     """A model from any supported source -> (model, kind), kind one of "ours", "openphenom", "timm":
-    our checkpoint folder (or a training run folder: its `model/`), an OpenPhenom folder or file, or a timm state
-    dict file of an encoder (safetensors or weights-only torch), which needs the architecture `cfg` (a preset)."""
+    our checkpoint folder (or a training run folder: its `model/`; MAE or baseline), an OpenPhenom folder or file,
+    or a single state dict file (safetensors or weights-only torch) -- a timm encoder, or our full model's weights
+    (MAE or baseline) -- which needs the architecture `cfg` (a preset)."""
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
     if os.path.isdir(path):
@@ -777,6 +1064,8 @@ def load_pretrained(path: str, cfg: MAEConfig | None = None) -> tuple[MaskedAuto
     if cfg is None:
         raise CheckpointError(f"{path} is a single weights file: give the preset of its architecture (--preset) to "
                               "read it as a timm encoder state dict")
+    if model_family(cfg) != "mae":
+        return _baseline_from_state(cfg, state, path), "ours"
     if any(k.startswith(("encoder.", "decoder.")) for k in state):  # our full model's names
         model = MaskedAutoencoder(cfg)
         load_state_dict_strict(model, state, path)
@@ -784,10 +1073,13 @@ def load_pretrained(path: str, cfg: MAEConfig | None = None) -> tuple[MaskedAuto
     return from_timm_state_dict(state, cfg, path), "timm"
 
 
-def init_weights_from(path: str, model: MaskedAutoencoder) -> None:
+def init_weights_from(path: str, model: torch.nn.Module) -> None:
     """Load pre-trained weights into `model`; the architectures must match (mismatched keys are named). A timm
     encoder fills the encoder only (the decoder keeps its fresh initialisation)."""
     loaded, kind = load_pretrained(path, model.cfg)
+    if model_family(loaded.cfg) != model_family(model.cfg):
+        raise CheckpointError(f"{path} holds a {model_family(loaded.cfg)} model ({loaded.cfg.name}); this run trains "
+                              f"a {model_family(model.cfg)} model ({model.cfg.name})")
     if kind == "timm":
         load_state_dict_strict(model.encoder, loaded.encoder.state_dict(), path)
     else:
@@ -914,7 +1206,11 @@ class MetricsLog:
 # Throughput and MFU
 # ------------------------------------------------------------------------------------------------------------
 
-def training_flops_per_crop(cfg: MAEConfig) -> int | None:
+def training_flops_per_crop(cfg: ModelConfig) -> int | None:
+    """Exact training FLOPs per crop of an MAE config; None (MFU shown as n/a) for what `mae_fast.flops` does not
+    count: the baselines."""
+    if model_family(cfg) != "mae":
+        return None
     try:
         from mae_fast import flops
     except ImportError:
@@ -930,8 +1226,7 @@ def matmul_ceiling_tflops(device: torch.device) -> float | None:
     try:
         from mae_fast.bench import measure_matmul_ceiling
 
-        return float(measure_matmul_ceiling(device, size=None if device.type == "cuda" else 512,
-                                            repeats=None if device.type == "cuda" else 3)["tflops"])
+        return float(measure_matmul_ceiling(device)["tflops"])  # the same measurement as `mae-fast bench`
     except Exception:  # noqa: BLE001
         return None
 
@@ -946,9 +1241,13 @@ def _clean_name(name: str) -> str:
     return name
 
 
-def wrap_model(core: MaskedAutoencoder, cfg: TrainConfig, info: DistInfo, device: torch.device) -> torch.nn.Module:
+def wrap_model(core: torch.nn.Module, cfg: TrainConfig, info: DistInfo, device: torch.device) -> torch.nn.Module:
     if not info.active:
         return core
+    if model_family(core.cfg) != "mae":  # batch norm running statistics: rank 0's are broadcast at each forward
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(core, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.distributed == "fsdp":
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
         from torch.distributed.fsdp.wrap import ModuleWrapPolicy
@@ -967,6 +1266,12 @@ def wrap_model(core: MaskedAutoencoder, cfg: TrainConfig, info: DistInfo, device
     no_sync_buffers = {"forward_sync_buffers": False} if new_api else {"broadcast_buffers": False}
     return DDP(core, device_ids=[device.index] if device.type == "cuda" else None,
                find_unused_parameters=core.cfg.fc_norm, **no_sync_buffers)  # fc_norm is used by embed() only
+
+
+def make_baseline_optimizer(core: torch.nn.Module, plan: RunPlan) -> torch.optim.Optimizer:
+    """The baseline's optimiser (SGD Nesterov for WSL, AdamW for MU-Net) at the plan's lr / wd / betas; weight decay
+    on conv and linear weights only. Built on the unwrapped model (DDP shares its parameters)."""
+    return bl.build_optimizer(core, plan.model_cfg, lr=plan.lr, weight_decay=plan.weight_decay, betas=plan.betas)
 
 
 def make_optimizer(wrapped: torch.nn.Module, decay_names: set[str], plan: RunPlan, impl: str) -> Lion:
@@ -1007,8 +1312,9 @@ class TrainResult:
     metrics_path: str
     loss_curve_path: str | None
     recon_paths: list[str]
-    model: MaskedAutoencoder | None = field(default=None, repr=False)  # the trained model in eval mode (every rank
-                                                                         # under DDP, rank 0 under FSDP)
+    model: torch.nn.Module | None = field(default=None, repr=False)  # the trained model in eval mode (every rank
+                                                                       # under DDP, rank 0 under FSDP)
+    classes: tuple[str, ...] | None = None   # WSL: the perturbation classes, in label order
 
 
 def _log(info: DistInfo, text: str, bar=None) -> None:
@@ -1076,30 +1382,64 @@ def _prepare(cfg: TrainConfig, plan: RunPlan, info: DistInfo, device: torch.devi
         if missing:
             raise CheckpointError(f"{path} has no loader state for data shard(s) {missing}")
     index = build_site_index(cfg.data)
-    streams = make_shard_streams(index, cfg, plan, info.rank, device)
+    labels, notes = None, []
+    if plan.family == "wsl":  # the classifier's classes: the labelled sites' perturbations (a resumed run's own)
+        n_all = len(index)
+        index, labels = wsl_labels(index, list(state["classes"]) if state is not None else None)
+        plan.model_cfg = replace(plan.model_cfg, num_classes=len(labels))
+        if len(index) < n_all:
+            notes.append(f"{n_all - len(index)} site(s) without a perturbation label are not trained on")
+    if plan.adabn:
+        streams = make_plate_streams(index, cfg, plan, info.rank, device, log=notes.append)
+    else:
+        streams = make_shard_streams(index, cfg, plan, info.rank, device, return_info=labels is not None)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    core = MaskedAutoencoder(plan.model_cfg)
+    core = build_model(plan.model_cfg)
     if state is not None:
         load_state_dict_strict(core, read_weights(path), os.path.join(path, WEIGHTS_NAME))
     elif cfg.init_from:
         init_weights_from(cfg.init_from, core)
-    return index, streams, core, resume_step, state
+    return index, streams, core, resume_step, state, labels, notes
+
+
+def micro_inputs(batch, labels, device: torch.device):
+    """A stream's batch -> (images, labels or None); WSL labels come from the sites of the crops (CropInfo)."""
+    if not isinstance(batch, tuple):
+        return batch, None
+    images, info = batch
+    return images, (labels.for_crops(info, device) if labels is not None else None)
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
+
+
+def _optimizer_name(plan: RunPlan) -> str:
+    if plan.family == "mae":
+        return "Lion"
+    return "SGD (Nesterov)" if plan.model_cfg.optimizer == "sgd" else "AdamW"
 
 
 def _train(cfg: TrainConfig, plan: RunPlan, info: DistInfo, device: torch.device, amp) -> TrainResult:
     from tqdm import tqdm
 
-    index, streams, core, resume_step, state = agree(lambda: _prepare(cfg, plan, info, device), info)
+    index, streams, core, resume_step, state, labels, notes = agree(lambda: _prepare(cfg, plan, info, device), info)
     if info.is_main:
         prepare_output(cfg)
         _write_json(os.path.join(cfg.out_dir, "train_config.json"), cfg.to_dict())
     barrier(info)
+    checkpoint_extra = {"classes": list(labels.classes)} if labels is not None else {}
 
     core.to(device).train()
     n_params = sum(p.numel() for p in core.parameters())
-    decay_names = decayed_parameter_names(core)
-    wrapped = wrap_model(core, cfg, info, device)
-    optimizer = make_optimizer(wrapped, decay_names, plan, cfg.optimizer_impl)
+    if plan.family == "mae":
+        decay_names = decayed_parameter_names(core)
+        wrapped = wrap_model(core, cfg, info, device)
+        optimizer = make_optimizer(wrapped, decay_names, plan, cfg.optimizer_impl)
+    else:
+        wrapped = wrap_model(core, cfg, info, device)
+        optimizer = make_baseline_optimizer(core, plan)
+    can_reconstruct = hasattr(core, "reconstruct")
     forward = torch.compile(wrapped, backend=cfg.compile_backend) if cfg.compile else wrapped
 
     start_step, crops_seen, losses = 0, 0, []
@@ -1112,7 +1452,7 @@ def _train(cfg: TrainConfig, plan: RunPlan, info: DistInfo, device: torch.device
         start_step, crops_seen = int(state["step"]), int(state["crops"])
         losses = [float(x) for x in state["losses"].tolist()]
 
-    val_images = validation_batch(index, cfg, plan, device) if info.is_main else None
+    val_images = validation_batch(index, cfg, plan, device) if info.is_main and can_reconstruct else None
     flops_per_crop = training_flops_per_crop(plan.model_cfg)
     ceiling = cfg.peak_tflops or (matmul_ceiling_tflops(device) if (flops_per_crop and info.is_main) else None)
     metrics = MetricsLog(cfg.out_dir, resume_step, cfg.tensorboard) if info.is_main else None
@@ -1124,10 +1464,14 @@ def _train(cfg: TrainConfig, plan: RunPlan, info: DistInfo, device: torch.device
             return None
         return rate * flops_per_crop / (ceiling * 1e12 * info.world_size)
 
-    _log(info, (f"training {plan.model_cfg.name} ({n_params / 1e6:.1f}M params) "
-                f"on {len(index)} sites: {plan.total_steps} steps x global batch {cfg.global_batch} "
+    for note in notes:
+        _log(info, note)
+    _log(info, (f"training {plan.model_cfg.name} ({_count(n_params)} params"
+                + (f", {len(labels)} classes" if labels is not None else "")
+                + (", one plate per micro-batch" if plan.adabn else "")
+                + f") on {len(index)} sites: {plan.total_steps} steps x global batch {cfg.global_batch} "
                 f"({info.world_size} rank(s) x {n_local} micro-batch(es) of {cfg.micro_batch}; {plan.shards} data "
-                f"shard(s)), lr {plan.lr:g}, {device.type}"
+                f"shard(s)), {_optimizer_name(plan)} lr {plan.lr:g}, {device.type}"
                 f"{' bf16' if amp else ' fp32'}{', ' + cfg.distributed.upper() if info.active else ''} -> {cfg.out_dir}"
                 + (f"; resuming after step {start_step}" if resume_step is not None else "")))
 
@@ -1148,15 +1492,18 @@ def _train(cfg: TrainConfig, plan: RunPlan, info: DistInfo, device: torch.device
                 "rng": rng_states, "losses": torch.tensor(losses, dtype=torch.float64),
                 "scheduler": {"step": step, "total_steps": plan.total_steps, "max_lr": plan.lr,
                               "warmup_fraction": cfg.warmup_fraction},
-                "world_size": info.world_size, "config": json.dumps(cfg.to_dict()),
+                "world_size": info.world_size, "config": json.dumps(cfg.to_dict()), **checkpoint_extra,
             }
-            path = write_checkpoint(cfg.out_dir, step, plan.model_cfg, model_state, train_state, cfg.keep_last)
+            path = write_checkpoint(cfg.out_dir, step, plan.model_cfg, model_state, train_state, cfg.keep_last,
+                                    checkpoint_extra)
         barrier(info)
         return path or os.path.join(cfg.out_dir, CHECKPOINT_DIR, step_dir_name(step))
 
     def reconstruction(step: int) -> None:
         from mae_fast.plots import plot_reconstruction
 
+        if not can_reconstruct:  # the WSL classifier has nothing to draw
+            return
         if cfg.distributed == "fsdp" and info.active:
             weights = full_model_state(wrapped)  # collective
             model = _model_for_saving(plan.model_cfg, weights).to(device) if info.is_main else None
@@ -1182,20 +1529,27 @@ def _train(cfg: TrainConfig, plan: RunPlan, info: DistInfo, device: torch.device
                 group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
             loss_sum = torch.zeros((), device=device, dtype=torch.float32)
+            accuracy_sum = torch.zeros((), device=device, dtype=torch.float32)  # WSL: top-1 on the training crops
             for i, j in enumerate(local_micro):
-                images = streams[j % plan.shards].next()
+                images, micro_labels = micro_inputs(streams[j % plan.shards].next(), labels, device)
                 torch.manual_seed(micro_seed(cfg.seed, step, j))
                 sync = contextlib.nullcontext() if (i == n_local - 1 or not info.active) else wrapped.no_sync()
                 with sync:
                     with _autocast(device, amp):
-                        loss = forward(images).loss
+                        out = forward(images) if micro_labels is None else forward(images, micro_labels)
+                        loss = out.loss
                     (loss / n_local).backward()
                 loss_sum += loss.detach().float()
+                accuracy = getattr(out, "extras", {}).get("accuracy")
+                if accuracy is not None:
+                    accuracy_sum += accuracy.detach().float()
             out_of_time = cfg.max_seconds > 0 and time.perf_counter() - t_start > cfg.max_seconds
-            stats = torch.stack([loss_sum / n_local, torch.tensor(float(out_of_time), device=device)])
+            stats = torch.stack([loss_sum / n_local, torch.tensor(float(out_of_time), device=device),
+                                 accuracy_sum / n_local])
             if info.active:
                 dist.all_reduce(stats)
                 stats[0] /= info.world_size
+                stats[2] /= info.world_size
             step_loss = float(stats[0])
             if not math.isfinite(step_loss):
                 where = (f"the last good checkpoint is {last_ckpt} (continue from it with --resume, e.g. with a "
@@ -1214,8 +1568,11 @@ def _train(cfg: TrainConfig, plan: RunPlan, info: DistInfo, device: torch.device
                 rate = window_crops / max(now - window_t, 1e-9)
                 window_t, window_crops = now, 0
                 mfu = mfu_of(rate)
-                metrics.write({"step": step, "loss": step_loss, "lr": lr, "crops": crops_seen,
-                               "crops_per_s": rate, "mfu": mfu, "time": time.time()})
+                record = {"step": step, "loss": step_loss, "lr": lr, "crops": crops_seen,
+                          "crops_per_s": rate, "mfu": mfu, "time": time.time()}
+                if labels is not None:
+                    record["accuracy"] = float(stats[2])
+                metrics.write(record)
                 bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", crops_s=f"{rate:.1f}",
                                 mfu="n/a" if mfu is None else f"{100 * mfu:.1f}%", refresh=False)
             if bar is not None:
@@ -1248,13 +1605,15 @@ def _train(cfg: TrainConfig, plan: RunPlan, info: DistInfo, device: torch.device
     else:
         final_model = core
     if info.is_main:
-        from mae_fast.plots import plot_loss
+        from mae_fast.plots import LOSS_LABELS, plot_loss
 
-        save_model(final_model, model_dir, extra={"step": step, "crops": crops_seen})
+        save_model(final_model, model_dir, extra={"step": step, "crops": crops_seen, **checkpoint_extra})
         loss_png = os.path.join(cfg.out_dir, "loss_curve.png")
         if losses:
-            plot_loss(losses, loss_png)
-        summary = {"steps": step, "total_steps": plan.total_steps, "crops": crops_seen, "seconds": seconds,
+            plot_loss(losses, loss_png, ylabel=LOSS_LABELS.get(plan.family, "loss"))
+        summary = {"model": plan.model_cfg.name, "family": plan.family, "optimizer": _optimizer_name(plan),
+                   "lr": plan.lr, "classes": len(labels) if labels is not None else None,
+                   "steps": step, "total_steps": plan.total_steps, "crops": crops_seen, "seconds": seconds,
                    "crops_per_second": rate, "mfu": mfu_of(rate), "final_loss": losses[-1] if losses else None,
                    "resumed_from": resume_step, "stopped_early": stopped_early, "world_size": info.world_size,
                    "device": str(device), "amp": "bf16" if amp else "fp32", "checkpoint": last_ckpt}
@@ -1271,6 +1630,7 @@ def _train(cfg: TrainConfig, plan: RunPlan, info: DistInfo, device: torch.device
         resumed_from=resume_step, stopped_early=stopped_early, metrics_path=os.path.join(cfg.out_dir, "metrics.jsonl"),
         loss_curve_path=loss_png, recon_paths=recon_paths,
         model=final_model.eval() if final_model is not None else None,
+        classes=labels.classes if labels is not None else None,
     )
 
 
@@ -1289,7 +1649,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crops", type=int, help="crops to train on (instead of --steps)")
     p.add_argument("--global-batch", type=int, help="crops per optimiser step, all ranks together")
     p.add_argument("--micro-batch", type=int, help="crops per forward pass on one device")
-    p.add_argument("--lr", type=float, help="peak learning rate (default: the preset's paper value)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: the preset's paper value; WSL: 0.1 per 256 "
+                                           "crops, scaled with the global batch)")
     p.add_argument("--device", help="auto, cpu, cuda")
     p.add_argument("--amp", choices=AMP_MODES, help="autocast dtype (default auto: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--bf16", action="store_true", help="same as --amp bf16 (GPU only)")
@@ -1344,6 +1705,12 @@ def run(args) -> int:
             c = PRESETS[name]
             print(f"{name:32s} dim {c.embed_dim:4d} depth {c.depth:2d} heads {c.num_heads:2d} patch {c.patch_size:2d} "
                   f"lr {c.lr:g}{' channel-agnostic' if c.channel_agnostic else ''}")
+        for name in bl.list_baselines():
+            c = bl.BASELINE_PRESETS[name]
+            what = ("WSL DenseNet" + (" + AdaBN" if c.adabn else "") if c.family == "wsl"
+                    else f"MU-Net widths {'/'.join(map(str, c.widths))}")
+            lr = f"lr {c.lr:g}" + (f" per {c.lr_batch} crops" if c.lr_batch else "")
+            print(f"{name:32s} {what}, embedding {c.embed_dim}, {c.optimizer} {lr}")
         return 0
     try:
         cfg = config_from_args(args)

@@ -5,10 +5,11 @@ from .errors import REASONS, DataError, ErrorSummary
 from .index import JUMP_CHANNELS, Site, SiteIndex
 from .loader import CropInfo, CropLoader, make_train_loader, make_val_loader
 from .pack import pack_index
+from .samplers import PlateBatchSampler, balanced_batch_sizes
 from .tiling import TileIterator, iter_tiles, tile_grid
 
 __all__ = [
     "REASONS", "DataError", "ErrorSummary", "JUMP_CHANNELS", "Site", "SiteIndex", "CropInfo", "CropLoader",
     "make_train_loader", "make_val_loader", "TileIterator", "iter_tiles", "tile_grid", "pack_index",
-    "dali_available", "read_image",
+    "dali_available", "read_image", "PlateBatchSampler", "balanced_batch_sizes",
 ]
