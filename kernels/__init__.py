@@ -13,14 +13,6 @@ formula), so that torch.compile keeps every fused op as one opaque node. Importi
 from __future__ import annotations
 
 
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def register_all(register) -> None:
     """Register the "triton" backend of every op (nothing when Triton cannot be imported)."""
     try:

@@ -121,18 +121,6 @@ def inference_flops_per_crop(cfg: MAEConfig, in_chans: int | None = None) -> int
     return matmul_flops(T, D, P) + cfg.depth * (mm + attn)
 
 
-def fourier_loss_dft_flops(cfg: MAEConfig, mask_ratio: float | None = None, in_chans: int | None = None) -> int:
-    """The Fourier loss written as DFT matrix products (vec F = (W kron W) vec x, a real pair of p^2 x p^2 products)
-    for prediction and target of every masked token and channel. Not in `forward_flops` (the reference runs it as
-    an FFT, which FLOP counters ignore); under 0.1% of a ViT-L/8 step."""
-    C = in_chans or cfg.in_chans
-    L = cfg.tokens(C)
-    masked = L - num_visible_tokens(cfg, mask_ratio, C)
-    planes = masked * (1 if cfg.channel_agnostic else C) * 2  # prediction and target
-    p2 = cfg.patch_size**2
-    return planes * 2 * matmul_flops(p2, 1, p2)  # real and imaginary parts
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Paper method (Kraus et al. 2023, appendix A.3)
 # --------------------------------------------------------------------------------------------------------------

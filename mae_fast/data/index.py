@@ -44,7 +44,6 @@ RXRX3_CORE_KEY_RE = re.compile(r"^(?P<experiment>[^/]+)/Plate(?P<plate>[^/]+)/(?
 RXRX1_KEYS = ("experiment", "plate", "well", "site")
 RXRX3_KEYS = ("experiment_name", "plate", "address")
 JUMP_CHANNELS = ("DNA", "ER", "RNA", "AGP", "Mito")
-RXRX3_CONTROLS = ("EMPTY_control", "CRISPR_control")
 
 
 @dataclass(frozen=True, eq=False)

@@ -156,11 +156,6 @@ class PairwiseSimilarities:
         """Exact np.percentile of the null (all distinct pairs) at `percentiles` (0..100). -> float64."""
         return exact_percentiles(self.strict_upper_chunks, self.n_pairs, percentiles, COSINE_RANGE, bins)
 
-    def dense(self, index: np.ndarray) -> np.ndarray:
-        """Full symmetric (k, k) similarity matrix among the perturbations `index` (for heat maps)."""
-        index = np.asarray(index)
-        return self.pair_values(index[:, None], index[None, :])
-
 
 # --------------------------------------------------------------------------- relationship files
 
