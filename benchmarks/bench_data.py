@@ -15,7 +15,6 @@ real 16-bit fluorescence image (about 1.5x) rather than like a constant or pure-
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess
@@ -30,6 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from mae_fast.checkpoint import atomic_write_json  # noqa: E402
 from mae_fast.data.dali import dali_available  # noqa: E402
 from mae_fast.data.index import SiteIndex  # noqa: E402
 from mae_fast.data.loader import make_train_loader  # noqa: E402
@@ -212,9 +212,7 @@ def main(argv=None) -> int:
     result = {"benchmark": "bench_data", "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
               "provenance": provenance(), "crop": CROP, "channels": CHANNELS, "rows": rows}
     if args.out:
-        with open(args.out + ".tmp", "w") as f:
-            json.dump(result, f, indent=1)
-        os.replace(args.out + ".tmp", args.out)
+        atomic_write_json(args.out, result)
         print(f"wrote {args.out}")
     return 0
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import statistics
 import sys
@@ -38,6 +37,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from mae_fast import bench, ops  # noqa: E402
+from mae_fast.checkpoint import atomic_write_json  # noqa: E402
 
 bench.import_checkout_kernels()  # a plain checkout: map kernels/ to mae_fast.kernels (as setup.py does)
 
@@ -376,11 +376,7 @@ def main(argv=None) -> int:
     payload = run_all(device, op_names, sizes, loss_sweep=args.loss_sweep)
     print_table(payload)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(payload, f, indent=2)
-        os.replace(tmp, args.json)
+        atomic_write_json(args.json, payload)
         print(f"results: {args.json}")
     return 0
 

@@ -21,7 +21,6 @@ import datetime as _dt
 import gc
 import importlib.metadata
 import importlib.util
-import json
 import math
 import os
 import platform
@@ -769,13 +768,9 @@ def results_path(out: str, device: torch.device) -> str:
 
 def write_json(path: str, payload: dict) -> None:
     """Atomic write (a crash never leaves half a file)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
+    from mae_fast.checkpoint import atomic_write_json
+
+    atomic_write_json(path, payload)
 
 
 def validate_payload(payload: dict) -> None:

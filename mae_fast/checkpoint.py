@@ -38,6 +38,9 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
         dir_fd = os.open(directory, os.O_RDONLY)
         try:
@@ -48,6 +51,18 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def write_text(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def atomic_write_json(path: str, obj, indent: int = 2) -> str:
+    """`obj` as JSON at `path`, atomically (numpy scalars and other objects via .item() or str)."""
+    text = json.dumps(obj, indent=indent, default=lambda o: o.item() if hasattr(o, "item") else str(o)) + "\n"
+    atomic_write(path, lambda tmp: write_text(tmp, text))
+    return path
 
 
 def _contiguous_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -62,7 +77,7 @@ def save_model(model: torch.nn.Module, directory: str, extra: dict | None = None
     state = _contiguous_cpu(model.state_dict())
     atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     meta = {"mae_fast_config": model.cfg.to_dict(), **(extra or {})}
-    atomic_write(os.path.join(directory, CONFIG_NAME), lambda tmp: open(tmp, "w").write(json.dumps(meta, indent=2)))
+    atomic_write_json(os.path.join(directory, CONFIG_NAME), meta)
     return directory
 
 
@@ -274,7 +289,7 @@ def load_any(path: str) -> torch.nn.Module:
 
 
 __all__ = [
-    "CheckpointError", "atomic_write", "save_model", "load_model", "load_state_dict_strict", "timm_vit_kwargs",
+    "CheckpointError", "atomic_write", "atomic_write_json", "save_model", "load_model", "load_state_dict_strict", "timm_vit_kwargs",
     "to_timm_state_dict", "from_timm_state_dict", "load_openphenom", "openphenom_config", "load_any",
     "sincos_pos_embed",
 ]

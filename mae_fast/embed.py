@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 
 from mae_fast import baselines as bl
-from mae_fast.checkpoint import CheckpointError, atomic_write
+from mae_fast.checkpoint import CheckpointError, atomic_write, atomic_write_json
 from mae_fast.models import get_config
 from mae_fast.train import (
     ConfigError, DataConfig, DistInfo, agree, all_gather_objects, barrier, build_site_index, env_world,
@@ -377,8 +377,7 @@ def _embed(cfg: EmbedConfig, info: DistInfo) -> EmbedResult:
             shutil.rmtree(parts_dir, ignore_errors=True)
         os.makedirs(parts_dir, exist_ok=True)
         if not os.path.exists(os.path.join(parts_dir, MANIFEST)):
-            text = json.dumps(manifest, indent=1)
-            atomic_write(os.path.join(parts_dir, MANIFEST), lambda tmp: open(tmp, "w").write(text))
+            atomic_write_json(os.path.join(parts_dir, MANIFEST), manifest, indent=1)
     barrier(info)
 
     model = model.to(device).eval()

@@ -432,10 +432,9 @@ def run(args: argparse.Namespace) -> int:
             "points": [p.__dict__ for p in points],
             "metric": metric,
         }
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(payload, f, indent=2)
-        os.replace(tmp, args.json)
+        from mae_fast.checkpoint import atomic_write_json
+
+        atomic_write_json(args.json, payload)
         print(f"wrote {args.json}")
     return 0
 

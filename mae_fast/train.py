@@ -69,7 +69,7 @@ import torch.distributed as dist
 
 from mae_fast import baselines as bl
 from mae_fast.checkpoint import (
-    CONFIG_NAME, WEIGHTS_NAME, CheckpointError, atomic_write, from_timm_state_dict, load_any,
+    CONFIG_NAME, WEIGHTS_NAME, CheckpointError, atomic_write, atomic_write_json, from_timm_state_dict, load_any,
     load_state_dict_strict, save_model,
 )
 from mae_fast.models import PRESETS, MAEConfig, MaskedAutoencoder, get_config, list_presets
@@ -1157,8 +1157,7 @@ def prepare_output(cfg: TrainConfig) -> None:
 
 
 def _write_json(path: str, obj) -> None:
-    text = json.dumps(obj, indent=1, default=str)
-    atomic_write(path, lambda tmp: open(tmp, "w").write(text))
+    atomic_write_json(path, obj, indent=1)
 
 
 class MetricsLog:

@@ -14,7 +14,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mae_fast import embed as embed_mod
 from mae_fast import train as train_mod
 from mae_fast.baselines import MaskedUNet, WSLClassifier, create_baseline
 from mae_fast.checkpoint import CheckpointError, load_any, save_model

@@ -4,10 +4,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 
 import numpy as np
 import pandas as pd
+
+from mae_fast.checkpoint import atomic_write
 
 from .pipeline import EvaluationResult, PerturbationMap, config_as_dict
 from .recall import RelationshipSet, load_relationships, unit_rows
@@ -49,23 +50,6 @@ def result_as_dict(result: EvaluationResult) -> dict:
     }
 
 
-def _atomic_write(path: str, write) -> None:
-    """Write via a temporary file in the same folder, then rename (no half-written outputs)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=os.path.splitext(path)[1])
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)   # mkstemp creates 0600; give the usual permissions
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def write_json(result: EvaluationResult, path: str) -> str:
     text = json.dumps(result_as_dict(result), indent=2, default=lambda o: o.item() if hasattr(o, "item") else str(o))
 
@@ -73,7 +57,7 @@ def write_json(result: EvaluationResult, path: str) -> str:
         with open(tmp, "w") as f:
             f.write(text + "\n")
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
     return path
 
 
@@ -105,7 +89,7 @@ def write_markdown(result: EvaluationResult, path: str) -> str:
         with open(tmp, "w") as f:
             f.write(text)
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
     return path
 
 
@@ -136,7 +120,7 @@ def plot_recall_curve(result: EvaluationResult, path: str) -> str:
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
     return path
 
@@ -207,7 +191,7 @@ def plot_similarity_heatmap(result: EvaluationResult, relationships, path: str, 
             ax.set_yticks([])
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="cosine similarity")
     fig.suptitle(f"{rel.name}: similarity of related genes")
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
     return path
 
