@@ -87,7 +87,7 @@ BENCH_OUT_INFER="$OUTDIR/inference.json"
 export -f env_report
 export PY OUTDIR
 stage env 60 bash -c env_report
-stage tests 150 "$PY" -m pytest -m gpu tests/ -q -p no:cacheprovider -rs --continue-on-collection-errors
+stage tests 150 "$PY" -m pytest -m "gpu or triton" tests/ -q -p no:cacheprovider -rs --continue-on-collection-errors
 # the headline: ViT-L/8 (first) on all four stacks incl. torch.compile, largest batch, then the paper's other MAEs
 # shellcheck disable=SC2086  # TRAIN_ARGS / INFER_ARGS are word lists
 stage train 270 "$PY" -m mae_fast.bench --device cuda --no-inference --time-budget 200 --max-batch-time 30 \

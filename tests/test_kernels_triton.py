@@ -23,6 +23,9 @@ pytest.importorskip("triton")
 from mae_fast.kernels import lion, mae_loss, masked_patchify, unshuffle  # noqa: E402
 from mae_fast.kernels._common import interpreting  # noqa: E402
 
+# on a CUDA machine these run the kernels on the GPU (benchmarks/gpu.sh selects them with -m "gpu or triton")
+pytestmark = pytest.mark.triton
+
 if not (torch.cuda.is_available() or interpreting()):
     pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 
