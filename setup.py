@@ -10,7 +10,7 @@ import sys
 
 from setuptools import setup
 
-packages = ["mae_fast", "mae_fast.data", "mae_fast.evaluation", "mae_fast.kernels"]
+packages = ["mae_fast", "mae_fast.data", "mae_fast.evaluation", "mae_fast.kernels", "mae_fast.training"]
 package_dir = {"mae_fast": "mae_fast", "mae_fast.kernels": "kernels"}
 
 ext_modules, cmdclass = [], {}

@@ -154,7 +154,7 @@ def test_adabn_training_micro_batches_are_single_plate(screen, tmp_path, monkeyp
         seen.append(batch[1].site_index.copy())
         return original(batch, labels, device)
 
-    monkeypatch.setattr(train_mod, "micro_inputs", recording)
+    monkeypatch.setattr("mae_fast.training.loop.micro_inputs", recording)  # where _train looks it up
     preset = "wsl_densenet_micro_adabn_256"
     r = train(config(preset, screen.root, tmp_path / "adabn", steps=7, checkpoint_every=100, data__shards=2))
     index = train_mod.build_site_index(DataConfig(root=screen.root))

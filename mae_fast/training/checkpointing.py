@@ -1,0 +1,286 @@
+"""Checkpoints and the output folder: atomic step folders (weights, config, train state), RNG and optimiser state,
+reading weights back (ours, OpenPhenom, timm), and the checks that guard an existing run folder."""
+from __future__ import annotations
+
+import glob
+import os
+import random
+import re
+import shutil
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from mae_fast import baselines as bl
+from mae_fast.checkpoint import (
+    CONFIG_NAME, WEIGHTS_NAME, CheckpointError, atomic_write, atomic_write_json, from_timm_state_dict, load_any,
+    load_state_dict_strict, save_model,
+)
+from mae_fast.models import MaskedAutoencoder
+from mae_fast.training.config import RESUME_MAY_CHANGE, ConfigError, ModelConfig, TrainConfig, model_family
+
+STATE_NAME = "train_state.pt"
+CHECKPOINT_DIR = "checkpoints"
+STEP_DIR_RE = re.compile(r"^step_(\d{8,})$")
+
+
+# files and folders a training run writes in its output folder (the only things --overwrite removes)
+RUN_ENTRIES = ("train_config.json", "metrics.jsonl", CHECKPOINT_DIR, "recon", "model", "loss_curve.png",
+               "train_summary.json", "tensorboard")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def list_checkpoints(out_dir: str) -> list[tuple[int, str]]:
+    """Complete checkpoints (step, path), oldest first (a checkpoint folder appears by one atomic rename)."""
+    root = os.path.join(out_dir, CHECKPOINT_DIR)
+    found = []
+    if os.path.isdir(root):
+        for name in os.listdir(root):
+            m = STEP_DIR_RE.match(name)
+            path = os.path.join(root, name)
+            if m and all(os.path.exists(os.path.join(path, f)) for f in (WEIGHTS_NAME, CONFIG_NAME, STATE_NAME)):
+                found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
+        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def _state_dict_options(cpu_offload: bool = True):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload)
+
+
+def full_model_state(wrapped: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Full fp32 weights with plain names (on rank 0 for FSDP; a collective there, so call on every rank)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(wrapped, options=_state_dict_options())
+
+
+def full_optimizer_state(wrapped: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Optimiser state keyed by parameter name (independent of the world size and of DDP/FSDP)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(wrapped, optimizer, options=_state_dict_options())
+
+
+def load_optimizer_state(wrapped: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    set_optimizer_state_dict(wrapped, optimizer, state, options=_state_dict_options(cpu_offload=False))
+
+
+def _model_for_saving(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A CPU model holding `state` (for saving and figures when the training model is sharded)."""
+    model = build_model(cfg)
+    load_state_dict_strict(model, state, "gathered weights")
+    return model
+
+
+def write_checkpoint(out_dir: str, step: int, cfg: ModelConfig, model_state: dict, train_state: dict,
+                     keep_last: int, extra: dict | None = None) -> str:
+    """checkpoints/step_N/ written in a temporary folder, every file fsynced, then renamed into place; older
+    checkpoints beyond the last `keep_last` are removed afterwards. `extra`: more keys for config.json (the WSL
+    classes)."""
+    root = os.path.join(out_dir, CHECKPOINT_DIR)
+    final = os.path.join(root, step_dir_name(step))
+    if os.path.isdir(final):
+        return final
+    os.makedirs(root, exist_ok=True)
+    tmp = os.path.join(root, f".tmp-{step_dir_name(step)}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(_StateHolder(cfg, model_state), tmp, extra={"step": step, **(extra or {})})
+    atomic_write(os.path.join(tmp, STATE_NAME), lambda path: torch.save(train_state, path))
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    for _, old in list_checkpoints(out_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+class _StateHolder:
+    """What checkpoint.save_model needs from a model: `cfg` and `state_dict()` (no second copy of the weights)."""
+
+    def __init__(self, cfg: ModelConfig, state: dict[str, torch.Tensor]):
+        self.cfg, self._state = cfg, state
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self._state
+
+
+def read_train_state(path: str) -> dict:
+    try:
+        with open(os.path.join(path, STATE_NAME), "rb") as f:
+            return torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001
+        raise CheckpointError(f"{os.path.join(path, STATE_NAME)} cannot be read as a weights-only torch file: "
+                              f"{err}") from err
+
+
+def read_weights(path: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(os.path.join(path, WEIGHTS_NAME))
+    except Exception as err:  # noqa: BLE001
+        raise CheckpointError(f"{os.path.join(path, WEIGHTS_NAME)} is not a readable safetensors file: {err}") from err
+
+
+def build_model(cfg: ModelConfig) -> torch.nn.Module:
+    """A freshly initialised model of any family (MAE / CA-MAE, WSL, MU-Net)."""
+    return MaskedAutoencoder(cfg) if model_family(cfg) == "mae" else bl.create_baseline(cfg)
+
+
+def _baseline_from_state(cfg, state: dict[str, torch.Tensor], path: str):
+    """A baseline of architecture `cfg` holding a bare state dict; a WSL head's class count is read from it."""
+    if model_family(cfg) == "wsl" and "head.weight" in state:
+        cfg = replace(cfg, num_classes=int(state["head.weight"].shape[0]))
+    model = bl.create_baseline(cfg)
+    load_state_dict_strict(model, state, path)
+    return model
+
+
+def load_pretrained(path: str, cfg: ModelConfig | None = None) -> tuple[torch.nn.Module, str]:
+    """A model from any supported source -> (model, kind), kind one of "ours", "openphenom", "timm":
+    our checkpoint folder (or a training run folder: its `model/`; MAE or baseline), an OpenPhenom folder or file,
+    or a single state dict file (safetensors or weights-only torch) -- a timm encoder, or our full model's weights
+    (MAE or baseline) -- which needs the architecture `cfg` (a preset)."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if os.path.isdir(path):
+        if os.path.exists(os.path.join(path, "model", CONFIG_NAME)):
+            path = os.path.join(path, "model")
+        elif not os.path.exists(os.path.join(path, WEIGHTS_NAME)) and list_checkpoints(path):
+            path = list_checkpoints(path)[-1][1]
+        model = load_any(path)
+        return model, "openphenom" if model.cfg.name == "openphenom" else "ours"
+    state = read_state_file(path)
+    if any(k.startswith("encoder.vit_backbone.") for k in state):
+        from mae_fast.checkpoint import load_openphenom
+
+        return load_openphenom(path), "openphenom"
+    if cfg is None:
+        raise CheckpointError(f"{path} is a single weights file: give the preset of its architecture (--preset) to "
+                              "read it as a timm encoder state dict")
+    if model_family(cfg) != "mae":
+        return _baseline_from_state(cfg, state, path), "ours"
+    if any(k.startswith(("encoder.", "decoder.")) for k in state):  # our full model's names
+        model = MaskedAutoencoder(cfg)
+        load_state_dict_strict(model, state, path)
+        return model, "ours"
+    return from_timm_state_dict(state, cfg, path), "timm"
+
+
+def init_weights_from(path: str, model: torch.nn.Module) -> None:
+    """Load pre-trained weights into `model`; the architectures must match (mismatched keys are named). A timm
+    encoder fills the encoder only (the decoder keeps its fresh initialisation)."""
+    loaded, kind = load_pretrained(path, model.cfg)
+    if model_family(loaded.cfg) != model_family(model.cfg):
+        raise CheckpointError(f"{path} holds a {model_family(loaded.cfg)} model ({loaded.cfg.name}); this run trains "
+                              f"a {model_family(model.cfg)} model ({model.cfg.name})")
+    if kind == "timm":
+        load_state_dict_strict(model.encoder, loaded.encoder.state_dict(), path)
+    else:
+        load_state_dict_strict(model, loaded.state_dict(), path)
+
+
+def read_state_file(path: str) -> dict[str, torch.Tensor]:
+    """A tensor state dict from a safetensors file or a weights-only torch file (never an arbitrary pickle)."""
+    try:
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    except Exception:  # noqa: BLE001 - not safetensors: try the weights-only torch format
+        pass
+    try:
+        with open(path, "rb") as f:
+            obj = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001
+        raise CheckpointError(f"{path} is neither safetensors nor a weights-only torch file: {err}") from err
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} holds no tensor state dict")
+    return obj
+
+
+def _config_differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(saved) | set(now)):
+        a, b = saved.get(key), now.get(key)
+        name = prefix + key
+        if isinstance(a, dict) and isinstance(b, dict) and key != "model":
+            out.extend(_config_differences(a, b, name + "."))
+        elif a != b and name not in RESUME_MAY_CHANGE:
+            out.append(f"{name} (saved {a!r}, now {b!r})")
+    return out
+
+
+def check_output(cfg: TrainConfig) -> int | None:
+    """Refuse an existing output folder unless --overwrite or --resume; returns the step to resume from."""
+    out = cfg.out_dir
+    if cfg.resume and cfg.overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other: pick one")
+    exists = os.path.isdir(out) and any(os.scandir(out))
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"output path {out} exists and is not a folder")
+    if cfg.resume:
+        checkpoints = list_checkpoints(out)
+        if not checkpoints:
+            raise ConfigError(f"--resume: no complete checkpoint under {os.path.join(out, CHECKPOINT_DIR)}")
+        return checkpoints[-1][0]
+    if exists and not cfg.overwrite:
+        raise ConfigError(f"output folder {out} exists and is not empty; pass --overwrite to replace its run, "
+                          "or --resume to continue it")
+    return None
+
+
+def prepare_output(cfg: TrainConfig) -> None:
+    """(rank 0) Remove the previous run's entries when overwriting; create the folder."""
+    for stale in glob.glob(os.path.join(cfg.out_dir, CHECKPOINT_DIR, ".tmp-*")):  # left by a killed run
+        shutil.rmtree(stale, ignore_errors=True)
+    if cfg.overwrite:
+        for name in RUN_ENTRIES:
+            path = os.path.join(cfg.out_dir, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+
+
+def _write_json(path: str, obj) -> None:
+    atomic_write_json(path, obj, indent=1)

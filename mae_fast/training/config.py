@@ -1,0 +1,510 @@
+"""Training configuration: the DataConfig / TrainConfig dataclasses, typed (dotted) keys from YAML/TOML files and
+`--set key=value` overrides, and the validation that resolves a config into a RunPlan before any work starts."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field, replace
+from typing import Any, Union
+
+import torch
+
+from mae_fast import baselines as bl
+from mae_fast.models import PRESETS, MAEConfig, get_config, list_presets
+
+ModelConfig = Union[MAEConfig, bl.WSLConfig, bl.MUNetConfig]
+
+
+DATA_FORMATS = ("auto", "rxrx", "rxrx3_core", "jump", "pack")
+AMP_MODES = ("auto", "bf16", "fp32")
+DISTRIBUTED_MODES = ("ddp", "fsdp")
+CUDA_ONLY_COMPILE_BACKENDS = ("cudagraphs",)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run: names the key, the value and what is valid."""
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Configuration
+# ------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class DataConfig:
+    root: str = ""                       # RxRx folder, RxRx3-core parquet (file/folder/glob), JUMP table, pack folder
+    format: str = "auto"                 # auto, rxrx, rxrx3_core, jump, pack
+    metadata: str | None = None          # metadata CSV (default: ROOT/metadata.csv when it exists)
+    channels: list[str] | None = None    # RxRx: channel numbers ("1".."6"); JUMP: channel names in order
+    images_root: str | None = None       # JUMP: folder the table's file names are relative to
+    experiments: list[str] | None = None  # selection (None = all)
+    plates: list[str] | None = None
+    perturbations: list[str] | None = None
+    wells: list[str] | None = None
+    crops_per_image: int | None = None   # crops cut per decoded site (default: as many as fit, at most 16)
+    shuffle_sites: int | None = None     # sites whose crops are mixed in one window (default: the loader's)
+    num_workers: int | None = None       # decode workers per data shard (default: min(8, cores))
+    backend: str = "auto"                # auto, torch, dali
+    on_error: str = "raise"              # raise, skip (bad sites are counted)
+    shards: int = 0                      # data shards S (0 = the world size); see mae_fast.train
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "mae_vit_small_patch16_256"
+    model: dict = field(default_factory=dict)       # model config overrides, e.g. {"img_size": 128} (MAEConfig, or
+                                                    # the baseline's WSLConfig / MUNetConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    out_dir: str = "runs/mae"
+    overwrite: bool = False
+    resume: bool = False
+    init_from: str | None = None         # start from these weights: our checkpoint, an OpenPhenom folder, or a
+                                         # timm state dict file of the preset's encoder
+    global_batch: int = 4096
+    micro_batch: int = 256               # crops per forward pass on one device
+    steps: int = 0                       # optimiser steps (or give `crops`)
+    crops: int = 0                       # crops to train on: steps = ceil(crops / global_batch)
+    max_seconds: float = 0.0             # stop early after this wall time (checkpoint written; 0 = no limit)
+    lr: float | None = None              # peak lr (default: the preset's paper value; WSL: scaled with global_batch)
+    weight_decay: float | None = None    # default: the preset's (0.05; WSL 1e-4)
+    betas: tuple[float, float] | None = None  # Lion / AdamW (not SGD)
+    warmup_fraction: float = 0.1
+    optimizer_impl: str = "auto"         # Lion backend: auto, reference, foreach, triton, cpp (MAE only)
+    amp: str = "auto"                    # auto (bf16 on GPU, fp32 on CPU), bf16, fp32
+    activation_checkpointing: bool = False
+    compile: bool = False
+    compile_backend: str = "inductor"
+    distributed: str = "ddp"             # ddp or fsdp (torchrun)
+    device: str = "auto"                 # auto, cpu, cuda (torchrun: cuda:LOCAL_RANK)
+    threads: int = 0                     # torch CPU threads (0: torch's default; cores / local ranks under torchrun)
+    seed: int = 0
+    checkpoint_every: int = 1000
+    keep_last: int = 3
+    log_every: int = 10
+    recon_every: int = 0                 # reconstruction PNG every N steps (0: only at the end)
+    val_crops: int = 4                   # size of the fixed validation batch
+    peak_tflops: float = 0.0             # MFU denominator (0: measure the matmul ceiling at start)
+    progress: bool = True
+    tensorboard: bool = True             # also write TensorBoard events when tensorboard is installed
+
+    def to_dict(self) -> dict:
+        """The JSON form (tuples as lists, so a saved config compares equal to a live one)."""
+        d = dataclasses.asdict(self)
+        if d["betas"] is not None:
+            d["betas"] = list(d["betas"])
+        d["model"] = {k: list(v) if isinstance(v, tuple) else v for k, v in d["model"].items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        cfg = cls()
+        apply_mapping(cfg, d)
+        return cfg
+
+
+# keys that may differ between a run and its resumption (they do not change the arithmetic of a step)
+RESUME_MAY_CHANGE = {
+    "out_dir", "overwrite", "resume", "max_seconds", "amp", "activation_checkpointing", "compile", "compile_backend",
+    "distributed", "device", "threads", "checkpoint_every", "keep_last", "log_every", "recon_every", "peak_tflops",
+    "progress", "tensorboard", "optimizer_impl", "data.num_workers", "data.backend", "init_from",
+}
+
+
+def model_config_class(preset: str | None) -> type:
+    """The config class of a preset: a baseline's WSLConfig / MUNetConfig, else MAEConfig."""
+    if preset and bl.is_baseline(preset):
+        return type(bl.get_baseline_config(preset))
+    return MAEConfig
+
+
+def _fields_of(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.name != "name"}
+
+
+def _model_fields(preset: str | None = None) -> dict[str, Any]:
+    """The `model.*` keys of `preset` (MAEConfig's when None or an MAE preset) and their types."""
+    return _fields_of(model_config_class(preset))
+
+
+def _all_model_fields() -> dict[str, Any]:
+    """Every model key of any model family (MAE first), with the type of the first family that has it."""
+    out: dict[str, Any] = {}
+    for cls in (MAEConfig, *bl.CONFIG_CLASSES.values()):
+        for k, v in _fields_of(cls).items():
+            out.setdefault(k, v)
+    return out
+
+
+def model_family(model_cfg) -> str:
+    """"mae", "wsl" or "munet"."""
+    return getattr(model_cfg, "family", "mae")
+
+
+def valid_keys() -> list[str]:
+    top = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("model", "data")]
+    return (top + [f"data.{f.name}" for f in dataclasses.fields(DataConfig)]
+            + [f"model.{k}" for k in _all_model_fields()])
+
+
+def _type_name(hint) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _coerce(value, hint, key: str):
+    """`value` as the type `hint` (int, float, str, bool, list[...], tuple[...], dict, Optional), or a ConfigError."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"config key {key!r}: expected {_type_name(hint)}, got {value!r}")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif origin is list:
+        items = value if isinstance(value, (list, tuple)) else [value]
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(items)]
+    elif origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:  # tuple[int, ...]
+            items = value if isinstance(value, (list, tuple)) else [value]
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(items))
+        if isinstance(value, (list, tuple)) and len(value) == len(args):
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    elif hint is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    raise ConfigError(f"config key {key!r}: expected {_type_name(hint)}, got {value!r} ({type(value).__name__})")
+
+
+def _unknown_key(key: str) -> ConfigError:
+    return ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(valid_keys())}")
+
+
+def set_key(cfg: TrainConfig, key: str, value) -> None:
+    """Set one (possibly dotted) key, checking its name and type."""
+    parts = key.strip().split(".")
+    if parts[0] in ("model", "data") and len(parts) == 1:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key!r} is a section: give a mapping or dotted keys like {key}.<name>")
+        for k, v in value.items():
+            set_key(cfg, f"{key}.{k}", v)
+        return
+    if parts[0] == "model" and len(parts) == 2:
+        # typed by the current preset's family when it has the key; whether the key fits the preset finally
+        # chosen (a config file may set the preset after its model keys) is checked by resolve_model_config
+        hints = _model_fields(cfg.preset)
+        hint = hints.get(parts[1], _all_model_fields().get(parts[1]))
+        if hint is None:
+            raise _unknown_key(key)
+        cfg.model[parts[1]] = _coerce(value, hint, key)
+        return
+    if parts[0] == "data" and len(parts) == 2:
+        hints = typing.get_type_hints(DataConfig)
+        if parts[1] not in hints:
+            raise _unknown_key(key)
+        setattr(cfg.data, parts[1], _coerce(value, hints[parts[1]], key))
+        return
+    hints = typing.get_type_hints(TrainConfig)
+    if len(parts) != 1 or parts[0] not in hints or parts[0] in ("model", "data"):
+        raise _unknown_key(key)
+    setattr(cfg, parts[0], _coerce(value, hints[parts[0]], key))
+
+
+def apply_mapping(cfg: TrainConfig, mapping: dict, source: str = "config") -> None:
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"{source}: expected a mapping of config keys, got {type(mapping).__name__}")
+    for key, value in mapping.items():
+        set_key(cfg, str(key), value)
+
+
+def read_config_file(path: str) -> dict:
+    """A YAML (.yaml/.yml) or TOML (.toml) file as a nested mapping."""
+    if not os.path.exists(path):
+        raise ConfigError(f"config file {path} does not exist")
+    ext = os.path.splitext(path)[1].lower()
+    try:
+        if ext == ".toml":
+            toml = _toml_reader()
+            with open(path, "rb") as f:
+                data = toml.load(f)
+        elif ext in (".yaml", ".yml", ".json"):
+            import yaml
+
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        else:
+            raise ConfigError(f"config file {path}: use .yaml, .yml, .toml or .json")
+    except ConfigError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any parse error, reported with the file name
+        raise ConfigError(f"config file {path} cannot be parsed: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping at the top level")
+    return data
+
+
+def _toml_reader():
+    try:
+        import tomllib  # Python >= 3.11
+    except ImportError:
+        try:
+            import tomli as tomllib
+        except ImportError:
+            raise ConfigError("TOML config files need Python >= 3.11 (or the tomli package); use a YAML file") from None
+    return tomllib
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key=value`, the value read as YAML (numbers, true/false, null, [lists]) and otherwise kept as a string."""
+    import yaml
+
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, (dict, set)) and not raw.strip().startswith("{"):
+        value = raw
+    return key.strip(), value
+
+
+def build_config(preset: str | None = None, config_file: str | None = None, overrides: list[str] | None = None,
+                 base: TrainConfig | dict | None = None) -> TrainConfig:
+    """defaults (or `base`) < config file < preset argument < `key=value` overrides."""
+    cfg = TrainConfig.from_dict(base) if isinstance(base, dict) else (base or TrainConfig())
+    if config_file:
+        apply_mapping(cfg, read_config_file(config_file), config_file)
+    if preset:
+        cfg.preset = preset
+    for text in overrides or []:
+        key, value = parse_override(text)
+        set_key(cfg, key, value)
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Validation: everything that can be checked before any work
+# ------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class RunPlan:
+    """The resolved numbers of a run."""
+
+    model_cfg: ModelConfig          # WSL: num_classes is filled in from the dataset's labels before the model is built
+    total_steps: int
+    n_micro: int                    # micro-batches per optimiser step, all ranks together
+    shards: int                     # data shards S
+    world_size: int
+    lr: float
+    weight_decay: float
+    betas: tuple[float, float] | None   # None for SGD
+
+    @property
+    def family(self) -> str:
+        return model_family(self.model_cfg)
+
+    @property
+    def adabn(self) -> bool:
+        return bool(getattr(self.model_cfg, "adabn", False))
+
+    def local_micro(self, rank: int) -> list[int]:
+        """The micro-batch numbers j that `rank` runs every step."""
+        return list(range(rank, self.n_micro, self.world_size))
+
+    def local_shards(self, rank: int) -> list[int]:
+        return list(range(rank, self.shards, self.world_size))
+
+
+def _check_choice(key: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"config key {key!r} is {value!r}; valid values: {', '.join(map(str, choices))}")
+
+
+def all_presets() -> list[str]:
+    return list_presets() + bl.list_baselines()
+
+
+def _foreign_model_keys(cfg: TrainConfig, cls: type) -> None:
+    fields = _fields_of(cls)
+    foreign = sorted(set(cfg.model) - set(fields))
+    if foreign:
+        kind = f"the baseline {cfg.preset} ({cls.__name__})" if cls is not MAEConfig else \
+            f"the MAE preset {cfg.preset} (MAEConfig)"
+        raise ConfigError(f"model key(s) {', '.join('model.' + k for k in foreign)} do not apply to {kind}; its "
+                          f"model keys: {', '.join('model.' + k for k in fields)}")
+
+
+def resolve_baseline_config(cfg: TrainConfig):
+    """The baseline preset with the `model.*` overrides (typed by its config class), and the MAE-only settings
+    refused."""
+    cls = model_config_class(cfg.preset)
+    _foreign_model_keys(cfg, cls)
+    if "num_classes" in cfg.model:
+        raise ConfigError("model.num_classes is not set by hand: the trainer sets it to the number of perturbation "
+                          "labels of the selected sites (select them with data.perturbations)")
+    fields = _fields_of(cls)
+    overrides = {k: _coerce(v, fields[k], f"model.{k}") for k, v in cfg.model.items()}
+    try:
+        model_cfg = bl.get_baseline_config(cfg.preset, **overrides)
+    except (KeyError, ValueError, TypeError) as err:
+        raise ConfigError(f"preset {cfg.preset}: {str(err).strip(chr(34))}") from err
+    refused = {
+        "activation_checkpointing": (cfg.activation_checkpointing, "activation checkpointing is implemented for the "
+                                     "MAE's transformer blocks only"),
+        "distributed": (cfg.distributed == "fsdp", "FSDP shards the MAE's transformer blocks; train baselines with "
+                        "DDP (distributed=ddp)"),
+        "optimizer_impl": (cfg.optimizer_impl != "auto", "optimizer_impl picks Lion's kernel; baselines use torch's "
+                           + ("SGD" if model_cfg.optimizer == "sgd" else "AdamW")),
+        "betas": (cfg.betas is not None and model_cfg.optimizer == "sgd", "the WSL baseline trains with SGD "
+                  "(momentum), which has no betas; set model.momentum instead"),
+    }
+    for key, (bad, why) in refused.items():
+        if bad:
+            raise ConfigError(f"config key {key!r} ({getattr(cfg, key)!r}) does not apply to the baseline "
+                              f"{cfg.preset}: {why}")
+    return model_cfg
+
+
+def resolve_model_config(cfg: TrainConfig) -> ModelConfig:
+    if bl.is_baseline(cfg.preset):
+        return resolve_baseline_config(cfg)
+    if cfg.preset not in PRESETS:
+        raise ConfigError(f"unknown preset {cfg.preset!r}; valid presets: {', '.join(all_presets())}")
+    _foreign_model_keys(cfg, MAEConfig)
+    try:
+        model_cfg = get_config(cfg.preset, **cfg.model)
+    except (KeyError, ValueError, TypeError) as err:
+        raise ConfigError(str(err).strip('"')) from err
+    if cfg.activation_checkpointing:
+        model_cfg = replace(model_cfg, grad_checkpointing=True)
+    if model_cfg.img_size % model_cfg.patch_size:
+        raise ConfigError(f"model.img_size {model_cfg.img_size} is not a multiple of the patch size "
+                          f"{model_cfg.patch_size}")
+    if not 0.0 <= model_cfg.mask_ratio < 1.0:
+        raise ConfigError(f"model.mask_ratio must be in [0, 1), got {model_cfg.mask_ratio}")
+    return model_cfg
+
+
+def validate(cfg: TrainConfig, world_size: int = 1) -> RunPlan:
+    """Check every key and the batch arithmetic; returns the resolved plan or raises ConfigError."""
+    model_cfg = resolve_model_config(cfg)
+    for key in ("global_batch", "micro_batch", "checkpoint_every", "keep_last", "log_every", "val_crops"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"config key {key!r} must be >= 1, got {getattr(cfg, key)}")
+    for key in ("steps", "crops", "recon_every", "threads", "data.shards"):
+        value = getattr(cfg.data, key[5:]) if key.startswith("data.") else getattr(cfg, key)
+        if value < 0:
+            raise ConfigError(f"config key {key!r} must be >= 0, got {value}")
+    if cfg.max_seconds < 0 or cfg.peak_tflops < 0:
+        raise ConfigError("max_seconds and peak_tflops must be >= 0")
+    if (cfg.steps > 0) == (cfg.crops > 0):
+        raise ConfigError(f"give exactly one of steps or crops (got steps={cfg.steps}, crops={cfg.crops})")
+    if not 0.0 <= cfg.warmup_fraction < 1.0:
+        raise ConfigError(f"warmup_fraction must be in [0, 1), got {cfg.warmup_fraction}")
+    _check_choice("amp", cfg.amp, AMP_MODES)
+    _check_choice("distributed", cfg.distributed, DISTRIBUTED_MODES)
+    _check_choice("optimizer_impl", cfg.optimizer_impl, ("auto", "reference", "foreach", "triton", "cpp"))
+    _check_choice("data.format", cfg.data.format, DATA_FORMATS)
+    _check_choice("data.backend", cfg.data.backend, ("auto", "torch", "dali"))
+    _check_choice("data.on_error", cfg.data.on_error, ("raise", "skip"))
+    if not cfg.data.root:
+        raise ConfigError("config key 'data.root' is empty: give the dataset (--data ROOT or --set data.root=...)")
+    if not cfg.out_dir:
+        raise ConfigError("config key 'out_dir' is empty")
+    if cfg.global_batch % cfg.micro_batch:
+        raise ConfigError(f"global_batch {cfg.global_batch} is not a multiple of micro_batch {cfg.micro_batch}")
+    n_micro = cfg.global_batch // cfg.micro_batch
+    shards = cfg.data.shards or world_size
+    if shards % world_size:
+        raise ConfigError(f"data.shards {shards} is not a multiple of the world size {world_size}")
+    if n_micro % shards:
+        raise ConfigError(
+            f"global_batch / micro_batch = {n_micro} micro-batches per step do not split evenly over "
+            f"{shards} data shards (world size {world_size}); change global_batch, micro_batch or data.shards")
+    total = cfg.steps if cfg.steps > 0 else math.ceil(cfg.crops / cfg.global_batch)
+    if model_family(model_cfg) != "mae":
+        return _baseline_plan(cfg, model_cfg, total, n_micro, shards, world_size)
+    lr = model_cfg.lr if cfg.lr is None else cfg.lr
+    wd = model_cfg.weight_decay if cfg.weight_decay is None else cfg.weight_decay
+    betas = tuple(model_cfg.betas if cfg.betas is None else cfg.betas)
+    if lr <= 0 or wd < 0 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ConfigError(f"invalid optimiser settings lr={lr}, weight_decay={wd}, betas={betas}")
+    model_cfg = replace(model_cfg, lr=lr, weight_decay=wd, betas=betas)
+    return RunPlan(model_cfg, total, n_micro, shards, world_size, lr, wd, betas)
+
+
+def _baseline_plan(cfg: TrainConfig, model_cfg, total: int, n_micro: int, shards: int, world_size: int) -> RunPlan:
+    """Optimiser numbers of a baseline: lr = the preset's `peak_lr(global_batch)` (linear scaling for WSL's SGD)
+    unless given; the model config keeps its base lr (per `lr_batch` crops) and records wd/betas as used."""
+    lr = model_cfg.peak_lr(cfg.global_batch) if cfg.lr is None else cfg.lr
+    wd = model_cfg.weight_decay if cfg.weight_decay is None else cfg.weight_decay
+    betas = None
+    if model_cfg.optimizer == "adamw":
+        betas = tuple(model_cfg.betas if cfg.betas is None else cfg.betas)
+        model_cfg = replace(model_cfg, betas=betas)
+    if lr <= 0 or wd < 0 or (betas is not None and not all(0.0 <= b < 1.0 for b in betas)):
+        raise ConfigError(f"invalid optimiser settings lr={lr}, weight_decay={wd}, betas={betas}")
+    if getattr(model_cfg, "adabn", False) and model_cfg.virtual_batch_size > cfg.micro_batch:
+        raise ConfigError(f"model.virtual_batch_size {model_cfg.virtual_batch_size} is larger than micro_batch "
+                          f"{cfg.micro_batch}: ghost batch norm normalises virtual batches within one micro-batch "
+                          "(of one plate); lower model.virtual_batch_size or raise micro_batch")
+    model_cfg = replace(model_cfg, weight_decay=wd)
+    return RunPlan(model_cfg, total, n_micro, shards, world_size, lr, wd, betas)
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """`auto` -> CUDA (cuda:LOCAL_RANK) when available, else CPU; asking for CUDA without one is an error."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ConfigError(f"config key 'device' is {name!r}: {err}") from err
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {name!r} was asked for, but torch sees no CUDA device on this machine; "
+                              "use --device cpu")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+    elif device.type != "cpu":
+        raise ConfigError(f"config key 'device' is {name!r}; valid values: auto, cpu, cuda, cuda:N")
+    return device
+
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on GPUs; fp32 on CPUs (bf16 is emulated there, and asking for it is an error)."""
+    if amp == "bf16" and device.type != "cuda":
+        raise ConfigError("amp=bf16 (--bf16) needs a CUDA device; this run is on the CPU (use --amp fp32)")
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return torch.bfloat16 if amp == "bf16" else None
+
+
+def check_device_options(cfg: TrainConfig, device: torch.device) -> None:
+    resolve_amp(cfg.amp, device)
+    if cfg.compile and cfg.compile_backend in CUDA_ONLY_COMPILE_BACKENDS and device.type != "cuda":
+        raise ConfigError(f"compile_backend {cfg.compile_backend!r} needs a CUDA device; this run is on the CPU")
