@@ -22,3 +22,36 @@ def assert_loss_grad_close(got, ref, *, kind, alpha, p, planes, weight_max, scal
     assert excess.max() <= 0, f"max excess {excess.max().item():.3g} over the tolerance"
     rel = ((got - ref).norm() / ref.norm()).item()
     assert rel <= norm_tol, f"relative L2 error {rel:.3g} > {norm_tol}"
+
+
+def openphenom_layout_state(model) -> dict:
+    """A CA-MAE's weights re-keyed exactly like a released OpenPhenom checkpoint (timm names under
+    `encoder.vit_backbone`, mask token (1, 1, D), fixed positions and the class-token placeholder stored), written
+    independently of `mae_fast.checkpoint.load_openphenom` so that tests of the importer do not check it against
+    itself."""
+    state = {}
+    for k, v in model.state_dict().items():
+        if k.startswith("encoder."):
+            state["encoder.vit_backbone." + k[len("encoder."):]] = v.clone()
+        elif k == "decoder.mask_token":
+            state[k] = v.reshape(1, 1, -1).clone()
+        else:
+            state[k] = v.clone()
+    state["encoder.vit_backbone.pos_embed"] = model.encoder.pos_embed.clone()
+    state["decoder.placeholder"] = torch.zeros(1, 1, model.cfg.decoder_dim)
+    return state
+
+
+def run_as_if_killed_after(run_dir: str, copy_to, step: int) -> str:
+    """A copy of a finished training run with everything after the checkpoint of `step` removed."""
+    import os
+    import shutil
+
+    from mae_fast.training.checkpointing import list_checkpoints
+
+    shutil.copytree(run_dir, copy_to)
+    for s, path in list_checkpoints(str(copy_to)):
+        if s > step:
+            shutil.rmtree(path)
+    shutil.rmtree(os.path.join(copy_to, "model"))
+    return str(copy_to)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import numpy as np
 import pandas as pd
@@ -21,6 +20,7 @@ from mae_fast.data.synthetic import SyntheticScreenConfig, make_synthetic_screen
 from mae_fast.embed import AdaBNPlateTiles, EmbedConfig, adabn_batch_sizes, embed_dataset
 from mae_fast.evaluate import evaluate
 from mae_fast.train import ConfigError, DataConfig, TrainConfig, build_config, train
+from mae_fast.testing import run_as_if_killed_after
 
 FAMILIES = {  # preset -> (model overrides, model class)
     "wsl_densenet_micro_256": ({}, WSLClassifier),
@@ -54,15 +54,6 @@ def runs(screen, tmp_path_factory):
     """One uninterrupted 5-step run per family (2 micro-batches a step, checkpoints at steps 2, 4 and 5)."""
     root = tmp_path_factory.mktemp("runs")
     return {preset: train(config(preset, screen.root, root / preset)) for preset in FAMILIES}
-
-
-def _as_if_killed_after(run_dir: str, copy_to, step: int) -> str:
-    shutil.copytree(run_dir, copy_to)
-    for s, path in train_mod.list_checkpoints(str(copy_to)):
-        if s > step:
-            shutil.rmtree(path)
-    shutil.rmtree(os.path.join(copy_to, "model"))
-    return str(copy_to)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -100,7 +91,7 @@ def test_trains_and_writes_checkpoints_that_load(preset, runs):
 @pytest.mark.parametrize("preset", sorted(FAMILIES))
 def test_resume_continues_exactly(preset, runs, screen, tmp_path):
     reference = runs[preset]
-    out = _as_if_killed_after(reference.out_dir, tmp_path / "resumed", 2)
+    out = run_as_if_killed_after(reference.out_dir, tmp_path / "resumed", 2)
     r = train(config(preset, screen.root, out, resume=True))
     assert r.resumed_from == 2 and r.steps == 5
     assert r.losses == reference.losses  # steps 3-5 recomputed bit for bit (optimiser, loaders, plate sampler)

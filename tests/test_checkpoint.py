@@ -11,6 +11,7 @@ from mae_fast.checkpoint import (
     timm_vit_kwargs, to_timm_state_dict,
 )
 from mae_fast.models import create_model, get_config
+from mae_fast.testing import openphenom_layout_state
 
 timm = pytest.importorskip("timm", reason="timm is a test dependency (pip install mae_fast[test])")
 
@@ -109,27 +110,12 @@ def test_timm_import_refuses_learned_positions_and_ca_export():
         to_timm_state_dict(_perturbed("camae_vit_micro_patch16_256"))
 
 
-def _openphenom_layout(model):
-    """Our CA-MAE weights re-keyed exactly like an OpenPhenom checkpoint (timm names under encoder.vit_backbone)."""
-    state = {}
-    for k, v in model.state_dict().items():
-        if k.startswith("encoder."):
-            state["encoder.vit_backbone." + k[len("encoder."):]] = v.clone()
-        elif k == "decoder.mask_token":
-            state[k] = v.reshape(1, 1, -1).clone()
-        else:
-            state[k] = v.clone()
-    state["encoder.vit_backbone.pos_embed"] = model.encoder.pos_embed.clone()
-    state["decoder.placeholder"] = torch.zeros(1, 1, model.cfg.decoder_dim)
-    return state
-
-
 @pytest.mark.parametrize("fc_norm", [False, True])
 def test_openphenom_import(tmp_path, fc_norm):
     model = _perturbed("camae_vit_micro_patch16_256", in_chans=6, fc_norm=fc_norm)
     directory = tmp_path / "openphenom"
     directory.mkdir()
-    torch.save({"state_dict": _openphenom_layout(model)}, directory / "model.safetensors")  # a pickle, as released
+    torch.save({"state_dict": openphenom_layout_state(model)}, directory / "model.safetensors")  # a pickle, as released
     loaded = load_openphenom(str(directory)).eval()
     assert loaded.cfg.channel_agnostic and loaded.cfg.in_chans == 6 and loaded.cfg.fc_norm == fc_norm
     assert (loaded.cfg.embed_dim, loaded.cfg.depth, loaded.cfg.num_heads) == (192, 4, 3)
@@ -153,7 +139,7 @@ def test_openphenom_import_never_executes_pickles(tmp_path):
 
 def test_openphenom_import_reports_missing_keys(tmp_path):
     model = _perturbed("camae_vit_micro_patch16_256")
-    state = _openphenom_layout(model)
+    state = openphenom_layout_state(model)
     del state["decoder_pred.weight"]
     torch.save({"state_dict": state}, tmp_path / "model.safetensors")
     with pytest.raises(CheckpointError, match="missing keys: decoder_pred.weight"):

@@ -18,6 +18,7 @@ from mae_fast.data.synthetic import METADATA_COLUMNS, SyntheticScreenConfig, mak
 from mae_fast.embed import embed_dataset
 from mae_fast.models import create_model
 from mae_fast.train import ConfigError
+from mae_fast.testing import openphenom_layout_state
 
 TILE = 64
 
@@ -147,15 +148,7 @@ def test_rerun_skips_finished_plates_and_refuses_existing_output(screen, ours, t
 def test_openphenom_and_timm_checkpoints(screen, tmp_path):
     # OpenPhenom: a CA-MAE torch pickle named model.safetensors holding {"state_dict": ...} in its key layout
     ca = _perturbed("camae_vit_micro_patch16_256")
-    state = {}
-    for k, v in ca.state_dict().items():
-        if k.startswith("encoder."):
-            state["encoder.vit_backbone." + k[len("encoder."):]] = v.clone()
-        elif k == "decoder.mask_token":
-            state[k] = v.reshape(1, 1, -1).clone()
-        else:
-            state[k] = v.clone()
-    state["encoder.vit_backbone.pos_embed"] = ca.encoder.pos_embed.clone()
+    state = openphenom_layout_state(ca)
     folder = tmp_path / "openphenom"
     folder.mkdir()
     torch.save({"state_dict": state}, folder / "model.safetensors")

@@ -21,6 +21,7 @@ from mae_fast.checkpoint import CheckpointError, load_model, save_model
 from mae_fast.data.synthetic import SyntheticScreenConfig, make_synthetic_screen
 from mae_fast.models import MaskedAutoencoder, create_model
 from mae_fast.train import ConfigError, DataConfig, NonFiniteLossError, TrainConfig, build_config, set_key, train
+from mae_fast.testing import run_as_if_killed_after
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -176,18 +177,8 @@ def test_keep_last_checkpoints(screen, tmp_path):
 # exact resume
 # ------------------------------------------------------------------------------------------------------------
 
-def _as_if_killed_after(run_dir: str, copy_to, step: int) -> str:
-    """A copy of a finished run with everything after the checkpoint of `step` removed."""
-    shutil.copytree(run_dir, copy_to)
-    for s, path in train_mod.list_checkpoints(str(copy_to)):
-        if s > step:
-            shutil.rmtree(path)
-    shutil.rmtree(os.path.join(copy_to, "model"))
-    return str(copy_to)
-
-
 def test_resume_continues_exactly(screen, reference_run, tmp_path):
-    out = _as_if_killed_after(reference_run.out_dir, tmp_path / "resumed", 3)
+    out = run_as_if_killed_after(reference_run.out_dir, tmp_path / "resumed", 3)
     r = train(tiny_config(screen.root, out, resume=True))
     assert r.resumed_from == 3 and r.steps == 6
     assert r.losses == reference_run.losses  # steps 1-3 restored, 4-6 recomputed: bit for bit
@@ -207,7 +198,7 @@ def test_time_budget_stops_with_a_checkpoint_that_resumes_exactly(screen, refere
 
 
 def test_resume_refuses_changed_settings_and_other_architectures(screen, reference_run, tmp_path):
-    out = _as_if_killed_after(reference_run.out_dir, tmp_path / "resumed", 3)
+    out = run_as_if_killed_after(reference_run.out_dir, tmp_path / "resumed", 3)
     changed = r"differs from the saved run \(.*step_00000003\) in .*lr \(saved 0.001, now 0.002\)"
     with pytest.raises(ConfigError, match=changed):
         train(tiny_config(screen.root, out, resume=True, lr=2e-3))
