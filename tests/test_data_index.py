@@ -7,7 +7,6 @@ import random
 import numpy as np
 import pandas as pd
 import pytest
-import tifffile
 from PIL import Image
 
 from mae_fast.data.errors import DataError
@@ -178,6 +177,7 @@ def test_duplicate_metadata_rows(tmp_path):
 
 
 def test_duplicate_channel_files(tmp_path):
+    tifffile = pytest.importorskip("tifffile", reason="tifffile is not installed")
     make_rxrx3(str(tmp_path), WELLS)
     folder = tmp_path / "images" / "exp-2" / "Plate2"
     tifffile.imwrite(str(folder / "A11_s1_w3.tif"), np.ones((24, 20), np.uint16))
@@ -265,6 +265,7 @@ def test_rxrx3_core_duplicate_key_and_bad_key(tmp_path, core_parquet):
 
 @pytest.fixture()
 def jump_table(tmp_path):
+    tifffile = pytest.importorskip("tifffile", reason="tifffile is not installed")
     rng = np.random.default_rng(7)
     rows, images = [], {}
     for plate, well, site in [("BR001", "A01", 1), ("BR001", "A01", 2), ("BR002", "P24", 1)]:

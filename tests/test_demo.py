@@ -10,7 +10,7 @@ from mae_fast.cli import main
 
 def test_demo_runs_end_to_end_and_loss_goes_down(tmp_path, capsys):
     out = tmp_path / "demo"
-    rc = main(["demo", "--tiny", "--out", str(out), "--max-steps", "30", "--batch-size", "8", "--seconds", "300"])
+    rc = main(["demo", "--tiny", "--out", str(out), "--max-steps", "30", "--batch-size", "8", "--seconds", "36000"])
     assert rc == 0
     printed = capsys.readouterr().out
     expected = {
@@ -38,7 +38,7 @@ def test_demo_compares_models_side_by_side(tmp_path, capsys):
     out = tmp_path / "demo"
     models = ["mae_vit_micro_patch16_256", "wsl_densenet_micro_256", "munet_micro_256"]
     rc = main(["demo", "--tiny", "--out", str(out), "--models", ",".join(models), "--max-steps", "2",
-               "--batch-size", "4", "--seconds", "300"])
+               "--batch-size", "4", "--seconds", "36000"])
     assert rc == 0
     printed = capsys.readouterr().out
     rows = [line for line in printed.splitlines() if line.startswith("| ")]

@@ -11,17 +11,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from mae_fast import evaluate_cli
 from mae_fast.evaluate import (
     ColumnSpec, EvalConfig, EvaluationInputError, PairwiseSimilarities, PerturbationMap,
     chromosome_arm_correction, evaluate, evaluate_map, exact_percentiles, fit_tvn, load_arm_table,
-    load_relationships, markdown_table, order_statistics, pixel_feature_names, pixel_statistics,
+    load_relationships, markdown_table, pixel_feature_names, pixel_statistics,
     pixel_statistics_table, random_embeddings_like, spherical_mean, unit_rows, well_table_from_frame, write_outputs,
 )
-from mae_fast.evaluation.recall import COSINE_RANGE
 from mae_fast.evaluation.tvn import inverse_sqrt, whitening_factors
 from mae_fast.evaluation.report import connected_components, heatmap_order
 
@@ -91,21 +88,6 @@ def test_pairwise_percentiles_equal_numpy():
     # coarse bins (many values per bin) and tiny chunks give the same exact answer
     coarse = exact_percentiles(lambda: sims.strict_upper_chunks(target_elements=60), sims.n_pairs, q, bins=16)
     np.testing.assert_array_equal(coarse, expected)
-
-
-@settings(max_examples=40, deadline=None)
-@given(
-    values=st.lists(st.floats(-3, 3, allow_nan=False, width=32), min_size=1, max_size=300),
-    splits=st.lists(st.integers(0, 300), max_size=5),
-    bins=st.sampled_from([1, 2, 7, 256]),
-    data=st.data(),
-)
-def test_order_statistics_exact_with_ties_and_out_of_range(values, splits, bins, data):
-    array = np.round(np.asarray(values, dtype=np.float32), 1)           # ties; values outside COSINE_RANGE
-    chunks = np.split(array, sorted(s % (array.size + 1) for s in splits))
-    ranks = data.draw(st.lists(st.integers(0, array.size - 1), min_size=1, max_size=6))
-    got = order_statistics(lambda: iter(chunks), ranks, COSINE_RANGE, bins)
-    np.testing.assert_array_equal(got, np.sort(array)[ranks])
 
 
 # --------------------------------------------------------------------------- recall
