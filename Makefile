@@ -1,19 +1,23 @@
-# Two entry points (see README): `make demo` and `make test`. Both create .venv on first use.
-PYTHON ?= python3
-VENV   := .venv
-BIN    := $(VENV)/bin
+# Two entry points (see README): `make demo` and `make test`. Both create .venv on first use and install the exact
+# versions in constraints.txt, so two fresh machines run the same suite. `make test-oldest` runs the same suite at the
+# oldest versions setup.py admits (constraints-oldest.txt); .ci/run runs both.
+PYTHON      ?= python3
+VENV        ?= .venv
+CONSTRAINTS ?= constraints.txt
+BIN         := $(VENV)/bin
+PIP         := $(BIN)/pip install -q -c $(CONSTRAINTS)
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-oldest bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # The registry's standard torch (a CUDA build that also runs on CPUs; what timm's torchvision pairs with), then
 # mae_fast in editable mode without build isolation so the optional C++ extension compiles against that torch.
-$(VENV)/.installed: setup.py | $(BIN)/python
-	$(BIN)/pip install -q --upgrade pip "setuptools>=70" wheel
-	$(BIN)/pip install -q torch torchvision
-	$(BIN)/pip install -q --no-build-isolation -e ".[test,dali]"
+$(VENV)/.installed: setup.py $(CONSTRAINTS) | $(BIN)/python
+	$(PIP) --upgrade pip setuptools wheel
+	$(PIP) torch torchvision
+	$(PIP) --no-build-isolation -e ".[test,dali]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -23,6 +27,15 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q tests
+
+# The oldest leg runs in a copy of this tree (committed files plus uncommitted changes to them) with its own venv:
+# the C++ extension is built in place, and one tree cannot hold builds for two torch versions.
+OLDEST := build/oldest
+test-oldest:
+	rm -rf $(OLDEST)/src && mkdir -p $(OLDEST)/src
+	rev=$$(git stash create); git archive $${rev:-HEAD} | tar -x -C $(OLDEST)/src
+	rm -f $(OLDEST)/venv/.installed
+	$(MAKE) -C $(OLDEST)/src test VENV=$(abspath $(OLDEST))/venv CONSTRAINTS=constraints-oldest.txt
 
 bench: install
 	$(BIN)/python -m pytest -q benchmarks/bench_*.py --benchmark-only
