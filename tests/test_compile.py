@@ -71,6 +71,22 @@ def _dynamo_summary() -> tuple[int, int, list[str]]:
     return int(counters["stats"].get("unique_graphs", 0)), int(sum(breaks.values())), [k[:300] for k in breaks]
 
 
+def test_dynamo_counters_see_a_planted_graph_break():
+    """The no-break assertions below rely on Dynamo's counters: they must see a break that is certainly there (a
+    torch version that stopped counting would otherwise pass every test), and the backend must see both graphs."""
+    recorder = GraphRecorder()
+
+    def broken(x):
+        y = x.sin()
+        torch._dynamo.graph_break()
+        return y.cos()
+
+    torch.compile(broken, backend=recorder.backend)(torch.randn(4, requires_grad=True)).sum().backward()
+    graphs, breaks, reasons = _dynamo_summary()
+    assert graphs == 2 and breaks >= 1, (graphs, breaks, reasons)
+    assert len(recorder.graphs["forward"]) == 2
+
+
 def _model_and_images(name, img_size=IMG):
     torch.manual_seed(0)
     model = create_model(name, img_size=img_size).train()
@@ -118,6 +134,7 @@ def test_compiled_train_step_has_no_graph_breaks_and_matches_eager(name, backend
 
     graphs, breaks, reasons = _dynamo_summary()
     assert (graphs, breaks) == (1, 0), f"{graphs} graphs, {breaks} graph breaks: {reasons}"
+    assert len(recorder.graphs["forward"]) == 1  # seen by the backend too, whatever Dynamo's counters count
     forward, backward = recorder.op_names("forward"), recorder.op_names("backward")
     for op in ("masked_patchify", "unshuffle", "mae_loss"):
         assert f"mae_fast.{op}_{backend}.default" in forward, sorted(forward)
