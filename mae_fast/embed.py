@@ -50,7 +50,9 @@ import torch.distributed as dist
 
 from mae_fast import baselines as bl
 from mae_fast.checkpoint import CheckpointError, atomic_write, atomic_write_json
+from mae_fast.cli import run_command
 from mae_fast.models import get_config
+from mae_fast.runlock import OutputLock, beside_lock_path
 from mae_fast.train import (
     ConfigError, DataConfig, DistInfo, agree, all_gather_objects, barrier, build_site_index, env_world,
     init_distributed, load_pretrained, resolve_amp, resolve_device, torch_threads,
@@ -353,10 +355,15 @@ def embed(cfg: EmbedConfig) -> EmbedResult:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     init_distributed(info, device)
-    try:
+    lock = None
+    try:  # one writer per output (table, site table, parts): rank 0 holds the lock from before any check
+        lock = agree(lambda: OutputLock(beside_lock_path(cfg.out), f"embedding output {cfg.out}")
+                     if info.is_main else None, info)
         with torch_threads(cfg.threads):
             return _embed(cfg, info)
     finally:
+        if lock is not None:
+            lock.release()
         if info.created_group and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -647,13 +654,7 @@ def config_from_args(args) -> EmbedConfig:
 
 
 def run(args) -> int:
-    from mae_fast.data.errors import DataError
-
-    try:
-        result = embed(config_from_args(args))
-    except (ConfigError, CheckpointError, DataError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    result = embed(config_from_args(args))  # errors: the CLI's one handler (mae_fast.cli.run_command)
     if env_world().is_main:
         print(f"embeddings:  {result.out}")
         if result.sites_path:
@@ -664,7 +665,7 @@ def run(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mae-fast embed", description=__doc__.split("\n")[0])
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return run_command(run, parser.parse_args(argv), "mae-fast embed")
 
 
 if __name__ == "__main__":

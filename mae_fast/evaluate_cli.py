@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
+from mae_fast.checkpoint import atomic_write
 from mae_fast.evaluate import (
     BASELINES, ColumnSpec, EvalConfig, EvaluationInputError, evaluate, pixel_statistics_table, write_outputs,
 )
+from mae_fast.runlock import OutputLock, folder_lock_path
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -132,28 +133,29 @@ def _notes(result) -> list[str]:
 
 
 def run(args) -> int:
-    try:
-        config = _config(args)
-        relationships = _relationship_args(args.relationships)
-        pixel_stats = args.pixel_stats
-        extra_paths = {}
-        if "pixel-stats" in args.baselines and pixel_stats is None:
-            if args.images_root is None:
-                raise EvaluationInputError("--baselines pixel-stats needs --images-root or --pixel-stats")
-            pixel_stats = pixel_statistics_table(args.images_root, channels=args.channels)
-            os.makedirs(args.out, exist_ok=True)
-            extra_paths["pixel_stats"] = os.path.join(args.out, "pixel_stats.parquet")
-            pixel_stats.to_parquet(extra_paths["pixel_stats"], index=False)
-        result = evaluate(
-            args.embeddings, relationships, arms=args.arms, config=config, baselines=args.baselines,
-            pixel_stats=pixel_stats,
-        )
-        heatmap = None if args.no_heatmap else (args.heatmap or next(iter(relationships)))
-        paths = write_outputs(result, args.out, heatmap_relationships=heatmap,
-                              max_heatmap_genes=args.heatmap_max_genes)
-    except EvaluationInputError as err:
-        print(f"mae-fast evaluate: error: {err}", file=sys.stderr)
-        return 2
+    config = _config(args)  # errors: the CLI's one handler (mae_fast.cli.run_command)
+    with OutputLock(folder_lock_path(args.out), f"evaluation folder {args.out}"):
+        return _evaluate(args, config)
+
+
+def _evaluate(args, config) -> int:
+    relationships = _relationship_args(args.relationships)
+    pixel_stats = args.pixel_stats
+    extra_paths = {}
+    if "pixel-stats" in args.baselines and pixel_stats is None:
+        if args.images_root is None:
+            raise EvaluationInputError("--baselines pixel-stats needs --images-root or --pixel-stats")
+        pixel_stats = pixel_statistics_table(args.images_root, channels=args.channels)
+        os.makedirs(args.out, exist_ok=True)
+        extra_paths["pixel_stats"] = os.path.join(args.out, "pixel_stats.parquet")
+        atomic_write(extra_paths["pixel_stats"], lambda tmp: pixel_stats.to_parquet(tmp, index=False))
+    result = evaluate(
+        args.embeddings, relationships, arms=args.arms, config=config, baselines=args.baselines,
+        pixel_stats=pixel_stats,
+    )
+    heatmap = None if args.no_heatmap else (args.heatmap or next(iter(relationships)))
+    paths = write_outputs(result, args.out, heatmap_relationships=heatmap,
+                          max_heatmap_genes=args.heatmap_max_genes)
     print(result.markdown())
     for note in _notes(result):
         print(f"note: {note}")

@@ -53,6 +53,7 @@ import sys
 
 from mae_fast import baselines as bl
 from mae_fast.checkpoint import CheckpointError
+from mae_fast.cli import run_command
 from mae_fast.models import PRESETS, list_presets
 from mae_fast.training.checkpointing import (
     CHECKPOINT_DIR, RUN_ENTRIES, STATE_NAME, STEP_DIR_RE, build_model, check_output, full_model_state,
@@ -174,19 +175,16 @@ def run(args) -> int:
             lr = f"lr {c.lr:g}" + (f" per {c.lr_batch} crops" if c.lr_batch else "")
             print(f"{name:32s} {what}, embedding {c.embed_dim}, {c.optimizer} {lr}")
         return 0
+    cfg = config_from_args(args)  # errors: the CLI's one handler (mae_fast.cli.run_command)
+    if args.print_config:
+        validate(cfg, env_world().world_size)
+        print(json.dumps(cfg.to_dict(), indent=1))
+        return 0
     try:
-        cfg = config_from_args(args)
-        if args.print_config:
-            validate(cfg, env_world().world_size)
-            print(json.dumps(cfg.to_dict(), indent=1))
-            return 0
         result = train(cfg)
     except NonFiniteLossError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"mae-fast train: error: {err}", file=sys.stderr)
         return 3
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     if env_world().is_main:
         print(f"model:       {result.model_dir}")
         print(f"checkpoint:  {result.checkpoint_dir}")
@@ -201,7 +199,7 @@ def run(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mae-fast train", description=__doc__.split("\n")[0])
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return run_command(run, parser.parse_args(argv), "mae-fast train")
 
 
 if __name__ == "__main__":

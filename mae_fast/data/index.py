@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .errors import DataError, ErrorSummary, check_on_error, handle
+from .errors import DataError, ErrorSummary, check_on_error, handle, reading_table
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "jp2", "j2k", "tif", "tiff")
 RXRX_FILE_RE = re.compile(
@@ -425,7 +425,8 @@ def _read_table(path):
     import pandas as pd
 
     path = os.fspath(path)
-    return pd.read_parquet(path) if path.endswith(".parquet") else pd.read_csv(path)
+    with reading_table(path):
+        return pd.read_parquet(path) if path.endswith(".parquet") else pd.read_csv(path)
 
 
 def _jump_path(row: Mapping, column: str, fname: str, root: str | None) -> str:
@@ -490,7 +491,8 @@ class _Metadata:
 def _read_rxrx_metadata(path: str, summary: ErrorSummary, on_error: str) -> _Metadata:
     import pandas as pd
 
-    df = pd.read_csv(path, dtype={"well_id": str, "address": str, "well": str, "site_id": str})
+    with reading_table(path, "metadata CSV"):
+        df = pd.read_csv(path, dtype={"well_id": str, "address": str, "well": str, "site_id": str})
     columns = set(df.columns)
     if set(RXRX1_KEYS) <= columns:
         per_site, exp_col = True, "experiment"

@@ -18,6 +18,7 @@ from mae_fast.checkpoint import (
     load_state_dict_strict, save_model,
 )
 from mae_fast.models import MaskedAutoencoder
+from mae_fast.runlock import LOCK_NAME
 from mae_fast.training.config import RESUME_MAY_CHANGE, ConfigError, ModelConfig, TrainConfig, model_family
 
 STATE_NAME = "train_state.pt"
@@ -254,7 +255,7 @@ def check_output(cfg: TrainConfig) -> int | None:
     out = cfg.out_dir
     if cfg.resume and cfg.overwrite:
         raise ConfigError("--resume and --overwrite contradict each other: pick one")
-    exists = os.path.isdir(out) and any(os.scandir(out))
+    exists = os.path.isdir(out) and any(e.name != LOCK_NAME for e in os.scandir(out))
     if os.path.exists(out) and not os.path.isdir(out):
         raise ConfigError(f"output path {out} exists and is not a folder")
     if cfg.resume:

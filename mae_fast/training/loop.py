@@ -19,6 +19,7 @@ from mae_fast import baselines as bl
 from mae_fast.checkpoint import WEIGHTS_NAME, CheckpointError, atomic_write, load_state_dict_strict, save_model
 from mae_fast.models import MaskedAutoencoder
 from mae_fast.optim import Lion, lion_param_groups, one_cycle_cosine
+from mae_fast.runlock import OutputLock, folder_lock_path
 from mae_fast.training.checkpointing import (
     CHECKPOINT_DIR, _config_differences, _model_for_saving, _rng_state, _set_rng_state, _write_json, build_model,
     check_output, full_model_state, full_optimizer_state, init_weights_from, list_checkpoints, load_optimizer_state,
@@ -183,10 +184,15 @@ def train(cfg: TrainConfig) -> TrainResult:
     if threads == 0 and device.type == "cpu" and info.local_world_size > 1:
         threads = max(1, (os.cpu_count() or 1) // info.local_world_size)
     init_distributed(info, device)
-    try:
+    lock = None
+    try:  # one writer per run folder: rank 0 holds the lock from before any check until the end
+        lock = agree(lambda: OutputLock(folder_lock_path(cfg.out_dir), f"run folder {cfg.out_dir}")
+                     if info.is_main else None, info)
         with torch_threads(threads):
             return _train(cfg, plan, info, device, amp)
     finally:
+        if lock is not None:
+            lock.release()
         if info.created_group and dist.is_initialized():
             dist.destroy_process_group()
 
