@@ -52,13 +52,13 @@ import os
 import sys
 
 from mae_fast import baselines as bl
-from mae_fast.checkpoint import CheckpointError
 from mae_fast.cli import run_command
 from mae_fast.models import PRESETS, list_presets
 from mae_fast.training.checkpointing import (
     CHECKPOINT_DIR, RUN_ENTRIES, STATE_NAME, STEP_DIR_RE, build_model, check_output, full_model_state,
     full_optimizer_state, init_weights_from, list_checkpoints, load_optimizer_state, load_pretrained,
-    prepare_output, read_state_file, read_train_state, read_weights, step_dir_name, write_checkpoint,
+    prepare_output, read_run_config, read_state_file, read_train_state, read_weights, step_dir_name,
+    write_checkpoint,
 )
 from mae_fast.training.config import (
     AMP_MODES, CUDA_ONLY_COMPILE_BACKENDS, DATA_FORMATS, DISTRIBUTED_MODES, RESUME_MAY_CHANGE, ConfigError,
@@ -90,7 +90,7 @@ __all__ = [
     "load_optimizer_state", "load_pretrained", "main", "make_baseline_optimizer", "make_optimizer",
     "make_plate_streams", "make_shard_streams", "matmul_ceiling_tflops", "micro_inputs", "micro_seed",
     "model_config_class", "model_family", "parse_override", "plate_key", "prepare_output", "read_config_file",
-    "read_state_file", "read_train_state", "read_weights", "resolve_amp", "resolve_baseline_config",
+    "read_run_config", "read_state_file", "read_train_state", "read_weights", "resolve_amp", "resolve_baseline_config",
     "resolve_device", "resolve_model_config", "run", "set_key", "step_dir_name", "torch_threads", "train",
     "training_flops_per_crop", "valid_keys", "validate", "validation_batch", "wrap_model", "write_checkpoint",
     "wsl_labels",
@@ -129,12 +129,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args) -> TrainConfig:
-    base = None
-    if args.resume and args.out and not args.config and not args.preset:
-        saved = os.path.join(args.out, "train_config.json")
-        if os.path.exists(saved):
-            with open(saved) as f:
-                base = json.load(f)
+    """The run's configuration: defaults (with --resume: the run's stored configuration) < --config < --preset <
+    the flags < --set."""
+    base = read_run_config(args.out) if args.resume and args.out else None
     cfg = build_config(None, args.config, None, base)
     if args.preset:
         cfg.preset = args.preset

@@ -177,6 +177,8 @@ def _coerce(value, hint, key: str):
             return int(value)
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # NaN slips through every `x <= 0` range check
+                raise ConfigError(f"config key {key!r} must be a finite number, got {value!r}")
             return float(value)
     elif hint is str:
         if isinstance(value, str):
