@@ -57,13 +57,14 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
         raise
 
 
-def remove_temporaries(folder: str) -> list[str]:
-    """Remove what killed writers left in `folder` (`.tmp-*` files and folders); call it only while holding the
-    folder's output lock (mae_fast.runlock), when no other writer can be mid-write. Returns what was removed."""
+def remove_temporaries(folder: str, names: tuple[str, ...] | None = None) -> list[str]:
+    """Remove what killed writers left in `folder` (`.tmp-*` files and folders; with `names`, only the temporaries
+    of those files); call it only while holding the output's lock (mae_fast.runlock), when no other writer of
+    those files can be mid-write. Returns what was removed."""
     removed = []
     if os.path.isdir(folder):
         for entry in os.scandir(folder):
-            if entry.name.startswith(TMP_PREFIX):
+            if entry.name.startswith(TMP_PREFIX) and (names is None or entry.name.endswith(tuple("-" + n for n in names))):
                 if entry.is_dir(follow_symlinks=False):
                     shutil.rmtree(entry.path, ignore_errors=True)
                 else:
@@ -297,11 +298,13 @@ def load_openphenom(path: str) -> MaskedAutoencoder:
 def load_any(path: str) -> torch.nn.Module:
     """Our checkpoint directory (an MAE or a baseline), or an OpenPhenom file/directory."""
     if os.path.isdir(path) and os.path.exists(os.path.join(path, CONFIG_NAME)):
-        with open(os.path.join(path, CONFIG_NAME)) as f:
-            try:
-                is_ours = "mae_fast_config" in json.load(f)
-            except json.JSONDecodeError:
-                is_ours = False
+        config_path = os.path.join(path, CONFIG_NAME)
+        try:
+            with open(config_path, "rb") as f:
+                is_ours = "mae_fast_config" in json.loads(f.read())
+        except (ValueError, TypeError) as err:  # not JSON (or not UTF-8): say so, not "not OpenPhenom"
+            raise CheckpointError(f"{config_path} is not JSON ({err}); the checkpoint's configuration cannot be "
+                                  "read") from err
         if is_ours:
             return load_model(path)
     return load_openphenom(path)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import sys
 import traceback
@@ -39,6 +40,30 @@ def build_parser() -> argparse.ArgumentParser:
         module.add_arguments(cmd)
         cmd.set_defaults(_run=module.run)
     return parser
+
+
+def number(kind: type = float, minimum: float | None = None, maximum: float | None = None, *,
+           above: float | None = None, below: float | None = None):
+    """An argparse `type`: a finite int or float within the bounds (>= minimum, <= maximum, > above, < below);
+    anything else is refused before any work with one line naming the argument."""
+    bounds = [(minimum, lambda x, b: x >= b, ">="), (maximum, lambda x, b: x <= b, "<="),
+              (above, lambda x, b: x > b, ">"), (below, lambda x, b: x < b, "<")]
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        for bound, ok, sign in bounds:
+            if bound is not None and not ok(value, bound):
+                raise argparse.ArgumentTypeError(f"must be {sign} {bound:g}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
 
 
 # what a user can cause and fix: bad data, settings, checkpoints, a busy or unwritable output, a malformed table

@@ -52,7 +52,7 @@ import os
 import sys
 
 from mae_fast import baselines as bl
-from mae_fast.cli import run_command
+from mae_fast.cli import number, run_command
 from mae_fast.models import PRESETS, list_presets
 from mae_fast.training.checkpointing import (
     CHECKPOINT_DIR, RUN_ENTRIES, STATE_NAME, STEP_DIR_RE, build_model, check_output, full_model_state,
@@ -112,7 +112,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crops", type=int, help="crops to train on (instead of --steps)")
     p.add_argument("--global-batch", type=int, help="crops per optimiser step, all ranks together")
     p.add_argument("--micro-batch", type=int, help="crops per forward pass on one device")
-    p.add_argument("--lr", type=float, help="peak learning rate (default: the preset's paper value; WSL: 0.1 per 256 "
+    p.add_argument("--lr", type=number(float, above=0), help="peak learning rate (default: the preset's paper value; WSL: 0.1 per 256 "
                                            "crops, scaled with the global batch)")
     p.add_argument("--device", help="auto, cpu, cuda")
     p.add_argument("--amp", choices=AMP_MODES, help="autocast dtype (default auto: bf16 on GPU, fp32 on CPU)")
