@@ -119,8 +119,10 @@ class OutputLock:
             self.took_over = _describe(previous)
         if self.took_over:
             log(f"note: took over the stale lock of {self.took_over}, which is no longer running ({path})")
+        program = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
+        program = "mae-fast" if program in ("cli.py", "__main__.py", "mae-fast") else program
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
-              "command": " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv[:6]))}
+              "command": " ".join([program, *sys.argv[1:4]])}
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, json.dumps(me).encode(), 0)
 

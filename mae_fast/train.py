@@ -131,6 +131,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def config_from_args(args) -> TrainConfig:
     """The run's configuration: defaults (with --resume: the run's stored configuration) < --config < --preset <
     the flags < --set."""
+    if args.resume and not args.out and not args.config:
+        raise ConfigError("--resume: give the run folder to continue with --out DIR (its stored configuration is "
+                          "read from DIR/train_config.json)")
     base = read_run_config(args.out) if args.resume and args.out else None
     cfg = build_config(None, args.config, None, base)
     if args.preset:

@@ -127,8 +127,8 @@ def reading_table(path, what: str = "table", error: type[Exception] = TableError
     try:
         yield
     except UnicodeDecodeError as err:
-        raise error(f"{path}: {what} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start})"
-                    ) from err
+        raise error(f"{path}: {what} is not UTF-8 text (it holds the byte 0x{err.object[err.start]:02x}); save it "
+                    "as UTF-8") from err
     except pd.errors.EmptyDataError as err:
         raise error(f"{path}: {what} is empty (no header line)") from err
     except pd.errors.ParserError as err:
