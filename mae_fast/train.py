@@ -43,6 +43,12 @@ Output folder:
     recon/step_XXXXXXXX.png            reconstructions of a fixed validation batch
     model/                             the final weights (`mae-fast embed --checkpoint OUT/model`)
     loss_curve.png, train_summary.json
+    .mae_fast.lock                     while the run is going: who writes here (one writer; mae_fast.runlock)
+
+Failures: a checkpoint is published only with finite weights, so a diverged run names a good one to go on from;
+`--resume` continues from the newest checkpoint that reads back intact (saying which one it used) and first removes
+what killed runs left (temporaries, half-deleted step folders). `--resume --out DIR` reads DIR/train_config.json
+(the run's settings; the one-shot flags --overwrite/--resume are never stored).
 """
 from __future__ import annotations
 
