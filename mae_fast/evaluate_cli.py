@@ -12,7 +12,7 @@ import argparse
 import math
 import os
 
-from mae_fast.checkpoint import atomic_write
+from mae_fast.checkpoint import atomic_write, remove_temporaries
 from mae_fast.cli import number
 from mae_fast.evaluate import (
     BASELINES, ColumnSpec, EvalConfig, EvaluationInputError, evaluate, pixel_statistics_table, write_outputs,
@@ -140,6 +140,7 @@ def _notes(result) -> list[str]:
 def run(args) -> int:
     config = _config(args)  # errors: the CLI's one handler (mae_fast.cli.run_command)
     with OutputLock(folder_lock_path(args.out), f"evaluation folder {args.out}"):
+        remove_temporaries(args.out)  # of a killed evaluation; this one holds the folder's lock
         return _evaluate(args, config)
 
 
