@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import tempfile
 from typing import Callable
 
@@ -28,11 +29,14 @@ class CheckpointError(ValueError):
     """A checkpoint that does not fit the model: names the file and the offending keys."""
 
 
+TMP_PREFIX = ".tmp-"  # temporaries of atomic writes (files and folders); only a killed writer leaves one
+
+
 def atomic_write(path: str, write: Callable[[str], None]) -> None:
     """Call write(tmp_path) for a temp file beside `path`, fsync it, then rename it over `path`."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix="-" + os.path.basename(path), dir=directory)
     os.close(fd)
     try:
         write(tmp)
@@ -51,6 +55,22 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def remove_temporaries(folder: str, names: tuple[str, ...] | None = None) -> list[str]:
+    """Remove what killed writers left in `folder` (`.tmp-*` files and folders; with `names`, only the temporaries
+    of those files); call it only while holding the output's lock (mae_fast.runlock), when no other writer of
+    those files can be mid-write. Returns what was removed."""
+    removed = []
+    if os.path.isdir(folder):
+        for entry in os.scandir(folder):
+            if entry.name.startswith(TMP_PREFIX) and (names is None or entry.name.endswith(tuple("-" + n for n in names))):
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                else:
+                    os.remove(entry.path)
+                removed.append(entry.path)
+    return removed
 
 
 def write_text(path: str, text: str) -> None:
@@ -278,18 +298,20 @@ def load_openphenom(path: str) -> MaskedAutoencoder:
 def load_any(path: str) -> torch.nn.Module:
     """Our checkpoint directory (an MAE or a baseline), or an OpenPhenom file/directory."""
     if os.path.isdir(path) and os.path.exists(os.path.join(path, CONFIG_NAME)):
-        with open(os.path.join(path, CONFIG_NAME)) as f:
-            try:
-                is_ours = "mae_fast_config" in json.load(f)
-            except json.JSONDecodeError:
-                is_ours = False
+        config_path = os.path.join(path, CONFIG_NAME)
+        try:
+            with open(config_path, "rb") as f:
+                is_ours = "mae_fast_config" in json.loads(f.read())
+        except (ValueError, TypeError) as err:  # not JSON (or not UTF-8): say so, not "not OpenPhenom"
+            raise CheckpointError(f"{config_path} is not JSON ({err}); the checkpoint's configuration cannot be "
+                                  "read") from err
         if is_ours:
             return load_model(path)
     return load_openphenom(path)
 
 
 __all__ = [
-    "CheckpointError", "atomic_write", "atomic_write_json", "save_model", "load_model", "load_state_dict_strict", "timm_vit_kwargs",
+    "CheckpointError", "TMP_PREFIX", "atomic_write", "atomic_write_json", "remove_temporaries", "save_model", "load_model", "load_state_dict_strict", "timm_vit_kwargs",
     "to_timm_state_dict", "from_timm_state_dict", "load_openphenom", "openphenom_config", "load_any",
     "sincos_pos_embed",
 ]

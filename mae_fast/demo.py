@@ -22,12 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 import numpy as np
 
 from mae_fast import baselines as bl
+from mae_fast.cli import number
 from mae_fast.models import list_presets
 
 DEFAULT_WSL_LR = 0.05
@@ -41,14 +41,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated presets to train, embed and compare (default: --preset alone), e.g. "
                         "mae_vit_micro_patch16_256,wsl_densenet_micro_256,munet_micro_256; baselines: "
                         + ", ".join(bl.list_baselines()))
-    p.add_argument("--seconds", type=float, default=150.0,
+    p.add_argument("--seconds", type=number(float, above=0), default=150.0,
                    help="training time budget per model in seconds (default 150)")
-    p.add_argument("--max-steps", type=int, default=300, help="training steps planned for the schedule (default 300)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3, help="peak Lion learning rate of the MAE (default 1e-3)")
-    p.add_argument("--wsl-lr", type=float, default=DEFAULT_WSL_LR,
+    p.add_argument("--max-steps", type=number(int, minimum=1), default=300, help="training steps planned for the schedule (default 300)")
+    p.add_argument("--batch-size", type=number(int, minimum=1), default=16)
+    p.add_argument("--lr", type=number(float, above=0), default=1e-3, help="peak Lion learning rate of the MAE (default 1e-3)")
+    p.add_argument("--wsl-lr", type=number(float, above=0), default=DEFAULT_WSL_LR,
                    help=f"peak SGD learning rate of WSL baselines (default {DEFAULT_WSL_LR})")
-    p.add_argument("--munet-lr", type=float, default=DEFAULT_MUNET_LR,
+    p.add_argument("--munet-lr", type=number(float, above=0), default=DEFAULT_MUNET_LR,
                    help=f"peak AdamW learning rate of MU-Net baselines (default {DEFAULT_MUNET_LR:g})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -123,15 +123,13 @@ def run(args) -> int:
     from mae_fast.data.synthetic import make_synthetic_screen
     from mae_fast.embed import embed_dataset
     from mae_fast.evaluate import evaluate, write_outputs
-    from mae_fast.train import train
+    from mae_fast.train import train, validate
 
-    try:
-        models = check_models(args.models or [args.preset])
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    models = check_models(args.models or [args.preset])  # errors: the CLI's one handler (mae_fast.cli)
     single = len(models) == 1
     out = os.path.abspath(args.out)
+    for preset in models:  # every training setting checked before the screen is generated
+        validate(train_config(preset, os.path.join(out, "screen"), os.path.join(out, preset, "train"), args))
     os.makedirs(out, exist_ok=True)
     t0 = time.time()
     screen = make_synthetic_screen(os.path.join(out, "screen"), screen_config(args.tiny, args.seed))

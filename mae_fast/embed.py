@@ -49,8 +49,10 @@ import torch
 import torch.distributed as dist
 
 from mae_fast import baselines as bl
-from mae_fast.checkpoint import CheckpointError, atomic_write, atomic_write_json
+from mae_fast.checkpoint import CheckpointError, atomic_write, atomic_write_json, remove_temporaries
+from mae_fast.cli import number, run_command
 from mae_fast.models import get_config
+from mae_fast.runlock import OutputLock, beside_lock_path
 from mae_fast.train import (
     ConfigError, DataConfig, DistInfo, agree, all_gather_objects, barrier, build_site_index, env_world,
     init_distributed, load_pretrained, resolve_amp, resolve_device, torch_threads,
@@ -322,10 +324,13 @@ def _prepare(cfg: EmbedConfig, info: DistInfo):
 
     if cfg.edge not in EDGES:
         raise ConfigError(f"edge is {cfg.edge!r}; valid values: {', '.join(EDGES)}")
-    if not cfg.overwrite:
-        existing = [p for p in (out, sites_path if cfg.sites else None) if p and os.path.exists(p)]
-        if existing:
-            raise ConfigError(f"output {existing[0]} exists; pass --overwrite to replace it")
+    wanted = [p for p in (out, sites_path if cfg.sites else None) if p]
+    existing = [p for p in wanted if os.path.exists(p)]
+    manifest_path = os.path.join(parts_dir, MANIFEST)
+    if existing and not cfg.overwrite and (len(existing) == len(wanted) or not os.path.exists(manifest_path)):
+        raise ConfigError(f"output {existing[0]} exists; pass --overwrite to replace it")
+    # some but not all tables exist beside their parts (a run killed between its table writes): a rerun with the
+    # same settings (the manifest check below) merges the parts again and writes the missing table
     device = resolve_device(cfg.device, info.local_rank)
     amp = resolve_amp(cfg.amp, device)
     model, kind = load_embedding_model(cfg)
@@ -335,7 +340,6 @@ def _prepare(cfg: EmbedConfig, info: DistInfo):
     index = build_site_index(cfg.data)
     _check_channels(model, index, cfg.per_channel)
     manifest = _manifest(cfg, model, index, amp)
-    manifest_path = os.path.join(parts_dir, MANIFEST)
     if not cfg.overwrite and os.path.exists(manifest_path):
         with open(manifest_path) as f:
             saved = json.load(f)
@@ -353,10 +357,15 @@ def embed(cfg: EmbedConfig) -> EmbedResult:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     init_distributed(info, device)
-    try:
+    lock = None
+    try:  # one writer per output (table, site table, parts): rank 0 holds the lock from before any check
+        lock = agree(lambda: OutputLock(beside_lock_path(cfg.out), f"embedding output {cfg.out}")
+                     if info.is_main else None, info)
         with torch_threads(cfg.threads):
             return _embed(cfg, info)
     finally:
+        if lock is not None:
+            lock.release()
         if info.created_group and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -375,6 +384,12 @@ def _embed(cfg: EmbedConfig, info: DistInfo) -> EmbedResult:
                 if os.path.exists(path):
                     os.remove(path)
             shutil.rmtree(parts_dir, ignore_errors=True)
+        leftovers = (remove_temporaries(parts_dir)  # of killed runs; this run holds the output's lock
+                     + remove_temporaries(os.path.dirname(os.path.abspath(out)),
+                                          (os.path.basename(out), os.path.basename(sites_path))))
+        if leftovers:
+            print(f"removed {len(leftovers)} temporary file(s) of an interrupted run: "
+                  + ", ".join(os.path.basename(p) for p in leftovers), flush=True)
         os.makedirs(parts_dir, exist_ok=True)
         if not os.path.exists(os.path.join(parts_dir, MANIFEST)):
             atomic_write_json(os.path.join(parts_dir, MANIFEST), manifest, indent=1)
@@ -610,16 +625,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="well table (parquet)")
     p.add_argument("--sites", action="store_true", help="also write OUT_STEM_sites.parquet (one row per site)")
     p.add_argument("--per-channel", action="store_true", help="CA-MAE: per-channel embeddings")
-    p.add_argument("--batch-size", type=int, default=64, help="tiles per forward pass (default 64)")
+    p.add_argument("--batch-size", type=number(int, minimum=1), default=64, help="tiles per forward pass (default 64)")
     p.add_argument("--edge", default="drop", help="tiles at the border: drop, center, pad, error")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--amp", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp32")
-    p.add_argument("--num-workers", type=int, default=None, help="decode workers (default min(4, cores))")
+    p.add_argument("--num-workers", type=number(int, minimum=0), default=None, help="decode workers (default min(4, cores))")
     p.add_argument("--backend", default="auto", help="image decoding: auto, torch, dali")
     p.add_argument("--on-error", default="raise", choices=("raise", "skip"), help="bad sites: stop, or skip and count")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    p.add_argument("--threads", type=number(int, minimum=0), default=0, help="torch CPU threads (0: default)")
     p.add_argument("--seed", type=int, default=0, help="AdaBN models: seed of which tiles share a batch (default 0)")
-    p.add_argument("--adabn-window", type=int, default=0,
+    p.add_argument("--adabn-window", type=number(int, minimum=0), default=0,
                    help="AdaBN models: tiles of one plate shuffled together into batches (default 8 x batch size)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output (and its parts)")
     p.add_argument("--no-progress", action="store_true")
@@ -647,13 +662,7 @@ def config_from_args(args) -> EmbedConfig:
 
 
 def run(args) -> int:
-    from mae_fast.data.errors import DataError
-
-    try:
-        result = embed(config_from_args(args))
-    except (ConfigError, CheckpointError, DataError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    result = embed(config_from_args(args))  # errors: the CLI's one handler (mae_fast.cli.run_command)
     if env_world().is_main:
         print(f"embeddings:  {result.out}")
         if result.sites_path:
@@ -664,7 +673,7 @@ def run(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mae-fast embed", description=__doc__.split("\n")[0])
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return run_command(run, parser.parse_args(argv), "mae-fast embed")
 
 
 if __name__ == "__main__":

@@ -9,19 +9,25 @@ similarity_heatmap.png, pixel_stats.parquet when computed).
 from __future__ import annotations
 
 import argparse
+import math
 import os
-import sys
 
+from mae_fast.checkpoint import atomic_write, remove_temporaries
+from mae_fast.cli import number
 from mae_fast.evaluate import (
     BASELINES, ColumnSpec, EvalConfig, EvaluationInputError, evaluate, pixel_statistics_table, write_outputs,
 )
+from mae_fast.runlock import OutputLock, folder_lock_path
 
 
 def _floats(text: str) -> tuple[float, ...]:
     try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
+        values = tuple(float(x) for x in text.split(",") if x.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected finite numbers, got {text!r}")
+    return values
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -37,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--baselines", type=_names, default=(), help=f"comma-separated: {','.join(BASELINES)}")
     parser.add_argument("--images-root", help="RxRx3-layout folder for the pixel-stats baseline")
     parser.add_argument("--pixel-stats", help="precomputed pixel-statistics table (instead of --images-root)")
-    parser.add_argument("--channels", type=int, default=6, help="image channels for pixel statistics (default 6)")
+    parser.add_argument("--channels", type=number(int, minimum=1), default=6, help="image channels for pixel statistics (default 6)")
 
     columns = parser.add_argument_group("columns")
     columns.add_argument("--perturbation-column", default="gene")
@@ -51,14 +57,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     method = parser.add_argument_group("method")
     method.add_argument("--tvn-batch", choices=("experiment", "plate"), default="experiment")
-    method.add_argument("--tvn-shrinkage", type=float, default=0.5)
+    method.add_argument("--tvn-shrinkage", type=number(float, minimum=0, maximum=1), default=0.5)
     method.add_argument("--tails", type=_floats, default=(5.0,),
                         help="recall thresholds, percent per side (default 5: bottom 5%% or top 5%%)")
     method.add_argument("--curve-tails", type=_floats, default=EvalConfig().curve_tails)
-    method.add_argument("--arm-min-genes", type=int, default=3, help="fewer reference genes: arm left uncorrected")
-    method.add_argument("--expression-threshold", type=float, default=1.0,
+    method.add_argument("--arm-min-genes", type=number(int, minimum=1), default=3, help="fewer reference genes: arm left uncorrected")
+    method.add_argument("--expression-threshold", type=number(float), default=1.0,
                         help="numeric expression below this counts as unexpressed")
-    method.add_argument("--min-replicates", type=int, default=1)
+    method.add_argument("--min-replicates", type=number(int, minimum=1), default=1)
     method.add_argument("--strict-replicates", action="store_true",
                         help="error (instead of a reported skip) for perturbations below --min-replicates")
     method.add_argument("--seed", type=int, default=0, help="random baseline seed")
@@ -66,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     plots = parser.add_argument_group("plots")
     plots.add_argument("--heatmap", help="relationship NAME or file for the heat map (default: the first one)")
     plots.add_argument("--no-heatmap", action="store_true")
-    plots.add_argument("--heatmap-max-genes", type=int, default=200)
+    plots.add_argument("--heatmap-max-genes", type=number(int, minimum=2), default=200)
 
 
 def _relationship_args(values: list[str]) -> dict[str, str]:
@@ -132,28 +138,30 @@ def _notes(result) -> list[str]:
 
 
 def run(args) -> int:
-    try:
-        config = _config(args)
-        relationships = _relationship_args(args.relationships)
-        pixel_stats = args.pixel_stats
-        extra_paths = {}
-        if "pixel-stats" in args.baselines and pixel_stats is None:
-            if args.images_root is None:
-                raise EvaluationInputError("--baselines pixel-stats needs --images-root or --pixel-stats")
-            pixel_stats = pixel_statistics_table(args.images_root, channels=args.channels)
-            os.makedirs(args.out, exist_ok=True)
-            extra_paths["pixel_stats"] = os.path.join(args.out, "pixel_stats.parquet")
-            pixel_stats.to_parquet(extra_paths["pixel_stats"], index=False)
-        result = evaluate(
-            args.embeddings, relationships, arms=args.arms, config=config, baselines=args.baselines,
-            pixel_stats=pixel_stats,
-        )
-        heatmap = None if args.no_heatmap else (args.heatmap or next(iter(relationships)))
-        paths = write_outputs(result, args.out, heatmap_relationships=heatmap,
-                              max_heatmap_genes=args.heatmap_max_genes)
-    except EvaluationInputError as err:
-        print(f"mae-fast evaluate: error: {err}", file=sys.stderr)
-        return 2
+    config = _config(args)  # errors: the CLI's one handler (mae_fast.cli.run_command)
+    with OutputLock(folder_lock_path(args.out), f"evaluation folder {args.out}"):
+        remove_temporaries(args.out)  # of a killed evaluation; this one holds the folder's lock
+        return _evaluate(args, config)
+
+
+def _evaluate(args, config) -> int:
+    relationships = _relationship_args(args.relationships)
+    pixel_stats = args.pixel_stats
+    extra_paths = {}
+    if "pixel-stats" in args.baselines and pixel_stats is None:
+        if args.images_root is None:
+            raise EvaluationInputError("--baselines pixel-stats needs --images-root or --pixel-stats")
+        pixel_stats = pixel_statistics_table(args.images_root, channels=args.channels)
+        os.makedirs(args.out, exist_ok=True)
+        extra_paths["pixel_stats"] = os.path.join(args.out, "pixel_stats.parquet")
+        atomic_write(extra_paths["pixel_stats"], lambda tmp: pixel_stats.to_parquet(tmp, index=False))
+    result = evaluate(
+        args.embeddings, relationships, arms=args.arms, config=config, baselines=args.baselines,
+        pixel_stats=pixel_stats,
+    )
+    heatmap = None if args.no_heatmap else (args.heatmap or next(iter(relationships)))
+    paths = write_outputs(result, args.out, heatmap_relationships=heatmap,
+                          max_heatmap_genes=args.heatmap_max_genes)
     print(result.markdown())
     for note in _notes(result):
         print(f"note: {note}")

@@ -24,6 +24,7 @@ import os
 import sys
 from dataclasses import dataclass, replace
 
+from mae_fast.cli import number
 from mae_fast.models import MAEConfig, get_config
 
 # --------------------------------------------------------------------------------------------------------------
@@ -347,11 +348,11 @@ def plot_scaling(points: list[RunPoint], path: str, metric: str | None, title: s
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", action="append", default=None,
                         help="preset(s) to count (repeatable; default: the paper's ViT-S/16 ... ViT-L/8)")
-    parser.add_argument("--mask-ratio", type=float, default=None, help="mask ratio (default: the preset's, 0.75)")
-    parser.add_argument("--in-chans", type=int, default=None, help="channels per crop (default: the preset's)")
-    parser.add_argument("--crops", type=float, default=PAPER_VIT_L8_RUN["crops"],
+    parser.add_argument("--mask-ratio", type=number(float, minimum=0, below=1), default=None, help="mask ratio (default: the preset's, 0.75)")
+    parser.add_argument("--in-chans", type=number(int, minimum=1), default=None, help="channels per crop (default: the preset's)")
+    parser.add_argument("--crops", type=number(float, above=0), default=PAPER_VIT_L8_RUN["crops"],
                         help="crops seen in training, for total training FLOPs (default 3.5e9, the ViT-L/8+ run)")
-    parser.add_argument("--crops-per-s", type=float, default=None,
+    parser.add_argument("--crops-per-s", type=number(float, above=0), default=None,
                         help="a measured training rate (ViT-L/8 crops/s) to convert into GPU-hours for --crops")
     parser.add_argument("--metrics", default=None,
                         help="CSV/JSON of runs (model, crops, metric) to plot against training FLOPs")

@@ -12,6 +12,8 @@ import argparse
 import logging
 import os
 
+from .cli import number
+
 LAYOUTS = ("rxrx", "rxrx3-core", "jump")
 
 
@@ -27,10 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jump-root", default=None, help="jump: folder holding the files (overrides PathName_* columns)")
     parser.add_argument("--experiment", action="append", default=None, help="keep only this experiment (repeatable)")
     parser.add_argument("--plate", action="append", default=None, help="keep only this plate (repeatable)")
-    parser.add_argument("--tile", type=int, default=256, help="pack tile size in pixels (default 256)")
+    parser.add_argument("--tile", type=number(int, minimum=1), default=256, help="pack tile size in pixels (default 256)")
     parser.add_argument("--codec", choices=("blosc2", "raw"), default="blosc2", help="tile codec (default blosc2: lz4 + bit-shuffle, lossless)")
-    parser.add_argument("--shard-gb", type=float, default=1.0, help="approximate shard file size in GB (default 1)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding processes (default: all cores)")
+    parser.add_argument("--shard-gb", type=number(float, above=0), default=1.0, help="approximate shard file size in GB (default 1)")
+    parser.add_argument("--workers", type=number(int, minimum=0), default=os.cpu_count() or 1, help="decoding processes (default: all cores)")
     parser.add_argument("--on-error", choices=("raise", "skip"), default="raise",
                         help="raise: stop at the first bad input; skip: leave bad sites out and list them")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")

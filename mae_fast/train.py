@@ -43,6 +43,12 @@ Output folder:
     recon/step_XXXXXXXX.png            reconstructions of a fixed validation batch
     model/                             the final weights (`mae-fast embed --checkpoint OUT/model`)
     loss_curve.png, train_summary.json
+    .mae_fast.lock                     while the run is going: who writes here (one writer; mae_fast.runlock)
+
+Failures: a checkpoint is published only with finite weights, so a diverged run names a good one to go on from;
+`--resume` continues from the newest checkpoint that reads back intact (saying which one it used) and first removes
+what killed runs left (temporaries, half-deleted step folders). `--resume --out DIR` reads DIR/train_config.json
+(the run's settings; the one-shot flags --overwrite/--resume are never stored).
 """
 from __future__ import annotations
 
@@ -52,12 +58,13 @@ import os
 import sys
 
 from mae_fast import baselines as bl
-from mae_fast.checkpoint import CheckpointError
+from mae_fast.cli import number, run_command
 from mae_fast.models import PRESETS, list_presets
 from mae_fast.training.checkpointing import (
     CHECKPOINT_DIR, RUN_ENTRIES, STATE_NAME, STEP_DIR_RE, build_model, check_output, full_model_state,
     full_optimizer_state, init_weights_from, list_checkpoints, load_optimizer_state, load_pretrained,
-    prepare_output, read_state_file, read_train_state, read_weights, step_dir_name, write_checkpoint,
+    prepare_output, read_run_config, read_state_file, read_train_state, read_weights, step_dir_name,
+    write_checkpoint,
 )
 from mae_fast.training.config import (
     AMP_MODES, CUDA_ONLY_COMPILE_BACKENDS, DATA_FORMATS, DISTRIBUTED_MODES, RESUME_MAY_CHANGE, ConfigError,
@@ -89,7 +96,7 @@ __all__ = [
     "load_optimizer_state", "load_pretrained", "main", "make_baseline_optimizer", "make_optimizer",
     "make_plate_streams", "make_shard_streams", "matmul_ceiling_tflops", "micro_inputs", "micro_seed",
     "model_config_class", "model_family", "parse_override", "plate_key", "prepare_output", "read_config_file",
-    "read_state_file", "read_train_state", "read_weights", "resolve_amp", "resolve_baseline_config",
+    "read_run_config", "read_state_file", "read_train_state", "read_weights", "resolve_amp", "resolve_baseline_config",
     "resolve_device", "resolve_model_config", "run", "set_key", "step_dir_name", "torch_threads", "train",
     "training_flops_per_crop", "valid_keys", "validate", "validation_batch", "wrap_model", "write_checkpoint",
     "wsl_labels",
@@ -111,7 +118,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crops", type=int, help="crops to train on (instead of --steps)")
     p.add_argument("--global-batch", type=int, help="crops per optimiser step, all ranks together")
     p.add_argument("--micro-batch", type=int, help="crops per forward pass on one device")
-    p.add_argument("--lr", type=float, help="peak learning rate (default: the preset's paper value; WSL: 0.1 per 256 "
+    p.add_argument("--lr", type=number(float, above=0), help="peak learning rate (default: the preset's paper value; WSL: 0.1 per 256 "
                                            "crops, scaled with the global batch)")
     p.add_argument("--device", help="auto, cpu, cuda")
     p.add_argument("--amp", choices=AMP_MODES, help="autocast dtype (default auto: bf16 on GPU, fp32 on CPU)")
@@ -128,12 +135,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args) -> TrainConfig:
-    base = None
-    if args.resume and args.out and not args.config and not args.preset:
-        saved = os.path.join(args.out, "train_config.json")
-        if os.path.exists(saved):
-            with open(saved) as f:
-                base = json.load(f)
+    """The run's configuration: defaults (with --resume: the run's stored configuration) < --config < --preset <
+    the flags < --set."""
+    if args.resume and not args.out and not args.config:
+        raise ConfigError("--resume: give the run folder to continue with --out DIR (its stored configuration is "
+                          "read from DIR/train_config.json)")
+    base = read_run_config(args.out) if args.resume and args.out else None
     cfg = build_config(None, args.config, None, base)
     if args.preset:
         cfg.preset = args.preset
@@ -174,19 +181,16 @@ def run(args) -> int:
             lr = f"lr {c.lr:g}" + (f" per {c.lr_batch} crops" if c.lr_batch else "")
             print(f"{name:32s} {what}, embedding {c.embed_dim}, {c.optimizer} {lr}")
         return 0
+    cfg = config_from_args(args)  # errors: the CLI's one handler (mae_fast.cli.run_command)
+    if args.print_config:
+        validate(cfg, env_world().world_size)
+        print(json.dumps(cfg.to_dict(), indent=1))
+        return 0
     try:
-        cfg = config_from_args(args)
-        if args.print_config:
-            validate(cfg, env_world().world_size)
-            print(json.dumps(cfg.to_dict(), indent=1))
-            return 0
         result = train(cfg)
     except NonFiniteLossError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"mae-fast train: error: {err}", file=sys.stderr)
         return 3
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     if env_world().is_main:
         print(f"model:       {result.model_dir}")
         print(f"checkpoint:  {result.checkpoint_dir}")
@@ -201,7 +205,7 @@ def run(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mae-fast train", description=__doc__.split("\n")[0])
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return run_command(run, parser.parse_args(argv), "mae-fast train")
 
 
 if __name__ == "__main__":

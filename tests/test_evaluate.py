@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from mae_fast import evaluate_cli
+from mae_fast.cli import run_command
 from mae_fast.evaluate import (
     ColumnSpec, EvalConfig, EvaluationInputError, PairwiseSimilarities, PerturbationMap,
     chromosome_arm_correction, evaluate, evaluate_map, exact_percentiles, fit_tvn, load_arm_table,
@@ -607,7 +608,7 @@ def test_connected_components_against_union_find():
 def _cli(argv):
     parser = argparse.ArgumentParser()
     evaluate_cli.add_arguments(parser)
-    return evaluate_cli.run(parser.parse_args(argv))
+    return run_command(evaluate_cli.run, parser.parse_args(argv), "mae-fast evaluate")  # with the CLI's handler
 
 
 def test_cli_end_to_end(tmp_path, capsys):

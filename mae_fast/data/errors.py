@@ -6,6 +6,7 @@ Every problem with the input is a `DataError` that names the reason, the well an
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -111,3 +112,28 @@ def handle(err: DataError, on_error: str, summary: ErrorSummary) -> None:
         raise err
     summary.record(err)
     logger.warning("skipping: %s", err)
+
+
+class TableError(ValueError):
+    """A table file (CSV, parquet) that cannot be read: names the file and what is wrong with it."""
+
+
+@contextlib.contextmanager
+def reading_table(path, what: str = "table", error: type[Exception] = TableError):
+    """Reading `path` inside the block: an empty, non-UTF-8, malformed CSV or a file that is not parquet becomes one
+    `error` naming the file (pandas and pyarrow name it nowhere)."""
+    import pandas as pd
+
+    try:
+        yield
+    except UnicodeDecodeError as err:
+        raise error(f"{path}: {what} is not UTF-8 text (it holds the byte 0x{err.object[err.start]:02x}); save it "
+                    "as UTF-8") from err
+    except pd.errors.EmptyDataError as err:
+        raise error(f"{path}: {what} is empty (no header line)") from err
+    except pd.errors.ParserError as err:
+        raise error(f"{path}: {what} is not a well-formed CSV file: {str(err).strip()}") from err
+    except ValueError as err:  # pyarrow's ArrowInvalid (a ValueError): not parquet, or a damaged parquet file
+        if type(err).__module__.startswith("pyarrow"):
+            raise error(f"{path}: {what} is not a readable parquet file: {err}") from err
+        raise

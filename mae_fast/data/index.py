@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .errors import DataError, ErrorSummary, check_on_error, handle
+from .errors import DataError, ErrorSummary, check_on_error, handle, logger, reading_table
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "jp2", "j2k", "tif", "tiff")
 RXRX_FILE_RE = re.compile(
@@ -425,7 +425,8 @@ def _read_table(path):
     import pandas as pd
 
     path = os.fspath(path)
-    return pd.read_parquet(path) if path.endswith(".parquet") else pd.read_csv(path)
+    with reading_table(path):
+        return pd.read_parquet(path) if path.endswith(".parquet") else pd.read_csv(path)
 
 
 def _jump_path(row: Mapping, column: str, fname: str, root: str | None) -> str:
@@ -490,7 +491,8 @@ class _Metadata:
 def _read_rxrx_metadata(path: str, summary: ErrorSummary, on_error: str) -> _Metadata:
     import pandas as pd
 
-    df = pd.read_csv(path, dtype={"well_id": str, "address": str, "well": str, "site_id": str})
+    with reading_table(path, "metadata CSV"):
+        df = pd.read_csv(path, dtype={"well_id": str, "address": str, "well": str, "site_id": str})
     columns = set(df.columns)
     if set(RXRX1_KEYS) <= columns:
         per_site, exp_col = True, "experiment"
@@ -501,6 +503,11 @@ def _read_rxrx_metadata(path: str, summary: ErrorSummary, on_error: str) -> _Met
     else:
         raise ValueError(f"{path}: neither the RxRx1 metadata columns {RXRX1_KEYS} nor the RxRx3 columns {RXRX3_KEYS}; "
                          f"columns are {sorted(columns)}")
+    if "gene" not in columns:  # said, not silently assumed: which column names a site's perturbation
+        used = [c for c in PERTURBATION_COLUMNS if c in columns]
+        logger.warning("%s has no 'gene' column: %s", path,
+                       f"a site's perturbation is read from {' (else '.join(repr(c) for c in used)}{')' * (len(used) - 1)}"
+                       if used else f"none of {PERTURBATION_COLUMNS} is present, so sites have no perturbation label")
     rows: dict[tuple, dict] = {}
     bad: set[tuple] = set()
     for i, (key, record) in enumerate(zip(keys, df.to_dict("records"))):
@@ -515,8 +522,11 @@ def _read_rxrx_metadata(path: str, summary: ErrorSummary, on_error: str) -> _Met
     return _Metadata(per_site, rows, bad, exp_col, path)
 
 
+PERTURBATION_COLUMNS = ("gene", "treatment", "sirna", "sirna_id")  # a row's perturbation: the first one filled
+
+
 def _perturbation(row: Mapping) -> str | None:
-    for column in ("gene", "treatment", "sirna", "sirna_id"):
+    for column in PERTURBATION_COLUMNS:
         if _present(row.get(column)):
             return _plain_str(_clean(row[column]))
     return None

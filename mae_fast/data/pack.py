@@ -18,6 +18,7 @@ The folder is written under a temporary name and renamed into place when complet
 """
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import math
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..runlock import OutputLock, beside_lock_path
 from .errors import DataError, ErrorSummary, check_on_error, handle
 from .index import Site, SiteIndex
 
@@ -210,9 +212,8 @@ class PackResult:
 
 def pack_index(index: SiteIndex, out_dir: str, tile: int = 256, codec: str = "blosc2", shard_bytes: int = 1 << 30,
                num_workers: int = 0, on_error: str = "raise", overwrite: bool = False) -> PackResult:
-    """Decode every site of `index` once and write it as a pack folder (see module doc)."""
-    import pandas as pd
-
+    """Decode every site of `index` once and write it as a pack folder (see module doc); one writer at a time
+    (`mae_fast.runlock`)."""
     check_on_error(on_error)
     if codec not in CODECS:
         raise ValueError(f"codec must be one of {CODECS}, got {codec!r}")
@@ -221,10 +222,20 @@ def pack_index(index: SiteIndex, out_dir: str, tile: int = 256, codec: str = "bl
             import imagecodecs  # noqa: F401
         except ImportError as err:
             raise ImportError("codec='blosc2' needs imagecodecs (`pip install 'mae_fast[jp2]'`), or use codec='raw'") from err
-    if os.path.exists(out_dir) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists; pass overwrite=True (--overwrite) to replace it")
     if len(index) == 0:
         raise ValueError("the index has no sites to pack")
+    with OutputLock(beside_lock_path(out_dir), f"pack folder {out_dir}"):
+        if os.path.exists(out_dir) and not overwrite:
+            raise FileExistsError(f"{out_dir} exists; pass overwrite=True (--overwrite) to replace it")
+        for stale in glob.glob(glob.escape(out_dir.rstrip(os.sep)) + ".tmp-*"):  # left by a killed run
+            shutil.rmtree(stale, ignore_errors=True)
+        return _pack(index, out_dir, tile, codec, shard_bytes, num_workers, on_error)
+
+
+def _pack(index: SiteIndex, out_dir: str, tile: int, codec: str, shard_bytes: int, num_workers: int,
+          on_error: str) -> PackResult:
+    import pandas as pd
+
     dtype = index.dtype
     summary = index.summary.copy()
     tmp = f"{out_dir.rstrip(os.sep)}.tmp-{os.getpid()}"

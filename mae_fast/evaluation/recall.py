@@ -26,6 +26,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from mae_fast.data.errors import reading_table
+
 from .table import EvaluationInputError, name_some
 
 BINS = 65536
@@ -208,7 +210,8 @@ def load_relationships(source, name: str | None = None) -> RelationshipSet:
             raise EvaluationInputError(f"relationship file not found: {where}")
         name = name or relationship_name(where)
         sep = "\t" if ".tsv" in where.lower() else ","
-        frame = pd.read_csv(where, sep=sep, dtype=str, keep_default_na=False)
+        with reading_table(where, "relationship file", EvaluationInputError):
+            frame = pd.read_csv(where, sep=sep, dtype=str, keep_default_na=False)
     if "entity1" not in frame.columns or "entity2" not in frame.columns:
         raise EvaluationInputError(
             f"{where}: relationship file must have the header entity1,entity2; found "

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from mae_fast.data.errors import reading_table
+
 # Columns of the RxRx3 metadata schema: never used as features even when numeric (e.g. `plate`, `concentration`).
 RXRX3_METADATA_COLUMNS = (
     "well_id", "experiment_name", "plate", "address", "gene", "treatment",
@@ -125,13 +127,15 @@ def load_table(source, perturbation_column: str | None = None) -> tuple[pd.DataF
         raise EvaluationInputError(f"table not found: {path}")
     lower = path.lower()
     if lower.endswith((".parquet", ".pq")) or os.path.isdir(path):
-        return pd.read_parquet(path), path
+        with reading_table(path, error=EvaluationInputError):
+            return pd.read_parquet(path), path
     if lower.endswith((".csv", ".csv.gz", ".tsv", ".tsv.gz", ".txt")):
         sep = "\t" if ".tsv" in lower else ","
-        frame = pd.read_csv(path, sep=sep)
-        if perturbation_column is not None and perturbation_column in frame.columns:
-            labels = pd.read_csv(path, sep=sep, usecols=[perturbation_column], dtype=str, keep_default_na=False)
-            frame[perturbation_column] = labels[perturbation_column].replace("", np.nan)
+        with reading_table(path, error=EvaluationInputError):
+            frame = pd.read_csv(path, sep=sep)
+            if perturbation_column is not None and perturbation_column in frame.columns:
+                labels = pd.read_csv(path, sep=sep, usecols=[perturbation_column], dtype=str, keep_default_na=False)
+                frame[perturbation_column] = labels[perturbation_column].replace("", np.nan)
         return frame, path
     raise EvaluationInputError(f"{path}: unknown table format (expected .parquet, .csv or .tsv)")
 

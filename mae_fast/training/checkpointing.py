@@ -2,7 +2,7 @@
 reading weights back (ours, OpenPhenom, timm), and the checks that guard an existing run folder."""
 from __future__ import annotations
 
-import glob
+import json
 import os
 import random
 import re
@@ -14,10 +14,11 @@ import torch
 
 from mae_fast import baselines as bl
 from mae_fast.checkpoint import (
-    CONFIG_NAME, WEIGHTS_NAME, CheckpointError, atomic_write, atomic_write_json, from_timm_state_dict, load_any,
-    load_state_dict_strict, save_model,
+    CONFIG_NAME, TMP_PREFIX, WEIGHTS_NAME, CheckpointError, atomic_write, atomic_write_json, from_timm_state_dict,
+    load_any, load_state_dict_strict, remove_temporaries, save_model,
 )
 from mae_fast.models import MaskedAutoencoder
+from mae_fast.runlock import LOCK_NAME
 from mae_fast.training.config import RESUME_MAY_CHANGE, ConfigError, ModelConfig, TrainConfig, model_family
 
 STATE_NAME = "train_state.pt"
@@ -109,25 +110,53 @@ def _model_for_saving(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> torch
     return model
 
 
+def non_finite_weights(state: dict[str, torch.Tensor]) -> dict[str, int]:
+    """{name: count of NaN/inf values} of the floating-point tensors of `state` that have any."""
+    bad = {}
+    for name, tensor in state.items():
+        if torch.is_floating_point(tensor):
+            n = int((~torch.isfinite(tensor)).sum())
+            if n:
+                bad[name] = n
+    return bad
+
+
+def describe_non_finite(bad: dict[str, int]) -> str:
+    names = sorted(bad, key=lambda k: -bad[k])
+    return (f"{sum(bad.values())} non-finite values in {len(bad)} tensor(s) (e.g. {', '.join(names[:3])})")
+
+
 def write_checkpoint(out_dir: str, step: int, cfg: ModelConfig, model_state: dict, train_state: dict,
                      keep_last: int, extra: dict | None = None) -> str:
     """checkpoints/step_N/ written in a temporary folder, every file fsynced, then renamed into place; older
     checkpoints beyond the last `keep_last` are removed afterwards. `extra`: more keys for config.json (the WSL
-    classes)."""
+    classes). Weights with NaN or inf are never published (CheckpointError): every checkpoint is a good one."""
     root = os.path.join(out_dir, CHECKPOINT_DIR)
     final = os.path.join(root, step_dir_name(step))
     if os.path.isdir(final):
         return final
+    bad = non_finite_weights(model_state)
+    if bad:
+        raise CheckpointError(f"the weights of step {step} hold {describe_non_finite(bad)}; checkpoint "
+                              f"{final} not written")
     os.makedirs(root, exist_ok=True)
-    tmp = os.path.join(root, f".tmp-{step_dir_name(step)}-{os.getpid()}")
+    tmp = os.path.join(root, f"{TMP_PREFIX}{step_dir_name(step)}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     save_model(_StateHolder(cfg, model_state), tmp, extra={"step": step, **(extra or {})})
     atomic_write(os.path.join(tmp, STATE_NAME), lambda path: torch.save(train_state, path))
     os.replace(tmp, final)
     _fsync_dir(root)
     for _, old in list_checkpoints(out_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        discard_checkpoint(old)
     return final
+
+
+def discard_checkpoint(path: str) -> None:
+    """Remove a checkpoint folder: first renamed to a temporary name (one atomic step), so that a kill while
+    deleting leaves a `.tmp-*` folder that the next start removes, never a half-deleted step folder."""
+    doomed = os.path.join(os.path.dirname(path), f"{TMP_PREFIX}discarded-{os.path.basename(path)}-{os.getpid()}")
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 class _StateHolder:
@@ -147,6 +176,26 @@ def read_train_state(path: str) -> dict:
     except Exception as err:  # noqa: BLE001
         raise CheckpointError(f"{os.path.join(path, STATE_NAME)} cannot be read as a weights-only torch file: "
                               f"{err}") from err
+
+
+def newest_intact_checkpoint(out_dir: str):
+    """(step, path, train state, weights, [why each newer checkpoint was passed over]) of the newest checkpoint
+    whose train state and weights read back and whose weights are finite; CheckpointError when none does."""
+    broken = []
+    for step, path in reversed(list_checkpoints(out_dir)):
+        try:
+            state = read_train_state(path)
+            if int(state["step"]) != step:
+                raise CheckpointError(f"{path}: train state says step {state['step']}, the folder step {step}")
+            weights = read_weights(path)
+            bad = non_finite_weights(weights)
+            if bad:
+                raise CheckpointError(f"{path}: {describe_non_finite(bad)}")
+            return step, path, state, weights, broken
+        except (CheckpointError, KeyError, TypeError, ValueError) as err:
+            broken.append(f"{os.path.basename(path)} ({err})")
+    raise CheckpointError(f"--resume: no intact checkpoint under {os.path.join(out_dir, CHECKPOINT_DIR)}: "
+                          + "; ".join(broken))
 
 
 def read_weights(path: str) -> dict[str, torch.Tensor]:
@@ -249,12 +298,36 @@ def _config_differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
     return out
 
 
+RUN_CONFIG = "train_config.json"
+ONE_SHOT_KEYS = {"overwrite": False, "resume": False}  # what a start asked for once, never part of the run
+
+
+def run_config_dict(cfg: TrainConfig) -> dict:
+    """The configuration stored as OUT/train_config.json: the run's settings without the one-shot flags."""
+    return {**cfg.to_dict(), **ONE_SHOT_KEYS}
+
+
+def read_run_config(out_dir: str) -> dict:
+    """OUT/train_config.json (for `--resume --out OUT`), without the one-shot flags an older version stored."""
+    path = os.path.join(out_dir, RUN_CONFIG)
+    if not os.path.exists(path):
+        raise ConfigError(f"--resume: {path} does not exist; {out_dir} holds no training run to continue")
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ConfigError(f"--resume: {path} is not JSON ({err}); the run's configuration cannot be read") from err
+    if not isinstance(saved, dict):
+        raise ConfigError(f"--resume: {path} does not hold a mapping of config keys")
+    return {**saved, **ONE_SHOT_KEYS}
+
+
 def check_output(cfg: TrainConfig) -> int | None:
     """Refuse an existing output folder unless --overwrite or --resume; returns the step to resume from."""
     out = cfg.out_dir
     if cfg.resume and cfg.overwrite:
         raise ConfigError("--resume and --overwrite contradict each other: pick one")
-    exists = os.path.isdir(out) and any(os.scandir(out))
+    exists = os.path.isdir(out) and any(e.name != LOCK_NAME for e in os.scandir(out))
     if os.path.exists(out) and not os.path.isdir(out):
         raise ConfigError(f"output path {out} exists and is not a folder")
     if cfg.resume:
@@ -268,10 +341,28 @@ def check_output(cfg: TrainConfig) -> int | None:
     return None
 
 
-def prepare_output(cfg: TrainConfig) -> None:
-    """(rank 0) Remove the previous run's entries when overwriting; create the folder."""
-    for stale in glob.glob(os.path.join(cfg.out_dir, CHECKPOINT_DIR, ".tmp-*")):  # left by a killed run
-        shutil.rmtree(stale, ignore_errors=True)
+def remove_leftovers(out_dir: str, resume_step: int | None) -> list[str]:
+    """(rank 0, holding the run folder's lock) What killed runs left: temporaries of atomic writes, step folders
+    without all their files (a kill while pruning by an older version), and, when resuming, the checkpoints after
+    the one resumed from (unreadable ones it fell back past; the run writes those steps again)."""
+    removed = []
+    for folder in ("", CHECKPOINT_DIR, "model", "recon"):
+        removed += remove_temporaries(os.path.join(out_dir, folder))
+    root = os.path.join(out_dir, CHECKPOINT_DIR)
+    complete = dict(list_checkpoints(out_dir))
+    if os.path.isdir(root):
+        for name in sorted(os.listdir(root)):
+            m = STEP_DIR_RE.match(name)
+            if m and (int(m.group(1)) not in complete or (resume_step is not None and int(m.group(1)) > resume_step)):
+                discard_checkpoint(os.path.join(root, name))
+                removed.append(os.path.join(root, name))
+    return removed
+
+
+def prepare_output(cfg: TrainConfig, resume_step: int | None = None) -> list[str]:
+    """(rank 0) Remove what killed runs left (see remove_leftovers) and, when overwriting, the previous run's
+    entries; create the folder. Returns the leftovers removed."""
+    removed = remove_leftovers(cfg.out_dir, resume_step)
     if cfg.overwrite:
         for name in RUN_ENTRIES:
             path = os.path.join(cfg.out_dir, name)
@@ -280,6 +371,7 @@ def prepare_output(cfg: TrainConfig) -> None:
             elif os.path.exists(path):
                 os.remove(path)
     os.makedirs(cfg.out_dir, exist_ok=True)
+    return removed
 
 
 def _write_json(path: str, obj) -> None:

@@ -153,9 +153,21 @@ def _type_name(hint) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
+def _non_finite(value) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return any(_non_finite(v) for v in value)
+    if isinstance(value, dict):
+        return any(_non_finite(v) for v in value.values())
+    return False
+
+
 def _coerce(value, hint, key: str):
     """`value` as the type `hint` (int, float, str, bool, list[...], tuple[...], dict, Optional), or a ConfigError."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if _non_finite(value):  # NaN slips through every `x <= 0` range check; no key means inf
+        raise ConfigError(f"config key {key!r} must be finite, got {value!r}")
     if hint is Any:
         return value
     if origin in (Union, types.UnionType):
@@ -236,7 +248,12 @@ def apply_mapping(cfg: TrainConfig, mapping: dict, source: str = "config") -> No
     if not isinstance(mapping, dict):
         raise ConfigError(f"{source}: expected a mapping of config keys, got {type(mapping).__name__}")
     for key, value in mapping.items():
-        set_key(cfg, str(key), value)
+        try:
+            set_key(cfg, str(key), value)
+        except ConfigError as err:
+            if source == "config":
+                raise
+            raise ConfigError(f"{source}: {err}") from err
 
 
 def read_config_file(path: str) -> dict:

@@ -19,10 +19,12 @@ from mae_fast import baselines as bl
 from mae_fast.checkpoint import WEIGHTS_NAME, CheckpointError, atomic_write, load_state_dict_strict, save_model
 from mae_fast.models import MaskedAutoencoder
 from mae_fast.optim import Lion, lion_param_groups, one_cycle_cosine
+from mae_fast.runlock import OutputLock, folder_lock_path
 from mae_fast.training.checkpointing import (
-    CHECKPOINT_DIR, _config_differences, _model_for_saving, _rng_state, _set_rng_state, _write_json, build_model,
-    check_output, full_model_state, full_optimizer_state, init_weights_from, list_checkpoints, load_optimizer_state,
-    prepare_output, read_train_state, read_weights, step_dir_name, write_checkpoint,
+    CHECKPOINT_DIR, RUN_CONFIG, _config_differences, _model_for_saving, _rng_state, _set_rng_state, _write_json,
+    build_model, check_output, describe_non_finite, full_model_state, full_optimizer_state, init_weights_from,
+    load_optimizer_state, newest_intact_checkpoint, non_finite_weights, prepare_output,
+    run_config_dict, step_dir_name, write_checkpoint,
 )
 from mae_fast.training.config import (
     ConfigError, ModelConfig, RunPlan, TrainConfig, check_device_options, model_family, resolve_amp, resolve_device,
@@ -90,7 +92,9 @@ class MetricsLog:
                 self.tb = None
 
     def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
+        # strict JSON: a non-finite number (which json.dumps would write as a bare NaN) is written as text
+        record = {k: str(v) if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+        self.file.write(json.dumps(record, allow_nan=False) + "\n")
         self.file.flush()
         if self.tb is not None and "step" in record:
             for k, v in record.items():
@@ -166,6 +170,15 @@ def _log(info: DistInfo, text: str, bar=None) -> None:
         print(text, flush=True)
 
 
+def _last_good(checkpoint: str | None) -> str:
+    """Where a diverged run can go on from (every published checkpoint has finite weights; see write_checkpoint).
+    A resume needs the same settings; a lower lr is a new run started from the checkpoint's weights."""
+    if not checkpoint:
+        return "no checkpoint was written before it"
+    return (f"the last good checkpoint is {checkpoint} (its weights are finite); continue from it with --resume, "
+            f"or start a new run from its weights with a lower lr: --set init_from={checkpoint} --lr LOWER")
+
+
 def _autocast(device: torch.device, amp: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None)
 
@@ -183,10 +196,15 @@ def train(cfg: TrainConfig) -> TrainResult:
     if threads == 0 and device.type == "cpu" and info.local_world_size > 1:
         threads = max(1, (os.cpu_count() or 1) // info.local_world_size)
     init_distributed(info, device)
-    try:
+    lock = None
+    try:  # one writer per run folder: rank 0 holds the lock from before any check until the end
+        lock = agree(lambda: OutputLock(folder_lock_path(cfg.out_dir), f"run folder {cfg.out_dir}")
+                     if info.is_main else None, info)
         with torch_threads(threads):
             return _train(cfg, plan, info, device, amp)
     finally:
+        if lock is not None:
+            lock.release()
         if info.created_group and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -195,12 +213,12 @@ def _prepare(cfg: TrainConfig, plan: RunPlan, info: DistInfo, device: torch.devi
     """Every check that reads the disk: output folder, checkpoint to resume (same settings?) or initialise from,
     data. Nothing is written here."""
     resume_step = check_output(cfg)
-    state = None
+    state, weights, notes = None, None, []
     if resume_step is not None:
-        path = os.path.join(cfg.out_dir, CHECKPOINT_DIR, step_dir_name(resume_step))
-        state = read_train_state(path)
-        if int(state["step"]) != resume_step:
-            raise CheckpointError(f"{path}: train state says step {state['step']}, the folder step {resume_step}")
+        resume_step, path, state, weights, broken = newest_intact_checkpoint(cfg.out_dir)
+        if broken:
+            notes.append(f"resuming from {path}, the newest intact checkpoint; left out (and removed): "
+                         + "; ".join(broken))
         diffs = _config_differences(json.loads(state["config"]), cfg.to_dict())
         if diffs:
             raise ConfigError(f"--resume: the configuration differs from the saved run ({path}) in "
@@ -209,7 +227,7 @@ def _prepare(cfg: TrainConfig, plan: RunPlan, info: DistInfo, device: torch.devi
         if missing:
             raise CheckpointError(f"{path} has no loader state for data shard(s) {missing}")
     index = build_site_index(cfg.data)
-    labels, notes = None, []
+    labels = None
     if plan.family == "wsl":  # the classifier's classes: the labelled sites' perturbations (a resumed run's own)
         n_all = len(index)
         index, labels = wsl_labels(index, list(state["classes"]) if state is not None else None)
@@ -223,7 +241,7 @@ def _prepare(cfg: TrainConfig, plan: RunPlan, info: DistInfo, device: torch.devi
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     core = build_model(plan.model_cfg)
     if state is not None:
-        load_state_dict_strict(core, read_weights(path), os.path.join(path, WEIGHTS_NAME))
+        load_state_dict_strict(core, weights, os.path.join(path, WEIGHTS_NAME))
     elif cfg.init_from:
         init_weights_from(cfg.init_from, core)
     return index, streams, core, resume_step, state, labels, notes
@@ -252,8 +270,12 @@ def _train(cfg: TrainConfig, plan: RunPlan, info: DistInfo, device: torch.device
 
     index, streams, core, resume_step, state, labels, notes = agree(lambda: _prepare(cfg, plan, info, device), info)
     if info.is_main:
-        prepare_output(cfg)
-        _write_json(os.path.join(cfg.out_dir, "train_config.json"), cfg.to_dict())
+        removed = prepare_output(cfg, resume_step)
+        if removed:
+            notes.append(f"removed {len(removed)} leftover(s) of an interrupted run: "
+                         + ", ".join(os.path.relpath(p, cfg.out_dir) for p in removed[:6])
+                         + (", ..." if len(removed) > 6 else ""))
+        _write_json(os.path.join(cfg.out_dir, RUN_CONFIG), run_config_dict(cfg))
     barrier(info)
     checkpoint_extra = {"classes": list(labels.classes)} if labels is not None else {}
 
@@ -303,7 +325,8 @@ def _train(cfg: TrainConfig, plan: RunPlan, info: DistInfo, device: torch.device
                 + (f"; resuming after step {start_step}" if resume_step is not None else "")))
 
     recon_paths: list[str] = []
-    last_ckpt = list_checkpoints(cfg.out_dir)[-1][1] if resume_step is not None else None
+    last_ckpt = (os.path.join(cfg.out_dir, CHECKPOINT_DIR, step_dir_name(resume_step))
+                 if resume_step is not None else None)
 
     def save(step: int) -> str:
         model_state = full_model_state(wrapped)
@@ -312,6 +335,13 @@ def _train(cfg: TrainConfig, plan: RunPlan, info: DistInfo, device: torch.device
         for part in all_gather_objects({s: st.state_dict() for s, st in streams.items()}, info):
             loader_states.update(part)
         rng_states = all_gather_objects(_rng_state(), info)
+        bad = all_gather_objects(non_finite_weights(model_state) if info.is_main else {}, info)[0]
+        if bad:  # never publish (or call good) weights that are NaN or infinite
+            where = _last_good(last_ckpt)
+            if metrics is not None:
+                metrics.write({"event": "non_finite_weights", "step": step})
+            raise NonFiniteLossError(f"the weights became non-finite by step {step} of {plan.total_steps} "
+                                     f"({describe_non_finite(bad)}); training stopped; {where}")
         path = None
         if info.is_main:
             train_state = {
@@ -319,7 +349,7 @@ def _train(cfg: TrainConfig, plan: RunPlan, info: DistInfo, device: torch.device
                 "rng": rng_states, "losses": torch.tensor(losses, dtype=torch.float64),
                 "scheduler": {"step": step, "total_steps": plan.total_steps, "max_lr": plan.lr,
                               "warmup_fraction": cfg.warmup_fraction},
-                "world_size": info.world_size, "config": json.dumps(cfg.to_dict()), **checkpoint_extra,
+                "world_size": info.world_size, "config": json.dumps(run_config_dict(cfg)), **checkpoint_extra,
             }
             path = write_checkpoint(cfg.out_dir, step, plan.model_cfg, model_state, train_state, cfg.keep_last,
                                     checkpoint_extra)
@@ -379,8 +409,7 @@ def _train(cfg: TrainConfig, plan: RunPlan, info: DistInfo, device: torch.device
                 stats[2] /= info.world_size
             step_loss = float(stats[0])
             if not math.isfinite(step_loss):
-                where = (f"the last good checkpoint is {last_ckpt} (continue from it with --resume, e.g. with a "
-                         "lower lr)" if last_ckpt else "no checkpoint was written before it")
+                where = _last_good(last_ckpt)
                 if metrics is not None:
                     metrics.write({"event": "non_finite_loss", "step": step + 1, "loss": str(step_loss)})
                 raise NonFiniteLossError(f"non-finite loss ({step_loss}) at step {step + 1} of {plan.total_steps}; "

@@ -1,0 +1,144 @@
+"""One writer per output: an exclusive lock held for a command's lifetime by `train`, `embed`, `pack` and `evaluate`.
+
+The lock is a small file (a folder output: `DIR/.mae_fast.lock`; a file or a folder replaced as a whole: `PATH.lock`
+beside it) locked with flock(2) and holding who took it (pid, host, start time). A second writer fails at once
+with one line naming the holder. The kernel drops the lock when its process dies, so a lock file left by a killed
+run is simply taken over (and said so); when the holder named in the file is dead on this host but the lock is
+still held (a forked worker of the killed run has not exited yet), the file is replaced and taken over too.
+
+Limits. flock is advisory: it only stops writers that also take it (every mae_fast command does). On NFS, Linux
+implements flock with the server's byte-range locks (NFSv4, or NFSv3 with lockd), so two hosts exclude each other;
+a dead client's lock is only freed when the server's lease expires (about 90 s on NFSv4), and a holder on another
+host is never declared stale (its pid cannot be checked from here). Some filesystems (old NFS without lockd, some
+FUSE mounts) refuse locks: there the command warns once and runs without the guarantee.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+
+LOCK_NAME = ".mae_fast.lock"
+
+
+class OutputBusyError(RuntimeError):
+    """Another process writes to the same output."""
+
+
+def folder_lock_path(folder: str) -> str:
+    """The lock of an output folder that is written into (a training run, an evaluation)."""
+    return os.path.join(folder, LOCK_NAME)
+
+
+def beside_lock_path(path: str) -> str:
+    """The lock of an output replaced as a whole (a pack folder) or of a table and its sibling files (embed)."""
+    return os.path.normpath(path) + ".lock"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def _holder(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.loads(f.read() or "{}")
+    except (OSError, ValueError):
+        return {}
+
+
+def _describe(holder: dict) -> str:
+    if not holder:
+        return "an unknown process"
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))
+    return f"pid {holder.get('pid')} on {holder.get('host')} (started {started}: {holder.get('command', '?')})"
+
+
+def _dead_here(holder: dict) -> bool:
+    return bool(holder) and holder.get("host") == socket.gethostname() and not _pid_alive(int(holder.get("pid", 0)))
+
+
+class OutputLock:
+    """An exclusive lock on one output, taken on construction (see the module doc); `release()` (or the `with`
+    block's end) removes it. `took_over` describes the stale holder replaced, if any."""
+
+    def __init__(self, path: str, what: str, log=None):
+        self.path, self.what = path, what
+        self.took_over: str | None = None
+        self._fd: int | None = None
+        log = log or (lambda text: print(text, file=sys.stderr, flush=True))
+        folder = os.path.dirname(os.path.abspath(path))
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise NotADirectoryError(errno.ENOTDIR, f"{what}: {folder} exists and is not a folder", folder)
+        self._made_folder = None if os.path.isdir(folder) else folder  # removed again if left empty
+        os.makedirs(folder, exist_ok=True)
+        for _ in range(20):  # retried only when the file was replaced between opening and locking it
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                os.close(fd)
+                if err.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                    log(f"warning: {path}: this filesystem refuses file locks ({err.strerror}); {what} runs without "
+                        "the one-writer guarantee")
+                    return
+                if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise
+                holder = _holder(path)
+                if _dead_here(holder):  # the killed holder's forked children may still hold it: replace the file
+                    self.took_over = _describe(holder)
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(path)
+                    continue
+                raise OutputBusyError(f"{what} is in use by {_describe(holder)} (lock {path}); wait for it to "
+                                      "finish or write elsewhere") from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # the previous holder removed the file while we opened it: lock the new one
+                os.close(fd)
+                continue
+            self._fd = fd
+            break
+        else:
+            raise OutputBusyError(f"{what}: could not take the lock {path} (it keeps being replaced)")
+        previous = _holder(path)
+        if previous and self.took_over is None:
+            self.took_over = _describe(previous)
+        if self.took_over:
+            log(f"note: took over the stale lock of {self.took_over}, which is no longer running ({path})")
+        program = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
+        program = "mae-fast" if program in ("cli.py", "__main__.py", "mae-fast") else program
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
+              "command": " ".join([program, *sys.argv[1:4]])}
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, json.dumps(me).encode(), 0)
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.path)  # while still locked: a waiter that opened the old file sees it replaced
+        os.close(self._fd)  # closing drops the flock
+        self._fd = None
+        if self._made_folder:  # a command that failed before writing anything leaves no empty folder behind
+            with contextlib.suppress(OSError):
+                os.rmdir(self._made_folder)
+
+    def __enter__(self) -> "OutputLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
