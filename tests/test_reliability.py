@@ -283,7 +283,7 @@ def test_train_and_pack_on_bad_data(screen, tmp_path, capsys):
     victim = sorted((bad / "images").rglob("*_w3.png"))[0]
     victim.unlink()
     assert cli.main(train_args(str(bad), tmp_path / "run", 2)) == 2
-    assert f"[missing_file]" in (line := one_error_line(capsys, "train")) and str(victim) in line
+    assert "[missing_file]" in (line := one_error_line(capsys, "train")) and str(victim) in line
     assert cli.main(["pack", "--source", str(bad), "--out", str(tmp_path / "p"), "--codec", "raw"]) == 2
     assert str(victim) in one_error_line(capsys, "pack")
     assert not (tmp_path / "run").exists() and not (tmp_path / "p").exists()
