@@ -13,7 +13,7 @@ import os
 import sys
 
 from mae_fast.evaluate import (
-    BASELINES, ColumnSpec, EvalConfig, EvaluationInputError, evaluate, pixel_statistics_table, write_outputs,
+    BASELINES, parse_relationship_args, ColumnSpec, EvalConfig, EvaluationInputError, evaluate, pixel_statistics_table, write_outputs,
 )
 
 
@@ -30,8 +30,10 @@ def _names(text: str) -> tuple[str, ...]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("embeddings", help="embeddings table (parquet or CSV), one row per well")
-    parser.add_argument("--relationships", nargs="+", required=True, metavar="[NAME=]FILE",
-                        help="relationship files (CSV header entity1,entity2); NAME defaults to the file name")
+    parser.add_argument("--relationships", nargs="+", required=True, metavar="[NAME=]FILE|efaar:DB",
+                        help="relationship files (CSV header entity1,entity2; NAME defaults to the file name) and/or "
+                             "EFAAR's databases from an installed efaar-benchmarking: efaar:CORUM, efaar:HuMAP, "
+                             "efaar:Reactome, efaar:SIGNOR, efaar:StringDB or efaar:all (case-insensitive)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--arms", help="gene -> chromosome_arm table (optional column expressed/expression)")
     parser.add_argument("--baselines", type=_names, default=(), help=f"comma-separated: {','.join(BASELINES)}")
@@ -67,17 +69,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     plots.add_argument("--heatmap", help="relationship NAME or file for the heat map (default: the first one)")
     plots.add_argument("--no-heatmap", action="store_true")
     plots.add_argument("--heatmap-max-genes", type=int, default=200)
-
-
-def _relationship_args(values: list[str]) -> dict[str, str]:
-    out = {}
-    for value in values:
-        name, path = (value.split("=", 1) if "=" in value and not os.path.exists(value) else (None, value))
-        name = name or os.path.splitext(os.path.basename(path))[0]
-        if name in out:
-            raise EvaluationInputError(f"two relationship files are both named {name!r}; use NAME=FILE")
-        out[name] = path
-    return out
 
 
 def _config(args) -> EvalConfig:
@@ -134,7 +125,7 @@ def _notes(result) -> list[str]:
 def run(args) -> int:
     try:
         config = _config(args)
-        relationships = _relationship_args(args.relationships)
+        relationships = parse_relationship_args(args.relationships)
         pixel_stats = args.pixel_stats
         extra_paths = {}
         if "pixel-stats" in args.baselines and pixel_stats is None:
