@@ -27,6 +27,7 @@ fraction retrieved.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -193,25 +194,56 @@ def consistency_average_precision(full_rows, n: int, first: np.ndarray, second: 
 def uniform_subsets(k: int, total: int, size: int, rng: np.random.Generator) -> np.ndarray:
     """(size, k) sorted positions of k distinct items drawn uniformly from range(total), one draw per row.
 
-    Small k: Floyd's algorithm vectorised over rows (O(size k^2)); large k: k smallest of random keys."""
+    Each row is the first k distinct values of a stream of iid uniform draws: the stream's law is invariant under
+    any relabelling of range(total), hence so is the set, so the set is uniform over k-subsets (rows whose m draws
+    hold fewer than k distinct values are drawn again with a longer stream; that event is relabelling-invariant
+    too). Cost O(size m log m), m ~ k + 2k^2/total, instead of O(size x total) for a full permutation. For
+    k^2 <= 2 total, plain rejection of rows with a repeated value; for k > total / 2 the complement is drawn."""
     if not 0 < k <= total:
         raise EvaluationInputError(f"need 0 < positives <= total, got {k} of {total}")
-    if k * k <= 20 * total:
-        chosen = np.empty((size, k), dtype=np.int64)
-        for i, j in enumerate(range(total - k, total)):
-            t = rng.integers(0, j + 1, size=size)
-            taken = (chosen[:, :i] == t[:, None]).any(axis=1)
-            chosen[:, i] = np.where(taken, j, t)
-    else:
-        chosen = np.argpartition(rng.random((size, total)), k - 1, axis=1)[:, :k]
-    chosen.sort(axis=1)
-    return chosen
+    if 2 * k > total:
+        if k == total:
+            return np.tile(np.arange(total, dtype=np.int64), (size, 1))
+        left_out = uniform_subsets(total - k, total, size, rng)
+        keep = np.ones((size, total), dtype=bool)
+        keep[np.arange(size)[:, None], left_out] = False
+        return np.nonzero(keep)[1].reshape(size, k).astype(np.int64)
+    out = np.empty((size, k), dtype=np.int64)
+    todo = np.arange(size)
+    if k * k <= 2 * total:
+        # Few collisions: k iid draws, kept when all distinct (then uniform by the same argument; accepted with
+        # probability ~exp(-k^2 / 2 total) >= 0.37).
+        while todo.size:
+            draws = np.sort(rng.integers(0, total, size=(todo.size, k)), axis=1)
+            distinct = (draws[:, 1:] != draws[:, :-1]).all(axis=1)
+            out[todo[distinct]] = draws[distinct]
+            todo = todo[~distinct]
+        return out
+    m = k + int(np.ceil(2.0 * k * k / total)) + 16
+    while todo.size:
+        draws = rng.integers(0, total, size=(todo.size, m))
+        keys = np.sort(draws * m + np.arange(m), axis=1)           # by value, then by draw position
+        values, positions = keys // m, keys % m
+        first = np.ones(keys.shape, dtype=bool)
+        first[:, 1:] = values[:, 1:] != values[:, :-1]            # the earliest draw of each value
+        earliest = np.sort(np.where(first, positions, m), axis=1)  # draw positions of new values, in order
+        enough = earliest[:, k - 1] < m
+        out[todo[enough]] = np.take_along_axis(draws[enough], earliest[enough, :k], axis=1)
+        todo = todo[~enough]
+        m *= 2
+    out.sort(axis=1)
+    return out
 
 
-def null_average_precision(k: int, total: int, size: int, rng: np.random.Generator) -> np.ndarray:
-    """AP of k positives among `total` under a uniformly random ranking, `size` draws. -> (size,) float64."""
+@functools.lru_cache(maxsize=4096)
+def null_average_precision(k: int, total: int, size: int, seed: int) -> np.ndarray:
+    """AP of k positives among `total` under a uniformly random ranking, `size` draws, seeded per configuration
+    (so sources, seeds and databases share one cached null per configuration). -> (size,) float64, read-only."""
+    rng = np.random.default_rng([seed, k, total])
     ranks = uniform_subsets(k, total, size, rng) + 1                                   # 1-based ranks
-    return (np.arange(1, k + 1) / ranks).mean(axis=1)
+    null = (np.arange(1, k + 1) / ranks).mean(axis=1)
+    null.flags.writeable = False
+    return null
 
 
 def benjamini_hochberg(p_values: np.ndarray) -> np.ndarray:
@@ -237,10 +269,9 @@ def mean_average_precision(ap: pd.DataFrame, group_column: str, kind: str, null_
     columns = ["group", "mean_average_precision", "n_queries", "p_value", "corrected_p_value", "retrieved"]
     if ap.empty:
         return MAPResult(kind, pd.DataFrame(columns=columns), null_size, threshold)
-    rng = np.random.default_rng(seed)
     configs, config_of = np.unique(ap[["n_pos_pairs", "n_total_pairs"]].to_numpy(dtype=np.int64), axis=0,
                                    return_inverse=True)
-    nulls = np.stack([null_average_precision(int(k), int(t), null_size, rng) for k, t in configs])
+    nulls = np.stack([null_average_precision(int(k), int(t), null_size, seed) for k, t in configs])
     codes, groups = pd.factorize(ap[group_column], sort=True)
     scores = np.bincount(codes, weights=ap["average_precision"].to_numpy(np.float64)) / np.bincount(codes)
     # Group null = mean of its members' nulls; members of most groups share one configuration.
