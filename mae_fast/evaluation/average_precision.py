@@ -168,25 +168,43 @@ def consistency_average_precision(full_rows, n: int, first: np.ndarray, second: 
     full_rows(index array) -> (B, n) float32 cosine similarities of those perturbations to all n (self included).
     Columns: query (map row), average_precision, n_pos_pairs, n_total_pairs.
     """
-    queries, offsets, partners = partner_lists(first, second, n)
-    ap = np.empty(queries.size, dtype=np.float64)
-    counts = np.diff(offsets)
-    for q0 in range(0, queries.size, block_rows):
-        block = queries[q0:q0 + block_rows]
+    return consistency_average_precision_many(full_rows, n, [(first, second)], block_rows)[0]
+
+
+def consistency_average_precision_many(full_rows, n: int, pair_sets, block_rows: int = 1024) -> list[pd.DataFrame]:
+    """`consistency_average_precision` for several relationship sets [(first, second), ...] in one pass: each
+    block of query rows is read and sorted once for all sets (the sort is the main cost at genome scale)."""
+    partner_sets = [partner_lists(first, second, n) for first, second in pair_sets]
+    results = [np.full(queries.size, np.nan) for queries, _, _ in partner_sets]
+    position = np.full((len(pair_sets), n), -1, dtype=np.int64)         # map row -> index into that set's queries
+    for s, (queries, _, _) in enumerate(partner_sets):
+        position[s, queries] = np.arange(queries.size)
+    wanted = np.flatnonzero((position >= 0).any(axis=0))
+    for r0 in range(0, wanted.size, block_rows):
+        block = wanted[r0:r0 + block_rows]
         sims = np.array(full_rows(block), dtype=np.float32, copy=True)                  # (B, n)
         sims[np.arange(block.size), block] = -np.inf                                    # the query is not ranked
-        k_max = int(counts[q0:q0 + block_rows].max())
-        positives = np.full((block.size, k_max), np.nan, dtype=np.float32)
-        for i, q in enumerate(range(q0, q0 + block.size)):
-            mine = partners[offsets[q]:offsets[q + 1]]
-            positives[i, :mine.size] = sims[i, mine]
-        positives = _sorted_descending(positives)
-        valid = ~np.isnan(positives)
-        above_all = count_greater(sims, positives)                  # positives and negatives above each positive
-        above_positives = count_greater(np.where(valid, positives, -np.inf), positives)
-        ap[q0:q0 + block.size] = ap_from_counts(positives, above_all - above_positives, valid)
-    return pd.DataFrame({"query": queries, "average_precision": ap, "n_pos_pairs": counts,
-                         "n_total_pairs": n - 1})
+        ordered = torch.from_numpy(np.sort(sims, axis=1))
+        for s, (queries, offsets, partners) in enumerate(partner_sets):
+            local = np.flatnonzero(position[s, block] >= 0)                              # rows of `block`
+            if local.size == 0:
+                continue
+            where = position[s, block[local]]
+            counts = offsets[where + 1] - offsets[where]
+            positives = np.full((local.size, int(counts.max())), np.nan, dtype=np.float32)
+            row_of = np.repeat(np.arange(local.size), counts)
+            column = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+            mine = np.concatenate([partners[offsets[w]:offsets[w + 1]] for w in where])
+            positives[row_of, column] = sims[local[row_of], mine]
+            positives = _sorted_descending(positives)
+            valid = ~np.isnan(positives)
+            probe = torch.from_numpy(np.where(valid, positives, np.inf))
+            above_all = n - torch.searchsorted(ordered[torch.from_numpy(local)], probe, right=True).numpy()
+            above_positives = count_greater(np.where(valid, positives, -np.inf), positives)
+            results[s][where] = ap_from_counts(positives, above_all.astype(np.int64) - above_positives, valid)
+    return [pd.DataFrame({"query": queries, "average_precision": ap, "n_pos_pairs": np.diff(offsets),
+                          "n_total_pairs": n - 1})
+            for (queries, offsets, _), ap in zip(partner_sets, results)]
 
 
 # --------------------------------------------------------------------------- null distributions and p-values

@@ -12,7 +12,7 @@ import pandas as pd
 
 from .aggregate import ArmTable, chromosome_arm_correction, load_arm_table, spherical_mean
 from .average_precision import (
-    MAPResult, activity_average_precision, consistency_average_precision, mean_average_precision,
+    MAPResult, activity_average_precision, consistency_average_precision_many, mean_average_precision,
 )
 from .baselines import pixel_statistics_table, random_embeddings_like
 from .cellprofiler import cellprofiler_table
@@ -220,13 +220,15 @@ def _apply_replicate_rule(table: WellTable, config: EvalConfig) -> tuple[WellTab
 def build_perturbation_map(table: WellTable, config: EvalConfig, arms: ArmTable | None = None) -> PerturbationMap:
     """TVN -> (arm correction) -> spherical mean with the origin at the controls' mean -> unit vectors."""
     seconds = {}
-    clock = time.perf_counter()
+    cpu_seconds = {}     # process CPU time (all threads): comparable across runs on a shared, loaded machine
+    clock, cpu_clock = time.perf_counter(), time.process_time()
 
     def lap(stage):
-        nonlocal clock
-        now = time.perf_counter()
+        nonlocal clock, cpu_clock
+        now, cpu_now = time.perf_counter(), time.process_time()
         seconds[stage] = round(now - clock, 4)
-        clock = now
+        cpu_seconds[stage] = round(cpu_now - cpu_clock, 4)
+        clock, cpu_clock = now, cpu_now
 
     table, replicate_report = _apply_replicate_rule(table, config)
     transform = fit_tvn(table.features, table.batch_codes, table.is_control, table.batch_names, config.tvn_shrinkage,
@@ -257,6 +259,7 @@ def build_perturbation_map(table: WellTable, config: EvalConfig, arms: ArmTable 
     lap("spherical_mean")
     report["perturbations"] = int(len(means.names))
     report["seconds"] = seconds
+    report["cpu_seconds"] = cpu_seconds
     return PerturbationMap(names=means.names, unit=unit, replicates=means.replicates, report=report,
                            activity=activity)
 
@@ -295,7 +298,7 @@ def evaluate_map(pmap: PerturbationMap, relationship_sets: list[RelationshipSet]
                  name: str = "model", gene_classes=None) -> tuple[SourceResult, PairwiseSimilarities]:
     """Null percentiles, recall (with bootstrap intervals, per class when `gene_classes` maps gene -> class) and
     consistency mAP of every relationship set for one perturbation map."""
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     if len(pmap.names) < 2:
         raise EvaluationInputError(f"{name}: recall needs at least 2 perturbations, the map has {len(pmap.names)}")
     similarities = PairwiseSimilarities(pmap.unit)
@@ -307,9 +310,19 @@ def evaluate_map(pmap: PerturbationMap, relationship_sets: list[RelationshipSet]
     thresholds = {t: (float(values[k]), float(values[k + len(tails)])) for k, t in enumerate(tails)}
     map_classes = _class_of_map_genes(pmap, gene_classes)
     databases = {}
-    consistency_seconds = 0.0
-    for db_index, rel in enumerate(relationship_sets):
-        match = match_pairs(rel, pmap.names)
+    matches = [match_pairs(rel, pmap.names) for rel in relationship_sets]
+    consistency_ap = [None] * len(matches)
+    clock, cpu_clock = time.perf_counter(), time.process_time()
+    cpu_seconds = {"similarities_and_percentiles": round(cpu_clock - cpu_start, 4)}
+    if config.map_metrics:
+        with_pairs = [k for k, m in enumerate(matches) if m.n_pairs]
+        computed = consistency_average_precision_many(
+            similarities.full_rows, len(pmap.names), [(matches[k].first, matches[k].second) for k in with_pairs])
+        for k, ap in zip(with_pairs, computed):
+            consistency_ap[k] = ap
+    consistency_seconds = time.perf_counter() - clock
+    cpu_seconds["map_consistency_ap"] = round(time.process_time() - cpu_clock, 4)
+    for db_index, (rel, match) in enumerate(zip(relationship_sets, matches)):
         sims = similarities.pair_values(match.first, match.second)
         hits = {t: (sims <= thresholds[t][0]) | (sims >= thresholds[t][1]) for t in config.tails}
         by_tail = {t: recall(sims, *thresholds[t]) for t in tails}
@@ -322,11 +335,10 @@ def evaluate_map(pmap: PerturbationMap, relationship_sets: list[RelationshipSet]
                       for t in config.tails},
         )
         queries = None
-        if config.map_metrics and match.n_pairs:
+        if consistency_ap[db_index] is not None:
             clock = time.perf_counter()
-            ap = consistency_average_precision(similarities.full_rows, len(pmap.names), match.first, match.second)
-            record.consistency = mean_average_precision(ap, "query", "consistency", config.map_null_size,
-                                                        config.map_threshold, config.seed)
+            record.consistency = mean_average_precision(consistency_ap[db_index], "query", "consistency",
+                                                        config.map_null_size, config.map_threshold, config.seed)
             record.consistency_map = record.consistency.mean_map
             record.consistency_retrieved = record.consistency.fraction_retrieved
             queries = record.consistency.groups
@@ -353,7 +365,9 @@ def evaluate_map(pmap: PerturbationMap, relationship_sets: list[RelationshipSet]
         databases[rel.name] = record
     seconds["map_consistency"] = round(consistency_seconds, 4)
     seconds["recall"] = round(time.perf_counter() - start - sum(seconds.values()), 4)
-    report = {**pmap.report, "seconds": {**pmap.report.get("seconds", {}), **seconds}}
+    cpu_seconds["evaluate_map_total"] = round(time.process_time() - cpu_start, 4)
+    report = {**pmap.report, "seconds": {**pmap.report.get("seconds", {}), **seconds},
+              "cpu_seconds": {**pmap.report.get("cpu_seconds", {}), **cpu_seconds}}
     result = SourceResult(
         name=name, n_perturbations=int(len(pmap.names)), n_null_pairs=similarities.n_pairs,
         thresholds={t: thresholds[t] for t in tails}, databases=databases, report=report,
