@@ -191,17 +191,20 @@ def consistency_average_precision_many(full_rows, n: int, pair_sets, block_rows:
                 continue
             where = position[s, block[local]]
             counts = offsets[where + 1] - offsets[where]
-            positives = np.full((local.size, int(counts.max())), np.nan, dtype=np.float32)
-            row_of = np.repeat(np.arange(local.size), counts)
+            # one row per row of the block (NaN rows for genes that are no query of this set): the sorted block is
+            # searched as it is, without gathering a copy of its query rows
+            positives = np.full((block.size, int(counts.max())), np.nan, dtype=np.float32)
+            row_of = np.repeat(local, counts)
             column = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
             mine = np.concatenate([partners[offsets[w]:offsets[w + 1]] for w in where])
-            positives[row_of, column] = sims[local[row_of], mine]
+            positives[row_of, column] = sims[row_of, mine]
             positives = _sorted_descending(positives)
             valid = ~np.isnan(positives)
             probe = torch.from_numpy(np.where(valid, positives, np.inf))
-            above_all = n - torch.searchsorted(ordered[torch.from_numpy(local)], probe, right=True).numpy()
+            above_all = n - torch.searchsorted(ordered, probe, right=True).numpy()
             above_positives = count_greater(np.where(valid, positives, -np.inf), positives)
-            results[s][where] = ap_from_counts(positives, above_all.astype(np.int64) - above_positives, valid)
+            ap = ap_from_counts(positives, above_all.astype(np.int64) - above_positives, valid)
+            results[s][where] = ap[local]
     return [pd.DataFrame({"query": queries, "average_precision": ap, "n_pos_pairs": np.diff(offsets),
                           "n_total_pairs": n - 1})
             for (queries, offsets, _), ap in zip(partner_sets, results)]
