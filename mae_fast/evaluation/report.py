@@ -190,7 +190,7 @@ def _pyplot():
 
 def plot_recall_curve(result: EvaluationResult, path: str) -> str:
     """One panel per database: recall vs tail percentile per source, with the chance line 2t/100; the headline
-    threshold's bootstrap interval as an error bar (random: mean ± sd over seeds as a band)."""
+    threshold's bootstrap interval as an error bar (random: the seed means of its curve and interval bounds)."""
     plt = _pyplot()
     databases = result.databases
     fig, axes = plt.subplots(1, len(databases), figsize=(4.2 * len(databases), 3.6), squeeze=False)
