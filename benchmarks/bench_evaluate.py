@@ -3,8 +3,9 @@
 pytest-benchmark suite (small sizes, CPU):
     .venv/bin/python -m pytest benchmarks/bench_evaluate.py --benchmark-only
 Whole-genome scale run (17,063 perturbations x 1,024 dims, four databases; wall time and peak memory of a fresh
-process that loads the parquet and runs TVN -> spherical means -> null percentiles -> recall):
-    .venv/bin/python benchmarks/bench_evaluate.py [--perturbations 17063] [--dims 1024] [--replicates 4]
+process that loads the parquet and runs TVN -> activity mAP -> spherical means -> null percentiles -> recall with
+bootstrap intervals -> consistency mAP):
+    .venv/bin/python benchmarks/bench_evaluate.py [--perturbations 17063] [--dims 1024] [--replicates 4] [--no-map]
 """
 from __future__ import annotations
 
@@ -135,11 +136,11 @@ def _generate(folder: str, args) -> dict:
     return {"wells": int(len(frame)), "relationships": paths}
 
 
-def _run(folder: str, relationships: dict, baselines: tuple) -> dict:
+def _run(folder: str, relationships: dict, baselines: tuple, map_metrics: bool = True) -> dict:
     """Runs in a fresh process: its peak RSS is the evaluation's (plus the interpreter, numpy, torch)."""
     start = time.perf_counter()
     result = evaluate(os.path.join(folder, "embeddings.parquet"), relationships, baselines=baselines,
-                      config=EvalConfig())
+                      config=EvalConfig(map_metrics=map_metrics))
     wall = time.perf_counter() - start
     usage = resource.getrusage(resource.RUSAGE_SELF)
     peak_gib = usage.ru_maxrss / 2**20                                        # ru_maxrss is KiB on Linux
@@ -149,10 +150,12 @@ def _run(folder: str, relationships: dict, baselines: tuple) -> dict:
         "peak_rss_gib": round(peak_gib, 3),
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "stages_s": {name: s.report["seconds"] for name, s in result.sources.items()},
+        "stages_cpu_s": {name: s.report["cpu_seconds"] for name, s in result.sources.items()},
         "map_perturbations": {name: s.n_perturbations for name, s in result.sources.items()},
         "null_pairs": next(iter(result.sources.values())).n_null_pairs,
         "pairs": {db: r.n_pairs for db, r in next(iter(result.sources.values())).databases.items()},
         "recall_at_5": result.recall_table().round(4).to_dict(orient="index"),
+        "table": result.table().round(4).to_dict(orient="records"),
     }
 
 
@@ -164,6 +167,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--controls-per-batch", type=int, default=100)
     parser.add_argument("--baselines", default="", help="e.g. random")
+    parser.add_argument("--no-map", action="store_true", help="recall only (no activity / consistency mAP)")
     parser.add_argument("--json", help="also write the numbers here")
     parser.add_argument("--_run", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -171,7 +175,7 @@ def main(argv=None) -> int:
 
     if args._run:                                          # child process
         spec = json.loads(args._run)
-        print(json.dumps(_run(spec["folder"], spec["relationships"], baselines)))
+        print(json.dumps(_run(spec["folder"], spec["relationships"], baselines, not args.no_map)))
         return 0
 
     load_before = [round(x, 2) for x in os.getloadavg()]                  # other processes sharing the cores
@@ -181,14 +185,16 @@ def main(argv=None) -> int:
         generate_s = time.perf_counter() - start
         spec = json.dumps({"folder": folder, "relationships": generated["relationships"]})
         child = subprocess.run([sys.executable, os.path.abspath(__file__), "--_run", spec, "--baselines",
-                                args.baselines], capture_output=True, text=True, check=False)
+                                args.baselines] + (["--no-map"] if args.no_map else []),
+                               capture_output=True, text=True, check=False)
         if child.returncode:
             sys.stderr.write(child.stderr)
             return child.returncode
         numbers = json.loads(child.stdout.strip().splitlines()[-1])
     numbers = {
-        "what": "mae_fast.evaluate on a parquet of wells: load, TVN, spherical means, exact null percentiles, "
-                "recall for 4 databases",
+        "what": "mae_fast.evaluate on a parquet of wells: load, TVN, activity mAP, spherical means, exact null "
+                "percentiles, recall with bootstrap intervals and consistency mAP for 4 databases"
+                + (" (mAP off)" if args.no_map else ""),
         "perturbations": args.perturbations, "dims": args.dims, "replicates": args.replicates,
         "wells": generated["wells"], "batches": args.batches, "baselines": list(baselines),
         "input_generation_s": round(generate_s, 1), "load_average_before": load_before, **numbers,

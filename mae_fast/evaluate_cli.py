@@ -1,10 +1,11 @@
-"""`mae-fast evaluate`: recall of known relationships for an embeddings table, beside random and pixel-stats baselines.
+"""`mae-fast evaluate`: recall (with bootstrap intervals) and JUMP mAP of known relationships for an embeddings
+table, beside the random (mean over seeds), pixel-stats and CellProfiler-style baselines.
 
-    mae-fast evaluate embeddings.parquet --relationships CORUM=corum.csv string.csv --out eval/ \
-        --arms gene_arms.csv --baselines random,pixel-stats --images-root screen/
+    mae-fast evaluate embeddings.parquet --relationships efaar:CORUM efaar:StringDB mine=pairs.csv --out eval/ \
+        --arms gene_arms.csv --baselines random,pixel-stats,cellprofiler --images-root screen/ [--tvn efaar1.0]
 
-Prints the Markdown table and where the files are (evaluation.json, recall.md, recall_curve.png,
-similarity_heatmap.png, pixel_stats.parquet when computed).
+Prints the Markdown tables and where the files are (evaluation.json, recall.md, recall_curve.png,
+similarity_heatmap.png, pixel_stats.parquet / cellprofiler.parquet when computed).
 """
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ import os
 from mae_fast.checkpoint import atomic_write, remove_temporaries
 from mae_fast.cli import number
 from mae_fast.evaluate import (
-    BASELINES, ColumnSpec, EvalConfig, EvaluationInputError, evaluate, pixel_statistics_table, write_outputs,
+    BASELINES, TVN_VARIANTS, ColumnSpec, EvalConfig, EvaluationInputError, cellprofiler_table, evaluate,
+    parse_relationship_args, pixel_statistics_table, write_outputs,
 )
+from mae_fast.evaluation.table import load_table, require_columns
 from mae_fast.runlock import OutputLock, folder_lock_path
 
 
@@ -36,14 +39,20 @@ def _names(text: str) -> tuple[str, ...]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("embeddings", help="embeddings table (parquet or CSV), one row per well")
-    parser.add_argument("--relationships", nargs="+", required=True, metavar="[NAME=]FILE",
-                        help="relationship files (CSV header entity1,entity2); NAME defaults to the file name")
+    parser.add_argument("--relationships", nargs="+", required=True, metavar="[NAME=]FILE|efaar:DB",
+                        help="relationship files (CSV header entity1,entity2; NAME defaults to the file name) and/or "
+                             "EFAAR's databases from an installed efaar-benchmarking: efaar:CORUM, efaar:HuMAP, "
+                             "efaar:Reactome, efaar:SIGNOR, efaar:StringDB or efaar:all (case-insensitive)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--arms", help="gene -> chromosome_arm table (optional column expressed/expression)")
     parser.add_argument("--baselines", type=_names, default=(), help=f"comma-separated: {','.join(BASELINES)}")
     parser.add_argument("--images-root", help="RxRx3-layout folder for the pixel-stats baseline")
     parser.add_argument("--pixel-stats", help="precomputed pixel-statistics table (instead of --images-root)")
-    parser.add_argument("--channels", type=number(int, minimum=1), default=6, help="image channels for pixel statistics (default 6)")
+    parser.add_argument("--cellprofiler", help="precomputed CellProfiler-style per-well table (instead of "
+                                               "--images-root; needs scikit-image and cp-measure otherwise)")
+    parser.add_argument("--gene-classes", help="CSV/parquet with columns gene,class: recall and mAP per class")
+    parser.add_argument("--channels", type=number(int, minimum=1), default=6,
+                        help="image channels for pixel statistics (default 6)")
 
     columns = parser.add_argument_group("columns")
     columns.add_argument("--perturbation-column", default="gene")
@@ -58,6 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     method = parser.add_argument_group("method")
     method.add_argument("--tvn-batch", choices=("experiment", "plate"), default="experiment")
     method.add_argument("--tvn-shrinkage", type=number(float, minimum=0, maximum=1), default=0.5)
+    method.add_argument("--tvn", choices=TVN_VARIANTS, default="batchwise",
+                        help="batchwise: centre-scale per batch after the PCA (default); efaar1.0: EFAAR 1.0 as "
+                             "published (centre-scale on all controls, batch only for the covariance alignment)")
     method.add_argument("--tails", type=_floats, default=(5.0,),
                         help="recall thresholds, percent per side (default 5: bottom 5%% or top 5%%)")
     method.add_argument("--curve-tails", type=_floats, default=EvalConfig().curve_tails)
@@ -67,23 +79,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     method.add_argument("--min-replicates", type=number(int, minimum=1), default=1)
     method.add_argument("--strict-replicates", action="store_true",
                         help="error (instead of a reported skip) for perturbations below --min-replicates")
-    method.add_argument("--seed", type=int, default=0, help="random baseline seed")
+    method.add_argument("--seed", type=number(int, minimum=0), default=0,
+                        help="random baseline (first) seed, bootstrap and mAP nulls")
+    method.add_argument("--random-seeds", type=number(int, minimum=1), default=5,
+                        help="random baseline: mean (± sd) over N seeds")
+    method.add_argument("--bootstrap", type=number(int, minimum=0), default=1000,
+                        help="bootstrap resamples for recall intervals")
+    method.add_argument("--no-map", action="store_true", help="skip JUMP's mAP (activity, consistency)")
+    method.add_argument("--map-null-size", type=number(int, minimum=1), default=1000,
+                        help="null draws per mAP configuration")
 
     plots = parser.add_argument_group("plots")
     plots.add_argument("--heatmap", help="relationship NAME or file for the heat map (default: the first one)")
     plots.add_argument("--no-heatmap", action="store_true")
     plots.add_argument("--heatmap-max-genes", type=number(int, minimum=2), default=200)
-
-
-def _relationship_args(values: list[str]) -> dict[str, str]:
-    out = {}
-    for value in values:
-        name, path = (value.split("=", 1) if "=" in value and not os.path.exists(value) else (None, value))
-        name = name or os.path.splitext(os.path.basename(path))[0]
-        if name in out:
-            raise EvaluationInputError(f"two relationship files are both named {name!r}; use NAME=FILE")
-        out[name] = path
-    return out
 
 
 def _config(args) -> EvalConfig:
@@ -101,7 +110,19 @@ def _config(args) -> EvalConfig:
         arm_min_genes=args.arm_min_genes, arm_expression_threshold=args.expression_threshold,
         min_replicates=args.min_replicates, strict_replicates=args.strict_replicates,
         tails=tuple(args.tails), curve_tails=tuple(args.curve_tails), seed=args.seed, pixel_channels=args.channels,
+        tvn_variant=args.tvn, random_seeds=args.random_seeds, bootstrap_resamples=args.bootstrap,
+        map_metrics=not args.no_map, map_null_size=args.map_null_size,
     )
+
+
+def _gene_classes(path: str | None, gene_column: str):
+    """gene -> class from a table with columns `gene` (or the perturbation column) and `class`."""
+    if path is None:
+        return None
+    frame, where = load_table(path, gene_column)
+    gene = gene_column if gene_column in frame.columns else "gene"
+    require_columns(frame, [gene, "class"], where, "gene-classes table")
+    return dict(zip(frame[gene].astype(str), frame["class"].astype(str)))
 
 
 def _notes(result) -> list[str]:
@@ -145,19 +166,25 @@ def run(args) -> int:
 
 
 def _evaluate(args, config) -> int:
-    relationships = _relationship_args(args.relationships)
-    pixel_stats = args.pixel_stats
+    relationships = parse_relationship_args(args.relationships)
     extra_paths = {}
-    if "pixel-stats" in args.baselines and pixel_stats is None:
-        if args.images_root is None:
-            raise EvaluationInputError("--baselines pixel-stats needs --images-root or --pixel-stats")
-        pixel_stats = pixel_statistics_table(args.images_root, channels=args.channels)
-        os.makedirs(args.out, exist_ok=True)
-        extra_paths["pixel_stats"] = os.path.join(args.out, "pixel_stats.parquet")
-        atomic_write(extra_paths["pixel_stats"], lambda tmp: pixel_stats.to_parquet(tmp, index=False))
+    computed = {}
+    for baseline, given, compute, flag in (("pixel-stats", args.pixel_stats, pixel_statistics_table, "--pixel-stats"),
+                                          ("cellprofiler", args.cellprofiler, cellprofiler_table, "--cellprofiler")):
+        computed[baseline] = given
+        if baseline in args.baselines and given is None:
+            if args.images_root is None:
+                raise EvaluationInputError(f"--baselines {baseline} needs --images-root or {flag}")
+            table = compute(args.images_root, channels=args.channels)
+            os.makedirs(args.out, exist_ok=True)
+            key = baseline.replace("-", "_")
+            extra_paths[key] = os.path.join(args.out, f"{key}.parquet")
+            atomic_write(extra_paths[key], lambda tmp, table=table: table.to_parquet(tmp, index=False))
+            computed[baseline] = table
     result = evaluate(
         args.embeddings, relationships, arms=args.arms, config=config, baselines=args.baselines,
-        pixel_stats=pixel_stats,
+        pixel_stats=computed["pixel-stats"], cellprofiler=computed["cellprofiler"],
+        gene_classes=_gene_classes(args.gene_classes, args.perturbation_column),
     )
     heatmap = None if args.no_heatmap else (args.heatmap or next(iter(relationships)))
     paths = write_outputs(result, args.out, heatmap_relationships=heatmap,

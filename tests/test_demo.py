@@ -1,4 +1,5 @@
 """`mae-fast demo` end to end on a tiny configuration: screen -> train -> embed -> evaluate."""
+import itertools
 import json
 import os
 import re
@@ -41,10 +42,15 @@ def test_demo_compares_models_side_by_side(tmp_path, capsys):
                "--batch-size", "4", "--seconds", "36000"])
     assert rc == 0
     printed = capsys.readouterr().out
-    rows = [line for line in printed.splitlines() if line.startswith("| ")]
+    lines = printed.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("| source"))     # the recall table
+    rows = [line for line in itertools.takewhile(lambda line: line.startswith("|"), lines[first:])
+            if not line.startswith("|---")]
     names = [row.split("|")[1].strip() for row in rows]
     assert names == ["source"] + models + ["random", "pixel-stats"]  # one table, every model side by side
-    assert all(re.fullmatch(r"\d\.\d{3}", row.split("|")[2].strip()) for row in rows[1:])
+    # recall [bootstrap interval]; random: mean ± sd over seeds [interval]
+    assert all(re.fullmatch(r"\d\.\d{3}( ± \d\.\d{3})? \[\d\.\d{3}, \d\.\d{3}\]", row.split("|")[2].strip())
+               for row in rows[1:])
     for name in models:  # each model's own run and table under OUT/<model>/
         table = pd.read_parquet(out / name / "embeddings.parquet")
         assert len(table) == 32 and re.search(rf"embeddings:\s+{re.escape(str(out / name / 'embeddings.parquet'))}",

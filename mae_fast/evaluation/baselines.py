@@ -78,18 +78,10 @@ def pixel_statistics(images) -> np.ndarray:
     return out.reshape(b, c * len(PIXEL_STATISTICS)).astype(np.float32)
 
 
-def pixel_statistics_table(
-    source, channels: int = 6, metadata: pd.DataFrame | None = None, num_workers: int | None = None
-) -> pd.DataFrame:
-    """Pixel statistics of every well: its metadata columns + feature_0..feature_{5C-1}.
-
-    `source` is an RxRx-layout root (read with `mae_fast.data.SiteIndex.from_rxrx`, joined with
-    `{root}/metadata.csv` or `metadata`) or any `SiteIndex` (RxRx3-core parquet, JUMP, packed). Images are decoded
-    by the data layer, so a missing or corrupt file is a `DataError` naming the file and the well. Wells with
-    several sites get the mean of their sites' statistics.
-    """
+def site_index(source, channels: int = 6, metadata: pd.DataFrame | None = None):
+    """The image sites of `source`: a `SiteIndex` passes through; a folder is read as the RxRx layout (joined
+    with `{root}/metadata.csv`, or `metadata`). No site at all is an error naming the source."""
     from mae_fast.data import SiteIndex
-    from mae_fast.data.loading import load_site
 
     if isinstance(source, SiteIndex):
         index = source
@@ -105,6 +97,22 @@ def pixel_statistics_table(
                 os.remove(metadata_csv)
     if len(index) == 0:
         raise EvaluationInputError(f"no image sites found in {source}")
+    return index
+
+
+def pixel_statistics_table(
+    source, channels: int = 6, metadata: pd.DataFrame | None = None, num_workers: int | None = None
+) -> pd.DataFrame:
+    """Pixel statistics of every well: its metadata columns + feature_0..feature_{5C-1}.
+
+    `source` is an RxRx-layout root (read with `mae_fast.data.SiteIndex.from_rxrx`, joined with
+    `{root}/metadata.csv` or `metadata`) or any `SiteIndex` (RxRx3-core parquet, JUMP, packed). Images are decoded
+    by the data layer, so a missing or corrupt file is a `DataError` naming the file and the well. Wells with
+    several sites get the mean of their sites' statistics.
+    """
+    from mae_fast.data.loading import load_site
+
+    index = site_index(source, channels, metadata)
 
     def site_statistics(site) -> np.ndarray:
         return pixel_statistics(load_site(site).full()[None])[0]

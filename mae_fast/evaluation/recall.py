@@ -135,9 +135,25 @@ class PairwiseSimilarities:
             block = matrix[r0:r1] @ matrix[r0:].T                      # (r1 - r0, n - r0)
             self.values[r0:r1, r0:] = block.numpy()
 
+        self._lower_filled = False
+
     @property
     def n_pairs(self) -> int:
         return self.n * (self.n - 1) // 2
+
+    def full_rows(self, index, block_rows: int = 1024) -> np.ndarray:
+        """Complete rows (similarities to all n, self included) of the perturbations `index`. The first call
+        mirrors the upper triangle into the lower one in place (no extra memory; the null still reads only the
+        upper triangle)."""
+        if not self._lower_filled:
+            for r0 in range(0, self.n, block_rows):
+                r1 = min(self.n, r0 + block_rows)
+                self.values[r1:, r0:r1] = self.values[r0:r1, r1:].T
+                square = self.values[r0:r1, r0:r1]
+                lower = np.tril_indices(r1 - r0, k=-1)
+                square[lower] = square.T[lower]
+            self._lower_filled = True
+        return self.values[np.asarray(index)]
 
     def pair_values(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
         """Similarities of pairs (i, j), i != j, read from the upper triangle."""

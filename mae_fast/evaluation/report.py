@@ -19,6 +19,14 @@ def _number(x):
     return None if isinstance(x, float) and math.isnan(x) else x
 
 
+def _interval(interval: dict) -> dict:
+    return {f"{t:g}": [_number(lo), _number(hi)] for t, (lo, hi) in interval.items()}
+
+
+def _spread(spread: dict) -> dict:
+    return {k: _number(v) for k, v in spread.items()}
+
+
 def result_as_dict(result: EvaluationResult) -> dict:
     sources = {}
     for name, s in result.sources.items():
@@ -26,12 +34,29 @@ def result_as_dict(result: EvaluationResult) -> dict:
             "perturbations": s.n_perturbations,
             "null_pairs": s.n_null_pairs,
             "seconds": round(s.seconds, 3),
+            "seeds": s.seeds,
             "thresholds": {f"{t:g}": {"lower": lo, "upper": hi} for t, (lo, hi) in s.thresholds.items()},
+            "activity": {"mean_map": _number(s.activity_map), "fraction_retrieved": _number(s.activity_retrieved),
+                         "groups": s.activity.n_groups if s.activity is not None else 0},
+            "sd_over_seeds": _spread(s.spread),
             "databases": {
                 db: {
                     "pairs": r.n_pairs,
                     "recall": {f"{t:g}": _number(v) for t, v in r.recall.items()},
+                    "recall_interval": _interval(r.interval),
                     "curve": {f"{t:g}": _number(v) for t, v in r.curve.items()},
+                    "consistency": {"mean_map": _number(r.consistency_map),
+                                    "fraction_retrieved": _number(r.consistency_retrieved),
+                                    "queries": r.consistency.n_groups if r.consistency is not None else 0},
+                    "per_class": {
+                        cls: {"pairs": c.n_pairs, "recall": {f"{t:g}": _number(v) for t, v in c.recall.items()},
+                              "recall_interval": _interval(c.interval),
+                              "consistency_map": _number(c.consistency_map),
+                              "consistency_retrieved": _number(c.consistency_retrieved),
+                              "sd_over_seeds": _spread(c.spread)}
+                        for cls, c in r.per_class.items()
+                    },
+                    "sd_over_seeds": _spread(r.spread),
                     "genes_in_file": r.genes_in_file,
                     "genes_absent_from_map": r.genes_absent,
                     "genes_absent_examples": r.absent_examples,
@@ -44,6 +69,11 @@ def result_as_dict(result: EvaluationResult) -> dict:
     return {
         "metric": "recall of known relationships among the bottom/top tail of all pairwise cosine similarities",
         "headline_tail_percent": result.config.tails[0],
+        "interval": f"{result.config.interval:g}% percentile bootstrap over pairs, "
+                    f"{result.config.bootstrap_resamples} resamples",
+        "map": "JUMP mean average precision (copairs definitions): activity = replicate wells vs negative-control "
+               "wells; consistency = each gene's known partners vs all other perturbations; retrieved = "
+               f"BH-corrected p < {result.config.map_threshold:g} (null size {result.config.map_null_size})",
         "sources": sources,
         "relationships": result.relationships,
         "config": config_as_dict(result.config),
@@ -61,24 +91,80 @@ def write_json(result: EvaluationResult, path: str) -> str:
     return path
 
 
+def _recall_cell(recall: float, interval: tuple, sd: float | None, seeds: int) -> str:
+    if recall is None or (isinstance(recall, float) and math.isnan(recall)):
+        return "n/a"
+    text = f"{recall:.3f}"
+    if seeds > 1 and sd is not None and not math.isnan(sd):
+        text += f" ± {sd:.3f}"
+    low, high = interval
+    if not (math.isnan(low) or math.isnan(high)):
+        text += f" [{low:.3f}, {high:.3f}]"
+    return text
+
+
+def _map_cell(value: float, retrieved: float) -> str:
+    if value is None or math.isnan(value):
+        return "n/a"
+    return f"{value:.3f} ({retrieved:.0%})"
+
+
 def markdown_table(result: EvaluationResult, tail: float | None = None) -> str:
-    """rows = sources (model, random, pixel-stats), columns = databases; the pair count is in the header."""
+    """rows = sources (model, random, pixel-stats, cellprofiler), columns = databases: recall [bootstrap
+    interval] (random: mean ± sd over seeds), pair counts in the header; then mAP (activity and consistency per
+    database, fraction retrieved in brackets) and, when phenotype classes were given, recall per class."""
     tail = result.config.tails[0] if tail is None else tail
-    table = result.recall_table(tail)
+    nan = float("nan")
+    databases = result.databases
     header = ["source"]
-    for db in table.columns:
+    for db in databases:
         counts = {s.databases[db].n_pairs for s in result.sources.values()}
         header.append(f"{db} (n={counts.pop()})" if len(counts) == 1 else db)
+    seeds = max(s.seeds for s in result.sources.values())
     lines = [
         f"Recall of known relationships in the bottom {tail:g}% or top {tail:g}% of all pairwise cosine "
-        f"similarities (chance: {2 * tail / 100:.2f})",
+        f"similarities (chance: {2 * tail / 100:.2f}); [{result.config.interval:g}% bootstrap interval over pairs]"
+        + (f"; random: mean ± sd over {seeds} seeds" if seeds > 1 else ""),
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
     ]
-    for source, row in table.iterrows():
-        cells = ["n/a" if pd.isna(v) else f"{v:.3f}" for v in row.to_numpy()]
-        lines.append("| " + " | ".join([str(source)] + cells) + " |")
+    for name, source in result.sources.items():
+        cells = [_recall_cell(r.recall.get(tail, r.curve.get(tail, nan)), r.interval.get(tail, (nan, nan)),
+                              r.spread.get(f"recall@{tail:g}"), source.seeds)
+                 for r in (source.databases[db] for db in databases)]
+        lines.append("| " + " | ".join([str(name)] + cells) + " |")
+    if any(not math.isnan(s.activity_map) or any(not math.isnan(r.consistency_map) for r in s.databases.values())
+           for s in result.sources.values()):
+        lines += [
+            "",
+            f"mAP (JUMP): activity (replicate wells vs controls) and consistency (known partners vs all other "
+            f"perturbations) per database; in brackets the fraction retrieved (BH-corrected p < "
+            f"{result.config.map_threshold:g})",
+            "",
+            "| source | activity | " + " | ".join(f"consistency {db}" for db in databases) + " |",
+            "|" + "|".join(["---"] + ["---:"] * (len(databases) + 1)) + "|",
+        ]
+        for name, source in result.sources.items():
+            cells = [_map_cell(source.activity_map, source.activity_retrieved)]
+            cells += [_map_cell(source.databases[db].consistency_map, source.databases[db].consistency_retrieved)
+                      for db in databases]
+            lines.append("| " + " | ".join([str(name)] + cells) + " |")
+    classes = sorted({c for s in result.sources.values() for r in s.databases.values() for c in r.per_class})
+    if classes:
+        lines += ["", f"Recall per phenotype class (pairs with both genes in the class) at {tail:g}%", "",
+                  "| source | database | " + " | ".join(classes) + " |",
+                  "|" + "|".join(["---", "---"] + ["---:"] * len(classes)) + "|"]
+        for name, source in result.sources.items():
+            for db in databases:
+                per_class = source.databases[db].per_class
+                cells = []
+                for cls in classes:
+                    entry = per_class.get(cls)
+                    cells.append("n/a" if entry is None else _recall_cell(
+                        entry.recall.get(tail, nan), entry.interval.get(tail, (nan, nan)),
+                        entry.spread.get(f"recall@{tail:g}"), source.seeds) + f" (n={entry.n_pairs})")
+                lines.append("| " + " | ".join([str(name), db] + cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -103,15 +189,22 @@ def _pyplot():
 
 
 def plot_recall_curve(result: EvaluationResult, path: str) -> str:
-    """One panel per database: recall vs tail percentile per source, with the chance line 2t/100."""
+    """One panel per database: recall vs tail percentile per source, with the chance line 2t/100; the headline
+    threshold's bootstrap interval as an error bar (random: the seed means of its curve and interval bounds)."""
     plt = _pyplot()
     databases = result.databases
     fig, axes = plt.subplots(1, len(databases), figsize=(4.2 * len(databases), 3.6), squeeze=False)
     tails = np.asarray(result.config.curve_tails, dtype=float)
     for ax, db in zip(axes[0], databases):
         for name, source in result.sources.items():
-            curve = source.databases[db].curve
-            ax.plot(tails, [curve[t] for t in result.config.curve_tails], marker="o", ms=3, label=name)
+            record = source.databases[db]
+            curve = record.curve
+            line, = ax.plot(tails, [curve[t] for t in result.config.curve_tails], marker="o", ms=3, label=name)
+            for t, (low, high) in record.interval.items():
+                value = record.recall[t]
+                if not (math.isnan(low) or math.isnan(value)):
+                    ax.errorbar([t], [value], yerr=[[value - low], [high - value]], color=line.get_color(),
+                                capsize=3, lw=1)
         ax.plot(tails, 2 * tails / 100, ls="--", color="grey", lw=1, label="chance")
         ax.set_title(f"{db} (n={next(iter(result.sources.values())).databases[db].n_pairs})")
         ax.set_xlabel("similarity percentile (bottom t% and top t%)")

@@ -1,13 +1,24 @@
-"""Typical variation normalisation (TVN) fitted on negative controls.
+"""Typical variation normalisation (TVN) fitted on negative controls, in two named variants.
 
-Steps (all statistics from control wells only, in float64):
+Steps (all statistics from control wells only, in float64; mean and sd are population statistics, cov has ddof 1):
     1. centre and scale every feature on all controls            Z = (X - mu) / sd
     2. PCA fitted on the controls (full rotation, D components)  P = Z @ V
-    3. centre and scale again, per batch, on that batch's controls  Q = (P - m_b) / s_b
-    4. per batch, whiten with (cov(controls of b) + shrinkage * I)^(-1/2)   out = Q @ W_b
+    3. centre and scale again on the controls:
+         "batchwise" (default): per batch b, on that batch's controls        Q = (P - m_b) / s_b
+         "efaar1.0":            on all controls (one m, one s)               Q = (P - m) / s
+    4. per batch, whiten with W_b = (cov(Q of the controls of b) + shrinkage * I)^(-1/2)   out = Q @ W_b
+
+"efaar1.0" is EFAAR 1.0's `tvn_on_controls` as published (efaar-benchmarking 1.0): centre-scale on all controls,
+PCA on the controls, centre-scale on all controls again, then per batch only the covariance alignment (the batch's
+controls' covariance is computed around their own mean, but the batch is not re-centred, so a per-batch offset
+that survives step 3 stays in the data). "batchwise" centre-scales per batch in step 3, as the RxRx3-core
+notebook's `pca_centerscale_on_controls` does, which removes per-batch offsets; with it, recall equals EFAAR's
+`tvn_on_controls` given per-batch centring after its PCA. The default is "batchwise": batch offsets are the main
+nuisance TVN exists to remove, and it is what the newer benchmark code computes. (EFAAR's sklearn `PCA()` keeps
+min(n_controls, D) components; both variants here keep all D, identical whenever n_controls >= D.)
 
 All four steps are affine, so each batch's TVN is one map X @ A_b + c_b; `TVNTransform.apply` runs one float32
-matmul per batch. Steps 3-4 make the batch's controls mean-zero, which removes per-batch offsets. With shrinkage
+matmul per batch. In "batchwise", steps 3-4 make each batch's controls mean-zero, which removes per-batch offsets. With shrinkage
 0 the controls of every batch end with identity covariance; with the default 0.5 their covariance is
 C_b (C_b + 0.5 I)^(-1) (eigenvalues lambda / (lambda + 0.5), C_b = covariance of Q's controls), which damps
 directions where controls barely vary instead of blowing them up.
@@ -31,6 +42,7 @@ import torch
 
 from .table import EvaluationInputError, name_some
 
+TVN_VARIANTS = ("batchwise", "efaar1.0")
 NULL_RTOL = 1e-10   # variance below this fraction of the largest counts as "controls do not vary here"
 FEATURE_RTOL = 1e-7  # a feature whose control sd is below this fraction of the largest sd is treated as constant
 
@@ -46,6 +58,7 @@ class TVNTransform:
     n_constant_features: int        # features with no spread in the controls (left unscaled in step 1)
     n_null_directions: int          # PCA directions without control variance (left unscaled)
     shrinkage: float
+    variant: str = "batchwise"
 
     def apply(self, features: np.ndarray, batch_codes: np.ndarray) -> np.ndarray:
         """(N, D) float32 -> (N, D) float32, each row by its batch's map."""
@@ -65,6 +78,7 @@ class TVNTransform:
             "constant_features": self.n_constant_features,
             "null_directions": self.n_null_directions,
             "shrinkage": self.shrinkage,
+            "variant": self.variant,
         }
 
 
@@ -151,16 +165,20 @@ def fit_tvn(
     batch_names: list[str] | None = None,
     shrinkage: float = 0.5,
     null_rtol: float = NULL_RTOL,
+    variant: str = "batchwise",
 ) -> TVNTransform:
     """Fit TVN on the control rows. features (N, D), batch_codes (N,) ints, is_control (N,) bool.
+    `variant`: "batchwise" (default) or "efaar1.0" (see the module docstring for both formulas).
 
     The fit runs single-threaded (see `_torch_threads`); applying it to all wells is one multithreaded matmul.
     """
     with _torch_threads(1):
-        return _fit_tvn(features, batch_codes, is_control, batch_names, shrinkage, null_rtol)
+        return _fit_tvn(features, batch_codes, is_control, batch_names, shrinkage, null_rtol, variant)
 
 
-def _fit_tvn(features, batch_codes, is_control, batch_names, shrinkage, null_rtol) -> TVNTransform:
+def _fit_tvn(features, batch_codes, is_control, batch_names, shrinkage, null_rtol, variant) -> TVNTransform:
+    if variant not in TVN_VARIANTS:
+        raise EvaluationInputError(f"unknown TVN variant {variant!r}; choose from {', '.join(TVN_VARIANTS)}")
     if shrinkage < 0:
         raise EvaluationInputError(f"TVN shrinkage must be >= 0, got {shrinkage}")
     n_batches = int(batch_codes.max()) + 1
@@ -195,12 +213,19 @@ def _fit_tvn(features, batch_codes, is_control, batch_names, shrinkage, null_rto
     offset = np.empty((n_batches, dims), dtype=np.float32)
     global_linear = rotation * inv_sd[:, None]                     # X @ global_linear - (mu*inv_sd) @ rotation = P
     global_offset = -(mu * inv_sd) @ rotation
+    if variant == "efaar1.0":                                      # 3. one centre and scale for all batches
+        m_all = projected.mean(axis=0)
+        inv_s_all = _safe_scale(projected.std(axis=0), np.sqrt(null_rtol))
     for b in range(n_batches):
         p_b = projected[control_batches == b]
-        # 3. centre and scale again on this batch's controls.
-        m_b = p_b.mean(axis=0)
-        inv_s_b = _safe_scale(p_b.std(axis=0), np.sqrt(null_rtol))
+        # 3. centre and scale again, on this batch's controls ("batchwise") or on all controls ("efaar1.0").
+        if variant == "efaar1.0":
+            m_b, inv_s_b = m_all, inv_s_all
+        else:
+            m_b = p_b.mean(axis=0)
+            inv_s_b = _safe_scale(p_b.std(axis=0), np.sqrt(null_rtol))
         q_b = (p_b - m_b) * inv_s_b
+        q_b = q_b - q_b.mean(axis=0)          # the covariance of step 4 is taken around the batch's own mean
         # 4. whiten with W_b = (cov(q_b) + shrinkage I)^(-1/2) = alpha I + V diag(e) V^T.
         alpha, basis, e = whitening_factors(q_b, shrinkage, null_rtol)
         scaled = global_linear * inv_s_b                           # G diag(1/s_b)      (D, D)
@@ -215,10 +240,12 @@ def _fit_tvn(features, batch_codes, is_control, batch_names, shrinkage, null_rto
         n_constant_features=int((sd <= FEATURE_RTOL * sd.max()).sum()),
         n_null_directions=n_null,
         shrinkage=float(shrinkage),
+        variant=variant,
     )
 
 
-def tvn(features, batch_codes, is_control, batch_names=None, shrinkage: float = 0.5) -> tuple[np.ndarray, TVNTransform]:
+def tvn(features, batch_codes, is_control, batch_names=None, shrinkage: float = 0.5,
+        variant: str = "batchwise") -> tuple[np.ndarray, TVNTransform]:
     """Fit on the controls and apply to every row. Returns ((N, D) float32, the fitted transform)."""
-    transform = fit_tvn(features, batch_codes, is_control, batch_names, shrinkage)
+    transform = fit_tvn(features, batch_codes, is_control, batch_names, shrinkage, variant=variant)
     return transform.apply(features, batch_codes), transform
