@@ -13,11 +13,14 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # The registry's standard torch (a CUDA build that also runs on CPUs; what timm's torchvision pairs with), then
-# mae_fast in editable mode without build isolation so the optional C++ extension compiles against that torch.
+# mae_fast in editable mode without build isolation so the optional C++ extension compiles against that torch, then
+# EFAAR's relationship databases (CORUM, HuMAP, Reactome, SIGNOR, StringDB) as data files, without the package's
+# heavy dependencies (mae_fast reads its files and never imports it).
 $(VENV)/.installed: setup.py $(CONSTRAINTS) | $(BIN)/python
 	$(PIP) --upgrade pip setuptools wheel
 	$(PIP) torch torchvision
-	$(PIP) --no-build-isolation -e ".[test,dali]"
+	$(PIP) --no-build-isolation -e ".[test,dali,eval]"
+	$(PIP) --no-deps efaar-benchmarking
 	touch $@
 
 install: $(VENV)/.installed
