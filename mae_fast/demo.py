@@ -27,7 +27,6 @@ MU-Net's AdamW --munet-lr (1e-3, the paper's). AdaBN models get ghost batches no
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -52,7 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "mae_vit_micro_patch16_256,wsl_densenet_micro_256,munet_micro_256; baselines: "
                         + ", ".join(bl.list_baselines()))
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--minutes", type=float, help=f"training time per model in minutes (default {DEFAULT_MINUTES:g})")
+    budget.add_argument("--minutes", type=float,
+                        help=f"training time per model in minutes (default {DEFAULT_MINUTES:g})")
     budget.add_argument("--seconds", type=float, help="the same in seconds")
     p.add_argument("--max-steps", type=int,
                    help=f"training steps planned for the schedule (default: {CPU_STEPS_PER_SECOND:g} per second of "
@@ -99,7 +99,8 @@ def check_options(args) -> tuple[list[str], float, int]:
     seconds = args.seconds if args.seconds is not None else 60.0 * (args.minutes if args.minutes is not None
                                                                     else DEFAULT_MINUTES)
     if not seconds > 0:
-        raise ValueError(f"--minutes/--seconds must be > 0, got {args.minutes if args.minutes is not None else seconds}")
+        given = args.minutes if args.minutes is not None else seconds
+        raise ValueError(f"--minutes/--seconds must be > 0, got {given}")
     steps = args.max_steps if args.max_steps is not None else max(20, round(CPU_STEPS_PER_SECOND * seconds))
     for name, value in (("--max-steps", steps), ("--batch-size", args.batch_size)):
         if value < 1:

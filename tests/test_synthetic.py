@@ -83,7 +83,8 @@ def test_deterministic_by_seed(tmp_path):
         assert filecmp.cmp(os.path.join(a.root, name), os.path.join(b.root, name), shallow=False), name
     rel = os.path.relpath(os.path.join(a.images_dir, "synth-001", "Plate1"), a.root)
     files = sorted(os.listdir(os.path.join(a.root, rel)))
-    match, mismatch, errors = filecmp.cmpfiles(os.path.join(a.root, rel), os.path.join(b.root, rel), files, shallow=False)
+    match, mismatch, errors = filecmp.cmpfiles(os.path.join(a.root, rel), os.path.join(b.root, rel), files,
+                                               shallow=False)
     assert not mismatch and not errors and len(match) == len(files)  # threads or not, the same bytes
     assert not filecmp.cmp(a.metadata_csv, c.metadata_csv, shallow=False)
     assert a.genes != c.genes
