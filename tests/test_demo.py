@@ -12,7 +12,7 @@ from mae_fast.demo import efaar_databases, recall_intervals
 
 def test_demo_runs_end_to_end_and_loss_goes_down(tmp_path, capsys):
     out = tmp_path / "demo"
-    rc = main(["demo", "--tiny", "--out", str(out), "--max-steps", "30", "--batch-size", "8", "--minutes", "5"])
+    rc = main(["demo", "--tiny", "--out", str(out), "--max-steps", "30", "--batch-size", "8", "--minutes", "30"])
     assert rc == 0
     printed = capsys.readouterr().out
     expected = {
