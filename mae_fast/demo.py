@@ -136,15 +136,11 @@ def efaar_databases() -> dict[str, str]:
 
     ADAPTER (issue 17, part A): part A adds `efaar:*` relationship names to mae_fast.evaluation; at merge time this
     becomes `{"CORUM": "efaar:CORUM", ...}` through its reader."""
-    import importlib.util
+    from mae_fast.data.synthetic import efaar_annotations_dir
 
-    spec = importlib.util.find_spec("efaar_benchmarking")
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        found = {name: os.path.join(folder, "benchmark_annotations", f"{name}.txt") for name in EFAAR_DATABASES}
-        found = {name: path for name, path in found.items() if os.path.exists(path)}
-        if found:
-            return found
-    return {}
+    folder = efaar_annotations_dir()
+    found = {name: os.path.join(folder, f"{name}.txt") for name in EFAAR_DATABASES} if folder else {}
+    return {name: path for name, path in found.items() if os.path.exists(path)}
 
 
 EFAAR_DATABASES = ("CORUM", "HuMAP", "Reactome", "SIGNOR", "StringDB")

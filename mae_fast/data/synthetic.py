@@ -222,14 +222,21 @@ class SyntheticScreen:
 
 # --------------------------------------------------------------------------- complexes
 
-def corum_clusters_path() -> str | None:
-    """CORUM_clusters.tsv of an installed efaar-benchmarking, found without importing the package (or None)."""
+def efaar_annotations_dir() -> str | None:
+    """benchmark_annotations/ of an installed efaar-benchmarking, found without importing the package (or None)."""
     spec = importlib.util.find_spec("efaar_benchmarking")  # top-level: finds the package, runs none of its code
     for folder in (spec.submodule_search_locations or []) if spec else []:
-        path = os.path.join(folder, "benchmark_annotations", "CORUM_clusters.tsv")
-        if os.path.exists(path):
+        path = os.path.join(folder, "benchmark_annotations")
+        if os.path.isdir(path):
             return path
     return None
+
+
+def corum_clusters_path() -> str | None:
+    """CORUM_clusters.tsv of an installed efaar-benchmarking (or None)."""
+    folder = efaar_annotations_dir()
+    path = os.path.join(folder, "CORUM_clusters.tsv") if folder else None
+    return path if path and os.path.exists(path) else None
 
 
 def read_complex_clusters(path: str) -> list[tuple[str, tuple[str, ...]]]:
