@@ -1,12 +1,19 @@
 """`mae-fast demo`: the whole job on the built-in synthetic screen.
 
-1. generate the screen (RxRx3 layout) with `mae_fast.data.synthetic`;
+0. check every option (nothing is generated or trained when one is wrong);
+1. generate the screen (RxRx3 layout, real protein complexes, five phenotype classes; docs/SYNTHETIC_SCREEN.md)
+   with `mae_fast.data.synthetic`;
 2. train each model on random 256² crops with `mae_fast.train` (data pipeline, fused ops, optimiser, checkpoints):
    by default a small MAE; `--models` compares several, e.g. the MAE with the seed paper's baselines
    (`--models mae_vit_micro_patch16_256,wsl_densenet_micro_256,munet_micro_256`);
 3. embed every site tile by tile and average per well with `mae_fast.embed`;
-4. score recall of the planted complexes with `mae_fast.evaluate`: one table with every model side by side,
-   beside random and pixel-statistics baselines.
+4. score recall with `mae_fast.evaluate`: one table with every model side by side, beside the random and
+   pixel-statistics baselines (and the CellProfiler-style one when installed), with a 95% bootstrap interval over
+   pairs: the planted complexes overall and per phenotype class, and EFAAR's real databases (CORUM, HuMAP,
+   Reactome, SIGNOR, StringDB) when the efaar-benchmarking package is installed.
+
+Time: `--minutes` of training per model (default 2.5); the schedule's length follows the budget (`--max-steps`
+auto: the steps a 2-core CPU makes in that time), so a longer run also anneals properly.
 
 Outputs (OUT = --out): the screen in OUT/screen; per model its training run (OUT/<model>/train) and embeddings
 (OUT/<model>/embeddings.parquet) -- a single model keeps the flat layout OUT/train, OUT/embeddings.parquet; the
@@ -20,7 +27,6 @@ MU-Net's AdamW --munet-lr (1e-3, the paper's). AdaBN models get ghost batches no
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
@@ -32,6 +38,9 @@ from mae_fast.models import list_presets
 
 DEFAULT_WSL_LR = 0.05
 DEFAULT_MUNET_LR = 1e-3
+DEFAULT_MINUTES = 2.5
+CPU_STEPS_PER_SECOND = 0.6     # measured: micro MAE, batch 16 of 256 px crops, 2 CPU cores
+DEMO_BASELINES = ("random", "pixel-stats", "cellprofiler")   # the ones this installation has are used
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,9 +50,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated presets to train, embed and compare (default: --preset alone), e.g. "
                         "mae_vit_micro_patch16_256,wsl_densenet_micro_256,munet_micro_256; baselines: "
                         + ", ".join(bl.list_baselines()))
-    p.add_argument("--seconds", type=number(float, above=0), default=150.0,
-                   help="training time budget per model in seconds (default 150)")
-    p.add_argument("--max-steps", type=number(int, minimum=1), default=300, help="training steps planned for the schedule (default 300)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--minutes", type=number(float, above=0),
+                        help=f"training time per model in minutes (default {DEFAULT_MINUTES:g})")
+    budget.add_argument("--seconds", type=number(float, above=0), help="the same in seconds")
+    p.add_argument("--max-steps", type=number(int, minimum=1),
+                   help=f"training steps planned for the schedule (default: {CPU_STEPS_PER_SECOND:g} per second of "
+                        "the time budget, what 2 CPU cores make at batch 16; a faster machine stops at this count)")
     p.add_argument("--batch-size", type=number(int, minimum=1), default=16)
     p.add_argument("--lr", type=number(float, above=0), default=1e-3, help="peak Lion learning rate of the MAE (default 1e-3)")
     p.add_argument("--wsl-lr", type=number(float, above=0), default=DEFAULT_WSL_LR,
@@ -63,7 +76,7 @@ def screen_config(tiny: bool, seed: int):
     from mae_fast.data.synthetic import SyntheticScreenConfig
 
     if tiny:
-        return SyntheticScreenConfig(n_experiments=1, n_plates=2, n_complexes=3, complex_size=3, n_singletons=3,
+        return SyntheticScreenConfig(n_experiments=1, n_plates=2, n_complexes=5, complex_size=3, n_singletons=2,
                                      n_empty_controls=3, n_crispr_controls=1, site_size=256, seed=seed)
     return SyntheticScreenConfig(seed=seed)
 
@@ -80,7 +93,104 @@ def check_models(names: list[str]) -> list[str]:
     return names
 
 
-def train_config(preset: str, screen_root: str, out_dir: str, args):
+def check_options(args) -> tuple[list[str], float, int]:
+    """(models, training seconds per model, schedule steps) or ValueError naming the bad option."""
+    models = check_models(args.models or [args.preset])
+    seconds = args.seconds if args.seconds is not None else 60.0 * (args.minutes if args.minutes is not None
+                                                                    else DEFAULT_MINUTES)
+    if not seconds > 0:
+        given = args.minutes if args.minutes is not None else seconds
+        raise ValueError(f"--minutes/--seconds must be > 0, got {given}")
+    steps = args.max_steps if args.max_steps is not None else max(20, round(CPU_STEPS_PER_SECOND * seconds))
+    for name, value in (("--max-steps", steps), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    for name, value in (("--lr", args.lr), ("--wsl-lr", args.wsl_lr), ("--munet-lr", args.munet_lr)):
+        if not value > 0:
+            raise ValueError(f"{name} must be > 0, got {value}")
+    if args.device not in ("auto", "cpu", "cuda") and not str(args.device).startswith("cuda:"):
+        raise ValueError(f"--device must be auto, cpu or cuda, got {args.device}")
+    return models, seconds, steps
+
+
+def demo_baselines() -> tuple[str, ...]:
+    """The demo's baselines this installation can run (the CellProfiler-style one needs its optional packages)."""
+    from mae_fast.evaluation.pipeline import BASELINES
+
+    # ADAPTER (issue 17, part A): part A registers "cellprofiler" in BASELINES; its optional-dependency check
+    # belongs there too. Until then the demo runs random and pixel statistics.
+    return tuple(b for b in DEMO_BASELINES if b in BASELINES)
+
+
+def demo_relationships(screen) -> dict[str, str]:
+    """Relationship files of the demo's table: the planted complexes (all, then per phenotype class) and, when
+    efaar-benchmarking is installed, EFAAR's five databases read in place from the package's data files."""
+    out = {"planted": screen.relationships_csv}
+    out.update({f"planted_{cls}": path for cls, path in screen.class_relationships.items()})
+    out.update(efaar_databases())
+    return out
+
+
+def efaar_databases() -> dict[str, str]:
+    """{name: path} of EFAAR's benchmark_annotations/*.txt (entity1,entity2), located without importing the package.
+
+    ADAPTER (issue 17, part A): part A adds `efaar:*` relationship names to mae_fast.evaluation; at merge time this
+    becomes `{"CORUM": "efaar:CORUM", ...}` through its reader."""
+    from mae_fast.data.synthetic import efaar_annotations_dir
+
+    folder = efaar_annotations_dir()
+    found = {name: os.path.join(folder, f"{name}.txt") for name in EFAAR_DATABASES} if folder else {}
+    return {name: path for name, path in found.items() if os.path.exists(path)}
+
+
+EFAAR_DATABASES = ("CORUM", "HuMAP", "Reactome", "SIGNOR", "StringDB")
+
+
+def recall_intervals(evaluation, n_boot: int = 1000, seed: int = 0) -> dict:
+    """{source: {database: (recall, low, high, n_pairs)}}: recall at the headline tail with a 95% percentile
+    bootstrap interval over pairs.
+
+    ADAPTER (issue 17, part A): part A computes these intervals (and random over several seeds, and mAP) inside
+    mae_fast.evaluation; at merge time `demo_table` should print part A's table and this function go."""
+    from mae_fast.evaluation.recall import match_pairs
+
+    tail = evaluation.config.tails[0]
+    rng = np.random.default_rng(seed)
+    out = {}
+    for source, result in evaluation.sources.items():
+        pmap = evaluation.maps[source]
+        lower, upper = result.thresholds[tail]
+        out[source] = {}
+        for name, rel in evaluation.relationship_sets.items():
+            match = match_pairs(rel, pmap.names)
+            sims = np.einsum("ij,ij->i", pmap.unit[match.first], pmap.unit[match.second])
+            hits = ((sims <= lower) | (sims >= upper)).astype(np.float64)
+            if hits.size == 0:
+                out[source][name] = (float("nan"), float("nan"), float("nan"), 0)
+                continue
+            boot = hits[rng.integers(0, hits.size, (n_boot, hits.size))].mean(1)
+            low, high = np.percentile(boot, [2.5, 97.5])
+            out[source][name] = (result.databases[name].recall[tail], float(low), float(high), int(hits.size))
+    return out
+
+
+def demo_table(evaluation) -> str:
+    """One markdown table: rows = sources, columns = databases; each cell recall [95% interval]."""
+    intervals = recall_intervals(evaluation)
+    names = list(evaluation.relationship_sets)
+    first = next(iter(intervals.values()))
+    header = "| source | " + " | ".join(f"{n.replace('planted_', '')} (n={first[n][3]})" for n in names) + " |"
+    lines = [header, "|---|" + "---:|" * len(names)]
+    for source, cells in intervals.items():
+        lines.append(f"| {source} | " + " | ".join(f"{r:.2f} [{lo:.2f}, {hi:.2f}]" for r, lo, hi, _ in
+                                                   (cells[n] for n in names)) + " |")
+    tail = evaluation.config.tails[0]
+    return "\n".join(lines) + (f"\n\nrecall = fraction of pairs in the bottom or top {tail:g}% of all cosine "
+                               "similarities (chance: {:.2f}); [95% bootstrap interval over pairs]; n = pairs\n"
+                               .format(2 * tail / 100))
+
+
+def train_config(preset: str, screen_root: str, out_dir: str, args, seconds: float, steps: int):
     """The demo's training run of one model: its family's demo lr, one micro-batch per step."""
     from mae_fast.train import DataConfig, TrainConfig
 
@@ -93,9 +203,9 @@ def train_config(preset: str, screen_root: str, out_dir: str, args):
             model["virtual_batch_size"] = min(base.virtual_batch_size, args.batch_size)
     return TrainConfig(
         preset=preset, model=model, data=DataConfig(root=screen_root), out_dir=out_dir, overwrite=True,
-        global_batch=args.batch_size, micro_batch=args.batch_size, steps=args.max_steps, lr=lr,
-        max_seconds=args.seconds, seed=args.seed, device=args.device,
-        checkpoint_every=max(1, args.max_steps // 2), log_every=max(1, args.max_steps // 20),
+        global_batch=args.batch_size, micro_batch=args.batch_size, steps=steps, lr=lr,
+        max_seconds=seconds, seed=args.seed, device=args.device,
+        checkpoint_every=max(1, steps // 2), log_every=max(1, steps // 20),
     )
 
 
@@ -120,64 +230,74 @@ def _loss_ends(losses: list[float]) -> tuple[float, float]:
 
 
 def run(args) -> int:
+    from mae_fast.checkpoint import atomic_write, atomic_write_json, write_text
     from mae_fast.data.synthetic import make_synthetic_screen
     from mae_fast.embed import embed_dataset
     from mae_fast.evaluate import evaluate, write_outputs
     from mae_fast.train import train, validate
 
-    models = check_models(args.models or [args.preset])  # errors: the CLI's one handler (mae_fast.cli)
+    models, seconds, steps = check_options(args)  # errors: the CLI's one handler (mae_fast.cli.run_command)
     single = len(models) == 1
     out = os.path.abspath(args.out)
     for preset in models:  # every training setting checked before the screen is generated
-        validate(train_config(preset, os.path.join(out, "screen"), os.path.join(out, preset, "train"), args))
+        validate(train_config(preset, os.path.join(out, "screen"), os.path.join(out, preset, "train"), args,
+                              seconds, steps))
     os.makedirs(out, exist_ok=True)
-    t0 = time.time()
+    t_start = time.time()
     screen = make_synthetic_screen(os.path.join(out, "screen"), screen_config(args.tiny, args.seed))
-    print(f"synthetic screen: {screen.root} ({len(screen.genes)} genes, {time.time() - t0:.1f} s)")
+    screen_seconds = time.time() - t_start
+    print(f"synthetic screen: {screen.root} ({len(screen.genes)} genes in {len(screen.complexes)} "
+          f"{'CORUM' if screen.source == 'corum' else 'built-in textbook'} complexes, {screen_seconds:.1f} s)")
 
     runs: dict[str, dict] = {}
     for preset in models:
         folder = out if single else os.path.join(out, preset)
-        result = train(train_config(preset, screen.root, os.path.join(folder, "train"), args))
+        result = train(train_config(preset, screen.root, os.path.join(folder, "train"), args, seconds, steps))
         first, last = _loss_ends(result.losses)
-        print(f"trained {preset} for {result.steps} steps ({result.crops} crops, {result.crops_per_second:.1f} "
-              f"crops/s): loss {first:.4f} -> {last:.4f}")
+        print(f"trained {preset} for {result.steps} of {steps} steps in {result.seconds:.0f} s ({result.crops} crops, "
+              f"{result.crops_per_second:.1f} crops/s): loss {first:.4f} -> {last:.4f}")
         embeddings = embed_dataset(result.model_dir, screen.root, os.path.join(folder, "embeddings.parquet"),
                                    overwrite=True, device=args.device, seed=args.seed)
         print(f"embedded {embeddings.n_wells} wells with {preset} ({embeddings.n_tiles} tiles, "
               f"{embeddings.tiles_per_second:.1f} tiles/s)")
         runs[preset] = {"result": result, "embeddings": embeddings, "loss_first": first, "loss_last": last}
 
-    # one evaluation per embedding table (the first also scores random and pixel statistics), merged into one table
+    # one evaluation per embedding table (the first also scores the baselines), merged into one table
     sources = ["model"] if single else models
-    relationships = {"synthetic_complexes": screen.relationships_csv}
+    baselines = demo_baselines()
+    relationships = demo_relationships(screen)
     evaluations = [evaluate(runs[models[0]]["embeddings"].out, relationships, arms=screen.arms_csv,
-                            baselines=("random", "pixel-stats"), images_root=screen.root, name=sources[0])]
+                            baselines=baselines, images_root=screen.root, name=sources[0])]
     for preset, source in zip(models[1:], sources[1:]):
         evaluations.append(evaluate(runs[preset]["embeddings"].out, relationships, arms=screen.arms_csv, name=source))
-    evaluation = merge_evaluations(evaluations, sources + ["random", "pixel-stats"])
-    figures = write_outputs(evaluation, os.path.join(out, "evaluation"), heatmap_relationships="synthetic_complexes")
+    evaluation = merge_evaluations(evaluations, sources + list(baselines))
+    figures = write_outputs(evaluation, os.path.join(out, "evaluation"), heatmap_relationships="planted")
+    table = demo_table(evaluation)
     table_path = os.path.join(out, "recall.md")
-    with open(table_path, "w") as f:
-        f.write(evaluation.markdown())
-    print("\nrecall of the planted complexes (pairs in the top/bottom 5% of cosine similarities):")
-    print(evaluation.markdown())
+    atomic_write(table_path, lambda tmp: write_text(tmp, table))
+    wall = time.time() - t_start
+    print(f"\nrecall of known pairs on the synthetic screen ({len(screen.genes)} genes; planted complexes overall "
+          f"and per phenotype class{', EFAAR databases' if efaar_databases() else ''}):")
+    print(table)
 
     per_model = {}
     for preset, source in zip(models, sources):
         r = runs[preset]
         result = r["result"]
         per_model[preset] = {
-            "preset": preset, "source": source, "steps": result.steps, "crops": result.crops,
-            "train_seconds": round(result.seconds, 2), "crops_per_second": round(result.crops_per_second, 2),
+            "preset": preset, "source": source, "steps": result.steps, "planned_steps": steps,
+            "crops": result.crops, "train_seconds": round(result.seconds, 2),
+            "crops_per_second": round(result.crops_per_second, 2),
             "loss_first": r["loss_first"], "loss_last": r["loss_last"], "losses": result.losses,
             "train_dir": result.out_dir, "embeddings": r["embeddings"].out,
         }
     summary = {**(per_model[models[0]] if single else {}), "models": per_model,
-               "recall": evaluation.recall_table().to_dict(orient="index"), "recall_table": table_path}
-    summary_path = os.path.join(out, "demo_summary.json")
-    with open(summary_path, "w") as f:
-        json.dump(summary, f, indent=1, default=str)
+               "recall": evaluation.recall_table().to_dict(orient="index"),
+               "recall_intervals": recall_intervals(evaluation), "recall_table": table_path,
+               "screen": {"root": screen.root, "genes": len(screen.genes), "complexes": len(screen.complexes),
+                          "complex_source": screen.source, "seconds": round(screen_seconds, 2)},
+               "budget_seconds": seconds, "wall_seconds": round(wall, 1)}
+    summary_path = atomic_write_json(os.path.join(out, "demo_summary.json"), summary)
 
     for preset in models:
         result = runs[preset]["result"]
@@ -191,4 +311,5 @@ def run(args) -> int:
         print(f"{key + ':':16} {path}")
     print(f"recall table:    {table_path}")
     print(f"summary:         {summary_path}")
+    print(f"demo wall time:  {wall:.0f} s")
     return 0

@@ -1,23 +1,37 @@
-"""A small Cell-Painting-like CRISPR screen generated on the fly, written exactly like RxRx3.
+"""A Cell-Painting-like CRISPR screen of real protein complexes, generated on the fly and written like RxRx3.
 
-Each site is a 6-channel image of cell-like objects (Recursion's channel order: w1 nuclei/DNA, w2 ER,
-w3 actin, w4 nucleoli/RNA, w5 mitochondria, w6 Golgi/plasma membrane). Every gene knockout shifts a vector of
-morphology parameters; genes of one planted complex share that shift, negative controls have none, each
-chromosome arm adds a small shared shift (the CRISPR arm bias) and each plate adds its own per-channel gain and
-offset (the batch effect).
+Design and reasons: docs/SYNTHETIC_SCREEN.md (written before any model was run on this screen). In short:
 
-Files written under `root`:
+* genes and complexes are real: CORUM complexes read from the `efaar-benchmarking` package's CORUM_clusters.tsv
+  when that package is installed (located with importlib, never imported), else a built-in list of textbook
+  complexes (`BUILTIN_COMPLEXES`); `screen.json` says which;
+* each complex gets one phenotype class (`PHENOTYPE_CLASSES`): intensity, size/count, shape, texture,
+  localisation; texture and localisation leave every channel's pixel histogram unchanged (rank-matched to a
+  control twin rendered from the same seed, see `render_site`);
+* nuisances: plate gain/offset, illumination vignetting, focus blur, cell-density variation, guide efficacy,
+  chromosome-arm bias, shot/read noise; each can be switched off in `SyntheticScreenConfig`.
+
+Each site is a 6-channel image (Recursion's channel order: w1 DNA, w2 ER, w3 actin, w4 RNA/nucleoli,
+w5 mitochondria, w6 Golgi/plasma membrane). Files written under `root`:
     images/{experiment}/Plate{plate}/{address}_s1_w{c}.png    c = 1..C, 8-bit (default) or 16-bit PNG
     metadata.csv                                               RxRx3 columns (well_id, experiment_name, plate, ...)
-    relationships/synthetic_complexes.csv                      entity1,entity2 for every planted pair
+    relationships/planted_complexes.csv                        entity1,entity2 for every planted pair
+    relationships/planted_{class}.csv                          the same, one file per phenotype class
     gene_arms.csv                                              gene, chromosome_arm, expressed
+    genes.csv                                                  gene, complex, phenotype_class, expressed
+    guides.csv                                                 gene, guide, efficacy
+    screen.json                                                complex source, class mix, configuration
 
 Everything is a function of the seed.
 """
 from __future__ import annotations
 
+import importlib.util
 import itertools
+import json
 import os
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -28,30 +42,98 @@ METADATA_COLUMNS = (
     "SMILES", "concentration", "perturbation_type", "cell_type",
 )
 NEGATIVE_CONTROLS = ("EMPTY_control", "CRISPR_control")
-# Morphology parameters a knockout can shift (one entry of the phenotype vector each).
-PHENOTYPE_AXES = (
-    "nucleus_size", "cell_size", "elongation", "density",
-    "dna_gain", "er_gain", "actin_gain", "rna_gain", "mito_gain", "golgi_gain",
-    "mito_texture", "er_texture",
+
+# Phenotype classes and the morphology axes each one moves (docs/SYNTHETIC_SCREEN.md has the table).
+PHENOTYPE_CLASSES: dict[str, tuple[str, ...]] = {
+    "intensity": ("dna_stain", "er_stain", "actin_stain", "rna_stain", "mito_stain", "golgi_stain"),
+    "size_count": ("density", "nucleus_size", "cell_size"),
+    "shape": ("elongation", "nuclear_irregularity"),
+    "texture": ("mito_fragmentation", "er_texture", "chromatin_texture"),
+    "localisation": ("mito_perinuclear", "er_perinuclear", "rna_nuclear"),
+}
+PHENOTYPE_AXES = tuple(axis for axes in PHENOTYPE_CLASSES.values() for axis in axes)
+AXIS = {axis: i for i, axis in enumerate(PHENOTYPE_AXES)}
+HISTOGRAM_INVARIANT_CLASSES = ("texture", "localisation")
+_INVARIANT_AXES = np.array([AXIS[a] for c in HISTOGRAM_INVARIANT_CLASSES for a in PHENOTYPE_CLASSES[c]])
+# A Cas9 cut on an arm causes DNA damage / arm loss: a proliferation-like shift shared by the arm's genes.
+ARM_AXES = ("density", "nucleus_size", "cell_size", "dna_stain")
+MAX_COMPLEX_MEMBERS = 20          # larger CORUM entries are assemblies of several complexes, not one complex
+
+# Textbook complexes, written from biology facts (subunit gene symbols), used when CORUM is not installed.
+BUILTIN_COMPLEXES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("20S proteasome", tuple(f"PSMA{i}" for i in range(1, 8)) + tuple(f"PSMB{i}" for i in range(1, 8))),
+    ("19S proteasome regulatory particle", tuple(f"PSMC{i}" for i in range(1, 7))
+     + ("PSMD1", "PSMD2", "PSMD3", "PSMD4", "PSMD6", "PSMD7", "PSMD8", "PSMD11", "PSMD12", "PSMD13", "PSMD14")),
+    ("RNA polymerase II", tuple(f"POLR2{c}" for c in "ABCDEFGHIJKL")),
+    ("MCM2-7 helicase", tuple(f"MCM{i}" for i in range(2, 8))),
+    ("Origin recognition complex", tuple(f"ORC{i}" for i in range(1, 7))),
+    ("RNA exosome", tuple(f"EXOSC{i}" for i in range(1, 10)) + ("DIS3",)),
+    ("CCT/TRiC chaperonin", ("TCP1", "CCT2", "CCT3", "CCT4", "CCT5", "CCT6A", "CCT7", "CCT8")),
+    ("COPI coatomer", ("COPA", "COPB1", "COPB2", "COPG1", "ARCN1", "COPE", "COPZ1")),
+    ("COPII coat", ("SEC23A", "SEC24A", "SEC13", "SEC31A", "SAR1A")),
+    ("Condensin I", ("SMC2", "SMC4", "NCAPD2", "NCAPG", "NCAPH")),
+    ("Arp2/3 complex", ("ACTR2", "ACTR3", "ARPC1B", "ARPC2", "ARPC3", "ARPC4", "ARPC5")),
+    ("Dynactin", ("DCTN1", "DCTN2", "DCTN3", "DCTN4", "DCTN5", "DCTN6", "ACTR1A")),
+    ("Respiratory complex I (core)", ("NDUFS1", "NDUFS2", "NDUFS3", "NDUFV1", "NDUFV2", "NDUFA9", "NDUFB8")),
+    ("Respiratory complex III", ("UQCRC1", "UQCRC2", "UQCRFS1", "UQCRB", "UQCRQ", "UQCRH", "CYC1")),
+    ("Cytochrome c oxidase", ("COX4I1", "COX5A", "COX5B", "COX6B1", "COX6C", "COX7C")),
+    ("ATP synthase", ("ATP5F1A", "ATP5F1B", "ATP5F1C", "ATP5F1D", "ATP5F1E", "ATP5PO", "ATP5PB")),
+    ("TOM complex", ("TOMM40", "TOMM22", "TOMM20", "TOMM70", "TOMM5", "TOMM6", "TOMM7")),
+    ("Nup107-160 Y complex", ("NUP107", "NUP160", "NUP133", "NUP98", "NUP85", "NUP43", "NUP37", "SEH1L")),
+    ("Anaphase-promoting complex", ("ANAPC1", "ANAPC2", "ANAPC4", "ANAPC5", "ANAPC10", "ANAPC11", "CDC16",
+                                    "CDC23", "CDC27")),
+    ("BAF (SWI/SNF)", ("SMARCA4", "SMARCB1", "SMARCC1", "SMARCC2", "SMARCD1", "SMARCE1", "ARID1A")),
+    ("Ragulator", tuple(f"LAMTOR{i}" for i in range(1, 6))),
+    ("mTORC1", ("MTOR", "RPTOR", "MLST8", "AKT1S1", "DEPTOR")),
+    ("HOPS tethering complex", ("VPS11", "VPS16", "VPS18", "VPS33A", "VPS39", "VPS41")),
+    ("Exocyst", tuple(f"EXOC{i}" for i in range(1, 9))),
+    ("BBSome", ("BBS1", "BBS2", "BBS4", "BBS5", "BBS7", "TTC8", "BBS9", "BBIP1")),
+    ("eIF3 core", ("EIF3A", "EIF3B", "EIF3C", "EIF3D", "EIF3E", "EIF3F", "EIF3G", "EIF3H", "EIF3I")),
+    ("V-ATPase V1 domain", ("ATP6V1A", "ATP6V1B2", "ATP6V1C1", "ATP6V1D", "ATP6V1E1", "ATP6V1F", "ATP6V1G1",
+                            "ATP6V1H")),
+    ("Oligosaccharyltransferase", ("STT3A", "RPN1", "RPN2", "DDOST", "DAD1", "OSTC", "OST4")),
+    ("WAVE regulatory complex", ("WASF2", "CYFIP1", "NCKAP1", "ABI1", "BRK1")),
+    ("Fanconi anaemia core complex", ("FANCA", "FANCB", "FANCC", "FANCE", "FANCF", "FANCG", "FANCL", "FAAP100")),
+    ("CCR4-NOT", ("CNOT1", "CNOT2", "CNOT3", "CNOT6", "CNOT7", "CNOT9")),
+    ("HAUS augmin complex", tuple(f"HAUS{i}" for i in range(1, 9))),
+    ("Elongator", tuple(f"ELP{i}" for i in range(1, 7))),
+    ("Cohesin", ("SMC1A", "SMC3", "RAD21", "STAG2")),
+    ("PRC2", ("EZH2", "EED", "SUZ12", "RBBP4")),
+    ("AP-2 adaptor", ("AP2A1", "AP2B1", "AP2M1", "AP2S1")),
+    ("Chromosomal passenger complex", ("AURKB", "INCENP", "CDCA8", "BIRC5")),
+    ("NDC80 complex", ("NDC80", "NUF2", "SPC24", "SPC25")),
+    ("MRN complex", ("MRE11", "RAD50", "NBN")),
+    ("Retromer cargo-recognition core", ("VPS35", "VPS29", "VPS26A")),
+    ("GATOR1", ("DEPDC5", "NPRL2", "NPRL3")),
+    ("TSC complex", ("TSC1", "TSC2", "TBC1D7")),
 )
 
 
 @dataclass
 class SyntheticScreenConfig:
     n_experiments: int = 2
-    n_plates: int = 2                 # per experiment
-    n_complexes: int = 8
-    complex_size: int = 4
-    n_singletons: int = 16
-    n_empty_controls: int = 8         # wells per plate
+    n_plates: int = 2                 # per experiment; every gene is in every plate (one guide per plate)
+    n_complexes: int = 30
+    complex_size: int = 5             # members taken from each chosen complex (uniform: comparable pair counts)
+    n_singletons: int = 24            # genes of other complexes, each with its own phenotype
+    n_empty_controls: int = 12        # wells per plate
     n_crispr_controls: int = 4        # wells per plate
-    site_size: int = 512
+    site_size: int = 256
     channels: int = 6
     bit_depth: int = 8                # 8 (RxRx1, RxRx3-core) or 16 (RxRx3)
-    cells_per_site: int = 36
+    cells_per_site: float = 20.0      # mean (Poisson) for a control well at 256 px; scales with the site area
     n_arms: int = 6
+    n_guides: int = 4
     effect_size: float = 1.0          # scale of the knockout phenotypes
+    complex_source: str = "auto"      # "auto" (CORUM if efaar-benchmarking is installed), "corum" or "builtin"
+    # nuisances (0 / False switches one off)
     arm_effect: float = 0.25          # scale of the per-arm shift
+    plate_gain_spread: float = 0.2    # per plate and channel gain in 1 +- spread; offsets on with it
+    vignetting: float = 0.3           # largest fraction of light lost at the corners
+    focus_blur: bool = True
+    density_cv: float = 0.25          # per-well seeding variation (log-normal sigma)
+    guide_efficacy: bool = True       # False: every guide knocks out fully
+    noise: bool = True
     seed: int = 0
 
     def __post_init__(self):
@@ -61,6 +143,48 @@ class SyntheticScreenConfig:
             raise ValueError(f"bit_depth must be 8 or 16, got {self.bit_depth}")
         if self.site_size < 64:
             raise ValueError(f"site_size must be >= 64, got {self.site_size}")
+        if self.complex_size < 2:
+            raise ValueError(f"complex_size must be >= 2, got {self.complex_size}")
+        if self.complex_source not in ("auto", "corum", "builtin"):
+            raise ValueError(f"complex_source must be auto, corum or builtin, got {self.complex_source!r}")
+        if self.n_guides < 1 or self.n_arms < 1:
+            raise ValueError(f"n_guides and n_arms must be >= 1, got {self.n_guides} and {self.n_arms}")
+        if not 0 <= self.vignetting < 1 or not 0 <= self.plate_gain_spread < 1 or self.density_cv < 0:
+            raise ValueError("vignetting and plate_gain_spread must be in [0, 1), density_cv >= 0")
+
+
+@dataclass
+class ScreenPlan:
+    """The planted truth of a screen: which genes, which complex and class, which phenotype (no pixels)."""
+
+    source: str                              # "corum" or "builtin"
+    source_path: str | None
+    complex_names: list[str]
+    complexes: list[list[str]]
+    complex_classes: list[str]
+    singletons: list[str]
+    genes: list[str]
+    gene_class: dict[str, str]
+    gene_complex: dict[str, str]
+    knockout: dict[str, np.ndarray]          # full-efficacy knockout phenotype (unexpressed genes: 10%)
+    arm_shift: dict[str, np.ndarray]         # the gene's arm shift (every cut on the arm)
+    gene_arm: dict[str, str]
+    expressed: dict[str, bool]
+    guide_efficacy: dict[str, np.ndarray]    # gene -> (n_guides,)
+
+    @property
+    def phenotypes(self) -> dict[str, np.ndarray]:
+        """Knockout + arm shift at full efficacy, and zeros for the negative controls."""
+        out = {g: self.knockout[g] + self.arm_shift[g] for g in self.genes}
+        for c in NEGATIVE_CONTROLS:
+            out[c] = np.zeros(len(PHENOTYPE_AXES))
+        return out
+
+    def well_phenotype(self, gene: str, guide: int) -> np.ndarray:
+        """The phenotype of a well of `gene` treated with guide `guide` (1-based)."""
+        if gene in NEGATIVE_CONTROLS:
+            return np.zeros(len(PHENOTYPE_AXES))
+        return self.knockout[gene] * self.guide_efficacy[gene][guide - 1] + self.arm_shift[gene]
 
 
 @dataclass
@@ -70,129 +194,355 @@ class SyntheticScreen:
     metadata_csv: str
     relationships_csv: str
     arms_csv: str
-    genes: list[str]
-    complexes: list[list[str]]
-    phenotypes: dict[str, np.ndarray] = field(repr=False)
+    genes_csv: str
+    screen_json: str
+    class_relationships: dict[str, str]      # phenotype class -> planted pairs of that class
+    plan: ScreenPlan = field(repr=False)
 
     @property
     def images_dir(self) -> str:
         return os.path.join(self.root, "images")
 
+    @property
+    def genes(self) -> list[str]:
+        return self.plan.genes
 
-def _gene_names(cfg: SyntheticScreenConfig) -> tuple[list[list[str]], list[str]]:
-    complexes = [[f"CPX{k + 1}S{j + 1}" for j in range(cfg.complex_size)] for k in range(cfg.n_complexes)]
-    singletons = [f"SOLO{i + 1:02d}" for i in range(cfg.n_singletons)]
-    return complexes, singletons
+    @property
+    def complexes(self) -> list[list[str]]:
+        return self.plan.complexes
+
+    @property
+    def phenotypes(self) -> dict[str, np.ndarray]:
+        return self.plan.phenotypes
+
+    @property
+    def source(self) -> str:
+        return self.plan.source
 
 
-def plan_screen(cfg: SyntheticScreenConfig):
-    """Genes, complexes, per-gene phenotype vectors and arm table (no pixels)."""
+# --------------------------------------------------------------------------- complexes
+
+def efaar_annotations_dir() -> str | None:
+    """benchmark_annotations/ of an installed efaar-benchmarking, found without importing the package (or None)."""
+    spec = importlib.util.find_spec("efaar_benchmarking")  # top-level: finds the package, runs none of its code
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = os.path.join(folder, "benchmark_annotations")
+        if os.path.isdir(path):
+            return path
+    return None
+
+
+def corum_clusters_path() -> str | None:
+    """CORUM_clusters.tsv of an installed efaar-benchmarking (or None)."""
+    folder = efaar_annotations_dir()
+    path = os.path.join(folder, "CORUM_clusters.tsv") if folder else None
+    return path if path and os.path.exists(path) else None
+
+
+def read_complex_clusters(path: str) -> list[tuple[str, tuple[str, ...]]]:
+    """CORUM_clusters.tsv: one complex per line, `name<TAB>GENE GENE ...` (no header). Lines without a tab or
+    genes are skipped; the count goes into the screen's metadata via `complex_catalogue`."""
+    # TODO(issue 17, merge): part A's efaar reader (mae_fast/evaluation) should replace this one at merge time.
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            name, _, genes = line.rstrip("\n").partition("\t")
+            members = tuple(dict.fromkeys(genes.split()))
+            if name and members:
+                out.append((name, members))
+    return out
+
+
+def complex_catalogue(source: str) -> tuple[str, str | None, list[tuple[str, tuple[str, ...]]]]:
+    """(source used, file path or None, [(complex name, gene symbols)]) for `source` auto / corum / builtin."""
+    path = corum_clusters_path() if source in ("auto", "corum") else None
+    if path is not None:
+        return "corum", path, read_complex_clusters(path)
+    if source == "corum":
+        raise ValueError("complex_source='corum' needs the efaar-benchmarking package (its CORUM_clusters.tsv): "
+                         "pip install --no-deps efaar-benchmarking==1.0")
+    return "builtin", None, [(name, genes) for name, genes in BUILTIN_COMPLEXES]
+
+
+def choose_complexes(catalogue, n: int, size: int, n_singletons: int, rng: np.random.Generator):
+    """`n` complexes sharing no gene, `size` members of each, and `n_singletons` genes of no chosen complex."""
+    candidates = [(name, sorted(set(genes))) for name, genes in catalogue
+                  if size <= len(set(genes)) <= MAX_COMPLEX_MEMBERS]
+    used: set[str] = set()
+    names, members = [], []
+    for i in rng.permutation(len(candidates)):
+        name, genes = candidates[i]
+        if len(names) == n:
+            break
+        if used.isdisjoint(genes):
+            names.append(name)
+            members.append(sorted(rng.choice(genes, size, replace=False).tolist()))
+            used.update(genes)  # all members: a singleton is never an unsampled member of a chosen complex
+    if len(names) < n:
+        raise ValueError(f"only {len(names)} disjoint complexes of {size}..{MAX_COMPLEX_MEMBERS} members in the "
+                         f"complex source; ask for fewer (n_complexes={n}) or smaller (complex_size={size})")
+    rest = sorted({g for _, genes in catalogue for g in genes} - used)
+    if len(rest) < n_singletons:
+        raise ValueError(f"the complex source has only {len(rest)} genes left for {n_singletons} singletons")
+    singletons = sorted(rng.choice(rest, n_singletons, replace=False).tolist()) if n_singletons else []
+    return names, members, singletons
+
+
+def _class_direction(cls: str, rng: np.random.Generator, norm: float) -> np.ndarray:
+    axes = [AXIS[a] for a in PHENOTYPE_CLASSES[cls]]
+    direction = rng.standard_normal(len(axes))
+    out = np.zeros(len(PHENOTYPE_AXES))
+    out[axes] = norm * direction / np.linalg.norm(direction)
+    return out
+
+
+def plan_screen(cfg: SyntheticScreenConfig) -> ScreenPlan:
+    """Genes, complexes, classes, per-gene phenotypes, guide efficacies and arm table (no pixels)."""
     rng = np.random.default_rng(cfg.seed)
-    complexes, singletons = _gene_names(cfg)
-    genes = [g for c in complexes for g in c] + singletons
-    k = len(PHENOTYPE_AXES)
-    arms = [f"chr{i // 2 + 1}{'pq'[i % 2]}" for i in range(cfg.n_arms)]
-    arm_shift = {a: cfg.arm_effect * rng.standard_normal(k) for a in arms}
-    gene_arm = {g: arms[i] for g, i in zip(genes, rng.integers(0, cfg.n_arms, len(genes)))}
-    expressed = {g: bool(e) for g, e in zip(genes, rng.random(len(genes)) < 0.6)}
-    phenotypes: dict[str, np.ndarray] = {}
-    for members in complexes:
-        shared = rng.standard_normal(k)
-        shared *= cfg.effect_size * 1.5 / np.linalg.norm(shared) * np.sqrt(k) / 2
+    source, path, catalogue = complex_catalogue(cfg.complex_source)
+    names, complexes, singletons = choose_complexes(catalogue, cfg.n_complexes, cfg.complex_size,
+                                                    cfg.n_singletons, rng)
+    classes = list(PHENOTYPE_CLASSES)
+    complex_classes = [classes[i % len(classes)] for i in range(len(complexes))]  # complexes are in seeded order
+    genes = [g for members in complexes for g in members] + singletons
+    gene_class, gene_complex, knockout = {}, {}, {}
+    for name, cls, members in zip(names, complex_classes, complexes):
+        shared = _class_direction(cls, rng, 1.5 * cfg.effect_size)
+        axes = [AXIS[a] for a in PHENOTYPE_CLASSES[cls]]
         for g in members:
-            phenotypes[g] = shared + 0.15 * cfg.effect_size * rng.standard_normal(k)
+            own = np.zeros(len(PHENOTYPE_AXES))
+            own[axes] = 0.15 * cfg.effect_size * rng.standard_normal(len(axes))
+            knockout[g], gene_class[g], gene_complex[g] = shared + own, cls, name
     for g in singletons:
-        own = rng.standard_normal(k)
-        phenotypes[g] = own * cfg.effect_size * 1.5 / np.linalg.norm(own) * np.sqrt(k) / 2
+        cls = classes[int(rng.integers(len(classes)))]
+        knockout[g], gene_class[g], gene_complex[g] = _class_direction(cls, rng, 1.5 * cfg.effect_size), cls, ""
+    expressed = {g: bool(e) for g, e in zip(genes, rng.random(len(genes)) < 0.6)}
     for g in genes:
-        # The arm bias acts on every knocked-out gene of the arm; unexpressed genes carry only this shift.
         if not expressed[g]:
-            phenotypes[g] = 0.1 * phenotypes[g]
-        phenotypes[g] = phenotypes[g] + arm_shift[gene_arm[g]]
-    for c in NEGATIVE_CONTROLS:
-        phenotypes[c] = np.zeros(k)
-    return complexes, genes, phenotypes, gene_arm, expressed
+            knockout[g] = 0.1 * knockout[g]
+    arms = [f"chr{i // 2 + 1}{'pq'[i % 2]}" for i in range(cfg.n_arms)]
+    arm_vectors = {}
+    for a in arms:
+        arm_vectors[a] = np.zeros(len(PHENOTYPE_AXES))
+        arm_vectors[a][[AXIS[x] for x in ARM_AXES]] = cfg.arm_effect * rng.standard_normal(len(ARM_AXES))
+    gene_arm = {g: arms[i] for g, i in zip(genes, rng.integers(0, cfg.n_arms, len(genes)))}
+    efficacy = rng.beta(4.0, 1.5, (len(genes), cfg.n_guides))
+    efficacy[rng.random(efficacy.shape) < 0.1] = 0.1           # some guides barely cut
+    if not cfg.guide_efficacy:
+        efficacy[:] = 1.0
+    return ScreenPlan(
+        source=source, source_path=path, complex_names=names, complexes=complexes, complex_classes=complex_classes,
+        singletons=singletons, genes=genes, gene_class=gene_class, gene_complex=gene_complex, knockout=knockout,
+        arm_shift={g: arm_vectors[gene_arm[g]] for g in genes}, gene_arm=gene_arm, expressed=expressed,
+        guide_efficacy={g: efficacy[i] for i, g in enumerate(genes)},
+    )
 
 
-def _band_noise(rng: np.random.Generator, size: int, freq: float) -> np.ndarray:
-    """Unit-variance noise whose spectrum is a ring at `freq` cycles/pixel (an organelle texture)."""
-    white = rng.standard_normal((size, size))
-    fy = np.fft.fftfreq(size)[:, None]
-    fx = np.fft.rfftfreq(size)[None, :]
-    radius = np.sqrt(fx**2 + fy**2)
-    ring = np.exp(-0.5 * ((radius - freq) / (0.35 * freq)) ** 2)
-    out = np.fft.irfft2(np.fft.rfft2(white) * ring, s=(size, size))
-    return out / (out.std() + 1e-8)
+# --------------------------------------------------------------------------- pixels
+
+@dataclass
+class SiteNuisance:
+    """What the plate, the well and the microscope do to one site (identity = none of it)."""
+
+    gain: np.ndarray                 # (C,) plate gain
+    offset: np.ndarray               # (C,) camera offset
+    vignetting: np.ndarray           # (C,) fraction of light lost at the corners
+    centre: tuple[float, float] = (0.5, 0.5)  # optical centre, fraction of the site
+    blur_sigma: float = 0.0          # focus blur, px
+    density: float = 1.0             # seeding factor on the number of cells
+    noise: bool = True
+
+    @classmethod
+    def identity(cls, channels: int, noise: bool = False) -> "SiteNuisance":
+        return cls(gain=np.ones(channels), offset=np.full(channels, 0.03), vignetting=np.zeros(channels),
+                   noise=noise)
+
+
+def draw_plate_nuisance(cfg: SyntheticScreenConfig, rng: np.random.Generator) -> dict:
+    c = cfg.channels
+    s = cfg.plate_gain_spread
+    return {
+        "gain": rng.uniform(1 - s, 1 + s, c),
+        "offset": rng.uniform(0.01, 0.06, c) if s > 0 else np.full(c, 0.03),
+        "vignetting": cfg.vignetting * rng.uniform(0.5, 1.0, c),
+        "centre": tuple(0.5 + rng.uniform(-0.1, 0.1, 2) * (cfg.vignetting > 0)),
+    }
+
+
+def draw_site_nuisance(cfg: SyntheticScreenConfig, plate: dict, rng: np.random.Generator) -> SiteNuisance:
+    blur = min(2.5, 0.3 + rng.exponential(0.5)) if cfg.focus_blur else 0.0
+    density = float(np.exp(cfg.density_cv * rng.standard_normal()))
+    return SiteNuisance(blur_sigma=blur, density=density, noise=cfg.noise, **plate)
+
+
+def _band_noise(rng: np.random.Generator, size: int, freqs) -> np.ndarray:
+    """(len(freqs), size, size) unit-variance Gaussian fields, field k with its spectrum a ring at freqs[k]
+    cycles/pixel (an organelle texture). Drawn directly in the frequency domain (white noise's spectrum is
+    complex Gaussian), so one inverse FFT per field."""
+    freqs = np.asarray(freqs, dtype=np.float32)[:, None, None]
+    radius = np.sqrt(np.fft.rfftfreq(size).astype(np.float32)[None, None, :] ** 2
+                     + np.fft.fftfreq(size).astype(np.float32)[None, :, None] ** 2)
+    ring = np.exp(-0.5 * ((radius - freqs) / (0.35 * freqs)) ** 2)
+    shape = (len(freqs), size, size // 2 + 1)
+    spectrum = rng.standard_normal(shape, dtype=np.float32) + 1j * rng.standard_normal(shape, dtype=np.float32)
+    out = np.fft.irfft2(spectrum * ring, s=(size, size))
+    return (out / (out.std(axis=(1, 2), keepdims=True) + 1e-8)).astype(np.float32)
+
+
+def _gaussian_blur(planes: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian blur of (C, H, W): a sampled kernel of radius ceil(3 sigma) along each axis (periodic borders).
+    Separable shifted sums: about 3x cheaper than an FFT for the small sigmas of focus blur."""
+    if sigma <= 0:
+        return planes
+    radius = int(np.ceil(3 * sigma))
+    kernel = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2).astype(np.float32)
+    kernel /= kernel.sum()
+    out = planes
+    for axis in (1, 2):
+        padded = np.pad(out, [(radius, radius) if a == axis else (0, 0) for a in range(3)], mode="wrap")
+        n = planes.shape[axis]
+        acc = np.zeros_like(planes)
+        for i, weight in enumerate(kernel):
+            acc += weight * (padded[:, i:i + n] if axis == 1 else padded[:, :, i:i + n])
+        out = acc
+    return out
+
+
+def _rank_match(plane: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """`plane`'s spatial order with `reference`'s values: the histogram becomes exactly the reference's."""
+    out = np.empty_like(plane)
+    out.ravel()[np.argsort(plane, axis=None, kind="stable")] = np.sort(reference, axis=None)
+    return out
+
+
+def _render_biology(phenotype: np.ndarray, seed, size: int, channels: int, cells: float) -> np.ndarray:
+    """The cells as the stains see them, before optics: float32 (C, size, size)."""
+    z = np.tanh(np.asarray(phenotype, dtype=np.float64))   # bounded shifts in (-1, 1)
+    cell_rng, texture_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
+    area = (size / 256.0) ** 2
+    n_cells = max(1, int(cell_rng.poisson(cells * area * (1 + 0.5 * z[AXIS["density"]]))))
+    r_nuc = 9.0 * (1 + 0.3 * z[AXIS["nucleus_size"]])
+    r_cell = 20.0 * (1 + 0.3 * z[AXIS["cell_size"]])
+    aspect = 1.5 * np.exp(0.5 * z[AXIS["elongation"]])
+    irregular = 0.12 * (1 + z[AXIS["nuclear_irregularity"]])
+
+    nucleus = np.zeros((size, size), np.float32)
+    cell = np.zeros((size, size), np.float32)
+    membrane = np.zeros((size, size), np.float32)
+    golgi = np.zeros((size, size), np.float32)
+    rho = np.zeros((size, size), np.float32)     # 0 at the nucleus, 1 at the cell edge (radial position)
+    harmonics = np.arange(2, 6)
+    for _ in range(n_cells):
+        cy, cx = cell_rng.uniform(0, size, 2)
+        theta, golgi_angle = cell_rng.uniform(0, 2 * np.pi, 2)
+        jitter, stretch = cell_rng.uniform(0.85, 1.15, 2)
+        coef = cell_rng.standard_normal(len(harmonics)) / harmonics
+        phase = cell_rng.uniform(0, 2 * np.pi, len(harmonics))
+        a = aspect * stretch
+        rn, rc = r_nuc * jitter, r_cell * jitter
+        half = int(np.ceil(rc * a)) + 6
+        y0, x0 = int(cy) - half, int(cx) - half
+        ys = slice(max(y0, 0), min(y0 + 2 * half + 1, size))
+        xs = slice(max(x0, 0), min(x0 + 2 * half + 1, size))
+        dy = (np.arange(ys.start, ys.stop, dtype=np.float32) - np.float32(cy))[:, None]
+        dx = (np.arange(xs.start, xs.stop, dtype=np.float32) - np.float32(cx))[None, :]
+        c, s = np.float32(np.cos(theta)), np.float32(np.sin(theta))
+        u = c * dx + s * dy
+        v = -s * dx + c * dy
+        d_cell = np.sqrt((u / np.float32(a)) ** 2 + v**2)
+        un = u / np.float32(np.sqrt(a))
+        d_nuc = np.sqrt(un**2 + v**2)
+        # nuclear outline radius: 1 + irregular * sum_k coef_k cos(k angle + phase_k), via powers of e^{i angle}
+        w = (un + 1j * v) / np.maximum(d_nuc, 1e-3)
+        power = w * w
+        wobble = np.zeros_like(d_nuc)
+        for k, (ck, pk) in enumerate(zip(coef, phase)):
+            wobble += np.float32(ck) * (power * np.complex64(np.exp(1j * pk))).real
+            power = power * w if k + 1 < len(harmonics) else power
+        outline = 1 + np.float32(irregular / np.linalg.norm(coef)) * wobble
+        nuc = 0.5 - 0.5 * np.tanh((d_nuc - np.float32(rn) * outline) * np.float32(0.75))  # logistic, no overflow
+        body = 0.5 - 0.5 * np.tanh((d_cell - np.float32(rc)) * np.float32(0.3))
+        ring = np.exp(np.float32(-0.5 / 1.5**2) * (d_cell - np.float32(rc)) ** 2)
+        gy = dy - np.float32(1.1 * rn * np.sin(golgi_angle))
+        gx = dx - np.float32(1.1 * rn * np.cos(golgi_angle))
+        gol = np.exp((gx**2 + gy**2) * np.float32(-0.5 / (0.45 * rn) ** 2))
+        radial = np.clip((d_cell - np.float32(rn)) / np.float32(rc - rn), 0, 1)
+        mine = body > cell[ys, xs]         # where this cell is the one on top
+        rho[ys, xs] = np.where(mine, radial, rho[ys, xs])
+        np.maximum(nucleus[ys, xs], nuc, out=nucleus[ys, xs])
+        np.maximum(cell[ys, xs], body, out=cell[ys, xs])
+        np.maximum(membrane[ys, xs], ring, out=membrane[ys, xs])
+        np.maximum(golgi[ys, xs], gol, out=golgi[ys, xs])
+
+    chromatin, er_texture, mito_texture, spots = _band_noise(texture_rng, size, [
+        0.10 * (1 + 0.5 * z[AXIS["chromatin_texture"]]),
+        0.05 * (1 + 0.5 * z[AXIS["er_texture"]]),
+        0.12 * (1 + 0.5 * z[AXIS["mito_fragmentation"]]),
+        0.2,
+    ])
+    spots = np.clip(spots, 0, None)
+    cyto = np.clip(cell - nucleus, 0, 1)
+    # perinuclear (z > 0) vs peripheral (z < 0) weight along the radial position in the cytoplasm
+    er_where = np.exp(-2.5 * z[AXIS["er_perinuclear"]] * (rho - 0.5))
+    mito_where = np.exp(-2.5 * z[AXIS["mito_perinuclear"]] * (rho - 0.5))
+    rna_nuclear = z[AXIS["rna_nuclear"]]
+    stains = 1 + 0.45 * np.array([z[AXIS[a]] for a in PHENOTYPE_CLASSES["intensity"]])
+    planes = [
+        nucleus * np.clip(0.8 + 0.2 * chromatin, 0, None),
+        cyto * er_where * np.clip(0.6 + 0.35 * er_texture, 0, None),
+        membrane * 0.8 + 0.15 * cell,
+        nucleus * np.clip(0.3 + 0.5 * spots, 0, None) * (1 + 0.6 * rna_nuclear) + 0.25 * cyto * (1 - 0.6 * rna_nuclear),
+        cyto * mito_where * np.clip(0.4 + 0.6 * mito_texture, 0, None),
+        0.6 * golgi * cell + 0.35 * membrane,
+    ]
+    return (np.stack(planes[:channels]) * (0.5 * stains[:channels, None, None])).astype(np.float32)
+
+
+def _optics(planes: np.ndarray, nuisance: SiteNuisance) -> np.ndarray:
+    """What the microscope does to the stained cells: focus blur, then vignetting (autofluorescence included)."""
+    size = planes.shape[-1]
+    blurred = _gaussian_blur(planes, nuisance.blur_sigma)
+    axis = np.linspace(0, 1, size, dtype=np.float32)
+    r2 = ((axis[:, None] - np.float32(nuisance.centre[0])) ** 2 + (axis[None, :] - np.float32(nuisance.centre[1])) ** 2)
+    falloff = 1 - np.asarray(nuisance.vignetting, np.float32)[:len(planes), None, None] * np.minimum(r2 / 0.5, 1.5)
+    return (blurred + np.float32(0.02)) * falloff
 
 
 def render_site(
     phenotype: np.ndarray,
-    rng: np.random.Generator,
-    size: int = 512,
+    seed,
+    size: int = 256,
     channels: int = 6,
-    cells: int = 36,
-    plate_gain: np.ndarray | None = None,
-    plate_offset: np.ndarray | None = None,
+    cells: float = 20.0,
+    nuisance: SiteNuisance | None = None,
 ) -> np.ndarray:
-    """Render one site as float32 (C, size, size) in [0, 1]."""
-    z = dict(zip(PHENOTYPE_AXES, np.tanh(phenotype / 2.0)))  # bounded shifts in (-1, 1)
-    scale = size / 512.0
-    n_cells = max(1, int(round(cells * scale**2 * (1 + 0.4 * z["density"]))))
-    r_nuc = 10.0 * scale * (1 + 0.35 * z["nucleus_size"])
-    r_cell = 2.3 * r_nuc * (1 + 0.3 * z["cell_size"])
-    elong = 1 + 0.6 * (z["elongation"] + 1) / 2
+    """Render one site as float32 (C, size, size) in [0, 1]. `seed`: int or sequence of ints (the site's seed).
 
-    nucleus = np.zeros((size, size), np.float32)
-    cyto = np.zeros((size, size), np.float32)
-    membrane = np.zeros((size, size), np.float32)
-    golgi = np.zeros((size, size), np.float32)
-    half = int(np.ceil(r_cell * elong * 1.3)) + 2
-    yy, xx = np.mgrid[-half:half + 1, -half:half + 1].astype(np.float32)
-    for _ in range(n_cells):
-        cy, cx = rng.uniform(0, size, 2)
-        theta = rng.uniform(0, np.pi)
-        jitter = rng.uniform(0.85, 1.15)
-        c, s = np.cos(theta), np.sin(theta)
-        dy, dx = yy - (cy % 1), xx - (cx % 1)
-        u = (c * dx + s * dy) / elong
-        v = -s * dx + c * dy
-        d = np.sqrt(u**2 + v**2)
-        nuc = 1 / (1 + np.exp((d - r_nuc * jitter) * 1.2))
-        cell = 1 / (1 + np.exp((d - r_cell * jitter) * 0.6))
-        ring = np.exp(-0.5 * ((d - r_cell * jitter) / (1.5 * scale + 0.5)) ** 2)
-        gdy, gdx = dy - 0.6 * r_nuc * s, dx - 0.6 * r_nuc * c
-        gol = np.exp(-0.5 * (gdx**2 + gdy**2) / (0.45 * r_nuc) ** 2)
-        y0, x0 = int(cy) - half, int(cx) - half
-        ys = slice(max(y0, 0), min(y0 + 2 * half + 1, size))
-        xs = slice(max(x0, 0), min(x0 + 2 * half + 1, size))
-        ly = slice(ys.start - y0, ys.stop - y0)
-        lx = slice(xs.start - x0, xs.stop - x0)
-        np.maximum(nucleus[ys, xs], nuc[ly, lx], out=nucleus[ys, xs])
-        np.maximum(cyto[ys, xs], cell[ly, lx], out=cyto[ys, xs])
-        np.maximum(membrane[ys, xs], ring[ly, lx], out=membrane[ys, xs])
-        np.maximum(golgi[ys, xs], gol[ly, lx], out=golgi[ys, xs])
+    Order: cells (stains) -> optics (focus blur, vignetting) -> [texture/localisation: each changed channel
+    rank-matched to the control twin, the same site without those axes through the same optics] -> plate gain
+    and camera offset -> shot and read noise (same draws for a site and its twin).
+    """
+    nuisance = nuisance or SiteNuisance.identity(channels)
+    phenotype = np.asarray(phenotype, dtype=np.float64)
+    cells = cells * nuisance.density
+    image = _optics(_render_biology(phenotype, seed, size, channels, cells), nuisance)
+    if np.any(phenotype[_INVARIANT_AXES] != 0):
+        control = phenotype.copy()
+        control[_INVARIANT_AXES] = 0
+        twin = _optics(_render_biology(control, seed, size, channels, cells), nuisance)
+        for c in range(channels):
+            if not np.array_equal(image[c], twin[c]):
+                image[c] = _rank_match(image[c], twin[c])
+    image = image * np.asarray(nuisance.gain, np.float32)[:channels, None, None]
+    image = image + np.asarray(nuisance.offset, np.float32)[:channels, None, None]
+    if nuisance.noise:
+        noise_rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(3)[2])
+        sd = np.sqrt(np.clip(image, 0, None) * np.float32(0.02**2) + np.float32(0.004**2))  # shot and read noise
+        image = image + sd * noise_rng.standard_normal(image.shape, dtype=np.float32)
+    return np.clip(image, 0, 1).astype(np.float32)
 
-    mito_tex = _band_noise(rng, size, 0.12 * (1 + 0.5 * z["mito_texture"]))
-    er_tex = _band_noise(rng, size, 0.05 * (1 + 0.5 * z["er_texture"]))
-    spots = np.clip(_band_noise(rng, size, 0.2), 0, None)
-    cyto_only = np.clip(cyto - nucleus, 0, 1)
-    gains = 1 + 0.45 * np.array([z["dna_gain"], z["er_gain"], z["actin_gain"], z["rna_gain"], z["mito_gain"], z["golgi_gain"]])
-    planes = [
-        nucleus * (0.85 + 0.15 * er_tex),
-        cyto_only * np.clip(0.6 + 0.35 * er_tex, 0, None),
-        membrane * 0.8 + 0.15 * cyto,
-        nucleus * np.clip(0.3 + 0.5 * spots, 0, None) + 0.25 * cyto_only,
-        cyto_only * np.clip(0.4 + 0.6 * mito_tex, 0, None),
-        0.6 * golgi * cyto + 0.35 * membrane,
-    ]
-    img = np.stack(planes[:channels]).astype(np.float32) * gains[:channels, None, None].astype(np.float32) * 0.55
-    if plate_gain is not None:
-        img *= plate_gain[:channels, None, None]
-    background = 0.04 if plate_offset is None else plate_offset[:channels, None, None]
-    img += background
-    img += rng.normal(0, 0.015, img.shape).astype(np.float32)
-    return np.clip(img, 0, 1)
 
+# --------------------------------------------------------------------------- files
 
 def _addresses(rng: np.random.Generator, n: int) -> list[str]:
     all_addresses = [f"{r}{c:02d}" for r, c in itertools.product("ABCDEFGHIJKLMNOP", range(1, 25))]
@@ -214,49 +564,98 @@ def write_png(path: str, array: np.ndarray) -> None:
     image = Image.fromarray(array)  # uint16 -> mode "I;16", uint8 -> "L"
     if array.dtype == np.uint16 and image.mode != "I;16":
         raise RuntimeError(f"Pillow stored a uint16 plane as mode {image.mode}, not I;16")
-    image.save(path, compress_level=1)  # fast writes; the noise barely compresses anyway
+    # Huffman-only: the camera noise defeats LZ77 matching anyway; about 1.5x faster than level 1 and no larger
+    image.save(path, compress_level=1, compress_type=zlib.Z_HUFFMAN_ONLY)
 
 
-def make_synthetic_screen(root: str, config: SyntheticScreenConfig | None = None, **overrides) -> SyntheticScreen:
-    """Generate the screen under `root` (created) and return where everything is."""
+def site_seed(cfg: SyntheticScreenConfig, plate_index: int, well_index: int) -> list[int]:
+    """The seed of one site: a function of the screen's seed and the site's place only."""
+    return [cfg.seed, 2, plate_index, well_index]
+
+
+def _write_site(cfg: SyntheticScreenConfig, plan: ScreenPlan, plate: dict, plate_index: int, k: int, gene: str,
+                guide: int, prefix: str) -> None:
+    """Render well `k` of a plate and write its C planes (`prefix` + `_s1_w{c}.png`)."""
+    nuisance = draw_site_nuisance(cfg, plate, np.random.default_rng([cfg.seed, 3, plate_index, k]))
+    image = render_site(plan.well_phenotype(gene, guide), site_seed(cfg, plate_index, k), cfg.site_size,
+                        cfg.channels, cfg.cells_per_site, nuisance)
+    for c in range(cfg.channels):
+        write_png(f"{prefix}_s1_w{c + 1}.png", _to_png_array(image[c], cfg.bit_depth))
+
+
+def make_synthetic_screen(root: str, config: SyntheticScreenConfig | None = None, workers: int | None = None,
+                          **overrides) -> SyntheticScreen:
+    """Generate the screen under `root` (created) and return where everything is. `workers` threads render sites
+    (default: up to 2; numpy's FFTs and zlib release the GIL); the files do not depend on it."""
     import pandas as pd
 
     cfg = config or SyntheticScreenConfig()
     if overrides:
         cfg = SyntheticScreenConfig(**{**asdict(cfg), **overrides})
-    complexes, genes, phenotypes, gene_arm, expressed = plan_screen(cfg)
-    rng = np.random.default_rng(cfg.seed + 1)
-    rows = []
+    workers = workers or min(2, os.cpu_count() or 1)
+    plan = plan_screen(cfg)
+    genes = plan.genes
+    wells = list(genes) + ["EMPTY_control"] * cfg.n_empty_controls + ["CRISPR_control"] * cfg.n_crispr_controls
+    rows, jobs = [], []
     for e in range(cfg.n_experiments):
         experiment = f"synth-{e + 1:03d}"
         for p in range(1, cfg.n_plates + 1):
-            plate_gain = rng.uniform(0.75, 1.25, cfg.channels).astype(np.float32)
-            plate_offset = rng.uniform(0.01, 0.08, cfg.channels).astype(np.float32)
-            wells = list(genes) + ["EMPTY_control"] * cfg.n_empty_controls + ["CRISPR_control"] * cfg.n_crispr_controls
-            order = rng.permutation(len(wells))
-            addresses = _addresses(rng, len(wells))
+            plate_index = e * cfg.n_plates + p - 1
+            plate_rng = np.random.default_rng([cfg.seed, 1, plate_index])
+            plate = draw_plate_nuisance(cfg, plate_rng)
+            order = plate_rng.permutation(len(wells))
+            addresses = _addresses(plate_rng, len(wells))
             plate_dir = os.path.join(root, "images", experiment, f"Plate{p}")
             os.makedirs(plate_dir, exist_ok=True)
-            guide = (e * cfg.n_plates + p - 1) % 6 + 1
-            for address, w in zip(addresses, order):
+            guide = plate_index % cfg.n_guides + 1
+            for k, (address, w) in enumerate(zip(addresses, order)):
                 gene = wells[w]
-                image = render_site(phenotypes[gene], rng, cfg.site_size, cfg.channels, cfg.cells_per_site, plate_gain, plate_offset)
-                for c in range(cfg.channels):
-                    write_png(os.path.join(plate_dir, f"{address}_s1_w{c + 1}.png"), _to_png_array(image[c], cfg.bit_depth))
+                jobs.append((cfg, plan, plate, plate_index, k, gene, guide, os.path.join(plate_dir, address)))
                 treatment = "EMPTY_control" if gene == "EMPTY_control" else f"{gene}_guide_{guide}"
                 rows.append({
                     "well_id": f"{experiment}_{p}_{address}", "experiment_name": experiment, "plate": p,
                     "address": address, "gene": gene, "treatment": treatment, "SMILES": "",
                     "concentration": np.nan, "perturbation_type": "CRISPR", "cell_type": "HUVEC",
                 })
+    with ThreadPoolExecutor(workers) as pool:
+        for done in pool.map(lambda job: _write_site(*job), jobs):  # map re-raises a worker's error here
+            pass
     os.makedirs(os.path.join(root, "relationships"), exist_ok=True)
     metadata_csv = os.path.join(root, "metadata.csv")
     pd.DataFrame(rows, columns=list(METADATA_COLUMNS)).to_csv(metadata_csv, index=False)
-    pairs = [(a, b) for members in complexes for a, b in itertools.combinations(sorted(members), 2)]
-    relationships_csv = os.path.join(root, "relationships", "synthetic_complexes.csv")
-    pd.DataFrame(pairs, columns=["entity1", "entity2"]).to_csv(relationships_csv, index=False)
+
+    def pairs_of(members_list):
+        pairs = [(a, b) for members in members_list for a, b in itertools.combinations(sorted(members), 2)]
+        return pd.DataFrame(pairs, columns=["entity1", "entity2"])
+
+    relationships_csv = os.path.join(root, "relationships", "planted_complexes.csv")
+    pairs_of(plan.complexes).to_csv(relationships_csv, index=False)
+    class_relationships = {}
+    for cls in PHENOTYPE_CLASSES:
+        members = [m for m, c in zip(plan.complexes, plan.complex_classes) if c == cls]
+        if members:
+            class_relationships[cls] = os.path.join(root, "relationships", f"planted_{cls}.csv")
+            pairs_of(members).to_csv(class_relationships[cls], index=False)
     arms_csv = os.path.join(root, "gene_arms.csv")
-    pd.DataFrame(
-        {"gene": genes, "chromosome_arm": [gene_arm[g] for g in genes], "expressed": [expressed[g] for g in genes]}
-    ).to_csv(arms_csv, index=False)
-    return SyntheticScreen(root, cfg, metadata_csv, relationships_csv, arms_csv, genes, complexes, phenotypes)
+    pd.DataFrame({"gene": genes, "chromosome_arm": [plan.gene_arm[g] for g in genes],
+                  "expressed": [plan.expressed[g] for g in genes]}).to_csv(arms_csv, index=False)
+    genes_csv = os.path.join(root, "genes.csv")
+    pd.DataFrame({"gene": genes, "complex": [plan.gene_complex[g] for g in genes],
+                  "phenotype_class": [plan.gene_class[g] for g in genes],
+                  "expressed": [plan.expressed[g] for g in genes]}).to_csv(genes_csv, index=False)
+    pd.DataFrame([{"gene": g, "guide": k + 1, "efficacy": round(float(e), 4)}
+                  for g in genes for k, e in enumerate(plan.guide_efficacy[g])]).to_csv(
+        os.path.join(root, "guides.csv"), index=False)
+    screen_json = os.path.join(root, "screen.json")
+    with open(screen_json, "w") as f:
+        json.dump({
+            "complex_source": plan.source, "complex_source_path": plan.source_path,
+            "complexes": [{"name": n, "phenotype_class": c, "genes": m}
+                          for n, c, m in zip(plan.complex_names, plan.complex_classes, plan.complexes)],
+            "singletons": [{"gene": g, "phenotype_class": plan.gene_class[g]} for g in plan.singletons],
+            "class_mix": {cls: plan.complex_classes.count(cls) for cls in PHENOTYPE_CLASSES},
+            "histogram_invariant_classes": list(HISTOGRAM_INVARIANT_CLASSES),
+            "config": asdict(cfg),
+        }, f, indent=1)
+    return SyntheticScreen(root, cfg, metadata_csv, relationships_csv, arms_csv, genes_csv, screen_json,
+                           class_relationships, plan)
