@@ -95,7 +95,7 @@ def test_channel_stats_precise_on_low_contrast_16_bit():
     x = ops.to_unit_float(images).double()
     var = x.var(dim=(2, 3), unbiased=False)
     torch.testing.assert_close(mean.double(), x.mean(dim=(2, 3)), rtol=1e-7, atol=0)
-    torch.testing.assert_close(rstd.double(), torch.rsqrt(var + ops.STANDARDIZE_EPS), rtol=1e-6, atol=0)
+    torch.testing.assert_close(rstd.double(), torch.rsqrt(var + ops.standardize_eps(torch.uint16)), rtol=1e-6, atol=0)
 
 
 def test_masked_patchify_given_stats():
