@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 LAYOUTS = ("standard", "channel")
 IMPLS = ("auto", "reference", "triton", "cpp")
@@ -200,10 +201,11 @@ def channel_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tens
 
 
 def standardize(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """Per-image per-channel standardisation over H x W (instance norm without affine) of a [0, 1]-scaled batch
-    (B, C, H, W); `eps`: `standardize_eps(raw dtype)`."""
-    mean, rstd = channel_stats(x, eps)
-    return (x - mean[:, :, None, None]) * rstd[:, :, None, None]
+    """Per-image per-channel standardisation over H x W of a [0, 1]-scaled batch (B, C, H, W); `eps`:
+    `standardize_eps(raw dtype)`. This is the op OpenPhenom's input norm runs (InstanceNorm2d without affine), so
+    uint8 input gives OpenPhenom's bits; its statistics are single-pass Welford / two-pass sums, not
+    E[x^2] - E[x]^2, so a dim 16-bit channel on a bright background keeps its variance (tests/test_ops_reference)."""
+    return F.instance_norm(x, eps=eps)
 
 
 def self_standardize(images: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from mae_fast import ops
-from mae_fast.testing import assert_loss_grad_close
+from mae_fast.testing import (
+    assert_loss_grad_close, assert_unit_std, images_with_spread, standardised_planes,
+)
 
 pytest.importorskip("mae_fast._C", reason="C++ extension not built (python setup.py build_ext --inplace)")
 from mae_fast import cpu_ops  # noqa: E402
@@ -84,6 +86,22 @@ def test_masked_patchify_pixel_dtypes_and_strides(dtype):
                                       target=_nan(ref.target.shape))
     _close(out.visible, ref.visible, tol=PATCHIFY_TOL)
     _close(out.target, ref.target, tol=PATCHIFY_TOL)
+
+
+@pytest.mark.parametrize("brightness", [300, 3000, 30000, 62000])
+@pytest.mark.parametrize("layout", ops.LAYOUTS)
+@pytest.mark.parametrize("p", [8, 16])
+def test_16_bit_channels_standardise_to_unit_std_at_every_brightness(brightness, layout, p):
+    images = images_with_spread(3, 5, 64, brightness, 20, seed=brightness + p)  # std 20 counts
+    L = (64 // p) ** 2 * (5 if layout == "channel" else 1)
+    masking = ops.random_masking(3, L, 0.75, generator=_gen(p))
+    ref = ops.masked_patchify(images, p, 0.75, layout, masking=masking, impl="reference")
+    out = cpu_ops.masked_patchify_cpp(images, p, masking, layout, visible=_nan(ref.visible.shape),
+                                      target=_nan(ref.target.shape))
+    assert_unit_std(standardised_planes(out, p, 5, layout))
+    # float32 rounding of x / 65535 at a bright level is ~1e-4 of a 20-count std: compared absolutely
+    torch.testing.assert_close(out.visible, ref.visible, rtol=0, atol=1e-3)
+    torch.testing.assert_close(out.target, ref.target, rtol=0, atol=1e-3)
 
 
 def test_channel_stats_precise_on_low_contrast_16_bit():

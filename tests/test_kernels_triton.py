@@ -17,7 +17,9 @@ import pytest
 import torch
 
 from mae_fast import ops
-from mae_fast.testing import assert_loss_grad_close
+from mae_fast.testing import (
+    assert_loss_grad_close, assert_unit_std, images_with_spread, standardised_planes,
+)
 
 pytest.importorskip("triton")
 from mae_fast.kernels import lion, mae_loss, masked_patchify, unshuffle  # noqa: E402
@@ -99,6 +101,21 @@ def test_masked_patchify_pixel_dtypes_and_strides(dtype):
                                                  visible=_nan(ref.visible.shape), target=_nan(ref.target.shape))
     _close(out.visible, ref.visible, rtol=2e-6, atol=2e-6)
     _close(out.target, ref.target, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("brightness", [300, 30000, 62000])
+@pytest.mark.parametrize("layout", ops.LAYOUTS)
+def test_16_bit_channels_standardise_to_unit_std_at_every_brightness(brightness, layout):
+    images = images_with_spread(2, 3, 32, brightness, 20, seed=brightness).to(DEVICE)  # std 20 counts
+    L = 16 * (3 if layout == "channel" else 1)
+    masking = ops.random_masking(2, L, 0.75, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(1))
+    ref = ops.masked_patchify(images, 8, 0.75, layout, masking=masking, impl="reference")
+    out = masked_patchify.masked_patchify_triton(images, 8, masking, layout, visible=_nan(ref.visible.shape),
+                                                 target=_nan(ref.target.shape))
+    assert_unit_std(standardised_planes(out, 8, 3, layout))
+    # float32 rounding of x / 65535 at a bright level is ~1e-4 of a 20-count std: compared absolutely
+    torch.testing.assert_close(out.visible.cpu(), ref.visible.cpu(), rtol=0, atol=1e-3)
+    torch.testing.assert_close(out.target.cpu(), ref.target.cpu(), rtol=0, atol=1e-3)
 
 
 def test_channel_stats_precise_on_low_contrast_16_bit():
