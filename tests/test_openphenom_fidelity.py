@@ -209,3 +209,16 @@ def test_uint8_standardisation_is_openphenoms_and_16_bit_is_not_damped():
     assert torch.equal(ops.self_standardize(images), expected)
     assert ops.standardize_eps(torch.uint8) == 1e-5
     assert ops.standardize_eps(torch.uint16) == pytest.approx(1e-5 * (255 / 65535) ** 2)
+
+
+def test_ca_mean_embedding_does_not_depend_on_the_channel_order():
+    """No channel embedding in the CA-MAE encoder: permuting the channels permutes the per-channel embeddings and
+    leaves their mean unchanged (README, Using OpenPhenom)."""
+    model = _perturb(create_model("camae_vit_micro_patch16_256", img_size=64, legacy_parallel_bias=True,
+                                  pooling="openphenom", fc_norm=True), seed=9).eval()
+    images = torch.randint(0, 256, (2, 4, 64, 64), generator=torch.Generator().manual_seed(10), dtype=torch.uint8)
+    order = [2, 0, 3, 1]
+    torch.testing.assert_close(model.embed(images[:, order]), model.embed(images), rtol=1e-5, atol=1e-5)
+    per_channel = model.embed(images, per_channel=True).reshape(2, 4, -1)
+    torch.testing.assert_close(model.embed(images[:, order], per_channel=True).reshape(2, 4, -1),
+                               per_channel[:, order], rtol=1e-5, atol=1e-5)
