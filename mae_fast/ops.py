@@ -182,8 +182,8 @@ def standardize_eps(dtype: torch.dtype) -> float:
 
     uint8 stays OpenPhenom's standardisation exactly (x/255, then instance norm with eps 1e-5), and a channel with
     a std of s steps comes out with std s / sqrt(s^2 + 0.65) for every bit depth and brightness: >= 0.9992 for
-    s >= 20, where a fixed eps of 1e-5 on uint16/65535 gives 0.70 for s = 200. A flat channel still maps to ~0
-    (its noise is amplified by at most 1/sqrt(eps): 1.2 steps^-1)."""
+    s >= 20, where a fixed eps of 1e-5 on uint16/65535 gives 0.70 for s = 200. A flat channel still maps to ~0:
+    a deviation of one step becomes at most 1/sqrt(0.65) = 1.24."""
     steps = 255.0 if dtype == torch.uint8 else 65535.0
     pixel_scale(dtype)  # rejects unsupported dtypes with a clear message
     return STANDARDIZE_EPS * (255.0 / steps) ** 2
