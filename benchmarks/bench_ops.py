@@ -118,7 +118,7 @@ def masked_patchify_cases(s: Sizes, device) -> list[Case]:
         cases.append(Case("masked_patchify", "fused", floor,
                           lambda: ops.masked_patchify(images, s.patch, s.ratio, masking=masking, impl=impl),
                           {"backend": impl, "note": "statistics pass + patchify pass (two reads of the image)"}))
-        stats = ops.channel_stats(ops.to_unit_float(images, check_range=False))
+        stats = ops.channel_stats(ops.to_unit_float(images, check_range=False), ops.standardize_eps(images.dtype))
         cases.append(Case("masked_patchify", "fused[stats given]", floor,
                           lambda: ops.masked_patchify(images, s.patch, s.ratio, masking=masking, stats=stats,
                                                       impl=impl),

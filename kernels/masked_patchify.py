@@ -111,8 +111,10 @@ def _masked_patchify_kernel(
         tl.store(tgt_row[:, None] + col[None, :], y, mask=(t_ok & ~is_visible)[:, None])
 
 
-def channel_stats_triton(images: torch.Tensor, eps: float = ops.STANDARDIZE_EPS) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-image per-channel (mean, rstd) of images / pixel_scale: (B, C) float32 each, one launch."""
+def channel_stats_triton(images: torch.Tensor, eps: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image per-channel (mean, rstd) of images / pixel_scale: (B, C) float32 each, one launch; eps defaults to
+    `ops.standardize_eps(images.dtype)`."""
+    eps = ops.standardize_eps(images.dtype) if eps is None else eps
     B, C, H, W = images.shape
     mean = torch.empty((B, C), dtype=torch.float32, device=images.device)
     rstd = torch.empty_like(mean)

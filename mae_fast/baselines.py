@@ -292,7 +292,7 @@ def check_images(cfg: BaselineConfig, images: torch.Tensor) -> int:
 
 def standardized(images: torch.Tensor) -> torch.Tensor:
     """Raw crops -> [0, 1] -> per-image per-channel standardisation (float32), as the MAE's input."""
-    return ops.standardize(ops.to_unit_float(images, check_range=False))
+    return ops.self_standardize(images)
 
 
 # ------------------------------------------------------------------------------------------------------------

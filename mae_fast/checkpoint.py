@@ -4,9 +4,14 @@
   WSLConfig / MUNetConfig, told apart by its `family` key), written atomically (temp file, fsync, rename).
   `load_model` / `load_any` rebuild either kind.
 - timm: the standard encoder's parameter names already follow timm's VisionTransformer with ParallelScalingBlock,
-  so export/import is a key filter; `timm_vit_kwargs` builds the matching timm model.
+  so export/import is a key filter; `timm_vit_kwargs` builds the matching timm model. timm changed where
+  ParallelScalingBlock adds its bias (MAEConfig.legacy_parallel_bias); an export to a timm that routes it the other
+  way is refused unless every mlp_bias is zero (the function would change).
 - OpenPhenom: a torch pickle named `model.safetensors` holding {"state_dict": ...} with `encoder.vit_backbone.*`
-  (timm names), `decoder.*`, `encoder_decoder_proj.*`, `decoder_pred.*`; read with weights_only=True only.
+  (timm names), `decoder.*`, `encoder_decoder_proj.*`, `decoder_pred.*`; read with weights_only=True only. The
+  imported model computes what the released code does under timm 0.9.7: legacy bias routing, "openphenom" pooling
+  (mean of the un-normalised tokens), 8-head decoder cross-attention, decoder LayerNorm eps from the folder's
+  config.json (1e-6 when absent).
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import tempfile
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from mae_fast.models import MAEConfig, MaskedAutoencoder, sincos_pos_embed
 
@@ -184,10 +190,45 @@ def timm_vit_kwargs(cfg: MAEConfig) -> dict:
     )
 
 
-def to_timm_state_dict(model: MaskedAutoencoder) -> dict[str, torch.Tensor]:
-    """The encoder as a timm VisionTransformer state dict (fixed sin-cos positions written into `pos_embed`)."""
+def timm_parallel_bias_is_legacy() -> bool:
+    """Whether the installed timm's ParallelScalingBlock routes mlp_bias the timm-0.9.7 way (see
+    MAEConfig.legacy_parallel_bias). Found by running a small block with a zero projection weight and reading the
+    bias its MLP activation receives, so it holds for any timm version."""
+    from timm.models.vision_transformer import ParallelScalingBlock as TimmBlock
+
+    dim = 4
+    block = TimmBlock(dim, num_heads=1, mlp_ratio=4.0, qkv_bias=False, qk_norm=True).eval()
+    seen = {}
+    hook = block.mlp_act.register_forward_hook(lambda mod, args, out: seen.setdefault("h", args[0]))
+    with torch.no_grad():
+        block.in_proj.weight.zero_()
+        block.mlp_bias.copy_(torch.arange(1.0, 4 * dim + 1))
+        block(torch.randn(1, 2, dim))
+    hook.remove()
+    hidden_bias = seen["h"][0, 0]
+    if torch.equal(hidden_bias, block.mlp_bias):
+        return False
+    if torch.equal(hidden_bias, F.pad(block.mlp_bias, (3 * dim, 0))[:4 * dim]):
+        return True
+    raise RuntimeError(f"the installed timm's ParallelScalingBlock adds its bias in an unknown way: {hidden_bias}")
+
+
+def to_timm_state_dict(model: MaskedAutoencoder, timm_legacy_bias: bool | None = None) -> dict[str, torch.Tensor]:
+    """The encoder as a timm VisionTransformer state dict (fixed sin-cos positions written into `pos_embed`).
+
+    `timm_legacy_bias`: how the target timm routes ParallelScalingBlock's bias (None: the installed timm's, see
+    `timm_parallel_bias_is_legacy`). When it differs from the model's and some mlp_bias is non-zero, the export
+    would compute another function: refused."""
     if model.cfg.channel_agnostic:
         raise ValueError("only the standard (non channel-agnostic) encoder exports to timm")
+    if any(blk.mlp_bias.any() for blk in model.encoder.blocks):
+        target = timm_parallel_bias_is_legacy() if timm_legacy_bias is None else timm_legacy_bias
+        if target != model.cfg.legacy_parallel_bias:
+            routing = {True: "timm 0.9.7's legacy routing", False: "the current routing"}
+            raise ValueError(
+                f"model {model.cfg.name} adds its ParallelScalingBlock bias with {routing[model.cfg.legacy_parallel_bias]}, "
+                f"the target timm with {routing[target]}: the exported encoder would compute a different function "
+                "(export to a timm with the same routing, or keep the model in mae_fast's format with save_model)")
     state = {k: v.detach().clone() for k, v in model.encoder.state_dict().items()}
     state["pos_embed"] = model.encoder.pos_embed.detach().clone()
     return state
@@ -238,8 +279,30 @@ def _read_openphenom_state(path: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def openphenom_config(state: dict[str, torch.Tensor], source: str = "checkpoint") -> MAEConfig:
-    """Infer the architecture from the OpenPhenom key layout."""
+def _openphenom_decoder_settings(path: str) -> dict:
+    """decoder_heads and decoder_norm_eps from the released config.json beside the weights (a Hugging Face config
+    whose `decoder` entry holds `num_heads` and `norm_layer.eps`), when there is one."""
+    directory = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    cfg_path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.exists(cfg_path):
+        return {}
+    try:
+        with open(cfg_path) as f:
+            decoder = json.load(f).get("decoder") or {}
+    except (OSError, json.JSONDecodeError, AttributeError) as err:
+        raise CheckpointError(f"{cfg_path} is not a readable OpenPhenom config.json: {err}") from err
+    settings = {}
+    if isinstance(decoder.get("num_heads"), int):
+        settings["decoder_heads"] = decoder["num_heads"]
+    norm = decoder.get("norm_layer")
+    if isinstance(norm, dict):  # a partial LayerNorm; without eps it is nn.LayerNorm's default
+        settings["decoder_norm_eps"] = float(norm.get("eps", 1e-5))
+    return settings
+
+
+def openphenom_config(state: dict[str, torch.Tensor], source: str = "checkpoint", **overrides) -> MAEConfig:
+    """Infer the architecture from the OpenPhenom key layout; the computation follows the released code under
+    timm 0.9.7 (legacy ParallelScalingBlock bias, pooling of the un-normalised tokens, 8-head cross-attention)."""
     try:
         proj = state["encoder.vit_backbone.patch_embed.proj.weight"]  # (D, C, p, p)
         D, C_in, p, _ = proj.shape
@@ -268,14 +331,15 @@ def openphenom_config(state: dict[str, torch.Tensor], source: str = "checkpoint"
         name="openphenom", img_size=grid * p, patch_size=p, in_chans=in_chans, embed_dim=D, depth=depth,
         num_heads=D // head_dim, mlp_ratio=hidden / D, channel_agnostic=channel_agnostic,
         fc_norm="encoder.vit_backbone.fc_norm.weight" in state, decoder_dim=dec_dim, decoder_depth=dec_depth,
-        decoder_heads=16,
+        **{"decoder_heads": 16, "decoder_cross_heads": 8, "decoder_norm_eps": 1e-6, "pooling": "openphenom",
+           "legacy_parallel_bias": True, **overrides},
     )
 
 
 def load_openphenom(path: str) -> MaskedAutoencoder:
     """Import an OpenPhenom checkpoint (file or directory holding `model.safetensors`)."""
     raw = _read_openphenom_state(path)
-    cfg = openphenom_config(raw, path)
+    cfg = openphenom_config(raw, path, **_openphenom_decoder_settings(path))
     model = MaskedAutoencoder(cfg)
     state: dict[str, torch.Tensor] = {}
     for key, value in raw.items():

@@ -66,8 +66,10 @@ def _lion_update_fake(params, grads, exp_avgs, lr, decay, beta1, one_minus_beta1
 # Masked patchify
 # ------------------------------------------------------------------------------------------------------------
 
-def channel_stats_cpp(images: torch.Tensor, eps: float = ops.STANDARDIZE_EPS) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-image per-channel (mean, rstd) of the unit-scaled images, (B, C) float32 each."""
+def channel_stats_cpp(images: torch.Tensor, eps: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image per-channel (mean, rstd) of the unit-scaled images, (B, C) float32 each; eps defaults to
+    `ops.standardize_eps(images.dtype)`."""
+    eps = ops.standardize_eps(images.dtype) if eps is None else eps
     return _lib.channel_stats(images, ops.pixel_scale(images.dtype), eps)
 
 

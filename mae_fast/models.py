@@ -21,6 +21,7 @@ from mae_fast import ops
 from mae_fast.attention import attention
 
 LN_EPS = 1e-6
+POOLINGS = ("timm_avg", "openphenom")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -41,10 +42,21 @@ class MAEConfig:
     init_values: float = 1e-4          # LayerScale
     channel_agnostic: bool = False
     max_in_chans: int = 11             # CA-MAE: positions built for this many channels
-    fc_norm: bool = False              # True: LayerNorm after pooling (timm global_pool='avg'), not on tokens
+    fc_norm: bool = False              # True: the final LayerNorm is `fc_norm` (timm global_pool='avg'), not on tokens
+    # How `embed` pools the encoder's non-class tokens (the per-channel embedding follows the same rule):
+    #   "timm_avg": their mean, then `fc_norm` (timm's forward_head with global_pool='avg'; no-op when fc_norm=False);
+    #   "openphenom": their mean only (OpenPhenom's predict(): forward_features has no final norm when fc_norm=True,
+    #   and the head's fc_norm is never applied).
+    pooling: str = "timm_avg"
+    # timm 0.9.7's ParallelScalingBlock adds cat(zeros(3D), mlp_bias) to its [mlp_hidden | q | k | v] projection:
+    # hidden[:3D] get no bias, hidden[3D:4D] get mlp_bias[:D], q, k, v get mlp_bias[D:2D], [2D:3D], [3D:4D] (before
+    # QK-norm). Weights trained that way (OpenPhenom) need it; later timm adds mlp_bias to the hidden units only.
+    legacy_parallel_bias: bool = False
     decoder_dim: int = 512
     decoder_depth: int = 8             # CA-MAE: depth of each per-channel block stack
     decoder_heads: int = 16
+    decoder_cross_heads: int = 8       # CA-MAE: heads of the shared cross-attention (OpenPhenom's CrossAttention: 8)
+    decoder_norm_eps: float = 1e-6     # every decoder LayerNorm (OpenPhenom's released configs: 1e-6)
     mask_ratio: float = 0.75
     fourier_alpha: float = 0.01
     norm_pix_loss: bool = False
@@ -53,6 +65,10 @@ class MAEConfig:
     lr: float = 1e-4
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
+
+    def __post_init__(self):
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
 
     @property
     def layout(self) -> str:
@@ -86,6 +102,9 @@ class MAEConfig:
         if unknown:
             raise ValueError(f"unknown MAEConfig keys {unknown}; valid keys: {sorted(known)}")
         d = dict(d)
+        if "decoder_cross_heads" not in d and d.get("channel_agnostic"):
+            # configs written before the field existed: the cross-attention then used decoder_heads
+            d["decoder_cross_heads"] = d.get("decoder_heads", cls.decoder_heads)
         if "betas" in d:
             d["betas"] = tuple(d["betas"])
         return cls(**d)
@@ -104,7 +123,8 @@ for _size, (_dim, _depth, _heads, _dp, _lr) in _SIZES.items():
         _name = f"mae_vit_{_size}_patch{_patch}_256"
         PRESETS[_name] = MAEConfig(_name, patch_size=_patch, embed_dim=_dim, depth=_depth, num_heads=_heads,
                                    drop_path=_dp, lr=_lr)
-        # CA-MAE decoder as in OpenPhenom's released config: 256-d, 4 blocks per channel, 16 heads.
+        # CA-MAE decoder as in OpenPhenom's released config: 256-d, 4 blocks per channel, 16 heads (8 in the
+        # shared cross-attention), LayerNorm eps 1e-6.
         _name = f"camae_vit_{_size}_patch{_patch}_256"
         PRESETS[_name] = MAEConfig(_name, patch_size=_patch, embed_dim=_dim, depth=_depth, num_heads=_heads,
                                    drop_path=_dp, lr=_lr, channel_agnostic=True, decoder_dim=256,
@@ -181,14 +201,19 @@ class DropPath(nn.Module):
 
 class ParallelScalingBlock(nn.Module):
     """x + drop_path(ls(attn_out(Attn(qknorm(q), qknorm(k), v)) + mlp_out(gelu(h)))), with [h|q|k|v] from one
-    input projection of LayerNorm(x) (no qkv bias; a bias on the MLP part only)."""
+    input projection of LayerNorm(x) (no qkv bias; one bias vector `mlp_bias`, length hidden).
+
+    The projection is one matmul with a full-length bias built from `mlp_bias`: [mlp_bias | 0 (3D)] puts it on the
+    hidden units (current timm); with `legacy_bias`, [0 (3D) | mlp_bias] reproduces timm 0.9.7 exactly (see
+    MAEConfig.legacy_parallel_bias)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, init_values: float = 1e-4,
-                 drop_path: float = 0.0):
+                 drop_path: float = 0.0, legacy_bias: bool = False):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.legacy_bias = legacy_bias
         hidden = int(dim * mlp_ratio)
         self.in_split = [hidden, dim, dim, dim]
         self.in_norm = nn.LayerNorm(dim, eps=LN_EPS)
@@ -202,14 +227,20 @@ class ParallelScalingBlock(nn.Module):
         self.ls = LayerScale(dim, init_values)
         self.drop_path = DropPath(drop_path)
 
+    def in_proj_bias(self) -> torch.Tensor:
+        """The bias added to the whole [h | q | k | v] projection (length hidden + 3D)."""
+        qkv = 3 * self.in_split[1]
+        return F.pad(self.mlp_bias, (qkv, 0) if self.legacy_bias else (0, qkv))
+
     def forward(self, x):  # (B, N, D)
         B, N, D = x.shape
-        h, q, k, v = torch.split(self.in_proj(self.in_norm(x)), self.in_split, dim=-1)
+        y = F.linear(self.in_norm(x), self.in_proj.weight, self.in_proj_bias())
+        h, q, k, v = torch.split(y, self.in_split, dim=-1)
         q = self.q_norm(q.view(B, N, self.num_heads, self.head_dim)).transpose(1, 2)  # (B, H, N, d)
         k = self.k_norm(k.view(B, N, self.num_heads, self.head_dim)).transpose(1, 2)
         v = v.view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
         a = attention(q, k, v).transpose(1, 2).reshape(B, N, D)
-        y = self.attn_out_proj(a) + self.mlp_out_proj(self.mlp_act(h + self.mlp_bias))
+        y = self.attn_out_proj(a) + self.mlp_out_proj(self.mlp_act(h))
         return x + self.drop_path(self.ls(y))
 
 
@@ -240,6 +271,8 @@ class CrossAttention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"cross-attention dim {dim} is not divisible by its {num_heads} heads")
         self.num_heads = num_heads
         self.q = nn.Linear(dim, dim, bias=False)
         self.kv = nn.Linear(dim, 2 * dim, bias=False)
@@ -256,11 +289,11 @@ class CrossAttention(nn.Module):
 class Block(nn.Module):
     """Standard pre-norm transformer block (decoder): x + attn(norm1(x)); x + mlp(norm2(x))."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, norm_eps: float = LN_EPS):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = SelfAttention(dim, num_heads, qkv_bias=True)
-        self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x):
@@ -304,7 +337,8 @@ class ViTEncoder(nn.Module):
         self.register_buffer("pos_embed", sincos_pos_embed(D, cfg.grid_size, pos_channels), persistent=False)
         rates = [cfg.drop_path * i / max(1, cfg.depth - 1) for i in range(cfg.depth)]  # linear in depth
         self.blocks = nn.ModuleList(
-            ParallelScalingBlock(D, cfg.num_heads, cfg.mlp_ratio, cfg.init_values, r) for r in rates
+            ParallelScalingBlock(D, cfg.num_heads, cfg.mlp_ratio, cfg.init_values, r, cfg.legacy_parallel_bias)
+            for r in rates
         )
         self.norm = nn.Identity() if cfg.fc_norm else nn.LayerNorm(D, eps=LN_EPS)
         self.fc_norm = nn.LayerNorm(D, eps=LN_EPS) if cfg.fc_norm else nn.Identity()
@@ -325,13 +359,16 @@ class ViTEncoder(nn.Module):
         return self.norm(x)
 
     def pool(self, x: torch.Tensor, in_chans: int, per_channel: bool = False) -> torch.Tensor:
-        """Mean of the non-class tokens: (B, D), or (B, C, D) per channel for CA-MAE."""
+        """Mean of the non-class tokens: (B, D), or (B, C, D) per channel for CA-MAE; then `fc_norm` unless
+        cfg.pooling is "openphenom"."""
         tokens = x[:, 1:]
         if per_channel:
             if not self.cfg.channel_agnostic:
                 raise ValueError("per-channel embeddings need a channel-agnostic (CA-MAE) model")
-            return self.fc_norm(tokens.reshape(x.shape[0], in_chans, -1, x.shape[-1]).mean(dim=2))
-        return self.fc_norm(tokens.mean(dim=1))
+            pooled = tokens.reshape(x.shape[0], in_chans, -1, x.shape[-1]).mean(dim=2)
+        else:
+            pooled = tokens.mean(dim=1)
+        return pooled if self.cfg.pooling == "openphenom" else self.fc_norm(pooled)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -346,8 +383,9 @@ class MAEDecoder(nn.Module):
         Dd = cfg.decoder_dim
         self.mask_token = nn.Parameter(torch.zeros(Dd))
         self.register_buffer("pos_embed", sincos_pos_embed(Dd, cfg.grid_size), persistent=False)
-        self.blocks = nn.ModuleList(Block(Dd, cfg.decoder_heads, cfg.mlp_ratio) for _ in range(cfg.decoder_depth))
-        self.norm = nn.LayerNorm(Dd, eps=LN_EPS)
+        self.blocks = nn.ModuleList(Block(Dd, cfg.decoder_heads, cfg.mlp_ratio, cfg.decoder_norm_eps)
+                                    for _ in range(cfg.decoder_depth))
+        self.norm = nn.LayerNorm(Dd, eps=cfg.decoder_norm_eps)
         self.checkpointing = cfg.grad_checkpointing
 
     def forward(self, x: torch.Tensor, ids_restore: torch.Tensor, in_chans: int) -> torch.Tensor:
@@ -370,13 +408,14 @@ class CAMAEDecoder(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(Dd))
         self.register_buffer("pos_embed", sincos_pos_embed(Dd, cfg.grid_size, C), persistent=False)
         self.modality_tokens = nn.ParameterList(nn.Parameter(torch.zeros(1, 1, Dd)) for _ in range(C))
-        self.query_norm = nn.LayerNorm(Dd, eps=LN_EPS)
-        self.context_norm = nn.LayerNorm(Dd, eps=LN_EPS)
-        self.cross_attention = CrossAttention(Dd, cfg.decoder_heads)
-        self.out_norm = nn.LayerNorm(Dd, eps=LN_EPS)
+        eps = cfg.decoder_norm_eps
+        self.query_norm = nn.LayerNorm(Dd, eps=eps)
+        self.context_norm = nn.LayerNorm(Dd, eps=eps)
+        self.cross_attention = CrossAttention(Dd, cfg.decoder_cross_heads)
+        self.out_norm = nn.LayerNorm(Dd, eps=eps)
         self.mlp = Mlp(Dd, int(Dd * cfg.mlp_ratio))
         self.decoders = nn.ModuleList(
-            nn.ModuleList(Block(Dd, cfg.decoder_heads, cfg.mlp_ratio) for _ in range(cfg.decoder_depth))
+            nn.ModuleList(Block(Dd, cfg.decoder_heads, cfg.mlp_ratio, eps) for _ in range(cfg.decoder_depth))
             for _ in range(C)
         )
         self.checkpointing = cfg.grad_checkpointing
@@ -498,7 +537,7 @@ class MaskedAutoencoder(nn.Module):
     def embed(self, images: torch.Tensor, per_channel: bool = False) -> torch.Tensor:
         """Raw images -> mean of the non-class tokens, no masking: (B, D), or (B, C*D) per channel (CA-MAE)."""
         C = self.check_images(images)
-        x = ops.standardize(ops.to_unit_float(images, check_range=False))
+        x = ops.self_standardize(images)
         tokens = ops.patchify(x, self.cfg.patch_size, self.cfg.layout)
         z = self.encoder.pool(self.encoder.forward_tokens(tokens), C, per_channel)
         return z.flatten(1)
@@ -510,7 +549,7 @@ class MaskedAutoencoder(nn.Module):
         C = images.shape[1]
         with torch.no_grad():
             out = self.forward(images, generator=generator)
-            x = ops.standardize(ops.to_unit_float(images, check_range=False))
+            x = ops.self_standardize(images)
             tokens = ops.patchify(x, cfg.patch_size, cfg.layout)
             keep = (1 - out.masking.mask).unsqueeze(-1)
             masked = ops.unpatchify(tokens * keep, cfg.patch_size, C, cfg.layout)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 LAYOUTS = ("standard", "channel")
 IMPLS = ("auto", "reference", "triton", "cpp")
@@ -170,18 +171,47 @@ def to_unit_float(images: torch.Tensor, check_range: bool = True) -> torch.Tenso
     return images.float()
 
 
-def standardize(x: torch.Tensor, eps: float = STANDARDIZE_EPS) -> torch.Tensor:
-    """Per-image per-channel standardisation over H x W (instance norm without affine). x: (B, C, H, W)."""
-    mean = x.mean(dim=(2, 3), keepdim=True)
-    var = x.var(dim=(2, 3), keepdim=True, unbiased=False)
-    return (x - mean) * torch.rsqrt(var + eps)
+def standardize_eps(dtype: torch.dtype) -> float:
+    """The variance floor of self-standardisation for images of `dtype`, in units of the [0, 1]-scaled pixels.
+
+    The rule: eps is a fixed amount in *raw intensity steps*, STANDARDIZE_EPS * 255^2 = 0.65 steps^2 (a std of
+    0.81 steps), where a step is 1/255 for uint8 and 1/65535 for uint16 (and int32 holding widened uint16) and for
+    float input (read at 16-bit resolution). So
+
+        eps(dtype) = STANDARDIZE_EPS * (255 / steps_per_unit(dtype))^2:  1e-5 for uint8, 1.51e-10 for uint16/float.
+
+    uint8 stays OpenPhenom's standardisation exactly (x/255, then instance norm with eps 1e-5), and a channel with
+    a std of s steps comes out with std s / sqrt(s^2 + 0.65) for every bit depth and brightness: >= 0.9992 for
+    s >= 20, where a fixed eps of 1e-5 on uint16/65535 gives 0.70 for s = 200. A flat channel still maps to ~0:
+    a deviation of one step becomes at most 1/sqrt(0.65) = 1.24."""
+    steps = 255.0 if dtype == torch.uint8 else 65535.0
+    pixel_scale(dtype)  # rejects unsupported dtypes with a clear message
+    return STANDARDIZE_EPS * (255.0 / steps) ** 2
 
 
-def channel_stats(x: torch.Tensor, eps: float = STANDARDIZE_EPS) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-image per-channel (mean, rstd) of a float image batch: both (B, C)."""
-    mean = x.mean(dim=(2, 3))
-    var = x.var(dim=(2, 3), unbiased=False)
-    return mean, torch.rsqrt(var + eps)
+def channel_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image per-channel (mean, 1/sqrt(var + eps)) of a [0, 1]-scaled image batch (B, C, H, W): (B, C) each,
+    float32 (float64 input: float64). Mean and variance are taken in float64, so a dim 16-bit channel on a bright
+    background loses nothing to cancellation. `eps`: `standardize_eps(raw dtype)`."""
+    xd = x.double()
+    mean = xd.mean(dim=(2, 3))
+    var = xd.var(dim=(2, 3), unbiased=False)
+    out = _compute_dtype(x)
+    return mean.to(out), torch.rsqrt(var + eps).to(out)
+
+
+def standardize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Per-image per-channel standardisation over H x W of a [0, 1]-scaled batch (B, C, H, W); `eps`:
+    `standardize_eps(raw dtype)`. This is the op OpenPhenom's input norm runs (InstanceNorm2d without affine), so
+    uint8 input gives OpenPhenom's bits; its statistics are single-pass Welford / two-pass sums, not
+    E[x^2] - E[x]^2, so a dim 16-bit channel on a bright background keeps its variance (tests/test_ops_reference)."""
+    return F.instance_norm(x, eps=eps)
+
+
+def self_standardize(images: torch.Tensor) -> torch.Tensor:
+    """Raw images (uint8 / uint16 / float in [0, 1]) -> per-image per-channel standardised float32, with the
+    bit-depth-independent eps of `standardize_eps`. The model input and the loss targets."""
+    return standardize(to_unit_float(images, check_range=False), standardize_eps(images.dtype))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -297,10 +327,10 @@ class MaskedPatches:
 
 @register("masked_patchify", "reference")
 def _masked_patchify_reference(images, patch_size, masking, layout, stats=None):
-    x = to_unit_float(images, check_range=False)
     if stats is None:
-        x = standardize(x)
+        x = self_standardize(images)
     else:
+        x = to_unit_float(images, check_range=False)
         mean, rstd = stats
         x = (x - mean[:, :, None, None]) * rstd[:, :, None, None]
     tokens = patchify(x, patch_size, layout)

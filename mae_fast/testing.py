@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from mae_fast import ops
+
 # (rtol, atol as a fraction of max |reference|, relative L2 error) of loss gradients per kind of arithmetic
 LOSS_GRAD_TOL = {"float32": (1e-4, 1e-5, 1e-4), "tf32": (1e-3, 1e-4, 5e-3), "bfloat16": (1.6e-2, 8e-3, 5e-3),
                  "float16": (2e-3, 1e-3, 1e-3)}
@@ -55,3 +57,27 @@ def run_as_if_killed_after(run_dir: str, copy_to, step: int) -> str:
             shutil.rmtree(path)
     shutil.rmtree(os.path.join(copy_to, "model"))
     return str(copy_to)
+
+
+def images_with_spread(B: int, C: int, H: int, mean: float, std: float, dtype=torch.uint16, seed: int = 0):
+    """Integer images (B, C, H, H) of `dtype` whose every channel is Gaussian noise of `std` raw counts around
+    `mean` counts (rounded, clipped to the dtype's range): a dim channel at a given brightness."""
+    top = 255 if dtype == torch.uint8 else 65535
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(B, C, H, H, generator=g, dtype=torch.float64) * std + mean).round().clamp(0, top)
+    return x.to(torch.int32).to(dtype)
+
+
+def standardised_planes(patches, patch_size: int, channels: int, layout: str) -> torch.Tensor:
+    """The (B, C, H, W) image a masked patchify's visible + target tokens hold (undoing the shuffle)."""
+    shuffled = torch.cat([patches.visible, patches.target], dim=1)
+    return ops.unpatchify(ops.gather_tokens(shuffled, patches.masking.ids_restore), patch_size, channels, layout)
+
+
+def assert_unit_std(planes: torch.Tensor, tol: float = 1e-3) -> None:
+    """Every (image, channel) plane has mean 0 and std 1 within `tol`."""
+    planes = planes.detach().double().cpu()
+    assert torch.isfinite(planes).all(), "output not fully written (NaN poison survived) or non-finite"
+    std, mean = planes.std(dim=(2, 3), unbiased=False), planes.mean(dim=(2, 3))
+    assert (std - 1).abs().max() <= tol, f"std {std.min().item():.6f}..{std.max().item():.6f}, not 1 within {tol}"
+    assert mean.abs().max() <= tol, f"mean up to {mean.abs().max().item():.3g}, not 0 within {tol}"

@@ -1,4 +1,5 @@
 """Checkpoints: safetensors round trip, atomic writes, timm interop against real timm, OpenPhenom import."""
+import json
 import os
 import pickle
 
@@ -90,7 +91,7 @@ def test_timm_round_trip_gives_the_same_features():
     reference = VisionTransformer(**timm_vit_kwargs(cfg)).eval()
     reference.load_state_dict(to_timm_state_dict(model), strict=True)
     x = _images(5)
-    standardised = ops.standardize(ops.to_unit_float(x))
+    standardised = ops.self_standardize(x)
     with torch.no_grad():
         timm_features = reference(standardised)
     ours = model.embed(x)
@@ -112,16 +113,43 @@ def test_timm_import_refuses_learned_positions_and_ca_export():
 
 @pytest.mark.parametrize("fc_norm", [False, True])
 def test_openphenom_import(tmp_path, fc_norm):
-    model = _perturbed("camae_vit_micro_patch16_256", in_chans=6, fc_norm=fc_norm)
+    # the computation the released code does: legacy bias routing, mean of the un-normalised tokens, 8-head
+    # cross-attention (the preset's default), decoder LayerNorm eps 1e-6, 16 decoder heads (not in the weights)
+    model = _perturbed("camae_vit_micro_patch16_256", in_chans=6, fc_norm=fc_norm, legacy_parallel_bias=True,
+                       pooling="openphenom", decoder_heads=16)
     directory = tmp_path / "openphenom"
     directory.mkdir()
     torch.save({"state_dict": openphenom_layout_state(model)}, directory / "model.safetensors")  # a pickle, as released
     loaded = load_openphenom(str(directory)).eval()
     assert loaded.cfg.channel_agnostic and loaded.cfg.in_chans == 6 and loaded.cfg.fc_norm == fc_norm
     assert (loaded.cfg.embed_dim, loaded.cfg.depth, loaded.cfg.num_heads) == (192, 4, 3)
+    assert (loaded.cfg.legacy_parallel_bias, loaded.cfg.pooling, loaded.cfg.decoder_cross_heads,
+            loaded.cfg.decoder_norm_eps) == (True, "openphenom", 8, 1e-6)
     x = torch.randint(0, 256, (2, 6, 64, 64), dtype=torch.uint8)
     torch.testing.assert_close(loaded.embed(x), model.embed(x), rtol=0, atol=0)
+    torch.testing.assert_close(loaded.embed(x, per_channel=True), model.embed(x, per_channel=True), rtol=0, atol=0)
+    g = torch.Generator().manual_seed(0)
+    torch.testing.assert_close(loaded(x, generator=g).pred, model(x, generator=g.manual_seed(0)).pred, rtol=0, atol=0)
     assert load_any(str(directory)).cfg.channel_agnostic
+    # save_model / load_model keep the OpenPhenom computation (config.json records it)
+    save_model(loaded, str(tmp_path / "ours"))
+    meta = json.loads((tmp_path / "ours" / "config.json").read_text())["mae_fast_config"]
+    assert (meta["legacy_parallel_bias"], meta["pooling"], meta["decoder_cross_heads"]) == (True, "openphenom", 8)
+    again = load_model(str(tmp_path / "ours")).eval()
+    assert again.cfg == loaded.cfg
+    torch.testing.assert_close(again.embed(x), model.embed(x), rtol=0, atol=0)
+
+
+def test_openphenom_import_reads_decoder_settings_from_the_released_config(tmp_path):
+    model = _perturbed("camae_vit_micro_patch16_256", legacy_parallel_bias=True, pooling="openphenom")
+    torch.save({"state_dict": openphenom_layout_state(model)}, tmp_path / "model.safetensors")
+    hf = {"decoder": {"num_heads": 4, "norm_layer": {"_partial_": True, "_target_": "torch.nn.LayerNorm"}}}
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    cfg = load_any(str(tmp_path)).cfg  # an OpenPhenom folder: its config.json is not ours
+    assert (cfg.decoder_heads, cfg.decoder_norm_eps) == (4, 1e-5)  # no eps given: nn.LayerNorm's default
+    hf["decoder"]["norm_layer"]["eps"] = 1e-6
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    assert load_openphenom(str(tmp_path / "model.safetensors")).cfg.decoder_norm_eps == 1e-6
 
 
 class _Evil:

@@ -147,7 +147,9 @@ def test_rerun_skips_finished_plates_and_refuses_existing_output(screen, ours, t
 
 def test_openphenom_and_timm_checkpoints(screen, tmp_path):
     # OpenPhenom: a CA-MAE torch pickle named model.safetensors holding {"state_dict": ...} in its key layout
-    ca = _perturbed("camae_vit_micro_patch16_256")
+    # an OpenPhenom-layout checkpoint imports with the released code's computation (timm 0.9.7 bias routing, mean of
+    # the un-normalised tokens): the model that wrote it must compute the same for the round trip to hold
+    ca = _perturbed("camae_vit_micro_patch16_256", legacy_parallel_bias=True, pooling="openphenom", fc_norm=True)
     state = openphenom_layout_state(ca)
     folder = tmp_path / "openphenom"
     folder.mkdir()
@@ -159,7 +161,7 @@ def test_openphenom_and_timm_checkpoints(screen, tmp_path):
     expected = _expected(ca, screen, per_channel=True)
     for i, well in enumerate(b["well_id"]):
         np.testing.assert_allclose(_features(b)[i], expected[well], rtol=1e-4, atol=1e-5)
-    # all CA tokens pooled = the mean of the per-channel means (equal tokens per channel, no fc_norm)
+    # all CA tokens pooled = the mean of the per-channel means (equal tokens per channel, no norm after pooling)
     np.testing.assert_allclose(_features(b).reshape(len(b), 6, 192).mean(1), _features(a), rtol=1e-4, atol=1e-5)
 
     # timm: an encoder state dict file + the preset it was built from

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from mae_fast import ops
-from mae_fast.testing import assert_loss_grad_close
+from mae_fast.testing import (
+    assert_loss_grad_close, assert_unit_std, images_with_spread, standardised_planes,
+)
 
 pytest.importorskip("mae_fast._C", reason="C++ extension not built (python setup.py build_ext --inplace)")
 from mae_fast import cpu_ops  # noqa: E402
@@ -86,16 +88,32 @@ def test_masked_patchify_pixel_dtypes_and_strides(dtype):
     _close(out.target, ref.target, tol=PATCHIFY_TOL)
 
 
+@pytest.mark.parametrize("brightness", [300, 3000, 30000, 62000])
+@pytest.mark.parametrize("layout", ops.LAYOUTS)
+@pytest.mark.parametrize("p", [8, 16])
+def test_16_bit_channels_standardise_to_unit_std_at_every_brightness(brightness, layout, p):
+    images = images_with_spread(3, 5, 64, brightness, 20, seed=brightness + p)  # std 20 counts
+    L = (64 // p) ** 2 * (5 if layout == "channel" else 1)
+    masking = ops.random_masking(3, L, 0.75, generator=_gen(p))
+    ref = ops.masked_patchify(images, p, 0.75, layout, masking=masking, impl="reference")
+    out = cpu_ops.masked_patchify_cpp(images, p, masking, layout, visible=_nan(ref.visible.shape),
+                                      target=_nan(ref.target.shape))
+    assert_unit_std(standardised_planes(out, p, 5, layout))
+    # float32 rounding of x / 65535 at a bright level is ~1e-4 of a 20-count std: compared absolutely
+    torch.testing.assert_close(out.visible, ref.visible, rtol=0, atol=1e-3)
+    torch.testing.assert_close(out.target, ref.target, rtol=0, atol=1e-3)
+
+
 def test_channel_stats_precise_on_low_contrast_16_bit():
     """A bright plane with tiny variation (mean 0.6, std 1e-4 of full scale) needs exact sums."""
     g = _gen(5)
     base = torch.randint(39300, 39310, (3, 5, 256, 256), generator=g, dtype=torch.int32)
     images = base.to(torch.uint16)
     mean, rstd = cpu_ops.channel_stats_cpp(images)
-    x = ops.to_unit_float(images).double()
+    x = base.double() / 65535.0  # exact: float32 x/65535 would move the variance by ~1e-5 at this spread
     var = x.var(dim=(2, 3), unbiased=False)
     torch.testing.assert_close(mean.double(), x.mean(dim=(2, 3)), rtol=1e-7, atol=0)
-    torch.testing.assert_close(rstd.double(), torch.rsqrt(var + ops.STANDARDIZE_EPS), rtol=1e-6, atol=0)
+    torch.testing.assert_close(rstd.double(), torch.rsqrt(var + ops.standardize_eps(torch.uint16)), rtol=1e-6, atol=0)
 
 
 def test_masked_patchify_given_stats():

@@ -17,7 +17,9 @@ import pytest
 import torch
 
 from mae_fast import ops
-from mae_fast.testing import assert_loss_grad_close
+from mae_fast.testing import (
+    assert_loss_grad_close, assert_unit_std, images_with_spread, standardised_planes,
+)
 
 pytest.importorskip("triton")
 from mae_fast.kernels import lion, mae_loss, masked_patchify, unshuffle  # noqa: E402
@@ -101,6 +103,21 @@ def test_masked_patchify_pixel_dtypes_and_strides(dtype):
     _close(out.target, ref.target, rtol=2e-6, atol=2e-6)
 
 
+@pytest.mark.parametrize("brightness", [300, 30000, 62000])
+@pytest.mark.parametrize("layout", ops.LAYOUTS)
+def test_16_bit_channels_standardise_to_unit_std_at_every_brightness(brightness, layout):
+    images = images_with_spread(2, 3, 32, brightness, 20, seed=brightness).to(DEVICE)  # std 20 counts
+    L = 16 * (3 if layout == "channel" else 1)
+    masking = ops.random_masking(2, L, 0.75, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(1))
+    ref = ops.masked_patchify(images, 8, 0.75, layout, masking=masking, impl="reference")
+    out = masked_patchify.masked_patchify_triton(images, 8, masking, layout, visible=_nan(ref.visible.shape),
+                                                 target=_nan(ref.target.shape))
+    assert_unit_std(standardised_planes(out, 8, 3, layout))
+    # float32 rounding of x / 65535 at a bright level is ~1e-4 of a 20-count std: compared absolutely
+    torch.testing.assert_close(out.visible.cpu(), ref.visible.cpu(), rtol=0, atol=1e-3)
+    torch.testing.assert_close(out.target.cpu(), ref.target.cpu(), rtol=0, atol=1e-3)
+
+
 def test_channel_stats_precise_on_low_contrast_16_bit():
     """Chan's merge of per-tile (mean, M2) keeps float32 accurate where E[x^2] - E[x]^2 would cancel."""
     base = torch.randint(39300, 39310, (3, 5, 48, 40), generator=_gen(2), dtype=torch.int32)
@@ -108,7 +125,7 @@ def test_channel_stats_precise_on_low_contrast_16_bit():
     mean, rstd = masked_patchify.channel_stats_triton(images)
     x = ops.to_unit_float(images.cpu()).double()
     torch.testing.assert_close(mean.cpu().double(), x.mean(dim=(2, 3)), rtol=1e-6, atol=0)
-    expected = torch.rsqrt(x.var(dim=(2, 3), unbiased=False) + ops.STANDARDIZE_EPS)
+    expected = torch.rsqrt(x.var(dim=(2, 3), unbiased=False) + ops.standardize_eps(torch.uint16))
     torch.testing.assert_close(rstd.cpu().double(), expected, rtol=1e-4, atol=0)
 
 

@@ -105,7 +105,7 @@ def test_embed_standard_and_channel_agnostic_channels():
 def test_embed_is_mean_of_non_cls_tokens_and_deterministic():
     model = _small("mae_vit_micro_patch16_256").eval()
     x = torch.randint(0, 256, (2, 6, 64, 64), dtype=torch.uint8)
-    tokens = ops.patchify(ops.standardize(ops.to_unit_float(x)), 16)
+    tokens = ops.patchify(ops.self_standardize(x), 16)
     seq = model.encoder.forward_tokens(tokens)
     assert torch.allclose(model.embed(x), seq[:, 1:].mean(1), atol=1e-6)
     assert torch.equal(model.embed(x), model.embed(x))
@@ -115,7 +115,8 @@ def test_uint8_and_uint16_inputs_are_self_standardised_alike():
     model = _small("mae_vit_micro_patch16_256").eval()
     x8 = torch.randint(0, 256, (2, 6, 64, 64), dtype=torch.uint8)
     x16 = (x8.to(torch.int32) * 257).to(torch.uint16)  # the same intensities at 16 bits
-    assert torch.allclose(model.embed(x8), model.embed(x16), atol=1e-5)
+    # the standardised inputs differ only through each bit depth's eps (1 - rstd ratio ~ 6e-5 at this spread)
+    torch.testing.assert_close(model.embed(x8), model.embed(x16), rtol=0, atol=5e-4)
 
 
 def test_masking_is_reproducible_by_generator():

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from mae_fast import ops
+from mae_fast.testing import assert_unit_std, images_with_spread, standardised_planes
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -98,8 +99,7 @@ def test_patchify_token_order_matches_the_convention(layout):
 
 def test_standardize_equals_instance_norm():
     x = torch.rand(3, 5, 24, 40, generator=_gen(4)) * 3 + 1
-    torch.testing.assert_close(ops.standardize(x), F.instance_norm(x, eps=ops.STANDARDIZE_EPS), rtol=1e-5,
-                               atol=1e-5)
+    torch.testing.assert_close(ops.standardize(x, 1e-5), F.instance_norm(x, eps=1e-5), rtol=1e-5, atol=1e-5)
 
 
 def test_to_unit_float_scales_and_rejects():
@@ -116,12 +116,12 @@ def test_to_unit_float_scales_and_rejects():
 def test_masked_patchify_reference_gathers_standardised_tokens(layout, dtype):
     images = _images(3, 5, 32, dtype, seed=5)
     out = ops.masked_patchify(images, 8, 0.75, layout, generator=_gen(5), impl="reference")
-    tokens = ops.patchify(ops.standardize(ops.to_unit_float(images)), 8, layout)
+    tokens = ops.patchify(ops.self_standardize(images), 8, layout)
     m = out.masking
     torch.testing.assert_close(out.visible, ops.gather_tokens(tokens, m.ids_keep))
     torch.testing.assert_close(out.target, ops.gather_tokens(tokens, m.ids_masked))
     # given statistics reproduce the computed ones
-    stats = ops.channel_stats(ops.to_unit_float(images))
+    stats = ops.channel_stats(ops.to_unit_float(images), ops.standardize_eps(dtype))
     again = ops.masked_patchify(images, 8, 0.75, layout, masking=m, stats=stats, impl="reference")
     torch.testing.assert_close(again.visible, out.visible, rtol=1e-5, atol=1e-5)
 
@@ -275,3 +275,26 @@ def test_dispatch_env_override(monkeypatch):
         ops.mae_loss(x, x + 1, patch_size=8, layout="channel")
     with pytest.raises(ValueError, match="impl must be one of"):
         ops.mae_loss(x, x + 1, patch_size=8, layout="channel", impl="fastest")
+
+
+# 16-bit (and float) self-standardisation: unit std at every brightness (DESIGN.md §2, self-standardise)
+@pytest.mark.parametrize("brightness", [300, 3000, 30000, 62000])
+@pytest.mark.parametrize("spread", [20, 200])
+@pytest.mark.parametrize("dtype", [torch.uint16, torch.float32])
+def test_16_bit_channels_standardise_to_unit_std_at_every_brightness(brightness, spread, dtype):
+    images = images_with_spread(2, 3, 64, brightness, spread, seed=brightness + spread)
+    if dtype == torch.float32:  # the same intensities as floats in [0, 1]
+        images = images.to(torch.int32).float() / 65535.0
+    assert_unit_std(ops.self_standardize(images))
+    for layout in ops.LAYOUTS:
+        out = ops.masked_patchify(images, 8, 0.75, layout, generator=_gen(1), impl="reference")
+        assert_unit_std(standardised_planes(out, 8, 3, layout))
+    # float32 pixels hold the 16-bit intensity to 2^-24: the standardised values match a float64 computation
+    x = images.to(torch.int32).double() / 65535.0 if images.dtype == torch.uint16 else images.double()
+    var = x.var(dim=(2, 3), unbiased=False, keepdim=True)
+    exact = (x - x.mean(dim=(2, 3), keepdim=True)) / torch.sqrt(var + ops.standardize_eps(torch.uint16))
+    torch.testing.assert_close(ops.self_standardize(images).double(), exact, rtol=0, atol=5e-4)
+
+
+def test_8_bit_spread_of_20_counts_also_standardises_to_unit_std():
+    assert_unit_std(ops.self_standardize(images_with_spread(2, 3, 64, 128, 20, dtype=torch.uint8, seed=3)))
