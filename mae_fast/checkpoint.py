@@ -217,12 +217,18 @@ def to_timm_state_dict(model: MaskedAutoencoder, timm_legacy_bias: bool | None =
     """The encoder as a timm VisionTransformer state dict (fixed sin-cos positions written into `pos_embed`).
 
     `timm_legacy_bias`: how the target timm routes ParallelScalingBlock's bias (None: the installed timm's, see
-    `timm_parallel_bias_is_legacy`). When it differs from the model's and some mlp_bias is non-zero, the export
+    `timm_parallel_bias_is_legacy`; without timm installed, the current routing that `pip install timm` gives).
+    When it differs from the model's and some mlp_bias is non-zero, the export
     would compute another function: refused."""
     if model.cfg.channel_agnostic:
         raise ValueError("only the standard (non channel-agnostic) encoder exports to timm")
     if any(blk.mlp_bias.any() for blk in model.encoder.blocks):
-        target = timm_parallel_bias_is_legacy() if timm_legacy_bias is None else timm_legacy_bias
+        target = timm_legacy_bias
+        if target is None:
+            try:
+                target = timm_parallel_bias_is_legacy()
+            except ImportError:
+                target = False
         if target != model.cfg.legacy_parallel_bias:
             routing = {True: "timm 0.9.7's legacy routing", False: "the current routing"}
             raise ValueError(

@@ -14,7 +14,6 @@ from mae_fast.checkpoint import (
 from mae_fast.models import create_model, get_config
 from mae_fast.testing import openphenom_layout_state
 
-timm = pytest.importorskip("timm", reason="timm is a test dependency (pip install mae_fast[test])")
 
 
 def _perturbed(name, **kw):
@@ -84,6 +83,7 @@ def test_corrupt_and_wrong_shaped_checkpoints_name_the_problem(tmp_path):
 
 
 def test_timm_round_trip_gives_the_same_features():
+    pytest.importorskip("timm", reason="timm is a test dependency (pip install mae_fast[test])")
     from timm.models.vision_transformer import VisionTransformer
 
     cfg = get_config("mae_vit_micro_patch16_256", img_size=64, in_chans=5)
