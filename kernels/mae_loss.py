@@ -97,13 +97,15 @@ def dft_tables(p: int, device: torch.device, tf32: bool = False) -> tuple[torch.
     return _TABLES[key]
 
 
-def _launch_config(p: int) -> tuple[int, int, int]:
-    """(BLOCK_PL, BLOCK_F, num_warps). Compiled for sm_90 (kernels/compile_check.py): p = 8 with 32 planes and
-    32-wide frequency chunks on 8 warps takes 184 registers and no spills (64-wide chunks or 64 planes spill);
-    p = 16 with 16 planes, 32-wide chunks, 8 warps takes 195. Not yet timed on a GPU: tune with
-    `mae_loss_forward_triton(..., block_planes=, block_freq=, num_warps=)`."""
+def _launch_config(p: int, precision: str = "tf32") -> tuple[int, int, int]:
+    """(BLOCK_PL, BLOCK_F, num_warps). Compiled for sm_90 (kernels/compile_check.py, Triton 3.8): p = 8 with 32
+    planes and 32-wide frequency chunks on 8 warps takes 174 registers and no spills with tf32 (64-wide chunks or 64
+    planes spill); exact float32 ("ieee") products need 16 planes (76 registers; 32 planes spill 405 bytes).
+    p = 16 with 16 planes, 32-wide chunks, 8 warps takes 209 registers for float32 predictions and spills 24 bytes
+    for bfloat16 ones (no tile shape tried avoids it: the p^2 x p^2 Kronecker table is the limit). Not yet timed on
+    a GPU: tune with `mae_loss_forward_triton(..., block_planes=, block_freq=, num_warps=)`."""
     if p <= 8:
-        return 32, min(32, p * p), 8
+        return (16 if precision == "ieee" else 32), min(32, p * p), 8
     return 16, 32, 8
 
 
@@ -116,7 +118,7 @@ def mae_loss_forward_triton(pred, target, token_weight, uniform_weight, patch_si
     if dot_precision is None:
         dot_precision = "ieee" if interpreting() else "tf32"
     n_planes = B * N * planes_per_token
-    default_pl, default_f, default_warps = _launch_config(p)
+    default_pl, default_f, default_warps = _launch_config(p, dot_precision)
     block_pl, block_f = block_planes or default_pl, block_freq or default_f
     num_warps = num_warps or default_warps
     k_re, k_im = dft_tables(p, pred.device, tf32=dot_precision == "tf32")

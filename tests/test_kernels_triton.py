@@ -8,6 +8,7 @@ rounds float32 -> bfloat16 by truncation, not to nearest as a GPU does.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -275,19 +276,25 @@ def test_lion_mixed_dtypes_launch_per_group():
 # GPU compilation without a GPU
 # --------------------------------------------------------------------------------------------------------------
 
-def test_every_kernel_compiles_for_sm90(tmp_path):
-    """The interpreter accepts programs a GPU compiler rejects (tile shapes, types): compile one variant of each
-    kernel for sm_90 with Triton's bundled ptxas, in a process without TRITON_INTERPRET (about 15 s; the full
-    table of variants with registers and spills: python kernels/compile_check.py)."""
+# variants that compile but miss their design (spill or lack a required opcode); the set must shrink, never grow
+KNOWN_SM90_MISSES = {"mae_loss p16 pred bf16 tf32"}  # spills 24 bytes: the Kronecker table at p = 16
+
+
+def test_every_kernel_compiles_for_sm90_without_spills_with_its_instructions(tmp_path):
+    """The interpreter accepts programs a GPU compiler rejects (tile shapes, types): compile every variant the
+    launchers use for sm_90 with Triton's bundled ptxas, in a process without TRITON_INTERPRET (a few minutes on a
+    busy machine; the table: python kernels/compile_check.py), and require each to meet its design: no spills
+    (no stack, no LDL/STL) and the SASS opcodes it relies on (LDG.E.128 / STG.E.128, HMMA, HGMMA)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     out = tmp_path / "compile.json"
-    proc = subprocess.run([sys.executable, os.path.join(root, "kernels", "compile_check.py"), "--quick", "--json",
-                           str(out)], env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    import json
-
+    proc = subprocess.run([sys.executable, os.path.join(root, "kernels", "compile_check.py"), "--json",
+                           str(out)], env=env, capture_output=True, text=True, timeout=1800)
     report = json.loads(out.read_text())["variants"]
-    assert len(report) == 6 and all(r["ok"] for r in report)
-    assert all(r.get("stack", 0) == 0 for r in report if not r["variant"].startswith("mae_loss")), report
+    assert all(r["ok"] for r in report), proc.stdout[-3000:] + proc.stderr[-3000:]
+    misses = {r["variant"] for r in report if not r["meets"]}
+    assert misses == KNOWN_SM90_MISSES, proc.stdout
+    for r in report:
+        if r["variant"] not in KNOWN_SM90_MISSES:
+            assert r["spill_bytes_or_ops"] == 0 and not r["missing"], r
