@@ -122,12 +122,11 @@ def variants() -> list[Variant]:
                                why="the Kronecker kernel's tiles (<= 32 planes) are below wgmma's M = 64: mma.sync "
                                    "(HMMA), not HGMMA; stride-6 planes give no 128-bit loads"))
     for dts in (("fp32", "fp32", "fp32"), ("bf16", "bf16", "bf16"), ("fp32", "bf16", "fp32")):
-        sig = {"table": "*i64", "n_tensors": "i32", "lr": "fp32", "decay": "fp32", "beta1": "fp32",
-               "one_minus_beta1": "fp32", "beta2": "fp32", "one_minus_beta2": "fp32", "P_DTYPE": "constexpr",
-               "G_DTYPE": "constexpr", "M_DTYPE": "constexpr", "LOG2_TENSORS": "constexpr", "BLOCK": "constexpr",
+        sig = {"table": "*i64", "block_tensor": "*i32", "scalars": "*fp32", "n_tensors": "i32",
+               "P_DTYPE": "constexpr", "G_DTYPE": "constexpr", "M_DTYPE": "constexpr", "BLOCK": "constexpr",
                "ALIGNED": "constexpr"}
         to_tl = {"fp32": tl.float32, "bf16": tl.bfloat16}
-        consts = {"P_DTYPE": to_tl[dts[0]], "G_DTYPE": to_tl[dts[1]], "M_DTYPE": to_tl[dts[2]], "LOG2_TENSORS": 9,
+        consts = {"P_DTYPE": to_tl[dts[0]], "G_DTYPE": to_tl[dts[1]], "M_DTYPE": to_tl[dts[2]],
                   "BLOCK": lion.BLOCK, "ALIGNED": True}
         out.append(Variant(f"lion p/g/m {'/'.join(dts)}", lion._lion_kernel, sig, consts,
                            {"num_warps": lion.NUM_WARPS, "enable_fp_fusion": False}, ints={"n_tensors": 420},

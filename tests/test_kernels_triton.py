@@ -248,7 +248,7 @@ def test_lion_matches_reference_one_launch_per_dtype_group():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
-def test_lion_many_tensors_binary_search():
+def test_lion_many_tensors_block_map():
     sizes = [int(s) for s in torch.randint(1, 3000, (37,), generator=_gen(31))]
     ref = _lion_lists(sizes, seed=32)
     got = [[t.clone() for t in ts] for ts in ref]
@@ -256,6 +256,67 @@ def test_lion_many_tensors_binary_search():
     ops.lion_update(*got, lr=1e-2, weight_decay=0.1, impl="triton")
     for a, b in zip(got[0] + got[2], ref[0] + ref[2]):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_lion_plan_reused_across_steps_and_rebuilt_only_on_new_storage():
+    """Tables are built once; a step with the same tensors, or with new gradient tensors at the same addresses,
+    reuses them; gradients at new addresses rewrite only the gradient rows; a new dtype rebuilds the plan; a new
+    parameter address too (and the results stay right throughout)."""
+    sizes = [5000, 3, 2100]
+    ref = _lion_lists(sizes, seed=35)
+    got = [[t.clone() for t in ts] for ts in ref]
+    builds, before = lion.plans.builds, lion.launches
+
+    def step(grads_got, grads_ref, lr):
+        ops.lion_update(ref[0], grads_ref, ref[2], lr=lr, weight_decay=0.05, impl="reference")
+        ops.lion_update(got[0], grads_got, got[2], lr=lr, weight_decay=0.05, impl="triton")
+        for a, b in zip(got[0] + got[2], ref[0] + ref[2]):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+    step(got[1], ref[1], 1e-3)
+    plan = lion.plans.get(got[0], got[1], got[2])
+    step(got[1], ref[1], 3e-3)                       # same tensors, new lr: no rebuild
+    assert lion.plans.builds - builds == 1
+    fresh = [g.clone() for g in got[1]]              # new tensors at new addresses: gradient rows rewritten
+    step(fresh, ref[1], 2e-3)
+    assert lion.plans.builds - builds == 1 and plan.grad_moves == 1
+    refilled = [torch.empty_like(g) for g in fresh]  # new objects, then moved onto the same storage
+    for r, f in zip(refilled, fresh):
+        r.set_(f.untyped_storage(), f.storage_offset(), f.shape, f.stride())
+    step(refilled, ref[1], 1e-3)                     # same addresses and layouts: nothing to do
+    assert lion.plans.builds - builds == 1 and plan.grad_moves == 1
+    assert lion.launches - before == 4
+    bf = [g.to(torch.bfloat16) for g in fresh]       # another dtype: a new plan (a new dtype group)
+    step(bf, [g.to(torch.bfloat16).float() for g in fresh], 1e-3)
+    assert lion.plans.builds - builds == 2
+    got[0] = [p.clone() for p in got[0]]             # new parameter storage: rebuilt
+    step(bf, [g.to(torch.bfloat16).float() for g in fresh], 1e-3)
+    assert lion.plans.builds - builds == 3
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_lion_optimizer_steps_reuse_tables_with_zero_grad_both_ways(set_to_none):
+    from mae_fast.optim import Lion
+
+    g = _gen(36)
+    model = torch.nn.Sequential(torch.nn.Linear(40, 30), torch.nn.GELU(), torch.nn.Linear(30, 5)).to(DEVICE)
+    ref = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    opt = Lion(model.parameters(), lr=1e-2, weight_decay=0.1, impl="triton")
+    opt_ref = Lion(ref, lr=1e-2, weight_decay=0.1, impl="reference")
+    builds = lion.plans.builds
+    for _ in range(3):
+        x = torch.randn(7, 40, generator=g).to(DEVICE)
+        opt.zero_grad(set_to_none=set_to_none)
+        opt_ref.zero_grad(set_to_none=set_to_none)
+        model(x).square().sum().backward()
+        for p, r in zip(model.parameters(), ref):
+            r.grad = p.grad.clone()
+        opt.step()
+        opt_ref.step()
+    if not set_to_none:
+        assert lion.plans.builds - builds == 1
+    for p, r in zip(model.parameters(), ref):
+        torch.testing.assert_close(p.detach(), r.detach(), rtol=1e-6, atol=1e-7)
 
 
 def test_lion_mixed_dtypes_launch_per_group():
