@@ -44,6 +44,7 @@ CORE_RATE = 60e12                     # FLOP/s, fp32 FMA units (lead: 0.9 x data
 IMG, CHANNELS, RATIO, DECODER_DIM = 256, 6, 0.75, 512
 PIXEL_BYTES, ACT_BYTES, F32, I64 = 2, 2, 4, 8  # uint16 pixels, bf16 activations
 BATCHES, PATCHES = (128, 256), (8, 16)
+SMS = 132                             # H200 multiprocessors
 OUT = os.path.join(ROOT, "benchmarks", "results", "kernel_predictions.json")
 
 
@@ -77,11 +78,12 @@ def masked_patchify(g: dict) -> dict:
 
 
 def unshuffle(g: dict) -> list[dict]:
-    """forward: x (B, K, D) + class row, pos (L+1, D), ids read; out (B, L+1, D) written.
-    backward: grad_out (B, L+1, D), ids read; grad_x (B, K, D), class-row grad and mask-token grad (D) written.
-    This commit: the class token is joined by a torch.cat (the whole output read and written again, and in
-    backward the slice of grad_out copied to a contiguous tensor), and backward writes and re-reads a
-    (B * ceil(L / 8), D) float32 partials buffer for the mask-token gradient."""
+    """The op with the class token in place (`ops.unshuffle(..., prefix=1)`):
+    forward: x (B, 1 + K, D), pos (1 + L, D), ids, mask token read; out (B, 1 + L, D) written.
+    backward: grad_out (B, 1 + L, D), ids read; grad_x (B, 1 + K, D) and the mask token's gradient written.
+    This commit's kernels move exactly that, plus the backward's per-program float32 sums (4 programs per SM x D,
+    written and re-read: ~1 MB). The model's MAEDecoder still calls it without the prefix and joins the class token
+    by a torch.cat (output read and written again; in backward the slice copied), see `model_cat_bytes`."""
     B, L, K, D = g["B"], g["L"], g["K"], DECODER_DIM
     size = f"B{B} p{g['p']}"
     ids = B * L * I64
@@ -89,17 +91,16 @@ def unshuffle(g: dict) -> list[dict]:
     out = B * (L + 1) * D * ACT_BYTES
     pos = (L + 1) * D * ACT_BYTES
     fwd_floor = x + pos + ids + D * ACT_BYTES + out
-    fwd_moved = fwd_floor + 2 * out                         # torch.cat re-reads and re-writes the output
     bwd_floor = out + ids + x + D * F32
-    partials = B * math.ceil(L / 8) * D * F32
-    bwd_moved = bwd_floor + 2 * B * L * D * ACT_BYTES + 2 * partials  # slice made contiguous; partials out + in
+    sums = 2 * 4 * SMS * D * F32
     fwd_core = B * L * D * 1.0
-    bwd_core = B * (L - g["K"]) * D * 1.0
-    notes = "decoder dim 512, bf16; this commit: torch.cat for the class token, fp32 partials in backward"
+    bwd_core = B * (L - K) * D * 1.0
+    notes = (f"decoder dim 512, bf16, class token placed by the kernel; the model's torch.cat (not yet removed) "
+             f"would add {2 * out + 2 * B * L * D * ACT_BYTES} bytes per forward + backward")
     return [
-        entry("unshuffle.forward", size, fwd_floor, fwd_moved, 0, None, fwd_core, notes),
-        entry("unshuffle.backward", size, bwd_floor, bwd_moved, 0, None, bwd_core, notes),
-        entry("unshuffle", size, fwd_floor + bwd_floor, fwd_moved + bwd_moved, 0, None, fwd_core + bwd_core,
+        entry("unshuffle.forward", size, fwd_floor, fwd_floor, 0, None, fwd_core, notes),
+        entry("unshuffle.backward", size, bwd_floor, bwd_floor + sums, 0, None, bwd_core, notes),
+        entry("unshuffle", size, fwd_floor + bwd_floor, fwd_floor + bwd_floor + sums, 0, None, fwd_core + bwd_core,
               notes + " (forward + backward, as bench_ops times it)"),
     ]
 

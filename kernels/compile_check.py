@@ -93,16 +93,18 @@ def variants() -> list[Variant]:
     D = 512
     for act in ("bf16", "fp32"):
         sig = {"x": f"*{act}", "mask_token": f"*{act}", "ids_restore": "*i64", "pos_embed": f"*{act}",
-               "out": f"*{act}", "L": "i32", "K": "i32", "D": "i32", "s_xb": "i32", "s_xk": "i32",
+               "out": f"*{act}", "L": "i32", "K": "i32", "D": "i32", "s_xb": "i32", "s_xk": "i32", "PREFIX": "i32",
                "HAS_POS": "constexpr", "BLOCK_T": "constexpr", "BLOCK_D": "constexpr"}
         out.append(Variant(f"unshuffle forward {act}", unshuffle._unshuffle_forward_kernel, sig,
                            {"HAS_POS": True, "BLOCK_T": 8, "BLOCK_D": 256}, {},
-                           ints={"L": 1024, "K": 256, "D": D, "s_xb": 256 * D, "s_xk": D},
+                           ints={"L": 1024, "K": 256, "D": D, "s_xb": 257 * D, "s_xk": D, "PREFIX": 1},
                            requires=(LDG128, STG128)))
-        sig = {"grad_out": f"*{act}", "ids_restore": "*i64", "grad_x": f"*{act}", "partial": "*fp32", "L": "i32",
-               "K": "i32", "D": "i32", "BLOCK_T": "constexpr", "BLOCK_D": "constexpr"}
+        sig = {"grad_out": f"*{act}", "ids_restore": "*i64", "grad_x": f"*{act}", "token_sums": "*fp32",
+               "L": "i32", "K": "i32", "D": "i32", "PREFIX": "i32", "n_tiles": "i32", "n_row_blocks": "i32",
+               "BLOCK_T": "constexpr", "BLOCK_D": "constexpr"}
         out.append(Variant(f"unshuffle backward {act}", unshuffle._unshuffle_backward_kernel, sig,
-                           {"BLOCK_T": 8, "BLOCK_D": 256}, {}, ints={"L": 1024, "K": 256, "D": D},
+                           {"BLOCK_T": 8, "BLOCK_D": 256}, {},
+                           ints={"L": 1024, "K": 256, "D": D, "PREFIX": 1, "n_tiles": 256 * 129, "n_row_blocks": 129},
                            requires=(LDG128, STG128)))
     for p in (8, 16):
         for pred, precision in (("bf16", "tf32"), ("fp32", "tf32"), ("fp32", "ieee")):

@@ -145,6 +145,35 @@ def test_unshuffle_forward_backward(D, with_pos):
     _close(gt, ref_gt)
 
 
+@pytest.mark.parametrize("D", [24, 300])
+@pytest.mark.parametrize("prefix", [1, 2])
+def test_unshuffle_places_prefix_tokens_itself(D, prefix):
+    """The class token (prefix rows) goes through the kernel: out (B, prefix + L, D) with no torch.cat, grad_x
+    (B, prefix + K, D) written in full, the mask token's gradient from per-program sums (more tiles than programs,
+    so each program walks several)."""
+    B, K, L = 5, 4, 23
+    x = _randn(B, prefix + K, D, seed=40).requires_grad_()
+    token = _randn(D, seed=41).requires_grad_()
+    pos = _randn(prefix + L, D, seed=42)
+    ids = torch.argsort(torch.rand(B, L, generator=_gen(43)), dim=1).to(DEVICE)
+    grad_out = _randn(B, prefix + L, D, seed=44)
+    ref = ops.unshuffle(x, token, ids, pos, impl="reference", prefix=prefix)
+    ref_gx, ref_gt = torch.autograd.grad(ref, (x, token), grad_out)
+
+    out = unshuffle.unshuffle_forward_triton(x.detach(), token.detach(), ids, pos, prefix, out=_nan((B, prefix + L, D)))
+    _close(out, ref, rtol=0, atol=0)
+    grad_x = _nan((B, prefix + K, D))
+    grad_token = unshuffle.unshuffle_backward_triton(grad_out, ids, grad_x, prefix)
+    _close(grad_x, ref_gx, rtol=0, atol=0)
+    _close(grad_token, ref_gt)
+
+    fused = ops.unshuffle(x, token, ids, pos, impl="triton", prefix=prefix)
+    gx, gt = torch.autograd.grad(fused, (x, token), grad_out)
+    _close(fused, ref, rtol=0, atol=0)
+    _close(gx, ref_gx, rtol=0, atol=0)
+    _close(gt, ref_gt)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # MAE loss
 # --------------------------------------------------------------------------------------------------------------
