@@ -13,9 +13,10 @@ and the parameter / state addresses. New gradient addresses with the same layout
 gradient rows (a few KB copied); anything else that changed (a parameter or state address, a shape or a dtype)
 rebuilds the plan.
 The hyperparameters live in a small device tensor (lr, 1 - lr*wd, b1, 1 - b1, b2, 1 - b2) written from a pinned
-host buffer by an asynchronous copy, so that a step has no host synchronisation and no host-to-device copy of the
-tables, and can be captured in a CUDA graph (the copy and the launches are recorded; to change lr between
-replays, call `LionPlan.write_scalars` outside the graph).
+host buffer by an asynchronous copy (queued only when a value changed), so that a planned step has no host
+synchronisation and no host-to-device copy of the tables, and can be captured in a CUDA graph: the kernels read the
+hyperparameters from the device tensor, so to change lr between replays call `LionPlan.write_scalars` (eagerly,
+outside the graph) before `replay()` (tests/gpu/test_gpu_ops.py::test_lion_step_captured_in_a_cuda_graph).
 
 Arithmetic and rounding as the reference, op by op, in float32:
     c = m*b1 + g*(1-b1)  (two rounded products, one add: no FMA contraction, `enable_fp_fusion=False`)
