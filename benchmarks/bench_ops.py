@@ -223,7 +223,7 @@ def loss_config_sweep(s: Sizes, device) -> list[dict]:
     out = []
     configs = [(bp, bf, w) for bp in (16, 32, 64) for bf in (16, 32, 64) for w in (4, 8) if bf <= s.patch**2]
     for precision in ("tf32", "tf32x3", "ieee"):
-        for bp, bf, w in configs if precision == "tf32" else [mae_loss._launch_config(s.patch)]:
+        for bp, bf, w in configs if precision == "tf32" else [mae_loss._launch_config(s.patch, precision)]:
             def run():
                 return mae_loss.mae_loss_forward_triton(pred, target, None, 1.0 / (s.batch * N), s.patch, planes,
                                                         0.01, grad, dot_precision=precision, block_planes=bp,

@@ -5,20 +5,29 @@
 
 Triton compiles ahead of time with its bundled ptxas, so a CPU-only session can prove that every kernel variant
 the launchers use compiles for the GPU (the interpreter cannot: it accepts tile shapes a GPU rejects) and read
-registers, spills and shared memory per variant (cuobjdump -res-usage on the cubin) and the 16-byte global
-accesses in the PTX. Integer arguments get no divisibility specialisation here (the JIT adds it at launch for
-multiples of 16), so vector widths of index-computed accesses are understated. It says nothing about speed.
-Must run without TRITON_INTERPRET (the kernels are then JIT functions, not interpreted ones).
+registers, spills and shared memory per variant (cuobjdump -res-usage on the cubin), the occupancy they allow,
+and the SASS opcodes the design relies on (cuobjdump -sass): 128-bit global accesses (LDG.E.128 / STG.E.128) for
+the memory-bound kernels, warpgroup MMA (HGMMA) where a DFT product is meant to run on wgmma. Each variant names
+what it requires (`REQUIRES`); a variant that spills (stack > 0 or LDL/STL in SASS) or lacks a required opcode
+fails the check. Integer arguments the launchers pass as multiples of 16 at ViT-L/8 sizes (`ints` per variant)
+get the divisibility specialisation the JIT adds at launch, so vector widths match a real launch.
+It says nothing about speed. Must run without TRITON_INTERPRET (the kernels are then JIT functions).
+
+Occupancy (resident warps / 64 per SM on sm_90): blocks per SM = min(32, 64 // warps, 65536 // (warps * 32 *
+regs rounded up to 8), 233472 // (shared + 1024)) -- 64 K registers, 228 KB shared memory (1 KB reserved per
+block) per multiprocessor.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass, field
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     raise SystemExit("compile_check needs TRITON_INTERPRET unset (run it in its own process)")
@@ -35,15 +44,33 @@ def _kernels():
     return lion, mae_loss, masked_patchify, unshuffle
 
 
-def variants() -> list[tuple[str, object, dict, dict, dict]]:
-    """(name, kernel, signature, constexprs, options) of the variants the launchers use at ViT-L/8 MAE sizes."""
+LDG128, STG128, HGMMA = "LDG.E.128", "STG.E.128", "HGMMA"
+SPILL_OPCODES = ("LDL", "STL")
+
+
+@dataclass
+class Variant:
+    name: str
+    kernel: object
+    signature: dict
+    constexprs: dict
+    options: dict
+    ints: dict = field(default_factory=dict)   # integer arguments at ViT-L/8 sizes (multiples of 16 specialise)
+    requires: tuple = ()                       # SASS opcodes the design relies on
+    why: str = ""                              # what is not yet required, and why
+
+
+def variants() -> list[Variant]:
+    """The variants the launchers use at ViT-L/8 MAE sizes (batch 256, 256^2 x 6, decoder 512)."""
     lion, mae_loss, masked_patchify, unshuffle = _kernels()
     out = []
     stats_sig = {"img": "*u16", "mean_out": "*fp32", "rstd_out": "*fp32", "C": "i32", "H": "i32", "W": "i32",
                  "s_b": "i32", "s_c": "i32", "s_h": "i32", "s_w": "i32", "inv_scale": "fp32", "eps": "fp32",
                  "BLOCK_H": "constexpr", "BLOCK_W": "constexpr"}
-    out.append(("channel_stats u16", masked_patchify._channel_stats_kernel, stats_sig,
-                {"BLOCK_H": 8, "BLOCK_W": 256, "s_w": 1}, {"num_warps": 8}))
+    out.append(Variant("channel_stats u16", masked_patchify._channel_stats_kernel, stats_sig,
+                       {"BLOCK_H": 8, "BLOCK_W": 256, "s_w": 1}, {"num_warps": 8},
+                       ints={"C": 6, "H": 256, "W": 256, "s_b": 6 * 65536, "s_c": 65536, "s_h": 256},
+                       requires=(LDG128,)))
     for layout, p in (("standard", 8), ("standard", 16), ("channel", 8), ("channel", 16)):
         for pix in ("u16", "u8", "fp32"):
             if pix != "u16" and (layout, p) != ("standard", 8):
@@ -55,21 +82,33 @@ def variants() -> list[tuple[str, object, dict, dict, dict]]:
             w = 256 // p
             consts = {"C": 6, "PATCH": p, "CHANNEL_LAYOUT": layout == "channel",
                       "BLOCK_T": min(w, 2048 // (p * p)), "s_w": 1}
-            out.append((f"masked_patchify {layout} p{p} {pix}", masked_patchify._masked_patchify_kernel, sig,
-                        consts, {"num_warps": 8}))
+            L = w * w * (6 if layout == "channel" else 1)
+            out.append(Variant(f"masked_patchify {layout} p{p} {pix}", masked_patchify._masked_patchify_kernel, sig,
+                               consts, {"num_warps": 8},
+                               ints={"H": 256, "W": 256, "s_b": 6 * 65536, "s_c": 65536, "s_h": 256, "L": L,
+                                     "len_keep": L // 4},
+                               requires=(STG128,),
+                               why="loads gather a token's pixels (no LDG.E.128 yet: contiguous row loads are the "
+                                   "redesign)"))
+    D = 512
     for act in ("bf16", "fp32"):
         sig = {"x": f"*{act}", "mask_token": f"*{act}", "ids_restore": "*i64", "pos_embed": f"*{act}",
-               "out": f"*{act}", "L": "i32", "K": "i32", "D": "i32", "s_xb": "i32", "s_xk": "i32",
+               "out": f"*{act}", "L": "i32", "K": "i32", "D": "i32", "s_xb": "i32", "s_xk": "i32", "PREFIX": "i32",
                "HAS_POS": "constexpr", "BLOCK_T": "constexpr", "BLOCK_D": "constexpr"}
-        out.append((f"unshuffle forward {act}", unshuffle._unshuffle_forward_kernel, sig,
-                    {"HAS_POS": True, "BLOCK_T": 8, "BLOCK_D": 256}, {}))
-        sig = {"grad_out": f"*{act}", "ids_restore": "*i64", "grad_x": f"*{act}", "partial": "*fp32", "L": "i32",
-               "K": "i32", "D": "i32", "BLOCK_T": "constexpr", "BLOCK_D": "constexpr"}
-        out.append((f"unshuffle backward {act}", unshuffle._unshuffle_backward_kernel, sig,
-                    {"BLOCK_T": 8, "BLOCK_D": 256}, {}))
+        out.append(Variant(f"unshuffle forward {act}", unshuffle._unshuffle_forward_kernel, sig,
+                           {"HAS_POS": True, "BLOCK_T": 8, "BLOCK_D": 256}, {},
+                           ints={"L": 1024, "K": 256, "D": D, "s_xb": 257 * D, "s_xk": D, "PREFIX": 1},
+                           requires=(LDG128, STG128)))
+        sig = {"grad_out": f"*{act}", "ids_restore": "*i64", "grad_x": f"*{act}", "token_sums": "*fp32",
+               "L": "i32", "K": "i32", "D": "i32", "PREFIX": "i32", "n_tiles": "i32", "n_row_blocks": "i32",
+               "BLOCK_T": "constexpr", "BLOCK_D": "constexpr"}
+        out.append(Variant(f"unshuffle backward {act}", unshuffle._unshuffle_backward_kernel, sig,
+                           {"BLOCK_T": 8, "BLOCK_D": 256}, {},
+                           ints={"L": 1024, "K": 256, "D": D, "PREFIX": 1, "n_tiles": 256 * 129, "n_row_blocks": 129},
+                           requires=(LDG128, STG128)))
     for p in (8, 16):
         for pred, precision in (("bf16", "tf32"), ("fp32", "tf32"), ("fp32", "ieee")):
-            block_pl, block_f, warps = mae_loss._launch_config(p)
+            block_pl, block_f, warps = mae_loss._launch_config(p, precision)
             sig = {"pred": f"*{pred}", "target": "*fp32", "token_weight": "*fp32", "grad": f"*{pred}",
                    "partial": "*fp32", "k_re": "*fp32", "k_im": "*fp32", "n_planes": "i32", "P": "i32", "CP": "i32",
                    "uniform_weight": "fp32", "coef_mse": "fp32", "coef_fourier": "fp32", "P2": "constexpr",
@@ -77,64 +116,104 @@ def variants() -> list[tuple[str, object, dict, dict, dict]]:
                    "DOT_PRECISION": "constexpr"}
             consts = {"P2": p * p, "BLOCK_PL": block_pl, "BLOCK_F": block_f, "HAS_WEIGHT": False,
                       "DOT_PRECISION": precision}
-            out.append((f"mae_loss p{p} pred {pred} {precision}", mae_loss._mae_loss_kernel, sig, consts,
-                        {"num_warps": warps}))
+            out.append(Variant(f"mae_loss p{p} pred {pred} {precision}", mae_loss._mae_loss_kernel, sig, consts,
+                               {"num_warps": warps},
+                               ints={"n_planes": 256 * (1024 if p == 8 else 256) * 3 // 4 * 6, "P": 6 * p * p,
+                                     "CP": 6},
+                               requires=("HMMA",) if precision != "ieee" else (),
+                               why="the Kronecker kernel's tiles (<= 32 planes) are below wgmma's M = 64: mma.sync "
+                                   "(HMMA), not HGMMA; stride-6 planes give no 128-bit loads"))
     for dts in (("fp32", "fp32", "fp32"), ("bf16", "bf16", "bf16"), ("fp32", "bf16", "fp32")):
-        sig = {"table": "*i64", "n_tensors": "i32", "lr": "fp32", "decay": "fp32", "beta1": "fp32",
-               "one_minus_beta1": "fp32", "beta2": "fp32", "one_minus_beta2": "fp32", "P_DTYPE": "constexpr",
-               "G_DTYPE": "constexpr", "M_DTYPE": "constexpr", "LOG2_TENSORS": "constexpr", "BLOCK": "constexpr",
+        sig = {"table": "*i64", "block_tensor": "*i32", "scalars": "*fp32", "n_tensors": "i32",
+               "P_DTYPE": "constexpr", "G_DTYPE": "constexpr", "M_DTYPE": "constexpr", "BLOCK": "constexpr",
                "ALIGNED": "constexpr"}
         to_tl = {"fp32": tl.float32, "bf16": tl.bfloat16}
-        consts = {"P_DTYPE": to_tl[dts[0]], "G_DTYPE": to_tl[dts[1]], "M_DTYPE": to_tl[dts[2]], "LOG2_TENSORS": 9,
+        consts = {"P_DTYPE": to_tl[dts[0]], "G_DTYPE": to_tl[dts[1]], "M_DTYPE": to_tl[dts[2]],
                   "BLOCK": lion.BLOCK, "ALIGNED": True}
-        out.append((f"lion p/g/m {'/'.join(dts)}", lion._lion_kernel, sig, consts,
-                    {"num_warps": lion.NUM_WARPS, "enable_fp_fusion": False}))
+        out.append(Variant(f"lion p/g/m {'/'.join(dts)}", lion._lion_kernel, sig, consts,
+                           {"num_warps": lion.NUM_WARPS, "enable_fp_fusion": False}, ints={"n_tensors": 420},
+                           requires=(LDG128, STG128)))
     return out
 
 
-def _runtime_attrs(kernel, sig: dict) -> dict:
-    """What the JIT specialises at launch for tensors from torch's allocator: 16-byte aligned pointers."""
-    return {(kernel.arg_names.index(name),): [["tt.divisibility", 16]]
-            for name, kind in sig.items() if kind.startswith("*")}
+def _runtime_attrs(kernel, sig: dict, ints: dict) -> dict:
+    """What the JIT specialises at launch: 16-byte aligned pointers (torch's allocator) and integer arguments that
+    are multiples of 16."""
+    names = [n for n, kind in sig.items() if kind.startswith("*")]
+    names += [n for n, v in ints.items() if sig.get(n) == "i32" and v % 16 == 0]
+    return {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in names}
+
+
+def _tool(name: str) -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def _cuobjdump(cubin: bytes, flag: str) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([_tool("cuobjdump"), flag, f.name], capture_output=True, text=True).stdout
+
+
+def sass_opcodes(cubin: bytes) -> collections.Counter:
+    """Opcode counts (with modifiers, e.g. LDG.E.128) of the cubin's SASS."""
+    text = _cuobjdump(cubin, "-sass")
+    return collections.Counter(re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", text))
+
+
+def occupancy(regs: int, shared: int, warps: int) -> dict:
+    """Blocks and warps resident per sm_90 multiprocessor (see the module docstring)."""
+    per_thread = max(8, -(-regs // 8) * 8)
+    blocks = min(32, 64 // warps, 65536 // (warps * 32 * per_thread), 233472 // (shared + 1024))
+    return {"blocks_per_sm": blocks, "warps_per_sm": blocks * warps, "occupancy": blocks * warps / 64}
+
+
+def _count(ops: collections.Counter, prefix: str) -> int:
+    return sum(n for op, n in ops.items() if op == prefix or op.startswith(prefix + "."))
 
 
 def resource_usage(cubin: bytes) -> dict:
     """REG / STACK / SHARED / LOCAL of a cubin, from the cuobjdump that ships with Triton."""
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        text = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    text = _cuobjdump(cubin, "-res-usage")
     found = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", text))
     return {k.lower(): int(v) for k, v in found.items()}
 
 
 def check(arch: int = 90, quick: bool = False) -> list[dict]:
-    """Compile every variant (or, `quick`, the first variant of each kernel) for sm_`arch`."""
+    """Compile every variant (or, `quick`, the first variant of each kernel) for sm_`arch`; each row says whether
+    it compiled (`ok`) and whether it meets its design (`meets`: no spill, every required opcode present)."""
     target = GPUTarget("cuda", arch, 32)
     report = []
     seen = set()
-    for name, kernel, sig, consts, options in variants():
-        if quick and kernel in seen:
+    for v in variants():
+        if quick and v.kernel in seen:
             continue
-        seen.add(kernel)
+        seen.add(v.kernel)
         # integer constexprs passed by value (e.g. unit strides) are specialisations: type "constexpr"
-        sig = dict(sig, **{k: "constexpr" for k in consts if k in sig})
-        src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=_runtime_attrs(kernel, sig))
+        sig = dict(v.signature, **{k: "constexpr" for k in v.constexprs if k in v.signature})
+        src = ASTSource(fn=v.kernel, signature=sig, constexprs=v.constexprs,
+                        attrs=_runtime_attrs(v.kernel, sig, v.ints))
         try:
-            compiled = compile(src, target=target, options=options)
+            compiled = compile(src, target=target, options=v.options)
         except Exception as err:  # noqa: BLE001 - reported per variant
-            report.append({"variant": name, "ok": False, "error": f"{type(err).__name__}: {err}"[:2000]})
+            report.append({"variant": v.name, "ok": False, "meets": False,
+                           "error": f"{type(err).__name__}: {err}"[:2000]})
             continue
         ptx = compiled.asm["ptx"]
+        res = resource_usage(compiled.asm["cubin"])
+        ops = sass_opcodes(compiled.asm["cubin"])
+        warps = compiled.metadata.num_warps
+        spills = res.get("stack", 0) + res.get("local", 0) + sum(_count(ops, o) for o in SPILL_OPCODES)
+        sass = {k: _count(ops, k) for k in (LDG128, STG128, HGMMA, "HMMA", "LDG", "STG", "LDL", "STL")}
+        missing = [op for op in v.requires if sass.get(op, _count(ops, op)) == 0]
         report.append({
-            "variant": name, "ok": True, **resource_usage(compiled.asm["cubin"]),
-            "dynamic_shared": compiled.metadata.shared,
-            "global_loads": len(re.findall(r"ld\.global", ptx)),
-            "global_loads_v4": len(re.findall(r"ld\.global(?:\.\w+)*\.v4", ptx)),
-            "global_stores": len(re.findall(r"st\.global", ptx)),
-            "global_stores_v4": len(re.findall(r"st\.global(?:\.\w+)*\.v4", ptx)),
-            "mma": bool(re.search(r"\bmma\.|wgmma", ptx)),
+            "variant": v.name, "ok": True, "meets": spills == 0 and not missing, **res,
+            "dynamic_shared": compiled.metadata.shared, "num_warps": warps,
+            **occupancy(res.get("reg", 255), compiled.metadata.shared, warps),
+            "spill_bytes_or_ops": spills, "sass": sass, "requires": list(v.requires), "missing": missing,
+            "not_required_yet": v.why,
+            "ptx_global_loads_v4": len(re.findall(r"ld\.global(?:\.\w+)*\.v4", ptx)),
+            "ptx_global_stores_v4": len(re.findall(r"st\.global(?:\.\w+)*\.v4", ptx)),
         })
     return report
 
@@ -148,20 +227,25 @@ def main(argv=None) -> int:
     report = check(args.arch, args.quick)
     for r in report:
         if r["ok"]:
-            print(f"{r['variant']:<40} ok   regs {r.get('reg', '?'):>3}  spill stack {r.get('stack', '?'):>5}  "
-                  f"smem {r['dynamic_shared']:>6}  ld.v4 {r['global_loads_v4']:>3}/{r['global_loads']:<3} "
-                  f"st.v4 {r['global_stores_v4']:>3}/{r['global_stores']:<3} mma {r['mma']}")
+            s = r["sass"]
+            print(f"{r['variant']:<34} {'ok  ' if r['meets'] else 'MISS'} regs {r.get('reg', '?'):>3} "
+                  f"spill {r['spill_bytes_or_ops']:>4} smem {r['dynamic_shared']:>6} occ {r['occupancy']:.2f} "
+                  f"LDG128 {s[LDG128]:>2}/{s['LDG']:<3} STG128 {s[STG128]:>2}/{s['STG']:<3} "
+                  f"HGMMA {s[HGMMA]:>3} HMMA {s['HMMA']:>3}" + (f" missing {r['missing']}" if r["missing"] else ""))
         else:
             print(f"{r['variant']:<40} FAILED {r['error'][:300]}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"arch": args.arch, "triton": triton.__version__, "variants": report}, f, indent=2)
-    return 0 if all(r["ok"] for r in report) else 1
+        text = json.dumps({"arch": args.arch, "triton": triton.__version__, "variants": report}, indent=2) + "\n"
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:  # atomic: no import of mae_fast.checkpoint (torch) needed here
+            f.write(text)
+        os.replace(tmp, args.json)
+    return 0 if all(r["ok"] and r["meets"] for r in report) else 1
 
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from mae_fast import bench
 
-    bench.import_checkout_kernels()
+    bench.import_checkout_kernels(os.path.dirname(os.path.abspath(__file__)))  # these kernels, not an install's
     sys.exit(main())

@@ -40,9 +40,11 @@ def _mae_loss_kernel(
     plane_ok = plane < n_planes
     token = plane // CP
     j = tl.arange(0, P2)
-    offs = (token * P + plane % CP)[:, None] + (j * CP)[None, :]  # (BLOCK_PL, P2) element offsets
-    x = tl.load(pred + offs, mask=plane_ok[:, None], other=0.0).to(tl.float32)
-    y = tl.load(target + offs, mask=plane_ok[:, None], other=0.0).to(tl.float32)
+    row = token * P + plane % CP  # int64 per plane; 32-bit offsets within the tile (fewer live registers)
+    offs = (row - pid.to(tl.int64) * BLOCK_PL // CP * P).to(tl.int32)[:, None] + (j * CP)[None, :]
+    base = pid.to(tl.int64) * BLOCK_PL // CP * P
+    x = tl.load(pred + base + offs, mask=plane_ok[:, None], other=0.0).to(tl.float32)
+    y = tl.load(target + base + offs, mask=plane_ok[:, None], other=0.0).to(tl.float32)
     if HAS_WEIGHT:
         w = tl.load(token_weight + token, mask=plane_ok, other=0.0)
     else:
@@ -68,7 +70,7 @@ def _mae_loss_kernel(
         # d|Fx|/dx through the symmetric table: grad[:, j] += sum_f G[:, f] K[f, j]
         g += coef_fourier * (tl.dot(fxr * scale, tl.trans(kr), input_precision=DOT_PRECISION)
                              + tl.dot(fxi * scale, tl.trans(ki), input_precision=DOT_PRECISION))
-    tl.store(grad + offs, (w[:, None] * g).to(grad.dtype.element_ty), mask=plane_ok[:, None])
+    tl.store(grad + base + offs, (w[:, None] * g).to(grad.dtype.element_ty), mask=plane_ok[:, None])
     tl.store(partial + pid, tl.sum(w * (coef_mse * mse + coef_fourier * fourier), axis=0))
 
 
@@ -97,13 +99,16 @@ def dft_tables(p: int, device: torch.device, tf32: bool = False) -> tuple[torch.
     return _TABLES[key]
 
 
-def _launch_config(p: int) -> tuple[int, int, int]:
-    """(BLOCK_PL, BLOCK_F, num_warps). Compiled for sm_90 (kernels/compile_check.py): p = 8 with 32 planes and
-    32-wide frequency chunks on 8 warps takes 184 registers and no spills (64-wide chunks or 64 planes spill);
-    p = 16 with 16 planes, 32-wide chunks, 8 warps takes 195. Not yet timed on a GPU: tune with
-    `mae_loss_forward_triton(..., block_planes=, block_freq=, num_warps=)`."""
+def _launch_config(p: int, precision: str = "tf32") -> tuple[int, int, int]:
+    """(BLOCK_PL, BLOCK_F, num_warps). Compiled for sm_90 (kernels/compile_check.py, Triton 3.8): p = 8 with 32
+    planes and 32-wide frequency chunks on 8 warps takes 174 registers and no spills with tf32 (64-wide chunks or 64
+    planes spill); exact float32 ("ieee") products need 16 planes (76 registers; 32 planes spill 405 bytes).
+    p = 16 with 16 planes, 32-wide chunks, 8 warps takes 195 registers for float32 predictions and 227 for bfloat16
+    ones (they spilled with 64-bit element offsets per tile element: the offsets are now 32-bit from a per-program
+    base). Not yet timed on a GPU: tune with `mae_loss_forward_triton(..., block_planes=, block_freq=,
+    num_warps=)`."""
     if p <= 8:
-        return 32, min(32, p * p), 8
+        return (16 if precision == "ieee" else 32), min(32, p * p), 8
     return 16, 32, 8
 
 
@@ -116,7 +121,7 @@ def mae_loss_forward_triton(pred, target, token_weight, uniform_weight, patch_si
     if dot_precision is None:
         dot_precision = "ieee" if interpreting() else "tf32"
     n_planes = B * N * planes_per_token
-    default_pl, default_f, default_warps = _launch_config(p)
+    default_pl, default_f, default_warps = _launch_config(p, dot_precision)
     block_pl, block_f = block_planes or default_pl, block_freq or default_f
     num_warps = num_warps or default_warps
     k_re, k_im = dft_tables(p, pred.device, tf32=dot_precision == "tf32")

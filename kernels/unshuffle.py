@@ -1,11 +1,17 @@
-"""Decoder unshuffle (Triton): visible tokens + mask token -> full sequence in original order, + pos embedding.
+"""Decoder unshuffle (Triton): prefix (class) tokens + visible tokens + mask token -> the full sequence in original
+order, + the positional embedding.
 
-forward, one program per (image, token block):
-    out[b, t] = (x[b, ids_restore[b, t]] if ids_restore[b, t] < K else mask_token) + pos_embed[t]
-backward, the same grid:
-    grad_x[b, ids_restore[b, t]] = grad_out[b, t] for visible t — ids_restore is a permutation, so every row of
-    grad_x is written exactly once (no atomics, no zero fill) — and each program writes the float32 sum of its
-    masked rows of grad_out to a (programs, D) buffer that one torch sum reduces (deterministic).
+x is (B, prefix + K, D): `prefix` leading tokens that keep their place (the class token), then the K visible
+tokens in shuffled order; the output is (B, prefix + L, D) and pos_embed (prefix + L, D), so the model needs no
+torch.cat around the op. Output row r of image b:
+    r <  prefix:  x[b, r] + pos[r]
+    r >= prefix:  (x[b, prefix + ids_restore[b, r - prefix]] if that id < K else mask_token) + pos[r]
+forward: one program per (image, block of rows), 128-bit row loads and stores.
+backward: a persistent grid (a few programs per multiprocessor, each with one D slice) walks the row blocks:
+    grad_x[b, src] = grad_out[b, r] for every kept row (ids_restore is a permutation, so every row of grad_x is
+    written exactly once: no atomics, no zero fill), and each program sums the masked rows of its tiles in float32
+    registers, writing one (D slice) row at the end; the host sums those (programs x D, ~1 MB at most) in a fixed
+    order (deterministic). No (B * L / BLOCK_T, D) partials buffer.
 mask_token and pos_embed arrive in x's dtype; the sum is formed in float32 and rounded once, like torch's add.
 """
 from __future__ import annotations
@@ -21,16 +27,19 @@ from mae_fast.kernels._common import check_device, next_pow2
 @triton.jit
 def _unshuffle_forward_kernel(
     x, mask_token, ids_restore, pos_embed, out,
-    L, K, D, s_xb, s_xk,
+    L, K, D, s_xb, s_xk, PREFIX,
     HAS_POS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(0)
-    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-    t_ok = t < L
-    src = tl.load(ids_restore + b.to(tl.int64) * L + t, mask=t_ok, other=0)
-    visible = t_ok & (src < K)
-    x_rows = x + b.to(tl.int64) * s_xb + src * s_xk
-    out_rows = out + (b.to(tl.int64) * L + t) * D
+    r = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)  # output rows, prefix included
+    rows = PREFIX + L
+    r_ok = r < rows
+    is_prefix = r < PREFIX
+    src = tl.load(ids_restore + b.to(tl.int64) * L + (r - PREFIX), mask=r_ok & (r >= PREFIX), other=0)
+    x_row = tl.where(is_prefix, r, PREFIX + src)
+    visible = r_ok & (is_prefix | (src < K))
+    x_rows = x + b.to(tl.int64) * s_xb + x_row.to(tl.int64) * s_xk
+    out_rows = out + (b.to(tl.int64) * rows + r) * D
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         d_ok = d < D
@@ -38,34 +47,38 @@ def _unshuffle_forward_kernel(
         mt = tl.load(mask_token + d, mask=d_ok, other=0.0)
         v = tl.where(visible[:, None], xv.to(tl.float32), mt.to(tl.float32)[None, :])
         if HAS_POS:
-            pe = tl.load(pos_embed + t[:, None] * D + d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+            pe = tl.load(pos_embed + r[:, None] * D + d[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
             v = v + pe.to(tl.float32)
-        tl.store(out_rows[:, None] + d[None, :], v.to(out.dtype.element_ty), mask=t_ok[:, None] & d_ok[None, :])
+        tl.store(out_rows[:, None] + d[None, :], v.to(out.dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
 def _unshuffle_backward_kernel(
-    grad_out, ids_restore, grad_x, partial,
-    L, K, D,
+    grad_out, ids_restore, grad_x, token_sums,
+    L, K, D, PREFIX, n_tiles, n_row_blocks,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    b = tl.program_id(0)
-    tb = tl.program_id(1)
-    t = tb * BLOCK_T + tl.arange(0, BLOCK_T)
-    t_ok = t < L
-    src = tl.load(ids_restore + b.to(tl.int64) * L + t, mask=t_ok, other=0)
-    visible = t_ok & (src < K)
-    masked = t_ok & (src >= K)
-    g_rows = grad_out + (b.to(tl.int64) * L + t) * D
-    gx_rows = grad_x + (b.to(tl.int64) * K + src) * D
-    partial_row = partial + (b.to(tl.int64) * tl.num_programs(1) + tb) * D
-    for d0 in range(0, D, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
-        d_ok = d < D
-        g = tl.load(g_rows[:, None] + d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
-        tl.store(gx_rows[:, None] + d[None, :], g, mask=visible[:, None] & d_ok[None, :])
-        g_masked = tl.where(masked[:, None], g.to(tl.float32), 0.0)
-        tl.store(partial_row + d, tl.sum(g_masked, axis=0), mask=d_ok)
+    pid = tl.program_id(0)
+    n_programs = tl.num_programs(0)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    rows = PREFIX + L
+    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for tile in range(pid, n_tiles, n_programs):
+        b = tile // n_row_blocks
+        r = (tile % n_row_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
+        r_ok = r < rows
+        is_prefix = r < PREFIX
+        src = tl.load(ids_restore + b.to(tl.int64) * L + (r - PREFIX), mask=r_ok & (r >= PREFIX), other=0)
+        x_row = tl.where(is_prefix, r, PREFIX + src)
+        kept = r_ok & (is_prefix | (src < K))
+        masked = r_ok & ~is_prefix & (src >= K)
+        g = tl.load(grad_out + (b.to(tl.int64) * rows + r)[:, None] * D + d[None, :],
+                    mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+        gx_rows = grad_x + (b.to(tl.int64) * (PREFIX + K) + x_row) * D
+        tl.store(gx_rows[:, None] + d[None, :], g, mask=kept[:, None] & d_ok[None, :])
+        acc += tl.sum(tl.where(masked[:, None], g.to(tl.float32), 0.0), axis=0)
+    tl.store(token_sums + pid.to(tl.int64) * D + d, acc, mask=d_ok)
 
 
 def _blocks(D: int) -> tuple[int, int]:
@@ -74,40 +87,52 @@ def _blocks(D: int) -> tuple[int, int]:
     return max(1, 2048 // block_d), block_d
 
 
-def unshuffle_forward_triton(x_visible, mask_token, ids_restore, pos_embed, *, out=None):
-    """Kernel call of the forward; mask_token and pos_embed already in x_visible's dtype."""
-    B, K, D = x_visible.shape
+def _backward_programs(device: torch.device, n_tiles: int) -> int:
+    """Persistent grid: 4 programs per multiprocessor (a handful under the interpreter)."""
+    if device.type == "cuda":
+        return max(1, min(n_tiles, 4 * torch.cuda.get_device_properties(device).multi_processor_count))
+    return max(1, min(n_tiles, 3))
+
+
+def unshuffle_forward_triton(x, mask_token, ids_restore, pos_embed, prefix: int = 0, *, out=None):
+    """Kernel call of the forward; mask_token and pos_embed (prefix + L, D) already in x's dtype."""
+    B, _, D = x.shape
     L = ids_restore.shape[1]
+    K = x.shape[1] - prefix
     if out is None:
-        out = torch.empty((B, L, D), dtype=x_visible.dtype, device=x_visible.device)
+        out = torch.empty((B, prefix + L, D), dtype=x.dtype, device=x.device)
     block_t, block_d = _blocks(D)
-    grid = (B, triton.cdiv(L, block_t))
+    grid = (B, triton.cdiv(prefix + L, block_t))
     _unshuffle_forward_kernel[grid](
-        x_visible, mask_token, ids_restore.contiguous(), pos_embed if pos_embed is not None else mask_token, out,
-        L, K, D, x_visible.stride(0), x_visible.stride(1),
+        x, mask_token, ids_restore.contiguous(), pos_embed if pos_embed is not None else mask_token, out,
+        L, K, D, x.stride(0), x.stride(1), prefix,
         HAS_POS=pos_embed is not None, BLOCK_T=block_t, BLOCK_D=block_d,
     )
     return out
 
 
-def unshuffle_backward_triton(grad_out, ids_restore, grad_x):
-    """Fills grad_x (B, K, D); returns the float32 gradient of the mask token (D,)."""
-    B, L, D = grad_out.shape
-    K = grad_x.shape[1]
+def unshuffle_backward_triton(grad_out, ids_restore, grad_x, prefix: int = 0):
+    """Fills grad_x (B, prefix + K, D); returns the float32 gradient of the mask token (D,)."""
+    B, rows, D = grad_out.shape
+    L = ids_restore.shape[1]
+    K = grad_x.shape[1] - prefix
     block_t, block_d = _blocks(D)
-    n_tb = triton.cdiv(L, block_t)
-    partial = torch.empty((B * n_tb, D), dtype=torch.float32, device=grad_out.device)
-    _unshuffle_backward_kernel[(B, n_tb)](
-        grad_out, ids_restore.contiguous(), grad_x, partial, L, K, D, BLOCK_T=block_t, BLOCK_D=block_d,
+    n_row_blocks = triton.cdiv(rows, block_t)
+    n_tiles = B * n_row_blocks
+    n_programs = _backward_programs(grad_out.device, n_tiles)
+    token_sums = torch.empty((n_programs, D), dtype=torch.float32, device=grad_out.device)
+    _unshuffle_backward_kernel[(n_programs, triton.cdiv(D, block_d))](
+        grad_out, ids_restore.contiguous(), grad_x, token_sums, L, K, D, prefix, n_tiles, n_row_blocks,
+        BLOCK_T=block_t, BLOCK_D=block_d,
     )
-    return partial.sum(0)
+    return token_sums.sum(0)
 
 
 # `mae_fast::unshuffle_triton` (+ `_backward`): one opaque node with a fake and an autograd formula under torch.compile
 _unshuffle_op = ops.define_unshuffle_op("triton", unshuffle_forward_triton, unshuffle_backward_triton)
 
 
-def unshuffle_triton(x_visible, mask_token, ids_restore, pos_embed):
+def unshuffle_triton(x_visible, mask_token, ids_restore, pos_embed, prefix=0):
     check_device(x_visible, mask_token, ids_restore, pos_embed)
     ops.check_fused_unshuffle_input(x_visible, mask_token, ids_restore, pos_embed)
-    return _unshuffle_op(x_visible, mask_token, ids_restore, pos_embed)
+    return _unshuffle_op(x_visible, mask_token, ids_restore, pos_embed, prefix)

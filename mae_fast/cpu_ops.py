@@ -92,26 +92,40 @@ def masked_patchify_cpp(images, patch_size, masking, layout, stats=None, *, visi
 # Unshuffle
 # ------------------------------------------------------------------------------------------------------------
 
-def unshuffle_forward_cpp(x_visible, mask_token, ids_restore, pos_embed, *, out=None) -> torch.Tensor:
-    """Kernel call of the forward; mask_token and pos_embed already in x_visible's dtype."""
+def unshuffle_forward_cpp(x_visible, mask_token, ids_restore, pos_embed, prefix: int = 0, *, out=None):
+    """Kernel call of the forward; mask_token and pos_embed already in x_visible's dtype. The C++ kernel has no
+    prefix rows: with a prefix they are joined by a torch.cat (CPU only; the Triton kernel places them itself)."""
     B, _, D = x_visible.shape
+    L = ids_restore.shape[1]
+    if prefix:
+        pos_main = None if pos_embed is None else pos_embed[prefix:]
+        main = unshuffle_forward_cpp(x_visible[:, prefix:].contiguous(), mask_token, ids_restore, pos_main)
+        head = x_visible[:, :prefix] + (0 if pos_embed is None else pos_embed[:prefix])
+        return torch.cat([head, main], dim=1)
     if out is None:
-        out = torch.empty((B, ids_restore.shape[1], D), dtype=x_visible.dtype)
+        out = torch.empty((B, L, D), dtype=x_visible.dtype)
     _lib.unshuffle_out(x_visible, mask_token, ids_restore.contiguous(), pos_embed, out)
     return out
 
 
-def unshuffle_backward_cpp(grad_out, ids_restore, grad_x) -> torch.Tensor:
+def unshuffle_backward_cpp(grad_out, ids_restore, grad_x, prefix: int = 0) -> torch.Tensor:
+    if prefix:
+        grad_main = torch.empty_like(grad_x[:, prefix:])
+        grad_mask = _lib.unshuffle_backward_out(grad_out[:, prefix:].contiguous(), ids_restore.contiguous(),
+                                                grad_main)
+        grad_x[:, :prefix] = grad_out[:, :prefix]
+        grad_x[:, prefix:] = grad_main
+        return grad_mask
     return _lib.unshuffle_backward_out(grad_out, ids_restore.contiguous(), grad_x)
 
 
 _unshuffle_op = ops.define_unshuffle_op("cpp", unshuffle_forward_cpp, unshuffle_backward_cpp)
 
 
-def unshuffle_cpp(x_visible, mask_token, ids_restore, pos_embed) -> torch.Tensor:
+def unshuffle_cpp(x_visible, mask_token, ids_restore, pos_embed, prefix=0) -> torch.Tensor:
     _check_cpu(x_visible, mask_token, ids_restore, pos_embed)
     ops.check_fused_unshuffle_input(x_visible, mask_token, ids_restore, pos_embed)
-    return _unshuffle_op(x_visible, mask_token, ids_restore, pos_embed)
+    return _unshuffle_op(x_visible, mask_token, ids_restore, pos_embed, prefix)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ The arithmetic lives in `mae_fast.ops.lion_update` (reference, foreach, and the 
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 
@@ -40,28 +41,47 @@ class Lion(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            # one call per (device, dtype) bucket: the fused kernels launch once per bucket
-            buckets: dict[tuple, tuple[list, list, list]] = {}
-            for p in group["params"]:
-                if p.grad is None:
+        for index, group in enumerate(self.param_groups):
+            beta1, beta2 = group["betas"]
+            for ps, gs, ms in self._buckets(index, group):
+                ops.lion_update(ps, gs, ms, lr=group["lr"], beta1=beta1, beta2=beta2,
+                                weight_decay=group["weight_decay"], impl=self.impl)
+        return loss
+
+    def _buckets(self, index: int, group: dict) -> list[tuple[list, list, list]]:
+        """(params, grads, exp_avgs) per device of the group's parameters that have a gradient. The split (and the
+        state) is made once and reused while the same parameters have gradients: a step then costs one pass over
+        `p.grad` (the fused kernels keep their own tables, see mae_fast.kernels.lion.LionPlan)."""
+        params = group["params"]
+        grads = [p.grad for p in params]
+        has_grad = tuple(g is not None for g in grads)
+        cache = getattr(self, "_bucket_cache", None)
+        if cache is None:
+            cache = self._bucket_cache = {}
+        cached = cache.get(index)
+        if cached is None or cached[0] != has_grad or len(cached[1]) != len(params) or not all(
+                map(operator.is_, cached[1], params)):
+            buckets: dict[torch.device, tuple[list[int], list, list]] = {}
+            for i, (p, g) in enumerate(zip(params, grads)):
+                if g is None:
                     continue
-                if p.grad.is_sparse:
+                if g.is_sparse:
                     raise RuntimeError("Lion does not support sparse gradients")
                 state = self.state[p]
                 if "exp_avg" not in state:
                     state["exp_avg"] = torch.zeros_like(p, dtype=self.momentum_dtype or p.dtype,
                                                         memory_format=torch.preserve_format)
-                key = (p.device, p.dtype, state["exp_avg"].dtype)
-                ps, gs, ms = buckets.setdefault(key, ([], [], []))
+                idx, ps, ms = buckets.setdefault(p.device, ([], [], []))
+                idx.append(i)
                 ps.append(p)
-                gs.append(p.grad)
                 ms.append(state["exp_avg"])
-            beta1, beta2 = group["betas"]
-            for ps, gs, ms in buckets.values():
-                ops.lion_update(ps, gs, ms, lr=group["lr"], beta1=beta1, beta2=beta2,
-                                weight_decay=group["weight_decay"], impl=self.impl)
-        return loss
+            cached = cache[index] = (has_grad, list(params), list(buckets.values()))
+        whole = len(cached[2]) == 1 and all(has_grad)
+        return [(ps, grads if whole else [grads[i] for i in idx], ms) for idx, ps, ms in cached[2]]
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        self._bucket_cache = {}  # exp_avg tensors were replaced
 
 
 def one_cycle_cosine(step: int, total_steps: int, max_lr: float, warmup_fraction: float = 0.1,

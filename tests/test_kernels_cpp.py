@@ -177,6 +177,24 @@ def test_unshuffle_pos_embed_gradient():
         _close(a, b)
 
 
+def test_unshuffle_prefix_rows():
+    """The class token (prefix = 1) passes through in place, forward and backward, pos embedding included."""
+    B, K, L, D = 3, 5, 21, 24
+    g = _gen(11)
+    x = torch.randn(B, 1 + K, D, generator=g, requires_grad=True)
+    token = torch.randn(D, generator=g, requires_grad=True)
+    pos = torch.randn(1 + L, D, generator=g, requires_grad=True)
+    ids = torch.argsort(torch.rand(B, L, generator=g), dim=1)
+    grad_out = torch.randn(B, 1 + L, D, generator=g)
+    ref_out = ops.unshuffle(x, token, ids, pos, impl="reference", prefix=1)
+    got_out = ops.unshuffle(x, token, ids, pos, impl="cpp", prefix=1)
+    _close(got_out, ref_out)
+    ref = torch.autograd.grad(ref_out, (x, token, pos), grad_out)
+    got = torch.autograd.grad(got_out, (x, token, pos), grad_out)
+    for a, b in zip(got, ref):
+        _close(a, b)
+
+
 def test_unshuffle_rejects_out_of_range_ids():
     x = torch.randn(2, 3, 8)
     ids = torch.tensor([[0, 1, 2, 3, 9], [4, 3, 2, 1, 0]])

@@ -8,6 +8,7 @@ rounds float32 -> bfloat16 by truncation, not to nearest as a GPU does.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -161,6 +162,35 @@ def test_unshuffle_forward_backward(D, with_pos):
     _close(gt, ref_gt)
 
 
+@pytest.mark.parametrize("D", [24, 300])
+@pytest.mark.parametrize("prefix", [1, 2])
+def test_unshuffle_places_prefix_tokens_itself(D, prefix):
+    """The class token (prefix rows) goes through the kernel: out (B, prefix + L, D) with no torch.cat, grad_x
+    (B, prefix + K, D) written in full, the mask token's gradient from per-program sums (more tiles than programs,
+    so each program walks several)."""
+    B, K, L = 5, 4, 23
+    x = _randn(B, prefix + K, D, seed=40).requires_grad_()
+    token = _randn(D, seed=41).requires_grad_()
+    pos = _randn(prefix + L, D, seed=42)
+    ids = torch.argsort(torch.rand(B, L, generator=_gen(43)), dim=1).to(DEVICE)
+    grad_out = _randn(B, prefix + L, D, seed=44)
+    ref = ops.unshuffle(x, token, ids, pos, impl="reference", prefix=prefix)
+    ref_gx, ref_gt = torch.autograd.grad(ref, (x, token), grad_out)
+
+    out = unshuffle.unshuffle_forward_triton(x.detach(), token.detach(), ids, pos, prefix, out=_nan((B, prefix + L, D)))
+    _close(out, ref, rtol=0, atol=0)
+    grad_x = _nan((B, prefix + K, D))
+    grad_token = unshuffle.unshuffle_backward_triton(grad_out, ids, grad_x, prefix)
+    _close(grad_x, ref_gx, rtol=0, atol=0)
+    _close(grad_token, ref_gt)
+
+    fused = ops.unshuffle(x, token, ids, pos, impl="triton", prefix=prefix)
+    gx, gt = torch.autograd.grad(fused, (x, token), grad_out)
+    _close(fused, ref, rtol=0, atol=0)
+    _close(gx, ref_gx, rtol=0, atol=0)
+    _close(gt, ref_gt)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # MAE loss
 # --------------------------------------------------------------------------------------------------------------
@@ -264,7 +294,7 @@ def test_lion_matches_reference_one_launch_per_dtype_group():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
-def test_lion_many_tensors_binary_search():
+def test_lion_many_tensors_block_map():
     sizes = [int(s) for s in torch.randint(1, 3000, (37,), generator=_gen(31))]
     ref = _lion_lists(sizes, seed=32)
     got = [[t.clone() for t in ts] for ts in ref]
@@ -272,6 +302,67 @@ def test_lion_many_tensors_binary_search():
     ops.lion_update(*got, lr=1e-2, weight_decay=0.1, impl="triton")
     for a, b in zip(got[0] + got[2], ref[0] + ref[2]):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_lion_plan_reused_across_steps_and_rebuilt_only_on_new_storage():
+    """Tables are built once; a step with the same tensors, or with new gradient tensors at the same addresses,
+    reuses them; gradients at new addresses rewrite only the gradient rows; a new dtype rebuilds the plan; a new
+    parameter address too (and the results stay right throughout)."""
+    sizes = [5000, 3, 2100]
+    ref = _lion_lists(sizes, seed=35)
+    got = [[t.clone() for t in ts] for ts in ref]
+    builds, before = lion.plans.builds, lion.launches
+
+    def step(grads_got, grads_ref, lr):
+        ops.lion_update(ref[0], grads_ref, ref[2], lr=lr, weight_decay=0.05, impl="reference")
+        ops.lion_update(got[0], grads_got, got[2], lr=lr, weight_decay=0.05, impl="triton")
+        for a, b in zip(got[0] + got[2], ref[0] + ref[2]):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+    step(got[1], ref[1], 1e-3)
+    plan = lion.plans.get(got[0], got[1], got[2])
+    step(got[1], ref[1], 3e-3)                       # same tensors, new lr: no rebuild
+    assert lion.plans.builds - builds == 1
+    fresh = [g.clone() for g in got[1]]              # new tensors at new addresses: gradient rows rewritten
+    step(fresh, ref[1], 2e-3)
+    assert lion.plans.builds - builds == 1 and plan.grad_moves == 1
+    refilled = [torch.empty_like(g) for g in fresh]  # new objects, then moved onto the same storage
+    for r, f in zip(refilled, fresh):
+        r.set_(f.untyped_storage(), f.storage_offset(), f.shape, f.stride())
+    step(refilled, ref[1], 1e-3)                     # same addresses and layouts: nothing to do
+    assert lion.plans.builds - builds == 1 and plan.grad_moves == 1
+    assert lion.launches - before == 4
+    bf = [g.to(torch.bfloat16) for g in fresh]       # another dtype: a new plan (a new dtype group)
+    step(bf, [g.to(torch.bfloat16).float() for g in fresh], 1e-3)
+    assert lion.plans.builds - builds == 2
+    got[0] = [p.clone() for p in got[0]]             # new parameter storage: rebuilt
+    step(bf, [g.to(torch.bfloat16).float() for g in fresh], 1e-3)
+    assert lion.plans.builds - builds == 3
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_lion_optimizer_steps_reuse_tables_with_zero_grad_both_ways(set_to_none):
+    from mae_fast.optim import Lion
+
+    g = _gen(36)
+    model = torch.nn.Sequential(torch.nn.Linear(40, 30), torch.nn.GELU(), torch.nn.Linear(30, 5)).to(DEVICE)
+    ref = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    opt = Lion(model.parameters(), lr=1e-2, weight_decay=0.1, impl="triton")
+    opt_ref = Lion(ref, lr=1e-2, weight_decay=0.1, impl="reference")
+    builds = lion.plans.builds
+    for _ in range(3):
+        x = torch.randn(7, 40, generator=g).to(DEVICE)
+        opt.zero_grad(set_to_none=set_to_none)
+        opt_ref.zero_grad(set_to_none=set_to_none)
+        model(x).square().sum().backward()
+        for p, r in zip(model.parameters(), ref):
+            r.grad = p.grad.clone()
+        opt.step()
+        opt_ref.step()
+    if not set_to_none:
+        assert lion.plans.builds - builds == 1
+    for p, r in zip(model.parameters(), ref):
+        torch.testing.assert_close(p.detach(), r.detach(), rtol=1e-6, atol=1e-7)
 
 
 def test_lion_mixed_dtypes_launch_per_group():
@@ -292,19 +383,25 @@ def test_lion_mixed_dtypes_launch_per_group():
 # GPU compilation without a GPU
 # --------------------------------------------------------------------------------------------------------------
 
-def test_every_kernel_compiles_for_sm90(tmp_path):
-    """The interpreter accepts programs a GPU compiler rejects (tile shapes, types): compile one variant of each
-    kernel for sm_90 with Triton's bundled ptxas, in a process without TRITON_INTERPRET (about 15 s; the full
-    table of variants with registers and spills: python kernels/compile_check.py)."""
+# variants that compile but miss their design (spill or lack a required opcode); the set must shrink, never grow
+KNOWN_SM90_MISSES: set[str] = set()
+
+
+def test_every_kernel_compiles_for_sm90_without_spills_with_its_instructions(tmp_path):
+    """The interpreter accepts programs a GPU compiler rejects (tile shapes, types): compile every variant the
+    launchers use for sm_90 with Triton's bundled ptxas, in a process without TRITON_INTERPRET (a few minutes on a
+    busy machine; the table: python kernels/compile_check.py), and require each to meet its design: no spills
+    (no stack, no LDL/STL) and the SASS opcodes it relies on (LDG.E.128 / STG.E.128, HMMA, HGMMA)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     out = tmp_path / "compile.json"
-    proc = subprocess.run([sys.executable, os.path.join(root, "kernels", "compile_check.py"), "--quick", "--json",
-                           str(out)], env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    import json
-
+    proc = subprocess.run([sys.executable, os.path.join(root, "kernels", "compile_check.py"), "--json",
+                           str(out)], env=env, capture_output=True, text=True, timeout=1800)
     report = json.loads(out.read_text())["variants"]
-    assert len(report) == 6 and all(r["ok"] for r in report)
-    assert all(r.get("stack", 0) == 0 for r in report if not r["variant"].startswith("mae_loss")), report
+    assert all(r["ok"] for r in report), proc.stdout[-3000:] + proc.stderr[-3000:]
+    misses = {r["variant"] for r in report if not r["meets"]}
+    assert misses == KNOWN_SM90_MISSES, proc.stdout
+    for r in report:
+        if r["variant"] not in KNOWN_SM90_MISSES:
+            assert r["spill_bytes_or_ops"] == 0 and not r["missing"], r

@@ -240,3 +240,27 @@ def test_lion_launches_per_optimiser_step_of_vit_large():
     before = lion.launches
     opt.step()
     assert lion.launches - before == len(opt.param_groups) == 2
+
+
+def test_lion_step_captured_in_a_cuda_graph():
+    """The fused step has no host synchronisation and no table upload once planned: capture it, change lr between
+    replays through the plan's pinned hyperparameters (LionPlan.write_scalars), and match the reference."""
+    ref = _lion_state((torch.float32,) * 3, seed=9)
+    got = [[t.clone() for t in ts] for ts in ref]
+    ops.lion_update(*ref, lr=1e-3, weight_decay=0.05, impl="reference")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (compiles, builds the plan) on a side stream, as graphs require
+        ops.lion_update(*got, lr=1e-3, weight_decay=0.05, impl="triton")
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ops.lion_update(*got, lr=1e-3, weight_decay=0.05, impl="triton")
+    plan = lion.plans.get(*got)
+    for lr in (2e-3, 5e-4, 1e-4):
+        plan.write_scalars(ops.LionScalars.make(lr, 0.9, 0.95, 0.05))
+        graph.replay()
+        ops.lion_update(*ref, lr=lr, weight_decay=0.05, impl="reference")
+    torch.cuda.synchronize()
+    for a, b in zip(got[0] + got[2], ref[0] + ref[2]):
+        _close(a, b, ("lion", a.dtype))

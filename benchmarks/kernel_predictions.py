@@ -1,0 +1,199 @@
+"""Predicted time of every fused kernel at ViT-L/8 training sizes, written before any GPU run.
+
+    python benchmarks/kernel_predictions.py            # writes benchmarks/results/kernel_predictions.json, table
+    python benchmarks/kernel_predictions.py --json OUT.json
+
+Sizes: batch 128 and 256, 256 x 256 x 6 uint16 crops, mask ratio 0.75, patch 8 and 16, decoder 512-d, bf16 autocast
+(decoder activations and predictions in bf16); Lion over every parameter of mae_vit_large_patch{8,16}_256 (encoder +
+decoder, float32 params, grads and momentum).
+
+Per (kernel, size) entry (the schema benchmarks/gpu.sh reads):
+    kernel        the op as benchmarks/bench_ops.py names it ("masked_patchify", "unshuffle", "mae_loss",
+                  "lion_update"); "unshuffle.forward" / "unshuffle.backward" split the unshuffle pair
+    size          "B256 p8" (batch, patch) or "mae_vit_large_patch8_256" for Lion
+    bytes         the byte floor: every input read once, every output written once
+    floor_s       bytes / COPY_BW
+    moved_bytes   what the implementation in this commit moves (extra passes, fp32 outputs, partial buffers)
+    flops         the arithmetic the implementation executes (tensor-core FLOPs padded to the tile shapes it uses,
+                  plus CUDA-core FLOPs)
+    predicted_s   max(moved_bytes / COPY_BW, tc_flops / TC_RATE[unit] + core_flops / CORE_RATE)
+    notes         the design the prediction assumes
+A measured time t then gives "fraction of floor" = floor_s / t (the issue's goals are stated in it).
+
+Rates: COPY_BW and the bf16 matmul rate were measured on the benchmark H200 (DESIGN.md §6); tf32 is taken as half of
+bf16 and the CUDA-core fp32 rate as 60 of the datasheet's 67 TFLOP/s (leads, not measurements). Launch and host
+overheads are not modelled (the goals are measured around the public call, so they count against the kernel).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from mae_fast.checkpoint import atomic_write_json  # noqa: E402
+
+COPY_BW = 4.3e12                      # bytes/s, device copy, measured (DESIGN.md §6)
+TC_RATE = {"bf16": 790e12, "tf32": 395e12}  # FLOP/s, dense matmul on the tensor cores (bf16 measured, tf32 = half)
+CORE_RATE = 60e12                     # FLOP/s, fp32 FMA units (lead: 0.9 x datasheet)
+
+IMG, CHANNELS, RATIO, DECODER_DIM = 256, 6, 0.75, 512
+PIXEL_BYTES, ACT_BYTES, F32, I64 = 2, 2, 4, 8  # uint16 pixels, bf16 activations
+BATCHES, PATCHES = (128, 256), (8, 16)
+SMS = 132                             # H200 multiprocessors
+OUT = os.path.join(ROOT, "benchmarks", "results", "kernel_predictions.json")
+
+
+def geometry(batch: int, patch: int) -> dict:
+    L = (IMG // patch) ** 2
+    K = int(L * (1 - RATIO))          # as ops.num_visible
+    return dict(B=batch, p=patch, L=L, K=K, M=L - K, P=patch * patch * CHANNELS, C=CHANNELS)
+
+
+def entry(kernel: str, size: str, bytes_floor: float, moved: float, tc_flops: float, tc_unit: str | None,
+          core_flops: float, notes: str) -> dict:
+    compute_s = (tc_flops / TC_RATE[tc_unit] if tc_unit else 0.0) + core_flops / CORE_RATE
+    return {"kernel": kernel, "size": size, "bytes": int(bytes_floor), "floor_s": bytes_floor / COPY_BW,
+            "moved_bytes": int(moved), "flops": int(tc_flops + core_flops),
+            "predicted_s": max(moved / COPY_BW, compute_s), "notes": notes}
+
+
+def masked_patchify(g: dict) -> dict:
+    """Image + ids_restore read; visible in the autocast dtype and the float32 loss target written.
+    This commit: statistics kernel (first read of the image), then the patchify kernel (second read), visible
+    written in float32 (autocast then reads it again and writes a bf16 copy for the patch-embed matmul)."""
+    B, L, K, M, P = g["B"], g["L"], g["K"], g["M"], g["P"]
+    image = B * CHANNELS * IMG * IMG * PIXEL_BYTES
+    ids = B * L * I64
+    floor = image + ids + B * K * P * ACT_BYTES + B * M * P * F32
+    moved = 2 * image + ids + B * K * P * F32 + B * M * P * F32
+    core = B * CHANNELS * IMG * IMG * 6.0  # stats (sum, centred square) + standardise (sub, mul)
+    return entry("masked_patchify", f"B{B} p{g['p']}", floor, moved, 0, None, core,
+                 "floor: one read of the uint16 image, visible bf16, target fp32; this commit reads the image twice "
+                 "(stats launch + patchify) and writes visible in fp32 (an autocast cast follows, not counted)")
+
+
+def unshuffle(g: dict) -> list[dict]:
+    """The op with the class token in place (`ops.unshuffle(..., prefix=1)`):
+    forward: x (B, 1 + K, D), pos (1 + L, D), ids, mask token read; out (B, 1 + L, D) written.
+    backward: grad_out (B, 1 + L, D), ids read; grad_x (B, 1 + K, D) and the mask token's gradient written.
+    This commit's kernels move exactly that, plus the backward's per-program float32 sums (4 programs per SM x D,
+    written and re-read: ~1 MB). The model's MAEDecoder still calls it without the prefix and joins the class token
+    by a torch.cat (output read and written again; in backward the slice copied), see `model_cat_bytes`."""
+    B, L, K, D = g["B"], g["L"], g["K"], DECODER_DIM
+    size = f"B{B} p{g['p']}"
+    ids = B * L * I64
+    x = B * (K + 1) * D * ACT_BYTES
+    out = B * (L + 1) * D * ACT_BYTES
+    pos = (L + 1) * D * ACT_BYTES
+    fwd_floor = x + pos + ids + D * ACT_BYTES + out
+    bwd_floor = out + ids + x + D * F32
+    sums = 2 * 4 * SMS * D * F32
+    fwd_core = B * L * D * 1.0
+    bwd_core = B * (L - K) * D * 1.0
+    notes = (f"decoder dim 512, bf16, class token placed by the kernel; the model's torch.cat (not yet removed) "
+             f"would add {2 * out + 2 * B * L * D * ACT_BYTES} bytes per forward + backward")
+    return [
+        entry("unshuffle.forward", size, fwd_floor, fwd_floor, 0, None, fwd_core, notes),
+        entry("unshuffle.backward", size, bwd_floor, bwd_floor + sums, 0, None, bwd_core, notes),
+        entry("unshuffle", size, fwd_floor + bwd_floor, fwd_floor + bwd_floor + sums, 0, None, fwd_core + bwd_core,
+              notes + " (forward + backward, as bench_ops times it)"),
+    ]
+
+
+def _pad(n: int, tile: int) -> int:
+    return -(-n // tile) * tile
+
+
+def mae_loss(g: dict) -> list[dict]:
+    """Forward + backward of the fused MAE + Fourier loss on the masked tokens.
+
+    Floor (the one-op design: full prediction (B, L, P) + masked ids in): masked rows of pred (bf16) and the
+    float32 target read, ids read, the gradient wrt the full prediction (B, L, P) bf16 written (zeros at visible
+    tokens, scaled by the incoming gradient inside the kernel).
+
+    This commit's kernel: pred_masked gathered by torch (read B M P + write B M P), the kernel reads pred_masked and
+    target, writes grad (B, M, P) in pred's dtype; backward multiplies it by grad_loss (read + write) and the
+    gather's backward scatters it into a zero-filled (B, L, P) tensor (write B L P, read + write B M P).
+    DFT FLOPs per p x p plane, planes = B M C:
+      Kronecker (this commit): x and y forward, 2 real products (re, im) of (1 x p^2)(p^2 x p^2) each = 8 p^4,
+      backward 2 more = 4 p^4; tf32 operands. Total 12 p^4.
+      Separable + Hermitian half (the redesign, h = p/2 + 1 columns kept): rows X W^T (real x complex: 4 p^2 h),
+      columns W Y (complex x complex: 8 p^2 h) per signal, x and y forward and the adjoint for x backward:
+      36 p^2 h, executed with the inner dimension p and h padded to 16 (bf16 wgmma k = 16, n multiple of 8 -> 16)."""
+    B, L, M, P, p, C = g["B"], g["L"], g["M"], g["P"], g["p"], g["C"]
+    size = f"B{B} p{p}"
+    planes = B * M * C
+    floor = B * M * P * ACT_BYTES + B * M * P * F32 + B * M * I64 + B * L * P * ACT_BYTES
+    gathered = B * M * P * ACT_BYTES
+    # gather (read + write G), kernel (read G + target, write G), grad * grad_loss (read + write G), gather's
+    # backward (zero-filled (B, L, P) written, then G read and G scattered, ids read)
+    moved_now = 7 * gathered + B * M * P * F32 + B * L * P * ACT_BYTES + B * M * I64
+    core = planes * p * p * 24.0  # magnitudes, sign, 1/|Fx|, scaling, MSE terms per frequency and pixel
+    kron = planes * 12.0 * p ** 4
+    out = [entry("mae_loss", size, floor, moved_now, kron, "tf32", core,
+                 "this commit: Kronecker p^2 x p^2 DFT on tf32 tensor cores, tiles of "
+                 f"{32 if p <= 8 else 16} planes, torch gather + grad scaling + scatter around the kernel")]
+    h = p // 2 + 1
+    sep_exec = planes * 36.0 * _pad(p, 16) * p * _pad(h, 16)
+    out.append(entry("mae_loss.separable_design", size, floor, floor, sep_exec, "bf16", core,
+                     "the redesign (not in this commit): one op on the full prediction, separable Hermitian-half "
+                     "DFT, bf16 operands with fp32 accumulation, >= 64-plane tiles"))
+    return out
+
+
+def lion(model: str, n_params: int, n_tensors: int) -> dict:
+    """param, grad, exp_avg read (float32), param and exp_avg written: 20 bytes per parameter."""
+    floor = n_params * (3 * F32 + 2 * F32)
+    core = n_params * 8.0
+    return entry("lion_update", model, floor, floor, 0, None, core,
+                 f"{n_params} float32 parameters in {n_tensors} tensors (encoder + decoder); host overhead "
+                 "not modelled")
+
+
+def model_params(name: str) -> tuple[int, int]:
+    import torch
+
+    from mae_fast import models
+
+    with torch.device("meta"):
+        model = models.create_model(name)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return sum(p.numel() for p in params), len(params)
+
+
+def predictions() -> list[dict]:
+    out = []
+    for batch in BATCHES:
+        for patch in PATCHES:
+            g = geometry(batch, patch)
+            out.append(masked_patchify(g))
+            out.extend(unshuffle(g))
+            out.extend(mae_loss(g))
+    for patch in PATCHES:
+        name = f"mae_vit_large_patch{patch}_256"
+        out.append(lion(name, *model_params(name)))
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", default=OUT, help=f"output path (default {OUT})")
+    args = parser.parse_args(argv)
+    rows = predictions()
+    doc = {"copy_bw_bytes_per_s": COPY_BW, "tensor_core_flops_per_s": TC_RATE, "cuda_core_flops_per_s": CORE_RATE,
+           "measured": "not measured on a GPU", "source": "benchmarks/kernel_predictions.py", "kernels": rows}
+    atomic_write_json(args.json, doc)
+    for r in rows:
+        print(f"{r['kernel']:<28} {r['size']:<26} floor {r['floor_s'] * 1e6:8.1f} us  predicted "
+              f"{r['predicted_s'] * 1e6:8.1f} us  ({r['floor_s'] / r['predicted_s']:.0%} of floor)")
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
