@@ -14,6 +14,16 @@ import torch
 
 from mae_fast import ops
 
+try:  # FSDP2 parameters; absent from torch builds without distributed support
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover
+    DTensor = ()  # isinstance(x, ()) is False
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (a view: in-place updates land in the DTensor), any other tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
 
 class Lion(torch.optim.Optimizer):
     """Lion. `impl`: "auto" (fused kernel where available), "reference" (one tensor at a time), "foreach".
@@ -52,11 +62,15 @@ class Lion(torch.optim.Optimizer):
                 if "exp_avg" not in state:
                     state["exp_avg"] = torch.zeros_like(p, dtype=self.momentum_dtype or p.dtype,
                                                         memory_format=torch.preserve_format)
-                key = (p.device, p.dtype, state["exp_avg"].dtype)
+                # FSDP2 shards are DTensors: Lion is elementwise, so each rank updates its local shard in place
+                p_, g_, m_ = (_local(t) for t in (p, p.grad, state["exp_avg"]))
+                if p_.numel() == 0:  # a rank's empty shard of a small parameter
+                    continue
+                key = (p_.device, p_.dtype, m_.dtype)
                 ps, gs, ms = buckets.setdefault(key, ([], [], []))
-                ps.append(p)
-                gs.append(p.grad)
-                ms.append(state["exp_avg"])
+                ps.append(p_)
+                gs.append(g_)
+                ms.append(m_)
             beta1, beta2 = group["betas"]
             for ps, gs, ms in buckets.values():
                 ops.lion_update(ps, gs, ms, lr=group["lr"], beta1=beta1, beta2=beta2,
