@@ -1,4 +1,5 @@
-"""Regional compilation: torch.compile each transformer block instead of the whole model.
+"""Per-block transforms of a model: regional compilation (torch.compile each transformer block instead of the whole
+model) and selective activation checkpointing.
 
 A whole-model compile of ViT-L/8 (24 encoder + 8 decoder blocks) traces and lowers every block again: minutes of
 cold compile. Compiled per block, Dynamo traces a block type once and reuses the graph for every instance (block
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict, nn.Sequential)
 
@@ -37,4 +39,38 @@ def compile_blocks(model: nn.Module, backend: str = "inductor", dynamic: bool = 
             break
     for block in blocks:
         block.compile(backend=backend, dynamic=dynamic)
+    return len(blocks)
+
+
+# matrix products and attention are what is expensive to recompute; norms, activations, LayerScale, residual adds
+# and copies are cheap to recompute and hold most of a block's activation bytes
+SAVED_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+             torch.ops.aten._scaled_dot_product_flash_attention.default,
+             torch.ops.aten._scaled_dot_product_efficient_attention.default,
+             torch.ops.aten._scaled_dot_product_cudnn_attention.default}
+
+
+def _save_matmuls(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_contexts():
+    return create_selective_checkpoint_contexts(_save_matmuls)
+
+
+def selective_checkpointing(model: nn.Module) -> int:
+    """Selective activation checkpointing of every repeated block, in place: during training a block keeps the
+    outputs of its matrix products and attention and recomputes the rest in backward (RNG state preserved, so
+    stochastic depth draws the same). Parameter names are unchanged (the block's forward is wrapped, not the
+    module). Returns how many blocks."""
+    blocks = repeated_blocks(model)
+    for block in blocks:
+        inner = block.forward
+
+        def forward(*args, _inner=inner, **kwargs):
+            if not torch.is_grad_enabled():
+                return _inner(*args, **kwargs)
+            return checkpoint(_inner, *args, use_reentrant=False, context_fn=_selective_contexts, **kwargs)
+
+        block.forward = forward
     return len(blocks)

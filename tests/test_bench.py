@@ -232,3 +232,44 @@ def test_bench_harness_on_gpu(tmp_path):
     for op in bench.FUSED_OPS:
         if "triton" in ops.available_impls(op):
             assert stacks["fused"]["impls"][op] == "triton", op
+
+
+def test_selective_checkpointing_saves_matmuls_recomputes_the_rest(monkeypatch):
+    from mae_fast import compiling
+    from mae_fast.models import MaskedAutoencoder
+
+    cfg = bench.parse_preset("mae_vit_micro_patch16_256:img_size=32,drop_path=0.0")
+    torch.manual_seed(0)
+    plain = MaskedAutoencoder(cfg)
+    sac = MaskedAutoencoder(cfg)
+    sac.load_state_dict(plain.state_dict())
+    calls = []
+    for i, block in enumerate(compiling.repeated_blocks(sac)):  # count runs of each block's own forward
+        block.forward = lambda *a, _f=block.forward, _i=i: (calls.append(_i), _f(*a))[1]
+    assert compiling.selective_checkpointing(sac) == 4 + 2
+    decisions = []
+    policy = compiling._save_matmuls
+
+    def spy(ctx, op, *args, **kwargs):
+        decision = policy(ctx, op, *args, **kwargs)
+        decisions.append((ctx.is_recompute, op, decision))
+        return decision
+
+    monkeypatch.setattr(compiling, "_save_matmuls", spy)
+    images = torch.randint(0, 256, (2, cfg.in_chans, 32, 32), dtype=torch.uint8)
+    losses = []
+    for model in (plain, sac):
+        loss = model(images, generator=torch.Generator().manual_seed(1)).loss
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[1], losses[0])
+    for (name, p), q in zip(plain.named_parameters(), sac.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, msg=name)
+    saved = {op for _, op, d in decisions if d == torch.utils.checkpoint.CheckpointPolicy.MUST_SAVE}
+    assert torch.ops.aten.addmm.default in saved and saved <= compiling.SAVED_OPS
+    assert any(op == torch.ops.aten.native_layer_norm.default for _, op, _ in decisions)  # recomputed, not saved
+    assert sorted(calls) == sorted(list(range(6)) * 2)  # each block ran twice: forward, and recomputed in backward
+    with torch.no_grad():  # inference: no checkpointing at all
+        n, calls[:] = len(decisions), []
+        sac.embed(images)
+        assert len(decisions) == n and sorted(calls) == list(range(4))  # the encoder's blocks, once
