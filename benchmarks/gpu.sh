@@ -56,6 +56,14 @@ SUMMARY=()
 
 say() { echo "$*" | tee -a "$LOG"; }
 
+# a stage that wrote nothing (skipped, or killed before its first write) still leaves a well-formed file saying why
+placeholder() {
+    local name=$1 file=$2 why=$3
+    [ -f "$OUTDIR/$file" ] && return 0
+    printf '{"schema": "mae_fast.headline/1", "stage": "%s", "status": "%s", "dryrun": %s}\n' \
+        "$name" "$why" "$([ "$DRY" = "1" ] && echo true || echo false)" >"$OUTDIR/$file"
+}
+
 if [ -z "${MAE_FAST_GIT_COMMIT:-}" ] && [ ! -f benchmarks/.commit ] && ! git -C "$ROOT" rev-parse HEAD >/dev/null 2>&1; then
     say "== warning: no .git, no benchmarks/.commit, no MAE_FAST_GIT_COMMIT: the commit is recorded as unknown"
 fi
@@ -71,6 +79,7 @@ stage() {
     if [ "$t" -lt "$min" ]; then
         say "== $name: SKIPPED (${left}s of the budget left)"
         SUMMARY+=("$name=skipped(budget)")
+        placeholder "$name" "$file" "skipped: ${left}s of the budget left"
         return 0
     fi
     local deadline=$(($(date +%s) + t - 8))  # margin for writing the file and exiting
@@ -81,6 +90,7 @@ stage() {
     local rc=${PIPESTATUS[0]}
     local took=$(($(date +%s) - t0))
     [ "$rc" -eq 124 ] && say "== $name: TIME LIMIT (${t}s) reached; partial results kept"
+    placeholder "$name" "$file" "no result: the stage ended (rc=$rc) before its first write"
     say "== $name: rc=$rc in ${took}s"
     SUMMARY+=("$name=rc$rc/${took}s")
 }
