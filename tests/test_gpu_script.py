@@ -127,3 +127,29 @@ def test_prepare_records_the_commit_for_a_tree_without_git(tmp_path):
     assert bench._git_commit(str(repo), dict(env, MAE_FAST_GIT_COMMIT="abc"))["commit"] == "abc"
     (repo / "benchmarks" / ".commit").unlink()
     assert bench._git_commit(str(repo), env)["commit"] == "unknown"
+
+
+def test_kernel_predictions_are_matched_by_op_and_size(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("headline", os.path.join(ROOT, "benchmarks", "headline.py"))
+    headline = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(headline)
+    sizes = headline.bench_ops.CUDA_SIZES  # batch 256, patch 8, Lion over ViT-L/8
+    predictions = [
+        {"kernel": "masked_patchify", "size": "B256 p8", "floor_s": 1e-4, "predicted_s": 2e-4},
+        {"kernel": "masked_patchify", "size": "B128 p8", "floor_s": 5e-5, "predicted_s": 1e-4},
+        {"kernel": "unshuffle.forward", "size": "B256 p8", "floor_s": 1e-4, "predicted_s": 1e-4},
+        {"kernel": "unshuffle.backward", "size": "B256 p8", "floor_s": 1e-4, "predicted_s": 3e-4},
+        {"kernel": "lion_update", "size": "mae_vit_large_patch8_256", "floor_s": 1e-3, "predicted_s": 1e-3},
+    ]
+    path = tmp_path / "kernel_predictions.json"
+    path.write_text(json.dumps({"kernels": predictions}))
+    loaded = headline.load_predictions(str(path))
+    p = headline.prediction_for("masked_patchify", sizes, loaded)
+    assert p["predicted_ms"] == pytest.approx(0.2) and p["predicted_fraction_of_floor"] == pytest.approx(0.5)
+    u = headline.prediction_for("unshuffle", sizes, loaded)  # forward + backward, as bench_ops times it
+    assert u["kernels"] == ["unshuffle.forward", "unshuffle.backward"] and u["predicted_ms"] == pytest.approx(0.4)
+    assert headline.prediction_for("lion_update", sizes, loaded)["predicted_fraction_of_floor"] == pytest.approx(1)
+    assert headline.prediction_for("mae_loss", sizes, loaded) == "no prediction"
+    assert headline.load_predictions(str(tmp_path / "missing.json")) == []
