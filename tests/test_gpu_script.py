@@ -97,7 +97,9 @@ def test_dry_run_stages_hold_the_headline(dry_run):
     compiled = _load(out, "compiled.json")
     recs = compiled["comparisons"][0]["records"]
     assert [r["stack"] for r in recs] == ["fused_compiled", "reference_compiled", "peer_compiled"]
-    assert all(r["status"] == "ok" and r["compile_mode"] == "regional" and r["dynamo"]["graphs"] >= 1 for r in recs)
+    assert all(r["status"] == "ok" and r["compile_mode"] == "regional" and "graphs" in r["dynamo"] for r in recs)
+    # blocks of one type share compiled code: the first compiled stack traces, later ones may reuse its graphs
+    assert recs[0]["dynamo"]["graphs"] >= 1
     assert compiled["comparisons"][0]["batch"] == first["batch"]  # reuses the eager stage's batch
     tests = _load(out, "tests.json")
     assert tests["rc"] == 0 and tests["summary"]["tests"] > 0 and "--collect-only" in tests["command"]
