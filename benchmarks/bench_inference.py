@@ -7,7 +7,7 @@ import torch
 
 from mae_fast import bench
 
-INFERENCE_STACKS = ("fused", "fused_compiled")  # embedding calls none of the dispatched training ops
+INFERENCE_STACKS = ("fused", "fused_compiled", "peer")  # embedding calls none of the dispatched training ops
 
 
 @pytest.mark.parametrize("inference_stack", INFERENCE_STACKS)
@@ -16,6 +16,8 @@ def test_embed(preset, inference_stack, settings, batch_for, compiled_allowed, m
     if stack.compiled and not compiled_allowed(preset):
         pytest.skip(f"compiled stacks not selected for {preset} (--bench-compile-presets)")
     cfg = bench.parse_preset(preset)
+    if stack.peer and (cfg.channel_agnostic or not bench.peer_mod.timm_available()):
+        pytest.skip("the peer stack is the standard MAE on timm (timm installed, no CA-MAE)")
     batch = batch_for(cfg, "inference")
     rec = bench.base_record("inference", preset, cfg, stack, batch, settings)
     if stack.compiled:

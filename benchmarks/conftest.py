@@ -28,7 +28,7 @@ def pytest_addoption(parser):
     group.addoption("--bench-presets", default=None,
                     help="comma list of presets (overrides as name:img_size=128); default: CPU micro presets, "
                          "GPU every preset")
-    group.addoption("--bench-stacks", default=",".join(bench.STACKS), help="comma list of stacks")
+    group.addoption("--bench-stacks", default=",".join(bench.default_stacks()), help="comma list of stacks")
     group.addoption("--bench-compile-presets", default=None,
                     help="presets that also run compiled stacks: comma list, 'all' or 'none' (default: CPU all, "
                          "GPU " + ",".join(bench.GPU_TARGET_PRESETS) + ")")
@@ -72,7 +72,7 @@ def pytest_generate_tests(metafunc):
     config = metafunc.config
     if "preset" in metafunc.fixturenames:
         metafunc.parametrize("preset", selected_presets(config))
-    stacks = [s for s in bench.parse_stacks(_opt(config, "--bench-stacks") or ",".join(bench.STACKS))]
+    stacks = [s for s in bench.parse_stacks(_opt(config, "--bench-stacks") or ",".join(bench.default_stacks()))]
     if "stack_name" in metafunc.fixturenames:
         metafunc.parametrize("stack_name", [s.name for s in stacks])
     if "max_batch_case" in metafunc.fixturenames:

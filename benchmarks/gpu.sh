@@ -1,118 +1,110 @@
 #!/usr/bin/env bash
-# One command on a lent GPU: GPU tests, per-op benchmarks, end-to-end train/inference benchmarks, the pytest-benchmark
-# suites and the data benchmarks, in under 10 minutes, everything written into one folder (at most 8 files):
+# One command on a lent GPU, headline first, in under 8 minutes; each stage writes its file the moment it ends
+# (and rewrites it after every measurement), at most 8 files in OUTDIR:
 #
-#   env.txt        nvidia-smi, library versions          train.json      mae-fast bench: train step, all stacks
-#   log.txt        every stage's output                  inference.json  mae-fast bench: embedding, every preset
-#   ops.json       benchmarks/bench_ops.py               suites.json     pytest-benchmark suites (same schema)
-#   data.json      benchmarks/bench_data.py              results.md      the README table rendered from the above
+#   env.json        (a) versions, nvidia-smi, ceilings: bf16 matmul, device copy
+#   kernels.json    (b) each fused kernel vs its reference at benchmark sizes: correctness first, then time, fraction
+#                       of the byte floor, beside benchmarks/results/kernel_predictions.json ("no prediction" without)
+#   train.json      (c) ViT-L/8 MAE train step, eager bf16: fused vs reference vs peer (timm), batch from a memory
+#                       estimate; then CA-MAE ViT-S/16 fused vs reference
+#   inference.json  (d) embedding crops/s, ViT-L/8 and CA-MAE ViT-S/16, fused vs peer
+#   compiled.json   (e) the same train step with regional (per-block) compilation, only if time is left
+#   tests.json      (f) pytest -m "gpu or triton" tests/, summarised (last)
+#   log.txt         every stage's output
+#   results.md      all of the above as Markdown (benchmarks/headline.py render)
 #
-# Usage (from anywhere; no install needed, the checkout is put on PYTHONPATH):
-#   MAE_FAST_GIT_COMMIT=$(git rev-parse HEAD) bash benchmarks/gpu.sh [OUTDIR]
-# OUTDIR defaults to $OUT when set (the lent-device tool), else benchmarks/results/gpu-<UTC stamp>.
-# Environment: PYTHON (default python3), BUDGET_S (whole-run budget, default 570), STAGES (default
-# "env tests train ops infer suites data"; e.g. STAGES="train infer" to rerun part), TRAIN_ARGS / INFER_ARGS (extra
-# `mae-fast bench` arguments, e.g. TRAIN_ARGS="--compile-presets none"). A stage that would not fit in what is left
-# of the budget is skipped and reported; each stage also has its own time limit.
-# Afterwards: copy train.json and inference.json into benchmarks/results/ and run
-#   python benchmarks/render_results.py --readme README.md
+# Usage, from anywhere, with nothing installed (the checkout is put on PYTHONPATH):
+#   bash benchmarks/gpu.sh --prepare          # here, in the git checkout: writes benchmarks/.commit (git-ignored)
+#   bash benchmarks/gpu.sh [OUTDIR]           # there: OUTDIR defaults to $OUT, else benchmarks/results/gpu-<stamp>
+# The GPU machine's copy of the tree has no .git: the commit is read from benchmarks/.commit (carry it with the
+# tree: it is git-ignored, e.g. the device tool's carry=["benchmarks/.commit"]) or from MAE_FAST_GIT_COMMIT.
+# MAE_FAST_GPU_DRYRUN=1 bash benchmarks/gpu.sh OUTDIR runs every stage at toy sizes on the CPU (CI does; so does
+# tests/test_gpu_script.py) and produces every file.
+# Environment: PYTHON (default python3), BUDGET_S (whole run, default 480), STAGES (default
+# "env kernels train infer compiled tests").
 set -u
 set -o pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PY="${PYTHON:-python3}"
+
+if [ "${1:-}" = "--prepare" ]; then
+    commit="$(git -C "$ROOT" rev-parse HEAD)" || { echo "gpu.sh --prepare: $ROOT is not a git checkout" >&2; exit 2; }
+    dirty=false
+    [ -n "$(git -C "$ROOT" status --porcelain -- mae_fast kernels csrc setup.py benchmarks \
+        ':!benchmarks/results' ':!benchmarks/.commit')" ] && dirty=true
+    printf '{"commit": "%s", "dirty": %s, "date": "%s"}\n' "$commit" "$dirty" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
+        >"$ROOT/benchmarks/.commit"
+    echo "wrote $ROOT/benchmarks/.commit: $(cat "$ROOT/benchmarks/.commit")"
+    exit 0
+fi
+
 cd "$ROOT"
 OUTDIR="${1:-${OUT:-benchmarks/results/gpu-$(date -u +%Y%m%dT%H%M%SZ)}}"
 mkdir -p "$OUTDIR"
 OUTDIR="$(cd "$OUTDIR" && pwd)"
-PY="${PYTHON:-python3}"
-BUDGET="${BUDGET_S:-570}"
-STAGES=" ${STAGES:-env tests train ops infer suites data} "
+DRY="${MAE_FAST_GPU_DRYRUN:-0}"
+# the dry run's stages do little but import torch and compile toy models, which takes seconds on an idle CPU but
+# minutes on a busy shared one: it gets STAGE_SCALE (default 3) times each stage's limit and a larger budget
+if [ "$DRY" = "1" ]; then BUDGET="${BUDGET_S:-1800}"; SCALE="${STAGE_SCALE:-3}"; else BUDGET="${BUDGET_S:-480}"; SCALE=1; fi
+STAGES=" ${STAGES:-env kernels train infer compiled tests} "
 LOG="$OUTDIR/log.txt"
 START=$(date +%s)
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-if [ -z "${MAE_FAST_GIT_COMMIT:-}" ] && git -C "$ROOT" rev-parse HEAD >/dev/null 2>&1; then
-    export MAE_FAST_GIT_COMMIT="$(git -C "$ROOT" rev-parse HEAD)"
-fi
 : >"$LOG"
 SUMMARY=()
 
 say() { echo "$*" | tee -a "$LOG"; }
 
-# stage NAME LIMIT_S COMMAND...: run COMMAND under min(LIMIT_S, what is left of the budget); SIGINT first, so the
-# Python harnesses keep the results they have written so far.
+# a stage that wrote nothing (skipped, or killed before its first write) still leaves a well-formed file saying why
+placeholder() {
+    local name=$1 file=$2 why=$3
+    [ -f "$OUTDIR/$file" ] && return 0
+    printf '{"schema": "mae_fast.headline/1", "stage": "%s", "status": "%s", "dryrun": %s}\n' \
+        "$name" "$why" "$([ "$DRY" = "1" ] && echo true || echo false)" >"$OUTDIR/$file"
+}
+
+if [ -z "${MAE_FAST_GIT_COMMIT:-}" ] && [ ! -f benchmarks/.commit ] && ! git -C "$ROOT" rev-parse HEAD >/dev/null 2>&1; then
+    say "== warning: no .git, no benchmarks/.commit, no MAE_FAST_GIT_COMMIT: the commit is recorded as unknown"
+fi
+
+# stage NAME FILE LIMIT_S [MIN_S]: benchmarks/headline.py NAME under min(LIMIT_S, what is left of the budget),
+# skipped when less than MIN_S (default 20) is left. The Python side gets the deadline and checks it before every
+# measurement; `timeout -s INT` (the file keeps what was measured) then SIGKILL are the backstops.
 stage() {
-    local name=$1 limit=$2
-    shift 2
+    local name=$1 file=$2 limit=$(($3 * SCALE)) min=${4:-20}
     case "$STAGES" in *" $name "*) ;; *) return 0 ;; esac
     local left=$((BUDGET - ($(date +%s) - START)))
-    local t=$((limit < left - 10 ? limit : left - 10))
-    if [ "$t" -lt 20 ]; then
+    local t=$((limit < left - 5 ? limit : left - 5))
+    if [ "$t" -lt "$min" ]; then
         say "== $name: SKIPPED (${left}s of the budget left)"
         SUMMARY+=("$name=skipped(budget)")
+        placeholder "$name" "$file" "skipped: ${left}s of the budget left"
         return 0
     fi
-    say "== $name (limit ${t}s): $*"
+    local deadline=$(($(date +%s) + t - 8))  # margin for writing the file and exiting
+    say "== $name (limit ${t}s) -> $file"
     local t0=$(date +%s)
-    timeout --signal=INT --kill-after=20 "$t" "$@" 2>&1 | tee -a "$LOG"
+    timeout --signal=INT --kill-after=10 "$t" "$PY" benchmarks/headline.py "$name" --out "$OUTDIR/$file" \
+        --deadline "$deadline" 2>&1 | tee -a "$LOG"
     local rc=${PIPESTATUS[0]}
     local took=$(($(date +%s) - t0))
     [ "$rc" -eq 124 ] && say "== $name: TIME LIMIT (${t}s) reached; partial results kept"
+    placeholder "$name" "$file" "no result: the stage ended (rc=$rc) before its first write"
     say "== $name: rc=$rc in ${took}s"
     SUMMARY+=("$name=rc$rc/${took}s")
 }
 
-env_report() {
-    {
-        date -u +%Y-%m-%dT%H:%M:%SZ
-        echo "commit: ${MAE_FAST_GIT_COMMIT:-unknown}"
-        nvidia-smi || echo "nvidia-smi failed"
-        "$PY" - <<'EOF'
-import importlib.metadata as md, platform, torch
-print("python", platform.python_version(), "| torch", torch.__version__, "| cuda", torch.version.cuda,
-      "| device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NONE")
-for name in ("triton", "flash-attn", "nvidia-dali-cuda130", "pytest", "pytest-benchmark", "timm", "matplotlib"):
-    try:
-        print(name, md.version(name))
-    except md.PackageNotFoundError:
-        print(name, "not installed")
-EOF
-    } >"$OUTDIR/env.txt" 2>&1
-    cat "$OUTDIR/env.txt"
-    "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 3)"
-}
+# limits add to more than the budget on purpose: the optional stages (compiled, tests) get what is left
+stage env env.json 45
+stage kernels kernels.json 100
+stage train train.json 170
+stage infer inference.json 70
+stage compiled compiled.json 120 60
+stage tests tests.json 120
 
-BENCH_OUT_TRAIN="$OUTDIR/train.json"
-BENCH_OUT_INFER="$OUTDIR/inference.json"
-
-export -f env_report
-export PY OUTDIR
-stage env 60 bash -c env_report
-stage tests 150 "$PY" -m pytest -m "gpu or triton" tests/ -q -p no:cacheprovider -rs --continue-on-collection-errors
-# the headline: ViT-L/8 (first) on all four stacks incl. torch.compile, largest batch, then the paper's other MAEs
-# shellcheck disable=SC2086  # TRAIN_ARGS / INFER_ARGS are word lists
-stage train 270 "$PY" -m mae_fast.bench --device cuda --no-inference --time-budget 200 --max-batch-time 30 \
-    --out "$BENCH_OUT_TRAIN" ${TRAIN_ARGS:-}
-if [ -f benchmarks/bench_ops.py ]; then
-    stage ops 100 "$PY" benchmarks/bench_ops.py --device cuda --json "$OUTDIR/ops.json"
-else
-    say "== ops: benchmarks/bench_ops.py not present"
-fi
-stage infer 90 "$PY" -m mae_fast.bench --device cuda --no-train --preset all --compile-presets none \
-    --rounds 2 --iters 3 --time-budget 60 --out "$BENCH_OUT_INFER" ${INFER_ARGS:-}
-stage suites 75 "$PY" -m pytest benchmarks/bench_train_step.py benchmarks/bench_inference.py -q -p no:cacheprovider \
-    -k "not max_batch" --bench-device cuda --bench-presets mae_vit_large_patch8_256,mae_vit_base_patch16_256 \
-    --bench-stacks reference,fused --bench-compile-presets none --bench-out "$OUTDIR/suites.json"
-if [ -f benchmarks/bench_data.py ]; then
-    stage data 60 "$PY" benchmarks/bench_data.py --workers "$(nproc)" --sites-512 16 --sites-2048 4 \
-        --out "$OUTDIR/data.json"
-fi
-
-RESULTS=()
-for f in "$BENCH_OUT_TRAIN" "$BENCH_OUT_INFER" "$OUTDIR/suites.json"; do [ -f "$f" ] && RESULTS+=("$f"); done
-if [ ${#RESULTS[@]} -gt 0 ]; then
-    "$PY" benchmarks/render_results.py --all "${RESULTS[@]}" >"$OUTDIR/results.md" 2>>"$LOG" \
-        && say "== rendered $OUTDIR/results.md"
-    cat "$OUTDIR/results.md"
-fi
+"$PY" benchmarks/headline.py render --dir "$OUTDIR" >>"$LOG" 2>&1 && say "== rendered $OUTDIR/results.md"
 say "== total $(($(date +%s) - START))s; stages: ${SUMMARY[*]}"
-say "== results in $OUTDIR: $(ls "$OUTDIR" | tr '\n' ' ')"
+say "== files in $OUTDIR: $(ls "$OUTDIR" | tr '\n' ' ')"
+[ -f "$OUTDIR/results.md" ] && cat "$OUTDIR/results.md"
+exit 0

@@ -6,6 +6,13 @@ A *stack* is one way of running the same MAE train step (forward, backward, Lion
     reference_compiled  the same under torch.compile
     fused               mae_fast's default dispatch (impl="auto": Triton on CUDA, C++ on CPU where built), eager
     fused_compiled      the same under torch.compile
+    peer                what a user would write from public code instead (`mae_fast.peer`: timm ViT, FAIR-MAE
+                        masking after the patch projection, torch.fft loss, timm's Lion), eager; needs timm
+    peer_compiled       the same under torch.compile
+
+The peer starts from the same weights as mae_fast's stacks (copied over) and sees the same crops; its FLOPs are
+counted as mae_fast's (the useful work), so its extra work (projecting the 75% of tokens it drops) shows as lower
+throughput, not as higher FLOP/s.
 
 All stacks of one preset are built from the same seed and timed in interleaved rounds (A B C D A B C D ...), so their
 ratios are measured side by side under the same conditions. Throughput is turned into achieved FLOP/s with the exact
@@ -21,6 +28,7 @@ import datetime as _dt
 import gc
 import importlib.metadata
 import importlib.util
+import json
 import math
 import os
 import platform
@@ -38,6 +46,8 @@ import mae_fast
 from mae_fast import attention as attention_mod
 from mae_fast import flops as flops_mod
 from mae_fast import ops
+from mae_fast import peer as peer_mod
+from mae_fast.compiling import compile_blocks
 from mae_fast.models import MAEConfig, MaskedAutoencoder, get_config, list_presets
 from mae_fast.optim import Lion, lion_param_groups
 
@@ -56,6 +66,7 @@ class Stack:
     optimizer_impl: str   # Lion(impl=...)
     compiled: bool
     allow_flash_attn: bool
+    peer: bool = False    # mae_fast.peer's model and timm's Lion instead of MaskedAutoencoder and mae_fast's Lion
 
 
 STACKS: dict[str, Stack] = {
@@ -63,7 +74,14 @@ STACKS: dict[str, Stack] = {
     "reference_compiled": Stack("reference_compiled", "reference", "foreach", True, False),
     "fused": Stack("fused", "auto", "auto", False, True),
     "fused_compiled": Stack("fused_compiled", "auto", "auto", True, True),
+    "peer": Stack("peer", "reference", "timm", False, False, peer=True),
+    "peer_compiled": Stack("peer_compiled", "reference", "timm", True, False, peer=True),
 }
+
+
+def default_stacks() -> list[str]:
+    """Every stack; the peer's only where timm is installed."""
+    return [name for name, stack in STACKS.items() if not stack.peer or peer_mod.timm_available()]
 
 
 @contextlib.contextmanager
@@ -248,21 +266,36 @@ def _dali_version() -> str | None:
     return None
 
 
-def _git_commit() -> dict:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(mae_fast.__file__)))
+COMMIT_FILE = "benchmarks/.commit"  # written by `bash benchmarks/gpu.sh --prepare` (git-ignored; carried)
+
+
+def _git_commit(root: str | None = None, environ=None) -> dict:
+    """The checkout's commit: from git; in a copy without .git from MAE_FAST_GIT_COMMIT, then benchmarks/.commit."""
+    root = root or os.path.dirname(os.path.dirname(os.path.abspath(mae_fast.__file__)))
+    environ = os.environ if environ is None else environ
     try:
         head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=20)
         if head.returncode == 0:
             # dirty: the measured code differs from the commit (changed or new files; results do not count)
             status = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "mae_fast", "kernels", "csrc",
-                                     "setup.py", "benchmarks", ":!benchmarks/results"],
+                                     "setup.py", "benchmarks", ":!benchmarks/results", ":!" + COMMIT_FILE],
                                     capture_output=True, text=True, timeout=20)
             return {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip()), "source": "git"}
     except (OSError, subprocess.SubprocessError):
         pass
-    # a copy of the tree without .git (e.g. on a lent GPU): the caller may pass the commit in
-    env = os.environ.get("MAE_FAST_GIT_COMMIT")
-    return {"commit": env or "unknown", "dirty": None, "source": "MAE_FAST_GIT_COMMIT" if env else "none"}
+    # a copy of the tree without .git (e.g. on a lent GPU): the caller may pass the commit in, or
+    # `bash benchmarks/gpu.sh --prepare` wrote it next to the script before the tree was copied
+    env = environ.get("MAE_FAST_GIT_COMMIT")
+    if env:
+        return {"commit": env, "dirty": None, "source": "MAE_FAST_GIT_COMMIT"}
+    try:
+        with open(os.path.join(root, COMMIT_FILE)) as f:
+            prepared = json.load(f)
+        return {"commit": str(prepared["commit"]), "dirty": prepared.get("dirty"), "source": COMMIT_FILE,
+                "prepared": prepared.get("date")}
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return {"commit": "unknown", "dirty": None, "source": "none"}
 
 
 def command_line() -> str:
@@ -347,6 +380,22 @@ def compile_fn(fn, backend: str):
     return torch.compile(fn, backend=backend, dynamic=False)
 
 
+COMPILE_MODES = ("regional", "model")
+
+
+def compiled_call(model: torch.nn.Module, fn, stack: Stack, backend: str, mode: str = "regional"):
+    """`fn` as the stack runs it: eager; or, for a compiled stack, with every transformer block compiled
+    (mode "regional": compile time per block type, `mae_fast.compiling`) or the whole call compiled ("model")."""
+    if not stack.compiled:
+        return fn
+    if mode == "regional":
+        compile_blocks(model, backend)
+        return fn
+    if mode == "model":
+        return compile_fn(fn, backend)
+    raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {mode!r}")
+
+
 def reset_compiled() -> None:
     """Forget compiled code of earlier runners: Dynamo keeps a few entries per code object and silently falls back
     to eager beyond its limit, which would mislabel a compiled stack."""
@@ -370,26 +419,39 @@ def _tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def build_model(cfg: MAEConfig, stack: Stack, device: torch.device, seed: int = 0) -> torch.nn.Module:
+    """The stack's model with the weights every stack of the run shares (seeded; the peer gets them copied)."""
+    torch.manual_seed(seed)
+    with torch.device(device):  # initialise on the device: seconds instead of a minute for ViT-L on a CPU
+        model = MaskedAutoencoder(cfg)
+        if stack.peer:
+            model = peer_mod.PeerMAE(cfg).load_from(model)
+    return model
+
+
 class TrainRunner:
     """One train step (forward + masked loss, backward, Lion step) of `cfg` on random crops, run with `stack`."""
 
     def __init__(self, cfg: MAEConfig, stack: Stack, batch: int, device: torch.device,
-                 amp: torch.dtype | None = None, compile_backend: str = "inductor", seed: int = 0):
+                 amp: torch.dtype | None = None, compile_backend: str = "inductor", seed: int = 0,
+                 compile_mode: str = "regional"):
         self.cfg, self.stack, self.batch, self.device, self.amp = cfg, stack, batch, device, amp
         self.compile_backend = compile_backend if stack.compiled else None
-        torch.manual_seed(seed)  # the same weights for every stack
-        with torch.device(device):  # initialise on the device: seconds instead of a minute for ViT-L on a CPU
-            self.model = MaskedAutoencoder(cfg).train()
-        self.optimizer = Lion(lion_param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
-                              impl=stack.optimizer_impl)
+        self.model = build_model(cfg, stack, device, seed).train()
+        if stack.peer:
+            self.optimizer = peer_mod.peer_optimizer(self.model)
+        else:
+            self.optimizer = Lion(lion_param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
+                                  impl=stack.optimizer_impl)
         gen = torch.Generator(device=device).manual_seed(seed + 1)
         self.images = [random_images(cfg, batch, device, gen) for _ in range(2)]  # rotated between steps
-        self.loss_fn = compile_fn(self._loss, compile_backend) if stack.compiled else self._loss
+        self.loss_fn = compiled_call(self.model, self._loss, stack, compile_backend, compile_mode)
         self.steps = 0
         self.last_loss: torch.Tensor | None = None
 
     def _loss(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images).loss
+        out = self.model(images)
+        return out if self.stack.peer else out.loss
 
     def step(self, images: torch.Tensor | None = None) -> None:
         if images is None:
@@ -420,15 +482,14 @@ class InferenceRunner:
     """Embedding crops (no masking, encoder on every token, mean of the patch tokens)."""
 
     def __init__(self, cfg: MAEConfig, stack: Stack, batch: int, device: torch.device,
-                 amp: torch.dtype | None = None, compile_backend: str = "inductor", seed: int = 0):
+                 amp: torch.dtype | None = None, compile_backend: str = "inductor", seed: int = 0,
+                 compile_mode: str = "regional"):
         self.cfg, self.stack, self.batch, self.device, self.amp = cfg, stack, batch, device, amp
         self.compile_backend = compile_backend if stack.compiled else None
-        torch.manual_seed(seed)
-        with torch.device(device):
-            self.model = MaskedAutoencoder(cfg).eval()
+        self.model = build_model(cfg, stack, device, seed).eval()
         gen = torch.Generator(device=device).manual_seed(seed + 1)
         self.images = [random_images(cfg, batch, device, gen) for _ in range(2)]
-        self.embed_fn = compile_fn(self.model.embed, compile_backend) if stack.compiled else self.model.embed
+        self.embed_fn = compiled_call(self.model, self.model.embed, stack, compile_backend, compile_mode)
         self.steps = 0
         self.last_loss = None
         self.last_output: torch.Tensor | None = None
@@ -543,8 +604,69 @@ class BenchSettings:
     iters: int = 5            # timed steps per stack per round
     rounds: int = 3           # interleaved rounds
     compile_backend: str = "inductor"
+    compile_mode: str = "regional"
     max_batch_time_s: float = 45.0
     max_batch_limit: int = 4096
+    deadline: float | None = None  # time.monotonic() after which no further measurement starts
+
+
+class BudgetSpent(Exception):
+    """The settings' deadline passed: stop measuring, keep what was measured."""
+
+
+def check_budget(settings: BenchSettings) -> None:
+    if settings.deadline is not None and time.monotonic() > settings.deadline:
+        raise BudgetSpent
+
+
+def batch_for_memory(bytes_at: dict[int, int], available_bytes: int, limit: int = 1024, multiple: int = 8) -> int:
+    """Largest batch (a multiple of `multiple`, at most `limit`, at least `multiple`) whose step fits in
+    `available_bytes`, from a step's peak bytes measured at two batches {b1: peak1, b2: peak2}: peak memory is
+    affine in the batch (fixed part + per-crop activations), so two points give both."""
+    if len(bytes_at) < 2:
+        raise ValueError("need peak bytes at two different batches")
+    (b1, m1), (b2, m2) = sorted(bytes_at.items())[:2]
+    per_crop = max(1.0, (m2 - m1) / (b2 - b1))
+    fixed = m1 - per_crop * b1
+    batch = int((available_bytes - fixed) // per_crop) // multiple * multiple
+    return max(multiple, min(limit, batch))
+
+
+def estimate_train_batch(cfg: MAEConfig, stacks: list[Stack], settings: BenchSettings, fraction: float = 0.7,
+                         probe: int = 8) -> dict:
+    """The batch for a train-step comparison from a memory estimate, not a search: each eager stack's step peak at
+    batches `probe` and 2*`probe` gives its fixed and per-crop bytes; the batch is the largest whose step fits in
+    `fraction` of the device memory left once every stack's parameters and optimiser state are resident (they are
+    alive together during the interleaved rounds). CPU: 2 crops (CPU memory is the machine's)."""
+    device = settings.device
+    if device.type != "cuda":
+        return {"batch": 2, "method": "fixed on CPU"}
+    per_stack, resident = {}, 0
+    for stack in (s for s in stacks if not s.compiled):
+        check_budget(settings)
+        runner = TrainRunner(cfg, stack, probe, device, settings.amp, settings.compile_backend)
+        gen = torch.Generator(device=device).manual_seed(11)
+        runner.step_synced()  # first step: kernels compiled, optimiser state allocated
+        peaks = {}
+        for b in (probe, 2 * probe):
+            images = random_images(cfg, b, device, gen)
+            synchronize(device)
+            base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            runner.step(images)
+            synchronize(device)
+            peaks[b] = torch.cuda.max_memory_allocated(device) - base
+        resident += runner.persistent_bytes()
+        per_stack[stack.name] = peaks
+        del runner
+        _free_memory(device)
+    total = torch.cuda.get_device_properties(device).total_memory
+    available = int(fraction * total) - resident
+    batches = {name: batch_for_memory(peaks, available, limit=settings.max_batch_limit)
+               for name, peaks in per_stack.items()}
+    return {"batch": min(batches.values()), "method": "memory estimate (two probe steps per stack)",
+            "per_stack_batch": batches, "probe_peak_bytes": per_stack, "resident_bytes": resident,
+            "device_bytes": total, "fraction": fraction}
 
 
 def default_batch(cfg: MAEConfig, device: torch.device, kind: str = "train") -> int:
@@ -581,6 +703,7 @@ def base_record(kind: str, label: str, cfg: MAEConfig, stack: Stack, batch: int,
         "device": device_name(settings.device),
         "amp": str(settings.amp).replace("torch.", "") if settings.amp else "fp32",
         "compiled": stack.compiled, "compile_backend": settings.compile_backend if stack.compiled else None,
+        "compile_mode": settings.compile_mode if stack.compiled else None,
         "img_size": cfg.img_size, "patch_size": cfg.patch_size, "in_chans": cfg.in_chans,
         "mask_ratio": cfg.mask_ratio, "layout": cfg.layout,
     }
@@ -607,7 +730,12 @@ def warm_up(runner, rec: dict, settings: BenchSettings) -> None:
     for _ in range(settings.warmup):
         runner.step_synced()
     # embedding calls none of the dispatched training ops: report only its attention backend
-    rec["impls"] = impls_that_ran() if isinstance(runner, TrainRunner) else {"attention": attention_mod.last_backend()}
+    if runner.stack.peer:
+        rec["impls"] = {"model": "timm", "optimizer": "timm.optim.Lion"}
+    elif isinstance(runner, TrainRunner):
+        rec["impls"] = impls_that_ran()
+    else:
+        rec["impls"] = {"attention": attention_mod.last_backend()}
     if runner.last_loss is not None and not torch.isfinite(runner.last_loss).item():
         raise FloatingPointError(f"non-finite loss {runner.last_loss.item()} after warm-up")
     rec["peak_mem_bytes"] = step_peak_bytes(runner, settings.device)
@@ -628,17 +756,25 @@ def compare_stacks(kind: str, label: str, cfg: MAEConfig, stacks: list[Stack], b
     interrupted = False
     if any(stack.compiled for stack in stacks):
         reset_compiled()
+    stopped = "interrupted"
     try:
         for stack in stacks:
+            check_budget(settings)
             if _build_and_warm(runner_cls, cfg, stack, batch, settings, records[stack.name], runners):
                 times[stack.name], per_round[stack.name] = [], []
         for _ in range(settings.rounds):
+            check_budget(settings)
             for name, runner in runners.items():
-                t = [time_call(runner.step, device) for _ in range(settings.iters)]
+                t = []
+                for _ in range(settings.iters):
+                    check_budget(settings)
+                    t.append(time_call(runner.step, device))
                 times[name].extend(t)
                 per_round[name].append(statistics.median(t))
     except KeyboardInterrupt:
         interrupted = True
+    except BudgetSpent:
+        interrupted, stopped = True, "time budget spent"
     for name, runner in runners.items():
         if times.get(name):
             records[name].update(summarise(times[name], batch, runner.flops_per_crop(), ceiling_tflops), status="ok")
@@ -646,10 +782,11 @@ def compare_stacks(kind: str, label: str, cfg: MAEConfig, stacks: list[Stack], b
                 records[name]["process_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     for rec in records.values():
         if "status" not in rec:
-            rec.update(status="interrupted", error="interrupted before it was timed")
+            rec.update(status="interrupted", error=f"{stopped} before it was timed")
     runner = None
     runners.clear()
     _free_memory(device)
+    per_round = {k: v for k, v in per_round.items() if v}  # rounds every timed stack completed
     per_round = {k: v[:min(len(x) for x in per_round.values())] for k, v in per_round.items()} if per_round else {}
 
     if kind == "train" and not interrupted:
@@ -665,7 +802,8 @@ def _build_and_warm(runner_cls, cfg, stack, batch, settings, rec, runners) -> bo
     """Build and warm one stack's runner into `runners`; a failure is recorded in `rec`, never raised."""
     failure = None
     try:
-        runner = runner_cls(cfg, stack, batch, settings.device, settings.amp, settings.compile_backend)
+        runner = runner_cls(cfg, stack, batch, settings.device, settings.amp, settings.compile_backend,
+                            compile_mode=settings.compile_mode)
         warm_up(runner, rec, settings)
         runners[stack.name] = runner
     except Exception as err:  # noqa: BLE001 - recorded in the results, never dropped
@@ -698,6 +836,10 @@ def _max_batch(runner_cls, cfg, stack, batch, settings, rec, search: bool) -> No
 
 RATIO_PAIRS = [
     ("fused", "reference"),
+    ("fused", "peer"),
+    ("fused_compiled", "peer_compiled"),
+    ("fused_compiled", "peer"),
+    ("reference", "peer"),
     ("fused_compiled", "reference_compiled"),
     ("fused_compiled", "reference"),
     ("fused", "reference_compiled"),
@@ -815,14 +957,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=None,
                         help="train batch (default: 2 on CPU; on GPU a power of two giving ~100 TFLOP per step)")
     parser.add_argument("--inference-batch", type=int, default=None, help="embedding batch (same defaults)")
-    parser.add_argument("--stacks", default=",".join(STACKS),
-                        help=f"comma list of {', '.join(STACKS)} (default all)")
+    parser.add_argument("--stacks", default=",".join(default_stacks()),
+                        help=f"comma list of {', '.join(STACKS)} (default all; the peer's need timm)")
     parser.add_argument("--compile-presets", default=None,
                         help="presets that also run the compiled stacks: comma list, 'all' or 'none' "
                              f"(default: all on CPU; on GPU {', '.join(GPU_TARGET_PRESETS)}: compiling takes minutes)")
     parser.add_argument("--compile-backend", default=None,
                         help="torch.compile backend (default inductor on GPU; aot_eager on CPU, where inductor "
                              "spends ~90 s in its C++ build per variant)")
+    parser.add_argument("--compile-mode", choices=COMPILE_MODES, default="regional",
+                        help="regional: each transformer block compiled (compile time per block type); "
+                             "model: the whole step compiled")
     parser.add_argument("--amp", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                         help="autocast dtype (auto: bf16 on GPU, fp32 on CPU)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per stack after the first")
@@ -939,7 +1084,7 @@ def run(args: argparse.Namespace) -> int:
         device=device, amp=amp, warmup=args.warmup, rounds=args.rounds,
         iters=args.iters or (5 if device.type == "cuda" else 2),
         compile_backend=args.compile_backend or ("inductor" if device.type == "cuda" else "aot_eager"),
-        max_batch_time_s=args.max_batch_time,
+        max_batch_time_s=args.max_batch_time, compile_mode=args.compile_mode,
     )
     compile_presets = preset_set(args.compile_presets, presets,
                                   presets if device.type == "cpu" else GPU_TARGET_PRESETS)
@@ -967,9 +1112,10 @@ def run(args: argparse.Namespace) -> int:
     for kind in kinds:
         for label in presets:
             cfg = parse_preset(label)
-            wanted = [s for s in stacks if not s.compiled or label in compile_presets]
+            wanted = [s for s in stacks if (not s.compiled or label in compile_presets)
+                      and not (s.peer and cfg.channel_agnostic)]  # the peer is the standard MAE only
             if kind == "inference":  # embedding calls none of the dispatched training ops: the default path only
-                wanted = [s for s in wanted if s.name.startswith("fused")] or wanted[:1]
+                wanted = [s for s in wanted if s.name.startswith("fused") or s.peer] or wanted[:1]
             batch = (args.batch if kind == "train" else args.inference_batch) or default_batch(cfg, device, kind)
             if args.time_budget is not None and time.perf_counter() - t_start > args.time_budget:
                 payload["skipped"].append({"kind": kind, "preset": label, "reason": "time budget spent"})

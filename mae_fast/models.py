@@ -234,13 +234,18 @@ class ParallelScalingBlock(nn.Module):
 
     def forward(self, x):  # (B, N, D)
         B, N, D = x.shape
+        # one addmm with the whole [h | q | k | v] bias (see in_proj_bias), no separate pass over h
         y = F.linear(self.in_norm(x), self.in_proj.weight, self.in_proj_bias())
         h, q, k, v = torch.split(y, self.in_split, dim=-1)
         q = self.q_norm(q.view(B, N, self.num_heads, self.head_dim)).transpose(1, 2)  # (B, H, N, d)
         k = self.k_norm(k.view(B, N, self.num_heads, self.head_dim)).transpose(1, 2)
         v = v.view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
-        a = attention(q, k, v).transpose(1, 2).reshape(B, N, D)
-        y = self.attn_out_proj(a) + self.mlp_out_proj(self.mlp_act(h))
+        a = attention(q, k, v).transpose(1, 2).reshape(B * N, D)
+        g = self.mlp_act(h).reshape(B * N, -1)
+        # both output projections and their biases in two accumulating GEMMs: attn @ Wa^T + b_a + b_m, then
+        # += mlp @ Wm^T in place of a third pass that adds two (B, N, D) results
+        y = torch.addmm(self.attn_out_proj.bias + self.mlp_out_proj.bias, a, self.attn_out_proj.weight.t())
+        y = torch.addmm(y, g, self.mlp_out_proj.weight.t()).view(B, N, D)
         return x + self.drop_path(self.ls(y))
 
 
@@ -537,8 +542,7 @@ class MaskedAutoencoder(nn.Module):
     def embed(self, images: torch.Tensor, per_channel: bool = False) -> torch.Tensor:
         """Raw images -> mean of the non-class tokens, no masking: (B, D), or (B, C*D) per channel (CA-MAE)."""
         C = self.check_images(images)
-        x = ops.self_standardize(images)
-        tokens = ops.patchify(x, self.cfg.patch_size, self.cfg.layout)
+        tokens = ops.standardized_tokens(images, self.cfg.patch_size, self.cfg.layout)  # fused: one pass, no mask
         z = self.encoder.pool(self.encoder.forward_tokens(tokens), C, per_channel)
         return z.flatten(1)
 

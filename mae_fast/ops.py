@@ -469,6 +469,27 @@ def masked_patchify(
         return _dispatch("masked_patchify", images.device, impl, images, patch_size, masking, layout, stats)
 
 
+def standardized_tokens(images: torch.Tensor, patch_size: int, layout: str = "standard",
+                        impl: str = "auto") -> torch.Tensor:
+    """Raw images -> every token, self-standardised, in order (B, L, P) float32: inference's front end. The fused
+    backends of `masked_patchify` with an identity permutation and nothing masked write the tokens in one pass
+    after the statistics pass; the reference is standardize + patchify."""
+    B, C, H, W = images.shape
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if H % patch_size or W % patch_size:
+        raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {patch_size}")
+    pixel_scale(images.dtype)
+    if _resolve("masked_patchify", images.device, impl)[0] == "reference":  # no identity gather
+        _last_impl["masked_patchify"] = "reference"
+        return patchify(self_standardize(images), patch_size, layout)
+    L = (H // patch_size) * (W // patch_size) * (C if layout == "channel" else 1)
+    ids = torch.arange(L, device=images.device).expand(B, L).contiguous()
+    identity = Masking(ids, ids, torch.zeros(B, L, device=images.device), L)
+    with torch.no_grad():
+        return _dispatch("masked_patchify", images.device, impl, images, patch_size, identity, layout, None).visible
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Decoder unshuffle
 # --------------------------------------------------------------------------------------------------------------

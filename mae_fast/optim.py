@@ -15,6 +15,16 @@ import torch
 
 from mae_fast import ops
 
+try:  # FSDP2 parameters; absent from torch builds without distributed support
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover
+    DTensor = ()  # isinstance(x, ()) is False
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (a view: in-place updates land in the DTensor), any other tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
 
 class Lion(torch.optim.Optimizer):
     """Lion. `impl`: "auto" (fused kernel where available), "reference" (one tensor at a time), "foreach".
@@ -71,12 +81,17 @@ class Lion(torch.optim.Optimizer):
                 if "exp_avg" not in state:
                     state["exp_avg"] = torch.zeros_like(p, dtype=self.momentum_dtype or p.dtype,
                                                         memory_format=torch.preserve_format)
-                idx, ps, ms = buckets.setdefault(p.device, ([], [], []))
+                # FSDP2 shards are DTensors: Lion is elementwise, so each rank updates its local shard in place
+                p_, m_ = _local(p), _local(state["exp_avg"])
+                if p_.numel() == 0:  # a rank's empty shard of a small parameter
+                    continue
+                idx, ps, ms = buckets.setdefault(p_.device, ([], [], []))
                 idx.append(i)
-                ps.append(p)
-                ms.append(state["exp_avg"])
+                ps.append(p_)
+                ms.append(m_)
             cached = cache[index] = (has_grad, list(params), list(buckets.values()))
-        whole = len(cached[2]) == 1 and all(has_grad)
+        grads = [_local(g) for g in grads]
+        whole = len(cached[2]) == 1 and len(cached[2][0][0]) == len(params)
         return [(ps, grads if whole else [grads[i] for i in idx], ms) for idx, ps, ms in cached[2]]
 
     def load_state_dict(self, state_dict):

@@ -122,7 +122,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto, cpu, cuda")
     p.add_argument("--amp", choices=AMP_MODES, help="autocast dtype (default auto: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--bf16", action="store_true", help="same as --amp bf16 (GPU only)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each transformer block (compile_mode=model: the whole model)")
     p.add_argument("--fsdp", action="store_true", help="shard with FSDP instead of DDP (under torchrun)")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute block activations")
     p.add_argument("--seed", type=int)

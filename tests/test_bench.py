@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import time
 
 import pytest
 import torch
@@ -27,7 +28,7 @@ def _render_module():
 @pytest.fixture(scope="module")
 def cpu_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "cpu.json"
-    rc = bench.main(["--device", "cpu", "--preset", TINY, "--stacks", ",".join(bench.STACKS),
+    rc = bench.main(["--device", "cpu", "--preset", TINY, "--stacks", ",".join(bench.default_stacks()),
                      "--rounds", "2", "--iters", "1", "--warmup", "0", "--out", str(out)])
     with open(out) as f:
         return rc, json.load(f)
@@ -42,7 +43,7 @@ def test_bench_cli_writes_results_with_provenance(cpu_results):
     assert prov["git"]["commit"] and "date" in prov and "--preset" in prov["command"]
     assert payload["ceiling"]["tflops"] > 0 and payload["ceiling"]["dtype"] == "float32"
     stacks = {r["stack"]: r for r in payload["train"]}
-    assert set(stacks) == set(bench.STACKS)
+    assert set(stacks) == set(bench.default_stacks())
     for rec in payload["train"]:
         assert rec["status"] == "ok", rec
         assert rec["img_size"] == 64 and rec["batch"] == 2 and rec["timed_steps"] == 2
@@ -50,9 +51,12 @@ def test_bench_cli_writes_results_with_provenance(cpu_results):
             bench.parse_preset(TINY))
         assert rec["achieved_tflops"] == pytest.approx(rec["flops_per_crop"] * rec["crops_per_s"] / 1e12)
         assert rec["mfu"] == pytest.approx(rec["achieved_tflops"] / payload["ceiling"]["tflops"])
-        assert rec["impls"]["attention"] == "sdpa"
+        assert rec["stack"].startswith("peer") or rec["impls"]["attention"] == "sdpa"
         assert rec["max_batch"] is None and rec["max_batch_note"] == "not searched on CPU"
     # the reference stacks run the references and foreach Lion; compiled stacks really compiled
+    for name in ("reference_compiled", "fused_compiled", "peer_compiled"):
+        if name in stacks:  # regional compilation: every block compiled, the rest eager
+            assert stacks[name]["compile_mode"] == "regional" and "graphs" in stacks[name]["dynamo"]
     for name in ("reference", "reference_compiled"):
         assert {stacks[name]["impls"][op] for op in ("masked_patchify", "unshuffle", "mae_loss")} == {"reference"}
         assert stacks[name]["impls"]["lion_update"] == "foreach"
@@ -61,7 +65,11 @@ def test_bench_cli_writes_results_with_provenance(cpu_results):
     # ratios of the same run, from both rounds
     pairs = {(r["numerator"], r["denominator"]): r for r in payload["ratios"]}
     assert ("fused", "reference") in pairs and pairs[("fused", "reference")]["rounds"] == 2
-    assert [r["stack"] for r in payload["inference"]] == ["fused", "fused_compiled"]
+    peers = ["peer", "peer_compiled"] if "peer" in stacks else []
+    if peers:  # the peer: timm's model and Lion, compared in the same rounds
+        assert stacks["peer"]["impls"] == {"model": "timm", "optimizer": "timm.optim.Lion"}
+        assert {("fused", "peer"), ("fused_compiled", "peer_compiled")} <= set(pairs)
+    assert [r["stack"] for r in payload["inference"]] == ["fused", "fused_compiled"] + peers
     assert all(r["status"] == "ok" for r in payload["inference"])
 
 
@@ -94,6 +102,50 @@ def test_bench_cli_rejects_bad_arguments(capsys):
     cfg = bench.parse_preset("camae_vit_micro_patch16_256:img_size=32,in_chans=3,mask_ratio=0.5")
     assert (cfg.img_size, cfg.in_chans, cfg.mask_ratio) == (32, 3, 0.5)
     assert bench.split_specs(["a:img_size=64,in_chans=3,b", "c"]) == ["a:img_size=64,in_chans=3", "b", "c"]
+
+
+def test_batch_for_memory_extrapolates_two_probe_steps():
+    # 1 GiB fixed + 0.5 GiB per crop, measured at batches 8 and 16
+    gib = 2**30
+    peaks = {8: gib + 8 * gib // 2, 16: gib + 16 * gib // 2}
+    assert bench.batch_for_memory(peaks, 101 * gib) == 200
+    assert bench.batch_for_memory(peaks, 100 * gib) == 192  # 198 crops fit: rounded down to a multiple of 8
+    assert bench.batch_for_memory(peaks, 10_000 * gib, limit=1024) == 1024
+    assert bench.batch_for_memory(peaks, gib) == 8  # never below one multiple
+    with pytest.raises(ValueError, match="two different batches"):
+        bench.batch_for_memory({8: gib}, gib)
+
+
+def test_compare_stacks_stops_at_the_deadline_and_keeps_what_it_measured():
+    cfg = bench.parse_preset(TINY)
+    stacks = [bench.STACKS["reference"]]
+    spent = bench.BenchSettings(device=torch.device("cpu"), amp=None, warmup=0, iters=1, rounds=1,
+                                deadline=time.monotonic() - 1)
+    records, ratios, stopped = bench.compare_stacks("train", TINY, cfg, stacks, 2, spent, None)
+    assert stopped and ratios == []
+    assert records[0]["status"] == "interrupted" and "time budget spent" in records[0]["error"]
+    fine = bench.BenchSettings(device=torch.device("cpu"), amp=None, warmup=0, iters=1, rounds=1,
+                               deadline=time.monotonic() + 600)
+    records, _, stopped = bench.compare_stacks("train", TINY, cfg, stacks, 2, fine, None)
+    assert not stopped and records[0]["status"] == "ok"
+
+
+@pytest.mark.parametrize("preset,blocks", [("mae_vit_micro_patch16_256", 4 + 2),
+                                           ("camae_vit_micro_patch16_256", 4 + 6 * 2)])
+def test_regional_compilation_compiles_each_block_and_keeps_the_function(preset, blocks):
+    from mae_fast.compiling import compile_blocks, repeated_blocks
+    from mae_fast.models import MaskedAutoencoder
+
+    cfg = bench.parse_preset(preset + ":img_size=32,drop_path=0.0")
+    torch.manual_seed(0)
+    model = MaskedAutoencoder(cfg).eval()
+    images = torch.randint(0, 256, (2, cfg.in_chans, 32, 32), dtype=torch.uint8)
+    eager = model.embed(images)
+    bench.reset_compiled()
+    assert len(repeated_blocks(model)) == blocks
+    assert compile_blocks(model, "aot_eager") == blocks
+    assert all(getattr(b, "_compiled_call_impl", None) is not None for b in repeated_blocks(model))
+    torch.testing.assert_close(model.embed(images), eager)
 
 
 class _FakeRunner:
@@ -181,3 +233,44 @@ def test_bench_harness_on_gpu(tmp_path):
     for op in bench.FUSED_OPS:
         if "triton" in ops.available_impls(op):
             assert stacks["fused"]["impls"][op] == "triton", op
+
+
+def test_selective_checkpointing_saves_matmuls_recomputes_the_rest(monkeypatch):
+    from mae_fast import compiling
+    from mae_fast.models import MaskedAutoencoder
+
+    cfg = bench.parse_preset("mae_vit_micro_patch16_256:img_size=32,drop_path=0.0")
+    torch.manual_seed(0)
+    plain = MaskedAutoencoder(cfg)
+    sac = MaskedAutoencoder(cfg)
+    sac.load_state_dict(plain.state_dict())
+    calls = []
+    for i, block in enumerate(compiling.repeated_blocks(sac)):  # count runs of each block's own forward
+        block.forward = lambda *a, _f=block.forward, _i=i: (calls.append(_i), _f(*a))[1]
+    assert compiling.selective_checkpointing(sac) == 4 + 2
+    decisions = []
+    policy = compiling._save_matmuls
+
+    def spy(ctx, op, *args, **kwargs):
+        decision = policy(ctx, op, *args, **kwargs)
+        decisions.append((ctx.is_recompute, op, decision))
+        return decision
+
+    monkeypatch.setattr(compiling, "_save_matmuls", spy)
+    images = torch.randint(0, 256, (2, cfg.in_chans, 32, 32), dtype=torch.uint8)
+    losses = []
+    for model in (plain, sac):
+        loss = model(images, generator=torch.Generator().manual_seed(1)).loss
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[1], losses[0])
+    for (name, p), q in zip(plain.named_parameters(), sac.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, msg=name)
+    saved = {op for _, op, d in decisions if d == torch.utils.checkpoint.CheckpointPolicy.MUST_SAVE}
+    assert torch.ops.aten.addmm.default in saved and saved <= compiling.SAVED_OPS
+    assert any(op == torch.ops.aten.native_layer_norm.default for _, op, _ in decisions)  # recomputed, not saved
+    assert sorted(calls) == sorted(list(range(6)) * 2)  # each block ran twice: forward, and recomputed in backward
+    with torch.no_grad():  # inference: no checkpointing at all
+        n, calls[:] = len(decisions), []
+        sac.embed(images)
+        assert len(decisions) == n and sorted(calls) == list(range(4))  # the encoder's blocks, once

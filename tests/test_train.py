@@ -109,6 +109,8 @@ def test_config_file_yaml_toml_and_overrides(tmp_path):
     ({"data__plates": [99]}, r"matches no site.*plates \['1', '2'\]"),
     ({"data__root": "/no/such/screen"}, "does not exist"),
     ({"amp": "fp16"}, "valid values: auto, bf16, fp32"),
+    ({"compile_mode": "everything"}, "valid values: regional, model"),
+    ({"activation_checkpointing_policy": "some"}, "valid values: full, selective"),
 ])
 def test_bad_settings_fail_before_work(screen, tmp_path, overrides, message):
     if "cuda" in message.lower() or "CUDA" in message:
@@ -176,6 +178,39 @@ def test_keep_last_checkpoints(screen, tmp_path):
 # ------------------------------------------------------------------------------------------------------------
 # exact resume
 # ------------------------------------------------------------------------------------------------------------
+
+SHORT = dict(steps=2, checkpoint_every=2, recon_every=0)
+
+
+@pytest.fixture(scope="module")
+def short_run(screen, tmp_path_factory):
+    return train(tiny_config(screen.root, tmp_path_factory.mktemp("runs") / "short", **SHORT))
+
+
+def test_regional_compilation_trains_like_eager(screen, short_run, tmp_path):
+    """compile=True compiles each transformer block (compile_mode regional, the default); the run computes what the
+    eager run computes."""
+    from mae_fast.compiling import repeated_blocks
+
+    short, eager = SHORT, short_run
+    torch._dynamo.reset()
+    compiled = train(tiny_config(screen.root, tmp_path / "compiled", compile=True, compile_backend="aot_eager",
+                                 **short))
+    blocks = repeated_blocks(compiled.model)
+    assert len(blocks) == 4 + 2 and all(b._compiled_call_impl is not None for b in blocks)
+    assert all(b._compiled_call_impl is None for b in repeated_blocks(eager.model))
+    assert compiled.losses == pytest.approx(eager.losses, rel=1e-5)
+    for k, v in eager.model.state_dict().items():
+        torch.testing.assert_close(compiled.model.state_dict()[k], v, atol=1e-5, rtol=1e-5)
+
+
+def test_selective_activation_checkpointing_trains_like_eager(screen, short_run, tmp_path):
+    r = train(tiny_config(screen.root, tmp_path / "sac", activation_checkpointing=True,
+                          activation_checkpointing_policy="selective", **SHORT))
+    assert r.losses == pytest.approx(short_run.losses, rel=1e-6)  # recomputation preserves the drop-path draws
+    for k, v in short_run.model.state_dict().items():
+        torch.testing.assert_close(r.model.state_dict()[k], v, atol=1e-6, rtol=1e-6)
+
 
 def test_resume_continues_exactly(screen, reference_run, tmp_path):
     out = run_as_if_killed_after(reference_run.out_dir, tmp_path / "resumed", 3)

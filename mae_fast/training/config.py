@@ -21,6 +21,8 @@ ModelConfig = Union[MAEConfig, bl.WSLConfig, bl.MUNetConfig]
 DATA_FORMATS = ("auto", "rxrx", "rxrx3_core", "jump", "pack")
 AMP_MODES = ("auto", "bf16", "fp32")
 DISTRIBUTED_MODES = ("ddp", "fsdp")
+CHECKPOINTING_POLICIES = ("full", "selective")
+COMPILE_MODES = ("regional", "model")  # regional: each transformer block compiled (mae_fast.compiling)
 CUDA_ONLY_COMPILE_BACKENDS = ("cudagraphs",)
 
 
@@ -74,8 +76,10 @@ class TrainConfig:
     optimizer_impl: str = "auto"         # Lion backend: auto, reference, foreach, triton, cpp (MAE only)
     amp: str = "auto"                    # auto (bf16 on GPU, fp32 on CPU), bf16, fp32
     activation_checkpointing: bool = False
+    activation_checkpointing_policy: str = "full"  # full: recompute whole blocks; selective: keep matmul outputs
     compile: bool = False
     compile_backend: str = "inductor"
+    compile_mode: str = "regional"       # regional (per block: compile time per block type) or model (whole)
     distributed: str = "ddp"             # ddp or fsdp (torchrun)
     device: str = "auto"                 # auto, cpu, cuda (torchrun: cuda:LOCAL_RANK)
     threads: int = 0                     # torch CPU threads (0: torch's default; cores / local ranks under torchrun)
@@ -106,8 +110,9 @@ class TrainConfig:
 
 # keys that may differ between a run and its resumption (they do not change the arithmetic of a step)
 RESUME_MAY_CHANGE = {
-    "out_dir", "overwrite", "resume", "max_seconds", "amp", "activation_checkpointing", "compile", "compile_backend",
-    "distributed", "device", "threads", "checkpoint_every", "keep_last", "log_every", "recon_every", "peak_tflops",
+    "out_dir", "overwrite", "resume", "max_seconds", "amp", "activation_checkpointing",
+    "activation_checkpointing_policy", "compile", "compile_backend",
+    "compile_mode", "distributed", "device", "threads", "checkpoint_every", "keep_last", "log_every", "recon_every", "peak_tflops",
     "progress", "tensorboard", "optimizer_impl", "data.num_workers", "data.backend", "init_from",
 }
 
@@ -416,7 +421,7 @@ def resolve_model_config(cfg: TrainConfig) -> ModelConfig:
         model_cfg = get_config(cfg.preset, **cfg.model)
     except (KeyError, ValueError, TypeError) as err:
         raise ConfigError(str(err).strip('"')) from err
-    if cfg.activation_checkpointing:
+    if cfg.activation_checkpointing and cfg.activation_checkpointing_policy == "full":
         model_cfg = replace(model_cfg, grad_checkpointing=True)
     if model_cfg.img_size % model_cfg.patch_size:
         raise ConfigError(f"model.img_size {model_cfg.img_size} is not a multiple of the patch size "
@@ -444,6 +449,8 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> RunPlan:
         raise ConfigError(f"warmup_fraction must be in [0, 1), got {cfg.warmup_fraction}")
     _check_choice("amp", cfg.amp, AMP_MODES)
     _check_choice("distributed", cfg.distributed, DISTRIBUTED_MODES)
+    _check_choice("compile_mode", cfg.compile_mode, COMPILE_MODES)
+    _check_choice("activation_checkpointing_policy", cfg.activation_checkpointing_policy, CHECKPOINTING_POLICIES)
     _check_choice("optimizer_impl", cfg.optimizer_impl, ("auto", "reference", "foreach", "triton", "cpp"))
     _check_choice("data.format", cfg.data.format, DATA_FORMATS)
     _check_choice("data.backend", cfg.data.backend, ("auto", "torch", "dali"))

@@ -1,5 +1,5 @@
 """Distributed helpers: rank facts from torchrun, the process group, collectives that keep ranks in step, CPU threads,
-and wrapping the model in DDP / FSDP."""
+and wrapping the model in DDP / FSDP2."""
 from __future__ import annotations
 
 import contextlib
@@ -9,6 +9,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+from mae_fast.compiling import repeated_blocks
 from mae_fast.training.config import TrainConfig, model_family
 
 
@@ -96,6 +100,18 @@ def _clean_name(name: str) -> str:
     return name
 
 
+def shard_model(core: torch.nn.Module, info: DistInfo, device: torch.device) -> torch.nn.Module:
+    """FSDP2 (`fully_shard`): every transformer block is its own communication unit (its parameters gathered just
+    before it runs, freed after), then the root takes the rest. Parameters become DTensors sharded on dim 0 over
+    the ranks; fp32 master weights stay fp32 (bf16 comes from autocast); gradients are averaged, as DDP's.
+    Returns `core` itself, now an FSDPModule."""
+    mesh = init_device_mesh(device.type, (info.world_size,))
+    for block in repeated_blocks(core):
+        fully_shard(block, mesh=mesh)
+    fully_shard(core, mesh=mesh)
+    return core
+
+
 def wrap_model(core: torch.nn.Module, cfg: TrainConfig, info: DistInfo, device: torch.device) -> torch.nn.Module:
     if not info.active:
         return core
@@ -104,13 +120,7 @@ def wrap_model(core: torch.nn.Module, cfg: TrainConfig, info: DistInfo, device: 
 
         return DDP(core, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.distributed == "fsdp":
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-
-        from mae_fast.models import Block, ParallelScalingBlock
-
-        return FSDP(core, auto_wrap_policy=ModuleWrapPolicy({ParallelScalingBlock, Block}),
-                    device_id=device, use_orig_params=True)
+        return shard_model(core, info, device)
     import inspect
 
     from torch.nn.parallel import DistributedDataParallel as DDP

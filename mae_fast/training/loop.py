@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from mae_fast import baselines as bl
 from mae_fast.checkpoint import WEIGHTS_NAME, CheckpointError, atomic_write, load_state_dict_strict, save_model
+from mae_fast.compiling import compile_blocks, selective_checkpointing
 from mae_fast.models import MaskedAutoencoder
 from mae_fast.optim import Lion, lion_param_groups, one_cycle_cosine
 from mae_fast.runlock import OutputLock, folder_lock_path
@@ -280,6 +281,8 @@ def _train(cfg: TrainConfig, plan: RunPlan, info: DistInfo, device: torch.device
     checkpoint_extra = {"classes": list(labels.classes)} if labels is not None else {}
 
     core.to(device).train()
+    if cfg.activation_checkpointing and cfg.activation_checkpointing_policy == "selective" and plan.family == "mae":
+        selective_checkpointing(core)  # before sharding and compiling: they wrap what the block runs
     n_params = sum(p.numel() for p in core.parameters())
     if plan.family == "mae":
         decay_names = decayed_parameter_names(core)
@@ -289,7 +292,11 @@ def _train(cfg: TrainConfig, plan: RunPlan, info: DistInfo, device: torch.device
         wrapped = wrap_model(core, cfg, info, device)
         optimizer = make_baseline_optimizer(core, plan)
     can_reconstruct = hasattr(core, "reconstruct")
-    forward = torch.compile(wrapped, backend=cfg.compile_backend) if cfg.compile else wrapped
+    forward = wrapped
+    if cfg.compile and cfg.compile_mode == "regional" and plan.family == "mae":
+        compile_blocks(core, cfg.compile_backend)  # after sharding: each FSDP2 block compiled as it runs
+    elif cfg.compile:
+        forward = torch.compile(wrapped, backend=cfg.compile_backend)
 
     start_step, crops_seen, losses = 0, 0, []
     if state is not None:
