@@ -83,7 +83,8 @@ class PeerMAE(nn.Module):
 
     def standardized(self, images: torch.Tensor) -> torch.Tensor:
         x = images.float() / ops.pixel_scale(images.dtype) if not images.is_floating_point() else images.float()
-        return F.instance_norm(x, eps=ops.STANDARDIZE_EPS)
+        # instance norm with the same bit-depth-aware eps as mae_fast, so both stacks compute one function
+        return F.instance_norm(x, eps=ops.standardize_eps(images.dtype))
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, L, p*p*C), FAIR's (p, q, c) order
         B, C, H, W = x.shape

@@ -27,7 +27,7 @@ def _images(dtype, batch, channels, size, seed=0):
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.uint16, torch.float32])
 def test_standardized_tokens_fused_equals_reference(impl, layout, patch_size, size, dtype):
     images = _images(dtype, 3, 5, size)
-    expected = ops.patchify(ops.standardize(ops.to_unit_float(images)), patch_size, layout)
+    expected = ops.patchify(ops.self_standardize(images), patch_size, layout)
     got = ops.standardized_tokens(images, patch_size, layout, impl=impl)
     assert ops.last_impl("masked_patchify") == impl
     assert got.shape == expected.shape and got.dtype == torch.float32
