@@ -375,16 +375,22 @@ def draw_site_nuisance(cfg: SyntheticScreenConfig, plate: dict, rng: np.random.G
     return SiteNuisance(blur_sigma=blur, density=density, noise=cfg.noise, **plate)
 
 
-def _band_noise(rng: np.random.Generator, size: int, freqs) -> np.ndarray:
+def _band_spectrum(rng: np.random.Generator, size: int, n: int) -> np.ndarray:
+    """(n, size, size // 2 + 1) complex white noise: the spectrum of n independent Gaussian fields."""
+    shape = (n, size, size // 2 + 1)
+    return rng.standard_normal(shape, dtype=np.float32) + 1j * rng.standard_normal(shape, dtype=np.float32)
+
+
+def _band_noise(spectrum: np.ndarray, freqs) -> np.ndarray:
     """(len(freqs), size, size) unit-variance Gaussian fields, field k with its spectrum a ring at freqs[k]
     cycles/pixel (an organelle texture). Drawn directly in the frequency domain (white noise's spectrum is
-    complex Gaussian), so one inverse FFT per field."""
+    complex Gaussian, `_band_spectrum`), so one inverse FFT per field; a site and its control twin share the
+    spectrum and differ only in the rings."""
+    size = spectrum.shape[1]
     freqs = np.asarray(freqs, dtype=np.float32)[:, None, None]
     radius = np.sqrt(np.fft.rfftfreq(size).astype(np.float32)[None, None, :] ** 2
                      + np.fft.fftfreq(size).astype(np.float32)[None, :, None] ** 2)
     ring = np.exp(-0.5 * ((radius - freqs) / (0.35 * freqs)) ** 2)
-    shape = (len(freqs), size, size // 2 + 1)
-    spectrum = rng.standard_normal(shape, dtype=np.float32) + 1j * rng.standard_normal(shape, dtype=np.float32)
     out = np.fft.irfft2(spectrum * ring, s=(size, size))
     return (out / (out.std(axis=(1, 2), keepdims=True) + 1e-8)).astype(np.float32)
 
@@ -415,10 +421,10 @@ def _rank_match(plane: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return out
 
 
-def _render_biology(phenotype: np.ndarray, seed, size: int, channels: int, cells: float) -> np.ndarray:
-    """The cells as the stains see them, before optics: float32 (C, size, size)."""
-    z = np.tanh(np.asarray(phenotype, dtype=np.float64))   # bounded shifts in (-1, 1)
-    cell_rng, texture_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
+def _cell_geometry(z: np.ndarray, cell_rng: np.random.Generator, size: int, cells: float) -> tuple[np.ndarray, ...]:
+    """The cells' masks, float32 (size, size) each: (nucleus, cell, membrane, golgi, rho = radial position, 0 at
+    the nucleus, 1 at the cell edge). Only the size/count and shape axes of `z` move them, so a site and its
+    control twin (which differ in texture and localisation axes only) share them."""
     area = (size / 256.0) ** 2
     n_cells = max(1, int(cell_rng.poisson(cells * area * (1 + 0.5 * z[AXIS["density"]]))))
     r_nuc = 9.0 * (1 + 0.3 * z[AXIS["nucleus_size"]])
@@ -473,8 +479,13 @@ def _render_biology(phenotype: np.ndarray, seed, size: int, channels: int, cells
         np.maximum(cell[ys, xs], body, out=cell[ys, xs])
         np.maximum(membrane[ys, xs], ring, out=membrane[ys, xs])
         np.maximum(golgi[ys, xs], gol, out=golgi[ys, xs])
+    return nucleus, cell, membrane, golgi, rho
 
-    chromatin, er_texture, mito_texture, spots = _band_noise(texture_rng, size, [
+
+def _stain_planes(geometry: tuple[np.ndarray, ...], z: np.ndarray, spectrum: np.ndarray, channels: int) -> np.ndarray:
+    """The cells as the stains see them, before optics: float32 (channels, size, size)."""
+    nucleus, cell, membrane, golgi, rho = geometry
+    chromatin, er_texture, mito_texture, spots = _band_noise(spectrum, [
         0.10 * (1 + 0.5 * z[AXIS["chromatin_texture"]]),
         0.05 * (1 + 0.5 * z[AXIS["er_texture"]]),
         0.12 * (1 + 0.5 * z[AXIS["mito_fragmentation"]]),
@@ -498,13 +509,15 @@ def _render_biology(phenotype: np.ndarray, seed, size: int, channels: int, cells
     return (np.stack(planes[:channels]) * (0.5 * stains[:channels, None, None])).astype(np.float32)
 
 
-def _optics(planes: np.ndarray, nuisance: SiteNuisance) -> np.ndarray:
-    """What the microscope does to the stained cells: focus blur, then vignetting (autofluorescence included)."""
+def _optics(planes: np.ndarray, nuisance: SiteNuisance, channel_index=None) -> np.ndarray:
+    """What the microscope does to the stained cells: focus blur, then vignetting (autofluorescence included).
+    `channel_index`: which channels `planes` holds (default: the first len(planes))."""
     size = planes.shape[-1]
+    channel_index = np.arange(len(planes)) if channel_index is None else np.asarray(channel_index)
     blurred = _gaussian_blur(planes, nuisance.blur_sigma)
     axis = np.linspace(0, 1, size, dtype=np.float32)
     r2 = ((axis[:, None] - np.float32(nuisance.centre[0])) ** 2 + (axis[None, :] - np.float32(nuisance.centre[1])) ** 2)
-    falloff = 1 - np.asarray(nuisance.vignetting, np.float32)[:len(planes), None, None] * np.minimum(r2 / 0.5, 1.5)
+    falloff = 1 - np.asarray(nuisance.vignetting, np.float32)[channel_index, None, None] * np.minimum(r2 / 0.5, 1.5)
     return (blurred + np.float32(0.02)) * falloff
 
 
@@ -524,15 +537,21 @@ def render_site(
     """
     nuisance = nuisance or SiteNuisance.identity(channels)
     phenotype = np.asarray(phenotype, dtype=np.float64)
-    cells = cells * nuisance.density
-    image = _optics(_render_biology(phenotype, seed, size, channels, cells), nuisance)
+    z = np.tanh(phenotype)                                   # bounded shifts in (-1, 1)
+    cell_rng, texture_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
+    geometry = _cell_geometry(z, cell_rng, size, cells * nuisance.density)
+    spectrum = _band_spectrum(texture_rng, size, 4)
+    stained = _stain_planes(geometry, z, spectrum, channels)
+    image = _optics(stained, nuisance)
     if np.any(phenotype[_INVARIANT_AXES] != 0):
-        control = phenotype.copy()
-        control[_INVARIANT_AXES] = 0
-        twin = _optics(_render_biology(control, seed, size, channels, cells), nuisance)
-        for c in range(channels):
-            if not np.array_equal(image[c], twin[c]):
-                image[c] = _rank_match(image[c], twin[c])
+        control = z.copy()
+        control[_INVARIANT_AXES] = 0                         # tanh(0) = 0: the control twin's z
+        twin = _stain_planes(geometry, control, spectrum, channels)   # same cells, same texture draws
+        changed = [c for c in range(channels) if not np.array_equal(stained[c], twin[c])]
+        if changed:
+            twin = _optics(twin[changed], nuisance, changed)
+            for k, c in enumerate(changed):
+                image[c] = _rank_match(image[c], twin[k])
     image = image * np.asarray(nuisance.gain, np.float32)[:channels, None, None]
     image = image + np.asarray(nuisance.offset, np.float32)[:channels, None, None]
     if nuisance.noise:
