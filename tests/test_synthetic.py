@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from mae_fast.data import synthetic
+from mae_fast.evaluation.databases import corum_complexes
 from mae_fast.data.synthetic import (
     AXIS, BUILTIN_COMPLEXES, HISTOGRAM_INVARIANT_CLASSES, METADATA_COLUMNS, NEGATIVE_CONTROLS, PHENOTYPE_AXES,
     PHENOTYPE_CLASSES, SiteNuisance, SyntheticScreenConfig, draw_plate_nuisance, draw_site_nuisance,
@@ -105,7 +106,7 @@ def test_corum_source_when_efaar_benchmarking_is_installed():
         pytest.skip("efaar-benchmarking (CORUM_clusters.tsv) is not installed")
     plan = plan_screen(SyntheticScreenConfig(complex_source="corum"))
     assert plan.source == "corum" and plan.source_path == path
-    clusters = dict(synthetic.read_complex_clusters(path))
+    clusters = corum_complexes(os.path.dirname(path))
     for name, members in zip(plan.complex_names, plan.complexes):
         assert set(members) <= set(clusters[name])
     used = [g for m in plan.complexes for g in m]

@@ -26,7 +26,6 @@ Everything is a function of the seed.
 """
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import os
@@ -36,6 +35,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+
+from mae_fast.evaluation.databases import corum_complexes, efaar_annotations_dir
+from mae_fast.evaluation.table import EvaluationInputError
 
 CHANNEL_NAMES = ("DNA", "ER", "Actin", "RNA", "Mito", "Golgi")
 METADATA_COLUMNS = (
@@ -223,42 +225,22 @@ class SyntheticScreen:
 
 # --------------------------------------------------------------------------- complexes
 
-def efaar_annotations_dir() -> str | None:
-    """benchmark_annotations/ of an installed efaar-benchmarking, found without importing the package (or None)."""
-    spec = importlib.util.find_spec("efaar_benchmarking")  # top-level: finds the package, runs none of its code
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        path = os.path.join(folder, "benchmark_annotations")
-        if os.path.isdir(path):
-            return path
-    return None
-
-
 def corum_clusters_path() -> str | None:
-    """CORUM_clusters.tsv of an installed efaar-benchmarking (or None)."""
-    folder = efaar_annotations_dir()
-    path = os.path.join(folder, "CORUM_clusters.tsv") if folder else None
-    return path if path and os.path.exists(path) else None
-
-
-def read_complex_clusters(path: str) -> list[tuple[str, tuple[str, ...]]]:
-    """CORUM_clusters.tsv: one complex per line, `name<TAB>GENE GENE ...` (no header). Lines without a tab or
-    genes are skipped; the count goes into the screen's metadata via `complex_catalogue`."""
-    # TODO(issue 17, merge): part A's efaar reader (mae_fast/evaluation) should replace this one at merge time.
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            name, _, genes = line.rstrip("\n").partition("\t")
-            members = tuple(dict.fromkeys(genes.split()))
-            if name and members:
-                out.append((name, members))
-    return out
+    """CORUM_clusters.tsv of an installed efaar-benchmarking (located by mae_fast.evaluation.databases), or None."""
+    try:
+        folder = efaar_annotations_dir()
+    except EvaluationInputError:
+        return None
+    path = os.path.join(folder, "CORUM_clusters.tsv")
+    return path if os.path.exists(path) else None
 
 
 def complex_catalogue(source: str) -> tuple[str, str | None, list[tuple[str, tuple[str, ...]]]]:
     """(source used, file path or None, [(complex name, gene symbols)]) for `source` auto / corum / builtin."""
     path = corum_clusters_path() if source in ("auto", "corum") else None
     if path is not None:
-        return "corum", path, read_complex_clusters(path)
+        complexes = corum_complexes(os.path.dirname(path), min_size=1)   # every gene: singletons come from them too
+        return "corum", path, [(name, tuple(genes)) for name, genes in complexes.items()]
     if source == "corum":
         raise ValueError("complex_source='corum' needs the efaar-benchmarking package (its CORUM_clusters.tsv): "
                          "pip install --no-deps efaar-benchmarking==1.0")
