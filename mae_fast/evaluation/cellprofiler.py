@@ -24,9 +24,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-import functools
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
@@ -145,31 +143,23 @@ def site_cell_features(image: np.ndarray, dna_channel: int = 0, cell_channels=No
     return pd.DataFrame(columns)
 
 
-def _site_features(site, dna_channel: int, cell_channels, granularity: bool) -> pd.DataFrame:
-    """Per-cell features of one indexed site (module level: it runs in worker processes)."""
-    from mae_fast.data.loading import load_site
-
-    return site_cell_features(load_site(site).full(), dna_channel, cell_channels, granularity)
-
-
 def cellprofiler_table(source, channels: int = 6, metadata: pd.DataFrame | None = None, dna_channel: int = 0,
                        cell_channels=None, granularity: bool = False, num_workers: int | None = None) -> pd.DataFrame:
     """Per-well medians of per-cell CellProfiler features: the well's metadata columns + feature_0.. (names in
     `table.attrs["feature_names"]`). `source`: an RxRx-layout root or a `SiteIndex` (see pixel_statistics_table)."""
     _require("skimage", "scikit-image")
     _require("cp_measure.bulk", "cp-measure")
+    from mae_fast.data.loading import load_site
+
     index = site_index(source, channels, metadata)
+
+    def features_of(site) -> pd.DataFrame:
+        return site_cell_features(load_site(site).full(), dna_channel, cell_channels, granularity)
+
+    workers = num_workers or min(4, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        per_site = list(pool.map(features_of, index))
     sites = list(index)
-    work = functools.partial(_site_features, dna_channel=dna_channel, cell_channels=cell_channels,
-                             granularity=granularity)
-    # Worker processes, not threads: segmentation and cp-measure's measurements hold the GIL most of the time
-    # (threads gave about one core of two). Spawned, so a parent with torch's thread pools is never forked.
-    workers = min(num_workers or os.cpu_count() or 1, len(sites)) or 1
-    if workers == 1:
-        per_site = [work(site) for site in sites]
-    else:
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            per_site = list(pool.map(work, sites, chunksize=max(1, len(sites) // (4 * workers))))
     wells = pd.unique(pd.Series([s.well_id for s in sites]))
     cells_by_well: dict[str, list[pd.DataFrame]] = {w: [] for w in wells}
     for site, frame in zip(sites, per_site):
