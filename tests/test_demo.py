@@ -135,3 +135,24 @@ def test_demo_checks_every_option_before_generating_anything(tmp_path, capsys):
         rc = main(["demo", "--tiny", "--out", str(tmp_path / "d")] + argv)
         assert rc == 2 and message in capsys.readouterr().err, argv
         assert not (tmp_path / "d").exists()
+
+
+def test_demo_says_which_optional_parts_it_leaves_out(monkeypatch, tmp_path):
+    """Without cp-measure the CellProfiler-style baseline is left out with a line naming the package; without
+    efaar-benchmarking the table keeps the planted complexes and says why EFAAR's databases are missing."""
+    from types import SimpleNamespace
+
+    from mae_fast import demo
+    from mae_fast.evaluation import databases
+
+    real_find_spec = cellprofiler.importlib.util.find_spec
+    monkeypatch.setattr(cellprofiler.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "cp_measure" else real_find_spec(name, *a))
+    assert cellprofiler.missing_packages() == ["cp-measure"]
+    baselines, note = demo.demo_baselines()
+    assert baselines == ("random", "pixel-stats") and "needs cp-measure (pip install cp-measure)" in note
+    monkeypatch.setattr(databases.importlib.util, "find_spec", lambda name, *a: None)
+    screen = SimpleNamespace(relationships_csv=str(tmp_path / "planted.csv"))
+    relationships, note = demo.demo_relationships(screen)
+    assert relationships == {"planted": screen.relationships_csv}
+    assert note.startswith("EFAAR databases left out:") and "pip install --no-deps efaar-benchmarking" in note
