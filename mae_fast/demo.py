@@ -34,13 +34,15 @@ import numpy as np
 
 from mae_fast import baselines as bl
 from mae_fast.cli import number
+from mae_fast.evaluation import cellprofiler
+from mae_fast.evaluation.databases import parse_relationship_args
+from mae_fast.evaluation.table import EvaluationInputError
 from mae_fast.models import list_presets
 
 DEFAULT_WSL_LR = 0.05
 DEFAULT_MUNET_LR = 1e-3
 DEFAULT_MINUTES = 2.5
 CPU_STEPS_PER_SECOND = 0.6     # measured: micro MAE, batch 16 of 256 px crops, 2 CPU cores
-DEMO_BASELINES = ("random", "pixel-stats", "cellprofiler")   # the ones this installation has are used
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -113,81 +115,24 @@ def check_options(args) -> tuple[list[str], float, int]:
     return models, seconds, steps
 
 
-def demo_baselines() -> tuple[str, ...]:
-    """The demo's baselines this installation can run (the CellProfiler-style one needs its optional packages)."""
-    from mae_fast.evaluation.pipeline import BASELINES
-
-    # ADAPTER (issue 17, part A): part A registers "cellprofiler" in BASELINES; its optional-dependency check
-    # belongs there too. Until then the demo runs random and pixel statistics.
-    return tuple(b for b in DEMO_BASELINES if b in BASELINES)
-
-
-def demo_relationships(screen) -> dict[str, str]:
-    """Relationship files of the demo's table: the planted complexes (all, then per phenotype class) and, when
-    efaar-benchmarking is installed, EFAAR's five databases read in place from the package's data files."""
-    out = {"planted": screen.relationships_csv}
-    out.update({f"planted_{cls}": path for cls, path in screen.class_relationships.items()})
-    out.update(efaar_databases())
-    return out
+def demo_baselines() -> tuple[tuple[str, ...], str | None]:
+    """(the demo's baselines this installation can run, why the CellProfiler-style one is left out or None)."""
+    missing = cellprofiler.missing_packages()
+    if missing:
+        return ("random", "pixel-stats"), (f"CellProfiler-style baseline left out: it needs {', '.join(missing)} "
+                                           f"(pip install {' '.join(missing)})")
+    return ("random", "pixel-stats", "cellprofiler"), None
 
 
-def efaar_databases() -> dict[str, str]:
-    """{name: path} of EFAAR's benchmark_annotations/*.txt (entity1,entity2), located without importing the package.
-
-    ADAPTER (issue 17, part A): part A adds `efaar:*` relationship names to mae_fast.evaluation; at merge time this
-    becomes `{"CORUM": "efaar:CORUM", ...}` through its reader."""
-    from mae_fast.data.synthetic import efaar_annotations_dir
-
-    folder = efaar_annotations_dir()
-    found = {name: os.path.join(folder, f"{name}.txt") for name in EFAAR_DATABASES} if folder else {}
-    return {name: path for name, path in found.items() if os.path.exists(path)}
-
-
-EFAAR_DATABASES = ("CORUM", "HuMAP", "Reactome", "SIGNOR", "StringDB")
-
-
-def recall_intervals(evaluation, n_boot: int = 1000, seed: int = 0) -> dict:
-    """{source: {database: (recall, low, high, n_pairs)}}: recall at the headline tail with a 95% percentile
-    bootstrap interval over pairs.
-
-    ADAPTER (issue 17, part A): part A computes these intervals (and random over several seeds, and mAP) inside
-    mae_fast.evaluation; at merge time `demo_table` should print part A's table and this function go."""
-    from mae_fast.evaluation.recall import match_pairs
-
-    tail = evaluation.config.tails[0]
-    rng = np.random.default_rng(seed)
-    out = {}
-    for source, result in evaluation.sources.items():
-        pmap = evaluation.maps[source]
-        lower, upper = result.thresholds[tail]
-        out[source] = {}
-        for name, rel in evaluation.relationship_sets.items():
-            match = match_pairs(rel, pmap.names)
-            sims = np.einsum("ij,ij->i", pmap.unit[match.first], pmap.unit[match.second])
-            hits = ((sims <= lower) | (sims >= upper)).astype(np.float64)
-            if hits.size == 0:
-                out[source][name] = (float("nan"), float("nan"), float("nan"), 0)
-                continue
-            boot = hits[rng.integers(0, hits.size, (n_boot, hits.size))].mean(1)
-            low, high = np.percentile(boot, [2.5, 97.5])
-            out[source][name] = (result.databases[name].recall[tail], float(low), float(high), int(hits.size))
-    return out
-
-
-def demo_table(evaluation) -> str:
-    """One markdown table: rows = sources, columns = databases; each cell recall [95% interval]."""
-    intervals = recall_intervals(evaluation)
-    names = list(evaluation.relationship_sets)
-    first = next(iter(intervals.values()))
-    header = "| source | " + " | ".join(f"{n.replace('planted_', '')} (n={first[n][3]})" for n in names) + " |"
-    lines = [header, "|---|" + "---:|" * len(names)]
-    for source, cells in intervals.items():
-        lines.append(f"| {source} | " + " | ".join(f"{r:.2f} [{lo:.2f}, {hi:.2f}]" for r, lo, hi, _ in
-                                                   (cells[n] for n in names)) + " |")
-    tail = evaluation.config.tails[0]
-    return "\n".join(lines) + (f"\n\nrecall = fraction of pairs in the bottom or top {tail:g}% of all cosine "
-                               "similarities (chance: {:.2f}); [95% bootstrap interval over pairs]; n = pairs\n"
-                               .format(2 * tail / 100))
+def demo_relationships(screen) -> tuple[dict, str | None]:
+    """({name: relationships} of the demo's table, why EFAAR's databases are left out or None): the planted
+    complexes and, when efaar-benchmarking is installed, EFAAR's five databases (`efaar:all`)."""
+    out: dict = {"planted": screen.relationships_csv}
+    try:
+        out.update(parse_relationship_args(["efaar:all"]))
+    except EvaluationInputError as err:
+        return out, f"EFAAR databases left out: {err}"
+    return out, None
 
 
 def train_config(preset: str, screen_root: str, out_dir: str, args, seconds: float, steps: int):
@@ -224,6 +169,12 @@ def merge_evaluations(results: list, names: list[str]):
     return merged
 
 
+def _json_rows(frame) -> list[dict]:
+    """A table's rows as JSON-ready dicts (NaN -> null)."""
+    return [{k: (None if isinstance(v, float) and np.isnan(v) else v.item() if hasattr(v, "item") else v)
+             for k, v in row.items()} for row in frame.to_dict(orient="records")]
+
+
 def _loss_ends(losses: list[float]) -> tuple[float, float]:
     k = max(1, min(10, len(losses) // 4))
     return float(np.mean(losses[:k])), float(np.mean(losses[-k:]))
@@ -233,7 +184,7 @@ def run(args) -> int:
     from mae_fast.checkpoint import atomic_write, atomic_write_json, write_text
     from mae_fast.data.synthetic import make_synthetic_screen
     from mae_fast.embed import embed_dataset
-    from mae_fast.evaluate import evaluate, write_outputs
+    from mae_fast.evaluate import evaluate, markdown_table, write_outputs
     from mae_fast.train import train, validate
 
     models, seconds, steps = check_options(args)  # errors: the CLI's one handler (mae_fast.cli.run_command)
@@ -264,20 +215,29 @@ def run(args) -> int:
 
     # one evaluation per embedding table (the first also scores the baselines), merged into one table
     sources = ["model"] if single else models
-    baselines = demo_baselines()
-    relationships = demo_relationships(screen)
+    baselines, baseline_note = demo_baselines()
+    relationships, efaar_note = demo_relationships(screen)   # EFAAR files read once, for every model
+    stage = time.time()
     evaluations = [evaluate(runs[models[0]]["embeddings"].out, relationships, arms=screen.arms_csv,
-                            baselines=baselines, images_root=screen.root, name=sources[0])]
+                            baselines=baselines, images_root=screen.root, gene_classes=screen.plan.gene_class,
+                            name=sources[0])]
     for preset, source in zip(models[1:], sources[1:]):
-        evaluations.append(evaluate(runs[preset]["embeddings"].out, relationships, arms=screen.arms_csv, name=source))
+        evaluations.append(evaluate(runs[preset]["embeddings"].out, relationships, arms=screen.arms_csv,
+                                    gene_classes=screen.plan.gene_class, name=source))
     evaluation = merge_evaluations(evaluations, sources + list(baselines))
+    evaluation_seconds = time.time() - stage
     figures = write_outputs(evaluation, os.path.join(out, "evaluation"), heatmap_relationships="planted")
-    table = demo_table(evaluation)
+    table = markdown_table(evaluation)
     table_path = os.path.join(out, "recall.md")
     atomic_write(table_path, lambda tmp: write_text(tmp, table))
     wall = time.time() - t_start
-    print(f"\nrecall of known pairs on the synthetic screen ({len(screen.genes)} genes; planted complexes overall "
-          f"and per phenotype class{', EFAAR databases' if efaar_databases() else ''}):")
+    print(f"\nevaluated in {evaluation_seconds:.0f} s: {', '.join(sources + list(baselines))} on the synthetic screen "
+          f"({len(screen.genes)} genes); the planted complexes overall and per phenotype class"
+          f"{'' if efaar_note else ', and EFAAR databases'}")
+    for note in (baseline_note, efaar_note):
+        if note:
+            print(note)
+    print()
     print(table)
 
     per_model = {}
@@ -293,7 +253,9 @@ def run(args) -> int:
         }
     summary = {**(per_model[models[0]] if single else {}), "models": per_model,
                "recall": evaluation.recall_table().to_dict(orient="index"),
-               "recall_intervals": recall_intervals(evaluation), "recall_table": table_path,
+               "table": _json_rows(evaluation.table()), "recall_table": table_path,
+               "seconds": {"screen": round(screen_seconds, 1), "evaluation": round(evaluation_seconds, 1),
+                           **{f"train_{p}": round(runs[p]["result"].seconds, 1) for p in models}},
                "screen": {"root": screen.root, "genes": len(screen.genes), "complexes": len(screen.complexes),
                           "complex_source": screen.source, "seconds": round(screen_seconds, 2)},
                "budget_seconds": seconds, "wall_seconds": round(wall, 1)}

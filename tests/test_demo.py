@@ -8,7 +8,31 @@ import pandas as pd
 
 from mae_fast.cli import main
 from mae_fast.data.synthetic import PHENOTYPE_CLASSES
-from mae_fast.demo import efaar_databases, recall_intervals
+from mae_fast.evaluation import cellprofiler
+from mae_fast.evaluation.databases import EFAAR_DATABASES, efaar_annotations_dir
+from mae_fast.evaluation.table import EvaluationInputError
+
+RECALL = r"\d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]"                    # recall [95% bootstrap interval]
+RANDOM_RECALL = r"\d\.\d{3} ± \d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]"   # mean ± sd over seeds [interval]
+MAP = r"\d\.\d{3} \(\d+%\)"                                        # mAP (fraction retrieved)
+
+
+def efaar_installed() -> bool:
+    try:
+        return bool(efaar_annotations_dir())
+    except EvaluationInputError:
+        return False
+
+
+def markdown_rows(lines: list[str], header_start: str) -> list[list[str]]:
+    """The cells of the printed markdown table whose header starts with `header_start` (header row first)."""
+    first = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    rows = itertools.takewhile(lambda line: line.startswith("|"), lines[first:])
+    return [[cell.strip() for cell in row.strip().strip("|").split("|")] for row in rows if not row.startswith("|---")]
+
+
+def expected_sources(models: list[str]) -> list[str]:
+    return models + ["random", "pixel-stats"] + ([] if cellprofiler.missing_packages() else ["cellprofiler"])
 
 
 def test_demo_runs_end_to_end_and_loss_goes_down(tmp_path, capsys):
@@ -33,13 +57,37 @@ def test_demo_runs_end_to_end_and_loss_goes_down(tmp_path, capsys):
     assert summary["loss_last"] < summary["loss_first"]
     table = pd.read_parquet(out / "embeddings.parquet")
     assert len(table) == 2 * (5 * 3 + 2 + 3 + 1)  # every well of the two plates
-    assert {"model", "random", "pixel-stats"} <= set(summary["recall"])
-    assert "| model |" in printed and "| pixel-stats |" in printed
-    header = next(line for line in printed.splitlines() if line.startswith("| source |"))
-    columns = ["planted"] + [f"{cls} (n=3)" for cls in PHENOTYPE_CLASSES]  # overall, then each class's complex
-    assert all(c in header for c in columns), header
-    if efaar_databases():  # the screen's genes are CORUM's, so EFAAR's real databases are columns too
-        assert re.search(r"CORUM \(n=[1-9]\d*\)", header) and "StringDB (n=" in header
+    sources = expected_sources(["model"])
+    assert set(summary["recall"]) == set(sources)
+    lines = printed.splitlines()
+    databases = ["planted"] + (list(EFAAR_DATABASES) if efaar_installed() else [])
+    recall = markdown_rows(lines, "| source | planted")     # overall recall: sources x databases
+    assert [row[0] for row in recall] == ["source"] + sources
+    assert [re.sub(r" \(n=\d+\)$", "", h) for h in recall[0][1:]] == databases, recall[0]
+    assert all(re.fullmatch(r"\S+ \(n=[1-9]\d*\)", h) for h in recall[0][1:]), recall[0]  # every database's pairs
+    for row in recall[1:]:
+        assert all(re.fullmatch(RANDOM_RECALL if row[0] == "random" else RECALL, c) for c in row[1:]), row
+    mean_ap = markdown_rows(lines, "| source | activity")   # JUMP's mAP: activity, consistency per database
+    assert mean_ap[0][1:] == ["activity"] + [f"consistency {db}" for db in databases]
+    assert [row[0] for row in mean_ap[1:]] == sources
+    assert all(re.fullmatch(MAP, c) for row in mean_ap[1:] for c in row[1:]), mean_ap
+    per_class = markdown_rows(lines, "| source | database |")   # recall per phenotype class, every database
+    assert set(PHENOTYPE_CLASSES) <= set(per_class[0][2:]), per_class[0]
+    assert [(row[0], row[1]) for row in per_class[1:]] == [(s, db) for s in sources for db in databases]
+    for row in per_class[1:]:
+        planted = dict(zip(per_class[0][2:], row[2:]))
+        if row[1] == "planted":   # every class has one planted complex of 3 genes: 3 pairs each
+            pattern = (RANDOM_RECALL if row[0] == "random" else RECALL) + r" \(n=3\)"
+            assert all(re.fullmatch(pattern, planted[c]) for c in PHENOTYPE_CLASSES), row
+    rows = summary["table"]                                 # the table's numbers, one row per source/database/class
+    assert {(r["source"], r["database"]) for r in rows} == {(s, db) for s in sources for db in databases}
+    for r in rows:
+        if r["n_pairs"]:
+            assert r["recall_low"] <= r["recall"] <= r["recall_high"], r
+    overall = [r for r in rows if r["phenotype_class"] == "all"]
+    assert all(r["activity_map"] is not None and r["consistency_map"] is not None for r in overall)
+    assert {r["phenotype_class"] for r in rows} >= {"all", *PHENOTYPE_CLASSES}
+    assert next(r for r in overall if r["source"] == "random")["seeds"] > 1
     assert summary["screen"]["genes"] == 17 and summary["wall_seconds"] > 0
 
 
@@ -51,13 +99,12 @@ def test_demo_compares_models_side_by_side(tmp_path, capsys):
     assert rc == 0
     printed = capsys.readouterr().out
     lines = printed.splitlines()
-    first = next(i for i, line in enumerate(lines) if line.startswith("| source"))     # the recall table
-    rows = [line for line in itertools.takewhile(lambda line: line.startswith("|"), lines[first:])
-            if not line.startswith("|---")]
-    names = [row.split("|")[1].strip() for row in rows]
-    assert names == ["source"] + models + ["random", "pixel-stats"]  # one table, every model side by side
-    cell = r"\d\.\d{2} \[\d\.\d{2}, \d\.\d{2}\]"  # recall [95% bootstrap interval]
-    assert all(re.fullmatch(cell, row.split("|")[2].strip()) for row in rows[1:])
+    sources = expected_sources(models)
+    recall = markdown_rows(lines, "| source | planted")
+    assert [row[0] for row in recall] == ["source"] + sources   # one table, every model side by side
+    assert all(re.fullmatch(RANDOM_RECALL if row[0] == "random" else RECALL, row[1]) for row in recall[1:]), recall
+    mean_ap = markdown_rows(lines, "| source | activity")
+    assert [row[0] for row in mean_ap[1:]] == sources and all(re.fullmatch(MAP, row[1]) for row in mean_ap[1:])
     for name in models:  # each model's own run and table under OUT/<model>/
         table = pd.read_parquet(out / name / "embeddings.parquet")
         assert len(table) == 42 and re.search(rf"embeddings:\s+{re.escape(str(out / name / 'embeddings.parquet'))}",
@@ -66,10 +113,10 @@ def test_demo_compares_models_side_by_side(tmp_path, capsys):
     assert (out / "munet_micro_256" / "train" / "recon" / "step_00000002.png").exists()
     assert not (out / "wsl_densenet_micro_256" / "train" / "recon").exists()  # a classifier does not reconstruct
     combined = (out / "recall.md").read_text()
-    assert all(f"| {name} |" in combined for name in models + ["random", "pixel-stats"])
+    assert all(f"| {name} |" in combined for name in sources)
     assert re.search(rf"recall table:\s+{re.escape(str(out / 'recall.md'))}", printed)
     summary = json.loads((out / "demo_summary.json").read_text())
-    assert list(summary["models"]) == models and set(summary["recall"]) == set(models) | {"random", "pixel-stats"}
+    assert list(summary["models"]) == models and set(summary["recall"]) == set(sources)
     assert summary["models"]["wsl_densenet_micro_256"]["steps"] == 2
 
 
@@ -90,29 +137,22 @@ def test_demo_checks_every_option_before_generating_anything(tmp_path, capsys):
         assert not (tmp_path / "d").exists()
 
 
-def test_recall_intervals_agree_with_the_evaluation():
-    """The demo's intervals are built from the same hits as evaluate's recall, and bracket it."""
-    import numpy as np
+def test_demo_says_which_optional_parts_it_leaves_out(monkeypatch, tmp_path):
+    """Without cp-measure the CellProfiler-style baseline is left out with a line naming the package; without
+    efaar-benchmarking the table keeps the planted complexes and says why EFAAR's databases are missing."""
+    from types import SimpleNamespace
 
-    from mae_fast.evaluate import evaluate
+    from mae_fast import demo
+    from mae_fast.evaluation import databases
 
-    rng = np.random.default_rng(0)
-    genes = [f"G{i}" for i in range(40)]
-    centres = rng.standard_normal((8, 16))
-    rows, features = [], []
-    for plate in (1, 2):
-        for i, g in enumerate(genes + ["EMPTY_control"] * 6):
-            rows.append({"gene": g, "experiment_name": "e1", "plate": plate, "well_id": f"e1_{plate}_{i}"})
-            base = centres[i % 8] if g != "EMPTY_control" else np.zeros(16)
-            features.append(base + 0.8 * rng.standard_normal(16))
-    frame = pd.DataFrame(rows)
-    frame[[f"feature_{k}" for k in range(16)]] = np.array(features)
-    pairs = pd.DataFrame([(a, b) for a in genes for b in genes if a < b and int(a[1:]) % 8 == int(b[1:]) % 8],
-                         columns=["entity1", "entity2"])
-    result = evaluate(frame, {"groups": pairs}, baselines=("random",))
-    intervals = recall_intervals(result)
-    for source in ("model", "random"):
-        value, low, high, n = intervals[source]["groups"]
-        assert value == result.recall_table()["groups"][source] and n == len(pairs)
-        assert low <= value <= high and high - low > 0
-    assert intervals["model"]["groups"][1] > intervals["random"]["groups"][2]  # planted structure beats random
+    real_find_spec = cellprofiler.importlib.util.find_spec
+    monkeypatch.setattr(cellprofiler.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "cp_measure" else real_find_spec(name, *a))
+    assert cellprofiler.missing_packages() == ["cp-measure"]
+    baselines, note = demo.demo_baselines()
+    assert baselines == ("random", "pixel-stats") and "needs cp-measure (pip install cp-measure)" in note
+    monkeypatch.setattr(databases.importlib.util, "find_spec", lambda name, *a: None)
+    screen = SimpleNamespace(relationships_csv=str(tmp_path / "planted.csv"))
+    relationships, note = demo.demo_relationships(screen)
+    assert relationships == {"planted": screen.relationships_csv}
+    assert note.startswith("EFAAR databases left out:") and "pip install --no-deps efaar-benchmarking" in note

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from mae_fast.data import synthetic
+from mae_fast.evaluation.databases import corum_complexes
 from mae_fast.data.synthetic import (
     AXIS, BUILTIN_COMPLEXES, HISTOGRAM_INVARIANT_CLASSES, METADATA_COLUMNS, NEGATIVE_CONTROLS, PHENOTYPE_AXES,
     PHENOTYPE_CLASSES, SiteNuisance, SyntheticScreenConfig, draw_plate_nuisance, draw_site_nuisance,
@@ -105,7 +106,7 @@ def test_corum_source_when_efaar_benchmarking_is_installed():
         pytest.skip("efaar-benchmarking (CORUM_clusters.tsv) is not installed")
     plan = plan_screen(SyntheticScreenConfig(complex_source="corum"))
     assert plan.source == "corum" and plan.source_path == path
-    clusters = dict(synthetic.read_complex_clusters(path))
+    clusters = corum_complexes(os.path.dirname(path))
     for name, members in zip(plan.complex_names, plan.complexes):
         assert set(members) <= set(clusters[name])
     used = [g for m in plan.complexes for g in m]
@@ -295,3 +296,22 @@ def test_bad_config():
         SyntheticScreenConfig(complex_source="made-up")
     with pytest.raises(ValueError, match="disjoint complexes"):
         plan_screen(SyntheticScreenConfig(n_complexes=500, complex_source="builtin"))
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 1), (7, 13), (64, 257)])
+def test_png_writer_round_trips_through_pillow_and_the_data_layer(tmp_path, dtype, shape):
+    """The screen's own PNG writer (Sub filter, Huffman-only): every decoder reads back the exact pixels."""
+    from mae_fast.data.decode import decode
+
+    rng = np.random.default_rng(sum(shape))
+    array = rng.integers(0, np.iinfo(dtype).max + 1, shape, dtype=np.int64).astype(dtype)
+    array[0, 0] = np.iinfo(dtype).max                       # the Sub filter wraps modulo 256 next to it
+    path = tmp_path / "plane.png"
+    synthetic.write_png(str(path), array)
+    with Image.open(path) as image:
+        assert np.array_equal(np.asarray(image), array)
+    decoded = decode(path.read_bytes())
+    assert decoded.dtype == dtype and np.array_equal(decoded, array)
+    with pytest.raises(ValueError, match="plane.png: write_png takes a 2-D uint8 or uint16 array"):
+        synthetic.write_png(str(path), array.astype(np.float32))

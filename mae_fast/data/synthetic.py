@@ -26,15 +26,18 @@ Everything is a function of the seed.
 """
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import os
+import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+
+from mae_fast.evaluation.databases import corum_complexes, efaar_annotations_dir
+from mae_fast.evaluation.table import EvaluationInputError
 
 CHANNEL_NAMES = ("DNA", "ER", "Actin", "RNA", "Mito", "Golgi")
 METADATA_COLUMNS = (
@@ -222,42 +225,22 @@ class SyntheticScreen:
 
 # --------------------------------------------------------------------------- complexes
 
-def efaar_annotations_dir() -> str | None:
-    """benchmark_annotations/ of an installed efaar-benchmarking, found without importing the package (or None)."""
-    spec = importlib.util.find_spec("efaar_benchmarking")  # top-level: finds the package, runs none of its code
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        path = os.path.join(folder, "benchmark_annotations")
-        if os.path.isdir(path):
-            return path
-    return None
-
-
 def corum_clusters_path() -> str | None:
-    """CORUM_clusters.tsv of an installed efaar-benchmarking (or None)."""
-    folder = efaar_annotations_dir()
-    path = os.path.join(folder, "CORUM_clusters.tsv") if folder else None
-    return path if path and os.path.exists(path) else None
-
-
-def read_complex_clusters(path: str) -> list[tuple[str, tuple[str, ...]]]:
-    """CORUM_clusters.tsv: one complex per line, `name<TAB>GENE GENE ...` (no header). Lines without a tab or
-    genes are skipped; the count goes into the screen's metadata via `complex_catalogue`."""
-    # TODO(issue 17, merge): part A's efaar reader (mae_fast/evaluation) should replace this one at merge time.
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            name, _, genes = line.rstrip("\n").partition("\t")
-            members = tuple(dict.fromkeys(genes.split()))
-            if name and members:
-                out.append((name, members))
-    return out
+    """CORUM_clusters.tsv of an installed efaar-benchmarking (located by mae_fast.evaluation.databases), or None."""
+    try:
+        folder = efaar_annotations_dir()
+    except EvaluationInputError:
+        return None
+    path = os.path.join(folder, "CORUM_clusters.tsv")
+    return path if os.path.exists(path) else None
 
 
 def complex_catalogue(source: str) -> tuple[str, str | None, list[tuple[str, tuple[str, ...]]]]:
     """(source used, file path or None, [(complex name, gene symbols)]) for `source` auto / corum / builtin."""
     path = corum_clusters_path() if source in ("auto", "corum") else None
     if path is not None:
-        return "corum", path, read_complex_clusters(path)
+        complexes = corum_complexes(os.path.dirname(path), min_size=1)   # every gene: singletons come from them too
+        return "corum", path, [(name, tuple(genes)) for name, genes in complexes.items()]
     if source == "corum":
         raise ValueError("complex_source='corum' needs the efaar-benchmarking package (its CORUM_clusters.tsv): "
                          "pip install --no-deps efaar-benchmarking==1.0")
@@ -375,16 +358,22 @@ def draw_site_nuisance(cfg: SyntheticScreenConfig, plate: dict, rng: np.random.G
     return SiteNuisance(blur_sigma=blur, density=density, noise=cfg.noise, **plate)
 
 
-def _band_noise(rng: np.random.Generator, size: int, freqs) -> np.ndarray:
+def _band_spectrum(rng: np.random.Generator, size: int, n: int) -> np.ndarray:
+    """(n, size, size // 2 + 1) complex white noise: the spectrum of n independent Gaussian fields."""
+    shape = (n, size, size // 2 + 1)
+    return rng.standard_normal(shape, dtype=np.float32) + 1j * rng.standard_normal(shape, dtype=np.float32)
+
+
+def _band_noise(spectrum: np.ndarray, freqs) -> np.ndarray:
     """(len(freqs), size, size) unit-variance Gaussian fields, field k with its spectrum a ring at freqs[k]
     cycles/pixel (an organelle texture). Drawn directly in the frequency domain (white noise's spectrum is
-    complex Gaussian), so one inverse FFT per field."""
+    complex Gaussian, `_band_spectrum`), so one inverse FFT per field; a site and its control twin share the
+    spectrum and differ only in the rings."""
+    size = spectrum.shape[1]
     freqs = np.asarray(freqs, dtype=np.float32)[:, None, None]
     radius = np.sqrt(np.fft.rfftfreq(size).astype(np.float32)[None, None, :] ** 2
                      + np.fft.fftfreq(size).astype(np.float32)[None, :, None] ** 2)
     ring = np.exp(-0.5 * ((radius - freqs) / (0.35 * freqs)) ** 2)
-    shape = (len(freqs), size, size // 2 + 1)
-    spectrum = rng.standard_normal(shape, dtype=np.float32) + 1j * rng.standard_normal(shape, dtype=np.float32)
     out = np.fft.irfft2(spectrum * ring, s=(size, size))
     return (out / (out.std(axis=(1, 2), keepdims=True) + 1e-8)).astype(np.float32)
 
@@ -411,14 +400,25 @@ def _gaussian_blur(planes: np.ndarray, sigma: float) -> np.ndarray:
 def _rank_match(plane: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """`plane`'s spatial order with `reference`'s values: the histogram becomes exactly the reference's."""
     out = np.empty_like(plane)
-    out.ravel()[np.argsort(plane, axis=None, kind="stable")] = np.sort(reference, axis=None)
+    out.ravel()[np.argsort(plane, axis=None)] = np.sort(reference, axis=None)
     return out
 
 
-def _render_biology(phenotype: np.ndarray, seed, size: int, channels: int, cells: float) -> np.ndarray:
-    """The cells as the stains see them, before optics: float32 (C, size, size)."""
-    z = np.tanh(np.asarray(phenotype, dtype=np.float64))   # bounded shifts in (-1, 1)
-    cell_rng, texture_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
+def _window(cy: float, cx: float, half: int, size: int):
+    """The pixels within `half` of (cy, cx), clipped to the site: (row slice, column slice, dy (h, 1), dx (1, w))
+    as float32 offsets from the centre."""
+    y0, x0 = int(cy) - half, int(cx) - half
+    ys = slice(max(y0, 0), max(min(y0 + 2 * half + 1, size), 0))
+    xs = slice(max(x0, 0), max(min(x0 + 2 * half + 1, size), 0))
+    dy = (np.arange(ys.start, ys.stop, dtype=np.float32) - np.float32(cy))[:, None]
+    dx = (np.arange(xs.start, xs.stop, dtype=np.float32) - np.float32(cx))[None, :]
+    return ys, xs, dy, dx
+
+
+def _cell_geometry(z: np.ndarray, cell_rng: np.random.Generator, size: int, cells: float) -> tuple[np.ndarray, ...]:
+    """The cells' masks, float32 (size, size) each: (nucleus, cell, membrane, golgi, rho = radial position, 0 at
+    the nucleus, 1 at the cell edge). Only the size/count and shape axes of `z` move them, so a site and its
+    control twin (which differ in texture and localisation axes only) share them."""
     area = (size / 256.0) ** 2
     n_cells = max(1, int(cell_rng.poisson(cells * area * (1 + 0.5 * z[AXIS["density"]]))))
     r_nuc = 9.0 * (1 + 0.3 * z[AXIS["nucleus_size"]])
@@ -440,41 +440,50 @@ def _render_biology(phenotype: np.ndarray, seed, size: int, channels: int, cells
         phase = cell_rng.uniform(0, 2 * np.pi, len(harmonics))
         a = aspect * stretch
         rn, rc = r_nuc * jitter, r_cell * jitter
-        half = int(np.ceil(rc * a)) + 6
-        y0, x0 = int(cy) - half, int(cx) - half
-        ys = slice(max(y0, 0), min(y0 + 2 * half + 1, size))
-        xs = slice(max(x0, 0), min(x0 + 2 * half + 1, size))
-        dy = (np.arange(ys.start, ys.stop, dtype=np.float32) - np.float32(cy))[:, None]
-        dx = (np.arange(xs.start, xs.stop, dtype=np.float32) - np.float32(cx))[None, :]
         c, s = np.float32(np.cos(theta)), np.float32(np.sin(theta))
+        # the cell body, membrane and radial position: a window 6 px (body < 0.03) beyond the cell's long axis
+        ys, xs, dy, dx = _window(cy, cx, int(np.ceil(rc * max(a, 1.0))) + 6, size)
         u = c * dx + s * dy
         v = -s * dx + c * dy
         d_cell = np.sqrt((u / np.float32(a)) ** 2 + v**2)
-        un = u / np.float32(np.sqrt(a))
-        d_nuc = np.sqrt(un**2 + v**2)
-        # nuclear outline radius: 1 + irregular * sum_k coef_k cos(k angle + phase_k), via powers of e^{i angle}
-        w = (un + 1j * v) / np.maximum(d_nuc, 1e-3)
-        power = w * w
-        wobble = np.zeros_like(d_nuc)
-        for k, (ck, pk) in enumerate(zip(coef, phase)):
-            wobble += np.float32(ck) * (power * np.complex64(np.exp(1j * pk))).real
-            power = power * w if k + 1 < len(harmonics) else power
-        outline = 1 + np.float32(irregular / np.linalg.norm(coef)) * wobble
-        nuc = 0.5 - 0.5 * np.tanh((d_nuc - np.float32(rn) * outline) * np.float32(0.75))  # logistic, no overflow
-        body = 0.5 - 0.5 * np.tanh((d_cell - np.float32(rc)) * np.float32(0.3))
+        body = 0.5 - 0.5 * np.tanh((d_cell - np.float32(rc)) * np.float32(0.3))   # logistic, no overflow
         ring = np.exp(np.float32(-0.5 / 1.5**2) * (d_cell - np.float32(rc)) ** 2)
-        gy = dy - np.float32(1.1 * rn * np.sin(golgi_angle))
-        gx = dx - np.float32(1.1 * rn * np.cos(golgi_angle))
-        gol = np.exp((gx**2 + gy**2) * np.float32(-0.5 / (0.45 * rn) ** 2))
         radial = np.clip((d_cell - np.float32(rn)) / np.float32(rc - rn), 0, 1)
         mine = body > cell[ys, xs]         # where this cell is the one on top
         rho[ys, xs] = np.where(mine, radial, rho[ys, xs])
-        np.maximum(nucleus[ys, xs], nuc, out=nucleus[ys, xs])
         np.maximum(cell[ys, xs], body, out=cell[ys, xs])
         np.maximum(membrane[ys, xs], ring, out=membrane[ys, xs])
+        # the nucleus: outline radius rn * (1 + scale * sum_k coef_k cos(k angle + phase_k)) <= rn * (1 + 2 *
+        # irregular) (Cauchy-Schwarz over 4 harmonics); its window reaches 8 px (nuc < 0.003) beyond that
+        scale = irregular / np.linalg.norm(coef)
+        ys, xs, dy, dx = _window(cy, cx, int(np.ceil(rn * np.sqrt(max(a, 1.0)) * (1 + 2 * irregular))) + 8, size)
+        un = (c * dx + s * dy) / np.float32(np.sqrt(a))
+        v = -s * dx + c * dy
+        d_nuc = np.sqrt(un**2 + v**2)
+        cos1 = un / np.maximum(d_nuc, np.float32(1e-3))
+        sin1 = v / np.maximum(d_nuc, np.float32(1e-3))
+        cos_k, sin_k = cos1 * cos1 - sin1 * sin1, 2 * cos1 * sin1            # angle doubled: harmonic 2
+        wobble = np.zeros_like(d_nuc)
+        for k, (ck, pk) in enumerate(zip(coef, phase)):      # cos(k t + p) = cos(k t) cos p - sin(k t) sin p
+            wobble += np.float32(ck * np.cos(pk)) * cos_k - np.float32(ck * np.sin(pk)) * sin_k
+            if k + 1 < len(harmonics):
+                cos_k, sin_k = cos_k * cos1 - sin_k * sin1, sin_k * cos1 + cos_k * sin1
+        outline = 1 + np.float32(scale) * wobble
+        nuc = 0.5 - 0.5 * np.tanh((d_nuc - np.float32(rn) * outline) * np.float32(0.75))
+        np.maximum(nucleus[ys, xs], nuc, out=nucleus[ys, xs])
+        # the Golgi: a blob of sd 0.45 rn beside the nucleus, its window 4 sd wide
+        gcy, gcx = cy + 1.1 * rn * np.sin(golgi_angle), cx + 1.1 * rn * np.cos(golgi_angle)
+        ys, xs, gy, gx = _window(gcy, gcx, int(np.ceil(1.8 * rn)) + 1, size)
+        gol = np.exp((gx**2 + gy**2) * np.float32(-0.5 / (0.45 * rn) ** 2))
         np.maximum(golgi[ys, xs], gol, out=golgi[ys, xs])
+    return nucleus, cell, membrane, golgi, rho
 
-    chromatin, er_texture, mito_texture, spots = _band_noise(texture_rng, size, [
+
+def _stain_planes(geometry: tuple[np.ndarray, ...], z: np.ndarray, spectrum: np.ndarray, channels: int) -> np.ndarray:
+    """The cells as the stains see them, before optics: float32 (channels, size, size)."""
+    nucleus, cell, membrane, golgi, rho = geometry
+    z = np.asarray(z, dtype=np.float32)                   # float32 scalars keep every plane float32
+    chromatin, er_texture, mito_texture, spots = _band_noise(spectrum, [
         0.10 * (1 + 0.5 * z[AXIS["chromatin_texture"]]),
         0.05 * (1 + 0.5 * z[AXIS["er_texture"]]),
         0.12 * (1 + 0.5 * z[AXIS["mito_fragmentation"]]),
@@ -483,10 +492,10 @@ def _render_biology(phenotype: np.ndarray, seed, size: int, channels: int, cells
     spots = np.clip(spots, 0, None)
     cyto = np.clip(cell - nucleus, 0, 1)
     # perinuclear (z > 0) vs peripheral (z < 0) weight along the radial position in the cytoplasm
-    er_where = np.exp(-2.5 * z[AXIS["er_perinuclear"]] * (rho - 0.5))
-    mito_where = np.exp(-2.5 * z[AXIS["mito_perinuclear"]] * (rho - 0.5))
+    er_where = np.exp(np.float32(-2.5) * z[AXIS["er_perinuclear"]] * (rho - np.float32(0.5)))
+    mito_where = np.exp(np.float32(-2.5) * z[AXIS["mito_perinuclear"]] * (rho - np.float32(0.5)))
     rna_nuclear = z[AXIS["rna_nuclear"]]
-    stains = 1 + 0.45 * np.array([z[AXIS[a]] for a in PHENOTYPE_CLASSES["intensity"]])
+    stains = 1 + np.float32(0.45) * np.array([z[AXIS[a]] for a in PHENOTYPE_CLASSES["intensity"]])
     planes = [
         nucleus * np.clip(0.8 + 0.2 * chromatin, 0, None),
         cyto * er_where * np.clip(0.6 + 0.35 * er_texture, 0, None),
@@ -495,16 +504,18 @@ def _render_biology(phenotype: np.ndarray, seed, size: int, channels: int, cells
         cyto * mito_where * np.clip(0.4 + 0.6 * mito_texture, 0, None),
         0.6 * golgi * cell + 0.35 * membrane,
     ]
-    return (np.stack(planes[:channels]) * (0.5 * stains[:channels, None, None])).astype(np.float32)
+    return np.stack(planes[:channels]) * (np.float32(0.5) * stains[:channels, None, None])
 
 
-def _optics(planes: np.ndarray, nuisance: SiteNuisance) -> np.ndarray:
-    """What the microscope does to the stained cells: focus blur, then vignetting (autofluorescence included)."""
+def _optics(planes: np.ndarray, nuisance: SiteNuisance, channel_index=None) -> np.ndarray:
+    """What the microscope does to the stained cells: focus blur, then vignetting (autofluorescence included).
+    `channel_index`: which channels `planes` holds (default: the first len(planes))."""
     size = planes.shape[-1]
+    channel_index = np.arange(len(planes)) if channel_index is None else np.asarray(channel_index)
     blurred = _gaussian_blur(planes, nuisance.blur_sigma)
     axis = np.linspace(0, 1, size, dtype=np.float32)
     r2 = ((axis[:, None] - np.float32(nuisance.centre[0])) ** 2 + (axis[None, :] - np.float32(nuisance.centre[1])) ** 2)
-    falloff = 1 - np.asarray(nuisance.vignetting, np.float32)[:len(planes), None, None] * np.minimum(r2 / 0.5, 1.5)
+    falloff = 1 - np.asarray(nuisance.vignetting, np.float32)[channel_index, None, None] * np.minimum(r2 / 0.5, 1.5)
     return (blurred + np.float32(0.02)) * falloff
 
 
@@ -524,15 +535,21 @@ def render_site(
     """
     nuisance = nuisance or SiteNuisance.identity(channels)
     phenotype = np.asarray(phenotype, dtype=np.float64)
-    cells = cells * nuisance.density
-    image = _optics(_render_biology(phenotype, seed, size, channels, cells), nuisance)
+    z = np.tanh(phenotype)                                   # bounded shifts in (-1, 1)
+    cell_rng, texture_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
+    geometry = _cell_geometry(z, cell_rng, size, cells * nuisance.density)
+    spectrum = _band_spectrum(texture_rng, size, 4)
+    stained = _stain_planes(geometry, z, spectrum, channels)
+    image = _optics(stained, nuisance)
     if np.any(phenotype[_INVARIANT_AXES] != 0):
-        control = phenotype.copy()
-        control[_INVARIANT_AXES] = 0
-        twin = _optics(_render_biology(control, seed, size, channels, cells), nuisance)
-        for c in range(channels):
-            if not np.array_equal(image[c], twin[c]):
-                image[c] = _rank_match(image[c], twin[c])
+        control = z.copy()
+        control[_INVARIANT_AXES] = 0                         # tanh(0) = 0: the control twin's z
+        twin = _stain_planes(geometry, control, spectrum, channels)   # same cells, same texture draws
+        changed = [c for c in range(channels) if not np.array_equal(stained[c], twin[c])]
+        if changed:
+            twin = _optics(twin[changed], nuisance, changed)
+            for k, c in enumerate(changed):
+                image[c] = _rank_match(image[c], twin[k])
     image = image * np.asarray(nuisance.gain, np.float32)[:channels, None, None]
     image = image + np.asarray(nuisance.offset, np.float32)[:channels, None, None]
     if nuisance.noise:
@@ -558,14 +575,30 @@ def _to_png_array(plane: np.ndarray, bit_depth: int) -> np.ndarray:
     return np.round(plane * 65535).astype(np.uint16)
 
 
-def write_png(path: str, array: np.ndarray) -> None:
-    from PIL import Image
+def _png_chunk(tag: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
 
-    image = Image.fromarray(array)  # uint16 -> mode "I;16", uint8 -> "L"
-    if array.dtype == np.uint16 and image.mode != "I;16":
-        raise RuntimeError(f"Pillow stored a uint16 plane as mode {image.mode}, not I;16")
-    # Huffman-only: the camera noise defeats LZ77 matching anyway; about 1.5x faster than level 1 and no larger
-    image.save(path, compress_level=1, compress_type=zlib.Z_HUFFMAN_ONLY)
+
+def write_png(path: str, array: np.ndarray) -> None:
+    """A grayscale PNG (uint8 -> 8-bit, uint16 -> 16-bit) written directly from the PNG format: every row with
+    the Sub filter (difference to the pixel on the left), then Huffman-only deflate. The camera noise defeats LZ77
+    matching anyway; as small as Pillow's adaptive filtering at level 1 and about 1.6x faster."""
+    array = np.asarray(array)
+    if array.ndim != 2 or array.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"{path}: write_png takes a 2-D uint8 or uint16 array, got {array.dtype} {array.shape}")
+    height, width = array.shape
+    bpp = array.dtype.itemsize                                   # bytes per pixel
+    raw = np.ascontiguousarray(array.astype(array.dtype.newbyteorder(">"))).view(np.uint8).reshape(height, -1)
+    rows = np.empty((height, raw.shape[1] + 1), np.uint8)
+    rows[:, 0] = 1                                               # filter type 1: Sub
+    rows[:, 1:bpp + 1] = raw[:, :bpp]
+    np.subtract(raw[:, bpp:], raw[:, :-bpp], out=rows[:, bpp + 1:])   # modulo 256, as the format says
+    deflate = zlib.compressobj(1, zlib.DEFLATED, 15, 9, zlib.Z_HUFFMAN_ONLY)
+    data = deflate.compress(rows.tobytes()) + deflate.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8 * bpp, 0, 0, 0, 0)   # grayscale, no interlace
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", data)
+                + _png_chunk(b"IEND", b""))
 
 
 def site_seed(cfg: SyntheticScreenConfig, plate_index: int, well_index: int) -> list[int]:

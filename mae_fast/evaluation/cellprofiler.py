@@ -22,6 +22,7 @@ Optional dependencies: scikit-image (segmentation) and cp-measure (features); a 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -32,6 +33,20 @@ from .baselines import INTEGER_SCALE, site_index
 from .table import EvaluationInputError, name_some
 
 MEASUREMENTS = ("intensity", "texture", "sizeshape")
+OPTIONAL_PACKAGES = {"skimage": "scikit-image", "cp_measure": "cp-measure"}   # module -> package to install
+
+
+def missing_packages() -> list[str]:
+    """The optional packages the baseline needs that are not installed (located only, nothing is imported)."""
+    missing = []
+    for module, package in OPTIONAL_PACKAGES.items():
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(package)
+    return missing
 
 
 def _require(module: str, package: str):
