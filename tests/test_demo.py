@@ -5,6 +5,7 @@ import os
 import re
 
 import pandas as pd
+import pytest
 
 from mae_fast.cli import main
 from mae_fast.data.synthetic import PHENOTYPE_CLASSES
@@ -127,14 +128,18 @@ def test_demo_refuses_unknown_models(tmp_path, capsys):
 
 
 def test_demo_checks_every_option_before_generating_anything(tmp_path, capsys):
-    for argv, message in ((["--minutes", "0"], "--minutes/--seconds must be > 0"),
-                          (["--batch-size", "0"], "--batch-size must be >= 1"),
-                          (["--max-steps", "-3"], "--max-steps must be >= 1"),
-                          (["--lr", "-1"], "--lr must be > 0"),
-                          (["--device", "tpu"], "--device must be auto, cpu or cuda")):
-        rc = main(["demo", "--tiny", "--out", str(tmp_path / "d")] + argv)
-        assert rc == 2 and message in capsys.readouterr().err, argv
+    # bounds on single numbers are argparse's (usage + one line, exit 2); the rest the demo's own check (one line)
+    for argv, message in ((["--minutes", "0"], "argument --minutes: must be > 0"),
+                          (["--batch-size", "0"], "argument --batch-size: must be >= 1"),
+                          (["--max-steps", "-3"], "argument --max-steps: must be >= 1"),
+                          (["--lr", "-1"], "argument --lr: must be > 0")):
+        with pytest.raises(SystemExit) as exited:
+            main(["demo", "--tiny", "--out", str(tmp_path / "d")] + argv)
+        assert exited.value.code == 2 and message in capsys.readouterr().err, argv
         assert not (tmp_path / "d").exists()
+    rc = main(["demo", "--tiny", "--out", str(tmp_path / "d"), "--device", "tpu"])
+    assert rc == 2 and "--device must be auto, cpu or cuda" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
 
 
 def test_demo_says_which_optional_parts_it_leaves_out(monkeypatch, tmp_path):
