@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import platform
 import statistics
 import subprocess
@@ -428,6 +429,9 @@ def stage_tests(writer: Writer, dev: torch.device, deadline) -> None:
         writer.payload["rc"] = rc
         writer.payload["output_tail"] = out[-4000:]
         writer.payload["summary"] = junit_summary(xml_path) if os.path.exists(xml_path) else None
+        # what pytest selected ("N/M tests collected"): the dry run's JUnit XML counts no test, it runs none
+        found = re.search(r"(\d+)(?:/\d+)? tests? collected", out)
+        writer.payload["collected"] = int(found.group(1)) if found else 0
 
 
 def junit_summary(path: str) -> dict:
