@@ -44,6 +44,9 @@ class Lion(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay))
         self.impl = impl
         self.momentum_dtype = momentum_dtype
+        # group index -> its buckets (see _buckets); made here, not lazily in step(), which torch.compile traces
+        # (Dynamo of torch 2.11 refuses a new attribute set on the optimiser inside the compiled step)
+        self._bucket_cache: dict = {}
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -65,9 +68,7 @@ class Lion(torch.optim.Optimizer):
         params = group["params"]
         grads = [p.grad for p in params]
         has_grad = tuple(g is not None for g in grads)
-        cache = getattr(self, "_bucket_cache", None)
-        if cache is None:
-            cache = self._bucket_cache = {}
+        cache = self._bucket_cache
         cached = cache.get(index)
         if cached is None or cached[0] != has_grad or len(cached[1]) != len(params) or not all(
                 map(operator.is_, cached[1], params)):
