@@ -126,14 +126,20 @@ def masked_patchify_cases(s: Sizes, device) -> list[Case]:
     return cases
 
 
-def unshuffle_cases(s: Sizes, device) -> list[Case]:
-    g = torch.Generator().manual_seed(1)
+def unshuffle_inputs(s: Sizes, device, g: torch.Generator):
+    """Random (x, mask_token, pos_embed, ids_restore, grad_out) of the decoder unshuffle at sizes `s`."""
     B, K, L, D = s.batch, s.visible, s.tokens, s.decoder_dim
     x = torch.randn(B, K, D, generator=g).to(s.act_dtype).to(device).requires_grad_()
     token = torch.randn(D, generator=g).to(device).requires_grad_()
     pos = torch.randn(L, D, generator=g).to(device)
     ids = torch.argsort(torch.rand(B, L, generator=g), dim=1).to(device)
     grad_out = torch.randn(B, L, D, generator=g).to(s.act_dtype).to(device)
+    return x, token, pos, ids, grad_out
+
+
+def unshuffle_cases(s: Sizes, device) -> list[Case]:
+    B, K, L, D = s.batch, s.visible, s.tokens, s.decoder_dim
+    x, token, pos, ids, grad_out = unshuffle_inputs(s, device, torch.Generator().manual_seed(1))
     act = torch.tensor([], dtype=s.act_dtype).element_size()
     floor = (B * K * D + B * L * D) * act * 2 + L * D * act + 2 * _nbytes(ids)
 

@@ -186,12 +186,7 @@ def kernel_correctness(op: str, s: bench_ops.Sizes, dev: torch.device, impl: str
         errors = {"visible": _rel_err(got.visible, ref.visible), "target": _rel_err(got.target, ref.target)}
         tol = 1e-4
     elif op == "unshuffle":
-        B, K, L, D = s.batch, s.visible, s.tokens, s.decoder_dim
-        x = torch.randn(B, K, D, generator=g).to(s.act_dtype).to(dev).requires_grad_()
-        token = torch.randn(D, generator=g).to(dev).requires_grad_()
-        pos = torch.randn(L, D, generator=g).to(dev)
-        ids = torch.argsort(torch.rand(B, L, generator=g), dim=1).to(dev)
-        grad_out = torch.randn(B, L, D, generator=g).to(s.act_dtype).to(dev)
+        x, token, pos, ids, grad_out = bench_ops.unshuffle_inputs(s, dev, g)
         outs = {}
         for name in ("reference", impl):
             out = ops.unshuffle(x, token, ids, pos, impl=name)
