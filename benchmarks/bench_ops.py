@@ -37,9 +37,10 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from mae_fast import bench, ops  # noqa: E402
+from mae_fast.backends.triton import kernels_module  # noqa: E402
 from mae_fast.checkpoint import atomic_write_json  # noqa: E402
 
-bench.import_checkout_kernels()  # a plain checkout: map kernels/ to mae_fast.kernels (as setup.py does)
+kernels_module()  # this checkout's kernels/ as mae_fast.kernels (as setup.py installs them)
 
 OPS = ("masked_patchify", "unshuffle", "mae_loss", "lion_update")
 

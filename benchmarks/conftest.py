@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from mae_fast import bench
+from mae_fast.backends.triton import kernels_module
 
 _RECORDS: list[dict] = []
 _STATE: dict = {}
@@ -86,7 +87,7 @@ def pytest_generate_tests(metafunc):
 @pytest.fixture(scope="session")
 def settings(pytestconfig) -> bench.BenchSettings:
     device = bench_device(pytestconfig)
-    bench.import_checkout_kernels()
+    kernels_module()
     backend = _opt(pytestconfig, "--bench-compile-backend") or ("inductor" if device.type == "cuda" else "aot_eager")
     return bench.BenchSettings(device=device, amp=bench.default_amp(device), warmup=2 if device.type == "cuda" else 1,
                                iters=_opt(pytestconfig, "--bench-rounds") or (10 if device.type == "cuda" else 3),

@@ -37,9 +37,10 @@ for path in (ROOT, HERE):
 import torch  # noqa: E402
 
 from mae_fast import bench, flops, ops  # noqa: E402
+from mae_fast.backends.triton import kernels_module  # noqa: E402
 from mae_fast.checkpoint import atomic_write_json  # noqa: E402
 
-bench.import_checkout_kernels()
+kernels_module()
 import bench_ops  # noqa: E402  (benchmarks/, after the kernels are mapped)
 
 SCHEMA = "mae_fast.headline/1"

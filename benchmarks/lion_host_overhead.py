@@ -23,10 +23,11 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
-from mae_fast import bench, models, ops  # noqa: E402
+from mae_fast import models, ops  # noqa: E402
+from mae_fast.backends.triton import kernels_module  # noqa: E402
 from mae_fast.optim import Lion  # noqa: E402
 
-bench.import_checkout_kernels(os.path.join(ROOT, "kernels"))
+kernels_module(os.path.join(ROOT, "kernels"))
 from mae_fast.kernels import lion  # noqa: E402
 
 

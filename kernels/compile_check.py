@@ -245,7 +245,7 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from mae_fast import bench
+    from mae_fast.backends.triton import kernels_module
 
-    bench.import_checkout_kernels(os.path.dirname(os.path.abspath(__file__)))  # these kernels, not an install's
+    kernels_module(os.path.dirname(os.path.abspath(__file__)))  # these kernels, not an install's
     sys.exit(main())

@@ -337,28 +337,6 @@ def provenance(device: torch.device, command: str | None = None) -> dict:
     }
 
 
-def import_checkout_kernels(folder: str | None = None) -> None:
-    """In a source checkout that is not installed, `kernels/` is only importable as `mae_fast.kernels` once mapped
-    (setup.py's package_dir does it on install, the root conftest.py under pytest). Do the same here so that
-    `python -m mae_fast.bench` from a checkout benchmarks the Triton kernels rather than silently the references.
-    With `folder`, map that folder even when another install provides `mae_fast.kernels` (an editable install of a
-    different checkout would otherwise win)."""
-    if "mae_fast.kernels" in sys.modules:
-        return
-    if folder is None:
-        if importlib.util.find_spec("mae_fast.kernels") is not None:
-            return
-        folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(mae_fast.__file__))), "kernels")
-    init = os.path.join(folder, "__init__.py")
-    if not os.path.exists(init):
-        return
-    spec = importlib.util.spec_from_file_location("mae_fast.kernels", init, submodule_search_locations=[folder])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["mae_fast.kernels"] = module
-    spec.loader.exec_module(module)
-    mae_fast.kernels = module
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Runners
 # --------------------------------------------------------------------------------------------------------------
@@ -1071,7 +1049,7 @@ def print_summary(payload: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import_checkout_kernels()
+    kernels_module()  # this checkout's kernels/, not silently the references
     try:
         device = resolve_device(args.device)
         stacks = parse_stacks(args.stacks)

@@ -120,7 +120,7 @@ TRAIN_CASES = [(PRESETS[0], "cpp", IMG), (PRESETS[1], "cpp", IMG), (PRESETS[0], 
 
 @pytest.mark.parametrize("name,backend,img_size", TRAIN_CASES)
 def test_compiled_train_step_has_no_graph_breaks_and_matches_eager(name, backend, img_size, monkeypatch):
-    ops._load_fast_backends()
+    ops.load_fast_backends()
     _use_backend(backend, monkeypatch)
     model, images = _model_and_images(name, img_size)
     eager_loss, eager_grads = _step(model, lambda x: model(x).loss, images, seed=5)
@@ -321,7 +321,7 @@ def _cpp_kernel_cases() -> list[tuple[str, tuple]]:
 
 
 def _opcheck_all(cases):
-    ops._load_fast_backends()
+    ops.load_fast_backends()
     failures = []
     for name, args in cases:
         try:
@@ -353,7 +353,7 @@ def test_opcheck_triton_ops_in_the_interpreter():
 
 def test_every_fused_torch_op_is_checked():
     """A new op registered under mae_fast:: must be added to the opcheck cases above."""
-    ops._load_fast_backends()
+    ops.load_fast_backends()
     checked = {name for name, _ in _cpp_kernel_cases() + _cases("cpp")}
     if "triton" in ops.available_impls("unshuffle"):
         checked |= {name for name, _ in _cases("triton")} | {"lion_update_triton"}

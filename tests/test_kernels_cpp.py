@@ -12,7 +12,7 @@ from mae_fast.testing import (
 )
 
 pytest.importorskip("mae_fast._C", reason="C++ extension not built (python setup.py build_ext --inplace)")
-from mae_fast import cpu_ops  # noqa: E402
+from mae_fast.backends import cpp as cpu_ops  # noqa: E402
 
 # (rtol, atol as a fraction of the reference's largest magnitude) per dtype of the compared tensor
 TOL = {torch.float32: (1e-4, 1e-5), torch.bfloat16: (1.6e-2, 8e-3), torch.float16: (2e-3, 1e-3)}

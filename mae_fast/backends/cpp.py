@@ -1,6 +1,6 @@
 """The "cpp" backends: thin wrappers of the C++ CPU kernels in csrc/ (torch.ops.mae_fast, loaded by mae_fast._C).
 
-Imported by `mae_fast.ops` only when the extension imports. Each wrapper checks what its kernel takes and raises
+Imported by `mae_fast.ops.dispatch` on the first dispatch (an ImportError when the extension is not built). Each wrapper checks what its kernel takes and raises
 `ops.UnsupportedInput` otherwise (auto dispatch then runs the reference). The keyword-only output arguments
 exist for tests that poison outputs before a call.
 

@@ -1,0 +1,115 @@
+"""The Lion update (Chen et al. 2023) with decoupled weight decay over lists of tensors: the reference, the foreach
+variant, the grouping the fused backends share, and the public entry point."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mae_fast.ops.dispatch import dispatch, register, run_impl
+
+
+@register("lion_update", "reference")
+@torch.no_grad()
+def _lion_update_reference(params, grads, exp_avgs, lr, beta1, beta2, weight_decay):
+    """One tensor at a time, in float32: p <- p*(1-lr*wd) - lr*sign(b1*m + (1-b1)*g); m <- b2*m + (1-b2)*g."""
+    for p, g, m in zip(params, grads, exp_avgs):
+        g32, m32 = g.float(), m.float()
+        update = (m32 * beta1 + g32 * (1 - beta1)).sign_()
+        p32 = p.float().mul_(1 - lr * weight_decay).add_(update, alpha=-lr)
+        p.copy_(p32)
+        m.copy_(m32.mul_(beta2).add_(g32, alpha=1 - beta2))
+
+
+@register("lion_update", "foreach")
+@torch.no_grad()
+def _lion_update_foreach(params, grads, exp_avgs, lr, beta1, beta2, weight_decay):
+    """The same arithmetic as the reference with torch._foreach ops (float32 tensors; others go one by one)."""
+    fp32 = [i for i, (p, g, m) in enumerate(zip(params, grads, exp_avgs))
+            if p.dtype == g.dtype == m.dtype == torch.float32]
+    rest = sorted(set(range(len(params))) - set(fp32))
+    if fp32:
+        ps = [params[i] for i in fp32]
+        gs = [grads[i] for i in fp32]
+        ms = [exp_avgs[i] for i in fp32]
+        update = torch._foreach_mul(ms, beta1)
+        torch._foreach_add_(update, gs, alpha=1 - beta1)
+        torch._foreach_sign_(update)
+        torch._foreach_mul_(ps, 1 - lr * weight_decay)
+        torch._foreach_add_(ps, update, alpha=-lr)
+        torch._foreach_mul_(ms, beta2)
+        torch._foreach_add_(ms, gs, alpha=1 - beta2)
+    if rest:
+        _lion_update_reference([params[i] for i in rest], [grads[i] for i in rest], [exp_avgs[i] for i in rest],
+                               lr, beta1, beta2, weight_decay)
+
+
+LION_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def lion_fusable(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor) -> bool:
+    """Whether the fused Lion kernels take this (param, grad, exp_avg) triple: one device, contiguous, same
+    shape, float32/bfloat16 storage. Others are updated by the reference, one tensor at a time."""
+    return (
+        p.dtype in LION_DTYPES and g.dtype in LION_DTYPES and m.dtype in LION_DTYPES
+        and p.shape == g.shape == m.shape
+        and p.device == g.device == m.device
+        and p.is_contiguous() and g.is_contiguous() and m.is_contiguous()
+        and not g.is_sparse
+    )
+
+
+@dataclass(frozen=True)
+class LionScalars:
+    """The float32 scalars of one Lion step, rounded exactly as the reference's tensor-scalar ops round them."""
+
+    lr: float
+    decay: float            # 1 - lr * wd
+    beta1: float
+    one_minus_beta1: float
+    beta2: float
+    one_minus_beta2: float
+
+    @classmethod
+    def make(cls, lr: float, beta1: float, beta2: float, weight_decay: float) -> "LionScalars":
+        return cls(lr, 1 - lr * weight_decay, beta1, 1 - beta1, beta2, 1 - beta2)
+
+
+def lion_groups(params, grads, exp_avgs) -> tuple[dict[tuple, tuple[list, list, list]], list[int]]:
+    """Split a Lion call into one group per (param, grad, exp_avg) dtype combination of fusable tensors (one kernel
+    launch each) and the indices of the rest (updated by the reference)."""
+    groups: dict[tuple, tuple[list, list, list]] = {}
+    rest = []
+    for i, (p, g, m) in enumerate(zip(params, grads, exp_avgs)):
+        if not lion_fusable(p, g, m):
+            rest.append(i)
+            continue
+        ps, gs, ms = groups.setdefault((p.dtype, g.dtype, m.dtype), ([], [], []))
+        ps.append(p)
+        gs.append(g)
+        ms.append(m)
+    return groups, rest
+
+
+def lion_update_rest(rest, params, grads, exp_avgs, lr, beta1, beta2, weight_decay) -> None:
+    """The reference update of the tensors no fused kernel takes (see `lion_fusable`)."""
+    if rest:
+        _lion_update_reference([params[i] for i in rest], [grads[i] for i in rest], [exp_avgs[i] for i in rest],
+                               lr, beta1, beta2, weight_decay)
+
+
+def lion_update(
+    params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor], *,
+    lr: float, beta1: float = 0.9, beta2: float = 0.95, weight_decay: float = 0.0, impl: str = "auto",
+) -> None:
+    """In-place Lion step over lists of tensors (all on one device). The fused backends launch one kernel per
+    (param, grad, exp_avg) dtype combination; the hyperparameters are runtime arguments."""
+    if not (len(params) == len(grads) == len(exp_avgs)):
+        raise ValueError("params, grads and exp_avgs must have the same length")
+    if not params:
+        return
+    args = (list(params), list(grads), list(exp_avgs), float(lr), float(beta1), float(beta2), float(weight_decay))
+    if impl == "foreach":
+        run_impl("lion_update", "foreach", *args)
+        return
+    dispatch("lion_update", params[0].device, impl, *args)

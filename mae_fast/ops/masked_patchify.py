@@ -1,0 +1,183 @@
+"""Masked patchify + self-standardisation: raw images -> standardised visible tokens and masked targets in one pass
+(the reference, the torch-op factory of the fused backends, and their input checks)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from mae_fast.ops.dispatch import TORCH_OPS, UnsupportedInput, dispatch, register, resolve, set_last_impl
+from mae_fast.ops.layout import (LAYOUTS, Masking, check_masking, gather_tokens, patchify, pixel_scale, random_masking,
+                                 self_standardize, to_unit_float)
+
+@dataclass
+class MaskedPatches:
+    visible: torch.Tensor   # (B, len_keep, P) standardised visible tokens, in shuffled order
+    target: torch.Tensor    # (B, L - len_keep, P) standardised masked tokens, in shuffled order (the loss target)
+    masking: Masking
+
+
+@register("masked_patchify", "reference")
+def _masked_patchify_reference(images, patch_size, masking, layout, stats=None):
+    if stats is None:
+        x = self_standardize(images)
+    else:
+        x = to_unit_float(images, check_range=False)
+        mean, rstd = stats
+        x = (x - mean[:, :, None, None]) * rstd[:, :, None, None]
+    tokens = patchify(x, patch_size, layout)
+    return MaskedPatches(gather_tokens(tokens, masking.ids_keep), gather_tokens(tokens, masking.ids_masked), masking)
+
+
+def masked_patchify_outputs(
+    images: torch.Tensor, patch_size: int, masking: Masking, layout: str,
+    visible: torch.Tensor | None = None, target: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float32 (visible, target) buffers a fused masked-patchify writes (given ones are checked, for tests that
+    poison them first)."""
+    B, C, H, W = images.shape
+    L = masking.ids_restore.shape[1]
+    P = patch_size * patch_size * (1 if layout == "channel" else C)
+    shapes = {"visible": (B, masking.len_keep, P), "target": (B, L - masking.len_keep, P)}
+    out = []
+    for name, given in (("visible", visible), ("target", target)):
+        if given is None:
+            given = torch.empty(shapes[name], dtype=torch.float32, device=images.device)
+        elif given.shape != shapes[name] or given.dtype != torch.float32 or not given.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous float32 tensor of shape {shapes[name]}, got "
+                             f"{tuple(given.shape)} {given.dtype}")
+        out.append(given)
+    return out[0], out[1]
+
+
+def define_masked_patchify_op(backend: str, channel_stats: Callable, write: Callable) -> Callable:
+    """A fused backend of `masked_patchify` around the torch op `mae_fast::masked_patchify_{backend}(images,
+    ids_restore, len_keep, patch_size, channel_layout, mean, rstd) -> (visible, target)`, which has a fake
+    implementation, so that torch.compile keeps it as one opaque node (no autograd: images are data).
+
+    `channel_stats(images) -> (mean, rstd)`, (B, C) float32 each, when no stats are given;
+    `write(images, mean, rstd, ids_restore, len_keep, patch_size, channel_layout, visible, target)` fills the float32
+    outputs. Returns `fn(images, patch_size, masking, layout, stats=None, *, visible=None, target=None) ->
+    MaskedPatches`; given output buffers (tests poison them first) are written directly, without the torch op."""
+    name = f"mae_fast::masked_patchify_{backend}"
+    if name in TORCH_OPS:
+        return TORCH_OPS[name]
+
+    def float_stats(images, mean, rstd):
+        if mean is None or rstd is None:
+            return channel_stats(images)
+        return mean.float().contiguous(), rstd.float().contiguous()
+
+    @torch.library.custom_op(name, mutates_args=(), schema=(
+        "(Tensor images, Tensor ids_restore, int len_keep, int patch_size, bool channel_layout, Tensor? mean, "
+        "Tensor? rstd) -> (Tensor, Tensor)"))
+    def masked_patchify_op(images, ids_restore, len_keep, patch_size, channel_layout, mean, rstd):
+        mean, rstd = float_stats(images, mean, rstd)
+        visible, target = _patchify_buffers(images, ids_restore.shape[1], len_keep, patch_size, channel_layout)
+        write(images, mean, rstd, ids_restore.contiguous(), len_keep, patch_size, channel_layout, visible, target)
+        return visible, target
+
+    @masked_patchify_op.register_fake
+    def _(images, ids_restore, len_keep, patch_size, channel_layout, mean, rstd):
+        return _patchify_buffers(images, ids_restore.shape[1], len_keep, patch_size, channel_layout)
+
+    def masked_patchify_fused(images, patch_size, masking, layout, stats=None, *, visible=None, target=None):
+        channel = layout == "channel"
+        mean, rstd = (None, None) if stats is None else stats
+        if visible is None and target is None:
+            visible, target = masked_patchify_op(images, masking.ids_restore, masking.len_keep, patch_size, channel,
+                                                 mean, rstd)
+        else:
+            visible, target = masked_patchify_outputs(images, patch_size, masking, layout, visible, target)
+            mean, rstd = float_stats(images, mean, rstd)
+            write(images, mean, rstd, masking.ids_restore.contiguous(), masking.len_keep, patch_size, channel,
+                  visible, target)
+        return MaskedPatches(visible, target, masking)
+
+    TORCH_OPS[name] = masked_patchify_fused
+    return masked_patchify_fused
+
+
+def _patchify_buffers(images, num_tokens, len_keep, patch_size, channel_layout):
+    """Empty float32 (visible (B, len_keep, P), target (B, L - len_keep, P)) on images' device."""
+    B, C = images.shape[:2]
+    P = patch_size * patch_size * (1 if channel_layout else C)
+    return (images.new_empty((B, len_keep, P), dtype=torch.float32),
+            images.new_empty((B, num_tokens - len_keep, P), dtype=torch.float32))
+
+
+def check_fused_patchify_input(images: torch.Tensor, masking: Masking) -> None:
+    """The fused kernels take uint8/uint16/int32/float16/bfloat16/float32 pixels and int64 permutations."""
+    if images.dtype not in (torch.uint8, torch.uint16, torch.int32, torch.float16, torch.bfloat16, torch.float32):
+        raise UnsupportedInput(f"images of dtype {images.dtype}")
+    if images.shape[1] > 16:
+        raise UnsupportedInput(f"{images.shape[1]} channels (the kernels take at most 16)")
+    if masking.ids_restore.dtype != torch.int64:
+        raise UnsupportedInput(f"ids_restore of dtype {masking.ids_restore.dtype}")
+
+
+def masked_patchify(
+    images: torch.Tensor,
+    patch_size: int,
+    mask_ratio: float,
+    layout: str = "standard",
+    generator: torch.Generator | None = None,
+    masking: Masking | None = None,
+    impl: str = "auto",
+    *,
+    seed: int | None = None,
+    stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> MaskedPatches:
+    """Raw images (B, C, H, W; uint8/uint16/float in [0,1]) -> self-standardised visible tokens + masked targets.
+
+    The random permutation is drawn here, reproducibly through `generator` or an integer `seed` (the same draw for
+    every backend: torch.rand + argsort, as FAIR's MAE), unless `masking` is given. The fused backends then write
+    both outputs in one pass over the image, using per-image per-channel statistics from a first reduction, or
+    `stats` = (mean, rstd), each (B, C) float32 of the [0, 1]-scaled images, when the caller has them already.
+    """
+    if images.ndim != 4:
+        raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
+    B, C, H, W = images.shape
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if H % patch_size or W % patch_size:
+        raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {patch_size}")
+    pixel_scale(images.dtype)  # rejects unsupported dtypes with a clear message
+    L = (H // patch_size) * (W // patch_size) * (C if layout == "channel" else 1)
+    if masking is None:
+        if seed is not None:
+            if generator is not None:
+                raise ValueError("pass either generator or seed, not both")
+            generator = torch.Generator(device=images.device).manual_seed(int(seed))
+        masking = random_masking(B, L, mask_ratio, images.device, generator)
+    elif masking.ids_shuffle.shape != (B, L):
+        raise ValueError(f"masking covers {tuple(masking.ids_shuffle.shape)} tokens, images give {(B, L)}")
+    else:
+        check_masking(masking)
+    if stats is not None:
+        if len(stats) != 2 or any(t.shape != (B, C) for t in stats):
+            raise ValueError(f"stats must be (mean, rstd), each of shape {(B, C)}")
+    with torch.no_grad():  # images are data: no gradient flows into them
+        return dispatch("masked_patchify", images.device, impl, images, patch_size, masking, layout, stats)
+
+
+def standardized_tokens(images: torch.Tensor, patch_size: int, layout: str = "standard",
+                        impl: str = "auto") -> torch.Tensor:
+    """Raw images -> every token, self-standardised, in order (B, L, P) float32: inference's front end. The fused
+    backends of `masked_patchify` with an identity permutation and nothing masked write the tokens in one pass
+    after the statistics pass; the reference is standardize + patchify."""
+    B, C, H, W = images.shape
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if H % patch_size or W % patch_size:
+        raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {patch_size}")
+    pixel_scale(images.dtype)
+    if resolve("masked_patchify", images.device, impl)[0] == "reference":  # no identity gather
+        set_last_impl("masked_patchify", "reference")
+        return patchify(self_standardize(images), patch_size, layout)
+    L = (H // patch_size) * (W // patch_size) * (C if layout == "channel" else 1)
+    ids = torch.arange(L, device=images.device).expand(B, L).contiguous()
+    identity = Masking(ids, ids, torch.zeros(B, L, device=images.device), L)
+    with torch.no_grad():
+        return dispatch("masked_patchify", images.device, impl, images, patch_size, identity, layout, None).visible
