@@ -21,7 +21,8 @@ import torch
 import torch.nn as nn
 
 from mae_fast import bench
-from mae_fast.baselines import build_optimizer, count_parameters, create_baseline, list_baselines
+from mae_fast.models import count_parameters, create_baseline, list_baselines
+from mae_fast.models.baseline_common import build_optimizer
 
 NUM_CLASSES = 1139
 ENV_PRESETS = "MAE_FAST_BENCH_BASELINES"

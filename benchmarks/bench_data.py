@@ -29,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from mae_fast.checkpoint import atomic_write_json  # noqa: E402
+from mae_fast.io import atomic_write_json  # noqa: E402
 from mae_fast.data.dali import dali_available  # noqa: E402
 from mae_fast.data.index import SiteIndex  # noqa: E402
 from mae_fast.data.loader import make_train_loader  # noqa: E402

@@ -38,7 +38,7 @@ if ROOT not in sys.path:
 
 from mae_fast import bench, ops  # noqa: E402
 from mae_fast.backends.triton import kernels_module  # noqa: E402
-from mae_fast.checkpoint import atomic_write_json  # noqa: E402
+from mae_fast.io import atomic_write_json  # noqa: E402
 
 kernels_module()  # this checkout's kernels/ as mae_fast.kernels (as setup.py installs them)
 

@@ -38,7 +38,7 @@ import torch  # noqa: E402
 
 from mae_fast import bench, flops, ops  # noqa: E402
 from mae_fast.backends.triton import kernels_module  # noqa: E402
-from mae_fast.checkpoint import atomic_write_json  # noqa: E402
+from mae_fast.io import atomic_write_json  # noqa: E402
 
 kernels_module()
 import bench_ops  # noqa: E402  (benchmarks/, after the kernels are mapped)

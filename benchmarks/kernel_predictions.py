@@ -35,7 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from mae_fast.checkpoint import atomic_write_json  # noqa: E402
+from mae_fast.io import atomic_write_json  # noqa: E402
 
 COPY_BW = 4.3e12                      # bytes/s, device copy, measured (DESIGN.md §6)
 TC_RATE = {"bf16": 790e12, "tf32": 395e12}  # FLOP/s, dense matmul on the tensor cores (bf16 measured, tf32 = half)

@@ -47,6 +47,7 @@ from mae_fast import attention as attention_mod
 from mae_fast import flops as flops_mod
 from mae_fast import ops
 from mae_fast import peer as peer_mod
+from mae_fast.backends.triton import kernels_module
 from mae_fast.compiling import compile_blocks
 from mae_fast.models import MAEConfig, MaskedAutoencoder, get_config, list_presets
 from mae_fast.optim import Lion, lion_param_groups
@@ -893,7 +894,7 @@ def results_path(out: str, device: torch.device) -> str:
 
 def write_json(path: str, payload: dict) -> None:
     """Atomic write (a crash never leaves half a file)."""
-    from mae_fast.checkpoint import atomic_write_json
+    from mae_fast.io import atomic_write_json
 
     atomic_write_json(path, payload)
 

@@ -16,7 +16,7 @@ import traceback
 from mae_fast.checkpoint import CheckpointError
 from mae_fast.data.errors import DataError
 from mae_fast.evaluation.table import EvaluationInputError
-from mae_fast.runlock import OutputBusyError
+from mae_fast.io import OutputBusyError
 from mae_fast.training.config import ConfigError
 
 COMMANDS = {

@@ -7,7 +7,7 @@
 
 Models: our checkpoints (a `save_model` folder, a training run folder, or a single weights file with --preset), an
 OpenPhenom checkpoint (folder or file), or a timm state dict of the encoder (with --preset for the architecture).
-The baselines (`mae_fast.baselines`) embed the same way: WSL DenseNet -> its 128-d neck output, MU-Net -> the
+The CNN baselines (`mae_fast.models.wsl`, `munet`) embed the same way: WSL DenseNet -> its 128-d neck output, MU-Net -> the
 global average of its bottleneck.
 
 AdaBN models (WSL with ghost batch norm) normalise each forward pass with that batch's own statistics, so their
@@ -48,11 +48,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mae_fast import baselines as bl
-from mae_fast.checkpoint import CheckpointError, atomic_write, atomic_write_json, remove_temporaries
+from mae_fast.models import get_baseline_config, is_baseline
+from mae_fast.checkpoint import CheckpointError
+from mae_fast.io import atomic_write, atomic_write_json, remove_temporaries
 from mae_fast.cli import number, run_command
 from mae_fast.models import get_config
-from mae_fast.runlock import OutputLock, beside_lock_path
+from mae_fast.io import OutputLock, beside_lock_path
 from mae_fast.train import (
     ConfigError, DataConfig, DistInfo, agree, all_gather_objects, barrier, build_site_index, env_world,
     init_distributed, load_pretrained, resolve_amp, resolve_device, torch_threads,
@@ -142,8 +143,8 @@ TRAINING_ONLY_KEYS = {
 def preset_config(preset: str, overrides: dict):
     """The architecture of `preset` (an MAE or a baseline) with overrides; errors as ConfigError."""
     try:
-        if bl.is_baseline(preset):
-            return bl.get_baseline_config(preset, **overrides)
+        if is_baseline(preset):
+            return get_baseline_config(preset, **overrides)
         return get_config(preset, **overrides)
     except (KeyError, ValueError, TypeError) as err:
         raise ConfigError(str(err).strip('"')) from err

@@ -13,14 +13,14 @@ import argparse
 import math
 import os
 
-from mae_fast.checkpoint import atomic_write, remove_temporaries
+from mae_fast.io import atomic_write, remove_temporaries
 from mae_fast.cli import number
 from mae_fast.evaluate import (
     BASELINES, TVN_VARIANTS, ColumnSpec, EvalConfig, EvaluationInputError, cellprofiler_table, evaluate,
     parse_relationship_args, pixel_statistics_table, write_outputs,
 )
 from mae_fast.evaluation.table import load_table, require_columns
-from mae_fast.runlock import OutputLock, folder_lock_path
+from mae_fast.io import OutputLock, folder_lock_path
 
 
 def _floats(text: str) -> tuple[float, ...]:

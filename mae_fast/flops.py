@@ -433,7 +433,7 @@ def run(args: argparse.Namespace) -> int:
             "points": [p.__dict__ for p in points],
             "metric": metric,
         }
-        from mae_fast.checkpoint import atomic_write_json
+        from mae_fast.io import atomic_write_json
 
         atomic_write_json(args.json, payload)
         print(f"wrote {args.json}")

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mae_fast import ops
-from mae_fast.checkpoint import timm_vit_kwargs
+from mae_fast.interop import timm_vit_kwargs
 from mae_fast.models import LN_EPS, MAEConfig, MaskedAutoencoder, sincos_pos_embed
 from mae_fast.optim import lion_param_groups
 

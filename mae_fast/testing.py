@@ -29,7 +29,7 @@ def assert_loss_grad_close(got, ref, *, kind, alpha, p, planes, weight_max, scal
 def openphenom_layout_state(model) -> dict:
     """A CA-MAE's weights re-keyed exactly like a released OpenPhenom checkpoint (timm names under
     `encoder.vit_backbone`, mask token (1, 1, D), fixed positions and the class-token placeholder stored), written
-    independently of `mae_fast.checkpoint.load_openphenom` so that tests of the importer do not check it against
+    independently of `mae_fast.interop.load_openphenom` so that tests of the importer do not check it against
     itself."""
     state = {}
     for k, v in model.state_dict().items():

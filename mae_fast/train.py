@@ -1,5 +1,5 @@
 """`mae-fast train`: pre-train an MAE / CA-MAE, or train a baseline of the seed paper (WSL DenseNet-161 with or without
-AdaBN, MU-Net-M/L; `mae_fast.baselines`), on a screen, on one device or many (torchrun).
+AdaBN, MU-Net-M/L; `mae_fast.models`), on a screen, on one device or many (torchrun).
 
 Configuration = a preset name + an optional YAML/TOML file + command-line overrides (`--set key=value`, dotted keys
 for the nested sections: `model.img_size=128`, `data.root=/data/rxrx3`). Everything is validated before any work
@@ -43,7 +43,7 @@ Output folder:
     recon/step_XXXXXXXX.png            reconstructions of a fixed validation batch
     model/                             the final weights (`mae-fast embed --checkpoint OUT/model`)
     loss_curve.png, train_summary.json
-    .mae_fast.lock                     while the run is going: who writes here (one writer; mae_fast.runlock)
+    .mae_fast.lock                     while the run is going: who writes here (one writer; mae_fast.io)
 
 Failures: a checkpoint is published only with finite weights, so a diverged run names a good one to go on from;
 `--resume` continues from the newest checkpoint that reads back intact (saying which one it used) and first removes
@@ -56,7 +56,7 @@ import argparse
 import json
 import sys
 
-from mae_fast import baselines as bl
+from mae_fast.models import BASELINE_PRESETS, list_baselines
 from mae_fast.cli import number, run_command
 from mae_fast.models import PRESETS, list_presets
 from mae_fast.training.checkpointing import (
@@ -174,8 +174,8 @@ def run(args) -> int:
             c = PRESETS[name]
             print(f"{name:32s} dim {c.embed_dim:4d} depth {c.depth:2d} heads {c.num_heads:2d} patch {c.patch_size:2d} "
                   f"lr {c.lr:g}{' channel-agnostic' if c.channel_agnostic else ''}")
-        for name in bl.list_baselines():
-            c = bl.BASELINE_PRESETS[name]
+        for name in list_baselines():
+            c = BASELINE_PRESETS[name]
             what = ("WSL DenseNet" + (" + AdaBN" if c.adabn else "") if c.family == "wsl"
                     else f"MU-Net widths {'/'.join(map(str, c.widths))}")
             lr = f"lr {c.lr:g}" + (f" per {c.lr_batch} crops" if c.lr_batch else "")

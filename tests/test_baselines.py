@@ -7,11 +7,20 @@ import pytest
 import torch
 import torch.nn as nn
 
-from mae_fast import baselines as bl
-from mae_fast.baselines import (
-    BASELINE_PRESETS, GhostBatchNorm, MaskedUNet, MUNetConfig, PerturbationLabels, WSLClassifier, WSLConfig,
-    build_optimizer, config_from_dict, count_parameters, create_baseline, get_baseline_config, list_baselines,
+from mae_fast.data.labels import PerturbationLabels
+from mae_fast.models.baseline_common import standardized
+from mae_fast.models import (
+    BASELINE_PRESETS,
+    config_from_dict,
+    count_parameters,
+    create_baseline,
+    get_baseline_config,
+    is_baseline,
+    list_baselines,
 )
+from mae_fast.models.baseline_common import build_optimizer
+from mae_fast.models.munet import MUNetConfig, MaskedUNet
+from mae_fast.models.wsl import GhostBatchNorm, WSLClassifier, WSLConfig
 from mae_fast.data.index import Site, SiteIndex
 from mae_fast.data.samplers import PlateBatchSampler, balanced_batch_sizes
 
@@ -232,7 +241,7 @@ def test_munet_loss_is_the_mse_of_the_hidden_pixels_only():
     seen = {}
     model.encoder[0].register_forward_pre_hook(lambda m, args: seen.setdefault("input", args[0].detach()))
     out = model(images, generator=torch.Generator().manual_seed(0))
-    x = bl.standardized(images)
+    x = standardized(images)
     m = out.pixel_mask
     assert out.masking.mask.shape == (3, 16) and torch.all(out.masking.mask.sum(1) == 4)  # 25% of 16 patches
     assert float(m.mean()) == pytest.approx(0.25)
@@ -497,8 +506,8 @@ def test_every_preset_builds_and_is_registered():
         model = meta_model(name)
         assert isinstance(model, WSLClassifier if name.startswith("wsl") else MaskedUNet)
         assert model.cfg.name == name and model.cfg.family in ("wsl", "munet")
-        assert name in BASELINE_PRESETS and bl.is_baseline(name)
-    assert not bl.is_baseline("mae_vit_small_patch16_256")
+        assert name in BASELINE_PRESETS and is_baseline(name)
+    assert not is_baseline("mae_vit_small_patch16_256")
 
 
 @pytest.mark.parametrize("name", ["wsl_densenet_micro_adabn_256", "munet_micro_256"])

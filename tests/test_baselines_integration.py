@@ -1,5 +1,5 @@
 """The baselines as presets of `mae-fast train` / `embed` / `evaluate`, on a tiny synthetic screen (site 256 px,
-micro presets): a few training steps per family, checkpoints that load through `checkpoint.load_any`, exact resume,
+micro presets): a few training steps per family, checkpoints that load through `interop.load_any`, exact resume,
 single-plate AdaBN micro-batches (training) and batches (embedding), per-well parquet tables that the evaluation
 reads, and the configuration errors. MU-Net trains on 64 px crops to keep its full-resolution convolutions cheap."""
 from __future__ import annotations
@@ -14,8 +14,11 @@ import torch
 from safetensors.torch import load_file
 
 from mae_fast import train as train_mod
-from mae_fast.baselines import MaskedUNet, WSLClassifier, create_baseline
-from mae_fast.checkpoint import CheckpointError, load_any, save_model
+from mae_fast.models import create_baseline
+from mae_fast.models.munet import MaskedUNet
+from mae_fast.models.wsl import WSLClassifier
+from mae_fast.checkpoint import CheckpointError, save_model
+from mae_fast.interop import load_any
 from mae_fast.data.synthetic import SyntheticScreenConfig, make_synthetic_screen
 from mae_fast.embed import AdaBNPlateTiles, EmbedConfig, adabn_batch_sizes, embed_dataset
 from mae_fast.evaluate import evaluate

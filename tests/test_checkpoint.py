@@ -7,10 +7,9 @@ import pytest
 import torch
 
 from mae_fast import ops
-from mae_fast.checkpoint import (
-    CheckpointError, atomic_write, from_timm_state_dict, load_any, load_model, load_openphenom, save_model,
-    timm_vit_kwargs, to_timm_state_dict,
-)
+from mae_fast.checkpoint import CheckpointError, load_model, save_model
+from mae_fast.interop import from_timm_state_dict, load_any, load_openphenom, timm_vit_kwargs, to_timm_state_dict
+from mae_fast.io import atomic_write
 from mae_fast.models import create_model, get_config
 from mae_fast.testing import openphenom_layout_state
 

@@ -13,7 +13,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from mae_fast import embed as embed_mod
-from mae_fast.checkpoint import CheckpointError, save_model, to_timm_state_dict
+from mae_fast.checkpoint import CheckpointError, save_model
+from mae_fast.interop import to_timm_state_dict
 from mae_fast.data.synthetic import METADATA_COLUMNS, SyntheticScreenConfig, make_synthetic_screen
 from mae_fast.embed import embed_dataset
 from mae_fast.models import create_model

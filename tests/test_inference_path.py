@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from mae_fast import ops
-from mae_fast.models import MaskedAutoencoder, ParallelScalingBlock, get_config
+from mae_fast.models import MaskedAutoencoder, get_config
+from mae_fast.models.mae import ParallelScalingBlock
 
 FAST = [b for b in ("cpp", "triton") if b in ops.available_impls("masked_patchify")]
 

@@ -4,7 +4,13 @@ import torch
 
 from mae_fast import attention, ops
 from mae_fast.models import (
-    PRESETS, MaskedAutoencoder, count_parameters, create_model, get_config, list_presets, sincos_pos_embed,
+    MaskedAutoencoder,
+    PRESETS,
+    count_parameters,
+    create_model,
+    get_config,
+    list_presets,
+    sincos_pos_embed,
 )
 
 PAPER_ENCODER_PARAMS = {"small": 22e6, "base": 86e6, "large": 304e6}

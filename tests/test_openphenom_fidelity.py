@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from mae_fast import ops
-from mae_fast.checkpoint import timm_parallel_bias_is_legacy, to_timm_state_dict
-from mae_fast.models import MAEConfig, ParallelScalingBlock, create_model, get_config
+from mae_fast.interop import timm_parallel_bias_is_legacy, to_timm_state_dict
+from mae_fast.models import MAEConfig, create_model, get_config
+from mae_fast.models.mae import ParallelScalingBlock
 
 
 def _layer_norm(x, weight, bias, eps):

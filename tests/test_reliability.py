@@ -17,9 +17,10 @@ import torch
 from safetensors.torch import load_file
 
 from mae_fast import cli
-from mae_fast.checkpoint import CheckpointError, load_any
+from mae_fast.checkpoint import CheckpointError
+from mae_fast.interop import load_any
 from mae_fast.data.synthetic import SyntheticScreenConfig, make_synthetic_screen
-from mae_fast.runlock import LOCK_NAME, OutputBusyError, OutputLock, beside_lock_path, folder_lock_path
+from mae_fast.io import LOCK_NAME, OutputBusyError, OutputLock, beside_lock_path, folder_lock_path
 from mae_fast.testing import run_as_if_killed_after
 from mae_fast.training.checkpointing import list_checkpoints, read_train_state, write_checkpoint
 from mae_fast.training.loop import MetricsLog
@@ -27,7 +28,7 @@ from mae_fast.training.loop import MetricsLog
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
 MICRO = "mae_vit_micro_patch16_256"
-HOLD = ("import sys, time\nfrom mae_fast.runlock import OutputLock\nlock = OutputLock(sys.argv[1], 'held by a test')\n"
+HOLD = ("import sys, time\nfrom mae_fast.io import OutputLock\nlock = OutputLock(sys.argv[1], 'held by a test')\n"
         "print('ready', flush=True)\ntime.sleep(600)\n")
 
 

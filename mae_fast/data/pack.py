@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..runlock import OutputLock, beside_lock_path
+from mae_fast.io import OutputLock, beside_lock_path
 from .errors import DataError, ErrorSummary, check_on_error, handle
 from .index import Site, SiteIndex
 
@@ -213,7 +213,7 @@ class PackResult:
 def pack_index(index: SiteIndex, out_dir: str, tile: int = 256, codec: str = "blosc2", shard_bytes: int = 1 << 30,
                num_workers: int = 0, on_error: str = "raise", overwrite: bool = False) -> PackResult:
     """Decode every site of `index` once and write it as a pack folder (see module doc); one writer at a time
-    (`mae_fast.runlock`)."""
+    (`mae_fast.io`)."""
     check_on_error(on_error)
     if codec not in CODECS:
         raise ValueError(f"codec must be one of {CODECS}, got {codec!r}")

@@ -1,4 +1,4 @@
-"""Plate-grouped batch sampling for AdaBN models (`mae_fast.baselines`, ghost batch norm with batch statistics).
+"""Plate-grouped batch sampling for AdaBN models (`mae_fast.models.wsl`, ghost batch norm with batch statistics).
 
 An AdaBN model normalises every batch with that batch's own statistics, at training and at inference, so each batch
 must hold items of a single plate (the experimental batch whose technical effects the normalisation removes), and

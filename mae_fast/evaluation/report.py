@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pandas as pd
 
-from mae_fast.checkpoint import atomic_write
+from mae_fast.io import atomic_write
 
 from .pipeline import EvaluationResult, PerturbationMap, config_as_dict
 from .recall import RelationshipSet, load_relationships, unit_rows

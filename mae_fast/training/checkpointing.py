@@ -12,13 +12,12 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from mae_fast import baselines as bl
-from mae_fast.checkpoint import (
-    CONFIG_NAME, TMP_PREFIX, WEIGHTS_NAME, CheckpointError, atomic_write, atomic_write_json, from_timm_state_dict,
-    load_any, load_state_dict_strict, remove_temporaries, save_model,
-)
+from mae_fast.models import create_baseline
+from mae_fast.checkpoint import CONFIG_NAME, CheckpointError, WEIGHTS_NAME, load_state_dict_strict, save_model
+from mae_fast.interop import from_timm_state_dict, load_any
+from mae_fast.io import TMP_PREFIX, atomic_write, atomic_write_json, remove_temporaries
 from mae_fast.models import MaskedAutoencoder
-from mae_fast.runlock import LOCK_NAME
+from mae_fast.io import LOCK_NAME
 from mae_fast.training.config import RESUME_MAY_CHANGE, ConfigError, ModelConfig, TrainConfig, model_family
 
 STATE_NAME = "train_state.pt"
@@ -209,14 +208,14 @@ def read_weights(path: str) -> dict[str, torch.Tensor]:
 
 def build_model(cfg: ModelConfig) -> torch.nn.Module:
     """A freshly initialised model of any family (MAE / CA-MAE, WSL, MU-Net)."""
-    return MaskedAutoencoder(cfg) if model_family(cfg) == "mae" else bl.create_baseline(cfg)
+    return MaskedAutoencoder(cfg) if model_family(cfg) == "mae" else create_baseline(cfg)
 
 
 def _baseline_from_state(cfg, state: dict[str, torch.Tensor], path: str):
     """A baseline of architecture `cfg` holding a bare state dict; a WSL head's class count is read from it."""
     if model_family(cfg) == "wsl" and "head.weight" in state:
         cfg = replace(cfg, num_classes=int(state["head.weight"].shape[0]))
-    model = bl.create_baseline(cfg)
+    model = create_baseline(cfg)
     load_state_dict_strict(model, state, path)
     return model
 
@@ -237,7 +236,7 @@ def load_pretrained(path: str, cfg: ModelConfig | None = None) -> tuple[torch.nn
         return model, "openphenom" if model.cfg.name == "openphenom" else "ours"
     state = read_state_file(path)
     if any(k.startswith("encoder.vit_backbone.") for k in state):
-        from mae_fast.checkpoint import load_openphenom
+        from mae_fast.interop import load_openphenom
 
         return load_openphenom(path), "openphenom"
     if cfg is None:

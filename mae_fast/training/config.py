@@ -12,10 +12,16 @@ from typing import Any, Union
 
 import torch
 
-from mae_fast import baselines as bl
-from mae_fast.models import PRESETS, MAEConfig, get_config, list_presets
+from mae_fast.models import get_baseline_config, is_baseline, list_baselines
 
-ModelConfig = Union[MAEConfig, bl.WSLConfig, bl.MUNetConfig]
+from mae_fast.models.munet import MUNetConfig
+
+from mae_fast.models.registry import CONFIG_CLASSES
+
+from mae_fast.models.wsl import WSLConfig
+from mae_fast.models import MAEConfig, PRESETS, get_config, list_presets
+
+ModelConfig = Union[MAEConfig, WSLConfig, MUNetConfig]
 
 
 DATA_FORMATS = ("auto", "rxrx", "rxrx3_core", "jump", "pack")
@@ -119,8 +125,8 @@ RESUME_MAY_CHANGE = {
 
 def model_config_class(preset: str | None) -> type:
     """The config class of a preset: a baseline's WSLConfig / MUNetConfig, else MAEConfig."""
-    if preset and bl.is_baseline(preset):
-        return type(bl.get_baseline_config(preset))
+    if preset and is_baseline(preset):
+        return type(get_baseline_config(preset))
     return MAEConfig
 
 
@@ -137,7 +143,7 @@ def _model_fields(preset: str | None = None) -> dict[str, Any]:
 def _all_model_fields() -> dict[str, Any]:
     """Every model key of any model family (MAE first), with the type of the first family that has it."""
     out: dict[str, Any] = {}
-    for cls in (MAEConfig, *bl.CONFIG_CLASSES.values()):
+    for cls in (MAEConfig, *CONFIG_CLASSES.values()):
         for k, v in _fields_of(cls).items():
             out.setdefault(k, v)
     return out
@@ -367,7 +373,7 @@ def _check_choice(key: str, value, choices) -> None:
 
 
 def all_presets() -> list[str]:
-    return list_presets() + bl.list_baselines()
+    return list_presets() + list_baselines()
 
 
 def _foreign_model_keys(cfg: TrainConfig, cls: type) -> None:
@@ -391,7 +397,7 @@ def resolve_baseline_config(cfg: TrainConfig):
     fields = _fields_of(cls)
     overrides = {k: _coerce(v, fields[k], f"model.{k}") for k, v in cfg.model.items()}
     try:
-        model_cfg = bl.get_baseline_config(cfg.preset, **overrides)
+        model_cfg = get_baseline_config(cfg.preset, **overrides)
     except (KeyError, ValueError, TypeError) as err:
         raise ConfigError(f"preset {cfg.preset}: {str(err).strip(chr(34))}") from err
     refused = {
@@ -412,7 +418,7 @@ def resolve_baseline_config(cfg: TrainConfig):
 
 
 def resolve_model_config(cfg: TrainConfig) -> ModelConfig:
-    if bl.is_baseline(cfg.preset):
+    if is_baseline(cfg.preset):
         return resolve_baseline_config(cfg)
     if cfg.preset not in PRESETS:
         raise ConfigError(f"unknown preset {cfg.preset!r}; valid presets: {', '.join(all_presets())}")

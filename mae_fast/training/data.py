@@ -9,7 +9,7 @@ import os
 import numpy as np
 import torch
 
-from mae_fast import baselines as bl
+from mae_fast.data.labels import PerturbationLabels
 from mae_fast.training.config import ConfigError, DataConfig, RunPlan, TrainConfig
 
 
@@ -232,7 +232,7 @@ def wsl_labels(index, classes=None):
         raise ConfigError(f"the WSL baseline trains on perturbation labels, but none of the {len(index)} selected "
                           "sites has one (metadata gene / treatment / sirna)")
     try:
-        labels = bl.PerturbationLabels.from_index(labelled, classes=classes)
+        labels = PerturbationLabels.from_index(labelled, classes=classes)
     except ValueError as err:
         raise ConfigError(f"WSL labels: {err}") from err
     if len(labels) < 2:

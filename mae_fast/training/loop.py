@@ -15,12 +15,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mae_fast import baselines as bl
-from mae_fast.checkpoint import WEIGHTS_NAME, CheckpointError, atomic_write, load_state_dict_strict, save_model
+from mae_fast.models.baseline_common import build_optimizer
+from mae_fast.checkpoint import CheckpointError, WEIGHTS_NAME, load_state_dict_strict, save_model
+from mae_fast.io import atomic_write
 from mae_fast.compiling import compile_blocks, selective_checkpointing
 from mae_fast.models import MaskedAutoencoder
 from mae_fast.optim import Lion, lion_param_groups, one_cycle_cosine
-from mae_fast.runlock import OutputLock, folder_lock_path
+from mae_fast.io import OutputLock, folder_lock_path
 from mae_fast.training.checkpointing import (
     CHECKPOINT_DIR, RUN_CONFIG, _config_differences, _model_for_saving, _rng_state, _set_rng_state, _write_json,
     build_model, check_output, describe_non_finite, full_model_state, full_optimizer_state, init_weights_from,
@@ -136,7 +137,7 @@ def matmul_ceiling_tflops(device: torch.device) -> float | None:
 def make_baseline_optimizer(core: torch.nn.Module, plan: RunPlan) -> torch.optim.Optimizer:
     """The baseline's optimiser (SGD Nesterov for WSL, AdamW for MU-Net) at the plan's lr / wd / betas; weight decay
     on conv and linear weights only. Built on the unwrapped model (DDP shares its parameters)."""
-    return bl.build_optimizer(core, plan.model_cfg, lr=plan.lr, weight_decay=plan.weight_decay, betas=plan.betas)
+    return build_optimizer(core, plan.model_cfg, lr=plan.lr, weight_decay=plan.weight_decay, betas=plan.betas)
 
 
 def make_optimizer(wrapped: torch.nn.Module, decay_names: set[str], plan: RunPlan, impl: str) -> Lion:

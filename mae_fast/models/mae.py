@@ -561,12 +561,6 @@ class MaskedAutoencoder(nn.Module):
         return x, masked, recon
 
 
-def create_model(name_or_cfg: str | MAEConfig, **overrides) -> MaskedAutoencoder:
-    """timm-style constructor: `create_model("mae_vit_large_patch8_256")`."""
-    cfg = get_config(name_or_cfg, **overrides) if isinstance(name_or_cfg, str) else replace(name_or_cfg, **overrides)
-    return MaskedAutoencoder(cfg)
-
-
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 

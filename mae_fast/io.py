@@ -1,4 +1,10 @@
-"""One writer per output: an exclusive lock held for a command's lifetime by `train`, `embed`, `pack` and `evaluate`.
+"""Writing outputs safely: atomic writes, and one writer per output.
+
+Atomic writes: a file (or a folder) is written under a temporary name beside its destination (`TMP_PREFIX`), fsynced
+and renamed into place, so a reader never sees half a file and a killed writer leaves only a temporary, which
+`remove_temporaries` clears. Checkpoints, tables, JSON results and packs all go through `atomic_write`.
+
+One writer per output: an exclusive lock held for a command's lifetime by `train`, `embed`, `pack` and `evaluate`.
 
 The lock is a small file (a folder output: `DIR/.mae_fast.lock`; a file or a folder replaced as a whole: `PATH.lock`
 beside it) locked with flock(2) and holding who took it (pid, host, start time). A second writer fails at once
@@ -19,9 +25,68 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 import socket
 import sys
+import tempfile
 import time
+from typing import Callable
+
+TMP_PREFIX = ".tmp-"  # temporaries of atomic writes (files and folders); only a killed writer leaves one
+
+
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """Call write(tmp_path) for a temp file beside `path`, fsync it, then rename it over `path`."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix="-" + os.path.basename(path), dir=directory)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+        os.replace(tmp, path)
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def remove_temporaries(folder: str, names: tuple[str, ...] | None = None) -> list[str]:
+    """Remove what killed writers left in `folder` (`.tmp-*` files and folders; with `names`, only the temporaries
+    of those files); call it only while holding the output's lock (mae_fast.runlock), when no other writer of
+    those files can be mid-write. Returns what was removed."""
+    removed = []
+    if os.path.isdir(folder):
+        for entry in os.scandir(folder):
+            if entry.name.startswith(TMP_PREFIX) and (names is None or entry.name.endswith(tuple("-" + n for n in names))):
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                else:
+                    os.remove(entry.path)
+                removed.append(entry.path)
+    return removed
+
+
+def write_text(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def atomic_write_json(path: str, obj, indent: int = 2) -> str:
+    """`obj` as JSON at `path`, atomically (numpy scalars and other objects via .item() or str)."""
+    text = json.dumps(obj, indent=indent, default=lambda o: o.item() if hasattr(o, "item") else str(o)) + "\n"
+    atomic_write(path, lambda tmp: write_text(tmp, text))
+    return path
+
 
 LOCK_NAME = ".mae_fast.lock"
 
