@@ -8,9 +8,9 @@ import glob
 import os
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
-packages = ["mae_fast", "mae_fast.data", "mae_fast.evaluation", "mae_fast.kernels", "mae_fast.training"]
+packages = [p for p in find_packages(include=["mae_fast", "mae_fast.*"])] + ["mae_fast.kernels"]
 package_dir = {"mae_fast": "mae_fast", "mae_fast.kernels": "kernels"}
 
 ext_modules, cmdclass = [], {}

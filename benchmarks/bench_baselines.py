@@ -20,7 +20,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from mae_fast import bench
+from mae_fast.device import synchronize
+from mae_fast.perf.provenance import device_name
+from mae_fast.perf.timing import summarise, time_call
 from mae_fast.models import count_parameters, create_baseline, list_baselines
 from mae_fast.models.baseline_common import build_optimizer
 
@@ -129,18 +131,18 @@ def test_baseline_train_step(baseline_spec, settings, ceiling, record, benchmark
         del probe
     amp = str(settings.amp).replace("torch.", "") if settings.amp else "fp32"
     rec = {"kind": "train", "preset": baseline_spec, "stack": "eager", "batch": batch,
-           "device": bench.device_name(device), "amp": amp, "compiled": False, "compile_backend": None}
+           "device": device_name(device), "amp": amp, "compiled": False, "compile_backend": None}
     try:
         runner = BaselineTrainRunner(baseline_spec, batch, device, settings.amp)
         rec.update(family=runner.cfg.family, img_size=runner.cfg.img_size, in_chans=runner.cfg.in_chans,
                    params=count_parameters(runner.model), optimizer=runner.cfg.optimizer)
         for _ in range(1 + settings.warmup):
             runner.step()
-        bench.synchronize(device)
+        synchronize(device)
         if not torch.isfinite(runner.last_loss).item():
             raise FloatingPointError(f"non-finite loss {runner.last_loss.item()} after warm-up")
         times: list[float] = []
-        benchmark.pedantic(lambda: times.append(bench.time_call(runner.step, device)),
+        benchmark.pedantic(lambda: times.append(time_call(runner.step, device)),
                            rounds=settings.iters, iterations=1, warmup_rounds=0)
     except Exception as err:  # noqa: BLE001 - an out-of-memory batch is a result, not a failure
         if not _is_oom(err):
@@ -148,7 +150,7 @@ def test_baseline_train_step(baseline_spec, settings, ceiling, record, benchmark
         rec.update(status="error", error=f"out of memory at batch {batch}")
         record(rec)
         pytest.skip(f"{baseline_spec}: out of memory at batch {batch} (recorded)")
-    rec.update(bench.summarise(times, batch, runner.flops_per_crop(), ceiling["tflops"]), status="ok")
+    rec.update(summarise(times, batch, runner.flops_per_crop(), ceiling["tflops"]), status="ok")
     benchmark.extra_info.update({k: v for k, v in rec.items() if isinstance(v, (int, float, str, bool))})
     record(rec)
     assert rec["crops_per_s"] > 0 and torch.isfinite(runner.last_loss)

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -34,6 +33,7 @@ from mae_fast.data.dali import dali_available  # noqa: E402
 from mae_fast.data.index import SiteIndex  # noqa: E402
 from mae_fast.data.loader import make_train_loader  # noqa: E402
 from mae_fast.data.pack import pack_index  # noqa: E402
+from mae_fast.perf.provenance import dist_version, provenance  # noqa: E402
 
 CHANNELS = 6
 CROP = 256
@@ -141,33 +141,9 @@ def test_bench_train_loader_512(benchmark, small_sources, source, backend, k):
 
 # --------------------------------------------------------------------------- full table (script)
 
-def provenance() -> dict:
-    import torch
-
-    info = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "python": platform.python_version(), "torch": torch.__version__,
-            "machine": platform.machine(), "cpu_count": os.cpu_count(), "numpy": np.__version__}
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    try:
-        import nvidia.dali
-
-        info["dali"] = nvidia.dali.__version__
-    except ImportError:
-        info["dali"] = None
-    try:
-        import imagecodecs
-
-        info["imagecodecs"] = imagecodecs.__version__
-    except ImportError:
-        pass
-    try:
-        info["git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip() or None
-    except OSError:
-        pass
-    return info
+def data_provenance() -> dict:
+    """The common provenance (`mae_fast.perf.provenance`) plus the decoders' versions."""
+    return dict(provenance(torch.device("cpu")), numpy=np.__version__, imagecodecs=dist_version("imagecodecs"))
 
 
 def main(argv=None) -> int:
@@ -210,7 +186,7 @@ def main(argv=None) -> int:
                           f"{r['crops_per_s']:7.1f} overall ({r['crops']} crops in {r['seconds']:.1f}s)", flush=True)
                     rows.append({"source": f"{size}² {source}", "path": label, "k": k, **r})
     result = {"benchmark": "bench_data", "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-              "provenance": provenance(), "crop": CROP, "channels": CHANNELS, "rows": rows}
+              "provenance": data_provenance(), "crop": CROP, "channels": CHANNELS, "rows": rows}
     if args.out:
         atomic_write_json(args.out, result)
         print(f"wrote {args.out}")

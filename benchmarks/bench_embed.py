@@ -1,4 +1,4 @@
-"""End-to-end embedding throughput of `mae-fast embed` (`mae_fast.embed.embed_dataset`): PNG decode, tiling, the
+"""End-to-end embedding throughput of `mae-fast embed` (`mae_fast.inference.embed.embed_dataset`): PNG decode, tiling, the
 encoder (bf16 on GPU, fp32 on CPU), per-site/per-well averaging and the parquet writes, in tiles (crops) per second.
 
     pytest benchmarks/bench_embed.py --benchmark-only                       # CPU: micro and small presets
@@ -21,7 +21,7 @@ import pytest
 
 from mae_fast.checkpoint import save_model
 from mae_fast.data.synthetic import SyntheticScreenConfig, make_synthetic_screen
-from mae_fast.embed import embed_dataset
+from mae_fast.inference.embed import embed_dataset
 from mae_fast.models import create_model
 
 CPU_PRESETS = ("mae_vit_micro_patch16_256", "mae_vit_small_patch16_256")
@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default=None, help="where the screen and outputs go (default: a temp folder)")
     p.add_argument("--json", default=None, help="write the result here")
     args = p.parse_args(argv)
-    from mae_fast import bench
+    from mae_fast.device import resolve_device
+    from mae_fast.perf.provenance import provenance
 
     work = args.workdir or tempfile.mkdtemp(prefix="bench_embed_")
     screen_root = os.path.join(work, f"screen_{args.sites}x{args.site_size}_{args.bit_depth}bit")
@@ -93,10 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     out = os.path.join(work, "emb.parquet")
     embed_once(checkpoint, screen_root, out, args.device, args.batch_size, args.num_workers)  # warm-up
     result, seconds = embed_once(checkpoint, screen_root, out, args.device, args.batch_size, args.num_workers)
-    device = bench.resolve_device(args.device)
+    device = resolve_device(args.device)
     record = {"preset": args.preset, "sites": args.sites, "site_size": args.site_size, "bit_depth": args.bit_depth,
               "tiles": result.n_tiles, "seconds": seconds, "crops_per_s_end_to_end": result.n_tiles / seconds,
-              "crops_per_s_model_loop": result.tiles_per_second, "provenance": bench.provenance(device)}
+              "crops_per_s_model_loop": result.tiles_per_second, "provenance": provenance(device)}
     print(json.dumps({k: v for k, v in record.items() if k != "provenance"}, indent=1))
     if args.json:
         with open(args.json, "w") as f:

@@ -27,9 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from mae_fast.evaluate import (  # noqa: E402
-    EvalConfig, PairwiseSimilarities, evaluate, fit_tvn, unit_rows, well_table_from_frame,
-)
+from mae_fast.evaluation import EvalConfig, PairwiseSimilarities, evaluate, fit_tvn, unit_rows, well_table_from_frame
 
 
 # --------------------------------------------------------------------------- synthetic inputs
@@ -192,7 +190,7 @@ def main(argv=None) -> int:
             return child.returncode
         numbers = json.loads(child.stdout.strip().splitlines()[-1])
     numbers = {
-        "what": "mae_fast.evaluate on a parquet of wells: load, TVN, activity mAP, spherical means, exact null "
+        "what": "mae_fast.evaluation on a parquet of wells: load, TVN, activity mAP, spherical means, exact null "
                 "percentiles, recall with bootstrap intervals and consistency mAP for 4 databases"
                 + (" (mAP off)" if args.no_map else ""),
         "perturbations": args.perturbations, "dims": args.dims, "replicates": args.replicates,

@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import statistics
 import sys
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -36,7 +34,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from mae_fast import bench, ops  # noqa: E402
+from mae_fast import ops  # noqa: E402
+from mae_fast.device import resolve_device, synchronize  # noqa: E402
+from mae_fast.perf.provenance import provenance  # noqa: E402
+from mae_fast.perf.timing import copy_bandwidth, time_median  # noqa: E402
 from mae_fast.backends.triton import kernels_module  # noqa: E402
 from mae_fast.io import atomic_write_json  # noqa: E402
 
@@ -254,61 +255,11 @@ CASE_BUILDERS = {"masked_patchify": masked_patchify_cases, "unshuffle": unshuffl
 # timing
 # --------------------------------------------------------------------------------------------------------------
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_median(fn: Callable[[], object], device: torch.device, min_runs: int = 5, min_time_s: float = 1.0) -> dict:
-    """Median seconds per call after warm-up: CUDA events through triton.testing.do_bench on a GPU (median of
-    its repetitions), host clock on the CPU (at least `min_runs` calls and `min_time_s`)."""
-    fn()
-    _sync(device)
-    if device.type == "cuda":
-        try:
-            from triton.testing import do_bench
-
-            ms = do_bench(fn, warmup=100, rep=500, return_mode="median")
-            return {"median_s": ms / 1e3, "timer": "triton.testing.do_bench (CUDA events), median"}
-        except ImportError:
-            pass
-    times = []
-    start = time.perf_counter()
-    while len(times) < min_runs or time.perf_counter() - start < min_time_s:
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return {"median_s": statistics.median(times), "runs": len(times), "timer": "host clock, median"}
-
-
-def copy_bandwidth(device: torch.device) -> float:
-    """Bytes/s of the memory ceiling the byte floors are measured against (bytes read + written): a 1 GiB
-    device-to-device copy on a GPU; on the CPU an in-place `x += y` over 256 MiB each (a plain copy there also
-    reads every destination line before writing it, which would understate the bandwidth by a third)."""
-    if device.type == "cuda":
-        n = (1 << 30) // 4
-        src = torch.randn(n, device=device)
-        dst = torch.empty_like(src)
-        t = time_median(lambda: dst.copy_(src), device)["median_s"]
-        return 2 * n * 4 / t
-    n = (1 << 28) // 4
-    x, y = torch.randn(n), torch.randn(n)
-    t = time_median(lambda: x.add_(y), device)["median_s"]
-    return 3 * n * 4 / t
-
-
 def summarise(case: Case, median_s: float, copy_bps: float) -> dict:
     gbps = case.bytes / median_s / 1e9
     return {"op": case.op, "impl": case.impl, "median_ms": median_s * 1e3, "bytes": case.bytes,
             "achieved_GBps": gbps, "floor_ms": case.bytes / copy_bps * 1e3,
             "fraction_of_floor": case.bytes / copy_bps / median_s, **case.info}
-
-
-def device_from(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
 
 
 def sizes_for(device: torch.device) -> Sizes:
@@ -340,7 +291,7 @@ def run_all(device: torch.device, op_names=OPS, sizes: Sizes | None = None, loss
     sweep = loss_config_sweep(sizes, device) if loss_sweep and device.type == "cuda" else None
     return {
         "schema": "mae_fast.bench_ops/1",
-        "provenance": bench.provenance(device, " ".join(sys.argv)),
+        "provenance": provenance(device, " ".join(sys.argv)),
         "sizes": {k: str(v) if isinstance(v, torch.dtype) else v for k, v in sizes.__dict__.items()},
         "copy_GBps": copy_bps / 1e9,
         "results": results,
@@ -372,7 +323,7 @@ def main(argv=None) -> int:
     parser.add_argument("--loss-sweep", action="store_true",
                         help="CUDA: also time the fused loss kernel over tile shapes and dot precisions")
     args = parser.parse_args(argv)
-    device = device_from(args.device)
+    device = resolve_device(args.device)
     op_names = [o for o in args.ops.split(",") if o]
     unknown = sorted(set(op_names) - set(OPS))
     if unknown:
@@ -393,7 +344,7 @@ def main(argv=None) -> int:
 # --------------------------------------------------------------------------------------------------------------
 
 def _pytest_cases():
-    device = device_from(os.environ.get("MAE_FAST_BENCH_DEVICE", "auto"))
+    device = resolve_device(os.environ.get("MAE_FAST_BENCH_DEVICE", "auto"))
     out = []
     for op in OPS:
         impls = ["reference", "fused"] + (["fused[stats given]"] if op == "masked_patchify" else []) \
@@ -427,11 +378,11 @@ if pytest is not None:
         if case is None:
             pytest.skip(f"no {impl} implementation of {op} on {_DEVICE.type} (extension / Triton not available)")
         case.run()  # warm-up (compilation, allocator)
-        _sync(_DEVICE)
+        synchronize(_DEVICE)
 
         def call():
             case.run()
-            _sync(_DEVICE)
+            synchronize(_DEVICE)
 
         benchmark.group = op
         rounds = 20 if _DEVICE.type == "cuda" else 3

@@ -16,22 +16,24 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mae_fast import bench
+from mae_fast.cli.bench import GPU_TARGET_PRESETS
+from mae_fast.perf.harness import base_record, find_max_batch
+from mae_fast.perf.stacks import STACKS, TrainRunner, parse_preset, reset_compiled
 
 
 def test_train_step(preset, stack_name, settings, batch_for, compiled_allowed, measure, record):
-    stack = bench.STACKS[stack_name]
+    stack = STACKS[stack_name]
     if stack.compiled and not compiled_allowed(preset):
         pytest.skip(f"compiled stacks not selected for {preset} (--bench-compile-presets)")
-    cfg = bench.parse_preset(preset)
+    cfg = parse_preset(preset)
     if stack.peer and cfg.channel_agnostic:
         pytest.skip("the peer stack is the standard MAE (no public timm CA-MAE)")
     batch = batch_for(cfg, "train")
-    rec = bench.base_record("train", preset, cfg, stack, batch, settings)
+    rec = base_record("train", preset, cfg, stack, batch, settings)
     if stack.compiled:
-        bench.reset_compiled()
+        reset_compiled()
     try:
-        runner = bench.TrainRunner(cfg, stack, batch, settings.device, settings.amp, settings.compile_backend)
+        runner = TrainRunner(cfg, stack, batch, settings.device, settings.amp, settings.compile_backend)
         measure(runner, rec)
     except torch.OutOfMemoryError:
         rec.update(status="error", error=f"out of memory at batch {batch}")
@@ -47,17 +49,17 @@ def test_train_step(preset, stack_name, settings, batch_for, compiled_allowed, m
 
 def test_max_batch(max_batch_case, settings, batch_for, record):
     if max_batch_case is None:
-        pytest.skip(f"no target preset selected for the largest-batch search ({', '.join(bench.GPU_TARGET_PRESETS)})")
+        pytest.skip(f"no target preset selected for the largest-batch search ({', '.join(GPU_TARGET_PRESETS)})")
     if settings.device.type != "cuda":
         pytest.skip("largest-batch search runs on a GPU only (CPU memory is shared with the machine)")
     preset, stack_name = max_batch_case
-    stack = bench.STACKS[stack_name]
-    cfg = bench.parse_preset(preset)
+    stack = STACKS[stack_name]
+    cfg = parse_preset(preset)
     start = batch_for(cfg, "train")
-    result = bench.find_max_batch(
-        lambda b: bench.TrainRunner(cfg, stack, b, settings.device, settings.amp, settings.compile_backend),
+    result = find_max_batch(
+        lambda b: TrainRunner(cfg, stack, b, settings.device, settings.amp, settings.compile_backend),
         settings.device, start=start, limit=settings.max_batch_limit, time_cap_s=settings.max_batch_time_s)
-    rec = bench.base_record("max_batch", preset, cfg, stack, start, settings)
+    rec = base_record("max_batch", preset, cfg, stack, start, settings)
     rec.update(status="ok", max_batch=result.pop("max_batch"), max_batch_search=result)
     record(rec)
     assert rec["max_batch"] is None or rec["max_batch"] >= 1

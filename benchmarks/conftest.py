@@ -4,7 +4,7 @@
     pytest benchmarks/bench_train_step.py --bench-presets mae_vit_large_patch8_256 --bench-out results/
     pytest benchmarks/bench_*.py --benchmark-json raw.json                           # pytest-benchmark's own file
 
-The suites reuse `mae_fast.bench` (same runners, same stacks, same FLOP counts). Every test appends one record to
+The suites reuse `mae_fast.perf` (same runners, same stacks, same FLOP counts). Every test appends one record to
 the session; at the end the records, the fused/reference ratios of this run and the provenance are written in the
 `mae_fast.bench/1` schema (the same as `mae-fast bench`) to --bench-out, and summarised in the terminal.
 """
@@ -16,7 +16,20 @@ import sys
 import pytest
 import torch
 
-from mae_fast import bench
+from mae_fast.cli.bench import CPU_PRESETS, GPU_TARGET_PRESETS, preset_set, split_specs
+from mae_fast.device import default_amp, resolve_device
+from mae_fast.models import list_presets
+from mae_fast.perf.harness import (
+    BenchSettings,
+    RATIO_PAIRS,
+    default_batch,
+    paper_comparison,
+    refresh_cpu_ceiling,
+    warm_up,
+)
+from mae_fast.perf.provenance import SCHEMA, provenance, results_path, write_json
+from mae_fast.perf.stacks import default_stacks, parse_stacks
+from mae_fast.perf.timing import measure_matmul_ceiling, summarise, time_call
 from mae_fast.backends.triton import kernels_module
 
 _RECORDS: list[dict] = []
@@ -29,10 +42,10 @@ def pytest_addoption(parser):
     group.addoption("--bench-presets", default=None,
                     help="comma list of presets (overrides as name:img_size=128); default: CPU micro presets, "
                          "GPU every preset")
-    group.addoption("--bench-stacks", default=",".join(bench.default_stacks()), help="comma list of stacks")
+    group.addoption("--bench-stacks", default=",".join(default_stacks()), help="comma list of stacks")
     group.addoption("--bench-compile-presets", default=None,
                     help="presets that also run compiled stacks: comma list, 'all' or 'none' (default: CPU all, "
-                         "GPU " + ",".join(bench.GPU_TARGET_PRESETS) + ")")
+                         "GPU " + ",".join(GPU_TARGET_PRESETS) + ")")
     group.addoption("--bench-compile-backend", default=None, help="default: inductor on GPU, aot_eager on CPU")
     group.addoption("--bench-batch", type=int, default=None, help="batch for every preset (default: per device)")
     group.addoption("--bench-rounds", type=int, default=None, help="timed steps per test (GPU 10, CPU 3)")
@@ -50,46 +63,46 @@ def _opt(config, name):
 
 def bench_device(config) -> torch.device:
     if "device" not in _STATE:
-        _STATE["device"] = bench.resolve_device(_opt(config, "--bench-device") or "auto")
+        _STATE["device"] = resolve_device(_opt(config, "--bench-device") or "auto")
     return _STATE["device"]
 
 
 def selected_presets(config) -> list[str]:
     text = _opt(config, "--bench-presets")
     if text:
-        return bench.split_specs([text])
+        return split_specs([text])
     if bench_device(config).type == "cpu":
-        return list(bench.CPU_PRESETS)
-    return bench.list_presets()
+        return list(CPU_PRESETS)
+    return list_presets()
 
 
 def compile_presets(config) -> set[str]:
     presets = selected_presets(config)
-    default = presets if bench_device(config).type == "cpu" else bench.GPU_TARGET_PRESETS
-    return bench.preset_set(_opt(config, "--bench-compile-presets"), presets, default)
+    default = presets if bench_device(config).type == "cpu" else GPU_TARGET_PRESETS
+    return preset_set(_opt(config, "--bench-compile-presets"), presets, default)
 
 
 def pytest_generate_tests(metafunc):
     config = metafunc.config
     if "preset" in metafunc.fixturenames:
         metafunc.parametrize("preset", selected_presets(config))
-    stacks = [s for s in bench.parse_stacks(_opt(config, "--bench-stacks") or ",".join(bench.default_stacks()))]
+    stacks = [s for s in parse_stacks(_opt(config, "--bench-stacks") or ",".join(default_stacks()))]
     if "stack_name" in metafunc.fixturenames:
         metafunc.parametrize("stack_name", [s.name for s in stacks])
     if "max_batch_case" in metafunc.fixturenames:
         # the largest-batch search: eager stacks of the target presets only (a compiled step recompiles per batch)
-        targets = [p for p in selected_presets(config) if p in bench.GPU_TARGET_PRESETS]
+        targets = [p for p in selected_presets(config) if p in GPU_TARGET_PRESETS]
         eager = [s.name for s in stacks if not s.compiled]
         cases = [(p, s) for p in targets for s in eager] or [None]
         metafunc.parametrize("max_batch_case", cases, ids=lambda c: "-".join(c) if c else "none-selected")
 
 
 @pytest.fixture(scope="session")
-def settings(pytestconfig) -> bench.BenchSettings:
+def settings(pytestconfig) -> BenchSettings:
     device = bench_device(pytestconfig)
     kernels_module()
     backend = _opt(pytestconfig, "--bench-compile-backend") or ("inductor" if device.type == "cuda" else "aot_eager")
-    return bench.BenchSettings(device=device, amp=bench.default_amp(device), warmup=2 if device.type == "cuda" else 1,
+    return BenchSettings(device=device, amp=default_amp(device), warmup=2 if device.type == "cuda" else 1,
                                iters=_opt(pytestconfig, "--bench-rounds") or (10 if device.type == "cuda" else 3),
                                rounds=1, compile_backend=backend,
                                max_batch_time_s=_opt(pytestconfig, "--bench-max-batch-time"))
@@ -98,14 +111,14 @@ def settings(pytestconfig) -> bench.BenchSettings:
 @pytest.fixture(scope="session")
 def ceiling(settings) -> dict:
     """The device's matmul ceiling, measured once per session (MFU is relative to it)."""
-    _STATE["ceiling"] = bench.measure_matmul_ceiling(settings.device)
+    _STATE["ceiling"] = measure_matmul_ceiling(settings.device)
     return _STATE["ceiling"]
 
 
 @pytest.fixture
 def batch_for(pytestconfig, settings):
     def pick(cfg, kind: str) -> int:
-        return _opt(pytestconfig, "--bench-batch") or bench.default_batch(cfg, settings.device, kind)
+        return _opt(pytestconfig, "--bench-batch") or default_batch(cfg, settings.device, kind)
     return pick
 
 
@@ -127,11 +140,11 @@ def measure(benchmark, settings, ceiling):
     for the session's results."""
 
     def run(runner, rec: dict) -> dict:
-        bench.warm_up(runner, rec, settings)
+        warm_up(runner, rec, settings)
         times: list[float] = []
-        benchmark.pedantic(lambda: times.append(bench.time_call(runner.step, settings.device)),
+        benchmark.pedantic(lambda: times.append(time_call(runner.step, settings.device)),
                            rounds=settings.iters, iterations=1, warmup_rounds=0)
-        rec.update(bench.summarise(times, runner.batch, runner.flops_per_crop(), ceiling["tflops"]), status="ok")
+        rec.update(summarise(times, runner.batch, runner.flops_per_crop(), ceiling["tflops"]), status="ok")
         benchmark.extra_info.update({k: v for k, v in rec.items() if isinstance(v, (int, float, str, bool, dict))})
         _RECORDS.append(rec)
         return rec
@@ -147,7 +160,7 @@ def _ratios(records: list[dict]) -> list[dict]:
         if r.get("status") == "ok":
             by_key.setdefault((r["kind"], r["preset"]), {})[r["stack"]] = r["step_s_median"]
     for (kind, preset), medians in by_key.items():
-        for num, den in bench.RATIO_PAIRS:
+        for num, den in RATIO_PAIRS:
             if num in medians and den in medians:
                 ratio = medians[den] / medians[num]
                 out.append({"kind": kind, "preset": preset, "numerator": num, "denominator": den,
@@ -175,22 +188,22 @@ def pytest_sessionfinish(session, exitstatus):
     _merge_max_batch(_RECORDS)
     ratios = _ratios(_RECORDS)
     payload = {
-        "schema": bench.SCHEMA,
-        "provenance": bench.provenance(device, "pytest " + " ".join(shlex.quote(a) for a in sys.argv[1:])),
-        "ceiling": _STATE.get("ceiling") or bench.measure_matmul_ceiling(device),
+        "schema": SCHEMA,
+        "provenance": provenance(device, "pytest " + " ".join(shlex.quote(a) for a in sys.argv[1:])),
+        "ceiling": _STATE.get("ceiling") or measure_matmul_ceiling(device),
         "train": [r for r in _RECORDS if r["kind"] in ("train", "max_batch")],
         "inference": [r for r in _RECORDS if r["kind"] == "inference"],
         "ratios": ratios,
         "skipped": [],
         "source": "pytest-benchmark suites",
     }
-    payload["paper_comparison"] = bench.paper_comparison(payload["train"], ratios)
-    bench.refresh_cpu_ceiling(payload, device)
+    payload["paper_comparison"] = paper_comparison(payload["train"], ratios)
+    refresh_cpu_ceiling(payload, device)
     _STATE["payload"] = payload
     out = _opt(session.config, "--bench-out")
     if out:
-        path = bench.results_path(out, device)
-        bench.write_json(path, payload)
+        path = results_path(out, device)
+        write_json(path, payload)
         _STATE["path"] = path
 
 

@@ -19,7 +19,7 @@
 # The GPU machine's copy of the tree has no .git: the commit is read from benchmarks/.commit (carry it with the
 # tree: it is git-ignored, e.g. the device tool's carry=["benchmarks/.commit"]) or from MAE_FAST_GIT_COMMIT.
 # MAE_FAST_GPU_DRYRUN=1 bash benchmarks/gpu.sh OUTDIR runs every stage at toy sizes on the CPU (CI does; so does
-# tests/test_gpu_script.py) and produces every file.
+# tests/integration/test_gpu_script.py) and produces every file.
 # Environment: PYTHON (default python3), BUDGET_S (whole run, default 480), STAGES (default
 # "env kernels train infer compiled tests").
 set -u

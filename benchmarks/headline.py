@@ -36,7 +36,20 @@ for path in (ROOT, HERE):
 
 import torch  # noqa: E402
 
-from mae_fast import bench, flops, ops  # noqa: E402
+from mae_fast import ops  # noqa: E402
+from mae_fast.perf import flops  # noqa: E402
+from mae_fast.perf import peer  # noqa: E402
+from mae_fast.device import default_amp  # noqa: E402
+from mae_fast.perf.harness import (  # noqa: E402
+    BenchSettings,
+    BudgetSpent,
+    compare_stacks,
+    default_batch,
+    estimate_train_batch,
+)
+from mae_fast.perf.provenance import dist_version, provenance  # noqa: E402
+from mae_fast.perf.stacks import STACKS, Stack, parse_preset  # noqa: E402
+from mae_fast.perf.timing import measure_matmul_ceiling  # noqa: E402
 from mae_fast.backends.triton import kernels_module  # noqa: E402
 from mae_fast.io import atomic_write_json  # noqa: E402
 
@@ -84,7 +97,7 @@ def deadline_from(epoch_s: float | None) -> float | None:
 
 def new_payload(stage: str, dev: torch.device) -> dict:
     return {"schema": SCHEMA, "stage": stage, "dryrun": DRYRUN, "status": "running",
-            "provenance": bench.provenance(dev, " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])),
+            "provenance": provenance(dev, " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])),
             "targets": TARGETS}
 
 
@@ -114,7 +127,7 @@ def run_stage(fn, args) -> int:
     except KeyboardInterrupt:
         writer.finish("interrupted")
         return 130
-    except bench.BudgetSpent:
+    except BudgetSpent:
         writer.finish("time budget spent")
         return 0
     except Exception as err:  # noqa: BLE001 - recorded in the stage's file, then re-raised for the log
@@ -127,7 +140,7 @@ def run_stage(fn, args) -> int:
 
 def _check(deadline: float | None) -> None:
     if deadline is not None and time.monotonic() > deadline:
-        raise bench.BudgetSpent
+        raise BudgetSpent
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -147,7 +160,7 @@ def copy_ceiling(dev: torch.device) -> dict:
 def stage_env(writer: Writer, dev: torch.device, deadline) -> None:
     p = writer.payload
     p["python"] = platform.python_version()
-    p["packages"] = {name: bench._dist_version(name) for name in
+    p["packages"] = {name: dist_version(name) for name in
                      ("torch", "triton", "timm", "pytest", "pytest-benchmark", "hypothesis", "tifffile",
                       "imagecodecs", "blosc2", "flash-attn", "safetensors", "numpy")}
     try:
@@ -157,7 +170,7 @@ def stage_env(writer: Writer, dev: torch.device, deadline) -> None:
         p["nvidia_smi"] = f"nvidia-smi not run: {err}"
     writer.save()
     _check(deadline)
-    p["matmul_ceiling"] = bench.measure_matmul_ceiling(dev, size=256 if DRYRUN else None)
+    p["matmul_ceiling"] = measure_matmul_ceiling(dev, size=256 if DRYRUN else None)
     writer.save()
     _check(deadline)
     p["copy_ceiling"] = copy_ceiling(dev)
@@ -283,18 +296,18 @@ def stage_kernels(writer: Writer, dev: torch.device, deadline) -> None:
 # (c) the train step, (d) inference, (e) compiled stacks
 # --------------------------------------------------------------------------------------------------------------
 
-def settings_for(dev: torch.device, deadline, compile_backend: str | None = None) -> bench.BenchSettings:
-    return bench.BenchSettings(device=dev, amp=bench.default_amp(dev), warmup=0 if DRYRUN else 2,
+def settings_for(dev: torch.device, deadline, compile_backend: str | None = None) -> BenchSettings:
+    return BenchSettings(device=dev, amp=default_amp(dev), warmup=0 if DRYRUN else 2,
                                iters=1 if DRYRUN else 4, rounds=2 if DRYRUN else 3,
                                compile_backend=compile_backend or ("aot_eager" if DRYRUN else "inductor"),
                                deadline=deadline)
 
 
-def _stacks(names: list[str], cfg) -> list[bench.Stack]:
+def _stacks(names: list[str], cfg) -> list[Stack]:
     out = []
     for name in names:
-        stack = bench.STACKS[name]
-        if stack.peer and (cfg.channel_agnostic or not bench.peer_mod.timm_available()):
+        stack = STACKS[name]
+        if stack.peer and (cfg.channel_agnostic or not peer.timm_available()):
             continue  # the peer is the standard MAE on timm
         out.append(stack)
     return out
@@ -313,29 +326,29 @@ def with_target(value, target: float) -> dict:
 
 
 def compare(writer: Writer, kind: str, label: str, stack_names: list[str], settings, ceiling_tflops, batch=None):
-    cfg = bench.parse_preset(label)
+    cfg = parse_preset(label)
     stacks = _stacks(stack_names, cfg)
     entry = {"kind": kind, "preset": label, "stacks": [s.name for s in stacks]}
     writer.payload.setdefault("comparisons", []).append(entry)
     if batch is None:
         if kind == "train":
-            estimate = bench.estimate_train_batch(cfg, stacks, settings)
+            estimate = estimate_train_batch(cfg, stacks, settings)
             entry["batch_estimate"] = estimate
             batch = estimate["batch"]
         else:
-            batch = bench.default_batch(cfg, settings.device, kind)
+            batch = default_batch(cfg, settings.device, kind)
     entry["batch"] = batch
     writer.save()
-    records, ratios, stopped = bench.compare_stacks(kind, label, cfg, stacks, batch, settings, ceiling_tflops)
+    records, ratios, stopped = compare_stacks(kind, label, cfg, stacks, batch, settings, ceiling_tflops)
     entry.update(records=records, ratios=ratios)
     writer.save()
     if stopped:
-        raise bench.BudgetSpent
+        raise BudgetSpent
     return entry
 
 
 def _ceiling(dev: torch.device) -> dict:
-    return bench.measure_matmul_ceiling(dev, size=256 if DRYRUN else None)
+    return measure_matmul_ceiling(dev, size=256 if DRYRUN else None)
 
 
 def stage_train(writer: Writer, dev: torch.device, deadline) -> None:

@@ -20,7 +20,7 @@ Per (kernel, size) entry (the schema benchmarks/gpu.sh reads):
     notes         the design the prediction assumes
 A measured time t then gives "fraction of floor" = floor_s / t (the issue's goals are stated in it).
 
-Rates: COPY_BW and the bf16 matmul rate were measured on the benchmark H200 (DESIGN.md §6); tf32 is taken as half of
+Rates: COPY_BW and the bf16 matmul rate were measured on the benchmark H200 (docs/DESIGN.md §6); tf32 is taken as half of
 bf16 and the CUDA-core fp32 rate as 60 of the datasheet's 67 TFLOP/s (leads, not measurements). Launch and host
 overheads are not modelled (the goals are measured around the public call, so they count against the kernel).
 """
@@ -37,7 +37,7 @@ if ROOT not in sys.path:
 
 from mae_fast.io import atomic_write_json  # noqa: E402
 
-COPY_BW = 4.3e12                      # bytes/s, device copy, measured (DESIGN.md §6)
+COPY_BW = 4.3e12                      # bytes/s, device copy, measured (docs/DESIGN.md §6)
 TC_RATE = {"bf16": 790e12, "tf32": 395e12}  # FLOP/s, dense matmul on the tensor cores (bf16 measured, tf32 = half)
 CORE_RATE = 60e12                     # FLOP/s, fp32 FMA units (lead: 0.9 x datasheet)
 

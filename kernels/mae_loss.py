@@ -2,7 +2,7 @@
 
 Every token holds C' planes of p x p pixels (C' = C in the standard layout, where plane c is the strided slice
 j*C' + c of the token; C' = 1 in the channel layout). A program takes BLOCK_PL planes as a (BLOCK_PL, p^2) tile and
-forms their 2-D DFTs as one small matrix product with the Kronecker DFT matrix (DESIGN.md §2):
+forms their 2-D DFTs as one small matrix product with the Kronecker DFT matrix (docs/DESIGN.md §2):
     vec(F x) = vec(x) (W ⊗ W),   W ⊗ W = K_re + i K_im   (p^2 x p^2, symmetric; 64 x 64 for p = 8)
 in frequency chunks of BLOCK_F columns. Per plane with token weight w (1/(B N), or mask / sum(mask)):
     loss += w ((1-alpha)/P sum (x-y)^2 + alpha/(C' p^2) sum_f | |F x|_f - |F y|_f |)

@@ -62,7 +62,7 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
 
 def remove_temporaries(folder: str, names: tuple[str, ...] | None = None) -> list[str]:
     """Remove what killed writers left in `folder` (`.tmp-*` files and folders; with `names`, only the temporaries
-    of those files); call it only while holding the output's lock (mae_fast.runlock), when no other writer of
+    of those files); call it only while holding the output's lock (`OutputLock` below), when no other writer of
     those files can be mid-write. Returns what was removed."""
     removed = []
     if os.path.isdir(folder):

@@ -1,6 +1,6 @@
 """Lion optimiser (Chen et al. 2023) with decoupled weight decay, and the one-cycle cosine schedule.
 
-Update per parameter (DESIGN.md §2):
+Update per parameter (docs/DESIGN.md §2):
     p <- p * (1 - lr * wd)
     p <- p - lr * sign(beta1 * m + (1 - beta1) * g)
     m <- beta2 * m + (1 - beta2) * g

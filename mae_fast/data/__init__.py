@@ -2,7 +2,9 @@
 from .dali import dali_available
 from .decode import read_image
 from .errors import REASONS, DataError, ErrorSummary
-from .index import JUMP_CHANNELS, Site, SiteIndex
+from .index import SiteIndex
+from .sites import Site
+from .sources import JUMP_CHANNELS
 from .loader import CropInfo, CropLoader, make_train_loader, make_val_loader
 from .pack import pack_index
 from .samplers import PlateBatchSampler, balanced_batch_sizes

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from .errors import DataError
-from .index import Site, SiteIndex
+from .index import SiteIndex
+from .sites import Site
 from .loading import load_site
 
 _SITE_ORDER, _WINDOW_ORDER, _CROPS = 1, 2, 3  # stream tags: independent generators per purpose

@@ -15,109 +15,44 @@ Readers:
                                                    channels chosen and ordered by name
     SiteIndex.from_pack(pack_dir)                  the output of `mae-fast pack` (see pack.py)
 
+The record of one site is `sites.Site`; what the readers share (layouts' patterns, the RxRx scan) is `sources.py`.
+
 Bad input (`on_error="raise"` stops, `"skip"` leaves the site out and counts it in `index.summary`): a channel file
 missing, a metadata row without files, files without a metadata row, duplicate keys.  Decoding problems (corrupt
 files, sizes, bit depth) are found when images are read; `index.check()` finds them up front from the headers.
 """
 from __future__ import annotations
 
-import glob
 import hashlib
+import json
 import math
 import os
-import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
-from .errors import DataError, ErrorSummary, check_on_error, handle, logger, reading_table
-
-IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "jp2", "j2k", "tif", "tiff")
-RXRX_FILE_RE = re.compile(
-    r"^(?P<address>[A-Za-z]+\d+)_s(?P<site>\d+)_w(?P<channel>\d+)\.(?P<ext>" + "|".join(IMAGE_EXTENSIONS) + r")$", re.I
+from .decode import BlobRef
+from .errors import DataError, ErrorSummary, SkippedItem, check_on_error, handle
+from .loading import probe_site
+from .packed import FORMAT, VERSION, PackRef
+from .sites import Site, site_sort_key
+from .sources import (
+    JUMP_CHANNELS,
+    RXRX3_CORE_KEY_RE,
+    add_channel,
+    as_values,
+    assemble_sites,
+    clean_value,
+    expand_paths,
+    is_present,
+    jump_path,
+    plain_str,
+    read_rxrx_metadata,
+    read_table,
+    scan_rxrx_folders,
 )
-PLATE_DIR_RE = re.compile(r"^Plate(?P<plate>.+)$", re.I)
-RXRX3_CORE_KEY_RE = re.compile(r"^(?P<experiment>[^/]+)/Plate(?P<plate>[^/]+)/(?P<address>[A-Za-z]+\d+)_s(?P<site>\d+)_w?(?P<channel>\d+)$")
-RXRX1_KEYS = ("experiment", "plate", "well", "site")
-RXRX3_KEYS = ("experiment_name", "plate", "address")
-JUMP_CHANNELS = ("DNA", "ER", "RNA", "AGP", "Mito")
-
-
-@dataclass(frozen=True, eq=False)
-class Site:
-    """One field of view. `sources[i]` is channel `channels[i]`: a file path, encoded bytes or a parquet BlobRef;
-    packed sites (`mae-fast pack`) carry `packed` instead and an empty `sources`."""
-
-    well_id: str
-    site: int
-    experiment: str
-    plate: str
-    address: str
-    perturbation: str | None
-    channels: tuple[str, ...]
-    sources: tuple = ()
-    metadata: Mapping[str, Any] = field(default_factory=dict)
-    packed: Any = None
-
-    @property
-    def key(self) -> tuple[str, int]:
-        return (self.well_id, self.site)
-
-    def source_name(self, channel: int) -> str:
-        """A readable name of one channel's file for error messages."""
-        if self.packed is not None:
-            return str(self.packed)
-        src = self.sources[channel]
-        if isinstance(src, (bytes, bytearray, memoryview)):
-            return f"<{len(src)} bytes: {self.well_id} s{self.site} {self.channels[channel]}>"
-        return str(src)
-
-    def crop_stream(self) -> int:
-        """A 63-bit number fixed by (well_id, site): seeds this site's crops independently of order and sharding."""
-        digest = hashlib.blake2b(f"{self.well_id}\x1f{self.site}".encode(), digest_size=8).digest()
-        return int.from_bytes(digest, "little") >> 1
-
-
-def natural_key(value: Any) -> tuple:
-    """Sort key comparing runs of digits as numbers ("A2" < "A10", "Plate2" < "Plate10")."""
-    parts = re.split(r"(\d+)", str(value))
-    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts if p != "")
-
-
-def site_sort_key(site: Site) -> tuple:
-    return (natural_key(site.experiment), natural_key(site.plate), natural_key(site.address), site.site, site.well_id)
-
-
-def _as_values(value) -> set[str] | None:
-    if value is None:
-        return None
-    if isinstance(value, (str, int, np.integer)):
-        return {_plain_str(value)}
-    return {_plain_str(v) for v in value}
-
-
-def _plain_str(value: Any) -> str:
-    """str() that writes integral floats (plates read from a CSV with gaps) as integers: 3.0 -> "3"."""
-    if isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer():
-        return str(int(value))
-    return str(value)
-
-
-def _clean(value: Any) -> Any:
-    """numpy scalars -> python, NaN -> None (metadata dicts are plain python)."""
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
-
-
-def _present(value: Any) -> bool:
-    value = _clean(value)
-    return value is not None and str(value).strip() != ""
 
 
 class SiteIndex(Sequence):
@@ -163,7 +98,7 @@ class SiteIndex(Sequence):
     ) -> "SiteIndex":
         """Sites matching every given filter; each filter is one value or a collection of values (compared as
         strings, so plate=1 matches "1"). `well` matches well_id or address; `where` is any predicate on a Site."""
-        exps, plates, perts, wells = map(_as_values, (experiment, plate, perturbation, well))
+        exps, plates, perts, wells = map(as_values, (experiment, plate, perturbation, well))
 
         def keep(s: Site) -> bool:
             return (
@@ -192,8 +127,6 @@ class SiteIndex(Sequence):
         """The dataset's pixel dtype (uint8 or uint16): given by the reader, else read from the first readable
         site's headers. Every site must match it (a different bit depth is a `bit_depth` error)."""
         if self._dtype is None and self.sites:
-            from .loading import probe_site
-
             for site in self.sites[:8]:
                 try:
                     self._dtype = probe_site(site).dtype
@@ -228,8 +161,6 @@ class SiteIndex(Sequence):
         channels of different sizes, images smaller than `min_size`. Returns the index of the good sites; the
         bad ones are raised or counted in the returned index's summary."""
         from concurrent.futures import ThreadPoolExecutor
-
-        from .loading import probe_site
 
         check_on_error(on_error)
         dtype = self.dtype
@@ -269,11 +200,11 @@ class SiteIndex(Sequence):
         images_dir = os.path.join(root, "images") if os.path.isdir(os.path.join(root, "images")) else root
         if not os.path.isdir(images_dir):
             raise FileNotFoundError(f"RxRx root {root!r} is not a folder")
-        groups, bad_groups = _scan_rxrx_folders(images_dir, summary, on_error)
+        groups, bad_groups = scan_rxrx_folders(images_dir, summary, on_error)
         if metadata_csv is None and os.path.exists(os.path.join(root, "metadata.csv")):
             metadata_csv = os.path.join(root, "metadata.csv")
-        meta = _read_rxrx_metadata(metadata_csv, summary, on_error) if metadata_csv else None
-        sites = _assemble(groups, bad_groups, meta, channels, summary, on_error)
+        meta = read_rxrx_metadata(metadata_csv, summary, on_error) if metadata_csv else None
+        sites = assemble_sites(groups, bad_groups, meta, channels, summary, on_error)
         return cls(sites, summary, f"rxrx {root}", dtype)
 
     @classmethod
@@ -289,11 +220,9 @@ class SiteIndex(Sequence):
         the `jp2` bytes are read lazily per row group when images are decoded (`in_memory=True` loads them now)."""
         import pyarrow.parquet as pq
 
-        from .decode import BlobRef
-
         check_on_error(on_error)
         summary = ErrorSummary()
-        paths = _expand_paths(parquet_paths, "*.parquet")
+        paths = expand_paths(parquet_paths, "*.parquet")
         groups: dict[tuple, dict[int, tuple]] = defaultdict(dict)
         bad_groups: set[tuple] = set()
         for path in paths:
@@ -312,9 +241,9 @@ class SiteIndex(Sequence):
                         continue
                     gkey = (m["experiment"], m["plate"], m["address"], int(m["site"]))
                     source = blobs[row] if in_memory else BlobRef(path, rg, row)
-                    _add_channel(groups, bad_groups, gkey, int(m["channel"]), source, f"{path}::{key}", summary, on_error)
-        meta = _read_rxrx_metadata(metadata_csv, summary, on_error) if metadata_csv else None
-        sites = _assemble(groups, bad_groups, meta, channels, summary, on_error)
+                    add_channel(groups, bad_groups, gkey, int(m["channel"]), source, f"{path}::{key}", summary, on_error)
+        meta = read_rxrx_metadata(metadata_csv, summary, on_error) if metadata_csv else None
+        sites = assemble_sites(groups, bad_groups, meta, channels, summary, on_error)
         return cls(sites, summary, f"rxrx3-core {len(paths)} shards", np.uint8)
 
     @classmethod
@@ -335,7 +264,7 @@ class SiteIndex(Sequence):
 
         check_on_error(on_error)
         summary = ErrorSummary()
-        df = _read_table(table) if not isinstance(table, pd.DataFrame) else table
+        df = read_table(table) if not isinstance(table, pd.DataFrame) else table
         if channel_map is None:
             channel_map = JUMP_CHANNELS
         if not isinstance(channel_map, Mapping):
@@ -349,7 +278,7 @@ class SiteIndex(Sequence):
         for i, (plate, well, site_no) in enumerate(zip(
             df["Metadata_Plate"], df["Metadata_Well"], df["Metadata_Site"] if "Metadata_Site" in df.columns else [1] * len(df)
         )):
-            key_rows[(_plain_str(plate), str(well), int(site_no))].append(i)
+            key_rows[(plain_str(plate), str(well), int(site_no))].append(i)
         bad_rows = set()
         for key, rows in key_rows.items():
             if len(rows) > 1:
@@ -360,19 +289,19 @@ class SiteIndex(Sequence):
         for i, row in enumerate(records):
             if i in bad_rows:
                 continue
-            plate, address = _plain_str(row["Metadata_Plate"]), str(row["Metadata_Well"])
+            plate, address = plain_str(row["Metadata_Plate"]), str(row["Metadata_Well"])
             site_no = int(row.get("Metadata_Site", 1))
             source = row.get("Metadata_Source")
-            well_id = f"{source}_{plate}_{address}" if _present(source) else f"{plate}_{address}"
-            experiment = next((str(row[c]) for c in ("Metadata_Batch", "Metadata_Source") if _present(row.get(c))), "")
+            well_id = f"{source}_{plate}_{address}" if is_present(source) else f"{plate}_{address}"
+            experiment = next((str(row[c]) for c in ("Metadata_Batch", "Metadata_Source") if is_present(row.get(c))), "")
             paths, missing = [], []
             for name, column in channel_map.items():
                 fname = row[column]
-                if not _present(fname):
+                if not is_present(fname):
                     missing.append(f"{name} ({column} empty)")
                     paths.append(None)
                     continue
-                paths.append(_jump_path(row, column, str(fname), root))
+                paths.append(jump_path(row, column, str(fname), root))
             if len(missing) == len(names):
                 handle(DataError("no_files", f"table row {i} has no channel file names", well_id), on_error, summary)
                 continue
@@ -383,199 +312,44 @@ class SiteIndex(Sequence):
             if absent:
                 handle(DataError("missing_file", "file not found", well_id, absent[0]), on_error, summary)
                 continue
-            perturbation = next((str(_clean(row[c])) for c in
+            perturbation = next((str(clean_value(row[c])) for c in
                                  ("Metadata_JCP2022", "Metadata_InChIKey", "Metadata_broad_sample", "Metadata_pert_iname")
-                                 if _present(row.get(c))), None)
+                                 if is_present(row.get(c))), None)
             sites.append(Site(well_id, site_no, experiment, plate, address, perturbation, names, tuple(paths),
-                              {k: _clean(v) for k, v in row.items()}))
+                              {k: clean_value(v) for k, v in row.items()}))
         return cls(sites, summary, "jump table", dtype)
 
     @classmethod
     def from_pack(cls, pack_dir: str) -> "SiteIndex":
         """The sites of a `mae-fast pack` output folder (tiles read directly, metadata as packed)."""
-        from .pack import read_pack_index
+        import pandas as pd
 
-        return read_pack_index(pack_dir)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# reader helpers
-
-
-def _expand_paths(paths, pattern: str) -> list[str]:
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    out: list[str] = []
-    for p in map(os.fspath, paths):
-        if os.path.isdir(p):
-            out.extend(sorted(glob.glob(os.path.join(p, pattern))))
-        elif any(ch in p for ch in "*?["):
-            out.extend(sorted(glob.glob(p)))
-        else:
-            out.append(p)
-    if not out:
-        raise FileNotFoundError(f"no files found for {paths!r}")
-    for p in out:
-        if not os.path.exists(p):
-            raise FileNotFoundError(p)
-    return out
+        manifest_path = os.path.join(pack_dir, "pack.json")
+        if not os.path.exists(manifest_path):
+            raise FileNotFoundError(f"{pack_dir} is not a mae-fast pack (no pack.json)")
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+        if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+            raise ValueError(f"{manifest_path}: unsupported pack format {manifest.get('format')} v{manifest.get('version')}")
+        df = pd.read_parquet(os.path.join(pack_dir, "sites.parquet"))
+        channels = tuple(manifest["channels"])
+        dtype = np.dtype(manifest["dtype"])
+        summary = summary_from_dict(manifest.get("summary", {}))
+        sites = []
+        for row in df.itertuples(index=False):
+            ref = PackRef(os.path.join(pack_dir, manifest["shards"][row.shard]), int(row.start),
+                          np.asarray(row.tile_sizes, np.int32), int(row.height), int(row.width), len(channels), dtype,
+                          int(manifest["tile"]), manifest["codec"])
+            perturbation = None if row.perturbation is None or (isinstance(row.perturbation, float) and math.isnan(row.perturbation)) else str(row.perturbation)
+            sites.append(Site(row.well_id, int(row.site), row.experiment, str(row.plate), row.address, perturbation,
+                              channels, (), json.loads(row.metadata_json), ref))
+        return cls(sites, summary, f"pack {pack_dir} (from {manifest.get('source', '?')})", dtype)
 
 
-def _read_table(path):
-    import pandas as pd
-
-    path = os.fspath(path)
-    with reading_table(path):
-        return pd.read_parquet(path) if path.endswith(".parquet") else pd.read_csv(path)
-
-
-def _jump_path(row: Mapping, column: str, fname: str, root: str | None) -> str:
-    if root is not None:
-        return os.path.join(root, fname)
-    if column.startswith("FileName_"):
-        folder = row.get("PathName_" + column[len("FileName_"):])
-        if _present(folder):
-            return os.path.join(str(folder), fname)
-    return fname
-
-
-def _add_channel(groups, bad_groups, gkey, channel: int, source, label: str, summary, on_error) -> None:
-    """Record one channel file of a site group; a second file for the same channel is a duplicate key."""
-    group = groups[gkey]
-    if channel in group:
-        bad_groups.add(gkey)
-        handle(DataError("duplicate_key", f"two files for channel {channel}: {group[channel][1]} and {label}",
-                         _group_well(gkey), label), on_error, summary)
-        return
-    group[channel] = (source, label)
-
-
-def _group_well(gkey: tuple) -> str:
-    experiment, plate, address, _ = gkey
-    return f"{experiment}_{plate}_{address}"
-
-
-def _scan_rxrx_folders(images_dir: str, summary: ErrorSummary, on_error: str):
-    """{(experiment, plate, address, site): {channel: (path, path)}} from `{experiment}/Plate{n}/` folders."""
-    groups: dict[tuple, dict[int, tuple]] = defaultdict(dict)
-    bad_groups: set[tuple] = set()
-    for exp in sorted(os.scandir(images_dir), key=lambda e: e.name):
-        if not exp.is_dir():
-            continue
-        for plate_dir in sorted(os.scandir(exp.path), key=lambda e: e.name):
-            m = PLATE_DIR_RE.match(plate_dir.name) if plate_dir.is_dir() else None
-            if m is None:
-                summary.ignored_files.append(plate_dir.path)
-                continue
-            for f in sorted(os.scandir(plate_dir.path), key=lambda e: e.name):
-                fm = RXRX_FILE_RE.match(f.name)
-                if fm is None or not f.is_file():
-                    summary.ignored_files.append(f.path)
-                    continue
-                gkey = (exp.name, m["plate"], fm["address"], int(fm["site"]))
-                _add_channel(groups, bad_groups, gkey, int(fm["channel"]), f.path, f.path, summary, on_error)
-    return groups, bad_groups
-
-
-@dataclass
-class _Metadata:
-    """Metadata rows keyed for the join: per site (RxRx1) or per well (RxRx3)."""
-
-    per_site: bool
-    rows: dict[tuple, dict]
-    bad_keys: set[tuple]
-    experiment_column: str
-    path: str
-
-
-def _read_rxrx_metadata(path: str, summary: ErrorSummary, on_error: str) -> _Metadata:
-    import pandas as pd
-
-    with reading_table(path, "metadata CSV"):
-        df = pd.read_csv(path, dtype={"well_id": str, "address": str, "well": str, "site_id": str})
-    columns = set(df.columns)
-    if set(RXRX1_KEYS) <= columns:
-        per_site, exp_col = True, "experiment"
-        keys = [(str(e), _plain_str(p), str(w), int(s)) for e, p, w, s in zip(df["experiment"], df["plate"], df["well"], df["site"])]
-    elif set(RXRX3_KEYS) <= columns:
-        per_site, exp_col = False, "experiment_name"
-        keys = [(str(e), _plain_str(p), str(a)) for e, p, a in zip(df["experiment_name"], df["plate"], df["address"])]
-    else:
-        raise ValueError(f"{path}: neither the RxRx1 metadata columns {RXRX1_KEYS} nor the RxRx3 columns {RXRX3_KEYS}; "
-                         f"columns are {sorted(columns)}")
-    if "gene" not in columns:  # said, not silently assumed: which column names a site's perturbation
-        used = [c for c in PERTURBATION_COLUMNS if c in columns]
-        logger.warning("%s has no 'gene' column: %s", path,
-                       f"a site's perturbation is read from {' (else '.join(repr(c) for c in used)}{')' * (len(used) - 1)}"
-                       if used else f"none of {PERTURBATION_COLUMNS} is present, so sites have no perturbation label")
-    rows: dict[tuple, dict] = {}
-    bad: set[tuple] = set()
-    for i, (key, record) in enumerate(zip(keys, df.to_dict("records"))):
-        if key in rows or key in bad:
-            if key not in bad:
-                well = str(record.get("well_id", "_".join(map(str, key[:3]))))
-                handle(DataError("duplicate_key", f"metadata row {i + 2} repeats the key {key}", well, path), on_error, summary)
-            bad.add(key)
-            rows.pop(key, None)
-            continue
-        rows[key] = {k: _clean(v) for k, v in record.items()}
-    return _Metadata(per_site, rows, bad, exp_col, path)
-
-
-PERTURBATION_COLUMNS = ("gene", "treatment", "sirna", "sirna_id")  # a row's perturbation: the first one filled
-
-
-def _perturbation(row: Mapping) -> str | None:
-    for column in PERTURBATION_COLUMNS:
-        if _present(row.get(column)):
-            return _plain_str(_clean(row[column]))
-    return None
-
-
-def _assemble(groups, bad_groups, meta: _Metadata | None, channels, summary: ErrorSummary, on_error: str) -> list[Site]:
-    """Join file groups with metadata rows; every mismatch is raised or counted."""
-    if channels is None:
-        found = sorted({c for g in groups.values() for c in g})
-    else:
-        found = sorted(int(str(c).lstrip("wW")) for c in channels)
-    names = tuple(f"w{c}" for c in found)
-    used_keys: set[tuple] = set()
-    sites: list[Site] = []
-    for gkey in sorted(groups, key=lambda k: (natural_key(k[0]), natural_key(k[1]), natural_key(k[2]), k[3])):
-        if gkey in bad_groups:
-            continue
-        experiment, plate, address, site_no = gkey
-        files = groups[gkey]
-        well = _group_well(gkey)
-        row: dict = {}
-        if meta is not None:
-            mkey = gkey if meta.per_site else gkey[:3]
-            if mkey in meta.bad_keys:
-                continue  # already counted as duplicate_key
-            if mkey not in meta.rows:
-                first = files[min(files)][1]
-                handle(DataError("no_metadata", f"files of site {site_no} have no row in {meta.path}", well, first), on_error, summary)
-                continue
-            used_keys.add(mkey)
-            row = meta.rows[mkey]
-            well = str(row.get("well_id") or well)
-        missing = [c for c in found if c not in files]
-        if missing:
-            example = files[min(files)][1]
-            expected = re.sub(r"_w\d+\.", f"_w{missing[0]}.", example) if "_w" in os.path.basename(example) else f"channel {missing[0]}"
-            handle(DataError("missing_file", f"site {site_no} lacks channel(s) {['w%d' % c for c in missing]}", well, expected),
-                   on_error, summary)
-            continue
-        if not row:
-            row = {"well_id": well, "experiment": experiment, "plate": plate, "address": address, "site": site_no}
-        sites.append(Site(well, site_no, experiment, plate, address, _perturbation(row), names,
-                          tuple(files[c][0] for c in found), row))
-    if meta is not None:
-        present = set(groups) if meta.per_site else {g[:3] for g in groups}
-        for mkey, row in meta.rows.items():
-            if mkey not in used_keys and mkey not in present:
-                well = str(row.get("well_id") or "_".join(map(str, mkey[:3])))
-                what = f"site {mkey[3]}" if meta.per_site else "any site"
-                handle(DataError("no_files", f"metadata row has no image files for {what}", well, meta.path), on_error, summary)
-    return sites
-
+def summary_from_dict(saved: dict) -> ErrorSummary:
+    summary = ErrorSummary()
+    summary.counts.update(saved.get("counts", {}))
+    summary.skipped.extend(SkippedItem(**item) for item in saved.get("skipped", []))
+    summary.ignored_files.extend(saved.get("ignored_files", []))
+    summary.replaced_crops = int(saved.get("replaced_crops", 0))
+    return summary

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from mae_fast.data.index import natural_key
+from mae_fast.data.sites import natural_key
 
 
 class PerturbationLabels:

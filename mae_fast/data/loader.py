@@ -26,8 +26,11 @@ import numpy as np
 import torch
 
 from .crops import TrainPlan, ValPlan, torch_window_results
+from .dali import DaliDecoder, dali_available, dali_window_results, require_dali
+from .decode import read_bytes, sniff_format
 from .errors import DataError, ErrorSummary, check_on_error
 from .index import SiteIndex
+from .loading import probe_site
 
 logger = logging.getLogger("mae_fast.data")
 BACKENDS = ("auto", "torch", "dali")
@@ -55,8 +58,6 @@ class CropInfo:
 def default_crops_per_image(index: SiteIndex, crop_size: int) -> int:
     """Non-overlapping crops that fit the first site (4 for 512², 64 for 2048²), capped at MAX_AUTO_CROPS = 16:
     the measured decode cost of a 2048² 16-bit PNG site (~0.5 CPU-s) is shared by 16 crops."""
-    from .loading import probe_site
-
     for site in index.sites[:8]:
         try:
             p = probe_site(site)
@@ -68,8 +69,6 @@ def default_crops_per_image(index: SiteIndex, crop_size: int) -> int:
 
 def _first_format(index: SiteIndex) -> str | None:
     """Format of the first readable channel file (None for packed or unreadable sites)."""
-    from .decode import read_bytes, sniff_format
-
     for site in index.sites[:8]:
         if site.packed is not None or not site.sources:
             return None
@@ -88,14 +87,11 @@ def resolve_backend(backend: str, index: SiteIndex, device: torch.device) -> str
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     packed = any(s.packed is not None for s in index.sites[:1])
     if backend == "dali":
-        from .dali import require_dali
-
         require_dali()
         if packed:
             raise ValueError("backend='dali' cannot read a `mae-fast pack` output (blosc2 tiles); use backend='torch'")
         return "dali"
     if backend == "auto":
-        from .dali import dali_available
 
         if device.type == "cuda" and not packed and dali_available() and _first_format(index) in ("jpeg", "jp2"):
             return "dali"
@@ -139,7 +135,6 @@ class CropLoader:
 
     def _check_dali(self, forced: bool, dtype, threads) -> None:
         """Start a DALI pipeline once now; under backend="auto" fall back to torch (with a warning) if it fails."""
-        from .dali import DaliDecoder
 
         try:
             DaliDecoder(1, dtype if dtype is not None else np.uint8, self._dali_device_id(), threads).check()
@@ -189,7 +184,6 @@ class CropLoader:
     def _window_results(self, plan, windows):
         common = dict(crop=self.crop_size, seed=self.seed, dtype=self.dtype, flips=self.flips, center=not self.train)
         if self.backend == "dali":
-            from .dali import dali_window_results
 
             return dali_window_results(self.index, plan, windows, **common, device_id=self._dali_device_id(),
                                        num_threads=self.dali_threads, sites_per_run=min(self.shuffle_sites, 8))

@@ -5,24 +5,14 @@ so that every path raises the same `DataError` for the same bad input.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from .decode import ImageInfo, decode, probe, read_bytes
 from .errors import DataError
-from .index import Site
+from .packed import open_packed_site, probe_packed_site
+from .sites import Site, SiteProbe
 
 
-@dataclass
-class SiteProbe:
-    """The encoded channels of a site and their (checked, consistent) header facts."""
-
-    blobs: list[bytes]
-    infos: list[ImageInfo]
-    height: int
-    width: int
-    dtype: np.dtype
 
 
 class SiteImage:
@@ -72,8 +62,6 @@ def check_site_infos(site: Site, infos: list[ImageInfo], dtype=None, min_size: i
 def probe_site(site: Site, dtype=None, min_size: int = 0) -> SiteProbe:
     """Read every channel's bytes and header and check them; raises DataError naming the well and file."""
     if site.packed is not None:
-        from .pack import probe_packed_site
-
         return probe_packed_site(site, dtype, min_size)
     if not site.sources:
         raise DataError("no_files", "site has no channel files", site.well_id)
@@ -90,8 +78,6 @@ def probe_site(site: Site, dtype=None, min_size: int = 0) -> SiteProbe:
 def load_site(site: Site, dtype=None, min_size: int = 0):
     """Decode one site: a SiteImage (or a packed site read tile by tile) whose `region(y, x, h, w)` is (C, h, w)."""
     if site.packed is not None:
-        from .pack import open_packed_site
-
         return open_packed_site(site, dtype, min_size)
     probed = probe_site(site, dtype, min_size)
     planes = [decode(data, info, site.well_id, site.source_name(c)) for c, (data, info) in enumerate(zip(probed.blobs, probed.infos))]

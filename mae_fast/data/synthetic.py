@@ -23,6 +23,9 @@ w5 mitochondria, w6 Golgi/plasma membrane). Files written under `root`:
     screen.json                                                complex source, class mix, configuration
 
 Everything is a function of the seed.
+
+One file on purpose: the screen is one design (docs/SYNTHETIC_SCREEN.md) -- genes and classes, the cells drawn per
+site, the nuisances, the files written -- and every part is tuned against the others (histogram invariance).
 """
 from __future__ import annotations
 

@@ -20,16 +20,25 @@ skipped and counted with on_error="skip").
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from .dali import DaliDecodeError, DaliDecoder
 from .errors import DataError, ErrorSummary, check_on_error, handle
-from .index import Site, SiteIndex
-from .loading import load_site
+from .index import SiteIndex
+from .loader import resolve_backend
+from .loading import SiteImage, load_site, probe_site
+from .sites import Site
 
 EDGES = ("drop", "center", "pad", "error")
+
+
+def decode_workers(n: int | None) -> int:
+    """Decode workers of a tile iteration: `n`, or by default up to 4 (one per CPU core)."""
+    return min(4, os.cpu_count() or 1) if n is None else int(n)
 
 
 def tile_grid(height: int, width: int, tile: int = 256, edge: str = "drop") -> list[tuple[int, int]]:
@@ -93,8 +102,6 @@ def _check_edge(site: Site, height: int, width: int, tile: int, edge: str) -> No
 
 def _dali_site_tiles(index: SiteIndex, tile: int, edge: str, dtype, device: torch.device, threads, sites_per_run: int = 8):
     """_SiteTiles for every site in order, channel files decoded by DALI (GPU for JPEG/JPEG 2000 on CUDA)."""
-    from .dali import DaliDecodeError, DaliDecoder
-    from .loading import SiteImage, probe_site
 
     device_id = None if device.type != "cuda" else (device.index if device.index is not None else torch.cuda.current_device())
     decoder = DaliDecoder(sites_per_run * max(1, len(index.channels)), dtype, device_id, threads)
@@ -156,7 +163,6 @@ class TileIterator:
         self.index, self.tile, self.batch_size, self.edge = index, tile, batch_size, edge
         self.on_error = check_on_error(on_error)
         self.num_workers, self.device = num_workers, torch.device(device)
-        from .loader import resolve_backend
 
         self.backend = resolve_backend(backend, index, self.device)
         self.dali_threads = dali_threads

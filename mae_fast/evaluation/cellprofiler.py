@@ -29,7 +29,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pandas as pd
 
-from .baselines import INTEGER_SCALE, site_index
+from mae_fast.data.loading import load_site
+
+from .null_models import INTEGER_SCALE, site_index
 from .table import EvaluationInputError, name_some
 
 MEASUREMENTS = ("intensity", "texture", "sizeshape")
@@ -149,8 +151,6 @@ def cellprofiler_table(source, channels: int = 6, metadata: pd.DataFrame | None 
     `table.attrs["feature_names"]`). `source`: an RxRx-layout root or a `SiteIndex` (see pixel_statistics_table)."""
     _require("skimage", "scikit-image")
     _require("cp_measure.bulk", "cp-measure")
-    from mae_fast.data.loading import load_site
-
     index = site_index(source, channels, metadata)
 
     def features_of(site) -> pd.DataFrame:

@@ -10,7 +10,7 @@ import pandas as pd
 
 from mae_fast.io import atomic_write
 
-from .pipeline import EvaluationResult, PerturbationMap, config_as_dict
+from .result import EvaluationResult, PerturbationMap, config_as_dict, markdown_table
 from .recall import RelationshipSet, load_relationships, unit_rows
 
 
@@ -89,83 +89,6 @@ def write_json(result: EvaluationResult, path: str) -> str:
 
     atomic_write(path, write)
     return path
-
-
-def _recall_cell(recall: float, interval: tuple, sd: float | None, seeds: int) -> str:
-    if recall is None or (isinstance(recall, float) and math.isnan(recall)):
-        return "n/a"
-    text = f"{recall:.3f}"
-    if seeds > 1 and sd is not None and not math.isnan(sd):
-        text += f" ± {sd:.3f}"
-    low, high = interval
-    if not (math.isnan(low) or math.isnan(high)):
-        text += f" [{low:.3f}, {high:.3f}]"
-    return text
-
-
-def _map_cell(value: float, retrieved: float) -> str:
-    if value is None or math.isnan(value):
-        return "n/a"
-    return f"{value:.3f} ({retrieved:.0%})"
-
-
-def markdown_table(result: EvaluationResult, tail: float | None = None) -> str:
-    """rows = sources (model, random, pixel-stats, cellprofiler), columns = databases: recall [bootstrap
-    interval] (random: mean ± sd over seeds), pair counts in the header; then mAP (activity and consistency per
-    database, fraction retrieved in brackets) and, when phenotype classes were given, recall per class."""
-    tail = result.config.tails[0] if tail is None else tail
-    nan = float("nan")
-    databases = result.databases
-    header = ["source"]
-    for db in databases:
-        counts = {s.databases[db].n_pairs for s in result.sources.values()}
-        header.append(f"{db} (n={counts.pop()})" if len(counts) == 1 else db)
-    seeds = max(s.seeds for s in result.sources.values())
-    lines = [
-        f"Recall of known relationships in the bottom {tail:g}% or top {tail:g}% of all pairwise cosine "
-        f"similarities (chance: {2 * tail / 100:.2f}); [{result.config.interval:g}% bootstrap interval over pairs]"
-        + (f"; random: mean ± sd over {seeds} seeds" if seeds > 1 else ""),
-        "",
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
-    ]
-    for name, source in result.sources.items():
-        cells = [_recall_cell(r.recall.get(tail, r.curve.get(tail, nan)), r.interval.get(tail, (nan, nan)),
-                              r.spread.get(f"recall@{tail:g}"), source.seeds)
-                 for r in (source.databases[db] for db in databases)]
-        lines.append("| " + " | ".join([str(name)] + cells) + " |")
-    if any(not math.isnan(s.activity_map) or any(not math.isnan(r.consistency_map) for r in s.databases.values())
-           for s in result.sources.values()):
-        lines += [
-            "",
-            f"mAP (JUMP): activity (replicate wells vs controls) and consistency (known partners vs all other "
-            f"perturbations) per database; in brackets the fraction retrieved (BH-corrected p < "
-            f"{result.config.map_threshold:g})",
-            "",
-            "| source | activity | " + " | ".join(f"consistency {db}" for db in databases) + " |",
-            "|" + "|".join(["---"] + ["---:"] * (len(databases) + 1)) + "|",
-        ]
-        for name, source in result.sources.items():
-            cells = [_map_cell(source.activity_map, source.activity_retrieved)]
-            cells += [_map_cell(source.databases[db].consistency_map, source.databases[db].consistency_retrieved)
-                      for db in databases]
-            lines.append("| " + " | ".join([str(name)] + cells) + " |")
-    classes = sorted({c for s in result.sources.values() for r in s.databases.values() for c in r.per_class})
-    if classes:
-        lines += ["", f"Recall per phenotype class (pairs with both genes in the class) at {tail:g}%", "",
-                  "| source | database | " + " | ".join(classes) + " |",
-                  "|" + "|".join(["---", "---"] + ["---:"] * len(classes)) + "|"]
-        for name, source in result.sources.items():
-            for db in databases:
-                per_class = source.databases[db].per_class
-                cells = []
-                for cls in classes:
-                    entry = per_class.get(cls)
-                    cells.append("n/a" if entry is None else _recall_cell(
-                        entry.recall.get(tail, nan), entry.interval.get(tail, (nan, nan)),
-                        entry.spread.get(f"recall@{tail:g}"), source.seeds) + f" (n={entry.n_pairs})")
-                lines.append("| " + " | ".join([str(name), db] + cells) + " |")
-    return "\n".join(lines) + "\n"
 
 
 def write_markdown(result: EvaluationResult, path: str) -> str:

@@ -2,11 +2,14 @@
 
 Encoder (Kraus et al. 2023/2024): ViT with parallel scaling blocks (ViT-22B), QK-norm, no qkv bias, LayerScale,
 stochastic depth, fixed 2-D sin-cos positions and a class token. Parameter names follow timm's VisionTransformer
-/ ParallelScalingBlock so that checkpoints convert by renaming only (see mae_fast.checkpoint).
+/ ParallelScalingBlock so that checkpoints convert by renaming only (see mae_fast.interop).
 
 Masking happens on pixel tokens *before* the patch projection (a linear map of the (p, q, c)-ordered patch,
 identical to timm's strided Conv2d), so the encoder never projects the 75% of tokens it then drops, and the fused
 masked-patchify op can write visible tokens straight from the raw image.
+
+One file on purpose: the whole model reads top to bottom (config, presets, blocks, encoder, decoders, masking,
+loss), as a newcomer reads it; its parts are small and only used here.
 """
 from __future__ import annotations
 

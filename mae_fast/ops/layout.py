@@ -87,7 +87,7 @@ def standardize(x: torch.Tensor, eps: float) -> torch.Tensor:
     """Per-image per-channel standardisation over H x W of a [0, 1]-scaled batch (B, C, H, W); `eps`:
     `standardize_eps(raw dtype)`. This is the op OpenPhenom's input norm runs (InstanceNorm2d without affine), so
     uint8 input gives OpenPhenom's bits; its statistics are single-pass Welford / two-pass sums, not
-    E[x^2] - E[x]^2, so a dim 16-bit channel on a bright background keeps its variance (tests/test_ops_reference)."""
+    E[x^2] - E[x]^2, so a dim 16-bit channel on a bright background keeps its variance (tests/unit/test_ops_reference.py)."""
     return F.instance_norm(x, eps=eps)
 
 

@@ -1,5 +1,9 @@
 """Training configuration: the DataConfig / TrainConfig dataclasses, typed (dotted) keys from YAML/TOML files and
-`--set key=value` overrides, and the validation that resolves a config into a RunPlan before any work starts."""
+`--set key=value` overrides, and the validation that resolves a config into a RunPlan before any work starts.
+
+One file on purpose: every key of a run -- its type, default, check and the error that names it -- is in one place,
+so what `--set` accepts and what validation refuses cannot drift apart.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -12,14 +16,19 @@ from typing import Any, Union
 
 import torch
 
-from mae_fast.models import get_baseline_config, is_baseline, list_baselines
-
+from mae_fast import device as device_module
+from mae_fast.models import (
+    PRESETS,
+    MAEConfig,
+    get_baseline_config,
+    get_config,
+    is_baseline,
+    list_baselines,
+    list_presets,
+)
 from mae_fast.models.munet import MUNetConfig
-
 from mae_fast.models.registry import CONFIG_CLASSES
-
 from mae_fast.models.wsl import WSLConfig
-from mae_fast.models import MAEConfig, PRESETS, get_config, list_presets
 
 ModelConfig = Union[MAEConfig, WSLConfig, MUNetConfig]
 
@@ -56,7 +65,7 @@ class DataConfig:
     num_workers: int | None = None       # decode workers per data shard (default: min(8, cores))
     backend: str = "auto"                # auto, torch, dali
     on_error: str = "raise"              # raise, skip (bad sites are counted)
-    shards: int = 0                      # data shards S (0 = the world size); see mae_fast.train
+    shards: int = 0                      # data shards S (0 = the world size); see mae_fast.training
 
 
 @dataclass
@@ -507,22 +516,11 @@ def _baseline_plan(cfg: TrainConfig, model_cfg, total: int, n_micro: int, shards
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """`auto` -> CUDA (cuda:LOCAL_RANK) when available, else CPU; asking for CUDA without one is an error."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+    """`mae_fast.device.resolve_device`, its errors naming the config key."""
     try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise ConfigError(f"config key 'device' is {name!r}: {err}") from err
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device {name!r} was asked for, but torch sees no CUDA device on this machine; "
-                              "use --device cpu")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-    elif device.type != "cpu":
-        raise ConfigError(f"config key 'device' is {name!r}; valid values: auto, cpu, cuda, cuda:N")
-    return device
+        return device_module.resolve_device(name, local_rank)
+    except ValueError as err:
+        raise ConfigError(f"config key 'device': {err}") from None
 
 
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:

@@ -1,6 +1,10 @@
 """The training loop: `train(cfg)` prepares data, model and optimiser on every rank, runs the optimiser steps
 (gradient accumulation over micro-batches, each seeded from (seed, step, micro-batch)), logs metrics, writes
-checkpoints and figures, and returns a TrainResult. See `mae_fast.train` for the whole story."""
+checkpoints and figures, and returns a TrainResult. See `mae_fast.training` for the whole story.
+
+One file on purpose: `train()` and the steps it runs (setup, micro-batches, the optimiser step, logging,
+checkpoints, figures) read in the order a run executes them.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -15,13 +19,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mae_fast.models.baseline_common import build_optimizer
-from mae_fast.checkpoint import CheckpointError, WEIGHTS_NAME, load_state_dict_strict, save_model
-from mae_fast.io import atomic_write
+from mae_fast.checkpoint import WEIGHTS_NAME, CheckpointError, load_state_dict_strict, save_model
 from mae_fast.compiling import compile_blocks, selective_checkpointing
+from mae_fast.io import OutputLock, atomic_write, folder_lock_path
 from mae_fast.models import MaskedAutoencoder
+from mae_fast.models.baseline_common import build_optimizer
 from mae_fast.optim import Lion, lion_param_groups, one_cycle_cosine
-from mae_fast.io import OutputLock, folder_lock_path
+from mae_fast.perf import flops
+from mae_fast.perf.timing import measure_matmul_ceiling
 from mae_fast.training.checkpointing import (
     CHECKPOINT_DIR, RUN_CONFIG, _config_differences, _model_for_saving, _rng_state, _set_rng_state, _write_json,
     build_model, check_output, describe_non_finite, full_model_state, full_optimizer_state, init_weights_from,
@@ -110,13 +115,9 @@ class MetricsLog:
 
 
 def training_flops_per_crop(cfg: ModelConfig) -> int | None:
-    """Exact training FLOPs per crop of an MAE config; None (MFU shown as n/a) for what `mae_fast.flops` does not
+    """Exact training FLOPs per crop of an MAE config; None (MFU shown as n/a) for what `mae_fast.perf.flops` does not
     count: the baselines."""
     if model_family(cfg) != "mae":
-        return None
-    try:
-        from mae_fast import flops
-    except ImportError:
         return None
     try:
         return int(flops.training_flops_per_crop(cfg))
@@ -127,8 +128,6 @@ def training_flops_per_crop(cfg: ModelConfig) -> int | None:
 def matmul_ceiling_tflops(device: torch.device) -> float | None:
     """The device's measured matmul rate (bf16 on GPU, fp32 on CPU), for the MFU display."""
     try:
-        from mae_fast.bench import measure_matmul_ceiling
-
         return float(measure_matmul_ceiling(device)["tflops"])  # the same measurement as `mae-fast bench`
     except Exception:  # noqa: BLE001
         return None
@@ -186,7 +185,7 @@ def _autocast(device: torch.device, amp: torch.dtype | None):
 
 
 def train(cfg: TrainConfig) -> TrainResult:
-    """Run (or resume) a training run as configured; see mae_fast.train. Under torchrun every rank calls this."""
+    """Run (or resume) a training run as configured; see mae_fast.training. Under torchrun every rank calls this."""
     info = env_world()
     plan = validate(cfg, info.world_size)
     device = resolve_device(cfg.device, info.local_rank)

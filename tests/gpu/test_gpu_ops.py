@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mae_fast import ops
-from mae_fast.testing import assert_loss_grad_close
+from tests.helpers import assert_loss_grad_close
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

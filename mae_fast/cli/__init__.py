@@ -1,0 +1,41 @@
+"""`mae-fast` command line: one entry point, one module per subcommand (`mae_fast/cli/<command>.py`).
+
+Each module named in COMMANDS exposes `add_arguments(parser)` and `run(args) -> int`. Every command runs under one
+error handler (`common.run_command`): a bad input or setting ends as one line on stderr naming the file, row or argument,
+with exit code 2 and no traceback (MAE_FAST_DEBUG=1 prints the traceback too).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+
+from mae_fast.cli.common import run_command
+
+COMMANDS = {
+    "demo": ("mae_fast.cli.demo", "the whole job on the synthetic screen: train (one model or several with --models), embed, evaluate"),
+    "flops": ("mae_fast.cli.flops", "FLOPs per crop and per training run (exact count and the paper's method), scaling plot"),
+    "bench": ("mae_fast.cli.bench", "end-to-end train-step and embedding benchmarks (crops/s, TFLOP/s, MFU) as JSON"),
+    "evaluate": ("mae_fast.cli.evaluate", "recall of known relationships: TVN, arm correction, baselines, tables, plots"),
+    "train": ("mae_fast.cli.train", "train an MAE / CA-MAE or a baseline (WSL DenseNet-161, MU-Net); YAML/TOML + --set; torchrun"),
+    "embed": ("mae_fast.cli.embed", "embed every site of a screen; per-well (and per-site) parquet tables, resumable by plate"),
+    "pack": ("mae_fast.cli.pack", "convert a dataset into losslessly compressed tiles the crop loader reads fast"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mae-fast", description="Fast masked autoencoders for microscopy.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        cmd = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(cmd)
+        cmd.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(args._run, args, f"mae-fast {args.command}")
+
+

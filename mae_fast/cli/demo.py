@@ -1,0 +1,278 @@
+"""`mae-fast demo`: the whole job on the built-in synthetic screen.
+
+0. check every option (nothing is generated or trained when one is wrong);
+1. generate the screen (RxRx3 layout, real protein complexes, five phenotype classes; docs/SYNTHETIC_SCREEN.md)
+   with `mae_fast.data.synthetic`;
+2. train each model on random 256² crops with `mae_fast.training` (data pipeline, fused ops, optimiser, checkpoints):
+   by default a small MAE; `--models` compares several, e.g. the MAE with the seed paper's baselines
+   (`--models mae_vit_micro_patch16_256,wsl_densenet_micro_256,munet_micro_256`);
+3. embed every site tile by tile and average per well with `mae_fast.inference`;
+4. score recall with `mae_fast.evaluation`: one table with every model side by side, beside the random and
+   pixel-statistics baselines (and the CellProfiler-style one when installed), with a 95% bootstrap interval over
+   pairs: the planted complexes overall and per phenotype class, and EFAAR's real databases (CORUM, HuMAP,
+   Reactome, SIGNOR, StringDB) when the efaar-benchmarking package is installed.
+
+Time: `--minutes` of training per model (default 2.5); the schedule's length follows the budget (`--max-steps`
+auto: the steps a 2-core CPU makes in that time), so a longer run also anneals properly.
+
+Outputs (OUT = --out): the screen in OUT/screen; per model its training run (OUT/<model>/train) and embeddings
+(OUT/<model>/embeddings.parquet) -- a single model keeps the flat layout OUT/train, OUT/embeddings.parquet; the
+combined evaluation in OUT/evaluation (evaluation.json, recall.md, recall_curve.png, similarity_heatmap.png), the
+recall table again at OUT/recall.md, and OUT/demo_summary.json.
+
+Learning rates: the MAE's Lion --lr (1e-3); the WSL classifier's SGD --wsl-lr (0.05: the preset's linear
+scaling, 0.1 per 256 crops, would give ~0.006 at a demo batch of 16, too small to learn in a few hundred steps);
+MU-Net's AdamW --munet-lr (1e-3, the paper's). AdaBN models get ghost batches no larger than the batch.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import numpy as np
+
+from mae_fast.models import get_baseline_config, is_baseline, list_baselines
+from mae_fast.cli.common import number
+from mae_fast.evaluation import cellprofiler
+from mae_fast.evaluation.databases import parse_relationship_args
+from mae_fast.evaluation.table import EvaluationInputError
+from mae_fast.models import list_presets
+
+DEFAULT_WSL_LR = 0.05
+DEFAULT_MUNET_LR = 1e-3
+DEFAULT_MINUTES = 2.5
+CPU_STEPS_PER_SECOND = 0.6     # measured: micro MAE, batch 16 of 256 px crops, 2 CPU cores
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="demo_out", help="output folder (default: ./demo_out)")
+    p.add_argument("--preset", default="mae_vit_micro_patch16_256", help=f"model preset ({', '.join(list_presets())})")
+    p.add_argument("--models", type=_names,
+                   help="comma-separated presets to train, embed and compare (default: --preset alone), e.g. "
+                        "mae_vit_micro_patch16_256,wsl_densenet_micro_256,munet_micro_256; baselines: "
+                        + ", ".join(list_baselines()))
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--minutes", type=number(float, above=0),
+                        help=f"training time per model in minutes (default {DEFAULT_MINUTES:g})")
+    budget.add_argument("--seconds", type=number(float, above=0), help="the same in seconds")
+    p.add_argument("--max-steps", type=number(int, minimum=1),
+                   help=f"training steps planned for the schedule (default: {CPU_STEPS_PER_SECOND:g} per second of "
+                        "the time budget, what 2 CPU cores make at batch 16; a faster machine stops at this count)")
+    p.add_argument("--batch-size", type=number(int, minimum=1), default=16)
+    p.add_argument("--lr", type=number(float, above=0), default=1e-3, help="peak Lion learning rate of the MAE (default 1e-3)")
+    p.add_argument("--wsl-lr", type=number(float, above=0), default=DEFAULT_WSL_LR,
+                   help=f"peak SGD learning rate of WSL baselines (default {DEFAULT_WSL_LR})")
+    p.add_argument("--munet-lr", type=number(float, above=0), default=DEFAULT_MUNET_LR,
+                   help=f"peak AdamW learning rate of MU-Net baselines (default {DEFAULT_MUNET_LR:g})")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--tiny", action="store_true", help="a very small screen and run (for tests)")
+
+
+def _names(text: str) -> list[str]:
+    return [t for t in (s.strip() for s in text.split(",")) if t]
+
+
+def screen_config(tiny: bool, seed: int):
+    from mae_fast.data.synthetic import SyntheticScreenConfig
+
+    if tiny:
+        return SyntheticScreenConfig(n_experiments=1, n_plates=2, n_complexes=5, complex_size=3, n_singletons=2,
+                                     n_empty_controls=3, n_crispr_controls=1, site_size=256, seed=seed)
+    return SyntheticScreenConfig(seed=seed)
+
+
+def check_models(names: list[str]) -> list[str]:
+    """Known, distinct presets; raises ValueError naming the valid ones."""
+    valid = list_presets() + list_baselines()
+    unknown = [n for n in names if n not in valid]
+    if unknown:
+        raise ValueError(f"unknown model preset(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated or not names:
+        raise ValueError(f"--models needs distinct presets, got {', '.join(names) or 'none'}")
+    return names
+
+
+def check_options(args) -> tuple[list[str], float, int]:
+    """(models, training seconds per model, schedule steps) or ValueError naming the bad option."""
+    models = check_models(args.models or [args.preset])
+    seconds = args.seconds if args.seconds is not None else 60.0 * (args.minutes if args.minutes is not None
+                                                                    else DEFAULT_MINUTES)
+    if not seconds > 0:
+        given = args.minutes if args.minutes is not None else seconds
+        raise ValueError(f"--minutes/--seconds must be > 0, got {given}")
+    steps = args.max_steps if args.max_steps is not None else max(20, round(CPU_STEPS_PER_SECOND * seconds))
+    for name, value in (("--max-steps", steps), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    for name, value in (("--lr", args.lr), ("--wsl-lr", args.wsl_lr), ("--munet-lr", args.munet_lr)):
+        if not value > 0:
+            raise ValueError(f"{name} must be > 0, got {value}")
+    if args.device not in ("auto", "cpu", "cuda") and not str(args.device).startswith("cuda:"):
+        raise ValueError(f"--device must be auto, cpu or cuda, got {args.device}")
+    return models, seconds, steps
+
+
+def demo_baselines() -> tuple[tuple[str, ...], str | None]:
+    """(the demo's baselines this installation can run, why the CellProfiler-style one is left out or None)."""
+    missing = cellprofiler.missing_packages()
+    if missing:
+        return ("random", "pixel-stats"), (f"CellProfiler-style baseline left out: it needs {', '.join(missing)} "
+                                           f"(pip install {' '.join(missing)})")
+    return ("random", "pixel-stats", "cellprofiler"), None
+
+
+def demo_relationships(screen) -> tuple[dict, str | None]:
+    """({name: relationships} of the demo's table, why EFAAR's databases are left out or None): the planted
+    complexes and, when efaar-benchmarking is installed, EFAAR's five databases (`efaar:all`)."""
+    out: dict = {"planted": screen.relationships_csv}
+    try:
+        out.update(parse_relationship_args(["efaar:all"]))
+    except EvaluationInputError as err:
+        return out, f"EFAAR databases left out: {err}"
+    return out, None
+
+
+def train_config(preset: str, screen_root: str, out_dir: str, args, seconds: float, steps: int):
+    """The demo's training run of one model: its family's demo lr, one micro-batch per step."""
+    from mae_fast.training.config import DataConfig, TrainConfig
+
+    model: dict = {}
+    lr = args.lr
+    if is_baseline(preset):
+        base = get_baseline_config(preset)
+        lr = args.wsl_lr if base.family == "wsl" else args.munet_lr
+        if getattr(base, "adabn", False):  # ghost batches live within one (single-plate) micro-batch
+            model["virtual_batch_size"] = min(base.virtual_batch_size, args.batch_size)
+    return TrainConfig(
+        preset=preset, model=model, data=DataConfig(root=screen_root), out_dir=out_dir, overwrite=True,
+        global_batch=args.batch_size, micro_batch=args.batch_size, steps=steps, lr=lr,
+        max_seconds=seconds, seed=args.seed, device=args.device,
+        checkpoint_every=max(1, steps // 2), log_every=max(1, steps // 20),
+    )
+
+
+def merge_evaluations(results: list, names: list[str]):
+    """One EvaluationResult holding the sources `names` (models, then baselines) of several evaluations of the same
+    relationships, e.g. one per model embedding table."""
+    from mae_fast.evaluation import EvaluationResult
+
+    first = results[0]
+    merged = EvaluationResult(sources={}, relationships=first.relationships, config=first.config,
+                              relationship_sets=first.relationship_sets)
+    for name in names:
+        source = next(r for r in results if name in r.sources)
+        merged.sources[name] = source.sources[name]
+        merged.maps[name] = source.maps[name]
+    return merged
+
+
+def _json_rows(frame) -> list[dict]:
+    """A table's rows as JSON-ready dicts (NaN -> null)."""
+    return [{k: (None if isinstance(v, float) and np.isnan(v) else v.item() if hasattr(v, "item") else v)
+             for k, v in row.items()} for row in frame.to_dict(orient="records")]
+
+
+def _loss_ends(losses: list[float]) -> tuple[float, float]:
+    k = max(1, min(10, len(losses) // 4))
+    return float(np.mean(losses[:k])), float(np.mean(losses[-k:]))
+
+
+def run(args) -> int:
+    from mae_fast.io import atomic_write, atomic_write_json, write_text
+    from mae_fast.data.synthetic import make_synthetic_screen
+    from mae_fast.inference.embed import embed_dataset
+    from mae_fast.evaluation import evaluate, markdown_table, write_outputs
+    from mae_fast.training.config import validate
+    from mae_fast.training.loop import train
+
+    models, seconds, steps = check_options(args)  # errors: the CLI's one handler (mae_fast.cli.common.run_command)
+    single = len(models) == 1
+    out = os.path.abspath(args.out)
+    for preset in models:  # every training setting checked before the screen is generated
+        validate(train_config(preset, os.path.join(out, "screen"), os.path.join(out, preset, "train"), args,
+                              seconds, steps))
+    os.makedirs(out, exist_ok=True)
+    t_start = time.time()
+    screen = make_synthetic_screen(os.path.join(out, "screen"), screen_config(args.tiny, args.seed))
+    screen_seconds = time.time() - t_start
+    print(f"synthetic screen: {screen.root} ({len(screen.genes)} genes in {len(screen.complexes)} "
+          f"{'CORUM' if screen.source == 'corum' else 'built-in textbook'} complexes, {screen_seconds:.1f} s)")
+
+    runs: dict[str, dict] = {}
+    for preset in models:
+        folder = out if single else os.path.join(out, preset)
+        result = train(train_config(preset, screen.root, os.path.join(folder, "train"), args, seconds, steps))
+        first, last = _loss_ends(result.losses)
+        print(f"trained {preset} for {result.steps} of {steps} steps in {result.seconds:.0f} s ({result.crops} crops, "
+              f"{result.crops_per_second:.1f} crops/s): loss {first:.4f} -> {last:.4f}")
+        embeddings = embed_dataset(result.model_dir, screen.root, os.path.join(folder, "embeddings.parquet"),
+                                   overwrite=True, device=args.device, seed=args.seed)
+        print(f"embedded {embeddings.n_wells} wells with {preset} ({embeddings.n_tiles} tiles, "
+              f"{embeddings.tiles_per_second:.1f} tiles/s)")
+        runs[preset] = {"result": result, "embeddings": embeddings, "loss_first": first, "loss_last": last}
+
+    # one evaluation per embedding table (the first also scores the baselines), merged into one table
+    sources = ["model"] if single else models
+    baselines, baseline_note = demo_baselines()
+    relationships, efaar_note = demo_relationships(screen)   # EFAAR files read once, for every model
+    stage = time.time()
+    evaluations = [evaluate(runs[models[0]]["embeddings"].out, relationships, arms=screen.arms_csv,
+                            baselines=baselines, images_root=screen.root, gene_classes=screen.plan.gene_class,
+                            name=sources[0])]
+    for preset, source in zip(models[1:], sources[1:]):
+        evaluations.append(evaluate(runs[preset]["embeddings"].out, relationships, arms=screen.arms_csv,
+                                    gene_classes=screen.plan.gene_class, name=source))
+    evaluation = merge_evaluations(evaluations, sources + list(baselines))
+    evaluation_seconds = time.time() - stage
+    figures = write_outputs(evaluation, os.path.join(out, "evaluation"), heatmap_relationships="planted")
+    table = markdown_table(evaluation)
+    table_path = os.path.join(out, "recall.md")
+    atomic_write(table_path, lambda tmp: write_text(tmp, table))
+    wall = time.time() - t_start
+    print(f"\nevaluated in {evaluation_seconds:.0f} s: {', '.join(sources + list(baselines))} on the synthetic screen "
+          f"({len(screen.genes)} genes); the planted complexes overall and per phenotype class"
+          f"{'' if efaar_note else ', and EFAAR databases'}")
+    for note in (baseline_note, efaar_note):
+        if note:
+            print(note)
+    print()
+    print(table)
+
+    per_model = {}
+    for preset, source in zip(models, sources):
+        r = runs[preset]
+        result = r["result"]
+        per_model[preset] = {
+            "preset": preset, "source": source, "steps": result.steps, "planned_steps": steps,
+            "crops": result.crops, "train_seconds": round(result.seconds, 2),
+            "crops_per_second": round(result.crops_per_second, 2),
+            "loss_first": r["loss_first"], "loss_last": r["loss_last"], "losses": result.losses,
+            "train_dir": result.out_dir, "embeddings": r["embeddings"].out,
+        }
+    summary = {**(per_model[models[0]] if single else {}), "models": per_model,
+               "recall": evaluation.recall_table().to_dict(orient="index"),
+               "table": _json_rows(evaluation.table()), "recall_table": table_path,
+               "seconds": {"screen": round(screen_seconds, 1), "evaluation": round(evaluation_seconds, 1),
+                           **{f"train_{p}": round(runs[p]["result"].seconds, 1) for p in models}},
+               "screen": {"root": screen.root, "genes": len(screen.genes), "complexes": len(screen.complexes),
+                          "complex_source": screen.source, "seconds": round(screen_seconds, 2)},
+               "budget_seconds": seconds, "wall_seconds": round(wall, 1)}
+    summary_path = atomic_write_json(os.path.join(out, "demo_summary.json"), summary)
+
+    for preset in models:
+        result = runs[preset]["result"]
+        print(f"\n{preset}:" if not single else "")
+        print(f"loss curve:      {result.loss_curve_path}")
+        for path in result.recon_paths[-1:]:
+            print(f"reconstruction:  {path}")
+        print(f"embeddings:      {runs[preset]['embeddings'].out}")
+    print()
+    for key, path in figures.items():
+        print(f"{key + ':':16} {path}")
+    print(f"recall table:    {table_path}")
+    print(f"summary:         {summary_path}")
+    print(f"demo wall time:  {wall:.0f} s")
+    return 0

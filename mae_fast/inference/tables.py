@@ -1,0 +1,135 @@
+"""The tables `embed` writes: per-plate parts (one parquet each, written atomically), their merge into the
+per-well (and per-site) tables, and the file names."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+
+import numpy as np
+
+from mae_fast.io import atomic_write
+from mae_fast.training.config import ConfigError
+
+RXRX3_COLUMNS = ("well_id", "experiment_name", "plate", "address", "gene", "treatment", "SMILES", "concentration",
+                 "perturbation_type", "cell_type")
+SITE_ONLY_COLUMNS = ("site", "site_id")  # per-site metadata keys left out of well rows
+PART_META_KEY = b"mae_fast_embed"
+
+
+def output_paths(out: str) -> tuple[str, str, str]:
+    """(well table, site table, parts folder) for OUT."""
+    stem = out[:-len(".parquet")] if out.endswith(".parquet") else out
+    return out, stem + "_sites.parquet", stem + "_parts"
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
+
+
+def plate_part_name(experiment: str, plate: str) -> str:
+    digest = hashlib.blake2b(f"{experiment}\x1f{plate}".encode(), digest_size=4).hexdigest()
+    return f"{_safe(experiment)}__Plate{_safe(plate)}__{digest}.parquet"
+
+
+def _metadata_row(site, well_level: bool) -> dict:
+    """RxRx3 columns first (as far as present), the keys every table needs, then the other metadata."""
+    meta = dict(site.metadata)
+    row = {k: meta[k] for k in RXRX3_COLUMNS if k in meta}
+    row.setdefault("well_id", site.well_id)
+    row.setdefault("experiment_name", site.experiment)
+    row.setdefault("plate", int(site.plate) if str(site.plate).isdigit() else site.plate)
+    row.setdefault("address", site.address)
+    row["perturbation"] = site.perturbation
+    for k, v in meta.items():
+        if k not in row and not (well_level and k in SITE_ONLY_COLUMNS):
+            row[k] = v
+    if not well_level:
+        row["site"] = site.site
+    return row
+
+
+def plate_table(sites, sums: dict, counts: dict, dims: int):
+    """One plate's rows: a `level` column ("well"/"site"), metadata, n_sites, n_tiles, features."""
+    import pandas as pd
+
+    rows, feats = [], []
+    wells: dict[str, list] = {}
+    for site in sites:
+        key = (site.well_id, site.site)
+        if counts.get(key, 0) == 0:
+            continue
+        wells.setdefault(site.well_id, []).append(site)
+        rows.append({"level": "site", **_metadata_row(site, False), "n_sites": 1, "n_tiles": counts[key]})
+        feats.append(sums[key] / counts[key])
+    for well_id, members in wells.items():
+        total = sum(sums[(s.well_id, s.site)] for s in members)
+        n = sum(counts[(s.well_id, s.site)] for s in members)
+        rows.append({"level": "well", **_metadata_row(members[0], True), "n_sites": len(members), "n_tiles": n})
+        feats.append(total / n)
+    meta = pd.DataFrame(rows)
+    features = np.asarray(feats, dtype=np.float32).reshape(len(rows), dims)
+    frame = pd.DataFrame(features, columns=[f"feature_{i}" for i in range(dims)])
+    return pd.concat([meta.reset_index(drop=True), frame], axis=1)
+
+
+def _numeric_metadata(frame):
+    """Object columns holding only numbers and missing values (e.g. an empty `concentration`) become float."""
+    import pandas as pd
+
+    for column in frame.columns:
+        if frame[column].dtype == object:
+            values = frame[column].dropna()
+            if all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) for v in values):
+                if column == "concentration" or len(values):
+                    frame[column] = pd.to_numeric(frame[column], errors="coerce").astype(np.float64)
+    return frame
+
+
+def write_parquet(frame, path: str, extra_meta: dict | None = None) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    if extra_meta is not None:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                               PART_META_KEY: json.dumps(extra_meta).encode()})
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+
+
+def merge_parts(parts_dir: str, part_names: list[str], out: str, sites_path: str | None):
+    """Concatenate the plates' parts (in plate order) into the well table (and the site table)."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    from mae_fast.data.errors import ErrorSummary, SkippedItem
+
+    frames, summary = [], ErrorSummary()
+    for name in part_names:
+        path = os.path.join(parts_dir, name)
+        table = pq.read_table(path)
+        meta = json.loads((table.schema.metadata or {}).get(PART_META_KEY, b"{}"))
+        skipped = meta.get("skipped") or {}
+        summary.counts.update(skipped.get("counts", {}))
+        summary.skipped.extend(SkippedItem(**s) for s in skipped.get("skipped", []))
+        frames.append(table.to_pandas())
+    frames = [f for f in frames if len(f)]
+    if not frames:
+        raise ConfigError(f"no site could be embedded ({summary})")
+    everything = _numeric_metadata(pd.concat(frames, ignore_index=True))
+    features = [c for c in everything.columns if c.startswith("feature_")]
+    wells = everything[everything["level"] == "well"].drop(columns=["level", "site"], errors="ignore")
+    wells = wells.reset_index(drop=True)
+    wells[features] = wells[features].astype(np.float32)
+    write_parquet(wells[[c for c in wells.columns if c not in features] + features], out)
+    if sites_path:
+        sites = everything[everything["level"] == "site"].drop(columns=["level"]).reset_index(drop=True)
+        sites[features] = sites[features].astype(np.float32)
+        write_parquet(sites[[c for c in sites.columns if c not in features] + features], sites_path)
+    return len(wells), int((everything["level"] == "site").sum()), summary
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The run
+# ------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,88 @@
+"""What the test suites share: the repository root, tolerance tables and comparisons of the kernel suites (CPU,
+Triton interpreter, GPU), and fixtures' builders (OpenPhenom-layout states, killed runs, images with a given spread)."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from mae_fast import ops
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+
+# (rtol, atol as a fraction of max |reference|, relative L2 error) of loss gradients per kind of arithmetic
+LOSS_GRAD_TOL = {"float32": (1e-4, 1e-5, 1e-4), "tf32": (1e-3, 1e-4, 5e-3), "bfloat16": (1.6e-2, 8e-3, 5e-3),
+                 "float16": (2e-3, 1e-3, 1e-3)}
+
+
+def assert_loss_grad_close(got, ref, *, kind, alpha, p, planes, weight_max, scale=1.0):
+    """Loss gradients. sign(|Fx| - |Fy|) is ill-conditioned where the two magnitudes (nearly) tie: either sign is a
+    valid subgradient and rounding may pick the other. A flip at frequency f (and its conjugate mirror, which ties
+    with it) moves that plane's gradient by at most 4 w alpha / (C' p^2) per element. So: elementwise within
+    (rtol, atol) plus two such pair flips, and a relative L2 error below the kind's bound (flips are sparse; a wrong
+    Fourier or MSE term is not)."""
+    rtol, atol, norm_tol = LOSS_GRAD_TOL[kind]
+    got, ref = got.detach().float(), ref.detach().float()
+    assert torch.isfinite(got).all(), "gradient not fully written (NaN poison survived) or non-finite"
+    pair_flip = 4 * scale * weight_max * alpha / (planes * p * p)
+    excess = (got - ref).abs() - (atol * ref.abs().max() + rtol * ref.abs() + 2 * pair_flip)
+    assert excess.max() <= 0, f"max excess {excess.max().item():.3g} over the tolerance"
+    rel = ((got - ref).norm() / ref.norm()).item()
+    assert rel <= norm_tol, f"relative L2 error {rel:.3g} > {norm_tol}"
+
+
+def openphenom_layout_state(model) -> dict:
+    """A CA-MAE's weights re-keyed exactly like a released OpenPhenom checkpoint (timm names under
+    `encoder.vit_backbone`, mask token (1, 1, D), fixed positions and the class-token placeholder stored), written
+    independently of `mae_fast.interop.load_openphenom` so that tests of the importer do not check it against
+    itself."""
+    state = {}
+    for k, v in model.state_dict().items():
+        if k.startswith("encoder."):
+            state["encoder.vit_backbone." + k[len("encoder."):]] = v.clone()
+        elif k == "decoder.mask_token":
+            state[k] = v.reshape(1, 1, -1).clone()
+        else:
+            state[k] = v.clone()
+    state["encoder.vit_backbone.pos_embed"] = model.encoder.pos_embed.clone()
+    state["decoder.placeholder"] = torch.zeros(1, 1, model.cfg.decoder_dim)
+    return state
+
+
+def run_as_if_killed_after(run_dir: str, copy_to, step: int) -> str:
+    """A copy of a finished training run with everything after the checkpoint of `step` removed."""
+    import os
+    import shutil
+
+    from mae_fast.training.checkpointing import list_checkpoints
+
+    shutil.copytree(run_dir, copy_to)
+    for s, path in list_checkpoints(str(copy_to)):
+        if s > step:
+            shutil.rmtree(path)
+    shutil.rmtree(os.path.join(copy_to, "model"))
+    return str(copy_to)
+
+
+def images_with_spread(B: int, C: int, H: int, mean: float, std: float, dtype=torch.uint16, seed: int = 0):
+    """Integer images (B, C, H, H) of `dtype` whose every channel is Gaussian noise of `std` raw counts around
+    `mean` counts (rounded, clipped to the dtype's range): a dim channel at a given brightness."""
+    top = 255 if dtype == torch.uint8 else 65535
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(B, C, H, H, generator=g, dtype=torch.float64) * std + mean).round().clamp(0, top)
+    return x.to(torch.int32).to(dtype)
+
+
+def standardised_planes(patches, patch_size: int, channels: int, layout: str) -> torch.Tensor:
+    """The (B, C, H, W) image a masked patchify's visible + target tokens hold (undoing the shuffle)."""
+    shuffled = torch.cat([patches.visible, patches.target], dim=1)
+    return ops.unpatchify(ops.gather_tokens(shuffled, patches.masking.ids_restore), patch_size, channels, layout)
+
+
+def assert_unit_std(planes: torch.Tensor, tol: float = 1e-3) -> None:
+    """Every (image, channel) plane has mean 0 and std 1 within `tol`."""
+    planes = planes.detach().double().cpu()
+    assert torch.isfinite(planes).all(), "output not fully written (NaN poison survived) or non-finite"
+    std, mean = planes.std(dim=(2, 3), unbiased=False), planes.mean(dim=(2, 3))
+    assert (std - 1).abs().max() <= tol, f"std {std.min().item():.6f}..{std.max().item():.6f}, not 1 within {tol}"
+    assert mean.abs().max() <= tol, f"mean up to {mean.abs().max().item():.3g}, not 0 within {tol}"

@@ -1,0 +1,163 @@
+"""`mae-fast demo` end to end on a tiny configuration: screen -> train -> embed -> evaluate."""
+import itertools
+import json
+import os
+import re
+
+import pandas as pd
+import pytest
+
+from mae_fast.cli import main
+from mae_fast.data.synthetic import PHENOTYPE_CLASSES
+from mae_fast.evaluation import cellprofiler
+from mae_fast.evaluation.databases import EFAAR_DATABASES, efaar_annotations_dir
+from mae_fast.evaluation.table import EvaluationInputError
+
+RECALL = r"\d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]"                    # recall [95% bootstrap interval]
+RANDOM_RECALL = r"\d\.\d{3} ± \d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]"   # mean ± sd over seeds [interval]
+MAP = r"\d\.\d{3} \(\d+%\)"                                        # mAP (fraction retrieved)
+
+
+def efaar_installed() -> bool:
+    try:
+        return bool(efaar_annotations_dir())
+    except EvaluationInputError:
+        return False
+
+
+def markdown_rows(lines: list[str], header_start: str) -> list[list[str]]:
+    """The cells of the printed markdown table whose header starts with `header_start` (header row first)."""
+    first = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    rows = itertools.takewhile(lambda line: line.startswith("|"), lines[first:])
+    return [[cell.strip() for cell in row.strip().strip("|").split("|")] for row in rows if not row.startswith("|---")]
+
+
+def expected_sources(models: list[str]) -> list[str]:
+    return models + ["random", "pixel-stats"] + ([] if cellprofiler.missing_packages() else ["cellprofiler"])
+
+
+def test_demo_runs_end_to_end_and_loss_goes_down(tmp_path, capsys):
+    out = tmp_path / "demo"
+    rc = main(["demo", "--tiny", "--out", str(out), "--max-steps", "30", "--batch-size", "8", "--minutes", "600"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    expected = {
+        "loss curve": out / "train" / "loss_curve.png",
+        "reconstruction": out / "train" / "recon" / "step_00000030.png",
+        "embeddings": out / "embeddings.parquet",
+        "curve": out / "evaluation" / "recall_curve.png",
+        "heatmap": out / "evaluation" / "similarity_heatmap.png",
+        "markdown": out / "evaluation" / "recall.md",
+        "summary": out / "demo_summary.json",
+    }
+    for label, path in expected.items():
+        assert os.path.getsize(path) > 100, label
+        assert re.search(rf"{label}:\s+{re.escape(str(path))}", printed), label  # the demo says where it is
+    summary = json.loads((out / "demo_summary.json").read_text())
+    assert summary["steps"] == 30 and len(summary["losses"]) == 30
+    assert summary["loss_last"] < summary["loss_first"]
+    table = pd.read_parquet(out / "embeddings.parquet")
+    assert len(table) == 2 * (5 * 3 + 2 + 3 + 1)  # every well of the two plates
+    sources = expected_sources(["model"])
+    assert set(summary["recall"]) == set(sources)
+    lines = printed.splitlines()
+    databases = ["planted"] + (list(EFAAR_DATABASES) if efaar_installed() else [])
+    recall = markdown_rows(lines, "| source | planted")     # overall recall: sources x databases
+    assert [row[0] for row in recall] == ["source"] + sources
+    assert [re.sub(r" \(n=\d+\)$", "", h) for h in recall[0][1:]] == databases, recall[0]
+    assert all(re.fullmatch(r"\S+ \(n=[1-9]\d*\)", h) for h in recall[0][1:]), recall[0]  # every database's pairs
+    for row in recall[1:]:
+        assert all(re.fullmatch(RANDOM_RECALL if row[0] == "random" else RECALL, c) for c in row[1:]), row
+    mean_ap = markdown_rows(lines, "| source | activity")   # JUMP's mAP: activity, consistency per database
+    assert mean_ap[0][1:] == ["activity"] + [f"consistency {db}" for db in databases]
+    assert [row[0] for row in mean_ap[1:]] == sources
+    assert all(re.fullmatch(MAP, c) for row in mean_ap[1:] for c in row[1:]), mean_ap
+    per_class = markdown_rows(lines, "| source | database |")   # recall per phenotype class, every database
+    assert set(PHENOTYPE_CLASSES) <= set(per_class[0][2:]), per_class[0]
+    assert [(row[0], row[1]) for row in per_class[1:]] == [(s, db) for s in sources for db in databases]
+    for row in per_class[1:]:
+        planted = dict(zip(per_class[0][2:], row[2:]))
+        if row[1] == "planted":   # every class has one planted complex of 3 genes: 3 pairs each
+            pattern = (RANDOM_RECALL if row[0] == "random" else RECALL) + r" \(n=3\)"
+            assert all(re.fullmatch(pattern, planted[c]) for c in PHENOTYPE_CLASSES), row
+    rows = summary["table"]                                 # the table's numbers, one row per source/database/class
+    assert {(r["source"], r["database"]) for r in rows} == {(s, db) for s in sources for db in databases}
+    for r in rows:
+        if r["n_pairs"]:
+            assert r["recall_low"] <= r["recall"] <= r["recall_high"], r
+    overall = [r for r in rows if r["phenotype_class"] == "all"]
+    assert all(r["activity_map"] is not None and r["consistency_map"] is not None for r in overall)
+    assert {r["phenotype_class"] for r in rows} >= {"all", *PHENOTYPE_CLASSES}
+    assert next(r for r in overall if r["source"] == "random")["seeds"] > 1
+    assert summary["screen"]["genes"] == 17 and summary["wall_seconds"] > 0
+
+
+def test_demo_compares_models_side_by_side(tmp_path, capsys):
+    out = tmp_path / "demo"
+    models = ["mae_vit_micro_patch16_256", "wsl_densenet_micro_256", "munet_micro_256"]
+    rc = main(["demo", "--tiny", "--out", str(out), "--models", ",".join(models), "--max-steps", "2",
+               "--batch-size", "4", "--seconds", "36000"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    lines = printed.splitlines()
+    sources = expected_sources(models)
+    recall = markdown_rows(lines, "| source | planted")
+    assert [row[0] for row in recall] == ["source"] + sources   # one table, every model side by side
+    assert all(re.fullmatch(RANDOM_RECALL if row[0] == "random" else RECALL, row[1]) for row in recall[1:]), recall
+    mean_ap = markdown_rows(lines, "| source | activity")
+    assert [row[0] for row in mean_ap[1:]] == sources and all(re.fullmatch(MAP, row[1]) for row in mean_ap[1:])
+    for name in models:  # each model's own run and table under OUT/<model>/
+        table = pd.read_parquet(out / name / "embeddings.parquet")
+        assert len(table) == 42 and re.search(rf"embeddings:\s+{re.escape(str(out / name / 'embeddings.parquet'))}",
+                                              printed)
+        assert os.path.getsize(out / name / "train" / "loss_curve.png") > 100
+    assert (out / "munet_micro_256" / "train" / "recon" / "step_00000002.png").exists()
+    assert not (out / "wsl_densenet_micro_256" / "train" / "recon").exists()  # a classifier does not reconstruct
+    combined = (out / "recall.md").read_text()
+    assert all(f"| {name} |" in combined for name in sources)
+    assert re.search(rf"recall table:\s+{re.escape(str(out / 'recall.md'))}", printed)
+    summary = json.loads((out / "demo_summary.json").read_text())
+    assert list(summary["models"]) == models and set(summary["recall"]) == set(sources)
+    assert summary["models"]["wsl_densenet_micro_256"]["steps"] == 2
+
+
+def test_demo_refuses_unknown_models(tmp_path, capsys):
+    rc = main(["demo", "--tiny", "--out", str(tmp_path / "d"), "--models", "mae_vit_micro_patch16_256,resnet50"])
+    assert rc == 2 and "unknown model preset(s) resnet50" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+
+
+def test_demo_checks_every_option_before_generating_anything(tmp_path, capsys):
+    # bounds on single numbers are argparse's (usage + one line, exit 2); the rest the demo's own check (one line)
+    for argv, message in ((["--minutes", "0"], "argument --minutes: must be > 0"),
+                          (["--batch-size", "0"], "argument --batch-size: must be >= 1"),
+                          (["--max-steps", "-3"], "argument --max-steps: must be >= 1"),
+                          (["--lr", "-1"], "argument --lr: must be > 0")):
+        with pytest.raises(SystemExit) as exited:
+            main(["demo", "--tiny", "--out", str(tmp_path / "d")] + argv)
+        assert exited.value.code == 2 and message in capsys.readouterr().err, argv
+        assert not (tmp_path / "d").exists()
+    rc = main(["demo", "--tiny", "--out", str(tmp_path / "d"), "--device", "tpu"])
+    assert rc == 2 and "--device must be auto, cpu or cuda" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+
+
+def test_demo_says_which_optional_parts_it_leaves_out(monkeypatch, tmp_path):
+    """Without cp-measure the CellProfiler-style baseline is left out with a line naming the package; without
+    efaar-benchmarking the table keeps the planted complexes and says why EFAAR's databases are missing."""
+    from types import SimpleNamespace
+
+    from mae_fast.cli import demo
+    from mae_fast.evaluation import databases
+
+    real_find_spec = cellprofiler.importlib.util.find_spec
+    monkeypatch.setattr(cellprofiler.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "cp_measure" else real_find_spec(name, *a))
+    assert cellprofiler.missing_packages() == ["cp-measure"]
+    baselines, note = demo.demo_baselines()
+    assert baselines == ("random", "pixel-stats") and "needs cp-measure (pip install cp-measure)" in note
+    monkeypatch.setattr(databases.importlib.util, "find_spec", lambda name, *a: None)
+    screen = SimpleNamespace(relationships_csv=str(tmp_path / "planted.csv"))
+    relationships, note = demo.demo_relationships(screen)
+    assert relationships == {"planted": screen.relationships_csv}
+    assert note.startswith("EFAAR databases left out:") and "pip install --no-deps efaar-benchmarking" in note

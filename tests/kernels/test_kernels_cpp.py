@@ -1,0 +1,369 @@
+"""The C++ CPU kernels (mae_fast._C, csrc/) against the reference ops, at realistic sizes (256^2 crops, the
+ViT-L/8 MAE token counts at batch 3). Fresh random inputs, odd shapes (batch 3, 5 channels), outputs poisoned with
+NaN before each call and checked fully written, forward and backward, per-dtype tolerances."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mae_fast import ops
+from tests.helpers import (
+    assert_loss_grad_close, assert_unit_std, images_with_spread, standardised_planes,
+)
+
+pytest.importorskip("mae_fast._C", reason="C++ extension not built (python setup.py build_ext --inplace)")
+from mae_fast.backends import cpp as cpu_ops  # noqa: E402
+
+# (rtol, atol as a fraction of the reference's largest magnitude) per dtype of the compared tensor
+TOL = {torch.float32: (1e-4, 1e-5), torch.bfloat16: (1.6e-2, 8e-3), torch.float16: (2e-3, 1e-3)}
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _images(B, C, H, dtype, seed):
+    g = _gen(seed)
+    if dtype == torch.uint8:
+        return torch.randint(0, 256, (B, C, H, H), generator=g, dtype=torch.uint8)
+    if dtype in (torch.uint16, torch.int32):
+        return torch.randint(0, 65536, (B, C, H, H), generator=g, dtype=torch.int32).to(dtype)
+    return torch.rand(B, C, H, H, generator=g).to(dtype)
+
+
+def _nan(shape, dtype=torch.float32):
+    return torch.full(shape, float("nan"), dtype=dtype)
+
+
+PATCHIFY_TOL = (2e-6, 2e-6)  # standardised pixels: float32 rounding of a few operations
+
+
+def _close(got, expected, dtype=None, tol=None):
+    dtype = dtype or got.dtype
+    got, expected = got.detach(), expected.detach()
+    rtol, atol = tol or TOL[dtype]
+    assert torch.isfinite(got).all(), "output not fully written (NaN poison survived) or non-finite"
+    torch.testing.assert_close(got.float(), expected.float(), rtol=rtol,
+                               atol=atol * float(expected.float().abs().max()))
+
+
+def test_cpp_backends_are_registered_and_default_on_cpu():
+    for op in ("masked_patchify", "unshuffle", "mae_loss", "lion_update"):
+        assert "cpp" in ops.available_impls(op)
+    x = torch.randn(3, 4, 64)
+    ops.mae_loss(x, x + 1, patch_size=8, layout="channel")
+    assert ops.last_impl("mae_loss") == "cpp"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# masked patchify
+# --------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", ops.LAYOUTS)
+@pytest.mark.parametrize("p", [8, 16])
+@pytest.mark.parametrize("ratio", [0.25, 0.75])
+def test_masked_patchify_matches_reference(layout, p, ratio):
+    images = _images(3, 5, 256, torch.uint16, seed=p + int(100 * ratio))
+    L = (256 // p) ** 2 * (5 if layout == "channel" else 1)
+    masking = ops.random_masking(3, L, ratio, generator=_gen(p))
+    ref = ops.masked_patchify(images, p, ratio, layout, masking=masking, impl="reference")
+    visible, target = _nan(ref.visible.shape), _nan(ref.target.shape)
+    out = cpu_ops.masked_patchify_cpp(images, p, masking, layout, visible=visible, target=target)
+    assert out.visible is visible and out.target is target
+    _close(visible, ref.visible, tol=PATCHIFY_TOL)
+    _close(target, ref.target, tol=PATCHIFY_TOL)
+    assert ops.masked_patchify(images, p, ratio, layout, masking=masking).visible.shape == ref.visible.shape
+    assert ops.last_impl("masked_patchify") == "cpp"
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.uint16, torch.int32, torch.float32, torch.bfloat16])
+def test_masked_patchify_pixel_dtypes_and_strides(dtype):
+    images = _images(3, 5, 64, dtype, seed=3)
+    images = images.contiguous(memory_format=torch.channels_last)  # non-contiguous NCHW strides
+    masking = ops.random_masking(3, 64, 0.75, generator=_gen(4))
+    ref = ops.masked_patchify(images, 8, 0.75, masking=masking, impl="reference")
+    out = cpu_ops.masked_patchify_cpp(images, 8, masking, "standard", visible=_nan(ref.visible.shape),
+                                      target=_nan(ref.target.shape))
+    _close(out.visible, ref.visible, tol=PATCHIFY_TOL)
+    _close(out.target, ref.target, tol=PATCHIFY_TOL)
+
+
+@pytest.mark.parametrize("brightness", [300, 3000, 30000, 62000])
+@pytest.mark.parametrize("layout", ops.LAYOUTS)
+@pytest.mark.parametrize("p", [8, 16])
+def test_16_bit_channels_standardise_to_unit_std_at_every_brightness(brightness, layout, p):
+    images = images_with_spread(3, 5, 64, brightness, 20, seed=brightness + p)  # std 20 counts
+    L = (64 // p) ** 2 * (5 if layout == "channel" else 1)
+    masking = ops.random_masking(3, L, 0.75, generator=_gen(p))
+    ref = ops.masked_patchify(images, p, 0.75, layout, masking=masking, impl="reference")
+    out = cpu_ops.masked_patchify_cpp(images, p, masking, layout, visible=_nan(ref.visible.shape),
+                                      target=_nan(ref.target.shape))
+    assert_unit_std(standardised_planes(out, p, 5, layout))
+    # float32 rounding of x / 65535 at a bright level is ~1e-4 of a 20-count std: compared absolutely
+    torch.testing.assert_close(out.visible, ref.visible, rtol=0, atol=1e-3)
+    torch.testing.assert_close(out.target, ref.target, rtol=0, atol=1e-3)
+
+
+def test_channel_stats_precise_on_low_contrast_16_bit():
+    """A bright plane with tiny variation (mean 0.6, std 1e-4 of full scale) needs exact sums."""
+    g = _gen(5)
+    base = torch.randint(39300, 39310, (3, 5, 256, 256), generator=g, dtype=torch.int32)
+    images = base.to(torch.uint16)
+    mean, rstd = cpu_ops.channel_stats_cpp(images)
+    x = base.double() / 65535.0  # exact: float32 x/65535 would move the variance by ~1e-5 at this spread
+    var = x.var(dim=(2, 3), unbiased=False)
+    torch.testing.assert_close(mean.double(), x.mean(dim=(2, 3)), rtol=1e-7, atol=0)
+    torch.testing.assert_close(rstd.double(), torch.rsqrt(var + ops.standardize_eps(torch.uint16)), rtol=1e-6, atol=0)
+
+
+def test_masked_patchify_given_stats():
+    images = _images(3, 5, 64, torch.uint8, seed=6)
+    masking = ops.random_masking(3, 64, 0.75, generator=_gen(6))
+    stats = (torch.rand(3, 5, generator=_gen(7)), torch.rand(3, 5, generator=_gen(8)) + 0.5)
+    ref = ops.masked_patchify(images, 8, 0.75, masking=masking, stats=stats, impl="reference")
+    out = ops.masked_patchify(images, 8, 0.75, masking=masking, stats=stats, impl="cpp")
+    _close(out.visible, ref.visible, tol=PATCHIFY_TOL)
+    _close(out.target, ref.target, tol=PATCHIFY_TOL)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# unshuffle
+# --------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_pos", [True, False])
+def test_unshuffle_forward_backward(dtype, with_pos):
+    B, L, D = 3, 1024, 512
+    K = 256
+    g = _gen(9)
+    x_full = torch.randn(B, 1 + K, D, generator=g).to(dtype).requires_grad_()
+    token = torch.randn(D, generator=g).requires_grad_()
+    pos = torch.randn(L, D, generator=g) if with_pos else None
+    ids = torch.argsort(torch.rand(B, L, generator=g), dim=1)
+    grad_out = torch.randn(B, L, D, generator=g).to(dtype)
+
+    ref = ops.unshuffle(x_full[:, 1:], token, ids, pos, impl="reference")
+    ref_gx, ref_gt = torch.autograd.grad(ref, (x_full, token), grad_out)
+
+    # kernel level, poisoned outputs
+    x = x_full.detach()[:, 1:]  # a strided view, as the decoder passes it
+    out = cpu_ops.unshuffle_forward_cpp(x, token.detach().to(dtype), ids, None if pos is None else pos.to(dtype),
+                                        out=_nan((B, L, D), dtype))
+    assert torch.equal(out, ref.detach()), "forward must round exactly as the reference"
+    grad_x = _nan((B, K, D), dtype)
+    grad_token = cpu_ops.unshuffle_backward_cpp(grad_out, ids, grad_x)
+    assert torch.equal(grad_x, ref_gx[:, 1:])
+    _close(grad_token, ref_gt, dtype=dtype)
+
+    # through the dispatcher and autograd
+    fused = ops.unshuffle(x_full[:, 1:], token, ids, pos)
+    assert ops.last_impl("unshuffle") == "cpp"
+    gx, gt = torch.autograd.grad(fused, (x_full, token), grad_out)
+    assert torch.equal(fused, ref) and torch.equal(gx, ref_gx)
+    _close(gt, ref_gt, dtype=dtype)
+
+
+def test_unshuffle_pos_embed_gradient():
+    B, K, L, D = 3, 5, 21, 24
+    g = _gen(10)
+    x = torch.randn(B, K, D, generator=g, requires_grad=True)
+    token = torch.randn(D, generator=g, requires_grad=True)
+    pos = torch.randn(L, D, generator=g, requires_grad=True)
+    ids = torch.argsort(torch.rand(B, L, generator=g), dim=1)
+    grad_out = torch.randn(B, L, D, generator=g)
+    ref = torch.autograd.grad(ops.unshuffle(x, token, ids, pos, impl="reference"), (x, token, pos), grad_out)
+    got = torch.autograd.grad(ops.unshuffle(x, token, ids, pos, impl="cpp"), (x, token, pos), grad_out)
+    for a, b in zip(got, ref):
+        _close(a, b)
+
+
+def test_unshuffle_prefix_rows():
+    """The class token (prefix = 1) passes through in place, forward and backward, pos embedding included."""
+    B, K, L, D = 3, 5, 21, 24
+    g = _gen(11)
+    x = torch.randn(B, 1 + K, D, generator=g, requires_grad=True)
+    token = torch.randn(D, generator=g, requires_grad=True)
+    pos = torch.randn(1 + L, D, generator=g, requires_grad=True)
+    ids = torch.argsort(torch.rand(B, L, generator=g), dim=1)
+    grad_out = torch.randn(B, 1 + L, D, generator=g)
+    ref_out = ops.unshuffle(x, token, ids, pos, impl="reference", prefix=1)
+    got_out = ops.unshuffle(x, token, ids, pos, impl="cpp", prefix=1)
+    _close(got_out, ref_out)
+    ref = torch.autograd.grad(ref_out, (x, token, pos), grad_out)
+    got = torch.autograd.grad(got_out, (x, token, pos), grad_out)
+    for a, b in zip(got, ref):
+        _close(a, b)
+
+
+def test_unshuffle_rejects_out_of_range_ids():
+    x = torch.randn(2, 3, 8)
+    ids = torch.tensor([[0, 1, 2, 3, 9], [4, 3, 2, 1, 0]])
+    with pytest.raises(RuntimeError, match="outside"):
+        ops.unshuffle(x, torch.randn(8), ids, impl="cpp")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# MAE loss
+# --------------------------------------------------------------------------------------------------------------
+
+def _loss_inputs(layout, p, dtype, seed, B=3, N=None):
+    C = 5
+    N = N or (256 // p) ** 2 * (C if layout == "channel" else 1) * 3 // 4  # masked tokens at ratio 0.75
+    P = p * p * (C if layout == "standard" else 1)
+    g = _gen(seed)
+    pred = torch.randn(B, N, P, generator=g).to(dtype)
+    target = torch.randn(B, N, P, generator=g)
+    return pred, target
+
+
+@pytest.mark.parametrize("layout", ops.LAYOUTS)
+@pytest.mark.parametrize("p", [8, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mae_loss_matches_reference(layout, p, dtype):
+    pred, target = _loss_inputs(layout, p, dtype, seed=p)
+    leaf = pred.clone().requires_grad_()
+    ref = ops.mae_loss(leaf, target, patch_size=p, layout=layout, alpha=0.01, impl="reference")
+    (ref_grad,) = torch.autograd.grad(ref * 3.5, leaf)
+
+    B, N, P = pred.shape
+    grad = _nan(pred.shape, dtype)
+    loss = cpu_ops.mae_loss_forward_cpp(pred, target, None, 1.0 / (B * N), p, P // (p * p), 0.01, grad)
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=0)
+    kind = str(dtype).removeprefix("torch.")
+    shape = dict(kind=kind, alpha=0.01, p=p, planes=P // (p * p), weight_max=1.0 / (B * N), scale=3.5)
+    assert_loss_grad_close(grad * 3.5, ref_grad, **shape)
+
+    leaf2 = pred.clone().requires_grad_()
+    fused = ops.mae_loss(leaf2, target, patch_size=p, layout=layout, alpha=0.01)
+    assert ops.last_impl("mae_loss") == "cpp"
+    (fused_grad,) = torch.autograd.grad(fused * 3.5, leaf2)
+    assert_loss_grad_close(fused_grad, ref_grad, **shape)
+
+
+@pytest.mark.parametrize("layout", ops.LAYOUTS)
+def test_mae_loss_with_mask_and_large_alpha(layout):
+    """alpha = 0.5 makes the Fourier gradient dominant enough to be checked tightly."""
+    pred, target = _loss_inputs(layout, 8, torch.float32, seed=11, N=101)
+    mask = (torch.rand(pred.shape[:2], generator=_gen(12)) < 0.6).float()
+    leaf = pred.clone().requires_grad_()
+    ref = ops.mae_loss(leaf, target, mask, patch_size=8, layout=layout, alpha=0.5, impl="reference")
+    (ref_grad,) = torch.autograd.grad(ref, leaf)
+    leaf2 = pred.clone().requires_grad_()
+    got = ops.mae_loss(leaf2, target, mask, patch_size=8, layout=layout, alpha=0.5, impl="cpp")
+    (grad,) = torch.autograd.grad(got, leaf2)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=0)
+    P = pred.shape[-1]
+    assert_loss_grad_close(grad, ref_grad, kind="float32", alpha=0.5, p=8, planes=P // 64,
+                     weight_max=float(mask.max() / mask.sum()))
+
+
+@pytest.mark.parametrize("pred_dtype,target_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                                                     (torch.float16, torch.bfloat16), (torch.float32, torch.bfloat16)])
+def test_mae_loss_dtype_combinations(pred_dtype, target_dtype):
+    pred, target = _loss_inputs("standard", 8, pred_dtype, seed=21, N=33)
+    target = target.to(target_dtype)
+    leaf = pred.clone().requires_grad_()
+    ref = ops.mae_loss(leaf, target, patch_size=8, alpha=0.5, impl="reference")
+    (ref_grad,) = torch.autograd.grad(ref, leaf)
+    leaf2 = pred.clone().requires_grad_()
+    got = ops.mae_loss(leaf2, target, patch_size=8, alpha=0.5, impl="cpp")
+    (grad,) = torch.autograd.grad(got, leaf2)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=0)
+    B, N, P = pred.shape
+    assert_loss_grad_close(grad, ref_grad, kind=str(pred_dtype).removeprefix("torch."), alpha=0.5, p=8, planes=P // 64,
+                     weight_max=1.0 / (B * N))
+
+
+@pytest.mark.parametrize("p", [4, 6, 7])
+def test_mae_loss_other_patch_sizes(p):
+    """The C++ kernel is generic in p (the half spectrum also covers odd p)."""
+    pred, target = _loss_inputs("standard", p, torch.float32, seed=p, N=9)
+    leaf = pred.clone().requires_grad_()
+    ref = ops.mae_loss(leaf, target, patch_size=p, alpha=0.5, impl="reference")
+    (ref_grad,) = torch.autograd.grad(ref, leaf)
+    leaf2 = pred.clone().requires_grad_()
+    got = ops.mae_loss(leaf2, target, patch_size=p, alpha=0.5, impl="cpp")
+    (grad,) = torch.autograd.grad(got, leaf2)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=0)
+    B, N, P = pred.shape
+    assert_loss_grad_close(grad, ref_grad, kind="float32", alpha=0.5, p=p, planes=P // (p * p), weight_max=1.0 / (B * N))
+
+
+def test_mae_loss_zero_spectrum_and_identical_inputs():
+    target = torch.randn(3, 7, 64 * 5, generator=_gen(13))
+    zero = torch.zeros_like(target, requires_grad=True)  # |F| = 0 everywhere: gradient defined as 0 there
+    (grad,) = torch.autograd.grad(ops.mae_loss(zero, target, patch_size=8, impl="cpp"), zero)
+    (ref,) = torch.autograd.grad(ops.mae_loss(zero, target, patch_size=8, impl="reference"), zero)
+    assert torch.isfinite(grad).all()
+    _close(grad, ref)
+    same = target.clone().requires_grad_()
+    loss = ops.mae_loss(same, target, patch_size=8, impl="cpp")
+    (grad,) = torch.autograd.grad(loss, same)
+    assert loss.item() == 0.0 and grad.abs().max() == 0
+
+
+def test_mae_loss_backward_with_retain_graph():
+    """Backward scales the stored gradient out of place, so a retained graph gives the same gradient again."""
+    pred, target = _loss_inputs("channel", 8, torch.float32, seed=14, N=5)
+    pred.requires_grad_()
+    loss = ops.mae_loss(pred, target, patch_size=8, layout="channel", impl="cpp")
+    (first,) = torch.autograd.grad(loss * 2.0, pred, retain_graph=True)
+    (second,) = torch.autograd.grad(loss * 2.0, pred)
+    assert torch.equal(first, second) and first.abs().max() > 0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Lion
+# --------------------------------------------------------------------------------------------------------------
+
+SIZES = [1, 17, 4099, 70001, 300_000]  # across the 65536-element work chunks
+
+
+def _lion_state(p_dtype, g_dtype, m_dtype, seed):
+    g = _gen(seed)
+    params = [torch.randn(n, generator=g).to(p_dtype) for n in SIZES]
+    grads = [torch.randn(n, generator=g).to(g_dtype) for n in SIZES]
+    moms = [(torch.randn(n, generator=g) * 0.1).to(m_dtype) for n in SIZES]
+    # exact zeros of c = b1*m + (1-b1)*g: sign(0) = 0 must leave p*(1-lr*wd)
+    grads[2][:50] = 0
+    moms[2][:50] = 0
+    return params, grads, moms
+
+
+@pytest.mark.parametrize("p_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("g_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m_dtype", [torch.float32, torch.bfloat16])
+def test_lion_matches_reference_bitwise(p_dtype, g_dtype, m_dtype):
+    """The kernel rounds op by op as the reference (two rounded products, one add, FMA for the momentum), so the
+    results are bitwise equal; exact zeros of c keep p * (1 - lr * wd) (sign(0) = 0)."""
+    ref = _lion_state(p_dtype, g_dtype, m_dtype, seed=15)
+    got = [[t.clone() for t in ts] for ts in ref]
+    decayed = ref[0][2][:50].float() * (1 - 1e-3 * 0.05)
+    for step, lr in enumerate([1e-3, 3e-4, 1e-4]):  # lr changes between steps: runtime arguments
+        ops.lion_update(*ref, lr=lr, beta1=0.9, beta2=0.95, weight_decay=0.05, impl="reference")
+        ops.lion_update(*got, lr=lr, beta1=0.9, beta2=0.95, weight_decay=0.05, impl="cpp")
+        if step == 0:
+            torch.testing.assert_close(got[0][2][:50].float(), decayed.to(p_dtype).float(), rtol=0, atol=0)
+    for a, b in zip(got[0] + got[2], ref[0] + ref[2]):
+        assert torch.equal(a, b), f"{(a != b).sum().item()} of {a.numel()} elements differ"
+
+
+def test_lion_mixed_lists_and_non_contiguous_fall_back_per_tensor():
+    g = _gen(17)
+    p32 = torch.randn(33, generator=g)
+    pbf = torch.randn(40, generator=g).bfloat16()
+    p_t = torch.randn(8, 6, generator=g).t()  # non-contiguous: reference path for this one
+    params = [p32, pbf, p_t]
+    grads = [torch.randn_like(p) for p in params]
+    moms = [torch.zeros_like(p) for p in params]
+    ref = [[t.clone() for t in ts] for ts in (params, grads, moms)]
+    ops.lion_update(params, grads, moms, lr=1e-2, weight_decay=0.1, impl="cpp")
+    ops.lion_update(*ref, lr=1e-2, weight_decay=0.1, impl="reference")
+    for a, b in zip(params + moms, ref[0] + ref[2]):
+        torch.testing.assert_close(a, b)
+
+
+def test_lion_op_rejects_mixed_dtypes_in_one_call():
+    with pytest.raises(RuntimeError, match="share the dtypes"):
+        torch.ops.mae_fast.lion_update_([torch.randn(3), torch.randn(3).bfloat16()], [torch.randn(3)] * 2,
+                                        [torch.randn(3)] * 2, 0.1, 1.0, 0.9, 0.1, 0.95, 0.05)

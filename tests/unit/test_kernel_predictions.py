@@ -1,0 +1,52 @@
+"""The roofline predictions (benchmarks/kernel_predictions.py) against hand-counted bytes and FLOPs."""
+from __future__ import annotations
+from tests.helpers import ROOT
+
+import importlib.util
+import os
+
+import pytest
+
+
+
+@pytest.fixture(scope="module")
+def kp():
+    spec = importlib.util.spec_from_file_location("kernel_predictions",
+                                                  os.path.join(ROOT, "benchmarks", "kernel_predictions.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_geometry_vit_l8(kp):
+    g = kp.geometry(256, 8)
+    assert (g["L"], g["K"], g["M"], g["P"]) == (1024, 256, 768, 384)
+    assert kp.geometry(256, 16)["K"] == 64
+
+
+def test_masked_patchify_floor_by_hand(kp):
+    e = kp.masked_patchify(kp.geometry(256, 8))
+    image = 256 * 6 * 256 * 256 * 2
+    expected = image + 256 * 1024 * 8 + 256 * 256 * 384 * 2 + 256 * 768 * 384 * 4
+    assert e["bytes"] == expected
+    assert e["floor_s"] == pytest.approx(expected / 4.3e12)
+    assert e["predicted_s"] >= e["floor_s"]
+
+
+def test_lion_twenty_bytes_per_parameter(kp):
+    e = kp.lion("m", 1000, 3)
+    assert e["bytes"] == 20_000 and e["moved_bytes"] == 20_000
+    assert e["predicted_s"] == pytest.approx(20_000 / 4.3e12)
+
+
+def test_loss_kronecker_is_compute_bound_at_p16(kp):
+    current, design = kp.mae_loss(kp.geometry(256, 16))
+    planes = 256 * 192 * 6
+    assert current["flops"] >= planes * 12 * 16 ** 4
+    assert current["predicted_s"] >= planes * 12 * 16 ** 4 / kp.TC_RATE["tf32"]
+    assert design["predicted_s"] == pytest.approx(design["floor_s"])  # separable bf16: memory-bound
+
+
+def test_schema_fields(kp):
+    row = kp.entry("k", "s", 10, 20, 0, None, 0, "n")
+    assert {"kernel", "size", "bytes", "flops", "predicted_s", "floor_s", "notes"} <= set(row)
