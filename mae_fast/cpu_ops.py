@@ -81,11 +81,12 @@ def _masked_patchify_write(images, mean, rstd, ids_restore, len_keep, patch_size
 _masked_patchify = ops.define_masked_patchify_op("cpp", channel_stats_cpp, _masked_patchify_write)
 
 
-def masked_patchify_cpp(images, patch_size, masking, layout, stats=None, *, visible=None, target=None):
-    """Backend of `ops.masked_patchify` for CPU tensors -> ops.MaskedPatches."""
+def masked_patchify_cpp(images, patch_size, masking, layout, stats=None, out_dtype=torch.float32, *, visible=None,
+                        target=None):
+    """Backend of `ops.masked_patchify` for CPU tensors -> ops.MaskedPatches (visible cast to `out_dtype`)."""
     _check_cpu(images)
     ops.check_fused_patchify_input(images, masking)
-    return _masked_patchify(images, patch_size, masking, layout, stats, visible=visible, target=target)
+    return _masked_patchify(images, patch_size, masking, layout, stats, out_dtype, visible=visible, target=target)
 
 
 # ------------------------------------------------------------------------------------------------------------

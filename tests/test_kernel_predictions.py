@@ -31,6 +31,9 @@ def test_masked_patchify_floor_by_hand(kp):
     assert e["bytes"] == expected
     assert e["floor_s"] == pytest.approx(expected / 4.3e12)
     assert e["predicted_s"] >= e["floor_s"]
+    # one DRAM read of the image: moved = floor + the stats partials (16 tiles x 3 floats per plane)
+    assert e["moved_bytes"] == expected + 256 * 6 * 16 * 3 * 4
+    assert e["launches"] == 2 * 8  # chunks of 32 images (24 MiB)
 
 
 def test_lion_twenty_bytes_per_parameter(kp):

@@ -104,6 +104,47 @@ def test_masked_patchify_pixel_dtypes_and_strides(dtype):
     _close(out.target, ref.target, rtol=2e-6, atol=2e-6)
 
 
+@pytest.mark.parametrize("layout", ops.LAYOUTS)
+@pytest.mark.parametrize("p", [8, 16])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_masked_patchify_chunks_odd_shapes_and_out_dtype(layout, p, out_dtype, monkeypatch):
+    """48 x 48 images: token blocks that do not divide the row (column masks); L2 chunks of 2 images over a batch of
+    3 (the stats of chunk 2 must not mix with chunk 1's); statistics merged from 12 tiles per plane of a row ramp
+    (tile means differ: the merge's between-tile term matters); visible written in `out_dtype` (the interpreter
+    truncates to bfloat16 where a GPU rounds: within one bfloat16 ulp); statistics passed in skip the stats launch."""
+    ramp = torch.arange(48, dtype=torch.int32)[:, None] * 800
+    images = (_images(3, 5, 48, torch.uint16, seed=50 + p).cpu().to(torch.int32) // 4 + ramp).to(torch.uint16)
+    images = images.to(DEVICE)
+    assert 48 // p % masked_patchify.block_tokens(p, 5, 48 // p, layout == "channel")  # an uneven last block
+    monkeypatch.setattr(masked_patchify, "L2_CHUNK_BYTES", 2 * images[0].numel() * 2)
+    monkeypatch.setattr(masked_patchify, "STATS_TILE", 256)  # 4 x 64 tiles: 12 per plane
+    assert masked_patchify._stats_tile(48, 48) == (4, 64)
+    assert masked_patchify.chunk_images(images) == 2
+    L = (48 // p) ** 2 * (5 if layout == "channel" else 1)
+    masking = ops.random_masking(3, L, 0.75, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(p))
+    ref = ops.masked_patchify(images, p, 0.75, layout, masking=masking, impl="reference")
+    tol = dict(rtol=2e-6, atol=2e-6) if out_dtype == torch.float32 else dict(rtol=2**-7, atol=2**-7 / 8)
+    for stats in (None, masked_patchify.channel_stats_triton(images)):
+        visible, target = _nan(ref.visible.shape, out_dtype), _nan(ref.target.shape)
+        out = masked_patchify.masked_patchify_triton(images, p, masking, layout, stats, out_dtype, visible=visible,
+                                                     target=target)
+        assert out.visible is visible and visible.dtype == out_dtype and target.dtype == torch.float32
+        _close(visible, ref.visible, **tol)
+        _close(target, ref.target, rtol=2e-6, atol=2e-6)
+    fused = ops.masked_patchify(images, p, 0.75, layout, masking=masking, impl="triton", out_dtype=out_dtype)
+    assert fused.visible.dtype == out_dtype
+    _close(fused.visible, ref.visible, **tol)
+
+
+def test_masked_patchify_visible_in_autocast_dtype():
+    images = _images(2, 3, 32, torch.uint8, seed=60)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        out = ops.masked_patchify(images, 8, 0.75, impl="triton")
+        ref = ops.masked_patchify(images, 8, 0.75, masking=out.masking, impl="reference")
+    assert out.visible.dtype == ref.visible.dtype == torch.bfloat16 and out.target.dtype == torch.float32
+    _close(out.visible, ref.visible, rtol=2**-7, atol=2**-7 / 8)
+
+
 @pytest.mark.parametrize("brightness", [300, 30000, 62000])
 @pytest.mark.parametrize("layout", ops.LAYOUTS)
 def test_16_bit_channels_standardise_to_unit_std_at_every_brightness(brightness, layout):

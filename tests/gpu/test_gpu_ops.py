@@ -26,6 +26,7 @@ DEV = torch.device("cuda")
 # (op, dtype of the compared tensor) -> (rtol, atol as a fraction of max |reference|)
 TOL = {
     ("masked_patchify", torch.float32): (1e-5, 1e-6),
+    ("masked_patchify", torch.bfloat16): (2**-8, 1e-6),  # one rounding to bf16 (half an ulp) of the float32 value
     ("unshuffle", torch.float32): (0.0, 0.0),          # a gather + one add, rounded once: bitwise
     ("unshuffle", torch.bfloat16): (0.0, 0.0),
     ("unshuffle_token_grad", torch.float32): (1e-5, 1e-6),  # float32 sums in another order
@@ -84,15 +85,18 @@ def test_triton_is_the_default_on_cuda():
 @pytest.mark.parametrize("p", [8, 16])
 @pytest.mark.parametrize("ratio", [0.25, 0.75])
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.uint16, torch.float32])
-def test_masked_patchify(layout, p, ratio, dtype):
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_masked_patchify(layout, p, ratio, dtype, out_dtype):
     B, C = 3, 5
     images = _images(B, C, 256, dtype, seed=p)
     L = (256 // p) ** 2 * (C if layout == "channel" else 1)
     masking = ops.random_masking(B, L, ratio, device=DEV, generator=_gen(p + 1))
     ref = ops.masked_patchify(images, p, ratio, layout, masking=masking, impl="reference")
-    out = masked_patchify.masked_patchify_triton(images, p, masking, layout, visible=_nan(ref.visible.shape),
+    out = masked_patchify.masked_patchify_triton(images, p, masking, layout, None, out_dtype,
+                                                 visible=_nan(ref.visible.shape, out_dtype),
                                                  target=_nan(ref.target.shape))
-    _close(out.visible, ref.visible, ("masked_patchify", torch.float32))
+    assert out.visible.dtype == out_dtype
+    _close(out.visible, ref.visible, ("masked_patchify", out_dtype))
     _close(out.target, ref.target, ("masked_patchify", torch.float32))
 
 
