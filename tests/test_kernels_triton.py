@@ -23,6 +23,9 @@ from mae_fast.testing import (
 )
 
 pytest.importorskip("triton")
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
 from mae_fast.kernels import lion, mae_loss, masked_patchify, unshuffle  # noqa: E402
 from mae_fast.kernels._common import interpreting  # noqa: E402
 
@@ -246,6 +249,34 @@ def test_dft_tables_give_fft2():
         assert torch.equal(k_re, k_re.T) and torch.equal(k_im, k_im.T)
 
 
+def test_dft_matrix_rows_then_columns_give_fft2():
+    """The separable kernel's tables: F = W X W (W symmetric), rows then columns."""
+    for p in (8, 16):
+        w_re, w_im = mae_loss.dft_matrix(p, torch.device("cpu"))
+        W = torch.complex(w_re.double(), w_im.double())
+        x = torch.randn(7, p, p, generator=_gen(p + 1), dtype=torch.float64)
+        torch.testing.assert_close(W @ x.to(W.dtype) @ W, torch.fft.fft2(x), rtol=1e-5, atol=1e-5 * p)
+        assert torch.equal(w_re, w_re.T) and torch.equal(w_im, w_im.T)
+    assert not mae_loss.separable(8) and mae_loss.separable(16)
+
+
+@triton.jit
+def _round_bf16_probe(x, out, N: tl.constexpr):
+    i = tl.arange(0, N)
+    tl.store(out + i, mae_loss._round_bf16(tl.load(x + i)))
+
+
+def test_bf16_emulation_rounds_to_nearest_even():
+    """Under the interpreter bf16 products are emulated on bf16-rounded float32 values: the rounding must be a GPU's
+    (nearest, ties to even; torch's CPU cast does the same), not the interpreter's truncation."""
+    x = torch.cat([torch.randn(1000, generator=_gen(70)) * 100,
+                   torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8 + 2**-12), 0.0, -0.0])])
+    x = torch.cat([x, torch.zeros(1024 - x.numel())]).to(DEVICE)
+    out = _nan((1024,))
+    _round_bf16_probe[(1,)](x, out, N=1024)
+    assert torch.equal(out.cpu(), x.cpu().to(torch.bfloat16).float())
+
+
 def test_round_to_tf32():
     x = torch.tensor([1.0, 1 + 2**-11, 1 + 3 * 2**-11, 1 + 2**-10 + 2**-12, -math.pi])
     r = mae_loss.round_to_tf32(x)
@@ -287,6 +318,32 @@ def test_mae_loss_matches_reference(layout, p, masked):
     torch.testing.assert_close(fused.cpu(), ref.detach().cpu(), rtol=1e-3, atol=0)
     # default dot precision: exact in the interpreter, tf32 on a GPU
     assert_loss_grad_close(fused_grad, ref_grad, kind="float32" if DEVICE.type == "cpu" else "tf32", **shape)
+
+
+@pytest.mark.parametrize("layout", ops.LAYOUTS)
+@pytest.mark.parametrize("p", [8, 16])
+def test_mae_loss_bf16_adjoint(layout, p):
+    """The GPU's split of precisions, spectra exact here (tf32 on a GPU) and the gradient's adjoint products on
+    bf16-rounded operands (emulated bit-exactly): loss as exact, gradient within the bf16_adjoint tolerance. 23
+    tokens: a ragged last tile (p = 8: 64-plane tiles; p = 16: 8 planes per tile)."""
+    pred, target = _loss_case(layout, p, seed=30 + p, N=23)
+    B, N, P = pred.shape
+    mask = (torch.rand(B, N, generator=_gen(31 + p)) < 0.6).float().to(DEVICE)
+    alpha = 0.3
+    leaf = pred.clone().requires_grad_()
+    ref = ops.mae_loss(leaf, target, mask, patch_size=p, layout=layout, alpha=alpha, impl="reference")
+    (ref_grad,) = torch.autograd.grad(ref, leaf)
+    weight, uniform = ops.token_weights(mask, B, N)
+    grad = _nan(pred.shape)
+    loss = mae_loss.mae_loss_forward_triton(pred, target, weight, uniform, p, P // (p * p), alpha, grad,
+                                            dot_precision="ieee", adjoint_precision="bf16")
+    torch.testing.assert_close(loss.cpu(), ref.detach().cpu(), rtol=1e-5, atol=0)
+    assert_loss_grad_close(grad, ref_grad, kind="bf16_adjoint", alpha=alpha, p=p, planes=P // (p * p),
+                           weight_max=float(mask.max() / mask.sum()))
+    exact = _nan(pred.shape)
+    mae_loss.mae_loss_forward_triton(pred, target, weight, uniform, p, P // (p * p), alpha, exact,
+                                     dot_precision="ieee")
+    assert (exact - grad).abs().max() > 0  # the bf16 path really rounded
 
 
 def test_mae_loss_zero_spectrum_and_identical_inputs():

@@ -166,22 +166,23 @@ def test_mae_loss(layout, p, dtype, masked):
     weight, uniform = ops.token_weights(mask, B, N)
     w_max = 1.0 / (B * N) if mask is None else float(mask.max() / mask.sum())
     shape = dict(alpha=0.01, p=p, planes=P // (p * p), weight_max=w_max, scale=1.5)
-    for precision in ("tf32", "ieee"):
-        if precision == "ieee" and dtype != torch.float32:
+    # (spectra, adjoint) precisions: the default split, tf32 throughout, exact
+    kinds = {("tf32", "bf16"): "bf16_adjoint", ("tf32", "tf32"): "tf32", ("ieee", "ieee"): "float32"}
+    for (fwd, adj), kind in kinds.items():
+        if fwd == "ieee" and dtype != torch.float32:
             continue
         grad = _nan(pred.shape, dtype)
         loss = mae_loss.mae_loss_forward_triton(pred, target, weight, uniform, p, P // (p * p), 0.01, grad,
-                                                dot_precision=precision)
+                                                dot_precision=fwd, adjoint_precision=adj)
         _close(loss, ref, ("mae_loss", dtype))
-        kind = "bfloat16" if dtype == torch.bfloat16 else ("tf32" if precision == "tf32" else "float32")
-        assert_loss_grad_close(grad * 1.5, ref_grad, kind=kind, **shape)
+        assert_loss_grad_close(grad * 1.5, ref_grad, kind="bfloat16" if dtype == torch.bfloat16 else kind, **shape)
 
     leaf2 = pred.clone().requires_grad_()
     fused = ops.mae_loss(leaf2, target, mask, patch_size=p, layout=layout, alpha=0.01)
     assert ops.last_impl("mae_loss") == "triton"
     (grad,) = torch.autograd.grad(fused * 1.5, leaf2)
     _close(fused, ref, ("mae_loss", dtype))
-    assert_loss_grad_close(grad, ref_grad, kind="bfloat16" if dtype == torch.bfloat16 else "tf32", **shape)
+    assert_loss_grad_close(grad, ref_grad, kind="bfloat16" if dtype == torch.bfloat16 else "bf16_adjoint", **shape)
 
 
 def test_mae_loss_zero_spectrum_is_finite():
