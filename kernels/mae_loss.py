@@ -232,7 +232,7 @@ def _launch_config(p: int, precision: str = "bf16", planes_per_token: int = 6) -
     if separable(p):
         return max(1, 8 // next_pow2(planes_per_token)), 0, 8
     if precision == "bf16":
-        return 64, min(32, p * p), 8
+        return 64, min(16, p * p), 8
     return (16 if precision == "ieee" else 32), min(32, p * p), 8
 
 
