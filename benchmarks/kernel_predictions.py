@@ -169,9 +169,13 @@ def mae_loss(g: dict) -> list[dict]:
     out = [entry("mae_loss", size, floor, moved_now, 0, None, core,
                  f"this commit: {form}; spectra on tf32 wgmma, adjoint on bf16 wgmma, fp32 accumulation; torch "
                  "gather + grad scaling + scatter around the kernel", more_tc=tc)]
-    out.append(entry("mae_loss.one_op_design", size, floor, floor, 0, None, core,
-                     "not in this commit: the same kernels in one op on the full prediction (gather, scatter and "
-                     "grad_loss scaling folded in)", more_tc=tc))
+    # the one op on the full prediction (kernels/mae_loss.py masked_mae_loss_triton, not yet wired into the model):
+    # the loss kernel reads the masked rows of pred in place and writes grad (B, M, P); backward reads it and
+    # ids_restore and writes the scaled (B, L, P) gradient: floor + grad (B, M, P) written and read + ids_restore
+    one_op = floor + 2 * gathered + B * L * I64
+    out.append(entry("mae_loss.full_prediction", size, floor, one_op, 0, None, core,
+                     f"masked_mae_loss_triton ({form}): gather, scatter and grad_loss scaling folded into the loss "
+                     "kernel and one backward pass; not yet called by the model", more_tc=tc))
     return out
 
 

@@ -114,39 +114,55 @@ def variants() -> list[Variant]:
                            {"BLOCK_T": 8, "BLOCK_D": 256}, {},
                            ints={"L": 1024, "K": 256, "D": D, "PREFIX": 1, "n_tiles": 256 * 129, "n_row_blocks": 129},
                            requires=(LDG128, STG128)))
-    for pred, fwd, adj in (("bf16", "tf32", "bf16"), ("fp32", "tf32", "bf16"), ("bf16", "bf16", "bf16"),
-                           ("fp32", "ieee", "ieee")):
+    for pred, fwd, adj, row_map in (("bf16", "tf32", "bf16", False), ("bf16", "tf32", "bf16", True),
+                                    ("fp32", "tf32", "bf16", False), ("bf16", "bf16", "bf16", False),
+                                    ("fp32", "ieee", "ieee", False)):
+        # row_map: the one-op loss on the full prediction (masked_mae_loss_triton)
+        fold = " full-pred" if row_map else ""
+        sizes8 = {"L": 1024, "M": 768}
         # p = 8: the Kronecker kernel (64-plane tiles); p = 16: the separable kernel, both layouts
         block_pl, block_f, warps = mae_loss._launch_config(8, adj)
         sig = {"pred": f"*{pred}", "target": "*fp32", "token_weight": "*fp32", "grad": f"*{pred}",
-               "partial": "*fp32", "k_re": "*fp32", "k_im": "*fp32", "n_planes": "i32", "P": "i32", "CP": "i32",
-               "uniform_weight": "fp32", "coef_mse": "fp32", "coef_fourier": "fp32", "P2": "constexpr",
-               "BLOCK_PL": "constexpr", "BLOCK_F": "constexpr", "HAS_WEIGHT": "constexpr",
-               "DOT_PRECISION": "constexpr", "ADJ_PRECISION": "constexpr", "EMULATE_BF16": "constexpr"}
+               "partial": "*fp32", "k_re": "*fp32", "k_im": "*fp32", "row_ids": "*i64", "n_planes": "i32", "P": "i32",
+               "CP": "i32", "uniform_weight": "fp32", "coef_mse": "fp32", "coef_fourier": "fp32", "L": "i32",
+               "M": "i32", "P2": "constexpr", "BLOCK_PL": "constexpr", "BLOCK_F": "constexpr",
+               "HAS_WEIGHT": "constexpr", "DOT_PRECISION": "constexpr", "ADJ_PRECISION": "constexpr",
+               "EMULATE_BF16": "constexpr", "ROW_MAP": "constexpr"}
         consts = {"P2": 64, "BLOCK_PL": block_pl, "BLOCK_F": block_f, "HAS_WEIGHT": False,
-                  "DOT_PRECISION": fwd, "ADJ_PRECISION": adj, "EMULATE_BF16": False}
+                  "DOT_PRECISION": fwd, "ADJ_PRECISION": adj, "EMULATE_BF16": False, "ROW_MAP": row_map}
         tensor_core = () if fwd == "ieee" else ((HGMMA,) if block_pl >= 64 else ("HMMA",))
-        out.append(Variant(f"mae_loss kron p8 pred {pred} {fwd}/{adj}", mae_loss._mae_loss_kernel, sig, consts,
-                           {"num_warps": warps},
-                           ints={"n_planes": 256 * 768 * 6, "P": 6 * 64, "CP": 6},
+        out.append(Variant(f"mae_loss kron p8{fold} pred {pred} {fwd}/{adj}", mae_loss._mae_loss_kernel, sig,
+                           consts, {"num_warps": warps},
+                           ints={"n_planes": 256 * 768 * 6, "P": 6 * 64, "CP": 6, **sizes8},
                            requires=tensor_core,
                            why="stride-6 planes of standard-layout tokens give no 128-bit loads"))
         for layout, cp in (("standard", 6), ("channel", 1)):
             block_tok, _, warps = mae_loss._launch_config(16, adj, cp)
             sig = {"pred": f"*{pred}", "target": "*fp32", "token_weight": "*fp32", "grad": f"*{pred}",
-                   "partial": "*fp32", "w_re": "*fp32", "w_im": "*fp32", "n_tokens": "i32", "P": "i32",
-                   "uniform_weight": "fp32", "coef_mse": "fp32", "coef_fourier": "fp32", "CP": "constexpr",
-                   "CP_PAD": "constexpr", "PATCH": "constexpr", "BLOCK_TOK": "constexpr", "HAS_WEIGHT": "constexpr",
-                   "DOT_PRECISION": "constexpr", "ADJ_PRECISION": "constexpr", "EMULATE_BF16": "constexpr"}
+                   "partial": "*fp32", "w_re": "*fp32", "w_im": "*fp32", "row_ids": "*i64", "n_tokens": "i32",
+                   "P": "i32", "uniform_weight": "fp32", "coef_mse": "fp32", "coef_fourier": "fp32", "L": "i32",
+                   "M": "i32", "CP": "constexpr", "CP_PAD": "constexpr", "PATCH": "constexpr",
+                   "BLOCK_TOK": "constexpr", "HAS_WEIGHT": "constexpr", "DOT_PRECISION": "constexpr",
+                   "ADJ_PRECISION": "constexpr", "EMULATE_BF16": "constexpr", "ROW_MAP": "constexpr"}
             consts = {"CP": cp, "CP_PAD": 8 if cp == 6 else 1, "PATCH": 16, "BLOCK_TOK": block_tok,
-                      "HAS_WEIGHT": False, "DOT_PRECISION": fwd, "ADJ_PRECISION": adj, "EMULATE_BF16": False}
+                      "HAS_WEIGHT": False, "DOT_PRECISION": fwd, "ADJ_PRECISION": adj, "EMULATE_BF16": False,
+                      "ROW_MAP": row_map}
+            L16 = 256 * (6 if layout == "channel" else 1)
             channel = layout == "channel"
-            out.append(Variant(f"mae_loss separable p16 {layout} pred {pred} {fwd}/{adj}",
+            out.append(Variant(f"mae_loss separable p16{fold} {layout} pred {pred} {fwd}/{adj}",
                                mae_loss._mae_loss_separable_kernel, sig, consts, {"num_warps": warps},
-                               ints={"n_tokens": 256 * 192 * (6 if channel else 1), "P": 256 * cp},
+                               ints={"n_tokens": 256 * L16 * 3 // 4, "P": 256 * cp, "L": L16, "M": L16 * 3 // 4},
                                requires=(() if fwd == "ieee" else (HGMMA,)) + ((LDG128,) if channel else ()),
                                why="" if channel else "standard-layout tokens interleave 6 planes (p, q, c): "
                                    "loads of a thread's 4 padded planes are not 128-bit"))
+    for p in (8, 16):
+        sig = {"grad_masked": "*bf16", "grad_loss": "*fp32", "ids_restore": "*i64", "grad_full": "*bf16",
+               "n_rows": "i32", "L": "i32", "K": "i32", "P": "i32", "BLOCK_R": "constexpr", "BLOCK_P": "constexpr"}
+        L = (256 // p) ** 2
+        block_r, block_p = mae_loss.scatter_blocks(6 * p * p)
+        out.append(Variant(f"scatter_scaled p{p} bf16", mae_loss._scatter_scaled_kernel, sig,
+                           {"BLOCK_R": block_r, "BLOCK_P": block_p}, {"num_warps": 4}, ints={"n_rows": 256 * L, "L": L, "K": L // 4, "P": 6 * p * p},
+                           requires=(LDG128, STG128)))
     for dts in (("fp32", "fp32", "fp32"), ("bf16", "bf16", "bf16"), ("fp32", "bf16", "fp32")):
         sig = {"table": "*i64", "block_tensor": "*i32", "scalars": "*fp32", "n_tensors": "i32",
                "P_DTYPE": "constexpr", "G_DTYPE": "constexpr", "M_DTYPE": "constexpr", "BLOCK": "constexpr",

@@ -62,11 +62,14 @@ def _mm(a, b, DOT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr):
 
 @triton.jit
 def _mae_loss_kernel(
-    pred, target, token_weight, grad, partial, k_re, k_im,
-    n_planes, P, CP, uniform_weight, coef_mse, coef_fourier,
+    pred, target, token_weight, grad, partial, k_re, k_im, row_ids,
+    n_planes, P, CP, uniform_weight, coef_mse, coef_fourier, L, M,
     P2: tl.constexpr, BLOCK_PL: tl.constexpr, BLOCK_F: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr, ADJ_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
+    ROW_MAP: tl.constexpr,
 ):
+    # ROW_MAP: pred is the full prediction (B, L, P) and token t = b M + m of target / grad reads pred row
+    # (b, row_ids[t]) -- the gather of the masked tokens folded into the loads
     pid = tl.program_id(0)
     plane = pid.to(tl.int64) * BLOCK_PL + tl.arange(0, BLOCK_PL)
     plane_ok = plane < n_planes
@@ -75,7 +78,12 @@ def _mae_loss_kernel(
     row = token * P + plane % CP  # int64 per plane; 32-bit offsets within the tile (fewer live registers)
     offs = (row - pid.to(tl.int64) * BLOCK_PL // CP * P).to(tl.int32)[:, None] + (j * CP)[None, :]
     base = pid.to(tl.int64) * BLOCK_PL // CP * P
-    x = tl.load(pred + base + offs, mask=plane_ok[:, None], other=0.0).to(tl.float32)
+    if ROW_MAP:
+        pred_row = (token // M) * L + tl.load(row_ids + token, mask=plane_ok, other=0)
+        x_at = pred + (pred_row * P + plane % CP)[:, None] + (j * CP)[None, :]
+    else:
+        x_at = pred + base + offs
+    x = tl.load(x_at, mask=plane_ok[:, None], other=0.0).to(tl.float32)
     y = tl.load(target + base + offs, mask=plane_ok[:, None], other=0.0).to(tl.float32)
     if HAS_WEIGHT:
         w = tl.load(token_weight + token, mask=plane_ok, other=0.0)
@@ -113,10 +121,11 @@ def _plane_transpose(t, Z: tl.constexpr, PATCH: tl.constexpr):
 
 @triton.jit
 def _mae_loss_separable_kernel(
-    pred, target, token_weight, grad, partial, w_re, w_im,
-    n_tokens, P, uniform_weight, coef_mse, coef_fourier,
+    pred, target, token_weight, grad, partial, w_re, w_im, row_ids,
+    n_tokens, P, uniform_weight, coef_mse, coef_fourier, L, M,
     CP: tl.constexpr, CP_PAD: tl.constexpr, PATCH: tl.constexpr, BLOCK_TOK: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr, ADJ_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
+    ROW_MAP: tl.constexpr,
 ):
     """BLOCK_TOK tokens x CP_PAD planes (Z planes, Z p >= 64 rows: wgmma's M) per program. With W the symmetric
     p-point DFT matrix, per plane X: F = W X W, as two batched products over the tile, rows then columns:
@@ -130,10 +139,14 @@ def _mae_loss_separable_kernel(
     r = tl.arange(0, PATCH)
     c = tl.arange(0, CP_PAD)
     # token element (r, q, c) at (r p + q) CP + c: tile (tok, r, q, c), then planes (tok, c, r, q)
-    offs = (tok.to(tl.int64) * P)[:, None, None, None] + ((r[:, None] * PATCH + r[None, :]) * CP)[None, :, :, None] \
-        + c[None, None, None, :]
+    inner = ((r[:, None] * PATCH + r[None, :]) * CP)[None, :, :, None] + c[None, None, None, :]
+    offs = (tok.to(tl.int64) * P)[:, None, None, None] + inner
     ok = tok_ok[:, None, None, None] & (c < CP)[None, None, None, :]
-    x = tl.load(pred + offs, mask=ok, other=0.0).to(tl.float32)
+    if ROW_MAP:  # as in _mae_loss_kernel: pred rows (b, row_ids[t]) of the full prediction
+        pred_row = (tok // M).to(tl.int64) * L + tl.load(row_ids + tok, mask=tok_ok, other=0)
+        x = tl.load(pred + (pred_row * P)[:, None, None, None] + inner, mask=ok, other=0.0).to(tl.float32)
+    else:
+        x = tl.load(pred + offs, mask=ok, other=0.0).to(tl.float32)
     y = tl.load(target + offs, mask=ok, other=0.0).to(tl.float32)
     if HAS_WEIGHT:
         w = tl.load(token_weight + tok, mask=tok_ok, other=0.0)
@@ -248,12 +261,17 @@ def default_precisions() -> tuple[str, str]:
 def mae_loss_forward_triton(pred, target, token_weight, uniform_weight, patch_size, planes_per_token, alpha, grad,
                             *, dot_precision: str | None = None, adjoint_precision: str | None = None,
                             block_planes: int | None = None, block_freq: int | None = None,
-                            num_warps: int | None = None):
+                            num_warps: int | None = None, row_ids: torch.Tensor | None = None):
     """Loss (float32 scalar) and d loss / d pred written into `grad`, in one launch (+ one sum of partials).
     `dot_precision` / `adjoint_precision`: the forward DFT's and the gradient adjoint's products (defaults:
     `default_precisions`; a forward precision alone sets both). `block_planes`: planes per program (Kronecker)
-    or tokens per program (separable)."""
-    B, N, P = pred.shape
+    or tokens per program (separable). `row_ids` (B, N) int64: pred is the full prediction (B, L, P) and token
+    (b, n) of target and grad is pred[b, row_ids[b, n]] (the masked tokens' gather folded into the kernel)."""
+    B, N, P = target.shape
+    L = pred.shape[1]
+    row_map = row_ids is not None
+    if row_map:
+        row_ids = row_ids.contiguous()
     p = patch_size
     default_fwd, default_adj = default_precisions()
     adjoint_precision = adjoint_precision or dot_precision or default_adj
@@ -267,15 +285,16 @@ def mae_loss_forward_triton(pred, target, token_weight, uniform_weight, patch_si
     num_warps = num_warps or default_warps
     coefs = (uniform_weight, (1 - alpha) / P, alpha / (planes_per_token * p * p))
     weight = token_weight if token_weight is not None else grad
+    ids = row_ids if row_map else grad  # unused without ROW_MAP
     if separable(p):
         w_re, w_im = dft_matrix(p, pred.device, dot_precision)
         grid = (triton.cdiv(B * N, block_pl),)
         partial = torch.empty(grid[0], dtype=torch.float32, device=pred.device)
         _mae_loss_separable_kernel[grid](
-            pred, target, weight, grad, partial, w_re, w_im, B * N, P, *coefs,
+            pred, target, weight, grad, partial, w_re, w_im, ids, B * N, P, *coefs, L, N,
             CP=planes_per_token, CP_PAD=next_pow2(planes_per_token), PATCH=p, BLOCK_TOK=block_pl,
             HAS_WEIGHT=token_weight is not None, DOT_PRECISION=dot_precision, ADJ_PRECISION=adjoint_precision,
-            EMULATE_BF16=emulate,
+            EMULATE_BF16=emulate, ROW_MAP=row_map,
             num_warps=num_warps,
         )
         return partial.sum()
@@ -284,9 +303,10 @@ def mae_loss_forward_triton(pred, target, token_weight, uniform_weight, patch_si
     grid = (triton.cdiv(n_planes, block_pl),)
     partial = torch.empty(grid[0], dtype=torch.float32, device=pred.device)
     _mae_loss_kernel[grid](
-        pred, target, weight, grad, partial, k_re, k_im, n_planes, P, planes_per_token, *coefs,
+        pred, target, weight, grad, partial, k_re, k_im, ids, n_planes, P, planes_per_token, *coefs, L, N,
         P2=p * p, BLOCK_PL=block_pl, BLOCK_F=block_f, HAS_WEIGHT=token_weight is not None,
-        DOT_PRECISION=dot_precision, ADJ_PRECISION=adjoint_precision, EMULATE_BF16=emulate, num_warps=num_warps,
+        DOT_PRECISION=dot_precision, ADJ_PRECISION=adjoint_precision, EMULATE_BF16=emulate, ROW_MAP=row_map,
+        num_warps=num_warps,
     )
     return partial.sum()
 
@@ -299,3 +319,95 @@ def mae_loss_triton(pred, target, mask, patch_size, layout, alpha):
     check_device(pred, target, mask)
     ops.check_fused_loss_input(pred, target, mask, patch_size, layout, alpha, patch_sizes=PATCH_SIZES)
     return ops.fused_mae_loss(_mae_loss_op, pred, target, mask, patch_size, alpha)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One op on the decoder's full prediction: gather, scatter and the incoming gradient's scaling folded in
+# --------------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _scatter_scaled_kernel(grad_masked, grad_loss, ids_restore, grad_full, n_rows, L, K, P,
+                           BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
+    """grad_full[b, l] = grad_loss * grad_masked[b, ids_restore[b, l] - K] for masked tokens (shuffled position
+    >= K), 0 for visible ones: the backward of the masked tokens' gather with the scaling by d out / d loss, one
+    pass (grad_loss read on the device: no host sync)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    row_ok = rows < n_rows
+    col_ok = cols < P
+    pos = tl.load(ids_restore + rows, mask=row_ok, other=0)
+    masked = pos >= K
+    src = (rows // L) * (L - K) + pos - K
+    scale = tl.load(grad_loss).to(tl.float32)
+    v = tl.load(grad_masked + (src * P)[:, None] + cols[None, :], mask=(row_ok & masked)[:, None] & col_ok[None, :],
+                other=0.0).to(tl.float32)
+    tl.store(grad_full + (rows.to(tl.int64) * P)[:, None] + cols[None, :],
+             (v * scale).to(grad_full.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+def scatter_blocks(P: int) -> tuple[int, int]:
+    """(BLOCK_R rows, BLOCK_P columns) of a scatter program: 2048 elements, rows of up to 256."""
+    block_p = min(next_pow2(P), 256)
+    return max(1, 2048 // block_p), block_p
+
+
+def scatter_scaled_triton(grad_masked: torch.Tensor, grad_loss: torch.Tensor, ids_restore: torch.Tensor,
+                          out: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, L, P) gradient of the full prediction from the masked tokens' (B, M, P) one, scaled by grad_loss (0-d)."""
+    B, M, P = grad_masked.shape
+    L = ids_restore.shape[1]
+    out = grad_masked.new_empty((B, L, P)) if out is None else out
+    block_r, block_p = scatter_blocks(P)
+    grid = (triton.cdiv(B * L, block_r), triton.cdiv(P, block_p))
+    _scatter_scaled_kernel[grid](grad_masked.contiguous(), grad_loss.contiguous(), ids_restore.contiguous(), out,
+                                 B * L, L, L - M, P, BLOCK_R=block_r, BLOCK_P=block_p, num_warps=4)
+    return out
+
+
+@torch.library.custom_op("mae_fast::masked_mae_loss_triton", mutates_args=(), schema=(
+    "(Tensor pred, Tensor target, Tensor ids_masked, Tensor ids_restore, int patch_size, float alpha) "
+    "-> (Tensor, Tensor)"))
+def _masked_mae_loss_op(pred, target, ids_masked, ids_restore, patch_size, alpha):
+    B, M, P = target.shape
+    grad = torch.empty(target.shape, dtype=pred.dtype, device=pred.device)
+    loss = mae_loss_forward_triton(pred.contiguous(), target.contiguous(), None, 1.0 / (B * M), patch_size,
+                                   P // (patch_size * patch_size), alpha, grad, row_ids=ids_masked)
+    return loss, grad
+
+
+@_masked_mae_loss_op.register_fake
+def _(pred, target, ids_masked, ids_restore, patch_size, alpha):
+    return pred.new_empty((), dtype=torch.float32), pred.new_empty(target.shape)
+
+
+def _masked_setup_context(ctx, inputs, output):
+    _, _, _, ids_restore, _, _ = inputs
+    _, grad = output
+    ctx.mark_non_differentiable(grad)
+    ctx.save_for_backward(grad, ids_restore)
+
+
+@torch.autograd.function.once_differentiable
+def _masked_backward(ctx, grad_loss, _grad_of_grad):
+    grad, ids_restore = ctx.saved_tensors
+    return scatter_scaled_triton(grad, grad_loss, ids_restore), None, None, None, None, None
+
+
+_masked_mae_loss_op.register_autograd(_masked_backward, setup_context=_masked_setup_context)
+
+
+def masked_mae_loss_triton(pred, target, masking, patch_size, layout, alpha):
+    """The MAE loss of the decoder's full prediction pred (B, L, P) against the masked tokens' target (B, L - K, P)
+    (masking.ids_masked order), averaged over the masked tokens: equal to mae_loss(gather_tokens(pred,
+    masking.ids_masked), target, patch_size=, layout=, alpha=) with its gradient, in two kernels: the loss kernel
+    reads the masked rows of pred in place, and backward writes the (B, L, P) gradient (zeros at visible tokens,
+    scaled by the incoming gradient) in one pass, where the unfused path gathers, scales and scatters."""
+    check_device(pred, target, masking.ids_restore)
+    ops.check_fused_loss_input(pred, target, None, patch_size, layout, alpha, patch_sizes=PATCH_SIZES)
+    B, L, P = pred.shape
+    if target.shape != (B, L - masking.len_keep, P):
+        raise ValueError(f"target must be (B, L - len_keep, P) = {(B, L - masking.len_keep, P)}, got "
+                         f"{tuple(target.shape)}")
+    loss, _ = _masked_mae_loss_op(pred, target, masking.ids_masked.contiguous(), masking.ids_restore, patch_size,
+                                  float(alpha))
+    return loss

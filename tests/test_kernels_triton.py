@@ -346,6 +346,37 @@ def test_mae_loss_bf16_adjoint(layout, p):
     assert (exact - grad).abs().max() > 0  # the bf16 path really rounded
 
 
+@pytest.mark.parametrize("layout", ops.LAYOUTS)
+@pytest.mark.parametrize("p", [8, 16])
+def test_masked_mae_loss_on_full_prediction(layout, p):
+    """The one-op loss on the decoder's full prediction (B, L, P): equal to the reference loss of the gathered
+    masked tokens, with the full gradient (zeros at visible tokens, scaled by the incoming gradient) from one
+    scatter pass; the scatter's output poisoned with NaN first."""
+    B, L = 3, 13
+    P = p * p * (5 if layout == "standard" else 1)
+    masking = ops.random_masking(B, L, 0.75, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(p + 80))
+    pred = _randn(B, L, P, seed=81 + p)
+    target = _randn(B, L - masking.len_keep, P, seed=82 + p)
+    leaf = pred.clone().requires_grad_()
+    ref = ops.mae_loss(ops.gather_tokens(leaf, masking.ids_masked), target, patch_size=p, layout=layout, alpha=0.3,
+                       impl="reference")
+    (ref_grad,) = torch.autograd.grad(ref * 2.5, leaf)
+    leaf2 = pred.clone().requires_grad_()
+    fused = mae_loss.masked_mae_loss_triton(leaf2, target, masking, p, layout, 0.3)
+    (grad,) = torch.autograd.grad(fused * 2.5, leaf2)
+    torch.testing.assert_close(fused.detach().cpu(), ref.detach().cpu(), rtol=1e-5, atol=0)
+    shape = dict(alpha=0.3, p=p, planes=P // (p * p), weight_max=1.0 / (B * (L - masking.len_keep)), scale=2.5)
+    assert_loss_grad_close(grad, ref_grad, kind="float32", **shape)
+    assert (grad[masking.mask == 0] == 0).all()
+
+    grad_masked = _randn(B, L - masking.len_keep, P, seed=83)
+    out = mae_loss.scatter_scaled_triton(grad_masked, torch.tensor(-1.5, device=DEVICE), masking.ids_restore,
+                                         out=_nan((B, L, P)))
+    expected = torch.zeros(B, L, P, device=DEVICE)
+    expected.scatter_(1, masking.ids_masked[..., None].expand(-1, -1, P), -1.5 * grad_masked)
+    _close(out, expected, rtol=0, atol=0)
+
+
 def test_mae_loss_zero_spectrum_and_identical_inputs():
     target = _randn(3, 5, 64 * 5, seed=20)
     zero = torch.zeros_like(target, requires_grad=True)  # |F| = 0: gradient defined as 0 there, never NaN
