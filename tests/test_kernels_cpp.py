@@ -126,6 +126,23 @@ def test_masked_patchify_given_stats():
     _close(out.target, ref.target, tol=PATCHIFY_TOL)
 
 
+def test_masked_patchify_out_dtype_and_autocast():
+    """Visible tokens in the requested dtype (the C++ kernel writes float32, the op casts), by default in the
+    autocast dtype; the target stays float32; the reference rounds the same float32 values."""
+    images = _images(2, 3, 32, torch.uint16, seed=9)
+    masking = ops.random_masking(2, 16, 0.75, generator=_gen(9))
+    ref = ops.masked_patchify(images, 8, 0.75, masking=masking, impl="reference")
+    ref_bf16 = ops.masked_patchify(images, 8, 0.75, masking=masking, impl="reference", out_dtype=torch.bfloat16)
+    assert torch.equal(ref_bf16.visible, ref.visible.to(torch.bfloat16)) and ref_bf16.target.dtype == torch.float32
+    out = ops.masked_patchify(images, 8, 0.75, masking=masking, impl="cpp", out_dtype=torch.bfloat16)
+    assert out.visible.dtype == torch.bfloat16 and out.target.dtype == torch.float32
+    _close(out.visible, ref.visible, tol=(2**-8, 1e-6))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = ops.masked_patchify(images, 8, 0.75, masking=masking, impl="cpp")
+    assert auto.visible.dtype == torch.bfloat16 and torch.equal(auto.visible, out.visible)
+    assert ops.masked_patchify(images, 8, 0.75, masking=masking, impl="cpp").visible.dtype == torch.float32
+
+
 # --------------------------------------------------------------------------------------------------------------
 # unshuffle
 # --------------------------------------------------------------------------------------------------------------

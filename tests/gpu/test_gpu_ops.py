@@ -185,6 +185,30 @@ def test_mae_loss(layout, p, dtype, masked):
     assert_loss_grad_close(grad, ref_grad, kind="bfloat16" if dtype == torch.bfloat16 else "bf16_adjoint", **shape)
 
 
+@pytest.mark.parametrize("layout", ops.LAYOUTS)
+@pytest.mark.parametrize("p", [8, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masked_mae_loss_on_full_prediction(layout, p, dtype):
+    """The one-op loss on the full prediction (B, L, P) against the reference on the gathered masked tokens."""
+    B, C = 3, 5
+    L = (256 // p) ** 2 * (C if layout == "channel" else 1)
+    P = p * p * (C if layout == "standard" else 1)
+    masking = ops.random_masking(B, L, 0.75, device=DEV, generator=_gen(40 + p))
+    pred = torch.randn(B, L, P, generator=_gen(41 + p), device=DEV).to(dtype)
+    target = torch.randn(B, L - masking.len_keep, P, generator=_gen(42 + p), device=DEV)
+    leaf = pred.clone().requires_grad_()
+    ref = ops.mae_loss(ops.gather_tokens(leaf, masking.ids_masked), target, patch_size=p, layout=layout,
+                       alpha=0.01, impl="reference")
+    (ref_grad,) = torch.autograd.grad(ref * 1.5, leaf)
+    leaf2 = pred.clone().requires_grad_()
+    fused = mae_loss.masked_mae_loss_triton(leaf2, target, masking, p, layout, 0.01)
+    (grad,) = torch.autograd.grad(fused * 1.5, leaf2)
+    _close(fused, ref, ("mae_loss", dtype))
+    shape = dict(alpha=0.01, p=p, planes=P // (p * p), weight_max=1.0 / (B * (L - masking.len_keep)), scale=1.5)
+    assert_loss_grad_close(grad, ref_grad, kind="bfloat16" if dtype == torch.bfloat16 else "bf16_adjoint", **shape)
+    assert (grad[masking.mask == 0] == 0).all()
+
+
 def test_mae_loss_zero_spectrum_is_finite():
     target = torch.randn(3, 7, 64 * 5, generator=_gen(6), device=DEV)
     zero = torch.zeros_like(target, requires_grad=True)
