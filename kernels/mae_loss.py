@@ -364,6 +364,18 @@ def scatter_scaled_triton(grad_masked: torch.Tensor, grad_loss: torch.Tensor, id
     return out
 
 
+@torch.library.custom_op("mae_fast::scatter_scaled_triton", mutates_args=(), schema=(
+    "(Tensor grad_masked, Tensor grad_loss, Tensor ids_restore) -> Tensor"))
+def _scatter_scaled_op(grad_masked, grad_loss, ids_restore):
+    return scatter_scaled_triton(grad_masked, grad_loss, ids_restore)
+
+
+@_scatter_scaled_op.register_fake
+def _(grad_masked, grad_loss, ids_restore):
+    B, _, P = grad_masked.shape
+    return grad_masked.new_empty((B, ids_restore.shape[1], P))
+
+
 @torch.library.custom_op("mae_fast::masked_mae_loss_triton", mutates_args=(), schema=(
     "(Tensor pred, Tensor target, Tensor ids_masked, Tensor ids_restore, int patch_size, float alpha) "
     "-> (Tensor, Tensor)"))
@@ -390,7 +402,7 @@ def _masked_setup_context(ctx, inputs, output):
 @torch.autograd.function.once_differentiable
 def _masked_backward(ctx, grad_loss, _grad_of_grad):
     grad, ids_restore = ctx.saved_tensors
-    return scatter_scaled_triton(grad, grad_loss, ids_restore), None, None, None, None, None
+    return _scatter_scaled_op(grad, grad_loss, ids_restore), None, None, None, None, None
 
 
 _masked_mae_loss_op.register_autograd(_masked_backward, setup_context=_masked_setup_context)
