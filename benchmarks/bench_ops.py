@@ -229,13 +229,18 @@ def loss_config_sweep(s: Sizes, device) -> list[dict]:
     floor = 2 * _nbytes(pred) + _nbytes(target)
     planes = s.token_size // s.patch**2
     out = []
-    configs = [(bp, bf, w) for bp in (16, 32, 64) for bf in (16, 32, 64) for w in (4, 8) if bf <= s.patch**2]
-    for precision in ("tf32", "tf32x3", "ieee"):
-        for bp, bf, w in configs if precision == "tf32" else [mae_loss._launch_config(s.patch, precision)]:
+    if mae_loss.separable(s.patch):  # block_planes = tokens per program
+        configs = [(bt, 0, w) for bt in (1, 2, 4) for w in (4, 8)]
+    else:
+        configs = [(bp, bf, w) for bp in (32, 64, 128) for bf in (16, 32, 64) for w in (4, 8) if bf <= s.patch**2]
+    for fwd, adj in (("tf32", "bf16"), ("bf16", "bf16"), ("tf32", "tf32"), ("ieee", "ieee")):
+        precision = f"{fwd}/{adj}"
+        default = mae_loss._launch_config(s.patch, adj, planes)
+        for bp, bf, w in configs if (fwd, adj) == ("tf32", "bf16") else [default]:
             def run():
                 return mae_loss.mae_loss_forward_triton(pred, target, None, 1.0 / (s.batch * N), s.patch, planes,
-                                                        0.01, grad, dot_precision=precision, block_planes=bp,
-                                                        block_freq=bf, num_warps=w)
+                                                        0.01, grad, dot_precision=fwd, adjoint_precision=adj,
+                                                        block_planes=bp, block_freq=bf or None, num_warps=w)
             try:
                 t = time_median(run, device)["median_s"]
             except Exception as err:  # noqa: BLE001 - e.g. out of shared memory for one tile shape: report it

@@ -55,26 +55,50 @@ def geometry(batch: int, patch: int) -> dict:
 
 
 def entry(kernel: str, size: str, bytes_floor: float, moved: float, tc_flops: float, tc_unit: str | None,
-          core_flops: float, notes: str) -> dict:
-    compute_s = (tc_flops / TC_RATE[tc_unit] if tc_unit else 0.0) + core_flops / CORE_RATE
-    return {"kernel": kernel, "size": size, "bytes": int(bytes_floor), "floor_s": bytes_floor / COPY_BW,
-            "moved_bytes": int(moved), "flops": int(tc_flops + core_flops),
-            "predicted_s": max(moved / COPY_BW, compute_s), "notes": notes}
+          core_flops: float, notes: str, more_tc: dict | None = None) -> dict:
+    """`tc_flops` on `tc_unit`, plus `more_tc` {unit: FLOPs} for kernels that use two tensor-core precisions."""
+    tc = {tc_unit: tc_flops} if tc_unit else {}
+    for unit, n in (more_tc or {}).items():
+        tc[unit] = tc.get(unit, 0.0) + n
+    compute_s = sum(n / TC_RATE[unit] for unit, n in tc.items()) + core_flops / CORE_RATE
+    row = {"kernel": kernel, "size": size, "bytes": int(bytes_floor), "floor_s": bytes_floor / COPY_BW,
+           "moved_bytes": int(moved), "flops": int(sum(tc.values()) + core_flops),
+           "predicted_s": max(moved / COPY_BW, compute_s), "notes": notes}
+    if tc:
+        row["tensor_core_flops"] = {unit: int(n) for unit, n in tc.items()}
+    return row
+
+
+L2_BYTES = 50 * 2**20                 # H200 L2
+L2_CHUNK_BYTES = 24 * 2**20           # kernels/masked_patchify.py: images per (stats, patchify) launch pair
+STATS_TILE = 4096                     # kernels/masked_patchify.py: pixels per stats program
 
 
 def masked_patchify(g: dict) -> dict:
-    """Image + ids_restore read; visible in the autocast dtype and the float32 loss target written.
-    This commit: statistics kernel (first read of the image), then the patchify kernel (second read), visible
-    written in float32 (autocast then reads it again and writes a bf16 copy for the patch-embed matmul)."""
+    """Image + ids_restore read; visible in the autocast dtype (bf16) and the float32 loss target written.
+    This commit: per chunk of images (24 MiB, i.e. 32 images of 256^2 x 6 uint16), a split-plane statistics
+    launch (16 programs of 4,096 pixels per plane, 12 bytes of partials each) reads the chunk from DRAM; the
+    patchify launch re-reads it from L2 (the chunk is about half of the 50 MB L2, nothing else runs between the two
+    launches), merges the partials on chip (each program reads its image's C x 16 partials from L2) and writes
+    visible in bf16 and target in fp32 with contiguous row loads permuted on chip. DRAM bytes = the floor + the
+    partials (written once, read from L2)."""
     B, L, K, M, P = g["B"], g["L"], g["K"], g["M"], g["P"]
     image = B * CHANNELS * IMG * IMG * PIXEL_BYTES
     ids = B * L * I64
     floor = image + ids + B * K * P * ACT_BYTES + B * M * P * F32
-    moved = 2 * image + ids + B * K * P * F32 + B * M * P * F32
+    per_image = CHANNELS * IMG * IMG * PIXEL_BYTES
+    chunk = max(1, L2_CHUNK_BYTES // per_image)
+    assert chunk * per_image <= L2_BYTES // 2
+    partials = B * CHANNELS * (IMG * IMG // STATS_TILE) * 3 * F32
+    moved = floor + partials
     core = B * CHANNELS * IMG * IMG * 6.0  # stats (sum, centred square) + standardise (sub, mul)
-    return entry("masked_patchify", f"B{B} p{g['p']}", floor, moved, 0, None, core,
-                 "floor: one read of the uint16 image, visible bf16, target fp32; this commit reads the image twice "
-                 "(stats launch + patchify) and writes visible in fp32 (an autocast cast follows, not counted)")
+    row = entry("masked_patchify", f"B{B} p{g['p']}", floor, moved, 0, None, core,
+                f"one DRAM read of the uint16 image (the patchify launch's second read from L2, chunks of {chunk} "
+                f"images), visible bf16, target fp32, {partials} bytes of stats partials; "
+                f"{2 * -(-B // chunk)} launches (2 per chunk), launch gaps not modelled")
+    row["launches"] = 2 * -(-B // chunk)
+    row["l2_reread_bytes"] = image
+    return row
 
 
 def unshuffle(g: dict) -> list[dict]:
@@ -116,15 +140,16 @@ def mae_loss(g: dict) -> list[dict]:
     float32 target read, ids read, the gradient wrt the full prediction (B, L, P) bf16 written (zeros at visible
     tokens, scaled by the incoming gradient inside the kernel).
 
-    This commit's kernel: pred_masked gathered by torch (read B M P + write B M P), the kernel reads pred_masked and
+    This commit's op: pred_masked gathered by torch (read B M P + write B M P), the kernel reads pred_masked and
     target, writes grad (B, M, P) in pred's dtype; backward multiplies it by grad_loss (read + write) and the
     gather's backward scatters it into a zero-filled (B, L, P) tensor (write B L P, read + write B M P).
-    DFT FLOPs per p x p plane, planes = B M C:
-      Kronecker (this commit): x and y forward, 2 real products (re, im) of (1 x p^2)(p^2 x p^2) each = 8 p^4,
-      backward 2 more = 4 p^4; tf32 operands. Total 12 p^4.
-      Separable + Hermitian half (the redesign, h = p/2 + 1 columns kept): rows X W^T (real x complex: 4 p^2 h),
-      columns W Y (complex x complex: 8 p^2 h) per signal, x and y forward and the adjoint for x backward:
-      36 p^2 h, executed with the inner dimension p and h padded to 16 (bf16 wgmma k = 16, n multiple of 8 -> 16)."""
+    DFT FLOPs per p x p plane (planes = B M C, padded to the tile where the kernel pads), forward (spectra of x and
+    y, tf32) and backward (the adjoint for x, bf16):
+      p = 8, Kronecker (p^2 x p^2 table, 64-plane tiles, no padding): forward 2 signals x 2 real products of
+      (1 x p^2)(p^2 x p^2) = 8 p^4, adjoint 4 p^4.
+      p = 16, separable (F = W X W, tiles of 8 planes: 6 channels padded to 8): rows 2 real products of p^3 per
+      signal (4 p^3 FLOPs), columns 4 (8 p^3): forward 24 p^3, adjoint 12 p^3. The Hermitian half is not used
+      (power-of-two tiles pad p/2 + 1 columns back to p)."""
     B, L, M, P, p, C = g["B"], g["L"], g["M"], g["P"], g["p"], g["C"]
     size = f"B{B} p{p}"
     planes = B * M * C
@@ -134,15 +159,23 @@ def mae_loss(g: dict) -> list[dict]:
     # backward (zero-filled (B, L, P) written, then G read and G scattered, ids read)
     moved_now = 7 * gathered + B * M * P * F32 + B * L * P * ACT_BYTES + B * M * I64
     core = planes * p * p * 24.0  # magnitudes, sign, 1/|Fx|, scaling, MSE terms per frequency and pixel
-    kron = planes * 12.0 * p ** 4
-    out = [entry("mae_loss", size, floor, moved_now, kron, "tf32", core,
-                 "this commit: Kronecker p^2 x p^2 DFT on tf32 tensor cores, tiles of "
-                 f"{32 if p <= 8 else 16} planes, torch gather + grad scaling + scatter around the kernel")]
-    h = p // 2 + 1
-    sep_exec = planes * 36.0 * _pad(p, 16) * p * _pad(h, 16)
-    out.append(entry("mae_loss.separable_design", size, floor, floor, sep_exec, "bf16", core,
-                     "the redesign (not in this commit): one op on the full prediction, separable Hermitian-half "
-                     "DFT, bf16 operands with fp32 accumulation, >= 64-plane tiles"))
+    if p >= 16:
+        padded = B * M * (1 << (C - 1).bit_length())
+        tc = {"tf32": padded * 24.0 * p ** 3, "bf16": padded * 12.0 * p ** 3}
+        form = "separable F = W X W, 8-plane (128-row) tiles, channels padded 6 -> 8"
+    else:
+        tc = {"tf32": planes * 8.0 * p ** 4, "bf16": planes * 4.0 * p ** 4}
+        form = "Kronecker p^2 x p^2 table, 64-plane tiles"
+    out = [entry("mae_loss", size, floor, moved_now, 0, None, core,
+                 f"this commit: {form}; spectra on tf32 wgmma, adjoint on bf16 wgmma, fp32 accumulation; torch "
+                 "gather + grad scaling + scatter around the kernel", more_tc=tc)]
+    # the one op on the full prediction (kernels/mae_loss.py masked_mae_loss_triton, not yet wired into the model):
+    # the loss kernel reads the masked rows of pred in place and writes grad (B, M, P); backward reads it and
+    # ids_restore and writes the scaled (B, L, P) gradient: floor + grad (B, M, P) written and read + ids_restore
+    one_op = floor + 2 * gathered + B * L * I64
+    out.append(entry("mae_loss.full_prediction", size, floor, one_op, 0, None, core,
+                     f"masked_mae_loss_triton ({form}): gather, scatter and grad_loss scaling folded into the loss "
+                     "kernel and one backward pass; not yet called by the model", more_tc=tc))
     return out
 
 

@@ -6,8 +6,9 @@ autograd formula), so that torch.compile keeps every fused op as one opaque node
 requires Triton; `mae_fast.backends.triton` imports it (installed, or from a source checkout) and registers the op
 modules only when Triton is importable.
 
-    masked_patchify.py  per-image per-channel statistics, then masked patchify + standardise in one pass
+    masked_patchify.py  split-plane statistics + masked patchify + standardise, L2-sized chunks (one DRAM read)
     unshuffle.py        decoder unshuffle + positional embedding, forward and backward
-    mae_loss.py         MSE + Fourier loss with the gradient wrt pred in the same pass (DFT as a matrix product)
+    mae_loss.py         MSE + Fourier loss with the gradient wrt pred in the same pass (separable DFT for p >= 16,
+                        Kronecker for p <= 8); also the one op on the full prediction (masked_mae_loss_triton)
     lion.py             multi-tensor Lion: one launch per dtype combination through a pointer table
 """

@@ -64,32 +64,40 @@ def variants() -> list[Variant]:
     """The variants the launchers use at ViT-L/8 MAE sizes (batch 256, 256^2 x 6, decoder 512)."""
     lion, mae_loss, masked_patchify, unshuffle = _kernels()
     out = []
-    stats_sig = {"img": "*u16", "mean_out": "*fp32", "rstd_out": "*fp32", "C": "i32", "H": "i32", "W": "i32",
-                 "s_b": "i32", "s_c": "i32", "s_h": "i32", "s_w": "i32", "inv_scale": "fp32", "eps": "fp32",
+    stats_sig = {"img": "*u16", "partial": "*fp32", "C": "i32", "H": "i32", "W": "i32", "s_b": "i32", "s_c": "i32",
+                 "s_h": "i32", "s_w": "i32", "inv_scale": "fp32", "n_tiles_w": "i32", "n_tiles": "i32",
                  "BLOCK_H": "constexpr", "BLOCK_W": "constexpr"}
-    out.append(Variant("channel_stats u16", masked_patchify._channel_stats_kernel, stats_sig,
-                       {"BLOCK_H": 8, "BLOCK_W": 256, "s_w": 1}, {"num_warps": 8},
-                       ints={"C": 6, "H": 256, "W": 256, "s_b": 6 * 65536, "s_c": 65536, "s_h": 256},
+    block_h, block_w = masked_patchify._stats_tile(256, 256)
+    n_tiles = (256 // block_h) * (256 // block_w)
+    out.append(Variant("tile_stats u16", masked_patchify._tile_stats_kernel, stats_sig,
+                       {"BLOCK_H": block_h, "BLOCK_W": block_w, "s_w": 1}, {"num_warps": 4},
+                       ints={"C": 6, "H": 256, "W": 256, "s_b": 6 * 65536, "s_c": 65536, "s_h": 256, "n_tiles_w": 1,
+                             "n_tiles": n_tiles},
                        requires=(LDG128,)))
     for layout, p in (("standard", 8), ("standard", 16), ("channel", 8), ("channel", 16)):
-        for pix in ("u16", "u8", "fp32"):
-            if pix != "u16" and (layout, p) != ("standard", 8):
+        for pix, vis in (("u16", "bf16"), ("u16", "fp32"), ("u8", "bf16"), ("fp32", "bf16")):
+            if (pix, vis) != ("u16", "bf16") and (layout, p) != ("standard", 8):
                 continue
-            sig = {"img": f"*{pix}", "mean": "*fp32", "rstd": "*fp32", "ids_restore": "*i64", "visible": "*fp32",
-                   "target": "*fp32", "H": "i32", "W": "i32", "s_b": "i32", "s_c": "i32", "s_h": "i32",
-                   "s_w": "i32", "L": "i32", "len_keep": "i32", "inv_scale": "fp32", "C": "constexpr",
-                   "PATCH": "constexpr", "CHANNEL_LAYOUT": "constexpr", "BLOCK_T": "constexpr"}
+            sig = {"img": f"*{pix}", "partial": "*fp32", "mean_in": "*fp32", "rstd_in": "*fp32",
+                   "ids_restore": "*i64", "visible": f"*{vis}", "target": "*fp32", "H": "i32", "W": "i32",
+                   "s_b": "i32", "s_c": "i32", "s_h": "i32", "s_w": "i32", "L": "i32", "len_keep": "i32",
+                   "inv_scale": "fp32", "n_tiles": "i32", "eps": "fp32", "C": "constexpr", "C_PAD": "constexpr",
+                   "PATCH": "constexpr", "CHANNEL_LAYOUT": "constexpr", "BLOCK_T": "constexpr",
+                   "HAS_STATS": "constexpr", "TILES_PAD": "constexpr", "EVEN": "constexpr"}
             w = 256 // p
-            consts = {"C": 6, "PATCH": p, "CHANNEL_LAYOUT": layout == "channel",
-                      "BLOCK_T": min(w, 2048 // (p * p)), "s_w": 1}
+            block_t = masked_patchify.block_tokens(p, 6, w, layout == "channel")
+            consts = {"C": 6, "C_PAD": 8, "PATCH": p, "CHANNEL_LAYOUT": layout == "channel", "BLOCK_T": block_t,
+                      "HAS_STATS": False, "TILES_PAD": n_tiles, "EVEN": w % block_t == 0, "s_w": 1}
             L = w * w * (6 if layout == "channel" else 1)
-            out.append(Variant(f"masked_patchify {layout} p{p} {pix}", masked_patchify._masked_patchify_kernel, sig,
-                               consts, {"num_warps": 8},
+            channel = layout == "channel"
+            out.append(Variant(f"masked_patchify {layout} p{p} {pix}->{vis}", masked_patchify._masked_patchify_kernel,
+                               sig, consts, {"num_warps": 4},
                                ints={"H": 256, "W": 256, "s_b": 6 * 65536, "s_c": 65536, "s_h": 256, "L": L,
-                                     "len_keep": L // 4},
-                               requires=(STG128,),
-                               why="loads gather a token's pixels (no LDG.E.128 yet: contiguous row loads are the "
-                                   "redesign)"))
+                                     "len_keep": L // 4, "n_tiles": n_tiles},
+                               requires=(LDG128,) + ((STG128,) if channel else ()),
+                               why="" if channel else "standard-layout tokens interleave 6 channels (p, q, c): a "
+                                   "thread's 4 padded channels land at 24-byte strides, so stores are not 128-bit "
+                                   "(every 32-byte sector is still written in full by the warp)"))
     D = 512
     for act in ("bf16", "fp32"):
         sig = {"x": f"*{act}", "mask_token": f"*{act}", "ids_restore": "*i64", "pos_embed": f"*{act}",
@@ -106,23 +114,55 @@ def variants() -> list[Variant]:
                            {"BLOCK_T": 8, "BLOCK_D": 256}, {},
                            ints={"L": 1024, "K": 256, "D": D, "PREFIX": 1, "n_tiles": 256 * 129, "n_row_blocks": 129},
                            requires=(LDG128, STG128)))
-    for p in (8, 16):
-        for pred, precision in (("bf16", "tf32"), ("fp32", "tf32"), ("fp32", "ieee")):
-            block_pl, block_f, warps = mae_loss._launch_config(p, precision)
+    for pred, fwd, adj, row_map in (("bf16", "tf32", "bf16", False), ("bf16", "tf32", "bf16", True),
+                                    ("fp32", "tf32", "bf16", False), ("bf16", "bf16", "bf16", False),
+                                    ("fp32", "ieee", "ieee", False)):
+        # row_map: the one-op loss on the full prediction (masked_mae_loss_triton)
+        fold = " full-pred" if row_map else ""
+        sizes8 = {"L": 1024, "M": 768}
+        # p = 8: the Kronecker kernel (64-plane tiles); p = 16: the separable kernel, both layouts
+        block_pl, block_f, warps = mae_loss._launch_config(8, adj)
+        sig = {"pred": f"*{pred}", "target": "*fp32", "token_weight": "*fp32", "grad": f"*{pred}",
+               "partial": "*fp32", "k_re": "*fp32", "k_im": "*fp32", "row_ids": "*i64", "n_planes": "i32", "P": "i32",
+               "CP": "i32", "uniform_weight": "fp32", "coef_mse": "fp32", "coef_fourier": "fp32", "L": "i32",
+               "M": "i32", "P2": "constexpr", "BLOCK_PL": "constexpr", "BLOCK_F": "constexpr",
+               "HAS_WEIGHT": "constexpr", "DOT_PRECISION": "constexpr", "ADJ_PRECISION": "constexpr",
+               "EMULATE_BF16": "constexpr", "ROW_MAP": "constexpr"}
+        consts = {"P2": 64, "BLOCK_PL": block_pl, "BLOCK_F": block_f, "HAS_WEIGHT": False,
+                  "DOT_PRECISION": fwd, "ADJ_PRECISION": adj, "EMULATE_BF16": False, "ROW_MAP": row_map}
+        tensor_core = () if fwd == "ieee" else ((HGMMA,) if block_pl >= 64 else ("HMMA",))
+        out.append(Variant(f"mae_loss kron p8{fold} pred {pred} {fwd}/{adj}", mae_loss._mae_loss_kernel, sig,
+                           consts, {"num_warps": warps},
+                           ints={"n_planes": 256 * 768 * 6, "P": 6 * 64, "CP": 6, **sizes8},
+                           requires=tensor_core,
+                           why="stride-6 planes of standard-layout tokens give no 128-bit loads"))
+        for layout, cp in (("standard", 6), ("channel", 1)):
+            block_tok, _, warps = mae_loss._launch_config(16, adj, cp)
             sig = {"pred": f"*{pred}", "target": "*fp32", "token_weight": "*fp32", "grad": f"*{pred}",
-                   "partial": "*fp32", "k_re": "*fp32", "k_im": "*fp32", "n_planes": "i32", "P": "i32", "CP": "i32",
-                   "uniform_weight": "fp32", "coef_mse": "fp32", "coef_fourier": "fp32", "P2": "constexpr",
-                   "BLOCK_PL": "constexpr", "BLOCK_F": "constexpr", "HAS_WEIGHT": "constexpr",
-                   "DOT_PRECISION": "constexpr"}
-            consts = {"P2": p * p, "BLOCK_PL": block_pl, "BLOCK_F": block_f, "HAS_WEIGHT": False,
-                      "DOT_PRECISION": precision}
-            out.append(Variant(f"mae_loss p{p} pred {pred} {precision}", mae_loss._mae_loss_kernel, sig, consts,
-                               {"num_warps": warps},
-                               ints={"n_planes": 256 * (1024 if p == 8 else 256) * 3 // 4 * 6, "P": 6 * p * p,
-                                     "CP": 6},
-                               requires=("HMMA",) if precision != "ieee" else (),
-                               why="the Kronecker kernel's tiles (<= 32 planes) are below wgmma's M = 64: mma.sync "
-                                   "(HMMA), not HGMMA; stride-6 planes give no 128-bit loads"))
+                   "partial": "*fp32", "w_re": "*fp32", "w_im": "*fp32", "row_ids": "*i64", "n_tokens": "i32",
+                   "P": "i32", "uniform_weight": "fp32", "coef_mse": "fp32", "coef_fourier": "fp32", "L": "i32",
+                   "M": "i32", "CP": "constexpr", "CP_PAD": "constexpr", "PATCH": "constexpr",
+                   "BLOCK_TOK": "constexpr", "HAS_WEIGHT": "constexpr", "DOT_PRECISION": "constexpr",
+                   "ADJ_PRECISION": "constexpr", "EMULATE_BF16": "constexpr", "ROW_MAP": "constexpr"}
+            consts = {"CP": cp, "CP_PAD": 8 if cp == 6 else 1, "PATCH": 16, "BLOCK_TOK": block_tok,
+                      "HAS_WEIGHT": False, "DOT_PRECISION": fwd, "ADJ_PRECISION": adj, "EMULATE_BF16": False,
+                      "ROW_MAP": row_map}
+            L16 = 256 * (6 if layout == "channel" else 1)
+            channel = layout == "channel"
+            out.append(Variant(f"mae_loss separable p16{fold} {layout} pred {pred} {fwd}/{adj}",
+                               mae_loss._mae_loss_separable_kernel, sig, consts, {"num_warps": warps},
+                               ints={"n_tokens": 256 * L16 * 3 // 4, "P": 256 * cp, "L": L16, "M": L16 * 3 // 4},
+                               requires=(() if fwd == "ieee" else (HGMMA,)) + ((LDG128,) if channel else ()),
+                               why="" if channel else "standard-layout tokens interleave 6 planes (p, q, c): "
+                                   "loads of a thread's 4 padded planes are not 128-bit"))
+    for p in (8, 16):
+        sig = {"grad_masked": "*bf16", "grad_loss": "*fp32", "ids_restore": "*i64", "grad_full": "*bf16",
+               "n_rows": "i32", "L": "i32", "K": "i32", "P": "i32", "BLOCK_R": "constexpr", "BLOCK_P": "constexpr"}
+        L = (256 // p) ** 2
+        block_r, block_p = mae_loss.scatter_blocks(6 * p * p)
+        out.append(Variant(f"scatter_scaled p{p} bf16", mae_loss._scatter_scaled_kernel, sig,
+                           {"BLOCK_R": block_r, "BLOCK_P": block_p}, {"num_warps": 4}, ints={"n_rows": 256 * L, "L": L, "K": L // 4, "P": 6 * p * p},
+                           requires=(LDG128, STG128)))
     for dts in (("fp32", "fp32", "fp32"), ("bf16", "bf16", "bf16"), ("fp32", "bf16", "fp32")):
         sig = {"table": "*i64", "block_tensor": "*i32", "scalars": "*fp32", "n_tensors": "i32",
                "P_DTYPE": "constexpr", "G_DTYPE": "constexpr", "M_DTYPE": "constexpr", "BLOCK": "constexpr",
@@ -179,14 +219,15 @@ def resource_usage(cubin: bytes) -> dict:
     return {k.lower(): int(v) for k, v in found.items()}
 
 
-def check(arch: int = 90, quick: bool = False) -> list[dict]:
-    """Compile every variant (or, `quick`, the first variant of each kernel) for sm_`arch`; each row says whether
-    it compiled (`ok`) and whether it meets its design (`meets`: no spill, every required opcode present)."""
+def check(arch: int = 90, quick: bool = False, only: str | None = None) -> list[dict]:
+    """Compile every variant (or, `quick`, the first variant of each kernel; `only`, those whose name contains it)
+    for sm_`arch`; each row says whether it compiled (`ok`) and whether it meets its design (`meets`: no spill,
+    every required opcode present)."""
     target = GPUTarget("cuda", arch, 32)
     report = []
     seen = set()
     for v in variants():
-        if quick and v.kernel in seen:
+        if (quick and v.kernel in seen) or (only and only not in v.name):
             continue
         seen.add(v.kernel)
         # integer constexprs passed by value (e.g. unit strides) are specialisations: type "constexpr"
@@ -223,8 +264,9 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, default=90, help="compute capability as an integer (90 = sm_90)")
     parser.add_argument("--json", help="write the report here")
     parser.add_argument("--quick", action="store_true", help="only the first variant of each kernel")
+    parser.add_argument("--only", help="only the variants whose name contains this")
     args = parser.parse_args(argv)
-    report = check(args.arch, args.quick)
+    report = check(args.arch, args.quick, args.only)
     for r in report:
         if r["ok"]:
             s = r["sass"]

@@ -12,7 +12,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the reposi
 
 # (rtol, atol as a fraction of max |reference|, relative L2 error) of loss gradients per kind of arithmetic
 LOSS_GRAD_TOL = {"float32": (1e-4, 1e-5, 1e-4), "tf32": (1e-3, 1e-4, 5e-3), "bfloat16": (1.6e-2, 8e-3, 5e-3),
-                 "float16": (2e-3, 1e-3, 1e-3)}
+                 "float16": (2e-3, 1e-3, 1e-3),
+                 # exact spectra, bf16 operands in the gradient's adjoint products (the fused loss on a GPU:
+                 # kernels/mae_loss.py default_precisions): 2.3e-3 relative L2 measured at p = 16, alpha = 0.3
+                 "bf16_adjoint": (1e-2, 5e-3, 5e-3)}
 
 
 def assert_loss_grad_close(got, ref, *, kind, alpha, p, planes, weight_max, scale=1.0):

@@ -81,11 +81,12 @@ def _masked_patchify_write(images, mean, rstd, ids_restore, len_keep, patch_size
 _masked_patchify = ops.define_masked_patchify_op("cpp", channel_stats_cpp, _masked_patchify_write)
 
 
-def masked_patchify_cpp(images, patch_size, masking, layout, stats=None, *, visible=None, target=None):
-    """Backend of `ops.masked_patchify` for CPU tensors -> ops.MaskedPatches."""
+def masked_patchify_cpp(images, patch_size, masking, layout, stats=None, out_dtype=torch.float32, *, visible=None,
+                        target=None):
+    """Backend of `ops.masked_patchify` for CPU tensors -> ops.MaskedPatches (visible cast to `out_dtype`)."""
     _check_cpu(images)
     ops.check_fused_patchify_input(images, masking)
-    return _masked_patchify(images, patch_size, masking, layout, stats, visible=visible, target=target)
+    return _masked_patchify(images, patch_size, masking, layout, stats, out_dtype, visible=visible, target=target)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -148,6 +149,12 @@ def mae_loss_cpp(pred, target, mask, patch_size, layout, alpha) -> torch.Tensor:
     return ops.fused_mae_loss(_mae_loss_op, pred, target, mask, patch_size, alpha)
 
 
+def masked_mae_loss_cpp(pred, target, masking, patch_size, layout, alpha) -> torch.Tensor:
+    """The loss of the full prediction on its masked tokens: gather (autograd scatters back), then the C++ loss."""
+    _check_cpu(pred)
+    return mae_loss_cpp(ops.gather_tokens(pred, masking.ids_masked), target, None, patch_size, layout, alpha)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Lion
 # ------------------------------------------------------------------------------------------------------------
@@ -167,4 +174,5 @@ def register_all(register) -> None:
     register("masked_patchify", "cpp")(masked_patchify_cpp)
     register("unshuffle", "cpp")(unshuffle_cpp)
     register("mae_loss", "cpp")(mae_loss_cpp)
+    register("masked_mae_loss", "cpp")(masked_mae_loss_cpp)
     register("lion_update", "cpp")(lion_update_cpp)

@@ -56,4 +56,5 @@ def register_all(register) -> None:
     register("masked_patchify", "triton")(masked_patchify.masked_patchify_triton)
     register("unshuffle", "triton")(unshuffle.unshuffle_triton)
     register("mae_loss", "triton")(mae_loss.mae_loss_triton)
+    register("masked_mae_loss", "triton")(mae_loss.masked_mae_loss_triton)
     register("lion_update", "triton")(lion.lion_update_triton)

@@ -535,9 +535,8 @@ class MaskedAutoencoder(nn.Module):
         if cfg.norm_pix_loss:
             mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
             target = (target - mean) / (var + 1e-6).sqrt()
-        pred_masked = ops.gather_tokens(pred, masking.ids_masked)
-        loss = ops.mae_loss(pred_masked, target, patch_size=cfg.patch_size, layout=cfg.layout,
-                            alpha=cfg.fourier_alpha)
+        loss = ops.masked_mae_loss(pred, target, masking, patch_size=cfg.patch_size, layout=cfg.layout,
+                                   alpha=cfg.fourier_alpha)  # fused: masked rows read in place, one scatter back
         return MAEOutput(loss, pred, masking, target)
 
     # -- inference ------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@
     masked_patchify  mae_fast/ops/masked_patchify.py    kernels/masked_patchify.py  csrc/masked_patchify.cpp
     unshuffle        mae_fast/ops/unshuffle.py          kernels/unshuffle.py        csrc/unshuffle.cpp
     mae_loss         mae_fast/ops/mae_loss.py           kernels/mae_loss.py         csrc/mae_loss.cpp
+    masked_mae_loss  (the same, on the full prediction) kernels/mae_loss.py         (gather + csrc/mae_loss.cpp)
     lion_update      mae_fast/ops/lion.py               kernels/lion.py             csrc/lion.cpp
 
 `dispatch.py` picks the backend (Triton for CUDA tensors, C++ for CPU tensors, the reference otherwise, or
@@ -36,6 +37,7 @@ from mae_fast.ops.mae_loss import (
     fourier_magnitude,
     fused_mae_loss,
     mae_loss,
+    masked_mae_loss,
     patch_planes,
     token_weights,
 )
@@ -55,7 +57,7 @@ __all__ = [
     "check_fused_unshuffle_input", "check_masking", "choose_impl", "define_mae_loss_op", "define_masked_patchify_op",
     "define_unshuffle_op", "fourier_magnitude", "fused_mae_loss", "gather_tokens", "last_impl", "lion_fusable",
     "lion_groups", "lion_update", "lion_update_rest", "load_fast_backends", "mae_loss", "masked_patchify",
-    "masked_patchify_outputs", "num_visible", "patch_planes", "patchify", "pixel_scale", "random_masking",
+    "masked_mae_loss", "masked_patchify_outputs", "num_visible", "patch_planes", "patchify", "pixel_scale", "random_masking",
     "self_standardize", "standardize", "standardize_eps", "standardized_tokens", "to_unit_float", "token_weights",
     "unpatchify", "unshuffle",
 ]

@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 
 from mae_fast.ops.dispatch import TORCH_OPS, UnsupportedInput, dispatch, register
-from mae_fast.ops.layout import LAYOUTS, compute_dtype
+from mae_fast.ops.layout import LAYOUTS, Masking, compute_dtype, gather_tokens
 
 
 def patch_planes(tokens: torch.Tensor, patch_size: int, layout: str) -> torch.Tensor:
@@ -135,3 +135,33 @@ def mae_loss(
     if layout == "channel" and P != patch_size * patch_size:
         raise ValueError(f"channel-layout tokens hold p*p = {patch_size**2} values, got {P}")
     return dispatch("mae_loss", pred.device, impl, pred, target, mask, patch_size, layout, float(alpha))
+
+
+@register("masked_mae_loss", "reference")
+def _masked_mae_loss_reference(pred, target, masking, patch_size, layout, alpha):
+    return _mae_loss_reference(gather_tokens(pred, masking.ids_masked), target, None, patch_size, layout, alpha)
+
+
+def masked_mae_loss(
+    pred: torch.Tensor, target: torch.Tensor, masking: Masking, *,
+    patch_size: int, layout: str = "standard", alpha: float = 0.01, impl: str = "auto",
+) -> torch.Tensor:
+    """The loss of the decoder's full prediction on the masked tokens: `mae_loss(gather_tokens(pred,
+    masking.ids_masked), target, ...)`, with its gradient. pred: (B, L, P); target: (B, L - len_keep, P) in
+    `masking.ids_masked` order. The Triton backend reads the masked rows of pred in place and writes the (B, L, P)
+    gradient (zeros at visible tokens, scaled by the incoming gradient) in one pass, where the composed form
+    gathers, scales and scatters."""
+    if pred.ndim != 3 or target.ndim != 3:
+        raise ValueError(f"pred and target must be (B, L, P) and (B, L - len_keep, P), got shapes "
+                         f"{tuple(pred.shape)} and {tuple(target.shape)}")
+    B, L, P = pred.shape
+    if masking.ids_restore.shape != (B, L):
+        raise ValueError(f"masking covers {tuple(masking.ids_restore.shape)} tokens, pred has {(B, L)}")
+    if target.shape != (B, L - masking.len_keep, P):
+        raise ValueError(f"target must be (B, L - len_keep, P) = {(B, L - masking.len_keep, P)}, got "
+                         f"{tuple(target.shape)}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if P % (patch_size * patch_size):
+        raise ValueError(f"token size {P} is not a multiple of patch_size^2 = {patch_size**2}")
+    return dispatch("masked_mae_loss", pred.device, impl, pred, target, masking, patch_size, layout, float(alpha))

@@ -19,7 +19,7 @@ class MaskedPatches:
 
 
 @register("masked_patchify", "reference")
-def _masked_patchify_reference(images, patch_size, masking, layout, stats=None):
+def _masked_patchify_reference(images, patch_size, masking, layout, stats=None, out_dtype=torch.float32):
     if stats is None:
         x = self_standardize(images)
     else:
@@ -27,69 +27,80 @@ def _masked_patchify_reference(images, patch_size, masking, layout, stats=None):
         mean, rstd = stats
         x = (x - mean[:, :, None, None]) * rstd[:, :, None, None]
     tokens = patchify(x, patch_size, layout)
-    return MaskedPatches(gather_tokens(tokens, masking.ids_keep), gather_tokens(tokens, masking.ids_masked), masking)
+    visible = gather_tokens(tokens, masking.ids_keep).to(out_dtype)
+    return MaskedPatches(visible, gather_tokens(tokens, masking.ids_masked), masking)
 
 
 def masked_patchify_outputs(
     images: torch.Tensor, patch_size: int, masking: Masking, layout: str,
-    visible: torch.Tensor | None = None, target: torch.Tensor | None = None,
+    visible: torch.Tensor | None = None, target: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The float32 (visible, target) buffers a fused masked-patchify writes (given ones are checked, for tests that
-    poison them first)."""
+    """The (visible in `out_dtype`, target float32) buffers a fused masked-patchify writes (given ones are checked,
+    for tests that poison them first)."""
     B, C, H, W = images.shape
     L = masking.ids_restore.shape[1]
     P = patch_size * patch_size * (1 if layout == "channel" else C)
     shapes = {"visible": (B, masking.len_keep, P), "target": (B, L - masking.len_keep, P)}
+    dtypes = {"visible": out_dtype, "target": torch.float32}
     out = []
     for name, given in (("visible", visible), ("target", target)):
         if given is None:
-            given = torch.empty(shapes[name], dtype=torch.float32, device=images.device)
-        elif given.shape != shapes[name] or given.dtype != torch.float32 or not given.is_contiguous():
-            raise ValueError(f"{name} must be a contiguous float32 tensor of shape {shapes[name]}, got "
+            given = torch.empty(shapes[name], dtype=dtypes[name], device=images.device)
+        elif given.shape != shapes[name] or given.dtype != dtypes[name] or not given.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous {dtypes[name]} tensor of shape {shapes[name]}, got "
                              f"{tuple(given.shape)} {given.dtype}")
         out.append(given)
     return out[0], out[1]
 
 
-def define_masked_patchify_op(backend: str, channel_stats: Callable, write: Callable) -> Callable:
+def define_masked_patchify_op(backend: str, channel_stats: Callable | None, write: Callable,
+                              out_dtypes: tuple = (torch.float32,)) -> Callable:
     """A fused backend of `masked_patchify` around the torch op `mae_fast::masked_patchify_{backend}(images,
-    ids_restore, len_keep, patch_size, channel_layout, mean, rstd) -> (visible, target)`, which has a fake
-    implementation, so that torch.compile keeps it as one opaque node (no autograd: images are data).
+    ids_restore, len_keep, patch_size, channel_layout, mean, rstd, out_dtype) -> (visible, target)`, which has a
+    fake implementation, so that torch.compile keeps it as one opaque node (no autograd: images are data).
 
-    `channel_stats(images) -> (mean, rstd)`, (B, C) float32 each, when no stats are given;
-    `write(images, mean, rstd, ids_restore, len_keep, patch_size, channel_layout, visible, target)` fills the float32
-    outputs. Returns `fn(images, patch_size, masking, layout, stats=None, *, visible=None, target=None) ->
-    MaskedPatches`; given output buffers (tests poison them first) are written directly, without the torch op."""
+    `channel_stats(images) -> (mean, rstd)`, (B, C) float32 each, when no stats are given (None: `write` takes
+    mean = rstd = None and computes them itself, in the same pass schedule);
+    `write(images, mean, rstd, ids_restore, len_keep, patch_size, channel_layout, visible, target)` fills the
+    outputs: visible in its dtype (one of `out_dtypes`; another one is written as float32 and cast), target float32.
+    Returns `fn(images, patch_size, masking, layout, stats=None, out_dtype=float32, *, visible=None, target=None)
+    -> MaskedPatches`; given output buffers (tests poison them first) are written directly, without the torch op."""
     name = f"mae_fast::masked_patchify_{backend}"
     if name in TORCH_OPS:
         return TORCH_OPS[name]
 
     def float_stats(images, mean, rstd):
         if mean is None or rstd is None:
-            return channel_stats(images)
+            return (None, None) if channel_stats is None else channel_stats(images)
         return mean.float().contiguous(), rstd.float().contiguous()
+
+    def written_dtype(out_dtype):
+        return out_dtype if out_dtype in out_dtypes else torch.float32
 
     @torch.library.custom_op(name, mutates_args=(), schema=(
         "(Tensor images, Tensor ids_restore, int len_keep, int patch_size, bool channel_layout, Tensor? mean, "
-        "Tensor? rstd) -> (Tensor, Tensor)"))
-    def masked_patchify_op(images, ids_restore, len_keep, patch_size, channel_layout, mean, rstd):
+        "Tensor? rstd, ScalarType out_dtype) -> (Tensor, Tensor)"))
+    def masked_patchify_op(images, ids_restore, len_keep, patch_size, channel_layout, mean, rstd, out_dtype):
         mean, rstd = float_stats(images, mean, rstd)
-        visible, target = _patchify_buffers(images, ids_restore.shape[1], len_keep, patch_size, channel_layout)
+        visible, target = _patchify_buffers(images, ids_restore.shape[1], len_keep, patch_size, channel_layout,
+                                            written_dtype(out_dtype))
         write(images, mean, rstd, ids_restore.contiguous(), len_keep, patch_size, channel_layout, visible, target)
-        return visible, target
+        return visible.to(out_dtype), target
 
     @masked_patchify_op.register_fake
-    def _(images, ids_restore, len_keep, patch_size, channel_layout, mean, rstd):
-        return _patchify_buffers(images, ids_restore.shape[1], len_keep, patch_size, channel_layout)
+    def _(images, ids_restore, len_keep, patch_size, channel_layout, mean, rstd, out_dtype):
+        return _patchify_buffers(images, ids_restore.shape[1], len_keep, patch_size, channel_layout, out_dtype)
 
-    def masked_patchify_fused(images, patch_size, masking, layout, stats=None, *, visible=None, target=None):
+    def masked_patchify_fused(images, patch_size, masking, layout, stats=None, out_dtype=torch.float32, *,
+                              visible=None, target=None):
         channel = layout == "channel"
         mean, rstd = (None, None) if stats is None else stats
         if visible is None and target is None:
             visible, target = masked_patchify_op(images, masking.ids_restore, masking.len_keep, patch_size, channel,
-                                                 mean, rstd)
+                                                 mean, rstd, out_dtype)
         else:
-            visible, target = masked_patchify_outputs(images, patch_size, masking, layout, visible, target)
+            visible, target = masked_patchify_outputs(images, patch_size, masking, layout, visible, target,
+                                                      written_dtype(out_dtype))
             mean, rstd = float_stats(images, mean, rstd)
             write(images, mean, rstd, masking.ids_restore.contiguous(), masking.len_keep, patch_size, channel,
                   visible, target)
@@ -99,11 +110,11 @@ def define_masked_patchify_op(backend: str, channel_stats: Callable, write: Call
     return masked_patchify_fused
 
 
-def _patchify_buffers(images, num_tokens, len_keep, patch_size, channel_layout):
-    """Empty float32 (visible (B, len_keep, P), target (B, L - len_keep, P)) on images' device."""
+def _patchify_buffers(images, num_tokens, len_keep, patch_size, channel_layout, visible_dtype=torch.float32):
+    """Empty (visible (B, len_keep, P) in `visible_dtype`, target (B, L - len_keep, P) float32) on images' device."""
     B, C = images.shape[:2]
     P = patch_size * patch_size * (1 if channel_layout else C)
-    return (images.new_empty((B, len_keep, P), dtype=torch.float32),
+    return (images.new_empty((B, len_keep, P), dtype=visible_dtype),
             images.new_empty((B, num_tokens - len_keep, P), dtype=torch.float32))
 
 
@@ -128,6 +139,7 @@ def masked_patchify(
     *,
     seed: int | None = None,
     stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> MaskedPatches:
     """Raw images (B, C, H, W; uint8/uint16/float in [0,1]) -> self-standardised visible tokens + masked targets.
 
@@ -135,6 +147,8 @@ def masked_patchify(
     every backend: torch.rand + argsort, as FAIR's MAE), unless `masking` is given. The fused backends then write
     both outputs in one pass over the image, using per-image per-channel statistics from a first reduction, or
     `stats` = (mean, rstd), each (B, C) float32 of the [0, 1]-scaled images, when the caller has them already.
+    `out_dtype`: the dtype of the visible tokens (what the patch embedding reads): by default the autocast dtype
+    when autocast is on for the images' device, else float32. The target (the loss's) stays float32.
     """
     if images.ndim != 4:
         raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
@@ -158,8 +172,13 @@ def masked_patchify(
     if stats is not None:
         if len(stats) != 2 or any(t.shape != (B, C) for t in stats):
             raise ValueError(f"stats must be (mean, rstd), each of shape {(B, C)}")
+    if out_dtype is None:
+        device_type = images.device.type
+        autocast = torch.is_autocast_enabled(device_type)
+        out_dtype = torch.get_autocast_dtype(device_type) if autocast else torch.float32
     with torch.no_grad():  # images are data: no gradient flows into them
-        return dispatch("masked_patchify", images.device, impl, images, patch_size, masking, layout, stats)
+        return dispatch("masked_patchify", images.device, impl, images, patch_size, masking, layout, stats,
+                         out_dtype)
 
 
 def standardized_tokens(images: torch.Tensor, patch_size: int, layout: str = "standard",

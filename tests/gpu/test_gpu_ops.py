@@ -26,6 +26,7 @@ DEV = torch.device("cuda")
 # (op, dtype of the compared tensor) -> (rtol, atol as a fraction of max |reference|)
 TOL = {
     ("masked_patchify", torch.float32): (1e-5, 1e-6),
+    ("masked_patchify", torch.bfloat16): (2**-8, 1e-6),  # one rounding to bf16 (half an ulp) of the float32 value
     ("unshuffle", torch.float32): (0.0, 0.0),          # a gather + one add, rounded once: bitwise
     ("unshuffle", torch.bfloat16): (0.0, 0.0),
     ("unshuffle_token_grad", torch.float32): (1e-5, 1e-6),  # float32 sums in another order
@@ -84,15 +85,18 @@ def test_triton_is_the_default_on_cuda():
 @pytest.mark.parametrize("p", [8, 16])
 @pytest.mark.parametrize("ratio", [0.25, 0.75])
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.uint16, torch.float32])
-def test_masked_patchify(layout, p, ratio, dtype):
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_masked_patchify(layout, p, ratio, dtype, out_dtype):
     B, C = 3, 5
     images = _images(B, C, 256, dtype, seed=p)
     L = (256 // p) ** 2 * (C if layout == "channel" else 1)
     masking = ops.random_masking(B, L, ratio, device=DEV, generator=_gen(p + 1))
     ref = ops.masked_patchify(images, p, ratio, layout, masking=masking, impl="reference")
-    out = masked_patchify.masked_patchify_triton(images, p, masking, layout, visible=_nan(ref.visible.shape),
+    out = masked_patchify.masked_patchify_triton(images, p, masking, layout, None, out_dtype,
+                                                 visible=_nan(ref.visible.shape, out_dtype),
                                                  target=_nan(ref.target.shape))
-    _close(out.visible, ref.visible, ("masked_patchify", torch.float32))
+    assert out.visible.dtype == out_dtype
+    _close(out.visible, ref.visible, ("masked_patchify", out_dtype))
     _close(out.target, ref.target, ("masked_patchify", torch.float32))
 
 
@@ -162,22 +166,47 @@ def test_mae_loss(layout, p, dtype, masked):
     weight, uniform = ops.token_weights(mask, B, N)
     w_max = 1.0 / (B * N) if mask is None else float(mask.max() / mask.sum())
     shape = dict(alpha=0.01, p=p, planes=P // (p * p), weight_max=w_max, scale=1.5)
-    for precision in ("tf32", "ieee"):
-        if precision == "ieee" and dtype != torch.float32:
+    # (spectra, adjoint) precisions: the default split, tf32 throughout, exact
+    kinds = {("tf32", "bf16"): "bf16_adjoint", ("tf32", "tf32"): "tf32", ("ieee", "ieee"): "float32"}
+    for (fwd, adj), kind in kinds.items():
+        if fwd == "ieee" and dtype != torch.float32:
             continue
         grad = _nan(pred.shape, dtype)
         loss = mae_loss.mae_loss_forward_triton(pred, target, weight, uniform, p, P // (p * p), 0.01, grad,
-                                                dot_precision=precision)
+                                                dot_precision=fwd, adjoint_precision=adj)
         _close(loss, ref, ("mae_loss", dtype))
-        kind = "bfloat16" if dtype == torch.bfloat16 else ("tf32" if precision == "tf32" else "float32")
-        assert_loss_grad_close(grad * 1.5, ref_grad, kind=kind, **shape)
+        assert_loss_grad_close(grad * 1.5, ref_grad, kind="bfloat16" if dtype == torch.bfloat16 else kind, **shape)
 
     leaf2 = pred.clone().requires_grad_()
     fused = ops.mae_loss(leaf2, target, mask, patch_size=p, layout=layout, alpha=0.01)
     assert ops.last_impl("mae_loss") == "triton"
     (grad,) = torch.autograd.grad(fused * 1.5, leaf2)
     _close(fused, ref, ("mae_loss", dtype))
-    assert_loss_grad_close(grad, ref_grad, kind="bfloat16" if dtype == torch.bfloat16 else "tf32", **shape)
+    assert_loss_grad_close(grad, ref_grad, kind="bfloat16" if dtype == torch.bfloat16 else "bf16_adjoint", **shape)
+
+
+@pytest.mark.parametrize("layout", ops.LAYOUTS)
+@pytest.mark.parametrize("p", [8, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masked_mae_loss_on_full_prediction(layout, p, dtype):
+    """The one-op loss on the full prediction (B, L, P) against the reference on the gathered masked tokens."""
+    B, C = 3, 5
+    L = (256 // p) ** 2 * (C if layout == "channel" else 1)
+    P = p * p * (C if layout == "standard" else 1)
+    masking = ops.random_masking(B, L, 0.75, device=DEV, generator=_gen(40 + p))
+    pred = torch.randn(B, L, P, generator=_gen(41 + p), device=DEV).to(dtype)
+    target = torch.randn(B, L - masking.len_keep, P, generator=_gen(42 + p), device=DEV)
+    leaf = pred.clone().requires_grad_()
+    ref = ops.mae_loss(ops.gather_tokens(leaf, masking.ids_masked), target, patch_size=p, layout=layout,
+                       alpha=0.01, impl="reference")
+    (ref_grad,) = torch.autograd.grad(ref * 1.5, leaf)
+    leaf2 = pred.clone().requires_grad_()
+    fused = mae_loss.masked_mae_loss_triton(leaf2, target, masking, p, layout, 0.01)
+    (grad,) = torch.autograd.grad(fused * 1.5, leaf2)
+    _close(fused, ref, ("mae_loss", dtype))
+    shape = dict(alpha=0.01, p=p, planes=P // (p * p), weight_max=1.0 / (B * (L - masking.len_keep)), scale=1.5)
+    assert_loss_grad_close(grad, ref_grad, kind="bfloat16" if dtype == torch.bfloat16 else "bf16_adjoint", **shape)
+    assert (grad[masking.mask == 0] == 0).all()
 
 
 def test_mae_loss_zero_spectrum_is_finite():

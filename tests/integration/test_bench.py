@@ -64,7 +64,7 @@ def test_bench_cli_writes_results_with_provenance(cpu_results):
         if name in stacks:  # regional compilation: every block compiled, the rest eager
             assert stacks[name]["compile_mode"] == "regional" and "graphs" in stacks[name]["dynamo"]
     for name in ("reference", "reference_compiled"):
-        assert {stacks[name]["impls"][op] for op in ("masked_patchify", "unshuffle", "mae_loss")} == {"reference"}
+        assert {stacks[name]["impls"][op] for op in ("masked_patchify", "unshuffle", "masked_mae_loss")} == {"reference"}
         assert stacks[name]["impls"]["lion_update"] == "foreach"
     assert stacks["reference_compiled"]["dynamo"]["graphs"] >= 1
     assert stacks["reference_compiled"]["compile_backend"] == "aot_eager"

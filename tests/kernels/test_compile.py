@@ -125,7 +125,7 @@ def test_compiled_train_step_has_no_graph_breaks_and_matches_eager(name, backend
     _use_backend(backend, monkeypatch)
     model, images = _model_and_images(name, img_size)
     eager_loss, eager_grads = _step(model, lambda x: model(x).loss, images, seed=5)
-    assert {ops.last_impl(op) for op in ("masked_patchify", "unshuffle", "mae_loss")} == {backend}
+    assert {ops.last_impl(op) for op in ("masked_patchify", "unshuffle", "masked_mae_loss")} == {backend}
 
     torch._dynamo.reset()
     counters.clear()
@@ -137,7 +137,8 @@ def test_compiled_train_step_has_no_graph_breaks_and_matches_eager(name, backend
     assert (graphs, breaks) == (1, 0), f"{graphs} graphs, {breaks} graph breaks: {reasons}"
     assert len(recorder.graphs["forward"]) == 1  # seen by the backend too, whatever Dynamo's counters count
     forward, backward = recorder.op_names("forward"), recorder.op_names("backward")
-    for op in ("masked_patchify", "unshuffle", "mae_loss"):
+    loss_op = "masked_mae_loss" if backend == "triton" else "mae_loss"  # C++: gather, then its loss op
+    for op in ("masked_patchify", "unshuffle", loss_op):
         assert f"mae_fast.{op}_{backend}.default" in forward, sorted(forward)
     assert f"mae_fast.unshuffle_{backend}_backward.default" in backward, sorted(backward)
 
@@ -288,8 +289,9 @@ def _cases(backend: str) -> list[tuple[str, tuple]]:
     for channel in (False, True):
         images, ids, len_keep = _patchify_args(channel)
         mean, rstd = torch.rand(B, C, generator=_gen(15)), torch.rand(B, C, generator=_gen(16)) + 0.5
-        cases.append((f"masked_patchify_{backend}", (images, ids, len_keep, P, channel, None, None)))
-        cases.append((f"masked_patchify_{backend}", (images, ids, len_keep, P, channel, mean, rstd)))
+        cases.append((f"masked_patchify_{backend}", (images, ids, len_keep, P, channel, None, None, torch.float32)))
+        cases.append((f"masked_patchify_{backend}", (images, ids, len_keep, P, channel, mean, rstd,
+                                                     torch.bfloat16)))
     x, token, ids, pos = _unshuffle_args()
     cases.append((f"unshuffle_{backend}", (x, token, ids, pos)))
     cases.append((f"unshuffle_{backend}", (x, token, ids, None)))
@@ -298,7 +300,22 @@ def _cases(backend: str) -> list[tuple[str, tuple]]:
         pred, target, mask = _loss_args(layout)
         cases.append((f"mae_loss_{backend}", (pred, target, mask, P, 0.3)))
         cases.append((f"mae_loss_{backend}", (pred, target, None, P, 0.01)))
+        if backend == "triton":  # the one-op loss on the full prediction (Triton only)
+            full, masking = _full_prediction_args(layout)
+            cases.append(("masked_mae_loss_triton", (full, target, masking.ids_masked.contiguous(),
+                                                     masking.ids_restore, P, 0.3)))
+            cases.append(("scatter_scaled_triton", (target, torch.tensor(1.5), masking.ids_restore)))
     return cases
+
+
+def _full_prediction_args(layout):
+    """A full prediction (B, L, P) whose masked tokens number N_LOSS, and its masking."""
+    g = _gen(19)
+    L = 4 * N_LOSS
+    masking = ops.random_masking(B, L, 0.25, generator=g)
+    assert L - masking.len_keep == N_LOSS
+    width = P * P * (C if layout == "standard" else 1)
+    return torch.randn(B, L, width, generator=g, requires_grad=True), masking
 
 
 def _cpp_kernel_cases() -> list[tuple[str, tuple]]:

@@ -33,7 +33,7 @@ def _train(name, images, monkeypatch, impl_env):
         out.loss.backward()
         opt.step()
         losses.append(out.loss.item())
-        for op in ("masked_patchify", "unshuffle", "mae_loss", "lion_update"):
+        for op in ("masked_patchify", "unshuffle", "masked_mae_loss", "lion_update"):
             used.setdefault(op, set()).add(ops.last_impl(op))
     return torch.tensor(losses, dtype=torch.float64), used
 

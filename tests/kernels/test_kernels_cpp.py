@@ -126,6 +126,23 @@ def test_masked_patchify_given_stats():
     _close(out.target, ref.target, tol=PATCHIFY_TOL)
 
 
+def test_masked_patchify_out_dtype_and_autocast():
+    """Visible tokens in the requested dtype (the C++ kernel writes float32, the op casts), by default in the
+    autocast dtype; the target stays float32; the reference rounds the same float32 values."""
+    images = _images(2, 3, 32, torch.uint16, seed=9)
+    masking = ops.random_masking(2, 16, 0.75, generator=_gen(9))
+    ref = ops.masked_patchify(images, 8, 0.75, masking=masking, impl="reference")
+    ref_bf16 = ops.masked_patchify(images, 8, 0.75, masking=masking, impl="reference", out_dtype=torch.bfloat16)
+    assert torch.equal(ref_bf16.visible, ref.visible.to(torch.bfloat16)) and ref_bf16.target.dtype == torch.float32
+    out = ops.masked_patchify(images, 8, 0.75, masking=masking, impl="cpp", out_dtype=torch.bfloat16)
+    assert out.visible.dtype == torch.bfloat16 and out.target.dtype == torch.float32
+    _close(out.visible, ref.visible, tol=(2**-8, 1e-6))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = ops.masked_patchify(images, 8, 0.75, masking=masking, impl="cpp")
+    assert auto.visible.dtype == torch.bfloat16 and torch.equal(auto.visible, out.visible)
+    assert ops.masked_patchify(images, 8, 0.75, masking=masking, impl="cpp").visible.dtype == torch.float32
+
+
 # --------------------------------------------------------------------------------------------------------------
 # unshuffle
 # --------------------------------------------------------------------------------------------------------------
@@ -367,3 +384,23 @@ def test_lion_op_rejects_mixed_dtypes_in_one_call():
     with pytest.raises(RuntimeError, match="share the dtypes"):
         torch.ops.mae_fast.lion_update_([torch.randn(3), torch.randn(3).bfloat16()], [torch.randn(3)] * 2,
                                         [torch.randn(3)] * 2, 0.1, 1.0, 0.9, 0.1, 0.95, 0.05)
+
+
+@pytest.mark.parametrize("layout,p", [("standard", 8), ("channel", 16), ("standard", 16)])
+def test_masked_mae_loss_cpp_matches_reference(layout, p):
+    g = torch.Generator().manual_seed(11)
+    B, L = 2, 9
+    P = p * p * (5 if layout == "standard" else 1)
+    masking = ops.random_masking(B, L, 0.7, generator=g)
+    target = torch.randn(B, L - masking.len_keep, P, generator=g)
+    pred = torch.randn(B, L, P, generator=g)
+    grads, losses = [], []
+    for impl in ("cpp", "reference"):
+        x = pred.clone().requires_grad_()
+        loss = ops.masked_mae_loss(x, target, masking, patch_size=p, layout=layout, alpha=0.2, impl=impl)
+        assert ops.last_impl("masked_mae_loss") == impl
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(x.grad)
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6 * float(grads[1].abs().max()))

@@ -23,6 +23,9 @@ from tests.helpers import (
 )
 
 pytest.importorskip("triton")
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
 from mae_fast.kernels import lion, mae_loss, masked_patchify, unshuffle  # noqa: E402
 from mae_fast.kernels._common import interpreting  # noqa: E402
 
@@ -102,6 +105,47 @@ def test_masked_patchify_pixel_dtypes_and_strides(dtype):
                                                  visible=_nan(ref.visible.shape), target=_nan(ref.target.shape))
     _close(out.visible, ref.visible, rtol=2e-6, atol=2e-6)
     _close(out.target, ref.target, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("layout", ops.LAYOUTS)
+@pytest.mark.parametrize("p", [8, 16])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_masked_patchify_chunks_odd_shapes_and_out_dtype(layout, p, out_dtype, monkeypatch):
+    """48 x 48 images: token blocks that do not divide the row (column masks); L2 chunks of 2 images over a batch of
+    3 (the stats of chunk 2 must not mix with chunk 1's); statistics merged from 12 tiles per plane of a row ramp
+    (tile means differ: the merge's between-tile term matters); visible written in `out_dtype` (the interpreter
+    truncates to bfloat16 where a GPU rounds: within one bfloat16 ulp); statistics passed in skip the stats launch."""
+    ramp = torch.arange(48, dtype=torch.int32)[:, None] * 800
+    images = (_images(3, 5, 48, torch.uint16, seed=50 + p).cpu().to(torch.int32) // 4 + ramp).to(torch.uint16)
+    images = images.to(DEVICE)
+    assert 48 // p % masked_patchify.block_tokens(p, 5, 48 // p, layout == "channel")  # an uneven last block
+    monkeypatch.setattr(masked_patchify, "L2_CHUNK_BYTES", 2 * images[0].numel() * 2)
+    monkeypatch.setattr(masked_patchify, "STATS_TILE", 256)  # 4 x 64 tiles: 12 per plane
+    assert masked_patchify._stats_tile(48, 48) == (4, 64)
+    assert masked_patchify.chunk_images(images) == 2
+    L = (48 // p) ** 2 * (5 if layout == "channel" else 1)
+    masking = ops.random_masking(3, L, 0.75, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(p))
+    ref = ops.masked_patchify(images, p, 0.75, layout, masking=masking, impl="reference")
+    tol = dict(rtol=2e-6, atol=2e-6) if out_dtype == torch.float32 else dict(rtol=2**-7, atol=2**-7 / 8)
+    for stats in (None, masked_patchify.channel_stats_triton(images)):
+        visible, target = _nan(ref.visible.shape, out_dtype), _nan(ref.target.shape)
+        out = masked_patchify.masked_patchify_triton(images, p, masking, layout, stats, out_dtype, visible=visible,
+                                                     target=target)
+        assert out.visible is visible and visible.dtype == out_dtype and target.dtype == torch.float32
+        _close(visible, ref.visible, **tol)
+        _close(target, ref.target, rtol=2e-6, atol=2e-6)
+    fused = ops.masked_patchify(images, p, 0.75, layout, masking=masking, impl="triton", out_dtype=out_dtype)
+    assert fused.visible.dtype == out_dtype
+    _close(fused.visible, ref.visible, **tol)
+
+
+def test_masked_patchify_visible_in_autocast_dtype():
+    images = _images(2, 3, 32, torch.uint8, seed=60)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        out = ops.masked_patchify(images, 8, 0.75, impl="triton")
+        ref = ops.masked_patchify(images, 8, 0.75, masking=out.masking, impl="reference")
+    assert out.visible.dtype == ref.visible.dtype == torch.bfloat16 and out.target.dtype == torch.float32
+    _close(out.visible, ref.visible, rtol=2**-7, atol=2**-7 / 8)
 
 
 @pytest.mark.parametrize("brightness", [300, 30000, 62000])
@@ -205,6 +249,34 @@ def test_dft_tables_give_fft2():
         assert torch.equal(k_re, k_re.T) and torch.equal(k_im, k_im.T)
 
 
+def test_dft_matrix_rows_then_columns_give_fft2():
+    """The separable kernel's tables: F = W X W (W symmetric), rows then columns."""
+    for p in (8, 16):
+        w_re, w_im = mae_loss.dft_matrix(p, torch.device("cpu"))
+        W = torch.complex(w_re.double(), w_im.double())
+        x = torch.randn(7, p, p, generator=_gen(p + 1), dtype=torch.float64)
+        torch.testing.assert_close(W @ x.to(W.dtype) @ W, torch.fft.fft2(x), rtol=1e-5, atol=1e-5 * p)
+        assert torch.equal(w_re, w_re.T) and torch.equal(w_im, w_im.T)
+    assert not mae_loss.separable(8) and mae_loss.separable(16)
+
+
+@triton.jit
+def _round_bf16_probe(x, out, N: tl.constexpr):
+    i = tl.arange(0, N)
+    tl.store(out + i, mae_loss._round_bf16(tl.load(x + i)))
+
+
+def test_bf16_emulation_rounds_to_nearest_even():
+    """Under the interpreter bf16 products are emulated on bf16-rounded float32 values: the rounding must be a GPU's
+    (nearest, ties to even; torch's CPU cast does the same), not the interpreter's truncation."""
+    x = torch.cat([torch.randn(1000, generator=_gen(70)) * 100,
+                   torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8 + 2**-12), 0.0, -0.0])])
+    x = torch.cat([x, torch.zeros(1024 - x.numel())]).to(DEVICE)
+    out = _nan((1024,))
+    _round_bf16_probe[(1,)](x, out, N=1024)
+    assert torch.equal(out.cpu(), x.cpu().to(torch.bfloat16).float())
+
+
 def test_round_to_tf32():
     x = torch.tensor([1.0, 1 + 2**-11, 1 + 3 * 2**-11, 1 + 2**-10 + 2**-12, -math.pi])
     r = mae_loss.round_to_tf32(x)
@@ -246,6 +318,64 @@ def test_mae_loss_matches_reference(layout, p, masked):
     torch.testing.assert_close(fused.cpu(), ref.detach().cpu(), rtol=1e-3, atol=0)
     # default dot precision: exact in the interpreter, tf32 on a GPU
     assert_loss_grad_close(fused_grad, ref_grad, kind="float32" if DEVICE.type == "cpu" else "tf32", **shape)
+
+
+@pytest.mark.parametrize("layout", ops.LAYOUTS)
+@pytest.mark.parametrize("p", [8, 16])
+def test_mae_loss_bf16_adjoint(layout, p):
+    """The GPU's split of precisions, spectra exact here (tf32 on a GPU) and the gradient's adjoint products on
+    bf16-rounded operands (emulated bit-exactly): loss as exact, gradient within the bf16_adjoint tolerance. 23
+    tokens: a ragged last tile (p = 8: 64-plane tiles; p = 16: 8 planes per tile)."""
+    pred, target = _loss_case(layout, p, seed=30 + p, N=23)
+    B, N, P = pred.shape
+    mask = (torch.rand(B, N, generator=_gen(31 + p)) < 0.6).float().to(DEVICE)
+    alpha = 0.3
+    leaf = pred.clone().requires_grad_()
+    ref = ops.mae_loss(leaf, target, mask, patch_size=p, layout=layout, alpha=alpha, impl="reference")
+    (ref_grad,) = torch.autograd.grad(ref, leaf)
+    weight, uniform = ops.token_weights(mask, B, N)
+    grad = _nan(pred.shape)
+    loss = mae_loss.mae_loss_forward_triton(pred, target, weight, uniform, p, P // (p * p), alpha, grad,
+                                            dot_precision="ieee", adjoint_precision="bf16")
+    torch.testing.assert_close(loss.cpu(), ref.detach().cpu(), rtol=1e-5, atol=0)
+    assert_loss_grad_close(grad, ref_grad, kind="bf16_adjoint", alpha=alpha, p=p, planes=P // (p * p),
+                           weight_max=float(mask.max() / mask.sum()))
+    exact = _nan(pred.shape)
+    mae_loss.mae_loss_forward_triton(pred, target, weight, uniform, p, P // (p * p), alpha, exact,
+                                     dot_precision="ieee")
+    assert (exact - grad).abs().max() > 0  # the bf16 path really rounded
+
+
+@pytest.mark.parametrize("layout", ops.LAYOUTS)
+@pytest.mark.parametrize("p", [8, 16])
+def test_masked_mae_loss_on_full_prediction(layout, p):
+    """The one-op loss on the decoder's full prediction (B, L, P): equal to the reference loss of the gathered
+    masked tokens, with the full gradient (zeros at visible tokens, scaled by the incoming gradient) from one
+    scatter pass; the scatter's output poisoned with NaN first."""
+    B, L = 3, 13
+    P = p * p * (5 if layout == "standard" else 1)
+    masking = ops.random_masking(B, L, 0.75, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(p + 80))
+    pred = _randn(B, L, P, seed=81 + p)
+    target = _randn(B, L - masking.len_keep, P, seed=82 + p)
+    leaf = pred.clone().requires_grad_()
+    ref = ops.mae_loss(ops.gather_tokens(leaf, masking.ids_masked), target, patch_size=p, layout=layout, alpha=0.3,
+                       impl="reference")
+    (ref_grad,) = torch.autograd.grad(ref * 2.5, leaf)
+    leaf2 = pred.clone().requires_grad_()
+    fused = ops.masked_mae_loss(leaf2, target, masking, patch_size=p, layout=layout, alpha=0.3, impl="triton")
+    assert ops.last_impl("masked_mae_loss") == "triton"  # the public op dispatches to this kernel
+    (grad,) = torch.autograd.grad(fused * 2.5, leaf2)
+    torch.testing.assert_close(fused.detach().cpu(), ref.detach().cpu(), rtol=1e-5, atol=0)
+    shape = dict(alpha=0.3, p=p, planes=P // (p * p), weight_max=1.0 / (B * (L - masking.len_keep)), scale=2.5)
+    assert_loss_grad_close(grad, ref_grad, kind="float32", **shape)
+    assert (grad[masking.mask == 0] == 0).all()
+
+    grad_masked = _randn(B, L - masking.len_keep, P, seed=83)
+    out = mae_loss.scatter_scaled_triton(grad_masked, torch.tensor(-1.5, device=DEVICE), masking.ids_restore,
+                                         out=_nan((B, L, P)))
+    expected = torch.zeros(B, L, P, device=DEVICE)
+    expected.scatter_(1, masking.ids_masked[..., None].expand(-1, -1, P), -1.5 * grad_masked)
+    _close(out, expected, rtol=0, atol=0)
 
 
 def test_mae_loss_zero_spectrum_and_identical_inputs():

@@ -298,3 +298,37 @@ def test_16_bit_channels_standardise_to_unit_std_at_every_brightness(brightness,
 
 def test_8_bit_spread_of_20_counts_also_standardises_to_unit_std():
     assert_unit_std(ops.self_standardize(images_with_spread(2, 3, 64, 128, 20, dtype=torch.uint8, seed=3)))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# masked_mae_loss: the loss of the full prediction on its masked tokens
+# --------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout,p", [("standard", 8), ("channel", 16)])
+def test_masked_mae_loss_reference_is_gather_then_mae_loss(layout, p):
+    g = torch.Generator().manual_seed(3)
+    B, L = 3, 7
+    P = p * p * (3 if layout == "standard" else 1)
+    masking = ops.random_masking(B, L, 0.6, generator=g)
+    pred = torch.randn(B, L, P, generator=g, requires_grad=True)
+    target = torch.randn(B, L - masking.len_keep, P, generator=g)
+    loss = ops.masked_mae_loss(pred, target, masking, patch_size=p, layout=layout, alpha=0.3, impl="reference")
+    assert ops.last_impl("masked_mae_loss") == "reference"
+    (grad,) = torch.autograd.grad(loss, pred)
+    pred2 = pred.detach().clone().requires_grad_()
+    expected = ops.mae_loss(ops.gather_tokens(pred2, masking.ids_masked), target, patch_size=p, layout=layout,
+                            alpha=0.3, impl="reference")
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(grad, pred2.grad)
+    visible = masking.ids_keep
+    assert torch.all(torch.gather(grad, 1, visible.unsqueeze(-1).expand(-1, -1, P)) == 0)  # no loss on visible tokens
+
+
+def test_masked_mae_loss_refuses_mismatched_shapes():
+    masking = ops.random_masking(2, 8, 0.75)
+    pred = torch.randn(2, 8, 64)
+    with pytest.raises(ValueError, match="target must be"):
+        ops.masked_mae_loss(pred, torch.randn(2, 8, 64), masking, patch_size=8)
+    with pytest.raises(ValueError, match="masking covers"):
+        ops.masked_mae_loss(torch.randn(2, 9, 64), torch.randn(2, 7, 64), masking, patch_size=8)
