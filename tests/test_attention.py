@@ -202,3 +202,31 @@ def test_nothing_is_measured_while_compiling(monkeypatch):
     torch.testing.assert_close(compiled(q, k, v), _math(q, k, v))
     assert timer.calls == 0 and not cache.choices
     torch._dynamo.reset()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("shape", [(4, 16, 257, 257, 64), (2, 16, 1025, 1025, 32), (3, 16, 256, 1536, 16)],
+                         ids=["vit_l8_encoder", "mae_decoder", "camae_stack"])
+def test_cuda_choice_runs_and_equals_math(shape, monkeypatch):
+    """On a GPU: the default path (FlashAttention if installed, else the measured SDPA backend) in bf16, forward and
+    backward, against float64 math; the cache holds one measured entry per shape."""
+    monkeypatch.setattr(attention, "sdpa_cache", attention.SDPABackendCache())
+    B, H, N, M, d = shape
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(B, H, n, d, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_()
+               for n in (N, M, M))
+    out = attention.attention(q, k, v)
+    ran = attention.last_backend()
+    assert ran in ("flash_attn_4", "flash_attn") or ran.startswith("sdpa_"), ran
+    if ran.startswith("sdpa_"):
+        (entry,) = attention.sdpa_cache.report()
+        assert entry["chosen"] == ran[len("sdpa_"):] and entry["backward"] is True
+        assert isinstance(entry["seconds"][entry["chosen"]], float)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    ref = _math(q.double(), k.double(), v.double())
+    ref_grads = torch.autograd.grad(ref, (q, k, v), grad_out.double())
+    for got, want in zip((out,) + grads, (ref,) + ref_grads):
+        scale = want.abs().max().item()
+        torch.testing.assert_close(got.double(), want.double(), rtol=0, atol=2e-2 * scale)

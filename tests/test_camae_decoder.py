@@ -55,17 +55,23 @@ CASES = [  # (in_chans, img_size, patch, decoder_dim, depth, heads, cross_heads,
 ]
 
 
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                        reason="needs a CUDA device")])
+
+
 @pytest.mark.parametrize("case", CASES, ids=[f"C{c[0]}-p{c[2]}-d{c[3]}x{c[4]}" for c in CASES])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)], ids=["float64", "float32"])
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
-def test_batched_decoder_equals_the_channel_loop(case, dtype, tol, checkpointing):
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_batched_decoder_equals_the_channel_loop(case, dtype, tol, checkpointing, device):
     C, img, p, Dd, depth, heads, cross, batch = case
     cfg = get_config("camae_vit_micro_patch16_256", in_chans=C, img_size=img, patch_size=p, decoder_dim=Dd,
                      decoder_depth=depth, decoder_heads=heads, decoder_cross_heads=cross,
                      grad_checkpointing=checkpointing)
-    dec = _perturbed_decoder(cfg, dtype)
-    x, ids_restore = _inputs(cfg, batch, dtype)
-    weight = torch.randn(batch, C * cfg.num_patches, Dd, dtype=dtype)  # a loss that weighs every output differently
+    dec = _perturbed_decoder(cfg, dtype).to(device)
+    x, ids_restore = (t.to(device) for t in _inputs(cfg, batch, dtype))
+    # a loss that weighs every output differently
+    weight = torch.randn(batch, C * cfg.num_patches, Dd, dtype=dtype).to(device)
 
     def run(fn):
         dec.zero_grad(set_to_none=True)
