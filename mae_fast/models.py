@@ -361,8 +361,8 @@ def _stacked_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 
 def stacked_block_forward(x: torch.Tensor, num_heads: int, eps: float, *weights: torch.Tensor) -> torch.Tensor:
     """C `Block`s at once: x (C, B, N, D), channel c through the block whose weights are `weights[...][c]`
-    (a StackedBlockWeights spread as positional tensors, so activation checkpointing sees them).
-    Every projection is one batched matmul over the channels; attention is one call over C*B sequences."""
+    (a StackedBlockWeights spread as positional tensors). Every projection is one batched matmul over the channels;
+    attention is one call over C*B sequences."""
     w = StackedBlockWeights(*weights)
     C, B, N, D = x.shape
     H = num_heads
@@ -377,6 +377,22 @@ def stacked_block_forward(x: torch.Tensor, num_heads: int, eps: float, *weights:
                              w.fc1_weight.transpose(1, 2)))
     x = torch.baddbmm(x + w.fc2_bias.unsqueeze(1), h, w.fc2_weight.transpose(1, 2))
     return x.view(C, B, N, D)
+
+
+class ChannelStackedBlocks(nn.Module):
+    """C `Block`s of one shape run as one (`stacked_block_forward` on their stacked weights): x (C, B, N, D), channel
+    c through block c. It owns no parameters -- it refers to the blocks without registering them, so they keep the
+    one name a checkpoint gives them -- and it is the module that runs, so regional compilation, activation
+    checkpointing and FSDP wrap it (`mae_fast.compiling.repeated_blocks` finds it in a ModuleList)."""
+
+    def __init__(self, blocks: list[Block]):
+        super().__init__()
+        self.__dict__["blocks"] = tuple(blocks)  # not submodules: see above
+        self.num_heads = blocks[0].attn.num_heads
+        self.eps = blocks[0].norm1.eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return stacked_block_forward(x, self.num_heads, self.eps, *stack_block_weights(self.blocks))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -472,15 +488,14 @@ class CAMAEDecoder(nn.Module):
 
     Computed channel-batched: the shared part is one call over all C*L query tokens (each query attends to the whole
     context independently, so this equals C calls of L queries), and layer i of the C per-channel stacks runs as one
-    channel-stacked block (`stacked_block_forward`). The parameters stay per channel (`decoders.{c}.{i}.*`, as
-    OpenPhenom's checkpoints name them)."""
+    channel-stacked block (`channel_layers[i]`, batched matmuls and one attention call). The parameters stay per
+    channel (`decoders.{c}.{i}.*`, as OpenPhenom's checkpoints name them); `decoders[c]` is channel c's stack as an
+    nn.Sequential (the per-channel computation, one channel at a time)."""
 
     def __init__(self, cfg: MAEConfig):
         super().__init__()
         Dd, C = cfg.decoder_dim, cfg.in_chans
         self.in_chans = C
-        self.num_heads = cfg.decoder_heads
-        self.norm_eps = cfg.decoder_norm_eps
         self.mask_token = nn.Parameter(torch.zeros(Dd))
         self.register_buffer("pos_embed", sincos_pos_embed(Dd, cfg.grid_size, C), persistent=False)
         self.modality_tokens = nn.ParameterList(nn.Parameter(torch.zeros(1, 1, Dd)) for _ in range(C))
@@ -491,10 +506,11 @@ class CAMAEDecoder(nn.Module):
         self.out_norm = nn.LayerNorm(Dd, eps=eps)
         self.mlp = Mlp(Dd, int(Dd * cfg.mlp_ratio))
         self.decoders = nn.ModuleList(
-            nn.ModuleList(Block(Dd, cfg.decoder_heads, cfg.mlp_ratio, eps) for _ in range(cfg.decoder_depth))
+            nn.Sequential(*(Block(Dd, cfg.decoder_heads, cfg.mlp_ratio, eps) for _ in range(cfg.decoder_depth)))
             for _ in range(C)
         )
-        self.depth = cfg.decoder_depth
+        self.channel_layers = nn.ModuleList(ChannelStackedBlocks([stack[i] for stack in self.decoders])
+                                            for i in range(cfg.decoder_depth))
         self.checkpointing = cfg.grad_checkpointing
 
     def forward(self, x: torch.Tensor, ids_restore: torch.Tensor, in_chans: int) -> torch.Tensor:
@@ -510,14 +526,7 @@ class CAMAEDecoder(nn.Module):
         y = self.cross_attention(self.query_norm(full), self.context_norm(full))
         y = y + self.mlp(self.out_norm(y))
         # per-channel stacks: layer i of every channel as one channel-stacked block, tokens (C, B, L, Dd)
-        y = y.view(B, C, L, Dd).transpose(0, 1)
-        for i in range(self.depth):
-            weights = stack_block_weights([stack[i] for stack in self.decoders])
-            if self.checkpointing and torch.is_grad_enabled():
-                y = torch.utils.checkpoint.checkpoint(stacked_block_forward, y, self.num_heads, self.norm_eps,
-                                                      *weights, use_reentrant=False)
-            else:
-                y = stacked_block_forward(y, self.num_heads, self.norm_eps, *weights)
+        y = _run_blocks(self.channel_layers, y.view(B, C, L, Dd).transpose(0, 1), self.checkpointing)
         return y.transpose(0, 1).reshape(B, N, Dd)
 
 

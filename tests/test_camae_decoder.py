@@ -4,8 +4,10 @@ channel the shared cross-attention on that channel's queries, the shared MLP, th
 with and without activation checkpointing; the parameter names (OpenPhenom's checkpoint keys) stay per channel."""
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from mae_fast import ops
+from mae_fast.compiling import compile_blocks, repeated_blocks, selective_checkpointing
 from mae_fast.models import (
     Block, CAMAEDecoder, MaskedAutoencoder, get_config, stack_block_weights, stacked_block_forward,
 )
@@ -121,6 +123,44 @@ def test_decoder_keeps_the_per_channel_parameter_names():
     block_keys = set(Block(cfg.decoder_dim, cfg.decoder_heads).state_dict())
     assert per_channel == {f"decoder.decoders.{c}.{i}.{k}" for c in range(3) for i in range(cfg.decoder_depth)
                            for k in block_keys}
+    assert not any("channel_layers" in k for k in keys)  # the stacked layers own nothing
+
+
+def test_the_stacked_layers_are_the_blocks_that_compile_checkpoint_and_shard():
+    """repeated_blocks (regional compilation, selective checkpointing, FSDP units) lists the encoder's blocks and the
+    decoder's channel-stacked layers -- the modules that run -- not the per-channel blocks they compute with."""
+    model = MaskedAutoencoder(get_config("camae_vit_micro_patch16_256", in_chans=3, img_size=32))
+    assert repeated_blocks(model) == list(model.encoder.blocks) + list(model.decoder.channel_layers)
+
+
+@pytest.mark.parametrize("transform", ["regional_compile", "selective_checkpointing"])
+def test_block_transforms_keep_the_decoder_computation(transform):
+    cfg = get_config("camae_vit_micro_patch16_256", in_chans=3, img_size=32, patch_size=8, decoder_dim=16,
+                     decoder_depth=2, decoder_heads=2, decoder_cross_heads=2)
+    dec = _perturbed_decoder(cfg, torch.float32)
+    x, ids_restore = _inputs(cfg, 2, torch.float32)
+
+    def run():
+        dec.zero_grad(set_to_none=True)
+        out = dec(x, ids_restore, 3)
+        (out * out.detach()).sum().backward()
+        return out.detach(), {n: q.grad.clone() for n, q in dec.named_parameters()}
+
+    ref, ref_grads = run()
+    torch._dynamo.reset()
+    counters.clear()
+    if transform == "regional_compile":
+        assert compile_blocks(dec, backend="eager") == cfg.decoder_depth
+    else:
+        assert selective_checkpointing(dec) == cfg.decoder_depth
+    out, grads = run()
+    if transform == "regional_compile":
+        assert all(layer._compiled_call_impl is not None for layer in dec.channel_layers)
+        assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]  # traced, whole
+    torch._dynamo.reset()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-5, msg=name)
 
 
 def test_decoder_refuses_another_channel_count():
