@@ -2,6 +2,8 @@
 channel the shared cross-attention on that channel's queries, the shared MLP, then that channel's own stack of
 `Block`s, one module call after another). Forward and every parameter's gradient, float64 and float32, odd shapes,
 with and without activation checkpointing; the parameter names (OpenPhenom's checkpoint keys) stay per channel."""
+import copy
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -131,6 +133,10 @@ def test_the_stacked_layers_are_the_blocks_that_compile_checkpoint_and_shard():
     decoder's channel-stacked layers -- the modules that run -- not the per-channel blocks they compute with."""
     model = MaskedAutoencoder(get_config("camae_vit_micro_patch16_256", in_chans=3, img_size=32))
     assert repeated_blocks(model) == list(model.encoder.blocks) + list(model.decoder.channel_layers)
+    # a copy's stacked layers compute with the copy's blocks
+    copied = copy.deepcopy(model).decoder
+    for i, layer in enumerate(copied.channel_layers):
+        assert all(a is b for a, b in zip(layer.blocks, [stack[i] for stack in copied.decoders], strict=True))
 
 
 @pytest.mark.parametrize("transform", ["regional_compile", "selective_checkpointing"])
