@@ -74,6 +74,8 @@ setup(
         "eval": ["scikit-image>=0.26", "cp-measure>=0.3"],
         "dali": ["nvidia-dali-cuda130>=2.4"],
         "flash": ["flash-attn"],
+        # FlashAttention-4: pure Python on NVIDIA's CUTLASS DSL (SM90+), no compiler needed; preferred when present
+        "flash4": ["flash-attn-4"],
     },
     entry_points={"console_scripts": ["mae-fast=mae_fast.cli:main"]},
     ext_modules=ext_modules,

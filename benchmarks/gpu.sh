@@ -4,7 +4,8 @@
 #
 #   env.json        (a) versions, nvidia-smi, ceilings: bf16 matmul, device copy
 #   kernels.json    (b) each fused kernel vs its reference at benchmark sizes: correctness first, then time, fraction
-#                       of the byte floor, beside benchmarks/results/kernel_predictions.json ("no prediction" without)
+#                       of the byte floor, beside benchmarks/results/kernel_predictions.json ("no prediction" without);
+#                       then SDPA's attention backends at the ViT-L/8 shapes, forward + backward
 #   train.json      (c) ViT-L/8 MAE train step, eager bf16: fused vs reference vs peer (timm), batch from a memory
 #                       estimate; then CA-MAE ViT-S/16 fused vs reference
 #   inference.json  (d) embedding crops/s, ViT-L/8 and CA-MAE ViT-S/16, fused vs peer

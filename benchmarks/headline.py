@@ -2,7 +2,8 @@
 it ends, and rewrites it after every measurement, so a stage stopped by its time limit keeps what it measured.
 
     python benchmarks/headline.py env      --out env.json                      # versions, matmul + copy ceilings
-    python benchmarks/headline.py kernels  --out kernels.json                  # each kernel: correct?, then time
+    python benchmarks/headline.py kernels  --out kernels.json                  # each kernel: correct?, then time;
+                                                                               # SDPA backends at ViT-L/8 shapes
     python benchmarks/headline.py train    --out train.json                    # ViT-L/8 step: fused, reference, peer
     python benchmarks/headline.py infer    --out inference.json                # embedding crops/s, fused vs peer
     python benchmarks/headline.py compiled --out compiled.json                 # regional compilation, all stacks
@@ -36,7 +37,7 @@ for path in (ROOT, HERE):
 
 import torch  # noqa: E402
 
-from mae_fast import ops  # noqa: E402
+from mae_fast import attention, ops  # noqa: E402
 from mae_fast.perf import flops  # noqa: E402
 from mae_fast.perf import peer  # noqa: E402
 from mae_fast.device import default_amp  # noqa: E402
@@ -49,7 +50,7 @@ from mae_fast.perf.harness import (  # noqa: E402
 )
 from mae_fast.perf.provenance import dist_version, provenance  # noqa: E402
 from mae_fast.perf.stacks import STACKS, Stack, parse_preset  # noqa: E402
-from mae_fast.perf.timing import measure_matmul_ceiling  # noqa: E402
+from mae_fast.perf.timing import measure_matmul_ceiling, time_median  # noqa: E402
 from mae_fast.backends.triton import kernels_module  # noqa: E402
 from mae_fast.io import atomic_write_json  # noqa: E402
 
@@ -76,6 +77,14 @@ CAMAE_PRESET = ("camae_vit_small_patch16_256", "camae_vit_micro_patch16_256:img_
 INFER_PRESETS = (("mae_vit_large_patch8_256", "camae_vit_small_patch16_256"),
                  ("mae_vit_micro_patch8_256:img_size=64", "camae_vit_micro_patch16_256:img_size=64"))
 DRY_KERNEL_SIZES = bench_ops.Sizes(batch=2, img=64, patch=8, lion_model="mae_vit_micro_patch16_256")
+# attention at ViT-L/8 (per crop: heads, query tokens, key tokens, head dim), the batch of the kernel sizes
+ATTENTION_SHAPES = (
+    (("encoder, training: 25% visible + class token", 16, 257, 257, 64),
+     ("encoder, inference: every token + class token", 16, 1025, 1025, 64),
+     ("MAE decoder 512x8x16: every token + class token", 16, 1025, 1025, 32)),
+    (("encoder, training (toy)", 2, 17, 17, 16),
+     ("MAE decoder (toy)", 2, 65, 65, 8)),
+)
 
 
 def pick(pair):
@@ -152,7 +161,7 @@ def copy_ceiling(dev: torch.device) -> dict:
     n = (1 << 22) if DRYRUN else (1 << 30) // 4
     src = torch.randn(n, device=dev)
     dst = torch.empty_like(src)
-    timing = bench_ops.time_median(lambda: dst.copy_(src), dev, min_time_s=0.2 if DRYRUN else 1.0)
+    timing = time_median(lambda: dst.copy_(src), dev, min_time_s=0.2 if DRYRUN else 1.0)
     return {"bytes": 2 * n * 4, "median_s": timing["median_s"], "GBps": 2 * n * 4 / timing["median_s"] / 1e9,
             "timer": timing["timer"]}
 
@@ -281,13 +290,57 @@ def stage_kernels(writer: Writer, dev: torch.device, deadline) -> None:
         entry["cases"] = []
         for case in bench_ops.CASE_BUILDERS[op](s, dev):
             _check(deadline)
-            timing = bench_ops.time_median(case.run, dev, min_time_s=0.1 if DRYRUN else 1.0)
+            timing = time_median(case.run, dev, min_time_s=0.1 if DRYRUN else 1.0)
             entry["cases"].append(dict(bench_ops.summarise(case, timing["median_s"], copy["GBps"] * 1e9),
                                        timer=timing["timer"]))
             writer.save()
         times = {c["impl"]: c["median_ms"] for c in entry["cases"]}
         if "fused" in times:
             entry["fused_vs_reference"] = times["reference"] / times["fused"]
+        bench_ops._free(dev)
+        writer.save()
+    attention_comparison(writer, dev, s.batch, deadline)
+
+
+def attention_comparison(writer: Writer, dev: torch.device, batch: int, deadline) -> None:
+    """SDPA's backends (flash, cuDNN, memory-efficient, math) at the ViT-L/8 attention shapes, forward + backward in
+    the training dtype, timed by the cache mae_fast.attention uses to choose one per shape (FlashAttention-4 cannot
+    travel to the GPU machine: its CUTLASS DSL wheel exceeds what a run carries), beside SDPA's own choice.
+    TFLOP/s count the useful work: 3x the forward's 4*N*M*d per head (the convention of mae_fast.flops)."""
+    dtype = torch.float32 if DRYRUN else torch.bfloat16
+    min_time = 0.05 if DRYRUN else 0.3
+
+    def timer(fn, device):
+        return time_median(fn, device, min_time_s=min_time)["median_s"]
+
+    cache = attention.SDPABackendCache(measured_device_types=(dev.type,), timer=timer)
+    p = writer.payload["attention"] = {
+        "packages": {"flash_attn_4": attention._fa4_func is not None,
+                     "flash_attn": attention._flash_attn_func is not None},
+        "dtype": str(dtype).replace("torch.", ""), "batch": batch, "shapes": []}
+    g = torch.Generator(device=dev).manual_seed(7)
+    for label, heads, n, m, d in pick(ATTENTION_SHAPES):
+        _check(deadline)
+        q, k, v = (torch.randn(batch, heads, rows, d, device=dev, generator=g, dtype=dtype).requires_grad_()
+                   for rows in (n, m, m))
+        entry = {"shape": label, "q": list(q.shape), "kv": list(k.shape)}
+        p["shapes"].append(entry)
+        with torch.enable_grad():
+            entry["fastest"] = cache.choose(q, k, v)
+        entry["seconds"] = cache.timings[attention.shape_key(q, k, v)]
+        useful = 3 * 4 * batch * heads * n * m * d
+        entry["tflops"] = {name: useful / t / 1e12 for name, t in entry["seconds"].items() if isinstance(t, float)}
+
+        def own_choice():
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            out.backward(q.detach())
+        try:
+            entry["sdpa_own_choice_s"] = timer(own_choice, dev)
+            if entry["fastest"]:
+                entry["fastest_vs_own_choice"] = entry["sdpa_own_choice_s"] / entry["seconds"][entry["fastest"]]
+        except (RuntimeError, torch.OutOfMemoryError) as err:
+            entry["sdpa_own_choice_s"] = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
+        del q, k, v
         bench_ops._free(dev)
         writer.save()
 
@@ -371,8 +424,11 @@ def stage_train(writer: Writer, dev: torch.device, deadline) -> None:
         writer.payload["headline"]["device_hours_for_paper_crops"] = flops.gpu_hours_for(
             paper["crops"], fused["crops_per_s"])
     writer.save()
+    writer.payload["attention_choices"] = attention.sdpa_cache.report()  # the fused stack's measured choices
+    writer.save()
     # CA-MAE ViT-S/16 (OpenPhenom's architecture) beside it, at the same per-step budget
     compare(writer, "train", pick(CAMAE_PRESET), ["fused", "reference"], settings, ceiling["tflops"])
+    writer.payload["attention_choices"] = attention.sdpa_cache.report()
 
 
 def stage_infer(writer: Writer, dev: torch.device, deadline) -> None:
@@ -536,6 +592,23 @@ def render(folder: str) -> str:
             for c in e.get("cases", []):
                 lines.append(f"| {e['op']} | {ok} | {c['impl']} | {c['median_ms']:.4g} | "
                              f"{100 * c['fraction_of_floor']:.1f}% | {pred_cell if c['impl'] == 'fused' else ''} |")
+    att = (kern or {}).get("attention")
+    if att and att.get("shapes"):
+        names = list(attention.SDPA_BACKENDS)
+        lines += ["", f"## Attention: SDPA backends, forward + backward, {att['dtype']}, batch {att['batch']} "
+                      f"(FlashAttention-4 installed: {att['packages']['flash_attn_4']})", "",
+                  "| shape | q | " + " | ".join(f"{n} ms (TFLOP/s)" for n in names)
+                  + " | SDPA's own ms | fastest | fastest / own |",
+                  "| --- | --- | " + " | ".join("---" for _ in names) + " | --- | --- | --- |"]
+        for e in att["shapes"]:
+            cells = []
+            for n in names:
+                t = e["seconds"].get(n)
+                cells.append(f"{1e3 * t:.4g} ({_fmt(e['tflops'][n])})" if isinstance(t, float) else "n/a")
+            own = e.get("sdpa_own_choice_s")
+            lines.append(f"| {e['shape']} | {'x'.join(map(str, e['q']))} | " + " | ".join(cells)
+                         + f" | {_fmt(1e3 * own) if isinstance(own, float) else 'n/a'} | {e['fastest']} | "
+                         f"{_fmt(e.get('fastest_vs_own_choice'))} |")
     tests = data["tests.json"]
     if tests and tests.get("summary"):
         s = tests["summary"]

@@ -17,7 +17,8 @@ _CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict,
 
 def repeated_blocks(model: nn.Module) -> list[nn.Module]:
     """The elements of every nn.ModuleList in `model` that are modules with a forward of their own (transformer
-    blocks: the encoder's, the decoder's, each CA-MAE channel's stack), in model order."""
+    blocks: the encoder's, the decoder's, the CA-MAE decoder's channel-stacked layers), in model order. (A CA-MAE
+    channel's own stack is an nn.Sequential whose blocks run inside the channel-stacked layers: not listed.)"""
     out = []
     for module in model.modules():
         if isinstance(module, nn.ModuleList):
@@ -45,6 +46,7 @@ def compile_blocks(model: nn.Module, backend: str = "inductor", dynamic: bool = 
 # matrix products and attention are what is expensive to recompute; norms, activations, LayerScale, residual adds
 # and copies are cheap to recompute and hold most of a block's activation bytes
 SAVED_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+             torch.ops.aten.baddbmm.default,  # the CA-MAE decoder's channel-stacked projections
              torch.ops.aten._scaled_dot_product_flash_attention.default,
              torch.ops.aten._scaled_dot_product_efficient_attention.default,
              torch.ops.aten._scaled_dot_product_cudnn_attention.default}

@@ -14,6 +14,7 @@ loss), as a newcomer reads it; its parts are small and only used here.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -319,6 +320,85 @@ def _run_blocks(blocks: nn.ModuleList, x: torch.Tensor, checkpointing: bool) -> 
 
 
 # ------------------------------------------------------------------------------------------------------------
+# Channel-stacked blocks: C independent `Block`s run as one (the CA-MAE decoder's per-channel stacks)
+# ------------------------------------------------------------------------------------------------------------
+
+class StackedBlockWeights(NamedTuple):
+    """The weights of C `Block`s of the same shape, stacked on a leading channel axis (vectors (C, n), matrices
+    (C, out, in))."""
+    norm1_weight: torch.Tensor
+    norm1_bias: torch.Tensor
+    qkv_weight: torch.Tensor
+    qkv_bias: torch.Tensor
+    proj_weight: torch.Tensor
+    proj_bias: torch.Tensor
+    norm2_weight: torch.Tensor
+    norm2_bias: torch.Tensor
+    fc1_weight: torch.Tensor
+    fc1_bias: torch.Tensor
+    fc2_weight: torch.Tensor
+    fc2_bias: torch.Tensor
+
+
+def stack_block_weights(blocks: list[Block]) -> StackedBlockWeights:
+    """One channel-stacked copy of the blocks' weights. Stacking is one copy of the weights per forward (and one in
+    backward), a few per cent of one block's matmul work on the tokens, and it keeps the blocks, their parameter
+    names and so every checkpoint's keys as they are."""
+    def stacked(get):
+        return torch.stack([get(b) for b in blocks])
+
+    return StackedBlockWeights(
+        stacked(lambda b: b.norm1.weight), stacked(lambda b: b.norm1.bias),
+        stacked(lambda b: b.attn.qkv.weight), stacked(lambda b: b.attn.qkv.bias),
+        stacked(lambda b: b.attn.proj.weight), stacked(lambda b: b.attn.proj.bias),
+        stacked(lambda b: b.norm2.weight), stacked(lambda b: b.norm2.bias),
+        stacked(lambda b: b.mlp.fc1.weight), stacked(lambda b: b.mlp.fc1.bias),
+        stacked(lambda b: b.mlp.fc2.weight), stacked(lambda b: b.mlp.fc2.bias),
+    )
+
+
+def _stacked_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm of x (C, M, D) with channel c's affine (weight[c], bias[c]) on x[c]."""
+    return torch.addcmul(bias.unsqueeze(1), F.layer_norm(x, x.shape[-1:], eps=eps), weight.unsqueeze(1))
+
+
+def stacked_block_forward(x: torch.Tensor, num_heads: int, eps: float, *weights: torch.Tensor) -> torch.Tensor:
+    """C `Block`s at once: x (C, B, N, D), channel c through the block whose weights are `weights[...][c]`
+    (a StackedBlockWeights spread as positional tensors). Every projection is one batched matmul over the channels;
+    attention is one call over C*B sequences."""
+    w = StackedBlockWeights(*weights)
+    C, B, N, D = x.shape
+    H = num_heads
+    x = x.reshape(C, B * N, D)
+    qkv = torch.baddbmm(w.qkv_bias.unsqueeze(1), _stacked_layer_norm(x, w.norm1_weight, w.norm1_bias, eps),
+                        w.qkv_weight.transpose(1, 2))
+    q, k, v = qkv.view(C * B, N, 3, H, D // H).permute(2, 0, 3, 1, 4)
+    a = attention(q, k, v).transpose(1, 2).reshape(C, B * N, D)
+    # residual and output bias in one pass, the projection accumulated onto them by the batched GEMM
+    x = torch.baddbmm(x + w.proj_bias.unsqueeze(1), a, w.proj_weight.transpose(1, 2))
+    h = F.gelu(torch.baddbmm(w.fc1_bias.unsqueeze(1), _stacked_layer_norm(x, w.norm2_weight, w.norm2_bias, eps),
+                             w.fc1_weight.transpose(1, 2)))
+    x = torch.baddbmm(x + w.fc2_bias.unsqueeze(1), h, w.fc2_weight.transpose(1, 2))
+    return x.view(C, B, N, D)
+
+
+class ChannelStackedBlocks(nn.Module):
+    """C `Block`s of one shape run as one (`stacked_block_forward` on their stacked weights): x (C, B, N, D), channel
+    c through block c. It owns no parameters -- it refers to the blocks without registering them, so they keep the
+    one name a checkpoint gives them -- and it is the module that runs, so regional compilation, activation
+    checkpointing and FSDP wrap it (`mae_fast.compiling.repeated_blocks` finds it in a ModuleList)."""
+
+    def __init__(self, blocks: list[Block]):
+        super().__init__()
+        self.__dict__["blocks"] = tuple(blocks)  # not submodules: see above
+        self.num_heads = blocks[0].attn.num_heads
+        self.eps = blocks[0].norm1.eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return stacked_block_forward(x, self.num_heads, self.eps, *stack_block_weights(self.blocks))
+
+
+# ------------------------------------------------------------------------------------------------------------
 # Encoder
 # ------------------------------------------------------------------------------------------------------------
 
@@ -407,7 +487,13 @@ class MAEDecoder(nn.Module):
 class CAMAEDecoder(nn.Module):
     """OpenPhenom-style channel-agnostic decoder: per-channel learned tokens; for each channel a shared
     cross-attention (queries: that channel's tokens, context: all tokens) and shared MLP, then that channel's own
-    stack of blocks."""
+    stack of blocks.
+
+    Computed channel-batched: the shared part is one call over all C*L query tokens (each query attends to the whole
+    context independently, so this equals C calls of L queries), and layer i of the C per-channel stacks runs as one
+    channel-stacked block (`channel_layers[i]`, batched matmuls and one attention call). The parameters stay per
+    channel (`decoders.{c}.{i}.*`, as OpenPhenom's checkpoints name them); `decoders[c]` is channel c's stack as an
+    nn.Sequential (the per-channel computation, one channel at a time)."""
 
     def __init__(self, cfg: MAEConfig):
         super().__init__()
@@ -423,9 +509,11 @@ class CAMAEDecoder(nn.Module):
         self.out_norm = nn.LayerNorm(Dd, eps=eps)
         self.mlp = Mlp(Dd, int(Dd * cfg.mlp_ratio))
         self.decoders = nn.ModuleList(
-            nn.ModuleList(Block(Dd, cfg.decoder_heads, cfg.mlp_ratio, eps) for _ in range(cfg.decoder_depth))
+            nn.Sequential(*(Block(Dd, cfg.decoder_heads, cfg.mlp_ratio, eps) for _ in range(cfg.decoder_depth)))
             for _ in range(C)
         )
+        self.channel_layers = nn.ModuleList(ChannelStackedBlocks([stack[i] for stack in self.decoders])
+                                            for i in range(cfg.decoder_depth))
         self.checkpointing = cfg.grad_checkpointing
 
     def forward(self, x: torch.Tensor, ids_restore: torch.Tensor, in_chans: int) -> torch.Tensor:
@@ -434,16 +522,15 @@ class CAMAEDecoder(nn.Module):
             raise ValueError(f"this CA-MAE decoder was built for {self.in_chans} channels, got {in_chans}")
         full = ops.unshuffle(x[:, 1:], self.mask_token, ids_restore, self.pos_embed[0, 1:])
         B, N, Dd = full.shape
-        L = N // in_chans
+        C, L = in_chans, N // in_chans
         channel_tokens = torch.cat([t.expand(1, L, Dd) for t in self.modality_tokens], dim=1)
         full = full + channel_tokens
-        context = self.context_norm(full)
-        outs = []
-        for c, stack in enumerate(self.decoders):
-            y = self.cross_attention(self.query_norm(full[:, c * L:(c + 1) * L]), context)
-            y = y + self.mlp(self.out_norm(y))
-            outs.append(_run_blocks(stack, y, self.checkpointing))
-        return torch.cat(outs, dim=1)
+        # shared cross-attention + MLP: the queries of all channels in one call
+        y = self.cross_attention(self.query_norm(full), self.context_norm(full))
+        y = y + self.mlp(self.out_norm(y))
+        # per-channel stacks: layer i of every channel as one channel-stacked block, tokens (C, B, L, Dd)
+        y = _run_blocks(self.channel_layers, y.view(B, C, L, Dd).transpose(0, 1), self.checkpointing)
+        return y.transpose(0, 1).reshape(B, N, Dd)
 
 
 # ------------------------------------------------------------------------------------------------------------

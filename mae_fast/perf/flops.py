@@ -85,15 +85,15 @@ def forward_flops(cfg: MAEConfig, mask_ratio: float | None = None, in_chans: int
         "encoder_decoder_proj": matmul_flops(K + 1, Dd, D),
     }
     if cfg.channel_agnostic:
-        # CA decoder, per channel: cross-attention (queries: that channel's N tokens, context: all C*N tokens; the
-        # k/v projection of the context is recomputed for every channel, as the model runs it), a shared MLP on the
-        # N tokens, then that channel's own stack of blocks. No class token in the decoder.
+        # CA decoder: the shared cross-attention with the queries of all channels at once (each channel's N tokens
+        # attend to all C*N; the k/v projection of the context is computed once) and the shared MLP on the C*N
+        # tokens, then each channel's own stack of blocks on its N tokens. No class token in the decoder.
         N = cfg.num_patches
-        x_mm, x_attn = _cross_attention(N, L, Dd)
-        mlp = matmul_flops(N, dec_hidden, Dd) + matmul_flops(N, Dd, dec_hidden)
+        x_mm, x_attn = _cross_attention(L, L, Dd)
+        mlp = matmul_flops(L, dec_hidden, Dd) + matmul_flops(L, Dd, dec_hidden)
         blk_mm, blk_attn = _decoder_block(N, Dd, dec_hidden)
-        parts["decoder_matmul"] = C * (x_mm + mlp + cfg.decoder_depth * blk_mm)
-        parts["decoder_attention"] = C * (x_attn + cfg.decoder_depth * blk_attn)
+        parts["decoder_matmul"] = x_mm + mlp + C * cfg.decoder_depth * blk_mm
+        parts["decoder_attention"] = x_attn + C * cfg.decoder_depth * blk_attn
         parts["decoder_pred"] = matmul_flops(L, cfg.patch_size**2, Dd)
     else:
         blk_mm, blk_attn = _decoder_block(L + 1, Dd, dec_hidden)  # mask tokens restored, class token kept

@@ -45,7 +45,7 @@ class Stack:
     ops_impl: str         # value of MAE_FAST_IMPL while the stack runs: "reference" or "auto"
     optimizer_impl: str   # Lion(impl=...)
     compiled: bool
-    allow_flash_attn: bool
+    allow_flash_attn: bool  # attention: use_backend("auto") (FlashAttention / fastest SDPA backend), else "sdpa"
     peer: bool = False    # mae_fast.peer's model and timm's Lion instead of MaskedAutoencoder and mae_fast's Lion
 
 
@@ -66,16 +66,14 @@ def default_stacks() -> list[str]:
 
 @contextlib.contextmanager
 def stack_context(stack: Stack):
-    """Select the stack's op implementations (MAE_FAST_IMPL) and, for the reference, plain SDPA attention."""
+    """Select the stack's op implementations (MAE_FAST_IMPL) and attention: mae_fast's choice (FlashAttention when
+    installed, else the SDPA backend measured fastest per shape) or, for the reference, plain SDPA."""
     old_env = os.environ.get("MAE_FAST_IMPL")
-    old_flash = attention_mod._flash_attn_func
     os.environ["MAE_FAST_IMPL"] = stack.ops_impl
-    if not stack.allow_flash_attn:
-        attention_mod._flash_attn_func = None  # the reference stack is F.scaled_dot_product_attention
     try:
-        yield
+        with attention_mod.use_backend("auto" if stack.allow_flash_attn else "sdpa"):
+            yield
     finally:
-        attention_mod._flash_attn_func = old_flash
         if old_env is None:
             os.environ.pop("MAE_FAST_IMPL", None)
         else:

@@ -137,7 +137,8 @@ def test_compare_stacks_stops_at_the_deadline_and_keeps_what_it_measured():
 
 
 @pytest.mark.parametrize("preset,blocks", [("mae_vit_micro_patch16_256", 4 + 2),
-                                           ("camae_vit_micro_patch16_256", 4 + 6 * 2)])
+                                           # CA-MAE: the decoder's 2 channel-stacked layers (6 channels each)
+                                           ("camae_vit_micro_patch16_256", 4 + 2)])
 def test_regional_compilation_compiles_each_block_and_keeps_the_function(preset, blocks):
     from mae_fast.compiling import compile_blocks, repeated_blocks
     from mae_fast.models import MaskedAutoencoder

@@ -79,6 +79,12 @@ def test_dry_run_stages_hold_the_headline(dry_run):
         assert e["correctness"]["ok"] in (True, None), e  # None: no fused backend on this machine
         assert e["cases"] and all(c["median_ms"] > 0 and c["fraction_of_floor"] > 0 for c in e["cases"])
         assert e["prediction"] == "no prediction" or "predicted_ms" in e["prediction"]
+    # SDPA's backends compared at the attention shapes (toy ones here): on a CPU flash and math run, the others refuse
+    attn = kernels["attention"]
+    assert [e["shape"] for e in attn["shapes"]] == ["encoder, training (toy)", "MAE decoder (toy)"]
+    for e in attn["shapes"]:
+        assert e["fastest"] in ("flash", "math") and e["seconds"]["math"] > 0 and e["tflops"]["math"] > 0
+        assert e["seconds"]["cudnn"].startswith("unavailable") and e["sdpa_own_choice_s"] > 0
     train = _load(out, "train.json")
     first = train["comparisons"][0]
     assert first["preset"].startswith("mae_vit_micro_patch8_256") and first["stacks"] == ["fused", "reference", "peer"]
@@ -91,6 +97,7 @@ def test_dry_run_stages_hold_the_headline(dry_run):
         assert h[key]["value"] > 0 and h[key]["verdict"] in ("met", "not met")
     assert train["comparisons"][1]["preset"].startswith("camae_vit_micro") and \
         train["comparisons"][1]["stacks"] == ["fused", "reference"]
+    assert train["attention_choices"] == []  # on a CPU SDPA keeps its own choice: nothing measured
     inference = _load(out, "inference.json")
     assert [c["stacks"] for c in inference["comparisons"]] == [["fused", "peer"], ["fused"]]
     assert all(r["status"] == "ok" for c in inference["comparisons"] for r in c["records"])
@@ -105,6 +112,7 @@ def test_dry_run_stages_hold_the_headline(dry_run):
     assert tests["rc"] == 0 and tests["collected"] > 0 and "--collect-only" in tests["command"]
     md = (out / "results.md").read_text()
     assert "not measured on a GPU" in md and "fused / peer" in md and "| masked_patchify |" in md
+    assert "## Attention: SDPA backends" in md and "| MAE decoder (toy) | 2x2x65x8 |" in md
 
 
 def test_prepare_records_the_commit_for_a_tree_without_git(tmp_path):

@@ -33,7 +33,7 @@ CASES = [
     ("camae_vit_micro_patch16_256", dict(in_chans=3)),                              # 256^2 CA-MAE: attention ~30%
 ]
 IDS = [c[0] + "-" + str(c[1].get("img_size", 256)) for c in CASES]
-MATMUL_OPS = ("mm", "addmm")
+MATMUL_OPS = ("mm", "addmm", "baddbmm")  # baddbmm: the CA-MAE decoder's channel-stacked projections
 ATTENTION_PARTS = ("encoder_attention", "decoder_attention")
 
 
