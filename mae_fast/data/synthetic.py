@@ -26,20 +26,18 @@ Everything is a function of the seed.
 """
 from __future__ import annotations
 
-import ctypes
 import itertools
 import json
-import multiprocessing
 import os
 import struct
 import zlib
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from mae_fast.evaluation.databases import corum_complexes, efaar_annotations_dir
 from mae_fast.evaluation.table import EvaluationInputError
+from mae_fast.processes import default_workers, map_in_processes, worker_state
 
 CHANNEL_NAMES = ("DNA", "ER", "Actin", "RNA", "Mito", "Golgi")
 METADATA_COLUMNS = (
@@ -664,64 +662,20 @@ def _write_site(cfg: SyntheticScreenConfig, plan: ScreenPlan, plate: dict, plate
         write_png(f"{prefix}_s1_w{c + 1}.png", _to_png_array(image[c], cfg.bit_depth))
 
 
-_WORKER_SCREEN: tuple = ()       # (config, plan) of the screen a forked rendering process works on
-
-
-def _keep_freed_memory() -> None:
-    """Ask glibc's malloc to keep freed memory for reuse (no mmap per large array, no trimming of the heap).
-    A site makes ~17 MB of short-lived 256^2 temporaries; returned to the kernel each time, they come back as
-    fresh zeroed pages: ~4,400 page faults and about a third of the CPU time of a site. Called in the rendering
-    processes only (they end with the screen); a no-op where the C library has no mallopt."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (AttributeError, OSError):
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3           # glibc's malloc.h
-    mallopt(m_mmap_threshold, 16 << 20)
-    mallopt(m_trim_threshold, 256 << 20)
-
-
-def _start_worker(cfg: SyntheticScreenConfig, plan: ScreenPlan) -> None:
-    global _WORKER_SCREEN
-    _WORKER_SCREEN = (cfg, plan)
-    _keep_freed_memory()
-
-
 def _write_site_in_worker(job: tuple) -> None:
-    _write_site(*_WORKER_SCREEN, *job)
-
-
-def _write_sites(cfg: SyntheticScreenConfig, plan: ScreenPlan, jobs: list[tuple], workers: int) -> None:
-    """Render and write every site (`jobs`: `_write_site`'s arguments after cfg and plan). Several workers are
-    forked processes: the pixel work is many numpy calls on 256^2 planes, and threads would share one GIL for the
-    Python between them. Forked, they inherit the config and plan and import nothing (`spawn` would import torch
-    through mae_fast.data, seconds per worker). Where fork does not exist, threads. The files never depend on it."""
-    if workers <= 1 or len(jobs) < 2:
-        for job in jobs:
-            _write_site(cfg, plan, *job)
-        return
-    if "fork" not in multiprocessing.get_all_start_methods():
-        with ThreadPoolExecutor(workers) as pool:
-            for _ in pool.map(lambda job: _write_site(cfg, plan, *job), jobs):   # re-raises a worker's error
-                pass
-        return
-    chunk = max(1, len(jobs) // (8 * workers))    # a few chunks per worker: balanced, little messaging
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=_start_worker,
-                             initargs=(cfg, plan)) as pool:
-        for _ in pool.map(_write_site_in_worker, jobs, chunksize=chunk):   # re-raises a worker's error
-            pass
+    _write_site(*worker_state(), *job)
 
 
 def make_synthetic_screen(root: str, config: SyntheticScreenConfig | None = None, workers: int | None = None,
                           **overrides) -> SyntheticScreen:
-    """Generate the screen under `root` (created) and return where everything is. `workers` processes render
-    sites (default: up to 2; see `_write_sites`); the files do not depend on it."""
+    """Generate the screen under `root` (created) and return where everything is. `workers` forked processes
+    render sites (default: up to 2; `mae_fast.processes`); the files do not depend on it."""
     import pandas as pd
 
     cfg = config or SyntheticScreenConfig()
     if overrides:
         cfg = SyntheticScreenConfig(**{**asdict(cfg), **overrides})
-    workers = workers or min(2, os.cpu_count() or 1)
+    workers = workers or default_workers()
     plan = plan_screen(cfg)
     genes = plan.genes
     wells = list(genes) + ["EMPTY_control"] * cfg.n_empty_controls + ["CRISPR_control"] * cfg.n_crispr_controls
@@ -746,7 +700,7 @@ def make_synthetic_screen(root: str, config: SyntheticScreenConfig | None = None
                     "address": address, "gene": gene, "treatment": treatment, "SMILES": "",
                     "concentration": np.nan, "perturbation_type": "CRISPR", "cell_type": "HUVEC",
                 })
-    _write_sites(cfg, plan, jobs, workers)
+    map_in_processes(_write_site_in_worker, jobs, workers, state=(cfg, plan))
     os.makedirs(os.path.join(root, "relationships"), exist_ok=True)
     metadata_csv = os.path.join(root, "metadata.csv")
     pd.DataFrame(rows, columns=list(METADATA_COLUMNS)).to_csv(metadata_csv, index=False)
