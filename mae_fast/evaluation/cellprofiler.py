@@ -12,9 +12,11 @@ Per site (C, H, W), intensities scaled to [0, 1] (uint8 / 255, uint16 / 65535, f
              site in cp-measure 0.3 against ~0.07 s with 16),
              granularity (16 per channel) when `granularity=True`, size/shape of cells and of nuclei (one
              `sizeshape` each, without Zernike moments).
-Per well: the median of each feature over all cells of all its sites. Feature columns that are not finite in some
-well (e.g. a texture statistic undefined for every cell of a well) are dropped and counted in
-`table.attrs["dropped_features"]`; wells without any cell are an error naming them.
+Per well: the median of each feature over all cells of all its sites (or, with `cells_per_site=N`, over at most N
+cells of each site drawn by seed: every cell is segmented, the drawn ones are measured, each exactly as it would be
+among all; the demo's default, stated under its table). Sites are measured in forked worker processes. Feature
+columns that are not finite in some well (e.g. a texture statistic undefined for every cell of a well) are dropped
+and counted in `table.attrs["dropped_features"]`; wells without any cell are an error naming them.
 
 Optional dependencies: scikit-image (segmentation) and cp-measure (features); a missing one is an
 `EvaluationInputError` saying what to install. cp-measure 0.3 requires centrosome, whose metadata pins pillow < 12.
