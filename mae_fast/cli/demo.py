@@ -8,11 +8,13 @@
    (`--models mae_vit_micro_patch16_256,wsl_densenet_micro_256,munet_micro_256`);
 3. embed every site tile by tile and average per well with `mae_fast.inference`;
 4. score recall with `mae_fast.evaluation`: one table with every model side by side, beside the random and
-   pixel-statistics baselines (and the CellProfiler-style one when installed), with a 95% bootstrap interval over
+   pixel-statistics baselines (and the CellProfiler-style one when installed: `--cellprofiler-cells` of each
+   site's segmented cells, 8 by default, drawn by the seed; a line under the table says so and what it cost),
+   with a 95% bootstrap interval over
    pairs: the planted complexes overall and per phenotype class, and EFAAR's real databases (CORUM, HuMAP,
    Reactome, SIGNOR, StringDB) when the efaar-benchmarking package is installed.
 
-Time: `--minutes` of training per model (default 2.5); the schedule's length follows the budget (`--max-steps`
+Time: `--minutes` of training per model (default 2); the schedule's length follows the budget (`--max-steps`
 auto: the steps a 2-core CPU makes in that time), so a longer run also anneals properly.
 
 Outputs (OUT = --out): the screen in OUT/screen; per model its training run (OUT/<model>/train) and embeddings
@@ -41,7 +43,11 @@ from mae_fast.models import list_presets
 
 DEFAULT_WSL_LR = 0.05
 DEFAULT_MUNET_LR = 1e-3
-DEFAULT_MINUTES = 2.5
+DEFAULT_MINUTES = 2.0  # with the screen, embedding and baselines: ~300 s on 2 idle cores (docs/SYNTHETIC_SCREEN.md)
+# The CellProfiler-style baseline measures this many of each site's segmented cells (about 22 on the default
+# screen), drawn by --seed: measuring a cell costs about 12 ms of CPU, so all of them on 760 sites would take
+# about 2.5 minutes of the 2 cores alone (docs/SYNTHETIC_SCREEN.md, "Budget"). The table says so under itself.
+DEFAULT_CELLPROFILER_CELLS = 8
 CPU_STEPS_PER_SECOND = 0.6     # measured: micro MAE, batch 16 of 256 px crops, 2 CPU cores
 
 
@@ -65,6 +71,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"peak SGD learning rate of WSL baselines (default {DEFAULT_WSL_LR})")
     p.add_argument("--munet-lr", type=number(float, above=0), default=DEFAULT_MUNET_LR,
                    help=f"peak AdamW learning rate of MU-Net baselines (default {DEFAULT_MUNET_LR:g})")
+    p.add_argument("--cellprofiler-cells", type=number(int, minimum=0), default=DEFAULT_CELLPROFILER_CELLS,
+                   help="cells of each site the CellProfiler-style baseline measures, drawn by --seed (default "
+                        f"{DEFAULT_CELLPROFILER_CELLS}; 0: every segmented cell). Every cell is segmented either way")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--tiny", action="store_true", help="a very small screen and run (for tests)")
@@ -133,6 +142,15 @@ def demo_relationships(screen) -> tuple[dict, str | None]:
     except EvaluationInputError as err:
         return out, f"EFAAR databases left out: {err}"
     return out, None
+
+
+def cellprofiler_note(table, seconds: float, cells_asked: int) -> str:
+    """The line under the table that says how the CellProfiler-style row was measured, and what it cost."""
+    wells = len(table)
+    sampled = (f"at most {cells_asked} segmented cells of each site, drawn by seed" if cells_asked
+               else "every segmented cell")
+    return (f"cellprofiler: {sampled} (median {table.attrs['cells_per_well_median']:g} cells per well measured); "
+            f"{wells} wells in {seconds:.0f} s, {1000 * seconds / max(wells, 1):.0f} ms per well")
 
 
 def train_config(preset: str, screen_root: str, out_dir: str, args, seconds: float, steps: int):
@@ -208,31 +226,41 @@ def run(args) -> int:
         first, last = _loss_ends(result.losses)
         print(f"trained {preset} for {result.steps} of {steps} steps in {result.seconds:.0f} s ({result.crops} crops, "
               f"{result.crops_per_second:.1f} crops/s): loss {first:.4f} -> {last:.4f}")
+        stage = time.time()
         embeddings = embed_dataset(result.model_dir, screen.root, os.path.join(folder, "embeddings.parquet"),
                                    overwrite=True, device=args.device, seed=args.seed)
+        embed_seconds = time.time() - stage
         print(f"embedded {embeddings.n_wells} wells with {preset} ({embeddings.n_tiles} tiles, "
               f"{embeddings.tiles_per_second:.1f} tiles/s)")
-        runs[preset] = {"result": result, "embeddings": embeddings, "loss_first": first, "loss_last": last}
+        runs[preset] = {"result": result, "embeddings": embeddings, "loss_first": first, "loss_last": last,
+                        "embed_seconds": embed_seconds}
 
     # one evaluation per embedding table (the first also scores the baselines), merged into one table
     sources = ["model"] if single else models
     baselines, baseline_note = demo_baselines()
     relationships, efaar_note = demo_relationships(screen)   # EFAAR files read once, for every model
+    cp_table, cp_note, cp_seconds = None, None, 0.0
+    if "cellprofiler" in baselines:
+        stage = time.time()
+        cp_table = cellprofiler.cellprofiler_table(screen.root, channels=screen.config.channels,
+                                                   cells_per_site=args.cellprofiler_cells or None, seed=args.seed)
+        cp_seconds = time.time() - stage
+        cp_note = cellprofiler_note(cp_table, cp_seconds, args.cellprofiler_cells)
     stage = time.time()
     evaluations = [evaluate(runs[models[0]]["embeddings"].out, relationships, arms=screen.arms_csv,
-                            baselines=baselines, images_root=screen.root, gene_classes=screen.plan.gene_class,
-                            name=sources[0])]
+                            baselines=baselines, images_root=screen.root, cellprofiler=cp_table,
+                            gene_classes=screen.plan.gene_class, name=sources[0])]
     for preset, source in zip(models[1:], sources[1:]):
         evaluations.append(evaluate(runs[preset]["embeddings"].out, relationships, arms=screen.arms_csv,
                                     gene_classes=screen.plan.gene_class, name=source))
     evaluation = merge_evaluations(evaluations, sources + list(baselines))
     evaluation_seconds = time.time() - stage
     figures = write_outputs(evaluation, os.path.join(out, "evaluation"), heatmap_relationships="planted")
-    table = markdown_table(evaluation)
+    table = markdown_table(evaluation) + (f"\n{cp_note}\n" if cp_note else "")
     table_path = os.path.join(out, "recall.md")
     atomic_write(table_path, lambda tmp: write_text(tmp, table))
     wall = time.time() - t_start
-    print(f"\nevaluated in {evaluation_seconds:.0f} s: {', '.join(sources + list(baselines))} on the synthetic screen "
+    print(f"\nevaluated in {evaluation_seconds + cp_seconds:.0f} s: {', '.join(sources + list(baselines))} on the synthetic screen "
           f"({len(screen.genes)} genes); the planted complexes overall and per phenotype class"
           f"{'' if efaar_note else ', and EFAAR databases'}")
     for note in (baseline_note, efaar_note):
@@ -256,7 +284,13 @@ def run(args) -> int:
                "recall": evaluation.recall_table().to_dict(orient="index"),
                "table": _json_rows(evaluation.table()), "recall_table": table_path,
                "seconds": {"screen": round(screen_seconds, 1), "evaluation": round(evaluation_seconds, 1),
-                           **{f"train_{p}": round(runs[p]["result"].seconds, 1) for p in models}},
+                           "cellprofiler": round(cp_seconds, 1),
+                           **{f"train_{p}": round(runs[p]["result"].seconds, 1) for p in models},
+                           **{f"embed_{p}": round(runs[p]["embed_seconds"], 1) for p in models}},
+               "cellprofiler": None if cp_table is None else {
+                   "cells_per_site": args.cellprofiler_cells or None,
+                   "cells_per_well_median": cp_table.attrs["cells_per_well_median"],
+                   "seconds_per_well": round(cp_seconds / max(len(cp_table), 1), 4), "note": cp_note},
                "screen": {"root": screen.root, "genes": len(screen.genes), "complexes": len(screen.complexes),
                           "complex_source": screen.source, "seconds": round(screen_seconds, 2)},
                "budget_seconds": seconds, "wall_seconds": round(wall, 1)}

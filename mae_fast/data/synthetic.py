@@ -34,13 +34,13 @@ import json
 import os
 import struct
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from mae_fast.evaluation.databases import corum_complexes, efaar_annotations_dir
 from mae_fast.evaluation.table import EvaluationInputError
+from mae_fast.processes import default_workers, map_in_processes, worker_state
 
 CHANNEL_NAMES = ("DNA", "ER", "Actin", "RNA", "Mito", "Golgi")
 METADATA_COLUMNS = (
@@ -407,79 +407,125 @@ def _rank_match(plane: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return out
 
 
-def _window(cy: float, cx: float, half: int, size: int):
-    """The pixels within `half` of (cy, cx), clipped to the site: (row slice, column slice, dy (h, 1), dx (1, w))
-    as float32 offsets from the centre."""
-    y0, x0 = int(cy) - half, int(cx) - half
-    ys = slice(max(y0, 0), max(min(y0 + 2 * half + 1, size), 0))
-    xs = slice(max(x0, 0), max(min(x0 + 2 * half + 1, size), 0))
-    dy = (np.arange(ys.start, ys.stop, dtype=np.float32) - np.float32(cy))[:, None]
-    dx = (np.arange(xs.start, xs.stop, dtype=np.float32) - np.float32(cx))[None, :]
-    return ys, xs, dy, dx
+CELL_CHUNK = 16      # cells rendered as one batch: bounds the batch arrays (16 windows of the largest cell's size)
+
+
+def _window_offsets(cy: np.ndarray, cx: np.ndarray, half: int):
+    """Square windows of half-width `half` around the centres (cy, cx) (n,), each starting at int(centre) - half:
+    (dy (n, 2 half + 1, 1), dx (n, 1, 2 half + 1)) as float32 offsets of its pixels from the centre."""
+    steps = np.arange(-half, half + 1)
+    dy = (np.trunc(cy).astype(np.int64)[:, None] + steps).astype(np.float32) - cy.astype(np.float32)[:, None]
+    dx = (np.trunc(cx).astype(np.int64)[:, None] + steps).astype(np.float32) - cx.astype(np.float32)[:, None]
+    return dy[:, :, None], dx[:, None, :]
+
+
+def _column(values: np.ndarray) -> np.ndarray:
+    """Per-cell float64 values as float32 (n, 1, 1), to broadcast over a batch of windows."""
+    return np.asarray(values).astype(np.float32)[:, None, None]
 
 
 def _cell_geometry(z: np.ndarray, cell_rng: np.random.Generator, size: int, cells: float) -> tuple[np.ndarray, ...]:
     """The cells' masks, float32 (size, size) each: (nucleus, cell, membrane, golgi, rho = radial position, 0 at
     the nucleus, 1 at the cell edge). Only the size/count and shape axes of `z` move them, so a site and its
-    control twin (which differ in texture and localisation axes only) share them."""
+    control twin (which differ in texture and localisation axes only) share them.
+
+    Each cell is drawn in three windows around it (body, nucleus, Golgi), clipped to the site. The pixel work is
+    done for a batch of cells at once (`CELL_CHUNK`, windows of the batch's largest size, so per-cell Python
+    overhead is a few slice assignments); each cell then writes only its own window, into a canvas padded so
+    that no window needs clipping. The cells are merged by maximum, and rho comes from the cell on top."""
     area = (size / 256.0) ** 2
     n_cells = max(1, int(cell_rng.poisson(cells * area * (1 + 0.5 * z[AXIS["density"]]))))
     r_nuc = 9.0 * (1 + 0.3 * z[AXIS["nucleus_size"]])
     r_cell = 20.0 * (1 + 0.3 * z[AXIS["cell_size"]])
     aspect = 1.5 * np.exp(0.5 * z[AXIS["elongation"]])
     irregular = 0.12 * (1 + z[AXIS["nuclear_irregularity"]])
-
-    nucleus = np.zeros((size, size), np.float32)
-    cell = np.zeros((size, size), np.float32)
-    membrane = np.zeros((size, size), np.float32)
-    golgi = np.zeros((size, size), np.float32)
-    rho = np.zeros((size, size), np.float32)     # 0 at the nucleus, 1 at the cell edge (radial position)
     harmonics = np.arange(2, 6)
-    for _ in range(n_cells):
+    draws = []
+    for _ in range(n_cells):   # one cell after another from the stream: the cells do not depend on CELL_CHUNK
         cy, cx = cell_rng.uniform(0, size, 2)
         theta, golgi_angle = cell_rng.uniform(0, 2 * np.pi, 2)
         jitter, stretch = cell_rng.uniform(0.85, 1.15, 2)
         coef = cell_rng.standard_normal(len(harmonics)) / harmonics
         phase = cell_rng.uniform(0, 2 * np.pi, len(harmonics))
-        a = aspect * stretch
-        rn, rc = r_nuc * jitter, r_cell * jitter
-        c, s = np.float32(np.cos(theta)), np.float32(np.sin(theta))
-        # the cell body, membrane and radial position: a window 6 px (body < 0.03) beyond the cell's long axis
-        ys, xs, dy, dx = _window(cy, cx, int(np.ceil(rc * max(a, 1.0))) + 6, size)
+        draws.append(np.concatenate([[cy, cx, theta, golgi_angle, jitter, stretch], coef, phase]))
+    draws = np.array(draws)
+    cy, cx, theta, golgi_angle, jitter, stretch = draws[:, :6].T
+    coef, phase = draws[:, 6:6 + len(harmonics)], draws[:, 6 + len(harmonics):]
+    a = aspect * stretch
+    rn, rc = r_nuc * jitter, r_cell * jitter
+    gcy, gcx = cy + 1.1 * rn * np.sin(golgi_angle), cx + 1.1 * rn * np.cos(golgi_angle)
+    # window half-widths: the body 6 px (body < 0.03) beyond the cell's long axis; the nucleus outline radius
+    # rn * (1 + scale * sum_k coef_k cos(k angle + phase_k)) <= rn * (1 + 2 irregular) (Cauchy-Schwarz over the
+    # harmonics) and 8 px (nuc < 0.003) beyond; the Golgi blob (sd 0.45 rn) 4 sd
+    windows = {
+        "body": (cy, cx, np.ceil(rc * np.maximum(a, 1.0)).astype(np.int64) + 6),
+        "nucleus": (cy, cx, np.ceil(rn * np.sqrt(np.maximum(a, 1.0)) * (1 + 2 * irregular)).astype(np.int64) + 8),
+        "golgi": (gcy, gcx, np.ceil(1.8 * rn).astype(np.int64) + 1),
+    }
+    pad = 0
+    for wy, wx, half in windows.values():
+        for centre in (np.trunc(wy).astype(np.int64), np.trunc(wx).astype(np.int64)):
+            pad = max(pad, int(np.max(half - centre)), int(np.max(centre + half + 1 - size)))
+    canvas = size + 2 * pad
+    nucleus, cell, membrane, golgi, rho = (np.zeros((canvas, canvas), np.float32) for _ in range(5))
+
+    def placed(name, k, batch_half):
+        """(canvas rows, canvas columns, the cell's own window inside its batch window) of cell k."""
+        wy, wx, half = windows[name]
+        h, o = int(half[k]), batch_half - int(half[k])
+        y0, x0 = int(np.trunc(wy[k])) - h + pad, int(np.trunc(wx[k])) - h + pad
+        return slice(y0, y0 + 2 * h + 1), slice(x0, x0 + 2 * h + 1), (slice(o, o + 2 * h + 1), slice(o, o + 2 * h + 1))
+
+    c_all, s_all = np.cos(theta).astype(np.float32), np.sin(theta).astype(np.float32)
+    scale_all = irregular / np.linalg.norm(coef, axis=1)
+    for start in range(0, n_cells, CELL_CHUNK):
+        batch = slice(start, min(start + CELL_CHUNK, n_cells))
+        ids = range(batch.start, batch.stop)
+        c, s = c_all[batch, None, None], s_all[batch, None, None]
+        # the cell body, membrane and radial position
+        half = int(windows["body"][2][batch].max())
+        dy, dx = _window_offsets(cy[batch], cx[batch], half)
         u = c * dx + s * dy
         v = -s * dx + c * dy
-        d_cell = np.sqrt((u / np.float32(a)) ** 2 + v**2)
-        body = 0.5 - 0.5 * np.tanh((d_cell - np.float32(rc)) * np.float32(0.3))   # logistic, no overflow
-        ring = np.exp(np.float32(-0.5 / 1.5**2) * (d_cell - np.float32(rc)) ** 2)
-        radial = np.clip((d_cell - np.float32(rn)) / np.float32(rc - rn), 0, 1)
-        mine = body > cell[ys, xs]         # where this cell is the one on top
-        rho[ys, xs] = np.where(mine, radial, rho[ys, xs])
-        np.maximum(cell[ys, xs], body, out=cell[ys, xs])
-        np.maximum(membrane[ys, xs], ring, out=membrane[ys, xs])
-        # the nucleus: outline radius rn * (1 + scale * sum_k coef_k cos(k angle + phase_k)) <= rn * (1 + 2 *
-        # irregular) (Cauchy-Schwarz over 4 harmonics); its window reaches 8 px (nuc < 0.003) beyond that
-        scale = irregular / np.linalg.norm(coef)
-        ys, xs, dy, dx = _window(cy, cx, int(np.ceil(rn * np.sqrt(max(a, 1.0)) * (1 + 2 * irregular))) + 8, size)
-        un = (c * dx + s * dy) / np.float32(np.sqrt(a))
+        d_cell = np.sqrt((u / _column(a[batch])) ** 2 + v**2)
+        body = 0.5 - 0.5 * np.tanh((d_cell - _column(rc[batch])) * np.float32(0.3))   # logistic, no overflow
+        ring = np.exp(np.float32(-0.5 / 1.5**2) * (d_cell - _column(rc[batch])) ** 2)
+        radial = np.clip((d_cell - _column(rn[batch])) / _column(rc[batch] - rn[batch]), 0, 1)
+        for j, k in enumerate(ids):
+            ys, xs, own = placed("body", k, half)
+            on_top = cell[ys, xs]
+            mine = body[j][own] > on_top       # where this cell is the one on top
+            np.copyto(rho[ys, xs], radial[j][own], where=mine)
+            np.maximum(on_top, body[j][own], out=on_top)
+            np.maximum(membrane[ys, xs], ring[j][own], out=membrane[ys, xs])
+        # the nucleus: a wobbly outline, sum of harmonics 2..5 of the angle
+        half = int(windows["nucleus"][2][batch].max())
+        dy, dx = _window_offsets(cy[batch], cx[batch], half)
+        un = (c * dx + s * dy) / _column(np.sqrt(a[batch]))
         v = -s * dx + c * dy
         d_nuc = np.sqrt(un**2 + v**2)
         cos1 = un / np.maximum(d_nuc, np.float32(1e-3))
         sin1 = v / np.maximum(d_nuc, np.float32(1e-3))
         cos_k, sin_k = cos1 * cos1 - sin1 * sin1, 2 * cos1 * sin1            # angle doubled: harmonic 2
         wobble = np.zeros_like(d_nuc)
-        for k, (ck, pk) in enumerate(zip(coef, phase)):      # cos(k t + p) = cos(k t) cos p - sin(k t) sin p
-            wobble += np.float32(ck * np.cos(pk)) * cos_k - np.float32(ck * np.sin(pk)) * sin_k
+        for k in range(len(harmonics)):            # cos(k t + p) = cos(k t) cos p - sin(k t) sin p
+            wobble += (_column(coef[batch, k] * np.cos(phase[batch, k])) * cos_k
+                       - _column(coef[batch, k] * np.sin(phase[batch, k])) * sin_k)
             if k + 1 < len(harmonics):
                 cos_k, sin_k = cos_k * cos1 - sin_k * sin1, sin_k * cos1 + cos_k * sin1
-        outline = 1 + np.float32(scale) * wobble
-        nuc = 0.5 - 0.5 * np.tanh((d_nuc - np.float32(rn) * outline) * np.float32(0.75))
-        np.maximum(nucleus[ys, xs], nuc, out=nucleus[ys, xs])
-        # the Golgi: a blob of sd 0.45 rn beside the nucleus, its window 4 sd wide
-        gcy, gcx = cy + 1.1 * rn * np.sin(golgi_angle), cx + 1.1 * rn * np.cos(golgi_angle)
-        ys, xs, gy, gx = _window(gcy, gcx, int(np.ceil(1.8 * rn)) + 1, size)
-        gol = np.exp((gx**2 + gy**2) * np.float32(-0.5 / (0.45 * rn) ** 2))
-        np.maximum(golgi[ys, xs], gol, out=golgi[ys, xs])
-    return nucleus, cell, membrane, golgi, rho
+        outline = 1 + _column(scale_all[batch]) * wobble
+        nuc = 0.5 - 0.5 * np.tanh((d_nuc - _column(rn[batch]) * outline) * np.float32(0.75))
+        # the Golgi: a blob of sd 0.45 rn beside the nucleus
+        g_half = int(windows["golgi"][2][batch].max())
+        gy, gx = _window_offsets(gcy[batch], gcx[batch], g_half)
+        gol = np.exp((gx**2 + gy**2) * _column(-0.5 / (0.45 * rn[batch]) ** 2))
+        for j, k in enumerate(ids):
+            ys, xs, own = placed("nucleus", k, half)
+            np.maximum(nucleus[ys, xs], nuc[j][own], out=nucleus[ys, xs])
+            ys, xs, own = placed("golgi", k, g_half)
+            np.maximum(golgi[ys, xs], gol[j][own], out=golgi[ys, xs])
+    site = (slice(pad, pad + size), slice(pad, pad + size))
+    return tuple(np.ascontiguousarray(plane[site]) for plane in (nucleus, cell, membrane, golgi, rho))
 
 
 def _stain_planes(geometry: tuple[np.ndarray, ...], z: np.ndarray, spectrum: np.ndarray, channels: int) -> np.ndarray:
@@ -619,16 +665,20 @@ def _write_site(cfg: SyntheticScreenConfig, plan: ScreenPlan, plate: dict, plate
         write_png(f"{prefix}_s1_w{c + 1}.png", _to_png_array(image[c], cfg.bit_depth))
 
 
+def _write_site_in_worker(job: tuple) -> None:
+    _write_site(*worker_state(), *job)
+
+
 def make_synthetic_screen(root: str, config: SyntheticScreenConfig | None = None, workers: int | None = None,
                           **overrides) -> SyntheticScreen:
-    """Generate the screen under `root` (created) and return where everything is. `workers` threads render sites
-    (default: up to 2; numpy's FFTs and zlib release the GIL); the files do not depend on it."""
+    """Generate the screen under `root` (created) and return where everything is. `workers` forked processes
+    render sites (default: up to 2; `mae_fast.processes`); the files do not depend on it."""
     import pandas as pd
 
     cfg = config or SyntheticScreenConfig()
     if overrides:
         cfg = SyntheticScreenConfig(**{**asdict(cfg), **overrides})
-    workers = workers or min(2, os.cpu_count() or 1)
+    workers = workers or default_workers()
     plan = plan_screen(cfg)
     genes = plan.genes
     wells = list(genes) + ["EMPTY_control"] * cfg.n_empty_controls + ["CRISPR_control"] * cfg.n_crispr_controls
@@ -646,16 +696,14 @@ def make_synthetic_screen(root: str, config: SyntheticScreenConfig | None = None
             guide = plate_index % cfg.n_guides + 1
             for k, (address, w) in enumerate(zip(addresses, order)):
                 gene = wells[w]
-                jobs.append((cfg, plan, plate, plate_index, k, gene, guide, os.path.join(plate_dir, address)))
+                jobs.append((plate, plate_index, k, gene, guide, os.path.join(plate_dir, address)))
                 treatment = "EMPTY_control" if gene == "EMPTY_control" else f"{gene}_guide_{guide}"
                 rows.append({
                     "well_id": f"{experiment}_{p}_{address}", "experiment_name": experiment, "plate": p,
                     "address": address, "gene": gene, "treatment": treatment, "SMILES": "",
                     "concentration": np.nan, "perturbation_type": "CRISPR", "cell_type": "HUVEC",
                 })
-    with ThreadPoolExecutor(workers) as pool:
-        for done in pool.map(lambda job: _write_site(*job), jobs):  # map re-raises a worker's error here
-            pass
+    map_in_processes(_write_site_in_worker, jobs, workers, state=(cfg, plan))
     os.makedirs(os.path.join(root, "relationships"), exist_ok=True)
     metadata_csv = os.path.join(root, "metadata.csv")
     pd.DataFrame(rows, columns=list(METADATA_COLUMNS)).to_csv(metadata_csv, index=False)

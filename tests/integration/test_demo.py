@@ -90,6 +90,14 @@ def test_demo_runs_end_to_end_and_loss_goes_down(tmp_path, capsys):
     assert {r["phenotype_class"] for r in rows} >= {"all", *PHENOTYPE_CLASSES}
     assert next(r for r in overall if r["source"] == "random")["seeds"] > 1
     assert summary["screen"]["genes"] == 17 and summary["wall_seconds"] > 0
+    assert set(summary["seconds"]) >= {"screen", "train_mae_vit_micro_patch16_256",
+                                       "embed_mae_vit_micro_patch16_256", "cellprofiler", "evaluation"}
+    if "cellprofiler" in sources:   # the line under the table says how the row was measured (8 cells per site)
+        note = re.search(r"^cellprofiler: at most 8 segmented cells of each site, drawn by seed \(median (\d+) cells "
+                         r"per well measured\); 42 wells in \d+ s, \d+ ms per well$", printed, re.MULTILINE)
+        assert note and 1 <= int(note.group(1)) <= 8, printed
+        assert note.group(0) in (out / "recall.md").read_text()
+        assert summary["cellprofiler"]["cells_per_site"] == 8 and summary["cellprofiler"]["seconds_per_well"] > 0
 
 
 def test_demo_compares_models_side_by_side(tmp_path, capsys):
@@ -132,7 +140,8 @@ def test_demo_checks_every_option_before_generating_anything(tmp_path, capsys):
     for argv, message in ((["--minutes", "0"], "argument --minutes: must be > 0"),
                           (["--batch-size", "0"], "argument --batch-size: must be >= 1"),
                           (["--max-steps", "-3"], "argument --max-steps: must be >= 1"),
-                          (["--lr", "-1"], "argument --lr: must be > 0")):
+                          (["--lr", "-1"], "argument --lr: must be > 0"),
+                          (["--cellprofiler-cells", "-1"], "argument --cellprofiler-cells: must be >= 0")):
         with pytest.raises(SystemExit) as exited:
             main(["demo", "--tiny", "--out", str(tmp_path / "d")] + argv)
         assert exited.value.code == 2 and message in capsys.readouterr().err, argv

@@ -397,6 +397,58 @@ def test_cellprofiler_table_is_the_median_over_cells_of_all_sites(tmp_path):
     assert len(names) + len(table.attrs["dropped_features"]) == cells.shape[1]
 
 
+
+def test_cellprofiler_measures_a_seeded_subset_of_cells_exactly_as_measured_among_all():
+    """max_cells keeps a seeded draw of the segmented cells: each kept cell's row equals its row when every cell
+    is measured (cp-measure measures each object on its own pixels), and the draw changes with the seed."""
+    pytest.importorskip("skimage")
+    pytest.importorskip("cp_measure")
+    rng = np.random.default_rng(14)
+    centres = [(14, 14), (14, 50), (14, 84), (50, 20), (50, 60), (84, 30), (84, 76)]
+    site = blob_site(rng, centres, size=100)
+    every = cp_module.site_cell_features(site)
+    _, cells = cp_module.segment_site(site)
+    ids = np.unique(cells[cells > 0])
+    assert len(every) == len(ids) == len(centres)
+    drawn = []
+    for seed in (0, 1, 2):
+        some = cp_module.site_cell_features(site, max_cells=3, seed=[seed, 5])
+        kept = np.sort(np.random.default_rng([seed, 5]).choice(ids, 3, replace=False))
+        rows = np.searchsorted(ids, kept)
+        assert list(some.columns) == list(every.columns) and len(some) == 3
+        np.testing.assert_allclose(some.to_numpy(), every.iloc[rows].to_numpy(), rtol=1e-9, atol=1e-12)
+        drawn.append(tuple(rows))
+    assert len(set(drawn)) > 1
+    assert len(cp_module.site_cell_features(site, max_cells=50)) == len(centres)   # fewer cells than asked: all
+
+
+def test_cellprofiler_table_subset_and_worker_processes(tmp_path):
+    """The table from 2 forked worker processes equals the in-process one; cells_per_site caps the cells of a
+    site (recorded in the table's attrs); a bad count is one clear error."""
+    pytest.importorskip("skimage")
+    pytest.importorskip("cp_measure")
+    from PIL import Image
+
+    rng = np.random.default_rng(15)
+    folder = tmp_path / "images" / "exp1" / "Plate1"
+    folder.mkdir(parents=True)
+    rows = []
+    for k, address in enumerate(["A01", "A02", "B01", "B02"]):
+        image = blob_site(rng, [(20, 20), (20, 70), (70, 25), (70, 72)][: 2 + k % 3])
+        for c in range(3):
+            Image.fromarray(image[c]).save(folder / f"{address}_s1_w{c + 1}.png")
+        rows.append({"well_id": f"exp1_1_{address}", "experiment_name": "exp1", "plate": 1, "address": address,
+                     "gene": "EMPTY_control" if k == 0 else f"GENE{k}"})
+    pd.DataFrame(rows).to_csv(tmp_path / "metadata.csv", index=False)
+    one = cp_module.cellprofiler_table(str(tmp_path), channels=3, num_workers=1, cells_per_site=2, seed=3)
+    two = cp_module.cellprofiler_table(str(tmp_path), channels=3, num_workers=2, cells_per_site=2, seed=3)
+    pd.testing.assert_frame_equal(one, two)
+    assert one.attrs["cells_per_site"] == 2 and one.attrs["cells_per_well_median"] == 2
+    every = cp_module.cellprofiler_table(str(tmp_path), channels=3, num_workers=2)
+    assert every.attrs["cells_per_site"] is None and every.attrs["cells_per_well_median"] == 2.5   # 2, 3, 4, 2 cells
+    with pytest.raises(EvaluationInputError, match="cells_per_site must be >= 1, got 0"):
+        cp_module.cellprofiler_table(str(tmp_path), channels=3, cells_per_site=0)
+
 def test_cellprofiler_missing_package_is_one_clear_line(monkeypatch):
     real = importlib.import_module
 

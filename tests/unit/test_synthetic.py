@@ -287,6 +287,82 @@ def test_phenotype_changes_pixels():
     assert big_nuclei[0].mean() > base[0].mean() * 1.1  # more DNA signal
 
 
+
+def _cells_one_by_one(z, cell_rng, size, cells):
+    """The cell geometry drawn the plain way, one cell at a time into windows clipped to the site: the reference
+    for `synthetic._cell_geometry`, which renders batches of cells into a padded canvas."""
+    area = (size / 256.0) ** 2
+    n_cells = max(1, int(cell_rng.poisson(cells * area * (1 + 0.5 * z[AXIS["density"]]))))
+    r_nuc, r_cell = 9.0 * (1 + 0.3 * z[AXIS["nucleus_size"]]), 20.0 * (1 + 0.3 * z[AXIS["cell_size"]])
+    aspect, irregular = 1.5 * np.exp(0.5 * z[AXIS["elongation"]]), 0.12 * (1 + z[AXIS["nuclear_irregularity"]])
+    nucleus, cell, membrane, golgi, rho = (np.zeros((size, size), np.float32) for _ in range(5))
+    f32 = np.float32
+
+    def window(cy, cx, half):
+        y0, x0 = int(cy) - half, int(cx) - half
+        ys = slice(max(y0, 0), max(min(y0 + 2 * half + 1, size), 0))
+        xs = slice(max(x0, 0), max(min(x0 + 2 * half + 1, size), 0))
+        return (ys, xs, (np.arange(ys.start, ys.stop, dtype=f32) - f32(cy))[:, None],
+                (np.arange(xs.start, xs.stop, dtype=f32) - f32(cx))[None, :])
+
+    harmonics = np.arange(2, 6)
+    for _ in range(n_cells):
+        cy, cx = cell_rng.uniform(0, size, 2)
+        theta, golgi_angle = cell_rng.uniform(0, 2 * np.pi, 2)
+        jitter, stretch = cell_rng.uniform(0.85, 1.15, 2)
+        coef = cell_rng.standard_normal(4) / harmonics
+        phase = cell_rng.uniform(0, 2 * np.pi, 4)
+        a, rn, rc = aspect * stretch, r_nuc * jitter, r_cell * jitter
+        c, s = f32(np.cos(theta)), f32(np.sin(theta))
+        ys, xs, dy, dx = window(cy, cx, int(np.ceil(rc * max(a, 1.0))) + 6)
+        d = np.sqrt(((c * dx + s * dy) / f32(a)) ** 2 + (-s * dx + c * dy) ** 2)
+        body = 0.5 - 0.5 * np.tanh((d - f32(rc)) * f32(0.3))
+        mine = body > cell[ys, xs]
+        rho[ys, xs] = np.where(mine, np.clip((d - f32(rn)) / f32(rc - rn), 0, 1), rho[ys, xs])
+        cell[ys, xs] = np.maximum(cell[ys, xs], body)
+        membrane[ys, xs] = np.maximum(membrane[ys, xs], np.exp(f32(-0.5 / 1.5**2) * (d - f32(rc)) ** 2))
+        ys, xs, dy, dx = window(cy, cx, int(np.ceil(rn * np.sqrt(max(a, 1.0)) * (1 + 2 * irregular))) + 8)
+        un, v = (c * dx + s * dy) / f32(np.sqrt(a)), -s * dx + c * dy
+        d = np.sqrt(un**2 + v**2)
+        angle = np.arctan2(v, un)
+        wobble = sum(f32(k_coef) * np.cos(k * angle + f32(k_phase)) for k, k_coef, k_phase in zip(harmonics, coef, phase))
+        outline = 1 + f32(irregular / np.linalg.norm(coef)) * wobble
+        nucleus[ys, xs] = np.maximum(nucleus[ys, xs], 0.5 - 0.5 * np.tanh((d - f32(rn) * outline) * f32(0.75)))
+        ys, xs, gy, gx = window(cy + 1.1 * rn * np.sin(golgi_angle), cx + 1.1 * rn * np.cos(golgi_angle),
+                                int(np.ceil(1.8 * rn)) + 1)
+        golgi[ys, xs] = np.maximum(golgi[ys, xs], np.exp((gx**2 + gy**2) * f32(-0.5 / (0.45 * rn) ** 2)))
+    return nucleus, cell, membrane, golgi, rho
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_batched_cell_geometry_matches_drawing_cell_by_cell(seed, monkeypatch):
+    """Dense, sparse, small and elongated sites (cells cut by every border; more cells than one batch), batches
+    of 16 and of 3 cells: the masks equal the cell-by-cell reference (the wobble there from cos(k angle + p))."""
+    rng = np.random.default_rng(seed)
+    z = np.tanh(rng.normal(0, 1.5, N_AXES))
+    size, cells = [(256, 20), (128, 60), (200, 5), (64, 30), (256, 45), (97, 12)][seed]
+    monkeypatch.setattr(synthetic, "CELL_CHUNK", [16, 3][seed % 2])
+    got = synthetic._cell_geometry(z, np.random.default_rng([seed, 1]), size, cells)
+    want = _cells_one_by_one(z, np.random.default_rng([seed, 1]), size, cells)
+    for name, g, w in zip(("nucleus", "cell", "membrane", "golgi", "rho"), got, want):
+        assert g.shape == (size, size) and g.dtype == np.float32, name
+        np.testing.assert_allclose(g, w, atol=2e-5, err_msg=name)
+    assert got[1].max() > 0.9 and got[0].max() > 0.9                   # not vacuous: cells were drawn
+
+
+def test_a_rendering_process_error_reaches_the_caller(tmp_path, monkeypatch):
+    """Sites are rendered in forked processes: a failure in one of them is raised by make_synthetic_screen."""
+    real = synthetic.write_png
+
+    def failing(path, array):
+        if "Plate2" in path:
+            raise OSError(f"{path}: disk full")
+        real(path, array)
+
+    monkeypatch.setattr(synthetic, "write_png", failing)   # forked workers inherit the patched module
+    with pytest.raises(OSError, match="Plate2.*disk full"):
+        make_synthetic_screen(str(tmp_path / "s"), SyntheticScreenConfig(**TINY), workers=2)
+
 def test_bad_config():
     with pytest.raises(ValueError, match="bit_depth"):
         SyntheticScreenConfig(bit_depth=12)
