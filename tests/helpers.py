@@ -2,13 +2,23 @@
 Triton interpreter, GPU), and fixtures' builders (OpenPhenom-layout states, killed runs, images with a given spread)."""
 from __future__ import annotations
 
+import importlib.util
 import os
+from types import ModuleType
 
 import torch
 
 from mae_fast import ops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+
+
+def load_benchmark_script(name: str) -> ModuleType:
+    """A script of benchmarks/ (not a package) loaded as a module, for tests of its functions."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 # (rtol, atol as a fraction of max |reference|, relative L2 error) of loss gradients per kind of arithmetic
 LOSS_GRAD_TOL = {"float32": (1e-4, 1e-5, 1e-4), "tf32": (1e-3, 1e-4, 5e-3), "bfloat16": (1.6e-2, 8e-3, 5e-3),

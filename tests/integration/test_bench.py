@@ -3,32 +3,26 @@ implementations they claim, the largest-batch search converges, `mae-fast flops`
 renderer fills (only) its block. Correctness of the harness, not speed: no timing is asserted."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import time
 
 import pytest
 import torch
 
-from mae_fast.cli import flops as flops_cli
-from mae_fast.perf import flops
 from mae_fast.cli import bench as bench_cli
+from mae_fast.cli import flops as flops_cli
 from mae_fast.cli.bench import split_specs
+from mae_fast.perf import flops
 from mae_fast.perf.harness import BenchSettings, batch_for_memory, compare_stacks, find_max_batch
 from mae_fast.perf.provenance import validate_payload
 from mae_fast.perf.stacks import FUSED_OPS, STACKS, default_stacks, parse_preset, reset_compiled
-from tests.helpers import ROOT
+from tests.helpers import load_benchmark_script
 
 TINY = "mae_vit_micro_patch16_256:img_size=64"  # 16 tokens: seconds per stack on a CPU
 
 
 def _render_module():
-    spec = importlib.util.spec_from_file_location("render_results",
-                                                  os.path.join(ROOT, "benchmarks", "render_results.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark_script("render_results")
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 every file, each well-formed, with the headline fields the GPU run will fill; `--prepare` records the commit that a
 copy of the tree without .git reports. Plumbing, not speed: no timing is asserted."""
 from __future__ import annotations
-from tests.helpers import ROOT
+from tests.helpers import ROOT, load_benchmark_script
 
 import json
 import os
@@ -140,11 +140,7 @@ def test_prepare_records_the_commit_for_a_tree_without_git(tmp_path):
 
 
 def test_kernel_predictions_are_matched_by_op_and_size(tmp_path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("headline", os.path.join(ROOT, "benchmarks", "headline.py"))
-    headline = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(headline)
+    headline = load_benchmark_script("headline")
     sizes = headline.bench_ops.CUDA_SIZES  # batch 256, patch 8, Lion over ViT-L/8
     predictions = [
         {"kernel": "masked_patchify", "size": "B256 p8", "floor_s": 1e-4, "predicted_s": 2e-4},

@@ -16,7 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mae_fast.cli import common as cli
+from mae_fast import cli
+from mae_fast.cli.common import run_command
 from mae_fast.checkpoint import CheckpointError
 from mae_fast.interop import load_any
 from mae_fast.data.synthetic import SyntheticScreenConfig, make_synthetic_screen
@@ -310,10 +311,10 @@ def test_error_handler_one_line_and_debug_traceback(monkeypatch, capsys):
     def denied(args):
         raise PermissionError(13, "Permission denied", "/out/model/config.json")
 
-    assert cli.run_command(denied, None, "mae-fast x") == 2
+    assert run_command(denied, None, "mae-fast x") == 2
     assert capsys.readouterr().err == "mae-fast x: error: /out/model/config.json: Permission denied\n"
     monkeypatch.setenv("MAE_FAST_DEBUG", "1")
-    assert cli.run_command(denied, None, "mae-fast x") == 2
+    assert run_command(denied, None, "mae-fast x") == 2
     err = capsys.readouterr().err
     assert "Traceback" in err and err.endswith("mae-fast x: error: /out/model/config.json: Permission denied\n")
 
@@ -321,7 +322,7 @@ def test_error_handler_one_line_and_debug_traceback(monkeypatch, capsys):
         raise KeyError("a programming error")  # not a user error: its traceback is not hidden
 
     with pytest.raises(KeyError):
-        cli.run_command(bug, None, "mae-fast x")
+        run_command(bug, None, "mae-fast x")
 
 
 def test_evaluate_on_malformed_tables(screen, finished_run, tmp_path, capsys):

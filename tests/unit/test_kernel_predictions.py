@@ -1,21 +1,14 @@
 """The roofline predictions (benchmarks/kernel_predictions.py) against hand-counted bytes and FLOPs."""
 from __future__ import annotations
-from tests.helpers import ROOT
-
-import importlib.util
-import os
 
 import pytest
 
+from tests.helpers import load_benchmark_script
 
 
 @pytest.fixture(scope="module")
 def kp():
-    spec = importlib.util.spec_from_file_location("kernel_predictions",
-                                                  os.path.join(ROOT, "benchmarks", "kernel_predictions.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark_script("kernel_predictions")
 
 
 def test_geometry_vit_l8(kp):
