@@ -109,15 +109,14 @@ def render_payload(payload: dict) -> str:
                 f"{r.get('max_batch') or '-'} | {(r.get('impls') or {}).get('attention') or '-'} | "
                 f"{_ops(r.get('impls'))} |")
         lines.append("")
-    ratios = [r for r in payload.get("ratios", []) if r["kind"] == "train"
-              and (r["numerator"], r["denominator"]) in (("fused", "reference"),
-                                                         ("fused_compiled", "reference_compiled"),
-                                                         ("fused_compiled", "reference"))]
+    shown = (("fused", "reference"), ("fused_compiled", "reference_compiled"), ("fused_compiled", "reference"),
+             ("fused", "peer"), ("fused_compiled", "peer_compiled"))
+    ratios = [r for r in payload.get("ratios", []) if (r["numerator"], r["denominator"]) in shown]
     if ratios:
-        lines += ["| Preset | Speed ratio (same run) | median | min | max |", "|---|---|---:|---:|---:|"]
+        lines += ["| Preset | Step | Speed ratio (same run) | median | min | max |", "|---|---|---|---:|---:|---:|"]
         for r in ratios:
-            lines.append(f"| {r['preset']} | {r['numerator']} / {r['denominator']} | {r['ratio_median']:.2f} | "
-                         f"{r['ratio_min']:.2f} | {r['ratio_max']:.2f} |")
+            lines.append(f"| {r['preset']} | {r['kind']} | {r['numerator']} / {r['denominator']} | "
+                         f"{r['ratio_median']:.2f} | {r['ratio_min']:.2f} | {r['ratio_max']:.2f} |")
         lines.append("")
     inference = payload.get("inference", [])
     if inference:

@@ -86,6 +86,7 @@ def test_render_results_fills_only_the_readme_block(cpu_results, tmp_path):
     block = text.split("<!-- results:begin -->\n")[1].split("<!-- results:end -->")[0]
     assert "| mae_vit_micro_patch16_256:img_size=64 | reference |" in block
     assert "not measured on a GPU" in block and payload["provenance"]["git"]["commit"][:10] in block
+    assert "| mae_vit_micro_patch16_256:img_size=64 | train | fused / reference |" in block  # ratios with their step
     broken = tmp_path / "BROKEN.md"
     broken.write_text("no markers here\n")
     assert render.main([str(result_file), "--readme", str(broken)]) == 2
