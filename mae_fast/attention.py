@@ -20,12 +20,13 @@ from __future__ import annotations
 import contextlib
 import math
 import statistics
-import time
 import warnings
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from mae_fast.device import time_call
 
 try:  # optional dependency: pip install flash-attn-4 (pure Python on nvidia-cutlass-dsl)
     from flash_attn.cute import flash_attn_func as _fa4_func
@@ -73,20 +74,7 @@ def _not_measurable() -> bool:
 def time_backend(fn, device: torch.device, repeats: int = 3) -> float:
     """Median seconds of `fn()` after one warm-up call: CUDA events on a GPU, the host clock elsewhere."""
     fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1000.0)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(time_call(fn, device) for _ in range(repeats))
 
 
 class SDPABackendCache:

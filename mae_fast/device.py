@@ -1,5 +1,8 @@
-"""Which device to run on, its autocast dtype, and waiting for it: shared by the trainer, embedding and benchmarks."""
+"""Which device to run on, its autocast dtype, waiting for it and timing a call on it: shared by the trainer,
+embedding, attention's backend choice and the benchmarks."""
 from __future__ import annotations
+
+import time
 
 import torch
 
@@ -32,3 +35,17 @@ def default_amp(device: torch.device) -> torch.dtype | None:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def time_call(fn, device: torch.device) -> float:
+    """Seconds one call of `fn` takes: CUDA events on a GPU, the host clock (work is synchronous) on a CPU."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1000.0
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0

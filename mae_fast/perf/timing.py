@@ -8,21 +8,8 @@ from typing import Callable
 
 import torch
 
-from mae_fast.device import synchronize
+from mae_fast.device import synchronize, time_call  # noqa: F401  (time_call: part of this module's API)
 from mae_fast.perf.provenance import device_name
-
-def time_call(fn, device: torch.device) -> float:
-    """Seconds one call of `fn` takes: CUDA events on a GPU, the host clock (work is synchronous) on a CPU."""
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1000.0
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def measure_matmul_ceiling(device: torch.device, size: int | None = None, repeats: int | None = None) -> dict:
