@@ -140,7 +140,8 @@ def mae_loss(g: dict) -> list[dict]:
     float32 target read, ids read, the gradient wrt the full prediction (B, L, P) bf16 written (zeros at visible
     tokens, scaled by the incoming gradient inside the kernel).
 
-    This commit's op: pred_masked gathered by torch (read B M P + write B M P), the kernel reads pred_masked and
+    `ops.mae_loss` on gathered tokens (entry "mae_loss"; what a caller holding pred_masked gets): pred_masked
+    gathered by torch (read B M P + write B M P), the kernel reads pred_masked and
     target, writes grad (B, M, P) in pred's dtype; backward multiplies it by grad_loss (read + write) and the
     gather's backward scatters it into a zero-filled (B, L, P) tensor (write B L P, read + write B M P).
     DFT FLOPs per p x p plane (planes = B M C, padded to the tile where the kernel pads), forward (spectra of x and
@@ -167,15 +168,16 @@ def mae_loss(g: dict) -> list[dict]:
         tc = {"tf32": planes * 8.0 * p ** 4, "bf16": planes * 4.0 * p ** 4}
         form = "Kronecker p^2 x p^2 table, 64-plane tiles"
     out = [entry("mae_loss", size, floor, moved_now, 0, None, core,
-                 f"this commit: {form}; spectra on tf32 wgmma, adjoint on bf16 wgmma, fp32 accumulation; torch "
-                 "gather + grad scaling + scatter around the kernel", more_tc=tc)]
-    # the one op on the full prediction (kernels/mae_loss.py masked_mae_loss_triton, not yet wired into the model):
+                 f"ops.mae_loss on gathered tokens: {form}, persistent grid; spectra on tf32 wgmma, adjoint on bf16 "
+                 "wgmma, fp32 accumulation; torch gather + grad scaling + scatter around the kernel", more_tc=tc)]
+    # the one op on the full prediction (ops.masked_mae_loss -> masked_mae_loss_triton, what the model runs):
     # the loss kernel reads the masked rows of pred in place and writes grad (B, M, P); backward reads it and
     # ids_restore and writes the scaled (B, L, P) gradient: floor + grad (B, M, P) written and read + ids_restore
     one_op = floor + 2 * gathered + B * L * I64
     out.append(entry("mae_loss.full_prediction", size, floor, one_op, 0, None, core,
-                     f"masked_mae_loss_triton ({form}): gather, scatter and grad_loss scaling folded into the loss "
-                     "kernel and one backward pass; not yet called by the model", more_tc=tc))
+                     f"masked_mae_loss_triton ({form}, persistent grid): gather, scatter and grad_loss scaling "
+                     "folded into the loss kernel and one backward pass; what the model's train step runs",
+                     more_tc=tc))
     return out
 
 

@@ -25,3 +25,12 @@ def check_device(*tensors: torch.Tensor | None) -> None:
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def persistent_programs(device: torch.device, n_tiles: int, per_multiprocessor: int) -> int:
+    """Programs of a persistent grid (each walks tiles pid, pid + programs, ...): `per_multiprocessor` resident
+    programs on every multiprocessor of a GPU; under the interpreter 2, so that programs take several tiles there
+    too (the loop the GPU runs is the loop the tests check)."""
+    if device.type == "cuda":
+        return max(1, min(n_tiles, per_multiprocessor * torch.cuda.get_device_properties(device).multi_processor_count))
+    return max(1, min(n_tiles, 2))

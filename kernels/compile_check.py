@@ -6,8 +6,8 @@
 Triton compiles ahead of time with its bundled ptxas, so a CPU-only session can prove that every kernel variant
 the launchers use compiles for the GPU (the interpreter cannot: it accepts tile shapes a GPU rejects) and read
 registers, spills and shared memory per variant (cuobjdump -res-usage on the cubin), the occupancy they allow,
-and the SASS opcodes the design relies on (cuobjdump -sass): 128-bit global accesses (LDG.E.128 / STG.E.128) for
-the memory-bound kernels, warpgroup MMA (HGMMA) where a DFT product is meant to run on wgmma. Each variant names
+and the SASS opcodes the design relies on (cuobjdump -sass): 128-bit global accesses (LDG.E.128 / STG.E.128, or
+128-bit cp.async LDGSTS where a loop is software-pipelined) for the memory-bound kernels, warpgroup MMA (HGMMA) where a DFT product is meant to run on wgmma. Each variant names
 what it requires (`REQUIRES`); a variant that spills (stack > 0 or LDL/STL in SASS) or lacks a required opcode
 fails the check. Integer arguments the launchers pass as multiples of 16 at ViT-L/8 sizes (`ints` per variant)
 get the divisibility specialisation the JIT adds at launch, so vector widths match a real launch.
@@ -45,6 +45,7 @@ def _kernels():
 
 
 LDG128, STG128, HGMMA = "LDG.E.128", "STG.E.128", "HGMMA"
+LDGSTS128 = "LDGSTS.128"  # any 128-bit cp.async (LDGSTS.E.BYPASS.128, ...): the pipelined loop's loads
 SPILL_OPCODES = ("LDL", "STL")
 
 
@@ -208,6 +209,14 @@ def occupancy(regs: int, shared: int, warps: int) -> dict:
     return {"blocks_per_sm": blocks, "warps_per_sm": blocks * warps, "occupancy": blocks * warps / 64}
 
 
+def _present(op: str, sass: dict, ops: collections.Counter) -> int:
+    """How often a required opcode occurs. 128-bit global loads count in either form: LDG.E.128 into registers, or
+    LDGSTS (cp.async) .128 into shared memory, which Triton's software pipeline issues for the next tile of a loop."""
+    if op == LDG128:
+        return sass[LDG128] + sass[LDGSTS128]
+    return sass.get(op, _count(ops, op))
+
+
 def _count(ops: collections.Counter, prefix: str) -> int:
     return sum(n for op, n in ops.items() if op == prefix or op.startswith(prefix + "."))
 
@@ -246,7 +255,8 @@ def check(arch: int = 90, quick: bool = False, only: str | None = None) -> list[
         warps = compiled.metadata.num_warps
         spills = res.get("stack", 0) + res.get("local", 0) + sum(_count(ops, o) for o in SPILL_OPCODES)
         sass = {k: _count(ops, k) for k in (LDG128, STG128, HGMMA, "HMMA", "LDG", "STG", "LDL", "STL")}
-        missing = [op for op in v.requires if sass.get(op, _count(ops, op)) == 0]
+        sass[LDGSTS128] = sum(n for op, n in ops.items() if op.startswith("LDGSTS") and op.endswith(".128"))
+        missing = [op for op in v.requires if _present(op, sass, ops) == 0]
         report.append({
             "variant": v.name, "ok": True, "meets": spills == 0 and not missing, **res,
             "dynamic_shared": compiled.metadata.shared, "num_warps": warps,
@@ -272,7 +282,7 @@ def main(argv=None) -> int:
             s = r["sass"]
             print(f"{r['variant']:<34} {'ok  ' if r['meets'] else 'MISS'} regs {r.get('reg', '?'):>3} "
                   f"spill {r['spill_bytes_or_ops']:>4} smem {r['dynamic_shared']:>6} occ {r['occupancy']:.2f} "
-                  f"LDG128 {s[LDG128]:>2}/{s['LDG']:<3} STG128 {s[STG128]:>2}/{s['STG']:<3} "
+                  f"LDG128 {s[LDG128]:>2}+{s[LDGSTS128]:>2}async/{s['LDG']:<3} STG128 {s[STG128]:>2}/{s['STG']:<3} "
                   f"HGMMA {s[HGMMA]:>3} HMMA {s['HMMA']:>3}" + (f" missing {r['missing']}" if r["missing"] else ""))
         else:
             print(f"{r['variant']:<40} FAILED {r['error'][:300]}")

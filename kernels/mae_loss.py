@@ -4,8 +4,9 @@ Every token holds C' planes of p x p pixels (C' = C in the standard layout, wher
 j*C' + c of the token; C' = 1 in the channel layout). Per plane with token weight w (1/(B N), or mask / sum(mask)):
     loss += w ((1-alpha)/P sum (x-y)^2 + alpha/(C' p^2) sum_f | |F x|_f - |F y|_f |)
     grad  = w (2 (1-alpha)/P (x-y) + alpha/(C' p^2) Re(conj(W) S conj(W))),  S = sign(|Fx|-|Fy|) Fx/|Fx|
-(S = 0 where |Fx| = 0, as torch's abs), written in pred's dtype at pred's positions; per-program partial losses
-go to a buffer that one torch sum reduces (deterministic). Backward only scales the stored gradient.
+(S = 0 where |Fx| = 0, as torch's abs), written in pred's dtype at pred's positions. A persistent grid (one
+program per resident slot on the GPU) walks the tiles; each program's partial loss goes to a buffer that one torch
+sum reduces (deterministic). Backward only scales the stored gradient.
 
 The DFT takes the form the arithmetic favours per patch size (docs/DESIGN.md §2; `separable`):
 - p >= 16, `_mae_loss_separable_kernel`: F = W X W with the p-point DFT matrix W (two p x p tables), rows then
@@ -31,7 +32,7 @@ import triton
 import triton.language as tl
 
 from mae_fast import ops
-from mae_fast.kernels._common import check_device, interpreting, next_pow2
+from mae_fast.kernels._common import check_device, interpreting, next_pow2, persistent_programs
 
 PATCH_SIZES = (4, 8, 16)  # p^2 must be a power of two >= 16 for tl.dot
 
@@ -69,49 +70,56 @@ def _mae_loss_kernel(
     ROW_MAP: tl.constexpr,
 ):
     # ROW_MAP: pred is the full prediction (B, L, P) and token t = b M + m of target / grad reads pred row
-    # (b, row_ids[t]) -- the gather of the masked tokens folded into the loads
+    # (b, row_ids[t]) -- the gather of the masked tokens folded into the loads.
+    # Persistent grid: program pid takes tiles pid, pid + programs, ... and writes one partial loss at the end.
     pid = tl.program_id(0)
-    plane = pid.to(tl.int64) * BLOCK_PL + tl.arange(0, BLOCK_PL)
-    plane_ok = plane < n_planes
-    token = plane // CP
+    n_programs = tl.num_programs(0)
+    n_tiles = tl.cdiv(n_planes, BLOCK_PL)
     j = tl.arange(0, P2)
-    row = token * P + plane % CP  # int64 per plane; 32-bit offsets within the tile (fewer live registers)
-    offs = (row - pid.to(tl.int64) * BLOCK_PL // CP * P).to(tl.int32)[:, None] + (j * CP)[None, :]
-    base = pid.to(tl.int64) * BLOCK_PL // CP * P
-    if ROW_MAP:
-        pred_row = (token // M) * L + tl.load(row_ids + token, mask=plane_ok, other=0)
-        x_at = pred + (pred_row * P + plane % CP)[:, None] + (j * CP)[None, :]
-    else:
-        x_at = pred + base + offs
-    x = tl.load(x_at, mask=plane_ok[:, None], other=0.0).to(tl.float32)
-    y = tl.load(target + base + offs, mask=plane_ok[:, None], other=0.0).to(tl.float32)
-    if HAS_WEIGHT:
-        w = tl.load(token_weight + token, mask=plane_ok, other=0.0)
-    else:
-        w = tl.where(plane_ok, uniform_weight, 0.0)
-    diff = x - y
-    mse = tl.sum(diff * diff, axis=1)
-    g = (2.0 * coef_mse) * diff
-    fourier = tl.zeros((BLOCK_PL,), dtype=tl.float32)
-    for f0 in range(0, P2, BLOCK_F):
-        f = f0 + tl.arange(0, BLOCK_F)
-        kr = tl.load(k_re + j[:, None] * P2 + f[None, :])  # (P2, BLOCK_F)
-        ki = tl.load(k_im + j[:, None] * P2 + f[None, :])
-        fxr = _mm(x, kr, DOT_PRECISION, EMULATE_BF16)
-        fxi = _mm(x, ki, DOT_PRECISION, EMULATE_BF16)
-        fyr = _mm(y, kr, DOT_PRECISION, EMULATE_BF16)
-        fyi = _mm(y, ki, DOT_PRECISION, EMULATE_BF16)
-        mx = tl.sqrt(fxr * fxr + fxi * fxi)
-        my = tl.sqrt(fyr * fyr + fyi * fyi)
-        d = mx - my
-        fourier += tl.sum(tl.abs(d), axis=1)
-        sign = (d > 0).to(tl.float32) - (d < 0).to(tl.float32)
-        scale = tl.where(mx > 0, sign / tl.where(mx > 0, mx, 1.0), 0.0)
-        # d|Fx|/dx through the symmetric table: grad[:, j] += sum_f G[:, f] K[f, j]
-        g += coef_fourier * (_mm(fxr * scale, tl.trans(kr), ADJ_PRECISION, EMULATE_BF16)
-                             + _mm(fxi * scale, tl.trans(ki), ADJ_PRECISION, EMULATE_BF16))
-    tl.store(grad + base + offs, (w[:, None] * g).to(grad.dtype.element_ty), mask=plane_ok[:, None])
-    tl.store(partial + pid, tl.sum(w * (coef_mse * mse + coef_fourier * fourier), axis=0))
+    total = 0.0
+    for tile in range(pid, n_tiles, n_programs):
+        plane = tl.cast(tile, tl.int64) * BLOCK_PL + tl.arange(0, BLOCK_PL)
+        plane_ok = plane < n_planes
+        token = plane // CP
+        row = token * P + plane % CP  # int64 per plane; 32-bit offsets within the tile (fewer live registers)
+        base = tl.cast(tile, tl.int64) * BLOCK_PL // CP * P
+        offs = (row - base).to(tl.int32)[:, None] + (j * CP)[None, :]
+        if ROW_MAP:
+            pred_row = (token // M) * L + tl.load(row_ids + token, mask=plane_ok, other=0)
+            x_at = pred + (pred_row * P + plane % CP)[:, None] + (j * CP)[None, :]
+        else:
+            x_at = pred + base + offs
+        x = tl.load(x_at, mask=plane_ok[:, None], other=0.0).to(tl.float32)
+        y = tl.load(target + base + offs, mask=plane_ok[:, None], other=0.0).to(tl.float32)
+        if HAS_WEIGHT:
+            w = tl.load(token_weight + token, mask=plane_ok, other=0.0)
+        else:
+            w = tl.where(plane_ok, uniform_weight, 0.0)
+        diff = x - y
+        mse = tl.sum(diff * diff, axis=1)
+        g = (2.0 * coef_mse) * diff
+        fourier = tl.zeros((BLOCK_PL,), dtype=tl.float32)
+        for f0 in range(0, P2, BLOCK_F):
+            f = f0 + tl.arange(0, BLOCK_F)
+            kr = tl.load(k_re + j[:, None] * P2 + f[None, :])  # (P2, BLOCK_F)
+            ki = tl.load(k_im + j[:, None] * P2 + f[None, :])
+            fxr = _mm(x, kr, DOT_PRECISION, EMULATE_BF16)
+            fxi = _mm(x, ki, DOT_PRECISION, EMULATE_BF16)
+            fyr = _mm(y, kr, DOT_PRECISION, EMULATE_BF16)
+            fyi = _mm(y, ki, DOT_PRECISION, EMULATE_BF16)
+            mx = tl.sqrt(fxr * fxr + fxi * fxi)
+            my = tl.sqrt(fyr * fyr + fyi * fyi)
+            d = mx - my
+            fourier += tl.sum(tl.abs(d), axis=1)
+            sign = (d > 0).to(tl.float32) - (d < 0).to(tl.float32)
+            scale = tl.where(mx > 0, sign / tl.where(mx > 0, mx, 1.0), 0.0)
+            # d|Fx|/dx through the symmetric table: grad[:, j] += sum_f G[:, f] K[f, j]
+            g += coef_fourier * (_mm(fxr * scale, tl.trans(kr), ADJ_PRECISION, EMULATE_BF16)
+                                 + _mm(fxi * scale, tl.trans(ki), ADJ_PRECISION, EMULATE_BF16))
+        tl.store(grad + base + offs, (w[:, None] * g).to(grad.dtype.element_ty), mask=plane_ok[:, None])
+        total += tl.sum(w * (coef_mse * mse + coef_fourier * fourier), axis=0)
+    tl.store(partial + pid, total)
+
 
 @triton.jit
 def _plane_transpose(t, Z: tl.constexpr, PATCH: tl.constexpr):
@@ -133,60 +141,65 @@ def _mae_loss_separable_kernel(
     and the gradient of sum |F| through the adjoint, S = sign(|Fx| - |Fy|) F / |Fx|:
         grad X = Re(conj(W) S conj(W)):  T^T = S^T conj(W);  grad = Re(T conj(W)) = T_re W_re + T_im W_im."""
     Z: tl.constexpr = BLOCK_TOK * CP_PAD
+    # persistent grid: the two p x p tables are loaded once per program, which then takes tiles pid, pid + programs..
     pid = tl.program_id(0)
-    tok = pid * BLOCK_TOK + tl.arange(0, BLOCK_TOK)
-    tok_ok = tok < n_tokens
+    n_programs = tl.num_programs(0)
+    n_tiles = tl.cdiv(n_tokens, BLOCK_TOK)
     r = tl.arange(0, PATCH)
     c = tl.arange(0, CP_PAD)
     # token element (r, q, c) at (r p + q) CP + c: tile (tok, r, q, c), then planes (tok, c, r, q)
     inner = ((r[:, None] * PATCH + r[None, :]) * CP)[None, :, :, None] + c[None, None, None, :]
-    offs = (tok.to(tl.int64) * P)[:, None, None, None] + inner
-    ok = tok_ok[:, None, None, None] & (c < CP)[None, None, None, :]
-    if ROW_MAP:  # as in _mae_loss_kernel: pred rows (b, row_ids[t]) of the full prediction
-        pred_row = (tok // M).to(tl.int64) * L + tl.load(row_ids + tok, mask=tok_ok, other=0)
-        x = tl.load(pred + (pred_row * P)[:, None, None, None] + inner, mask=ok, other=0.0).to(tl.float32)
-    else:
-        x = tl.load(pred + offs, mask=ok, other=0.0).to(tl.float32)
-    y = tl.load(target + offs, mask=ok, other=0.0).to(tl.float32)
-    if HAS_WEIGHT:
-        w = tl.load(token_weight + tok, mask=tok_ok, other=0.0)
-    else:
-        w = tl.where(tok_ok, uniform_weight, 0.0)
-    diff = x - y
-    mse = tl.sum(tl.sum(tl.sum(diff * diff, axis=3), axis=2), axis=1)  # (BLOCK_TOK,)
-    xm = tl.reshape(tl.permute(x, (0, 3, 1, 2)), (Z * PATCH, PATCH))
-    ym = tl.reshape(tl.permute(y, (0, 3, 1, 2)), (Z * PATCH, PATCH))
     kr = tl.load(w_re + r[:, None] * PATCH + r[None, :])  # (p, p), symmetric
     ki = tl.load(w_im + r[:, None] * PATCH + r[None, :])
-    # rows: Y = X W (real x complex), then per-plane transpose
-    yxr = _plane_transpose(_mm(xm, kr, DOT_PRECISION, EMULATE_BF16), Z, PATCH)
-    yxi = _plane_transpose(_mm(xm, ki, DOT_PRECISION, EMULATE_BF16), Z, PATCH)
-    yyr = _plane_transpose(_mm(ym, kr, DOT_PRECISION, EMULATE_BF16), Z, PATCH)
-    yyi = _plane_transpose(_mm(ym, ki, DOT_PRECISION, EMULATE_BF16), Z, PATCH)
-    # columns: F^T = Y^T W (complex x complex)
-    fxr = _mm(yxr, kr, DOT_PRECISION, EMULATE_BF16) - _mm(yxi, ki, DOT_PRECISION, EMULATE_BF16)
-    fxi = _mm(yxr, ki, DOT_PRECISION, EMULATE_BF16) + _mm(yxi, kr, DOT_PRECISION, EMULATE_BF16)
-    fyr = _mm(yyr, kr, DOT_PRECISION, EMULATE_BF16) - _mm(yyi, ki, DOT_PRECISION, EMULATE_BF16)
-    fyi = _mm(yyr, ki, DOT_PRECISION, EMULATE_BF16) + _mm(yyi, kr, DOT_PRECISION, EMULATE_BF16)
-    mx = tl.sqrt(fxr * fxr + fxi * fxi)
-    my = tl.sqrt(fyr * fyr + fyi * fyi)
-    d = mx - my
-    sign = (d > 0).to(tl.float32) - (d < 0).to(tl.float32)
-    scale = tl.where(mx > 0, sign / tl.where(mx > 0, mx, 1.0), 0.0)
-    sr = fxr * scale
-    si = fxi * scale
-    # adjoint: T^T = S^T conj(W), then grad = T_re W_re + T_im W_im (rows (plane, r), columns q)
-    tr = _plane_transpose(_mm(sr, kr, ADJ_PRECISION, EMULATE_BF16) + _mm(si, ki, ADJ_PRECISION, EMULATE_BF16),
-                          Z, PATCH)
-    ti = _plane_transpose(_mm(si, kr, ADJ_PRECISION, EMULATE_BF16) - _mm(sr, ki, ADJ_PRECISION, EMULATE_BF16),
-                          Z, PATCH)
-    g_fourier = _mm(tr, kr, ADJ_PRECISION, EMULATE_BF16) + _mm(ti, ki, ADJ_PRECISION, EMULATE_BF16)
-    g_fourier = tl.permute(tl.reshape(g_fourier, (BLOCK_TOK, CP_PAD, PATCH, PATCH)), (0, 2, 3, 1))
-    fourier = tl.sum(tl.reshape(tl.abs(d), (BLOCK_TOK, CP_PAD * PATCH * PATCH)), axis=1)
-    g = (2.0 * coef_mse) * diff + coef_fourier * g_fourier
-    tl.store(grad + offs, (w[:, None, None, None] * g).to(grad.dtype.element_ty), mask=ok)
-    tl.store(partial + pid, tl.sum(w * (coef_mse * mse + coef_fourier * fourier), axis=0))
-
+    total = 0.0
+    for tile in range(pid, n_tiles, n_programs):
+        tok = tile * BLOCK_TOK + tl.arange(0, BLOCK_TOK)
+        tok_ok = tok < n_tokens
+        offs = (tok.to(tl.int64) * P)[:, None, None, None] + inner
+        ok = tok_ok[:, None, None, None] & (c < CP)[None, None, None, :]
+        if ROW_MAP:  # as in _mae_loss_kernel: pred rows (b, row_ids[t]) of the full prediction
+            pred_row = (tok // M).to(tl.int64) * L + tl.load(row_ids + tok, mask=tok_ok, other=0)
+            x = tl.load(pred + (pred_row * P)[:, None, None, None] + inner, mask=ok, other=0.0).to(tl.float32)
+        else:
+            x = tl.load(pred + offs, mask=ok, other=0.0).to(tl.float32)
+        y = tl.load(target + offs, mask=ok, other=0.0).to(tl.float32)
+        if HAS_WEIGHT:
+            w = tl.load(token_weight + tok, mask=tok_ok, other=0.0)
+        else:
+            w = tl.where(tok_ok, uniform_weight, 0.0)
+        diff = x - y
+        mse = tl.sum(tl.sum(tl.sum(diff * diff, axis=3), axis=2), axis=1)  # (BLOCK_TOK,)
+        xm = tl.reshape(tl.permute(x, (0, 3, 1, 2)), (Z * PATCH, PATCH))
+        ym = tl.reshape(tl.permute(y, (0, 3, 1, 2)), (Z * PATCH, PATCH))
+        # rows: Y = X W (real x complex), then per-plane transpose
+        yxr = _plane_transpose(_mm(xm, kr, DOT_PRECISION, EMULATE_BF16), Z, PATCH)
+        yxi = _plane_transpose(_mm(xm, ki, DOT_PRECISION, EMULATE_BF16), Z, PATCH)
+        yyr = _plane_transpose(_mm(ym, kr, DOT_PRECISION, EMULATE_BF16), Z, PATCH)
+        yyi = _plane_transpose(_mm(ym, ki, DOT_PRECISION, EMULATE_BF16), Z, PATCH)
+        # columns: F^T = Y^T W (complex x complex)
+        fxr = _mm(yxr, kr, DOT_PRECISION, EMULATE_BF16) - _mm(yxi, ki, DOT_PRECISION, EMULATE_BF16)
+        fxi = _mm(yxr, ki, DOT_PRECISION, EMULATE_BF16) + _mm(yxi, kr, DOT_PRECISION, EMULATE_BF16)
+        fyr = _mm(yyr, kr, DOT_PRECISION, EMULATE_BF16) - _mm(yyi, ki, DOT_PRECISION, EMULATE_BF16)
+        fyi = _mm(yyr, ki, DOT_PRECISION, EMULATE_BF16) + _mm(yyi, kr, DOT_PRECISION, EMULATE_BF16)
+        mx = tl.sqrt(fxr * fxr + fxi * fxi)
+        my = tl.sqrt(fyr * fyr + fyi * fyi)
+        d = mx - my
+        sign = (d > 0).to(tl.float32) - (d < 0).to(tl.float32)
+        scale = tl.where(mx > 0, sign / tl.where(mx > 0, mx, 1.0), 0.0)
+        sr = fxr * scale
+        si = fxi * scale
+        # adjoint: T^T = S^T conj(W), then grad = T_re W_re + T_im W_im (rows (plane, r), columns q)
+        tr = _plane_transpose(_mm(sr, kr, ADJ_PRECISION, EMULATE_BF16) + _mm(si, ki, ADJ_PRECISION, EMULATE_BF16),
+                              Z, PATCH)
+        ti = _plane_transpose(_mm(si, kr, ADJ_PRECISION, EMULATE_BF16) - _mm(sr, ki, ADJ_PRECISION, EMULATE_BF16),
+                              Z, PATCH)
+        g_fourier = _mm(tr, kr, ADJ_PRECISION, EMULATE_BF16) + _mm(ti, ki, ADJ_PRECISION, EMULATE_BF16)
+        g_fourier = tl.permute(tl.reshape(g_fourier, (BLOCK_TOK, CP_PAD, PATCH, PATCH)), (0, 2, 3, 1))
+        fourier = tl.sum(tl.reshape(tl.abs(d), (BLOCK_TOK, CP_PAD * PATCH * PATCH)), axis=1)
+        g = (2.0 * coef_mse) * diff + coef_fourier * g_fourier
+        tl.store(grad + offs, (w[:, None, None, None] * g).to(grad.dtype.element_ty), mask=ok)
+        total += tl.sum(w * (coef_mse * mse + coef_fourier * fourier), axis=0)
+    tl.store(partial + pid, total)
 
 _TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 DOT_PRECISIONS = ("bf16", "tf32", "tf32x3", "ieee")
@@ -249,6 +262,15 @@ def _launch_config(p: int, precision: str = "bf16", planes_per_token: int = 6) -
     return (16 if precision == "ieee" else 32), min(32, p * p), 8
 
 
+def _loss_programs(device: torch.device, n_tiles: int) -> int:
+    """The persistent grid: one program per multiprocessor, as many as fit at once at the default precisions
+    (benchmarks/results/sm90_resources*.json: the p = 8 Kronecker tile ~240-255 registers x 256 threads, the
+    separable one ~130-170 with the next tile's loads in flight in shared memory -- one resident program each), so
+    no tile waits for a second wave, and the separable kernel loads its two DFT tables once per program. Triton
+    software-pipelines the tile loop: the next tile's pred and target arrive (cp.async) while this one computes."""
+    return persistent_programs(device, n_tiles, 1)
+
+
 def default_precisions() -> tuple[str, str]:
     """(forward, adjoint) dot precisions. On a GPU: the spectra |Fx|, |Fy| -- which set the loss and the sign of
     every gradient term -- from tf32 products (10-bit mantissas), the adjoint (the gradient's direction, weighted by
@@ -261,12 +283,14 @@ def default_precisions() -> tuple[str, str]:
 def mae_loss_forward_triton(pred, target, token_weight, uniform_weight, patch_size, planes_per_token, alpha, grad,
                             *, dot_precision: str | None = None, adjoint_precision: str | None = None,
                             block_planes: int | None = None, block_freq: int | None = None,
-                            num_warps: int | None = None, row_ids: torch.Tensor | None = None):
+                            num_warps: int | None = None, row_ids: torch.Tensor | None = None,
+                            programs: int | None = None):
     """Loss (float32 scalar) and d loss / d pred written into `grad`, in one launch (+ one sum of partials).
     `dot_precision` / `adjoint_precision`: the forward DFT's and the gradient adjoint's products (defaults:
     `default_precisions`; a forward precision alone sets both). `block_planes`: planes per program (Kronecker)
     or tokens per program (separable). `row_ids` (B, N) int64: pred is the full prediction (B, L, P) and token
-    (b, n) of target and grad is pred[b, row_ids[b, n]] (the masked tokens' gather folded into the kernel)."""
+    (b, n) of target and grad is pred[b, row_ids[b, n]] (the masked tokens' gather folded into the kernel).
+    `programs`: the persistent grid's size (default `_loss_programs`)."""
     B, N, P = target.shape
     L = pred.shape[1]
     row_map = row_ids is not None
@@ -288,7 +312,7 @@ def mae_loss_forward_triton(pred, target, token_weight, uniform_weight, patch_si
     ids = row_ids if row_map else grad  # unused without ROW_MAP
     if separable(p):
         w_re, w_im = dft_matrix(p, pred.device, dot_precision)
-        grid = (triton.cdiv(B * N, block_pl),)
+        grid = (programs or _loss_programs(pred.device, triton.cdiv(B * N, block_pl)),)
         partial = torch.empty(grid[0], dtype=torch.float32, device=pred.device)
         _mae_loss_separable_kernel[grid](
             pred, target, weight, grad, partial, w_re, w_im, ids, B * N, P, *coefs, L, N,
@@ -300,7 +324,7 @@ def mae_loss_forward_triton(pred, target, token_weight, uniform_weight, patch_si
         return partial.sum()
     n_planes = B * N * planes_per_token
     k_re, k_im = dft_tables(p, pred.device, dot_precision)
-    grid = (triton.cdiv(n_planes, block_pl),)
+    grid = (programs or _loss_programs(pred.device, triton.cdiv(n_planes, block_pl)),)
     partial = torch.empty(grid[0], dtype=torch.float32, device=pred.device)
     _mae_loss_kernel[grid](
         pred, target, weight, grad, partial, k_re, k_im, ids, n_planes, P, planes_per_token, *coefs, L, N,

@@ -348,6 +348,30 @@ def test_mae_loss_bf16_adjoint(layout, p):
 
 @pytest.mark.parametrize("layout", ops.LAYOUTS)
 @pytest.mark.parametrize("p", [8, 16])
+def test_mae_loss_persistent_grid(layout, p):
+    """The persistent grid: however many programs walk the tiles (1: one program takes every tile; 2: an
+    uneven share; one per tile: the plain grid), the gradient is the same bit for bit and the loss is the reference's."""
+    pred, target = _loss_case(layout, p, seed=40 + p, N=11)
+    B, N, P = pred.shape
+    planes = P // (p * p)
+    alpha = 0.3
+    ref = ops.mae_loss(pred, target, None, patch_size=p, layout=layout, alpha=alpha, impl="reference")
+    block = 1 if mae_loss.separable(p) else 16  # tokens (separable) or planes (Kronecker) per tile
+    n_tiles = triton.cdiv(B * N * (1 if mae_loss.separable(p) else planes), block)
+    grads = {}
+    for programs in (1, 2, n_tiles):
+        grad = _nan(pred.shape)
+        loss = mae_loss.mae_loss_forward_triton(pred, target, None, 1.0 / (B * N), p, planes, alpha, grad,
+                                                dot_precision="ieee", block_planes=block, programs=programs)
+        torch.testing.assert_close(loss.cpu(), ref.cpu(), rtol=1e-5, atol=0)
+        assert not grad.isnan().any()
+        grads[programs] = grad
+    assert n_tiles >= 3  # so that 2 programs share the tiles unevenly
+    assert torch.equal(grads[1], grads[n_tiles]) and torch.equal(grads[2], grads[n_tiles])
+
+
+@pytest.mark.parametrize("layout", ops.LAYOUTS)
+@pytest.mark.parametrize("p", [8, 16])
 def test_masked_mae_loss_on_full_prediction(layout, p):
     """The one-op loss on the decoder's full prediction (B, L, P): equal to the reference loss of the gathered
     masked tokens, with the full gradient (zeros at visible tokens, scaled by the incoming gradient) from one
