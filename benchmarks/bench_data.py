@@ -11,10 +11,14 @@ Full table (512² and 2048², every path; writes JSON with provenance):
 
 Pixels: cell-like blobs (Gaussian spots, background ~200 counts) plus Poisson-like noise, so PNG compresses like a
 real 16-bit fluorescence image (about 1.5x) rather than like a constant or pure-noise image.
+
+The loader-vs-step measurement of benchmarks/headline.py (train stage) uses `synthetic_pack`, `train_stream` and
+`time_batches`: the synthetic screen packed uncompressed, read by the stream `mae-fast train` builds.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -82,26 +86,104 @@ def write_sources(root: str, size: int, n_sites: int, seed: int = 0) -> dict[str
     return out
 
 
+# --------------------------------------------------------------------------- the training stream over a packed screen
+
+def synthetic_pack(root: str, site_size: int, channels: int = CHANNELS, unique_sites: int = 16,
+                   workers: int | None = None) -> str:
+    """A small synthetic screen (`mae_fast.data.synthetic`: 1 plate, `unique_sites` wells of site_size²) packed
+    with the uncompressed codec ("raw": decodes without blosc2/imagecodecs, so on any machine); returns the pack
+    folder (under `root`)."""
+    from mae_fast.data.synthetic import SyntheticScreenConfig, make_synthetic_screen
+
+    if unique_sites < 4:
+        raise ValueError(f"unique_sites must be >= 4 (two complexes of two genes, plus controls), got {unique_sites}")
+    # wells = complexes x 2 genes + singletons + empty + CRISPR controls; the controls take the remainder
+    n_complexes = max(1, min(3, (unique_sites - 2) // 2))
+    controls = unique_sites - 2 * n_complexes
+    cfg = SyntheticScreenConfig(n_experiments=1, n_plates=1, n_complexes=n_complexes, complex_size=2,
+                                n_singletons=0, n_empty_controls=controls - controls // 2,
+                                n_crispr_controls=controls // 2, site_size=site_size, channels=channels,
+                                complex_source="builtin", seed=0)
+    screen = make_synthetic_screen(os.path.join(root, "screen"), cfg, workers=workers)
+    pack_dir = os.path.join(root, "packed")
+    pack_index(SiteIndex.from_rxrx(screen.root), pack_dir, codec="raw", num_workers=0)
+    return pack_dir
+
+
+def repeat_sites(index: SiteIndex, times: int) -> SiteIndex:
+    """Every site `times` over as sites 1..times of its well (distinct keys, so each copy gets its own crops and
+    flips), reading the same pixels: a long epoch from a few generated sites."""
+    sites = [dataclasses.replace(s, site=r + 1) for s in index for r in range(times)]
+    return SiteIndex(sites, index.summary.copy(), f"{index.description}, each site x{times}", index.dtype)
+
+
+def train_stream(pack_dir: str, preset: str, batch: int, device, epoch_crops: int = 0):
+    """The crop stream `mae-fast train` reads on one device (data shard 0 of 1) from a pack folder:
+    `build_site_index` and `make_shard_streams` with the data config's defaults (crops per site, shuffle window,
+    workers, backend; pinned host batches copied to a CUDA device), at the preset's crop size ("name" or
+    "name:img_size=64", as bench takes it) and micro-batch `batch`. With `epoch_crops` the index repeats its sites
+    (`repeat_sites`) until one epoch holds that many crops. Returns (stream, index, its loader)."""
+    from mae_fast.data.loader import default_crops_per_image
+    from mae_fast.perf.stacks import parse_preset
+    from mae_fast.training.config import DataConfig, TrainConfig, validate
+    from mae_fast.training.data import build_site_index, make_shard_streams
+
+    name = preset.partition(":")[0].strip()
+    model_cfg = parse_preset(preset)
+    cfg = TrainConfig(preset=name, model={"img_size": model_cfg.img_size}, data=DataConfig(root=pack_dir),
+                      micro_batch=batch, global_batch=batch, steps=1, out_dir=os.path.join(pack_dir, "unused-run"))
+    plan = validate(cfg)
+    index = build_site_index(cfg.data)
+    k = cfg.data.crops_per_image or default_crops_per_image(index, model_cfg.img_size)
+    times = -(-epoch_crops // (len(index) * k))
+    if times > 1:
+        index = repeat_sites(index, times)
+    stream = make_shard_streams(index, cfg, plan, 0, torch.device(device))[0]
+    return stream, index, stream.loader
+
+
 # --------------------------------------------------------------------------- measurement
+
+def time_batches(batches, device=None, max_batches: int | None = None, min_seconds: float | None = None,
+                 min_batches: int = 3) -> dict:
+    """Crops/s of an iterable of batches, over the whole run (worker start-up and the first window included) and
+    in steady state (from the first batch to the last). Batches on a CUDA `device` are waited for, so the
+    host-to-device copy counts. Stops at the end of `batches`, after `max_batches` batches, or at the first batch
+    that ends `min_seconds` after the first one with at least `min_batches` batches after it."""
+    cuda = device is not None and torch.device(device).type == "cuda"
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    n, n_first, t_first, count = 0, 0, None, 0
+    start = time.perf_counter()
+    for batch in batches:
+        n += len(batch)
+        count += 1
+        if t_first is None:
+            sync()
+            t_first, n_first = time.perf_counter(), n
+        elif (min_seconds is not None and count - 1 >= min_batches
+              and time.perf_counter() - t_first >= min_seconds):
+            break
+        if max_batches is not None and count >= max_batches:
+            break
+    if t_first is None:
+        raise ValueError("time_batches: no batch to time")
+    sync()
+    end = time.perf_counter()
+    steady = (n - n_first) / (end - t_first) if n > n_first and end > t_first else float("nan")
+    return {"crops_per_s": n / (end - start), "steady_crops_per_s": steady, "crops": n, "batches": count,
+            "seconds": end - start, "first_batch_s": t_first - start}
+
 
 def crops_per_second(index: SiteIndex, k: int, backend: str, workers: int, batch_size: int, max_batches: int | None = None,
                      dali_threads: int | None = None) -> dict:
-    """One epoch (or max_batches) of the train loader: crops/s over the whole run (worker start-up and the first
-    window included) and in steady state (from the first batch to the last)."""
+    """One epoch (or max_batches) of the train loader, timed by `time_batches`."""
     loader = make_train_loader(index, crop_size=CROP, batch_size=batch_size, crops_per_image=k, seed=0,
                                backend=backend, num_workers=workers, dali_threads=dali_threads)
-    n, n_first, t_first = 0, 0, None
-    start = time.perf_counter()
-    for i, batch in enumerate(loader):
-        n += len(batch)
-        if t_first is None:
-            t_first, n_first = time.perf_counter(), n
-        if max_batches is not None and i + 1 >= max_batches:
-            break
-    end = time.perf_counter()
-    steady = (n - n_first) / (end - t_first) if n > n_first and end > t_first else float("nan")
-    return {"crops_per_s": n / (end - start), "steady_crops_per_s": steady, "crops": n, "seconds": end - start,
-            "first_batch_s": t_first - start}
+    return time_batches(loader, max_batches=max_batches)
 
 
 def decode_ms_per_channel(index: SiteIndex, repeats: int = 3) -> float:

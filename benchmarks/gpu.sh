@@ -7,7 +7,9 @@
 #                       of the byte floor, beside benchmarks/results/kernel_predictions.json ("no prediction" without);
 #                       then SDPA's attention backends at the ViT-L/8 shapes, forward + backward
 #   train.json      (c) ViT-L/8 MAE train step, eager bf16: fused vs reference vs peer (timm), batch from a memory
-#                       estimate; then CA-MAE ViT-S/16 fused vs reference
+#                       estimate; the training loader's crops/s beside it (a few synthetic sites packed raw, read by
+#                       the stream `mae-fast train` builds, at the step's batch, to the device; target loader/step
+#                       >= 1.5); then CA-MAE ViT-S/16 fused vs reference
 #   inference.json  (d) embedding crops/s, ViT-L/8 and CA-MAE ViT-S/16, fused vs peer
 #   compiled.json   (e) the same train step with regional (per-block) compilation, only if time is left
 #   tests.json      (f) pytest -m "gpu or triton" tests/, summarised (last)

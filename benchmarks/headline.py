@@ -4,7 +4,8 @@ it ends, and rewrites it after every measurement, so a stage stopped by its time
     python benchmarks/headline.py env      --out env.json                      # versions, matmul + copy ceilings
     python benchmarks/headline.py kernels  --out kernels.json                  # each kernel: correct?, then time;
                                                                                # SDPA backends at ViT-L/8 shapes
-    python benchmarks/headline.py train    --out train.json                    # ViT-L/8 step: fused, reference, peer
+    python benchmarks/headline.py train    --out train.json                    # ViT-L/8 step: fused, reference, peer;
+                                                                               # the data path's crops/s beside it
     python benchmarks/headline.py infer    --out inference.json                # embedding crops/s, fused vs peer
     python benchmarks/headline.py compiled --out compiled.json                 # regional compilation, all stacks
     python benchmarks/headline.py tests    --out tests.json                    # the GPU pytest suites, summarised
@@ -49,6 +50,7 @@ from mae_fast.perf.harness import (  # noqa: E402
     estimate_train_batch,
 )
 from mae_fast.perf.provenance import dist_version, provenance  # noqa: E402
+from mae_fast.processes import default_workers  # noqa: E402
 from mae_fast.perf.stacks import STACKS, Stack, parse_preset  # noqa: E402
 from mae_fast.perf.timing import measure_matmul_ceiling, time_median  # noqa: E402
 from mae_fast.backends.triton import kernels_module  # noqa: E402
@@ -56,6 +58,7 @@ from mae_fast.io import atomic_write_json  # noqa: E402
 
 kernels_module()
 import bench_ops  # noqa: E402  (benchmarks/, after the kernels are mapped)
+import bench_data  # noqa: E402
 
 SCHEMA = "mae_fast.headline/1"
 DRYRUN = os.environ.get("MAE_FAST_GPU_DRYRUN") == "1"
@@ -69,6 +72,7 @@ TARGETS = {
     "train_fused_vs_peer": 1.5,          # eager
     "infer_vit_l8_crops_per_s": 650.0,
     "embed_fused_vs_peer": 1.2,
+    "loader_vs_step": 1.5,               # training loader's crops/s over the fused ViT-L/8 step's (never starved)
 }
 
 # presets: (GPU, dry run)
@@ -76,6 +80,8 @@ TRAIN_PRESET = ("mae_vit_large_patch8_256", "mae_vit_micro_patch8_256:img_size=6
 CAMAE_PRESET = ("camae_vit_small_patch16_256", "camae_vit_micro_patch16_256:img_size=64")
 INFER_PRESETS = (("mae_vit_large_patch8_256", "camae_vit_small_patch16_256"),
                  ("mae_vit_micro_patch8_256:img_size=64", "camae_vit_micro_patch16_256:img_size=64"))
+# the loader-vs-step measurement: (generated sites, most batches timed, seconds timed after the first batch)
+LOADER_SIZES = ((16, 40, 2.0), (8, 8, 0.5))
 DRY_KERNEL_SIZES = bench_ops.Sizes(batch=2, img=64, patch=8, lion_model="mae_vit_micro_patch16_256")
 # attention at ViT-L/8 (per crop: heads, query tokens, key tokens, head dim), the batch of the kernel sizes
 ATTENTION_SHAPES = (
@@ -426,9 +432,54 @@ def stage_train(writer: Writer, dev: torch.device, deadline) -> None:
     writer.save()
     writer.payload["attention_choices"] = attention.sdpa_cache.report()  # the fused stack's measured choices
     writer.save()
+    loader = loader_vs_step(writer, dev, deadline, label, entry["batch"], fused["crops_per_s"] if fused else None)
+    writer.payload["headline"]["loader_vs_step"] = loader["loader_vs_step"]
+    writer.save()
     # CA-MAE ViT-S/16 (OpenPhenom's architecture) beside it, at the same per-step budget
     compare(writer, "train", pick(CAMAE_PRESET), ["fused", "reference"], settings, ceiling["tflops"])
     writer.payload["attention_choices"] = attention.sdpa_cache.report()
+
+
+def loader_vs_step(writer: Writer, dev: torch.device, deadline, label: str, batch: int,
+                   step_crops_per_s: float | None, sizes: tuple[int, int, float] | None = None) -> dict:
+    """The data path beside the train step: a few sites of the synthetic screen at the preset's crop size, packed
+    uncompressed (codec "raw": no blosc2/imagecodecs needed), read by the crop stream `mae-fast train` builds
+    (bench_data.train_stream: its crops per site, shuffle window and workers; micro-batch = the step's batch;
+    pinned batches copied to the device), timed until the batches are on the device (steady state: from the first
+    batch to the last). The few sites repeat (as other site numbers: their own crops and flips) so one epoch covers
+    the measurement. Written as payload["loader"], the ratio beside its target."""
+    _check(deadline)
+    unique, max_batches, seconds = sizes or pick(LOADER_SIZES)
+    cfg = parse_preset(label)
+    entry = writer.payload["loader"] = {"preset": label, "batch": batch, "crop": cfg.img_size, "channels": cfg.in_chans,
+                                        "codec": "raw", "generated_sites": unique, "status": "running"}
+    writer.save()
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        pack_dir = bench_data.synthetic_pack(tmp, cfg.img_size, cfg.in_chans, unique, workers=default_workers(16))
+        entry["screen_and_pack_s"] = time.perf_counter() - t0
+        writer.save()
+        _check(deadline)
+        stream, index, loader = bench_data.train_stream(pack_dir, label, batch, dev,
+                                                        epoch_crops=(max_batches + 1) * batch)
+        try:
+            timing = bench_data.time_batches(iter(stream.next, None), dev, max_batches=max_batches,
+                                             min_seconds=seconds)
+        finally:
+            stream.close()
+    rate = timing["steady_crops_per_s"]
+    value = rate / step_crops_per_s if step_crops_per_s and rate == rate else None  # rate == rate: not NaN
+    entry.update(
+        status="ok", sites_in_epoch=len(index), site_repeats=len(index) // unique, crops_per_image=loader.k,
+        shuffle_sites=loader.shuffle_sites, workers=loader.num_workers, backend=loader.backend,
+        pinned=dev.type == "cuda", device=str(dev), cpu_cores=os.cpu_count(), timing=timing,
+        loader_crops_per_s=rate, step_crops_per_s=step_crops_per_s,
+        loader_vs_step=with_target(value, TARGETS["loader_vs_step"]),
+        note=f"{unique} generated sites, each listed {len(index) // unique} times in the index (own crops and "
+             "flips, same pixels) so one epoch covers the measurement; step: the fused stack's eager train step "
+             "at the same batch, measured just before in this stage")
+    writer.save()
+    return entry
 
 
 def stage_infer(writer: Writer, dev: torch.device, deadline) -> None:
@@ -563,6 +614,13 @@ def render(folder: str) -> str:
                   f"- fused crops/s: {_fmt(h['fused_crops_per_s'])}; MFU {_target_cell(h['mfu'], pct=True)}",
                   f"- fused / reference: {_target_cell(h['fused_vs_reference'])}",
                   f"- fused / peer: {_target_cell(h['fused_vs_peer'])}"]
+    loader = (train or {}).get("loader")
+    if loader and loader.get("status") == "ok":
+        lines.append(f"- data path ({loader['preset']}, batch {loader['batch']}): {_fmt(loader['loader_crops_per_s'])} "
+                     f"crops/s to {loader['device']} ({loader['backend']} loader, {loader['workers']} workers, "
+                     f"{loader['generated_sites']} synthetic sites x{loader['site_repeats']}, {loader['codec']} pack"
+                     f"{', pinned' if loader['pinned'] else ''}) vs the fused step's "
+                     f"{_fmt(loader['step_crops_per_s'])}: loader / step {_target_cell(loader['loader_vs_step'])}")
     for name in ("train.json", "inference.json", "compiled.json"):
         d = data[name]
         for entry in (d or {}).get("comparisons", []):

@@ -76,6 +76,12 @@ class ShardStream:
             self._it = iter(self.loader)
             return next(self._it)
 
+    def close(self) -> None:
+        """End the live iterator (and its DataLoader workers); the loader's state keeps the position."""
+        if self._it is not None:
+            self._it.close()
+            self._it = None
+
     def state_dict(self) -> dict:
         return self.loader.state_dict()
 
@@ -141,10 +147,7 @@ class PlateShardStream:
             self._open.remove(key)
         self._open.append(key)
         while len(self._open) > self.max_open:
-            stale = self.streams[self._open.pop(0)]
-            if stale._it is not None:
-                stale._it.close()  # ends its DataLoader workers; the loader state keeps the position
-                stale._it = None
+            self.streams[self._open.pop(0)].close()
 
     def next(self):
         from mae_fast.data.loader import CropInfo

@@ -98,6 +98,14 @@ def test_dry_run_stages_hold_the_headline(dry_run):
     assert train["comparisons"][1]["preset"].startswith("camae_vit_micro") and \
         train["comparisons"][1]["stacks"] == ["fused", "reference"]
     assert train["attention_choices"] == []  # on a CPU SDPA keeps its own choice: nothing measured
+    # the data path beside the step: the packed synthetic screen through the training stream, at the step's batch
+    loader = train["loader"]
+    assert loader["status"] == "ok" and loader["batch"] == first["batch"] and loader["crop"] == 64
+    fused = next(r for r in first["records"] if r["stack"] == "fused")
+    assert loader["step_crops_per_s"] == h["fused_crops_per_s"] == fused["crops_per_s"]
+    assert loader["loader_crops_per_s"] > 0 and h["loader_vs_step"] == loader["loader_vs_step"]
+    assert h["loader_vs_step"]["value"] == pytest.approx(loader["loader_crops_per_s"] / loader["step_crops_per_s"])
+    assert h["loader_vs_step"]["target"] == 1.5
     inference = _load(out, "inference.json")
     assert [c["stacks"] for c in inference["comparisons"]] == [["fused", "peer"], ["fused"]]
     assert all(r["status"] == "ok" for c in inference["comparisons"] for r in c["records"])
@@ -112,6 +120,7 @@ def test_dry_run_stages_hold_the_headline(dry_run):
     assert tests["rc"] == 0 and tests["collected"] > 0 and "--collect-only" in tests["command"]
     md = (out / "results.md").read_text()
     assert "not measured on a GPU" in md and "fused / peer" in md and "| masked_patchify |" in md
+    assert "- data path (mae_vit_micro_patch8_256:img_size=64, batch 2): " in md and "loader / step " in md
     assert "## Attention: SDPA backends" in md and "| MAE decoder (toy) | 2x2x65x8 |" in md
 
 

@@ -193,6 +193,26 @@ def test_resume_mid_epoch_is_exact(screen16):
     assert resumed.state_dict()["epoch"] == 2 and resumed.state_dict()["batch"] == 0  # epoch done -> next epoch
 
 
+def test_a_closed_shard_stream_ends_its_workers_and_continues_where_it_stopped(screen16):
+    import multiprocessing
+
+    from mae_fast.training.data import ShardStream
+
+    index, _ = screen16
+    kw = dict(crop_size=CROP, batch_size=3, crops_per_image=2, seed=11, backend="torch", shuffle_sites=3)
+    reference = ShardStream(make_train_loader(index, num_workers=0, **kw))
+    expected = [reference.next().clone() for _ in range(9)]  # past the epoch's end (22 crops // 3 = 7 batches)
+    stream = ShardStream(make_train_loader(index, num_workers=1, **kw))
+    got = [stream.next().clone() for _ in range(2)]
+    assert multiprocessing.active_children()  # the DataLoader worker
+    stream.close()
+    stream.close()  # nothing live: a no-op
+    assert stream._it is None and not multiprocessing.active_children()
+    got += [stream.next().clone() for _ in range(7)]
+    stream.close()
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
 def test_load_state_dict_rejects_other_settings(screen16):
     index, _ = screen16
     a = make_train_loader(index, crop_size=CROP, batch_size=3, crops_per_image=2, seed=1, backend="torch", num_workers=0)
