@@ -141,3 +141,25 @@ def unshuffle_expected(x, token, ids, pos, grad_out, prefix, out_dtype=None, to_
     grads = torch.autograd.grad(out64, [t for t in (token64, pos64) if t is not None], grad_out.double())
     return {"out": out, "grad_x": grad_x, "grad_token": grads[0], "grad_pos": grads[1] if pos is not None else None,
             "out_dtype": out_dtype}
+
+
+def ops_making(shape, fn):
+    """fn()'s result, and the names of the dispatched ops (aten or custom, not looking inside a custom op) that
+    returned a tensor of `shape` while it ran -- e.g. to find a conversion pass autograd would add."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class OpLog(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if any(isinstance(t, torch.Tensor) and tuple(t.shape) == tuple(shape) for t in tree_leaves(out)):
+                self.names.append(str(func))
+            return out
+
+    with OpLog() as log:
+        result = fn()
+    return result, log.names
