@@ -1,7 +1,7 @@
 // Decoder unshuffle on the CPU. x is (B, prefix + K, D): `prefix` leading rows that keep their place (the class
 // token), then the K visible tokens in shuffled order; out and grad_out are (B, prefix + L, D).
-//   forward:  out[b, r] = x[b, r] + pos_embed[r]                                           for r < prefix
-//             out[b, r] = (x[b, prefix + i] if i < K else mask_token) + pos_embed[r]       i = ids_restore[b, r - prefix]
+//   forward:  out[b, r] = x[b, r] + pos_embed[r]  for r < prefix
+//             out[b, r] = (x[b, prefix + i] if i < K else mask_token) + pos_embed[r], i = ids_restore[b, r - prefix]
 //   backward: grad_x[b, r] = grad_out[b, r] for r < prefix, grad_x[b, prefix + i] = grad_out[b, r] for each kept
 //             row (a permutation: every row written once, no atomics); the mask token's gradient is the sum of
 //             grad_out over masked rows, accumulated per image in float32 and then summed over images in a fixed
