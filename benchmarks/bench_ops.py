@@ -14,7 +14,9 @@ measured in the same run (`copy_bandwidth`: a large copy on a GPU, an in-place a
 Byte floors (B images, C channels, H^2 pixels, L tokens, K visible, D decoder dim, P = p^2 C):
     masked_patchify   raw image + ids_restore read, visible + target (float32) written; "fused" includes the
                       statistics pass (a second read of the image), "fused[stats given]" is the patchify kernel alone
-    unshuffle         fwd: x (B K D), pos (L D), ids read, out (B L D) written; bwd: grad_out read, grad_x written
+    unshuffle         the decoder's call (class token in place: 1 + K, 1 + L rows), x in the activation dtype,
+                      out float32: fwd x (B K D), pos (L D) float32, ids read, out (B L D) float32 written; bwd
+                      grad_out (float32), ids read, grad_x written (x's dtype)
     mae_loss          pred + target read, grad wrt pred written (forward and backward)
     lion_update       param, grad, exp_avg read; param, exp_avg written
 Speed is measured here, never asserted in a test.
@@ -128,25 +130,30 @@ def masked_patchify_cases(s: Sizes, device) -> list[Case]:
     return cases
 
 
+UNSHUFFLE_PREFIX = 1  # the decoder's call: the class token kept in place by the op (MAEDecoder)
+
+
 def unshuffle_inputs(s: Sizes, device, g: torch.Generator):
-    """Random (x, mask_token, pos_embed, ids_restore, grad_out) of the decoder unshuffle at sizes `s`."""
+    """Random (x, mask_token, pos_embed, ids_restore, grad_out) of the decoder unshuffle at sizes `s`, as MAEDecoder
+    calls it under autocast (`prefix=UNSHUFFLE_PREFIX`): x (B, 1 + K, D) in the activation dtype, class token first;
+    float32 mask token and positions (1 + L, D); so out and grad_out (B, 1 + L, D) are float32 (the promotion)."""
     B, K, L, D = s.batch, s.visible, s.tokens, s.decoder_dim
-    x = torch.randn(B, K, D, generator=g).to(s.act_dtype).to(device).requires_grad_()
+    x = torch.randn(B, 1 + K, D, generator=g).to(s.act_dtype).to(device).requires_grad_()
     token = torch.randn(D, generator=g).to(device).requires_grad_()
-    pos = torch.randn(L, D, generator=g).to(device)
+    pos = torch.randn(1 + L, D, generator=g).to(device)
     ids = torch.argsort(torch.rand(B, L, generator=g), dim=1).to(device)
-    grad_out = torch.randn(B, L, D, generator=g).to(s.act_dtype).to(device)
+    out_dtype = torch.promote_types(s.act_dtype, torch.float32)
+    grad_out = torch.randn(B, 1 + L, D, generator=g).to(out_dtype).to(device)
     return x, token, pos, ids, grad_out
 
 
 def unshuffle_cases(s: Sizes, device) -> list[Case]:
-    B, K, L, D = s.batch, s.visible, s.tokens, s.decoder_dim
     x, token, pos, ids, grad_out = unshuffle_inputs(s, device, torch.Generator().manual_seed(1))
-    act = torch.tensor([], dtype=s.act_dtype).element_size()
-    floor = (B * K * D + B * L * D) * act * 2 + L * D * act + 2 * _nbytes(ids)
+    # forward: x, pos, ids, mask token read, out written; backward: grad_out, ids read, grad_x, token grad written
+    floor = 2 * (_nbytes(x) + _nbytes(grad_out) + _nbytes(ids) + _nbytes(token)) + _nbytes(pos)
 
     def run(impl):
-        out = ops.unshuffle(x, token, ids, pos, impl=impl)
+        out = ops.unshuffle(x, token, ids, pos, impl=impl, prefix=UNSHUFFLE_PREFIX)
         return torch.autograd.grad(out, (x, token), grad_out)
 
     cases = [Case("unshuffle", "reference", floor, lambda: run("reference"), {"pass": "forward+backward"})]

@@ -4,8 +4,9 @@
     python benchmarks/kernel_predictions.py --json OUT.json
 
 Sizes: batch 128 and 256, 256 x 256 x 6 uint16 crops, mask ratio 0.75, patch 8 and 16, decoder 512-d, bf16 autocast
-(decoder activations and predictions in bf16); Lion over every parameter of mae_vit_large_patch{8,16}_256 (encoder +
-decoder, float32 params, grads and momentum).
+(visible tokens into the decoder and predictions in bf16; the decoder's sequence float32, as the unshuffle promotes
+it); Lion over every parameter of mae_vit_large_patch{8,16}_256 (encoder + decoder, float32 params, grads and
+momentum).
 
 Per (kernel, size) entry (the schema benchmarks/gpu.sh reads):
     kernel        the op as benchmarks/bench_ops.py names it ("masked_patchify", "unshuffle", "mae_loss",
@@ -102,25 +103,26 @@ def masked_patchify(g: dict) -> dict:
 
 
 def unshuffle(g: dict) -> list[dict]:
-    """The op with the class token in place (`ops.unshuffle(..., prefix=1)`):
-    forward: x (B, 1 + K, D), pos (1 + L, D), ids, mask token read; out (B, 1 + L, D) written.
-    backward: grad_out (B, 1 + L, D), ids read; grad_x (B, 1 + K, D) and the mask token's gradient written.
+    """What MAEDecoder runs under bf16 autocast: `ops.unshuffle(x, mask_token, ids_restore, pos_embed[0],
+    prefix=1)`, the class token placed by the kernel (no torch.cat around it), x bf16 in and the decoder sequence
+    float32 out (bf16 tokens with the float32 mask token and positions promote to float32, as the cat did).
+    forward: x (B, 1 + K, D) bf16, pos (1 + L, D) fp32, ids, mask token (fp32) read; out (B, 1 + L, D) fp32 written.
+    backward: grad_out (B, 1 + L, D) fp32, ids read; grad_x (B, 1 + K, D) bf16 written (converted as it is stored)
+    and the mask token's fp32 gradient (the positions are a buffer: no gradient).
     This commit's kernels move exactly that, plus the backward's per-program float32 sums (4 programs per SM x D,
-    written and re-read: ~1 MB). The model's MAEDecoder still calls it without the prefix and joins the class token
-    by a torch.cat (output read and written again; in backward the slice copied), see `model_cat_bytes`."""
+    written and re-read: ~1 MB)."""
     B, L, K, D = g["B"], g["L"], g["K"], DECODER_DIM
     size = f"B{B} p{g['p']}"
     ids = B * L * I64
     x = B * (K + 1) * D * ACT_BYTES
-    out = B * (L + 1) * D * ACT_BYTES
-    pos = (L + 1) * D * ACT_BYTES
-    fwd_floor = x + pos + ids + D * ACT_BYTES + out
+    out = B * (L + 1) * D * F32
+    pos = (L + 1) * D * F32
+    fwd_floor = x + pos + ids + D * F32 + out
     bwd_floor = out + ids + x + D * F32
     sums = 2 * 4 * SMS * D * F32
     fwd_core = B * L * D * 1.0
     bwd_core = B * (L - K) * D * 1.0
-    notes = (f"decoder dim 512, bf16, class token placed by the kernel; the model's torch.cat (not yet removed) "
-             f"would add {2 * out + 2 * B * L * D * ACT_BYTES} bytes per forward + backward")
+    notes = "decoder dim 512, prefix=1 (class token placed by the kernel, no torch.cat), x bf16 in, out fp32"
     return [
         entry("unshuffle.forward", size, fwd_floor, fwd_floor, 0, None, fwd_core, notes),
         entry("unshuffle.backward", size, bwd_floor, bwd_floor + sums, 0, None, bwd_core, notes),

@@ -20,10 +20,14 @@ TORCH_LIBRARY(mae_fast, m) {
   m.def(
       "masked_patchify_out(Tensor images, Tensor mean, Tensor rstd, Tensor ids_restore, int len_keep, "
       "int patch_size, bool channel_layout, float scale, Tensor(a!) visible, Tensor(b!) target) -> ()");
-  // out[b, t] = (x[b, ids_restore[b, t]] if visible else mask_token) + pos_embed[t]
-  m.def("unshuffle_out(Tensor x, Tensor mask_token, Tensor ids_restore, Tensor? pos_embed, Tensor(a!) out) -> ()");
-  // grad_x[b, k] = grad_out[b, token at shuffled position k]; returns the float32 sum over masked tokens (D,)
-  m.def("unshuffle_backward_out(Tensor grad_out, Tensor ids_restore, Tensor(a!) grad_x) -> Tensor");
+  // out[b, prefix + t] = (x[b, prefix + ids_restore[b, t]] if visible else mask_token) + pos_embed[prefix + t], the
+  // `prefix` leading rows of x (the class token) in place; out in mask_token's and pos_embed's dtype, x in its own
+  m.def(
+      "unshuffle_out(Tensor x, Tensor mask_token, Tensor ids_restore, Tensor? pos_embed, int prefix, "
+      "Tensor(a!) out) -> ()");
+  // grad_x[b, prefix + k] = grad_out[b, token at shuffled position k] (prefix rows in place), converted to
+  // grad_x's dtype; returns the float32 sum over masked tokens (D,)
+  m.def("unshuffle_backward_out(Tensor grad_out, Tensor ids_restore, int prefix, Tensor(a!) grad_x) -> Tensor");
   // MAE loss (MSE + Fourier) and its gradient wrt pred, in one pass; returns the float32 loss
   m.def(
       "mae_loss_out(Tensor pred, Tensor target, Tensor? token_weight, float uniform_weight, int patch_size, "

@@ -100,19 +100,23 @@ def variants() -> list[Variant]:
                                    "thread's 4 padded channels land at 24-byte strides, so stores are not 128-bit "
                                    "(every 32-byte sector is still written in full by the warp)"))
     D = 512
-    for act in ("bf16", "fp32"):
-        sig = {"x": f"*{act}", "mask_token": f"*{act}", "ids_restore": "*i64", "pos_embed": f"*{act}",
-               "out": f"*{act}", "L": "i32", "K": "i32", "D": "i32", "s_xb": "i32", "s_xk": "i32", "PREFIX": "i32",
+    # (x dtype, output dtype): the decoder under bf16 autocast (bf16 tokens, float32 mask token and positions: the
+    # promoted float32 sequence), float32 training, and a model cast to bf16 throughout
+    for act, res in (("bf16", "fp32"), ("fp32", "fp32"), ("bf16", "bf16")):
+        sig = {"x": f"*{act}", "mask_token": f"*{res}", "ids_restore": "*i64", "pos_embed": f"*{res}",
+               "out": f"*{res}", "L": "i32", "K": "i32", "D": "i32", "s_xb": "i32", "s_xk": "i32", "PREFIX": "i32",
                "HAS_POS": "constexpr", "BLOCK_T": "constexpr", "BLOCK_D": "constexpr"}
-        out.append(Variant(f"unshuffle forward {act}", unshuffle._unshuffle_forward_kernel, sig,
-                           {"HAS_POS": True, "BLOCK_T": 8, "BLOCK_D": 256}, {},
+        block_t, block_d = unshuffle._blocks(D)
+        out.append(Variant(f"unshuffle forward {act}->{res}", unshuffle._unshuffle_forward_kernel, sig,
+                           {"HAS_POS": True, "BLOCK_T": block_t, "BLOCK_D": block_d}, {},
                            ints={"L": 1024, "K": 256, "D": D, "s_xb": 257 * D, "s_xk": D, "PREFIX": 1},
                            requires=(LDG128, STG128)))
-        sig = {"grad_out": f"*{act}", "ids_restore": "*i64", "grad_x": f"*{act}", "token_sums": "*fp32",
+        # backward: grad_out in the output dtype, grad_x written in x's
+        sig = {"grad_out": f"*{res}", "ids_restore": "*i64", "grad_x": f"*{act}", "token_sums": "*fp32",
                "L": "i32", "K": "i32", "D": "i32", "PREFIX": "i32", "n_tiles": "i32", "n_row_blocks": "i32",
                "BLOCK_T": "constexpr", "BLOCK_D": "constexpr"}
-        out.append(Variant(f"unshuffle backward {act}", unshuffle._unshuffle_backward_kernel, sig,
-                           {"BLOCK_T": 8, "BLOCK_D": 256}, {},
+        out.append(Variant(f"unshuffle backward {res}->{act}", unshuffle._unshuffle_backward_kernel, sig,
+                           {"BLOCK_T": block_t, "BLOCK_D": block_d}, {},
                            ints={"L": 1024, "K": 256, "D": D, "PREFIX": 1, "n_tiles": 256 * 129, "n_row_blocks": 129},
                            requires=(LDG128, STG128)))
     for pred, fwd, adj, row_map in (("bf16", "tf32", "bf16", False), ("bf16", "tf32", "bf16", True),

@@ -6,13 +6,17 @@ tokens in shuffled order; the output is (B, prefix + L, D) and pos_embed (prefix
 torch.cat around the op. Output row r of image b:
     r <  prefix:  x[b, r] + pos[r]
     r >= prefix:  (x[b, prefix + ids_restore[b, r - prefix]] if that id < K else mask_token) + pos[r]
+Dtypes: x is read in its own dtype; mask_token and pos_embed arrive in the output dtype (by default the promotion of
+the three, e.g. bf16 tokens + float32 mask token and positions -> float32 out, as the torch.cat it replaces). A token
+is rounded to the output dtype (a no-op unless the output is narrower than x), the sum is formed in float32 and
+rounded once to the output dtype, like torch's add.
 forward: one program per (image, block of rows), 128-bit row loads and stores.
-backward: a persistent grid (a few programs per multiprocessor, each with one D slice) walks the row blocks:
-    grad_x[b, src] = grad_out[b, r] for every kept row (ids_restore is a permutation, so every row of grad_x is
-    written exactly once: no atomics, no zero fill), and each program sums the masked rows of its tiles in float32
-    registers, writing one (D slice) row at the end; the host sums those (programs x D, ~1 MB at most) in a fixed
-    order (deterministic). No (B * L / BLOCK_T, D) partials buffer.
-mask_token and pos_embed arrive in x's dtype; the sum is formed in float32 and rounded once, like torch's add.
+backward: grad_out arrives in the output dtype, grad_x is written in x's dtype (converted as it is stored: no
+    separate conversion pass). A persistent grid (a few programs per multiprocessor, each with one D slice) walks the
+    row blocks: grad_x[b, src] = grad_out[b, r] for every kept row (ids_restore is a permutation, so every row of
+    grad_x is written exactly once: no atomics, no zero fill), and each program sums the masked rows of its tiles in
+    float32 registers, writing one (D slice) row at the end; the host sums those (programs x D, ~1 MB at most) in a
+    fixed order (deterministic). No (B * L / BLOCK_T, D) partials buffer.
 """
 from __future__ import annotations
 
@@ -45,7 +49,8 @@ def _unshuffle_forward_kernel(
         d_ok = d < D
         xv = tl.load(x_rows[:, None] + d[None, :], mask=visible[:, None] & d_ok[None, :], other=0.0)
         mt = tl.load(mask_token + d, mask=d_ok, other=0.0)
-        v = tl.where(visible[:, None], xv.to(tl.float32), mt.to(tl.float32)[None, :])
+        # the token rounded to the output dtype first, as the reference converts it (free when not narrower)
+        v = tl.where(visible[:, None], xv.to(out.dtype.element_ty).to(tl.float32), mt.to(tl.float32)[None, :])
         if HAS_POS:
             pe = tl.load(pos_embed + r[:, None] * D + d[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
             v = v + pe.to(tl.float32)
@@ -76,7 +81,7 @@ def _unshuffle_backward_kernel(
         g = tl.load(grad_out + (b.to(tl.int64) * rows + r)[:, None] * D + d[None, :],
                     mask=r_ok[:, None] & d_ok[None, :], other=0.0)
         gx_rows = grad_x + (b.to(tl.int64) * (PREFIX + K) + x_row) * D
-        tl.store(gx_rows[:, None] + d[None, :], g, mask=kept[:, None] & d_ok[None, :])
+        tl.store(gx_rows[:, None] + d[None, :], g.to(grad_x.dtype.element_ty), mask=kept[:, None] & d_ok[None, :])
         acc += tl.sum(tl.where(masked[:, None], g.to(tl.float32), 0.0), axis=0)
     tl.store(token_sums + pid.to(tl.int64) * D + d, acc, mask=d_ok)
 
@@ -95,12 +100,13 @@ def _backward_programs(device: torch.device, n_tiles: int) -> int:
 
 
 def unshuffle_forward_triton(x, mask_token, ids_restore, pos_embed, prefix: int = 0, *, out=None):
-    """Kernel call of the forward; mask_token and pos_embed (prefix + L, D) already in x's dtype."""
+    """Kernel call of the forward; mask_token (D,) and pos_embed (prefix + L, D) already in the output dtype, which
+    `out` (B, prefix + L, D) has (allocated in mask_token's dtype when not given)."""
     B, _, D = x.shape
     L = ids_restore.shape[1]
     K = x.shape[1] - prefix
     if out is None:
-        out = torch.empty((B, prefix + L, D), dtype=x.dtype, device=x.device)
+        out = torch.empty((B, prefix + L, D), dtype=mask_token.dtype, device=x.device)
     block_t, block_d = _blocks(D)
     grid = (B, triton.cdiv(prefix + L, block_t))
     _unshuffle_forward_kernel[grid](
@@ -112,7 +118,8 @@ def unshuffle_forward_triton(x, mask_token, ids_restore, pos_embed, prefix: int 
 
 
 def unshuffle_backward_triton(grad_out, ids_restore, grad_x, prefix: int = 0):
-    """Fills grad_x (B, prefix + K, D); returns the float32 gradient of the mask token (D,)."""
+    """Fills grad_x (B, prefix + K, D), in x's dtype, from grad_out (B, prefix + L, D) in the output's; returns the
+    float32 gradient of the mask token (D,)."""
     B, rows, D = grad_out.shape
     L = ids_restore.shape[1]
     K = grad_x.shape[1] - prefix
@@ -132,7 +139,7 @@ def unshuffle_backward_triton(grad_out, ids_restore, grad_x, prefix: int = 0):
 _unshuffle_op = ops.define_unshuffle_op("triton", unshuffle_forward_triton, unshuffle_backward_triton)
 
 
-def unshuffle_triton(x_visible, mask_token, ids_restore, pos_embed, prefix=0):
+def unshuffle_triton(x_visible, mask_token, ids_restore, pos_embed, prefix=0, out_dtype=None):
     check_device(x_visible, mask_token, ids_restore, pos_embed)
-    ops.check_fused_unshuffle_input(x_visible, mask_token, ids_restore, pos_embed)
-    return _unshuffle_op(x_visible, mask_token, ids_restore, pos_embed, prefix)
+    ops.check_fused_unshuffle_input(x_visible, mask_token, ids_restore, pos_embed, out_dtype)
+    return _unshuffle_op(x_visible, mask_token, ids_restore, pos_embed, prefix, out_dtype)

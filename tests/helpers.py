@@ -99,3 +99,67 @@ def assert_unit_std(planes: torch.Tensor, tol: float = 1e-3) -> None:
     std, mean = planes.std(dim=(2, 3), unbiased=False), planes.mean(dim=(2, 3))
     assert (std - 1).abs().max() <= tol, f"std {std.min().item():.6f}..{std.max().item():.6f}, not 1 within {tol}"
     assert mean.abs().max() <= tol, f"mean up to {mean.abs().max().item():.3g}, not 0 within {tol}"
+
+
+def truncate_to_bf16(t: torch.Tensor) -> torch.Tensor:
+    """float32 -> bfloat16 by dropping the low 16 bits (round toward zero): what the Triton interpreter's conversion
+    does (a GPU and torch round to nearest)."""
+    return (t.float().contiguous().view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)
+
+
+def unshuffle_expected(x, token, ids, pos, grad_out, prefix, out_dtype=None, to_dtype=None) -> dict:
+    """What a fused unshuffle must give, bitwise where it can: the reference's arithmetic with every rounding to a
+    narrower dtype done by `to_dtype(float32 tensor, dtype)` (default: torch's round to nearest, which makes `out` and
+    `grad_x` the reference's own -- asserted here -- so a backend that rounds otherwise, the Triton interpreter,
+    passes its own rounding). out: a token rounded to the output dtype, + pos summed in float32, rounded once;
+    grad_x: grad_out's values converted to x's dtype. grad_token and grad_pos are float64 sums (compare with a
+    tolerance: the kernels sum in float32 in their own order)."""
+    from mae_fast.ops.unshuffle import unshuffle_out_dtype
+
+    out_dtype = unshuffle_out_dtype(x, token, pos, out_dtype)
+    rn = to_dtype is None
+    to_dtype = to_dtype or (lambda t, dtype: t.to(dtype))
+    x, token, pos = (None if t is None else t.detach() for t in (x, token, pos))
+    # a token rounded to the output dtype first (exact unless narrower), then the float32 sum, rounded once
+    x_out = to_dtype(x.float(), out_dtype).float()
+    sum32 = ops.unshuffle(x_out, token.to(out_dtype).float(), ids, None if pos is None else pos.to(out_dtype).float(),
+                          impl="reference", prefix=prefix)
+    out = to_dtype(sum32, out_dtype)
+    # the gradient wrt the converted tokens is grad_out gathered (no arithmetic), then converted to x's dtype
+    leaf = x.to(out_dtype).requires_grad_()
+    (grad_gathered,) = torch.autograd.grad(
+        ops.unshuffle(leaf, token.to(out_dtype), ids, pos, impl="reference", prefix=prefix, out_dtype=out_dtype),
+        leaf, grad_out)
+    grad_x = to_dtype(grad_gathered.float(), x.dtype)
+    if rn:
+        ref = ops.unshuffle(x.requires_grad_(), token, ids, pos, impl="reference", prefix=prefix, out_dtype=out_dtype)
+        assert torch.equal(out, ref.detach()), "expected forward is not the reference's"
+        assert torch.equal(grad_x, torch.autograd.grad(ref, x, grad_out)[0]), "expected grad_x is not the reference's"
+    token64 = token.double().requires_grad_()
+    pos64 = None if pos is None else pos.double().requires_grad_()
+    out64 = ops.unshuffle(x.double(), token64, ids, pos64, impl="reference", prefix=prefix)
+    grads = torch.autograd.grad(out64, [t for t in (token64, pos64) if t is not None], grad_out.double())
+    return {"out": out, "grad_x": grad_x, "grad_token": grads[0], "grad_pos": grads[1] if pos is not None else None,
+            "out_dtype": out_dtype}
+
+
+def ops_making(shape, fn):
+    """fn()'s result, and the names of the dispatched ops (aten or custom, not looking inside a custom op) that
+    returned a tensor of `shape` while it ran -- e.g. to find a conversion pass autograd would add."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class OpLog(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if any(isinstance(t, torch.Tensor) and tuple(t.shape) == tuple(shape) for t in tree_leaves(out)):
+                self.names.append(str(func))
+            return out
+
+    with OpLog() as log:
+        result = fn()
+    return result, log.names

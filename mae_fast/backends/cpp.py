@@ -43,12 +43,12 @@ def _masked_patchify_out_fake(images, mean, rstd, ids_restore, len_keep, patch_s
 
 
 @torch.library.register_fake("mae_fast::unshuffle_out")
-def _unshuffle_out_fake(x, mask_token, ids_restore, pos_embed, out):
+def _unshuffle_out_fake(x, mask_token, ids_restore, pos_embed, prefix, out):
     return None
 
 
 @torch.library.register_fake("mae_fast::unshuffle_backward_out")
-def _unshuffle_backward_out_fake(grad_out, ids_restore, grad_x):
+def _unshuffle_backward_out_fake(grad_out, ids_restore, prefix, grad_x):
     return grad_out.new_empty((grad_out.shape[-1],), dtype=torch.float32)
 
 
@@ -94,39 +94,27 @@ def masked_patchify_cpp(images, patch_size, masking, layout, stats=None, out_dty
 # ------------------------------------------------------------------------------------------------------------
 
 def unshuffle_forward_cpp(x_visible, mask_token, ids_restore, pos_embed, prefix: int = 0, *, out=None):
-    """Kernel call of the forward; mask_token and pos_embed already in x_visible's dtype. The C++ kernel has no
-    prefix rows: with a prefix they are joined by a torch.cat (CPU only; the Triton kernel places them itself)."""
+    """Kernel call of the forward (prefix rows placed by the kernel); mask_token and pos_embed already in the output
+    dtype, which `out` has (allocated in mask_token's dtype when not given); x_visible read in its own dtype."""
     B, _, D = x_visible.shape
-    L = ids_restore.shape[1]
-    if prefix:
-        pos_main = None if pos_embed is None else pos_embed[prefix:]
-        main = unshuffle_forward_cpp(x_visible[:, prefix:].contiguous(), mask_token, ids_restore, pos_main)
-        head = x_visible[:, :prefix] + (0 if pos_embed is None else pos_embed[:prefix])
-        return torch.cat([head, main], dim=1)
     if out is None:
-        out = torch.empty((B, L, D), dtype=x_visible.dtype)
-    _lib.unshuffle_out(x_visible, mask_token, ids_restore.contiguous(), pos_embed, out)
+        out = torch.empty((B, prefix + ids_restore.shape[1], D), dtype=mask_token.dtype)
+    _lib.unshuffle_out(x_visible, mask_token, ids_restore.contiguous(), pos_embed, prefix, out)
     return out
 
 
 def unshuffle_backward_cpp(grad_out, ids_restore, grad_x, prefix: int = 0) -> torch.Tensor:
-    if prefix:
-        grad_main = torch.empty_like(grad_x[:, prefix:])
-        grad_mask = _lib.unshuffle_backward_out(grad_out[:, prefix:].contiguous(), ids_restore.contiguous(),
-                                                grad_main)
-        grad_x[:, :prefix] = grad_out[:, :prefix]
-        grad_x[:, prefix:] = grad_main
-        return grad_mask
-    return _lib.unshuffle_backward_out(grad_out, ids_restore.contiguous(), grad_x)
+    """Fills grad_x (B, prefix + K, D) in its own dtype from grad_out; returns the mask token's float32 gradient."""
+    return _lib.unshuffle_backward_out(grad_out, ids_restore.contiguous(), prefix, grad_x)
 
 
 _unshuffle_op = ops.define_unshuffle_op("cpp", unshuffle_forward_cpp, unshuffle_backward_cpp)
 
 
-def unshuffle_cpp(x_visible, mask_token, ids_restore, pos_embed, prefix=0) -> torch.Tensor:
+def unshuffle_cpp(x_visible, mask_token, ids_restore, pos_embed, prefix=0, out_dtype=None) -> torch.Tensor:
     _check_cpu(x_visible, mask_token, ids_restore, pos_embed)
-    ops.check_fused_unshuffle_input(x_visible, mask_token, ids_restore, pos_embed)
-    return _unshuffle_op(x_visible, mask_token, ids_restore, pos_embed, prefix)
+    ops.check_fused_unshuffle_input(x_visible, mask_token, ids_restore, pos_embed, out_dtype)
+    return _unshuffle_op(x_visible, mask_token, ids_restore, pos_embed, prefix, out_dtype)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -477,9 +477,10 @@ class MAEDecoder(nn.Module):
         self.checkpointing = cfg.grad_checkpointing
 
     def forward(self, x: torch.Tensor, ids_restore: torch.Tensor, in_chans: int) -> torch.Tensor:
-        """x: (B, 1 + K, Dd) class + visible tokens -> (B, L, Dd) decoded patch tokens (class token dropped)."""
-        full = ops.unshuffle(x[:, 1:], self.mask_token, ids_restore, self.pos_embed[0, 1:])
-        x = torch.cat([x[:, :1] + self.pos_embed[:, :1], full], dim=1)
+        """x: (B, 1 + K, Dd) class + visible tokens -> (B, L, Dd) decoded patch tokens (class token dropped).
+        The class token keeps its place inside the unshuffle (no torch.cat); the sequence comes out in the promoted
+        dtype (float32 from bf16 tokens under autocast: float32 mask token and positions), as a cat would give."""
+        x = ops.unshuffle(x, self.mask_token, ids_restore, self.pos_embed[0], prefix=1)
         x = _run_blocks(self.blocks, x, self.checkpointing)
         return self.norm(x)[:, 1:]
 
@@ -520,6 +521,7 @@ class CAMAEDecoder(nn.Module):
         """x: (B, 1 + K, Dd) -> (B, C*L, Dd), channel-major."""
         if in_chans != self.in_chans:
             raise ValueError(f"this CA-MAE decoder was built for {self.in_chans} channels, got {in_chans}")
+        # the class token is dropped here, so no prefix row (x[:, 1:] is read in place through its strides)
         full = ops.unshuffle(x[:, 1:], self.mask_token, ids_restore, self.pos_embed[0, 1:])
         B, N, Dd = full.shape
         C, L = in_chans, N // in_chans

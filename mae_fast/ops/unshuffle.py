@@ -1,5 +1,10 @@
 """The decoder unshuffle: visible tokens in shuffled order + the mask token -> every token in original order (+ positions)
-(the reference, the torch-op factory of the fused backends with their autograd formula, and their input checks)."""
+(the reference, the torch-op factory of the fused backends with their autograd formula, and their input checks).
+
+The output dtype is what plain PyTorch gives for the cat + add it replaces: the promotion of x's, the mask token's and
+the positions' dtypes (bf16 tokens under autocast with float32 mask token and positions -> a float32 decoder stream,
+as FAIR's MAE gets from torch.cat), unless `out_dtype` says otherwise. Visible tokens and the mask token are
+converted to it, then the positions are added in it: one rounding. Gradients come back in each input's own dtype."""
 from __future__ import annotations
 
 from typing import Callable
@@ -9,25 +14,38 @@ import torch
 from mae_fast.ops.dispatch import TORCH_OPS, UnsupportedInput, dispatch, register
 from mae_fast.ops.layout import gather_tokens
 
+
+def unshuffle_out_dtype(x_visible: torch.Tensor, mask_token: torch.Tensor, pos_embed: torch.Tensor | None,
+                        out_dtype: torch.dtype | None = None) -> torch.dtype:
+    """`out_dtype` if given, else the promotion of the inputs' dtypes (what torch.cat + add would give)."""
+    if out_dtype is not None:
+        return out_dtype
+    dtype = torch.promote_types(x_visible.dtype, mask_token.dtype)
+    return dtype if pos_embed is None else torch.promote_types(dtype, pos_embed.dtype)
+
+
 @register("unshuffle", "reference")
-def _unshuffle_reference(x_visible, mask_token, ids_restore, pos_embed, prefix=0):
+def _unshuffle_reference(x_visible, mask_token, ids_restore, pos_embed, prefix=0, out_dtype=None):
+    out_dtype = unshuffle_out_dtype(x_visible, mask_token, pos_embed, out_dtype)
     B, rows, D = x_visible.shape
     L = ids_restore.shape[1]
     K = rows - prefix
-    x = torch.cat([x_visible[:, prefix:], mask_token.reshape(1, 1, D).expand(B, L - K, D).to(x_visible.dtype)],
-                  dim=1)
-    x = torch.cat([x_visible[:, :prefix], gather_tokens(x, ids_restore)], dim=1)
+    x = x_visible.to(out_dtype)
+    tokens = torch.cat([x[:, prefix:], mask_token.reshape(1, 1, D).to(out_dtype).expand(B, L - K, D)], dim=1)
+    x = torch.cat([x[:, :prefix], gather_tokens(tokens, ids_restore)], dim=1)
     if pos_embed is not None:
-        x = x + pos_embed.reshape(1, prefix + L, D).to(x.dtype)
+        x = x + pos_embed.reshape(1, prefix + L, D).to(out_dtype)
     return x
 
 
 def unshuffle(
     x_visible: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor,
     pos_embed: torch.Tensor | None = None, impl: str = "auto", *, prefix: int = 0,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Tokens (B, prefix + K, D) -- `prefix` leading tokens that keep their place (the class token), then K visible
-    tokens in shuffled order -- + mask token (D,) -> (B, prefix + L, D) in original order (+ pos (prefix + L, D))."""
+    tokens in shuffled order -- + mask token (D,) -> (B, prefix + L, D) in original order (+ pos (prefix + L, D)).
+    The output's dtype is `out_dtype`, by default the promotion of x's, mask_token's and pos_embed's dtypes."""
     if x_visible.ndim != 3:
         raise ValueError(f"x_visible must be (B, prefix + K, D), got shape {tuple(x_visible.shape)}")
     B, rows, D = x_visible.shape
@@ -41,50 +59,62 @@ def unshuffle(
     L = ids_restore.shape[1]
     if pos_embed is not None and pos_embed.numel() != (prefix + L) * D:
         raise ValueError(f"pos_embed must be (prefix + L={prefix + L}, D={D}), got shape {tuple(pos_embed.shape)}")
-    return dispatch("unshuffle", x_visible.device, impl, x_visible, mask_token, ids_restore, pos_embed, prefix)
+    if out_dtype is not None and not out_dtype.is_floating_point:
+        raise ValueError(f"out_dtype must be a floating-point dtype, got {out_dtype}")
+    out_dtype = unshuffle_out_dtype(x_visible, mask_token, pos_embed, out_dtype)
+    return dispatch("unshuffle", x_visible.device, impl, x_visible, mask_token, ids_restore, pos_embed, prefix,
+                    out_dtype)
 
 
 def define_unshuffle_op(backend: str, forward_kernel: Callable, backward_kernel: Callable) -> Callable:
-    """The torch op `mae_fast::unshuffle_{backend}(x, mask_token, ids_restore, pos_embed, prefix=0) -> out` (and its
-    backward op), with a fake implementation and an autograd formula, so that torch.compile keeps it as one opaque
-    node.
+    """The torch op `mae_fast::unshuffle_{backend}(x, mask_token, ids_restore, pos_embed, prefix=0, out_dtype=None)
+    -> out` (and its backward op), with a fake implementation and an autograd formula, so that torch.compile keeps
+    it as one opaque node. `out_dtype=None` is the promotion of the inputs' dtypes (`unshuffle_out_dtype`).
 
     `forward_kernel(x, mask_token, ids_restore, pos_embed, prefix) -> out` gets mask_token (D,) and pos_embed
-    (prefix + L, D) already in x's dtype (so both paths round as the reference); `backward_kernel(grad_out,
-    ids_restore, grad_x, prefix) -> grad of the mask token (D,) float32` fills grad_x (B, prefix + K, D). The mask
-    token's gradient is converted from float32 to its own dtype once (not through x's dtype)."""
+    (prefix + L, D) already in the output dtype (small tensors; x is read in its own dtype by the kernel) and
+    returns out in mask_token's dtype; `backward_kernel(grad_out, ids_restore, grad_x, prefix) -> grad of the mask
+    token (D,) float32` fills grad_x (B, prefix + K, D), allocated in x's dtype, converting grad_out's values as it
+    stores them (no separate conversion pass). The mask token's gradient is converted from float32 to its own dtype
+    once (not through x's or the output's dtype)."""
     name = f"mae_fast::unshuffle_{backend}"
     if name in TORCH_OPS:
         return TORCH_OPS[name]
 
     @torch.library.custom_op(name, mutates_args=(), schema=(
-        "(Tensor x, Tensor mask_token, Tensor ids_restore, Tensor? pos_embed, int prefix=0) -> Tensor"))
-    def unshuffle_op(x, mask_token, ids_restore, pos_embed, prefix=0):
+        "(Tensor x, Tensor mask_token, Tensor ids_restore, Tensor? pos_embed, int prefix=0, "
+        "ScalarType? out_dtype=None) -> Tensor"))
+    def unshuffle_op(x, mask_token, ids_restore, pos_embed, prefix=0, out_dtype=None):
         D = x.shape[-1]
-        pos = None if pos_embed is None else pos_embed.reshape(-1, D).to(x.dtype).contiguous()
-        return forward_kernel(x, mask_token.reshape(D).to(x.dtype).contiguous(), ids_restore, pos, prefix)
+        out_dtype = unshuffle_out_dtype(x, mask_token, pos_embed, out_dtype)
+        pos = None if pos_embed is None else pos_embed.reshape(-1, D).to(out_dtype).contiguous()
+        return forward_kernel(x, mask_token.reshape(D).to(out_dtype).contiguous(), ids_restore, pos, prefix)
 
     @unshuffle_op.register_fake
-    def _(x, mask_token, ids_restore, pos_embed, prefix=0):
+    def _(x, mask_token, ids_restore, pos_embed, prefix=0, out_dtype=None):
         B, _, D = x.shape
-        return x.new_empty((B, prefix + ids_restore.shape[1], D))
+        return x.new_empty((B, prefix + ids_restore.shape[1], D),
+                           dtype=unshuffle_out_dtype(x, mask_token, pos_embed, out_dtype))
 
     @torch.library.custom_op(f"{name}_backward", mutates_args=(), schema=(
-        "(Tensor grad_out, Tensor ids_restore, SymInt num_visible, int prefix=0) -> (Tensor, Tensor)"))
-    def unshuffle_backward_op(grad_out, ids_restore, num_visible, prefix=0):
+        "(Tensor grad_out, Tensor ids_restore, SymInt num_visible, int prefix=0, ScalarType? x_dtype=None) "
+        "-> (Tensor, Tensor)"))
+    def unshuffle_backward_op(grad_out, ids_restore, num_visible, prefix=0, x_dtype=None):
         B, _, D = grad_out.shape
-        grad_x = torch.empty((B, prefix + num_visible, D), dtype=grad_out.dtype, device=grad_out.device)
+        dtype = grad_out.dtype if x_dtype is None else x_dtype
+        grad_x = torch.empty((B, prefix + num_visible, D), dtype=dtype, device=grad_out.device)
         grad_mask = backward_kernel(grad_out.contiguous(), ids_restore, grad_x, prefix)
         return grad_x, grad_mask
 
     @unshuffle_backward_op.register_fake
-    def _(grad_out, ids_restore, num_visible, prefix=0):
+    def _(grad_out, ids_restore, num_visible, prefix=0, x_dtype=None):
         B, _, D = grad_out.shape
-        return (grad_out.new_empty((B, prefix + num_visible, D)),
+        dtype = grad_out.dtype if x_dtype is None else x_dtype
+        return (grad_out.new_empty((B, prefix + num_visible, D), dtype=dtype),
                 grad_out.new_empty((D,), dtype=torch.float32))
 
     def setup_context(ctx, inputs, output):
-        x, mask_token, ids_restore, pos_embed, prefix = inputs
+        x, mask_token, ids_restore, pos_embed, prefix, _ = inputs
         ctx.save_for_backward(ids_restore)
         ctx.x_meta = (x.shape[1] - prefix, x.dtype, prefix)
         ctx.mask_meta = (mask_token.shape, mask_token.dtype)
@@ -92,23 +122,29 @@ def define_unshuffle_op(backend: str, forward_kernel: Callable, backward_kernel:
 
     def backward(ctx, grad_out):
         (ids_restore,) = ctx.saved_tensors
-        K, dtype, prefix = ctx.x_meta
+        K, x_dtype, prefix = ctx.x_meta
         grad_out = grad_out.contiguous()
-        grad_x, grad_mask = unshuffle_backward_op(grad_out, ids_restore, K, prefix)
+        grad_x, grad_mask = unshuffle_backward_op(grad_out, ids_restore, K, prefix, x_dtype)
         grad_mask = grad_mask.to(ctx.mask_meta[1]).reshape(ctx.mask_meta[0]) if ctx.needs_input_grad[1] else None
         grad_pos = None
         if ctx.pos_meta is not None and ctx.needs_input_grad[3]:
             grad_pos = grad_out.sum(0).to(ctx.pos_meta[1]).reshape(ctx.pos_meta[0])
-        return grad_x.to(dtype), grad_mask, None, grad_pos, None
+        return grad_x, grad_mask, None, grad_pos, None, None
 
     unshuffle_op.register_autograd(backward, setup_context=setup_context)
     TORCH_OPS[name] = unshuffle_op
     return unshuffle_op
 
 
-def check_fused_unshuffle_input(x_visible, mask_token, ids_restore, pos_embed) -> None:
-    if x_visible.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_fused_unshuffle_input(x_visible, mask_token, ids_restore, pos_embed, out_dtype=None) -> None:
+    if x_visible.dtype not in FUSED_DTYPES:
         raise UnsupportedInput(f"x_visible of dtype {x_visible.dtype}")
+    out_dtype = unshuffle_out_dtype(x_visible, mask_token, pos_embed, out_dtype)
+    if out_dtype not in FUSED_DTYPES:
+        raise UnsupportedInput(f"an output of dtype {out_dtype}")
     if x_visible.stride(-1) != 1:
         raise UnsupportedInput("x_visible without unit stride in the last dimension")
     if ids_restore.dtype != torch.int64:

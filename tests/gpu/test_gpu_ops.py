@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mae_fast import ops
-from tests.helpers import assert_loss_grad_close
+from tests.helpers import assert_loss_grad_close, unshuffle_expected
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -29,8 +29,10 @@ TOL = {
     ("masked_patchify", torch.bfloat16): (2**-8, 1e-6),  # one rounding to bf16 (half an ulp) of the float32 value
     ("unshuffle", torch.float32): (0.0, 0.0),          # a gather + one add, rounded once: bitwise
     ("unshuffle", torch.bfloat16): (0.0, 0.0),
-    ("unshuffle_token_grad", torch.float32): (1e-5, 1e-6),  # float32 sums in another order
-    ("unshuffle_token_grad", torch.bfloat16): (1e-2, 1e-3),  # reference sums bf16 gradients in bf16
+    ("unshuffle_token_grad", torch.float32): (1e-5, 1e-6),  # float32 sums (vs float64) in another order
+    ("unshuffle_token_grad", torch.bfloat16): (1e-2, 1e-3),  # that sum rounded to a bf16 mask token
+    ("unshuffle_pos_grad", torch.float32): (1e-5, 1e-6),    # grad_out summed over 8 images
+    ("unshuffle_pos_grad", torch.bfloat16): (1e-2, 1e-3),   # ... in bf16, or rounded to bf16 positions
     ("mae_loss", torch.float32): (1e-4, 1e-6),          # loss value, tf32 DFT products (Fourier term * alpha)
     ("mae_loss", torch.bfloat16): (1e-4, 1e-6),         # loss from bf16 pred: computed in float32 by both
     ("mae_loss_grad", torch.float32): (1e-3, 1e-4),     # zero-spectrum case: no sign ties there
@@ -113,34 +115,47 @@ def test_masked_patchify_is_reproducible_by_seed():
 # unshuffle
 # --------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_unshuffle(dtype):
+# (x dtype, mask token and pos dtype, out_dtype argument): float32; the decoder under autocast (bf16 tokens, float32
+# parameters -> float32 out); bf16 throughout; an override narrower than x
+UNSHUFFLE_DTYPES = [(torch.float32, torch.float32, None), (torch.bfloat16, torch.float32, None),
+                    (torch.bfloat16, torch.bfloat16, None), (torch.float32, torch.float32, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("dtypes", UNSHUFFLE_DTYPES, ids=["f32", "bf16-in-f32-out", "bf16", "f32-in-bf16-out"])
+@pytest.mark.parametrize("prefix", [0, 1])
+def test_unshuffle(dtypes, prefix):
+    """Bitwise against the reference: a token rounded to the output dtype, + pos in float32, rounded once; grad_x
+    grad_out's values converted to x's dtype. The mask token's and the positions' gradients: float32 sums."""
+    x_dtype, param_dtype, out_arg = dtypes
     B, L, D = 8, 1024, 512
     K = 256
     g = _gen(4)
-    x_full = torch.randn(B, 1 + K, D, generator=g, device=DEV).to(dtype).requires_grad_()
-    token = torch.randn(D, generator=g, device=DEV).requires_grad_()
-    pos = torch.randn(L, D, generator=g, device=DEV)
+    x = torch.randn(B, 1 + prefix + K, D, generator=g, device=DEV).to(x_dtype)[:, 1:]  # strided, as CA-MAE's
+    token = torch.randn(D, generator=g, device=DEV).to(param_dtype)
+    pos = torch.randn(prefix + L, D, generator=g, device=DEV).to(param_dtype)
     ids = torch.argsort(torch.rand(B, L, generator=g, device=DEV), dim=1)
-    grad_out = torch.randn(B, L, D, generator=g, device=DEV).to(dtype)
-    ref = ops.unshuffle(x_full[:, 1:], token, ids, pos, impl="reference")
-    ref_gx, ref_gt = torch.autograd.grad(ref, (x_full, token), grad_out)
+    out_dtype = out_arg or torch.promote_types(x_dtype, param_dtype)
+    grad_out = torch.randn(B, prefix + L, D, generator=g, device=DEV).to(out_dtype)
+    exp = unshuffle_expected(x, token, ids, pos, grad_out, prefix, out_arg)  # the reference's own out and grad_x
 
-    x = x_full.detach()[:, 1:]
-    out = unshuffle.unshuffle_forward_triton(x, token.detach().to(dtype), ids, pos.to(dtype),
-                                             out=_nan((B, L, D), dtype))
-    _close(out, ref, ("unshuffle", dtype))
-    grad_x = _nan((B, K, D), dtype)
-    gt = unshuffle.unshuffle_backward_triton(grad_out, ids, grad_x)
-    _close(grad_x, ref_gx[:, 1:], ("unshuffle", dtype))
-    _close(gt, ref_gt, ("unshuffle_token_grad", dtype))
+    out = unshuffle.unshuffle_forward_triton(x, token.to(out_dtype), ids, pos.to(out_dtype), prefix,
+                                             out=_nan((B, prefix + L, D), out_dtype))
+    _close(out, exp["out"], ("unshuffle", out_dtype))
+    grad_x = _nan((B, prefix + K, D), x_dtype)
+    gt = unshuffle.unshuffle_backward_triton(grad_out, ids, grad_x, prefix)
+    _close(grad_x, exp["grad_x"], ("unshuffle", x_dtype))
+    _close(gt, exp["grad_token"], ("unshuffle_token_grad", torch.float32))
 
-    fused = ops.unshuffle(x_full[:, 1:], token, ids, pos)
-    assert ops.last_impl("unshuffle") == "triton"
-    gx, gt = torch.autograd.grad(fused, (x_full, token), grad_out)
-    _close(fused, ref, ("unshuffle", dtype))
-    _close(gx, ref_gx, ("unshuffle", dtype))
-    _close(gt, ref_gt, ("unshuffle_token_grad", dtype))
+    leaves = [t.detach().clone().requires_grad_() for t in (x, token, pos)]
+    fused = ops.unshuffle(*leaves[:2], ids, leaves[2], prefix=prefix, out_dtype=out_arg)
+    assert ops.last_impl("unshuffle") == "triton" and fused.dtype == out_dtype
+    gx, gt, gp = torch.autograd.grad(fused, leaves, grad_out)
+    assert gx.dtype == x_dtype and gt.dtype == gp.dtype == param_dtype
+    _close(fused, exp["out"], ("unshuffle", out_dtype))
+    _close(gx, exp["grad_x"], ("unshuffle", x_dtype))
+    _close(gt, exp["grad_token"], ("unshuffle_token_grad", param_dtype))
+    coarser = max(param_dtype, out_dtype, key=lambda d: torch.finfo(d).eps)
+    _close(gp, exp["grad_pos"], ("unshuffle_pos_grad", coarser))
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -256,11 +256,12 @@ def _patchify_args(channel_layout: bool):
     return images, masking.ids_restore, masking.len_keep
 
 
-def _unshuffle_args(requires_grad=True):
+def _unshuffle_args(requires_grad=True, prefix=0, x_dtype=torch.float32):
+    """x (B, prefix + K, D) of x_dtype, float32 mask token and pos (prefix + L_DEC, D), ids (B, L_DEC)."""
     g = _gen(12)
-    x = torch.randn(B, 1 + K, D, generator=g)[:, 1:]  # a strided view, as the decoder passes it
+    x = torch.randn(B, 1 + prefix + K, D, generator=g).to(x_dtype)[:, 1:]  # a strided view, as CA-MAE passes it
     token = torch.randn(D, generator=g)
-    pos = torch.randn(L_DEC, D, generator=g)
+    pos = torch.randn(prefix + L_DEC, D, generator=g)
     ids = torch.argsort(torch.rand(B, L_DEC, generator=g), dim=1)
     if requires_grad:
         x, token, pos = (t.detach().clone().requires_grad_() for t in (x, token, pos))
@@ -295,7 +296,13 @@ def _cases(backend: str) -> list[tuple[str, tuple]]:
     x, token, ids, pos = _unshuffle_args()
     cases.append((f"unshuffle_{backend}", (x, token, ids, pos)))
     cases.append((f"unshuffle_{backend}", (x, token, ids, None)))
+    cases.append((f"unshuffle_{backend}", (x, token, ids, pos, 0, torch.bfloat16)))
+    # the decoder's call under autocast: bf16 tokens with the class token in place, float32 out
+    x, token, ids, pos = _unshuffle_args(prefix=1, x_dtype=torch.bfloat16)
+    cases.append((f"unshuffle_{backend}", (x, token, ids, pos, 1)))
     cases.append((f"unshuffle_{backend}_backward", (torch.randn(B, L_DEC, D, generator=_gen(17)), ids, K)))
+    cases.append((f"unshuffle_{backend}_backward", (torch.randn(B, 1 + L_DEC, D, generator=_gen(17)), ids, K, 1,
+                                                    torch.bfloat16)))
     for layout in ops.LAYOUTS:
         pred, target, mask = _loss_args(layout)
         cases.append((f"mae_loss_{backend}", (pred, target, mask, P, 0.3)))
@@ -324,14 +331,18 @@ def _cpp_kernel_cases() -> list[tuple[str, tuple]]:
     mean, rstd = torch.ops.mae_fast.channel_stats(images, 255.0, ops.STANDARDIZE_EPS)
     visible, target = torch.empty(B, len_keep, P * P * C), torch.empty(B, ids.shape[1] - len_keep, P * P * C)
     x, token, u_ids, pos = _unshuffle_args(requires_grad=False)
+    xp, _, _, pos_p = _unshuffle_args(requires_grad=False, prefix=1, x_dtype=torch.bfloat16)
     pred, loss_target, mask = _loss_args("standard")
     weight, _ = ops.token_weights(mask, B, N_LOSS)
     return [
         ("channel_stats", (images, 255.0, ops.STANDARDIZE_EPS)),
         ("masked_patchify_out", (images, mean, rstd, ids, len_keep, P, False, 255.0, visible, target)),
-        ("unshuffle_out", (x, token, u_ids, pos, torch.empty(B, L_DEC, D))),
-        ("unshuffle_out", (x, token, u_ids, None, torch.empty(B, L_DEC, D))),
-        ("unshuffle_backward_out", (torch.randn(B, L_DEC, D, generator=_gen(18)), u_ids, torch.empty(B, K, D))),
+        ("unshuffle_out", (x, token, u_ids, pos, 0, torch.empty(B, L_DEC, D))),
+        ("unshuffle_out", (x, token, u_ids, None, 0, torch.empty(B, L_DEC, D))),
+        ("unshuffle_out", (xp, token, u_ids, pos_p, 1, torch.empty(B, 1 + L_DEC, D))),  # bf16 in, float32 out
+        ("unshuffle_backward_out", (torch.randn(B, L_DEC, D, generator=_gen(18)), u_ids, 0, torch.empty(B, K, D))),
+        ("unshuffle_backward_out", (torch.randn(B, 1 + L_DEC, D, generator=_gen(18)), u_ids, 1,
+                                    torch.empty(B, 1 + K, D, dtype=torch.bfloat16))),
         ("mae_loss_out", (pred.detach(), loss_target, weight, 0.0, P, C, 0.3, torch.empty_like(pred))),
         ("mae_loss_out", (pred.detach(), loss_target, None, 1.0 / (B * N_LOSS), P, C, 0.01, torch.empty_like(pred))),
         ("lion_update_", _lion_args()),

@@ -8,7 +8,8 @@ import torch
 
 from mae_fast import ops
 from tests.helpers import (
-    assert_loss_grad_close, assert_unit_std, images_with_spread, standardised_planes,
+    assert_loss_grad_close, assert_unit_std, images_with_spread, ops_making, standardised_planes,
+    unshuffle_expected,
 )
 
 pytest.importorskip("mae_fast._C", reason="C++ extension not built (python setup.py build_ext --inplace)")
@@ -147,76 +148,98 @@ def test_masked_patchify_out_dtype_and_autocast():
 # unshuffle
 # --------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("with_pos", [True, False])
-def test_unshuffle_forward_backward(dtype, with_pos):
-    B, L, D = 3, 1024, 512
-    K = 256
-    g = _gen(9)
-    x_full = torch.randn(B, 1 + K, D, generator=g).to(dtype).requires_grad_()
-    token = torch.randn(D, generator=g).requires_grad_()
-    pos = torch.randn(L, D, generator=g) if with_pos else None
+# (x dtype, mask token and pos dtype, out_dtype argument): promoted outputs (the model under autocast: bf16 tokens
+# and float32 parameters -> float32, as torch.cat + add), one dtype throughout, and overrides narrower than x
+UNSHUFFLE_DTYPES = [
+    (torch.float32, torch.float32, None), (torch.bfloat16, torch.float32, None), (torch.float16, torch.float32, None),
+    (torch.bfloat16, torch.bfloat16, None), (torch.float16, torch.float16, None),
+    (torch.float32, torch.float32, torch.bfloat16), (torch.float16, torch.float32, torch.bfloat16),
+]
+_SHORT = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16", None: "auto"}
+UNSHUFFLE_IDS = [f"x{_SHORT[x]}-p{_SHORT[p]}-out{_SHORT[o]}" for x, p, o in UNSHUFFLE_DTYPES]
+
+
+def _coarser(a, b):
+    return a if torch.finfo(a).eps >= torch.finfo(b).eps else b
+
+
+def _unshuffle_inputs(B, K, L, D, prefix, x_dtype, param_dtype, with_pos, seed):
+    g = _gen(seed)
+    x = torch.randn(B, 1 + prefix + K, D, generator=g).to(x_dtype)[:, 1:]  # a strided view, as CA-MAE passes it
+    token = torch.randn(D, generator=g).to(param_dtype)
+    pos = torch.randn(prefix + L, D, generator=g).to(param_dtype) if with_pos else None
     ids = torch.argsort(torch.rand(B, L, generator=g), dim=1)
-    grad_out = torch.randn(B, L, D, generator=g).to(dtype)
+    return x, token, ids, pos
 
-    ref = ops.unshuffle(x_full[:, 1:], token, ids, pos, impl="reference")
-    ref_gx, ref_gt = torch.autograd.grad(ref, (x_full, token), grad_out)
 
-    # kernel level, poisoned outputs
-    x = x_full.detach()[:, 1:]  # a strided view, as the decoder passes it
-    out = cpu_ops.unshuffle_forward_cpp(x, token.detach().to(dtype), ids, None if pos is None else pos.to(dtype),
-                                        out=_nan((B, L, D), dtype))
-    assert torch.equal(out, ref.detach()), "forward must round exactly as the reference"
-    grad_x = _nan((B, K, D), dtype)
-    grad_token = cpu_ops.unshuffle_backward_cpp(grad_out, ids, grad_x)
-    assert torch.equal(grad_x, ref_gx[:, 1:])
-    _close(grad_token, ref_gt, dtype=dtype)
+def _check_unshuffle(B, K, L, D, prefix, dtypes, with_pos, seed):
+    """Kernel level on NaN-poisoned outputs, then through the dispatcher and autograd: out and grad_x bitwise (one
+    rounding each, as the reference), grad_x in x's dtype, the mask token's and pos's gradients in their dtypes."""
+    x_dtype, param_dtype, out_arg = dtypes
+    x, token, ids, pos = _unshuffle_inputs(B, K, L, D, prefix, x_dtype, param_dtype, with_pos, seed)
+    out_dtype = out_arg or torch.promote_types(x_dtype, param_dtype)
+    grad_out = torch.randn(B, prefix + L, D, generator=_gen(seed + 1)).to(out_dtype)
+    exp = unshuffle_expected(x, token, ids, pos, grad_out, prefix, out_arg)
+    assert exp["out_dtype"] == out_dtype
 
-    # through the dispatcher and autograd
-    fused = ops.unshuffle(x_full[:, 1:], token, ids, pos)
+    out = cpu_ops.unshuffle_forward_cpp(x, token.to(out_dtype), ids, None if pos is None else pos.to(out_dtype),
+                                        prefix, out=_nan((B, prefix + L, D), out_dtype))
+    assert torch.isfinite(out).all() and torch.equal(out, exp["out"]), "forward must round exactly as the reference"
+    grad_x = _nan((B, prefix + K, D), x_dtype)
+    grad_token = cpu_ops.unshuffle_backward_cpp(grad_out, ids, grad_x, prefix)
+    assert torch.isfinite(grad_x).all() and torch.equal(grad_x, exp["grad_x"])
+    _close(grad_token, exp["grad_token"], dtype=torch.float32)
+
+    leaves = [t.detach().clone().requires_grad_() for t in (x, token, pos) if t is not None]
+    fused = ops.unshuffle(*leaves[:2], ids, leaves[2] if with_pos else None, prefix=prefix, out_dtype=out_arg)
+    assert ops.last_impl("unshuffle") == "cpp" and fused.dtype == out_dtype
+    assert torch.equal(fused, exp["out"])
+    # grad_x comes out of the backward op in x's dtype: no conversion pass of its size left to autograd
+    grads, full_size = ops_making(grad_x.shape, lambda: torch.autograd.grad(fused, leaves, grad_out))
+    assert full_size == ["mae_fast.unshuffle_cpp_backward.default"], full_size
+    assert grads[0].dtype == x_dtype and torch.equal(grads[0], exp["grad_x"])
+    assert grads[1].dtype == param_dtype
+    _close(grads[1], exp["grad_token"], dtype=param_dtype)
+    if with_pos:  # grad_out summed over images in the output dtype, then converted to pos's
+        assert grads[2].dtype == param_dtype
+        _close(grads[2], exp["grad_pos"], dtype=_coarser(param_dtype, out_dtype))
+
+
+@pytest.mark.parametrize("dtypes", UNSHUFFLE_DTYPES, ids=UNSHUFFLE_IDS)
+@pytest.mark.parametrize("prefix", [0, 1])
+@pytest.mark.parametrize("with_pos", [True, False], ids=["pos", "no_pos"])
+def test_unshuffle_dtypes_and_prefix(dtypes, prefix, with_pos):
+    _check_unshuffle(3, 5, 13, 40, prefix, dtypes, with_pos, seed=9)  # odd shapes: D = 40, L = 13
+
+
+@pytest.mark.parametrize("dtypes", UNSHUFFLE_DTYPES[:2], ids=UNSHUFFLE_IDS[:2])
+def test_unshuffle_model_sizes(dtypes):
+    """The decoder's call at ViT-L/8 token counts (batch 3): class token in place, 256 of 1024 visible, D = 512."""
+    _check_unshuffle(3, 256, 1024, 512, 1, dtypes, True, seed=10)
+
+
+def test_unshuffle_output_dtype_rules():
+    """Default: the promotion of the three dtypes (pos included); an out_dtype the C++ kernel has no instance for
+    (float64) runs the reference under "auto" and is refused by name; a non-float out_dtype is an error."""
+    x, token, ids, pos = _unshuffle_inputs(2, 3, 7, 8, 1, torch.bfloat16, torch.bfloat16, True, seed=12)
+    assert ops.unshuffle(x, token, ids, pos, prefix=1).dtype == torch.bfloat16
+    assert ops.unshuffle(x, token, ids, pos.float(), prefix=1).dtype == torch.float32
+    assert ops.unshuffle(x, token.half(), ids, prefix=1).dtype == torch.float32  # bf16 + f16 -> f32, as torch
     assert ops.last_impl("unshuffle") == "cpp"
-    gx, gt = torch.autograd.grad(fused, (x_full, token), grad_out)
-    assert torch.equal(fused, ref) and torch.equal(gx, ref_gx)
-    _close(gt, ref_gt, dtype=dtype)
+    out = ops.unshuffle(x, token, ids, pos, prefix=1, out_dtype=torch.float64)
+    assert out.dtype == torch.float64 and ops.last_impl("unshuffle") == "reference"
+    with pytest.raises(RuntimeError, match="cannot take these inputs"):
+        ops.unshuffle(x, token, ids, pos, prefix=1, out_dtype=torch.float64, impl="cpp")
+    with pytest.raises(ValueError, match="out_dtype must be a floating-point dtype"):
+        ops.unshuffle(x, token, ids, pos, prefix=1, out_dtype=torch.int32)
 
 
-def test_unshuffle_pos_embed_gradient():
-    B, K, L, D = 3, 5, 21, 24
-    g = _gen(10)
-    x = torch.randn(B, K, D, generator=g, requires_grad=True)
-    token = torch.randn(D, generator=g, requires_grad=True)
-    pos = torch.randn(L, D, generator=g, requires_grad=True)
-    ids = torch.argsort(torch.rand(B, L, generator=g), dim=1)
-    grad_out = torch.randn(B, L, D, generator=g)
-    ref = torch.autograd.grad(ops.unshuffle(x, token, ids, pos, impl="reference"), (x, token, pos), grad_out)
-    got = torch.autograd.grad(ops.unshuffle(x, token, ids, pos, impl="cpp"), (x, token, pos), grad_out)
-    for a, b in zip(got, ref):
-        _close(a, b)
-
-
-def test_unshuffle_prefix_rows():
-    """The class token (prefix = 1) passes through in place, forward and backward, pos embedding included."""
-    B, K, L, D = 3, 5, 21, 24
-    g = _gen(11)
-    x = torch.randn(B, 1 + K, D, generator=g, requires_grad=True)
-    token = torch.randn(D, generator=g, requires_grad=True)
-    pos = torch.randn(1 + L, D, generator=g, requires_grad=True)
-    ids = torch.argsort(torch.rand(B, L, generator=g), dim=1)
-    grad_out = torch.randn(B, 1 + L, D, generator=g)
-    ref_out = ops.unshuffle(x, token, ids, pos, impl="reference", prefix=1)
-    got_out = ops.unshuffle(x, token, ids, pos, impl="cpp", prefix=1)
-    _close(got_out, ref_out)
-    ref = torch.autograd.grad(ref_out, (x, token, pos), grad_out)
-    got = torch.autograd.grad(got_out, (x, token, pos), grad_out)
-    for a, b in zip(got, ref):
-        _close(a, b)
-
-
-def test_unshuffle_rejects_out_of_range_ids():
-    x = torch.randn(2, 3, 8)
+@pytest.mark.parametrize("prefix", [0, 1])
+def test_unshuffle_rejects_out_of_range_ids(prefix):
+    x = torch.randn(2, prefix + 3, 8)
     ids = torch.tensor([[0, 1, 2, 3, 9], [4, 3, 2, 1, 0]])
     with pytest.raises(RuntimeError, match="outside"):
-        ops.unshuffle(x, torch.randn(8), ids, impl="cpp")
+        ops.unshuffle(x, torch.randn(8), ids, impl="cpp", prefix=prefix)
 
 
 # --------------------------------------------------------------------------------------------------------------

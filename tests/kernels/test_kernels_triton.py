@@ -3,8 +3,10 @@
 Without CUDA the repo conftest sets TRITON_INTERPRET=1 and the kernels run in Triton's CPU interpreter (about a
 second per million elements, hence the small shapes); on a CUDA machine the same tests run on the GPU. Fresh
 random inputs, odd shapes (batch 3, 5 channels, patch 8 and 16, ratio 0.25 and 0.75), outputs poisoned with NaN
-before each call and checked fully written, forward and backward. bfloat16 is left to tests/gpu: the interpreter
-rounds float32 -> bfloat16 by truncation, not to nearest as a GPU does.
+before each call and checked fully written, forward and backward. bfloat16 is mostly left to tests/gpu: the
+interpreter rounds float32 -> bfloat16 by truncation, not to nearest as a GPU does (the unshuffle tests, whose only
+arithmetic is one conversion or one rounded add, compare bitwise against the reference's arithmetic with that
+rounding, and against the reference itself on a GPU).
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ import torch
 
 from mae_fast import ops
 from tests.helpers import (
-    ROOT, assert_loss_grad_close, assert_unit_std, images_with_spread, standardised_planes,
+    ROOT, assert_loss_grad_close, assert_unit_std, images_with_spread, ops_making, standardised_planes,
+    truncate_to_bf16, unshuffle_expected,
 )
 
 pytest.importorskip("triton")
@@ -178,61 +181,81 @@ def test_channel_stats_precise_on_low_contrast_16_bit():
 # unshuffle
 # --------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("D", [40, 300])  # 300 > one 256-wide chunk
-@pytest.mark.parametrize("with_pos", [True, False])
-def test_unshuffle_forward_backward(D, with_pos):
-    B, K, L = 3, 5, 21
-    x_full = _randn(B, 1 + K, D, seed=3).requires_grad_()
-    token = _randn(D, seed=4).requires_grad_()
-    pos = _randn(L, D, seed=5) if with_pos else None
-    ids = torch.argsort(torch.rand(B, L, generator=_gen(6)), dim=1).to(DEVICE)
-    grad_out = _randn(B, L, D, seed=7)
-
-    ref = ops.unshuffle(x_full[:, 1:], token, ids, pos, impl="reference")
-    ref_gx, ref_gt = torch.autograd.grad(ref, (x_full, token), grad_out)
-
-    x = x_full.detach()[:, 1:]  # strided view, as the decoder passes it
-    out = unshuffle.unshuffle_forward_triton(x, token.detach(), ids, pos, out=_nan((B, L, D)))
-    _close(out, ref, rtol=0, atol=0)
-    grad_x = _nan((B, K, D))
-    grad_token = unshuffle.unshuffle_backward_triton(grad_out, ids, grad_x)
-    _close(grad_x, ref_gx[:, 1:], rtol=0, atol=0)
-    _close(grad_token, ref_gt)
-
-    fused = ops.unshuffle(x_full[:, 1:], token, ids, pos, impl="triton")
-    gx, gt = torch.autograd.grad(fused, (x_full, token), grad_out)
-    _close(fused, ref, rtol=0, atol=0)
-    _close(gx, ref_gx, rtol=0, atol=0)
-    _close(gt, ref_gt)
+# (x dtype, mask token and pos dtype, out_dtype argument), as in test_kernels_cpp: promoted outputs (the model under
+# autocast: bf16 tokens, float32 parameters -> float32), one dtype throughout, overrides narrower than x
+UNSHUFFLE_DTYPES = [
+    (torch.float32, torch.float32, None), (torch.bfloat16, torch.float32, None), (torch.float16, torch.float32, None),
+    (torch.bfloat16, torch.bfloat16, None), (torch.float16, torch.float16, None),
+    (torch.float32, torch.float32, torch.bfloat16), (torch.float16, torch.float32, torch.bfloat16),
+]
+_SHORT = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16", None: "auto"}
+UNSHUFFLE_IDS = [f"x{_SHORT[x]}-p{_SHORT[p]}-out{_SHORT[o]}" for x, p, o in UNSHUFFLE_DTYPES]
 
 
-@pytest.mark.parametrize("D", [24, 300])
-@pytest.mark.parametrize("prefix", [1, 2])
-def test_unshuffle_places_prefix_tokens_itself(D, prefix):
-    """The class token (prefix rows) goes through the kernel: out (B, prefix + L, D) with no torch.cat, grad_x
-    (B, prefix + K, D) written in full, the mask token's gradient from per-program sums (more tiles than programs,
-    so each program walks several)."""
-    B, K, L = 5, 4, 23
-    x = _randn(B, prefix + K, D, seed=40).requires_grad_()
-    token = _randn(D, seed=41).requires_grad_()
-    pos = _randn(prefix + L, D, seed=42)
-    ids = torch.argsort(torch.rand(B, L, generator=_gen(43)), dim=1).to(DEVICE)
-    grad_out = _randn(B, prefix + L, D, seed=44)
-    ref = ops.unshuffle(x, token, ids, pos, impl="reference", prefix=prefix)
-    ref_gx, ref_gt = torch.autograd.grad(ref, (x, token), grad_out)
+def _to_as_the_kernels(t, dtype):
+    """float32 -> dtype as the kernels round it here: to nearest on a GPU (as torch), toward zero to bfloat16 in
+    the interpreter (module docstring)."""
+    return truncate_to_bf16(t) if dtype == torch.bfloat16 and interpreting() else t.to(dtype)
 
-    out = unshuffle.unshuffle_forward_triton(x.detach(), token.detach(), ids, pos, prefix, out=_nan((B, prefix + L, D)))
-    _close(out, ref, rtol=0, atol=0)
-    grad_x = _nan((B, prefix + K, D))
+
+def _check_unshuffle(B, K, L, D, prefix, dtypes, with_pos, seed):
+    """Kernel level on NaN-poisoned outputs, then through the dispatcher and autograd: out and grad_x bitwise (the
+    reference's arithmetic; on a GPU the reference itself), grad_x in x's dtype, the mask token's and pos's gradients
+    in their own dtypes. More row tiles than backward programs, so a program sums several tiles."""
+    x_dtype, param_dtype, out_arg = dtypes
+    g = _gen(seed)
+    x = torch.randn(B, 1 + prefix + K, D, generator=g).to(x_dtype).to(DEVICE)[:, 1:]  # strided, as CA-MAE passes it
+    token = torch.randn(D, generator=g).to(param_dtype).to(DEVICE)
+    pos = torch.randn(prefix + L, D, generator=g).to(param_dtype).to(DEVICE) if with_pos else None
+    ids = torch.argsort(torch.rand(B, L, generator=g), dim=1).to(DEVICE)
+    out_dtype = out_arg or torch.promote_types(x_dtype, param_dtype)
+    grad_out = _randn(B, prefix + L, D, seed=seed + 1, dtype=out_dtype)
+    exp = unshuffle_expected(x, token, ids, pos, grad_out, prefix, out_arg,
+                             to_dtype=_to_as_the_kernels if interpreting() else None)
+    assert exp["out_dtype"] == out_dtype
+
+    out = unshuffle.unshuffle_forward_triton(x, token.to(out_dtype), ids, None if pos is None else pos.to(out_dtype),
+                                             prefix, out=_nan((B, prefix + L, D), out_dtype))
+    _close(out, exp["out"], rtol=0, atol=0)
+    grad_x = _nan((B, prefix + K, D), x_dtype)
     grad_token = unshuffle.unshuffle_backward_triton(grad_out, ids, grad_x, prefix)
-    _close(grad_x, ref_gx, rtol=0, atol=0)
-    _close(grad_token, ref_gt)
+    _close(grad_x, exp["grad_x"], rtol=0, atol=0)
+    _close(grad_token, exp["grad_token"])
 
-    fused = ops.unshuffle(x, token, ids, pos, impl="triton", prefix=prefix)
-    gx, gt = torch.autograd.grad(fused, (x, token), grad_out)
-    _close(fused, ref, rtol=0, atol=0)
-    _close(gx, ref_gx, rtol=0, atol=0)
-    _close(gt, ref_gt)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, token, pos) if t is not None]
+    fused = ops.unshuffle(*leaves[:2], ids, leaves[2] if with_pos else None, impl="triton", prefix=prefix,
+                          out_dtype=out_arg)
+    assert fused.dtype == out_dtype and torch.equal(fused, exp["out"])
+    # grad_x comes out of the backward op in x's dtype: no conversion pass of its size left to autograd
+    grads, full_size = ops_making(grad_x.shape, lambda: torch.autograd.grad(fused, leaves, grad_out))
+    assert full_size == ["mae_fast.unshuffle_triton_backward.default"], full_size
+    assert grads[0].dtype == x_dtype and torch.equal(grads[0], exp["grad_x"])
+    assert grads[1].dtype == param_dtype
+    tol = {torch.float32: (RTOL, ATOL), torch.float16: (2e-3, 1e-3), torch.bfloat16: (1.6e-2, 8e-3)}
+    _close(grads[1], exp["grad_token"], *tol[param_dtype])
+    if with_pos:  # grad_out summed over images in the output dtype, then converted to pos's
+        assert grads[2].dtype == param_dtype
+        coarser = max(param_dtype, out_dtype, key=lambda d: torch.finfo(d).eps)
+        _close(grads[2], exp["grad_pos"], *tol[coarser])
+
+
+@pytest.mark.parametrize("dtypes", UNSHUFFLE_DTYPES, ids=UNSHUFFLE_IDS)
+@pytest.mark.parametrize("prefix", [0, 1])
+def test_unshuffle_dtypes_and_prefix(dtypes, prefix):
+    _check_unshuffle(5, 5, 13, 40, prefix, dtypes, True, seed=3)  # odd shapes: D = 40, L = 13
+
+
+@pytest.mark.parametrize("dtypes", [UNSHUFFLE_DTYPES[1], UNSHUFFLE_DTYPES[3]], ids=[UNSHUFFLE_IDS[1], UNSHUFFLE_IDS[3]])
+@pytest.mark.parametrize("prefix", [0, 1])
+def test_unshuffle_without_positions(dtypes, prefix):
+    _check_unshuffle(3, 4, 11, 24, prefix, dtypes, False, seed=30)
+
+
+@pytest.mark.parametrize("dtypes", [UNSHUFFLE_DTYPES[i] for i in (1, 3, 6)], ids=[UNSHUFFLE_IDS[i] for i in (1, 3, 6)])
+@pytest.mark.parametrize("prefix", [1, 2])
+def test_unshuffle_wide_rows(dtypes, prefix):
+    """D = 300: more than one 256-wide chunk per row (and a partial one); prefix 2 as well as the class token."""
+    _check_unshuffle(3, 5, 21, 300, prefix, dtypes, True, seed=40)
 
 
 # --------------------------------------------------------------------------------------------------------------

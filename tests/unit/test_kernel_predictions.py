@@ -55,3 +55,16 @@ def test_loss_flops_by_form(kp):
 def test_schema_fields(kp):
     row = kp.entry("k", "s", 10, 20, 0, None, 0, "n")
     assert {"kernel", "size", "bytes", "flops", "predicted_s", "floor_s", "notes"} <= set(row)
+
+
+def test_unshuffle_bytes_by_hand(kp):
+    """The decoder's call under autocast (prefix=1): x bf16 (B, 1 + K, D) read, out float32 (B, 1 + L, D) written,
+    float32 positions (1 + L, D) and mask token read; backward: float32 grad_out read, bf16 grad_x written, the mask
+    token's float32 gradient, + the per-program float32 sums (4 programs on each of 132 SMs, written and read)."""
+    fwd, bwd, both = kp.unshuffle(kp.geometry(256, 8))
+    B, L, K, D = 256, 1024, 256, 512
+    x, out, ids = B * (1 + K) * D * 2, B * (1 + L) * D * 4, B * L * 8
+    assert fwd["bytes"] == fwd["moved_bytes"] == x + (1 + L) * D * 4 + ids + D * 4 + out
+    assert bwd["bytes"] == out + ids + x + D * 4
+    assert bwd["moved_bytes"] == bwd["bytes"] + 2 * 4 * 132 * D * 4
+    assert both["bytes"] == fwd["bytes"] + bwd["bytes"] and both["kernel"] == "unshuffle"

@@ -171,3 +171,35 @@ def test_gradient_checkpointing_gives_same_gradients():
         model(x, generator=torch.Generator().manual_seed(0)).loss.backward()
         grads.append(model.encoder.patch_embed.proj.weight.grad)
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_decoder_places_the_class_token_in_the_unshuffle(x_dtype):
+    """MAEDecoder's blocks get what unshuffle + torch.cat used to build -- the class token + its position, then every
+    patch token in original order + its position -- in the promoted dtype, with no cat: bitwise in float32; from
+    bf16 tokens (autocast) a float32 sequence where each token is added to its float32 position once (the former
+    path rounded that sum to bf16 first, so it agrees within bf16 rounding)."""
+    model = _small("mae_vit_micro_patch16_256")
+    dec, Dd, L = model.decoder, model.cfg.decoder_dim, model.cfg.num_patches
+    with torch.no_grad():
+        dec.mask_token.normal_()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 1 + L // 4, Dd, generator=g).to(x_dtype)
+    ids = torch.argsort(torch.rand(2, L, generator=g), dim=1)
+    seen = []
+    dec.blocks[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    dec(x, ids, model.cfg.in_chans)
+    assert ops.last_impl("unshuffle") == "cpp" or "cpp" not in ops.available_impls("unshuffle")
+
+    def cat_path(tokens, out_dtype=None):
+        full = ops.unshuffle(tokens[:, 1:], dec.mask_token, ids, dec.pos_embed[0, 1:], impl="reference",
+                             out_dtype=out_dtype)
+        return torch.cat([tokens[:, :1] + dec.pos_embed[:, :1], full], dim=1)
+
+    seq = seen[0]
+    assert seq.dtype == torch.float32 and seq.shape == (2, 1 + L, Dd)
+    assert torch.equal(seq, cat_path(x.float()))
+    if x_dtype == torch.bfloat16:
+        former = cat_path(x, out_dtype=torch.bfloat16)  # the former op's output stayed in x's dtype
+        assert former.dtype == torch.float32 and not torch.equal(seq, former)
+        torch.testing.assert_close(seq, former, rtol=8e-3, atol=8e-3)
