@@ -28,8 +28,11 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/mae-fast demo
 
+# Two pytest-xdist workers, tests handed out one at a time (most are single-threaded Python: the Triton interpreter,
+# small models): about half the wall time of one process on CI's 2 cores. TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist load tests
 
 # The oldest leg runs in a copy of this tree (committed files plus uncommitted changes to them) with its own venv:
 # the C++ extension is built in place, and one tree cannot hold builds for two torch versions.
@@ -38,7 +41,8 @@ test-oldest:
 	rm -rf $(OLDEST)/src && mkdir -p $(OLDEST)/src
 	rev=$$(git stash create); git archive $${rev:-HEAD} | tar -x -C $(OLDEST)/src
 	rm -f $(OLDEST)/venv/.installed
-	$(MAKE) -C $(OLDEST)/src test VENV=$(abspath $(OLDEST))/venv CONSTRAINTS=constraints-oldest.txt
+	$(MAKE) -C $(OLDEST)/src test VENV=$(abspath $(OLDEST))/venv CONSTRAINTS=constraints-oldest.txt \
+		TEST_WORKERS=$(TEST_WORKERS)
 
 bench: install
 	$(BIN)/python -m pytest -q benchmarks/bench_*.py --benchmark-only

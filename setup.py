@@ -68,7 +68,7 @@ setup(
     ],
     extras_require={
         # copairs: the reference our mAP is checked against in the tests
-        "test": ["pytest>=9.2", "pytest-benchmark>=5.3", "hypothesis>=6.170", "timm>=1.0.31", "copairs>=0.5.5"],
+        "test": ["pytest>=9.2", "pytest-benchmark>=5.3", "pytest-xdist>=3.8", "hypothesis>=6.170", "timm>=1.0.31", "copairs>=0.5.5"],
         # the CellProfiler-style baseline (cp-measure's centrosome needs pillow < 12). EFAAR's relationship databases
         # come from `pip install --no-deps efaar-benchmarking==1.0` (its own dependencies are heavy and unused)
         "eval": ["scikit-image>=0.26", "cp-measure>=0.3"],

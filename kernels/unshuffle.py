@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from mae_fast import ops
-from mae_fast.kernels._common import check_device, next_pow2
+from mae_fast.kernels._common import check_device, next_pow2, persistent_programs
 
 
 @triton.jit
@@ -92,13 +92,6 @@ def _blocks(D: int) -> tuple[int, int]:
     return max(1, 2048 // block_d), block_d
 
 
-def _backward_programs(device: torch.device, n_tiles: int) -> int:
-    """Persistent grid: 4 programs per multiprocessor (a handful under the interpreter)."""
-    if device.type == "cuda":
-        return max(1, min(n_tiles, 4 * torch.cuda.get_device_properties(device).multi_processor_count))
-    return max(1, min(n_tiles, 3))
-
-
 def unshuffle_forward_triton(x, mask_token, ids_restore, pos_embed, prefix: int = 0, *, out=None):
     """Kernel call of the forward; mask_token (D,) and pos_embed (prefix + L, D) already in the output dtype, which
     `out` (B, prefix + L, D) has (allocated in mask_token's dtype when not given)."""
@@ -126,7 +119,7 @@ def unshuffle_backward_triton(grad_out, ids_restore, grad_x, prefix: int = 0):
     block_t, block_d = _blocks(D)
     n_row_blocks = triton.cdiv(rows, block_t)
     n_tiles = B * n_row_blocks
-    n_programs = _backward_programs(grad_out.device, n_tiles)
+    n_programs = persistent_programs(grad_out.device, n_tiles, 4)  # 4 resident per multiprocessor
     token_sums = torch.empty((n_programs, D), dtype=torch.float32, device=grad_out.device)
     _unshuffle_backward_kernel[(n_programs, triton.cdiv(D, block_d))](
         grad_out, ids_restore.contiguous(), grad_x, token_sums, L, K, D, prefix, n_tiles, n_row_blocks,

@@ -33,7 +33,9 @@ BACKEND_MODULES = ("mae_fast.backends.triton", "mae_fast.backends.cpp")
 UNAVAILABLE_BACKENDS: dict[str, str] = {}  # backend module -> why it did not import (for reports)
 # op name -> backend name -> callable with the reference's signature
 _REGISTRY: dict[str, dict[str, Callable]] = {}
-_last_impl: dict[str, str] = {}
+# op -> the backend its latest call used; every registered op has a key from the start (None until called), so the
+# set of keys never changes after import: torch.compile guards on it, and a first call must not recompile the graph
+_last_impl: dict[str, str | None] = {}
 # "mae_fast::<op>_<backend>" -> what a define_*_op factory returned for it (torch ops are defined once)
 TORCH_OPS: dict[str, Callable] = {}
 
@@ -47,6 +49,7 @@ def register(op: str, backend: str):
 
     def deco(fn):
         _REGISTRY.setdefault(op, {})[backend] = fn
+        _last_impl.setdefault(op, None)
         return fn
 
     return deco

@@ -25,6 +25,7 @@ from torch._functorch.aot_autograd import make_boxed_func
 from torch.library import opcheck
 
 from mae_fast import ops
+from mae_fast.ops import dispatch
 from mae_fast.models import create_model
 from mae_fast.optim import Lion
 from tests.helpers import ROOT
@@ -41,8 +42,10 @@ def _gen(seed):
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo(monkeypatch):
-    """Default dispatch (C++ on CPU), Dynamo's caches and counters cleared around each test."""
+    """Default dispatch (C++ on CPU), Dynamo's caches and counters cleared around each test, and the dispatcher's
+    record of the last backend per op as a fresh process has it (no call yet), whatever ran before."""
     monkeypatch.delenv("MAE_FAST_IMPL", raising=False)
+    monkeypatch.setattr(dispatch, "_last_impl", dict.fromkeys(dispatch._last_impl))
     torch._dynamo.reset()
     counters.clear()
     yield

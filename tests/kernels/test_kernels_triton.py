@@ -110,9 +110,12 @@ def test_masked_patchify_pixel_dtypes_and_strides(dtype):
     _close(out.target, ref.target, rtol=2e-6, atol=2e-6)
 
 
-@pytest.mark.parametrize("layout", ops.LAYOUTS)
-@pytest.mark.parametrize("p", [8, 16])
-@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+# every layout, patch size and output dtype, in four cases rather than eight (the interpreter is slow; the output
+# dtype changes only the final store)
+@pytest.mark.parametrize("layout, p, out_dtype", [
+    ("standard", 8, torch.float32), ("standard", 16, torch.bfloat16),
+    ("channel", 8, torch.bfloat16), ("channel", 16, torch.float32),
+])
 def test_masked_patchify_chunks_odd_shapes_and_out_dtype(layout, p, out_dtype, monkeypatch):
     """48 x 48 images: token blocks that do not divide the row (column masks); L2 chunks of 2 images over a batch of
     3 (the stats of chunk 2 must not mix with chunk 1's); statistics merged from 12 tiles per plane of a row ramp
