@@ -163,3 +163,15 @@ def ops_making(shape, fn):
     with OpLog() as log:
         result = fn()
     return result, log.names
+
+
+# The unshuffle tests' dtype cases (C++ and Triton): (x dtype, mask token and pos dtype, out_dtype argument) --
+# promoted outputs (the model under autocast: bf16 tokens and float32 parameters -> float32, as torch.cat + add),
+# one dtype throughout, and overrides narrower than x
+UNSHUFFLE_DTYPES = [
+    (torch.float32, torch.float32, None), (torch.bfloat16, torch.float32, None), (torch.float16, torch.float32, None),
+    (torch.bfloat16, torch.bfloat16, None), (torch.float16, torch.float16, None),
+    (torch.float32, torch.float32, torch.bfloat16), (torch.float16, torch.float32, torch.bfloat16),
+]
+_SHORT = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16", None: "auto"}
+UNSHUFFLE_IDS = [f"x{_SHORT[x]}-p{_SHORT[p]}-out{_SHORT[o]}" for x, p, o in UNSHUFFLE_DTYPES]

@@ -9,7 +9,7 @@ import torch
 from mae_fast import ops
 from tests.helpers import (
     assert_loss_grad_close, assert_unit_std, images_with_spread, ops_making, standardised_planes,
-    unshuffle_expected,
+    UNSHUFFLE_DTYPES, UNSHUFFLE_IDS, unshuffle_expected,
 )
 
 pytest.importorskip("mae_fast._C", reason="C++ extension not built (python setup.py build_ext --inplace)")
@@ -148,15 +148,6 @@ def test_masked_patchify_out_dtype_and_autocast():
 # unshuffle
 # --------------------------------------------------------------------------------------------------------------
 
-# (x dtype, mask token and pos dtype, out_dtype argument): promoted outputs (the model under autocast: bf16 tokens
-# and float32 parameters -> float32, as torch.cat + add), one dtype throughout, and overrides narrower than x
-UNSHUFFLE_DTYPES = [
-    (torch.float32, torch.float32, None), (torch.bfloat16, torch.float32, None), (torch.float16, torch.float32, None),
-    (torch.bfloat16, torch.bfloat16, None), (torch.float16, torch.float16, None),
-    (torch.float32, torch.float32, torch.bfloat16), (torch.float16, torch.float32, torch.bfloat16),
-]
-_SHORT = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16", None: "auto"}
-UNSHUFFLE_IDS = [f"x{_SHORT[x]}-p{_SHORT[p]}-out{_SHORT[o]}" for x, p, o in UNSHUFFLE_DTYPES]
 
 
 def _coarser(a, b):

@@ -22,7 +22,7 @@ import torch
 from mae_fast import ops
 from tests.helpers import (
     ROOT, assert_loss_grad_close, assert_unit_std, images_with_spread, ops_making, standardised_planes,
-    truncate_to_bf16, unshuffle_expected,
+    UNSHUFFLE_DTYPES, UNSHUFFLE_IDS, truncate_to_bf16, unshuffle_expected,
 )
 
 pytest.importorskip("triton")
@@ -184,15 +184,6 @@ def test_channel_stats_precise_on_low_contrast_16_bit():
 # unshuffle
 # --------------------------------------------------------------------------------------------------------------
 
-# (x dtype, mask token and pos dtype, out_dtype argument), as in test_kernels_cpp: promoted outputs (the model under
-# autocast: bf16 tokens, float32 parameters -> float32), one dtype throughout, overrides narrower than x
-UNSHUFFLE_DTYPES = [
-    (torch.float32, torch.float32, None), (torch.bfloat16, torch.float32, None), (torch.float16, torch.float32, None),
-    (torch.bfloat16, torch.bfloat16, None), (torch.float16, torch.float16, None),
-    (torch.float32, torch.float32, torch.bfloat16), (torch.float16, torch.float32, torch.bfloat16),
-]
-_SHORT = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16", None: "auto"}
-UNSHUFFLE_IDS = [f"x{_SHORT[x]}-p{_SHORT[p]}-out{_SHORT[o]}" for x, p, o in UNSHUFFLE_DTYPES]
 
 
 def _to_as_the_kernels(t, dtype):
