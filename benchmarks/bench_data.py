@@ -37,6 +37,7 @@ from mae_fast.data.dali import dali_available  # noqa: E402
 from mae_fast.data.index import SiteIndex  # noqa: E402
 from mae_fast.data.loader import make_train_loader  # noqa: E402
 from mae_fast.data.pack import pack_index  # noqa: E402
+from mae_fast.device import synchronize  # noqa: E402
 from mae_fast.perf.provenance import dist_version, provenance  # noqa: E402
 
 CHANNELS = 6
@@ -150,19 +151,14 @@ def time_batches(batches, device=None, max_batches: int | None = None, min_secon
     in steady state (from the first batch to the last). Batches on a CUDA `device` are waited for, so the
     host-to-device copy counts. Stops at the end of `batches`, after `max_batches` batches, or at the first batch
     that ends `min_seconds` after the first one with at least `min_batches` batches after it."""
-    cuda = device is not None and torch.device(device).type == "cuda"
-
-    def sync():
-        if cuda:
-            torch.cuda.synchronize(device)
-
+    device = torch.device(device if device is not None else "cpu")
     n, n_first, t_first, count = 0, 0, None, 0
     start = time.perf_counter()
     for batch in batches:
         n += len(batch)
         count += 1
         if t_first is None:
-            sync()
+            synchronize(device)
             t_first, n_first = time.perf_counter(), n
         elif (min_seconds is not None and count - 1 >= min_batches
               and time.perf_counter() - t_first >= min_seconds):
@@ -171,7 +167,7 @@ def time_batches(batches, device=None, max_batches: int | None = None, min_secon
             break
     if t_first is None:
         raise ValueError("time_batches: no batch to time")
-    sync()
+    synchronize(device)
     end = time.perf_counter()
     steady = (n - n_first) / (end - t_first) if n > n_first and end > t_first else float("nan")
     return {"crops_per_s": n / (end - start), "steady_crops_per_s": steady, "crops": n, "batches": count,

@@ -32,22 +32,7 @@ MAE_FAST_INLINE float rounded_to(S v) {
   }
 }
 
-// out = src (converted to O) + pos; src is a token of x (type S) or the mask token (already O)
-template <typename S, typename O>
-MAE_FAST_INLINE void add_row(O* __restrict out, const S* __restrict src, const O* __restrict pos, int64_t D) {
-  if (pos == nullptr) {
-    if constexpr (std::is_same_v<S, O>) {
-      std::memcpy(out, src, D * sizeof(O));
-    } else {
-#pragma omp simd
-      for (int64_t d = 0; d < D; ++d) out[d] = from_float<O>(to_float(src[d]));
-    }
-  } else {
-#pragma omp simd
-    for (int64_t d = 0; d < D; ++d) out[d] = from_float<O>(rounded_to<O>(src[d]) + to_float(pos[d]));
-  }
-}
-
+// out = src converted to T (a plain copy when the types agree)
 template <typename S, typename T>
 MAE_FAST_INLINE void copy_row(T* __restrict out, const S* __restrict src, int64_t D) {
   if constexpr (std::is_same_v<S, T>) {
@@ -55,6 +40,17 @@ MAE_FAST_INLINE void copy_row(T* __restrict out, const S* __restrict src, int64_
   } else {
 #pragma omp simd
     for (int64_t d = 0; d < D; ++d) out[d] = from_float<T>(to_float(src[d]));
+  }
+}
+
+// out = src (converted to O) + pos; src is a token of x (type S) or the mask token (already O)
+template <typename S, typename O>
+MAE_FAST_INLINE void add_row(O* __restrict out, const S* __restrict src, const O* __restrict pos, int64_t D) {
+  if (pos == nullptr) {
+    copy_row(out, src, D);
+  } else {
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) out[d] = from_float<O>(rounded_to<O>(src[d]) + to_float(pos[d]));
   }
 }
 
