@@ -32,9 +32,13 @@ def save_model(model: torch.nn.Module, directory: str, extra: dict | None = None
 
     state = _contiguous_cpu(model.state_dict())
     atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    meta = {"mae_fast_config": model.cfg.to_dict(), **(extra or {})}
-    atomic_write_json(os.path.join(directory, CONFIG_NAME), meta)
+    save_config(model.cfg, directory, extra)
     return directory
+
+
+def save_config(cfg, directory: str, extra: dict | None = None) -> None:
+    """`directory/config.json`: the model config and `extra` keys (a sharded checkpoint has it without weights)."""
+    atomic_write_json(os.path.join(directory, CONFIG_NAME), {"mae_fast_config": cfg.to_dict(), **(extra or {})})
 
 
 def load_state_dict_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -64,22 +68,29 @@ def _config_of(saved: dict):
 
 
 
+def read_config(directory: str):
+    """The model config of a checkpoint folder's config.json (written by `save_model` / `save_config`)."""
+    cfg_path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.exists(cfg_path):
+        raise CheckpointError(f"checkpoint file {cfg_path} does not exist")
+    try:
+        with open(cfg_path) as f:
+            meta = json.load(f)
+        return _config_of(meta["mae_fast_config"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{cfg_path} is not a mae_fast config: {err}") from err
+
+
 def load_model(directory: str, map_location: str | torch.device = "cpu") -> torch.nn.Module:
     """Load a checkpoint written by `save_model`: a MaskedAutoencoder, or a baseline (WSLClassifier / MaskedUNet)
     when the saved config has a baseline `family`."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    cfg_path, weights_path = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
-    for path in (cfg_path, weights_path):
-        if not os.path.exists(path):
-            raise CheckpointError(f"checkpoint file {path} does not exist")
-    try:
-        with open(cfg_path) as f:
-            meta = json.load(f)
-        cfg = _config_of(meta["mae_fast_config"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(f"{cfg_path} is not a mae_fast config: {err}") from err
+    weights_path = os.path.join(directory, WEIGHTS_NAME)
+    if not os.path.exists(weights_path):
+        raise CheckpointError(f"checkpoint file {weights_path} does not exist")
+    cfg = read_config(directory)
     try:
         state = load_file(weights_path, device=str(map_location))
     except (SafetensorError, OSError, RuntimeError) as err:

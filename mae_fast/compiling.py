@@ -3,8 +3,10 @@ model) and selective activation checkpointing.
 
 A whole-model compile of ViT-L/8 (24 encoder + 8 decoder blocks) traces and lowers every block again: minutes of
 cold compile. Compiled per block, Dynamo traces a block type once and reuses the graph for every instance (block
-parameters are graph inputs), so compile time is paid per block type, not per model, and the code between blocks
-(masking, unshuffle, loss) stays eager, where mae_fast's fused ops run anyway.
+parameters and buffers are graph inputs; per-block constants such as the stochastic-depth rate are buffers, not
+Python numbers Dynamo would specialise on), so compile time is paid per block type -- one graph for the encoder's
+blocks, one for the decoder's (tests/kernels/test_compile.py counts them) -- and the code between blocks (masking,
+unshuffle, loss) stays eager, where mae_fast's fused ops run anyway.
 """
 from __future__ import annotations
 
@@ -16,22 +18,31 @@ _CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict,
 
 
 def repeated_blocks(model: nn.Module) -> list[nn.Module]:
-    """The elements of every nn.ModuleList in `model` that are modules with a forward of their own (transformer
-    blocks: the encoder's, the decoder's, the CA-MAE decoder's channel-stacked layers), in model order. (A CA-MAE
-    channel's own stack is an nn.Sequential whose blocks run inside the channel-stacked layers: not listed.)"""
+    """The transformer blocks of `model`, in model order: the elements of every nn.ModuleList that are modules with
+    a forward of their own (mae_fast's encoder and decoder blocks, the CA-MAE decoder's channel-stacked layers), and
+    of every nn.Sequential of two or more modules of one class (timm's `VisionTransformer.blocks`, so the peer stack
+    compiles its encoder too). Modules another module runs itself -- listed in its `blocks` tuple, as a CA-MAE
+    channel's own stack is run by the channel-stacked layers -- are not blocks: they never run on their own."""
+    run_by_others = {id(b) for m in model.modules() if isinstance(getattr(m, "blocks", None), tuple)
+                     for b in m.blocks}
     out = []
     for module in model.modules():
         if isinstance(module, nn.ModuleList):
-            out.extend(m for m in module if not isinstance(m, _CONTAINERS))
+            members = [m for m in module if not isinstance(m, _CONTAINERS)]
+        elif isinstance(module, nn.Sequential) and len(module) > 1 and len({type(m) for m in module}) == 1:
+            members = [m for m in module if not isinstance(m, _CONTAINERS)]
+        else:
+            continue
+        out.extend(m for m in members if id(m) not in run_by_others)
     return out
 
 
 def compile_blocks(model: nn.Module, backend: str = "inductor", dynamic: bool = False) -> int:
     """Compile every repeated block of `model` in place (`nn.Module.compile`); returns how many.
 
-    Blocks of one type differ in constants Dynamo guards on (each block's stochastic-depth rate), so each instance
-    may add a cache entry for the shared code: the recompile limit is raised to the block count, else Dynamo would
-    silently run the blocks past its limit eagerly."""
+    Blocks of one type share one graph (see the module doc). The recompile limit is still raised to the block
+    count: a block type whose instances differed in a Python constant would otherwise silently run eagerly past
+    Dynamo's limit (the graph-count test would show the extra graphs)."""
     blocks = repeated_blocks(model)
     config = torch._dynamo.config
     for name in ("recompile_limit", "cache_size_limit"):  # the newer name first; older torch has only the second

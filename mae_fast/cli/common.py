@@ -3,6 +3,7 @@ mistake into one line on stderr (exit code 2, no traceback; MAE_FAST_DEBUG=1 pri
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import sys
@@ -55,12 +56,43 @@ def error_line(err: BaseException) -> str:
     return "; ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever sys.stdout is when a record is emitted (a redirected or captured stream included)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler.__init__ sets it; the property always answers sys.stdout
+        pass
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """The CLI's logging: mae_fast's records at `level` and above on stdout as bare lines (library code only logs;
+    a Python user configures logging as they wish)."""
+    root = logging.getLogger("mae_fast")
+    if not any(isinstance(h, _StdoutHandler) for h in root.handlers):
+        handler = _StdoutHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        root.addHandler(handler)
+    root.setLevel(level)
+
+
+def rank_prefix() -> str:
+    """`[rank N] ` under torchrun with several ranks (each rank's error line says whose it is), else ''."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        return f"[rank {os.environ.get('RANK', '?')}] "
+    return ""
+
+
 def run_command(run, args, prog: str) -> int:
     """`run(args)` with the CLI's one error handler (see the module doc)."""
+    configure_logging()
     try:
         return int(run(args) or 0)
     except USER_ERRORS as err:
         if os.environ.get("MAE_FAST_DEBUG", "") not in ("", "0"):
             traceback.print_exc()
-        print(f"{prog}: error: {error_line(err)}", file=sys.stderr, flush=True)
+        print(f"{rank_prefix()}{prog}: error: {error_line(err)}", file=sys.stderr, flush=True)
         return 2

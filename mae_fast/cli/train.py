@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 
-from mae_fast.cli.common import number, run_command
+from mae_fast.cli.common import number, rank_prefix, run_command
 from mae_fast.models import BASELINE_PRESETS, PRESETS, list_baselines, list_presets
 from mae_fast.training.config import (
     AMP_MODES,
@@ -110,7 +110,7 @@ def run(args) -> int:
     try:
         result = train(cfg)
     except NonFiniteLossError as err:
-        print(f"mae-fast train: error: {err}", file=sys.stderr)
+        print(f"{rank_prefix()}mae-fast train: error: {err}", file=sys.stderr)
         return 3
     if env_world().is_main:
         print(f"model:       {result.model_dir}")

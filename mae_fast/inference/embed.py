@@ -50,7 +50,7 @@ from mae_fast.inference.adabn import AdaBNPlateTiles, adabn_window_tiles, is_ada
 from mae_fast.inference.tables import merge_parts, output_paths, plate_part_name, plate_table, write_parquet
 from mae_fast.io import OutputLock, atomic_write_json, beside_lock_path, remove_temporaries
 from mae_fast.models import get_baseline_config, get_config, is_baseline
-from mae_fast.training.checkpointing import load_pretrained
+from mae_fast.training.pretrained import load_pretrained
 from mae_fast.training.config import ConfigError, DataConfig, resolve_amp, resolve_device
 from mae_fast.training.data import build_site_index
 from mae_fast.training.distributed import (

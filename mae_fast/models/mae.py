@@ -189,18 +189,26 @@ class LayerScale(nn.Module):
 
 
 class DropPath(nn.Module):
-    """Stochastic depth: drop the whole residual branch per sample during training."""
+    """Stochastic depth: drop the whole residual branch per sample during training.
+
+    The keep probability is a (non-persistent) buffer, not a Python float: Dynamo specialises a graph on Python
+    numbers it reads, so blocks whose rates differ would each compile their own graph; as a tensor the rate is a
+    graph input and every block of one type shares one compiled graph (mae_fast.compiling)."""
 
     def __init__(self, p: float):
         super().__init__()
-        self.p = p
+        self.p = p  # for display only: forward reads the buffer
+        self.register_buffer("keep_prob", torch.tensor(1.0 - p, dtype=torch.float32), persistent=False)
 
     def forward(self, x):
-        if self.p == 0.0 or not self.training:
+        if not self.training:
             return x
-        keep = 1 - self.p
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask / keep
+        keep = self.keep_prob
+        mask = torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device) < keep  # per sample
+        return x * mask.to(x.dtype) / keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p:g}"
 
 
 class ParallelScalingBlock(nn.Module):
@@ -530,8 +538,9 @@ class CAMAEDecoder(nn.Module):
         # shared cross-attention + MLP: the queries of all channels in one call
         y = self.cross_attention(self.query_norm(full), self.context_norm(full))
         y = y + self.mlp(self.out_norm(y))
-        # per-channel stacks: layer i of every channel as one channel-stacked block, tokens (C, B, L, Dd)
-        y = _run_blocks(self.channel_layers, y.view(B, C, L, Dd).transpose(0, 1), self.checkpointing)
+        # per-channel stacks: layer i of every channel as one channel-stacked block, tokens (C, B, L, Dd); contiguous
+        # as every later layer's input is (one compiled graph for all layers; the first layer copied it anyway)
+        y = _run_blocks(self.channel_layers, y.view(B, C, L, Dd).transpose(0, 1).contiguous(), self.checkpointing)
         return y.transpose(0, 1).reshape(B, N, Dd)
 
 

@@ -14,7 +14,6 @@ import torch
 
 from mae_fast.models import create_baseline
 from mae_fast.checkpoint import CONFIG_NAME, CheckpointError, WEIGHTS_NAME, load_state_dict_strict, save_model
-from mae_fast.interop import from_timm_state_dict, load_any
 from mae_fast.io import TMP_PREFIX, atomic_write, atomic_write_json, remove_temporaries
 from mae_fast.models import MaskedAutoencoder
 from mae_fast.io import LOCK_NAME
@@ -22,6 +21,8 @@ from mae_fast.training.config import RESUME_MAY_CHANGE, ConfigError, ModelConfig
 
 STATE_NAME = "train_state.pt"
 CHECKPOINT_DIR = "checkpoints"
+SHARDED_DIR = "sharded"    # a sharded checkpoint's torch.distributed.checkpoint folder (every rank's shards)
+DCP_METADATA = ".metadata"  # written by DCP's coordinator after every rank's shards
 STEP_DIR_RE = re.compile(r"^step_(\d{8,})$")
 
 
@@ -34,15 +35,22 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def is_sharded(path: str) -> bool:
+    """A checkpoint folder of the sharded format (weights and optimiser state as DCP shards, no model.safetensors)."""
+    return os.path.exists(os.path.join(path, SHARDED_DIR, DCP_METADATA))
+
+
 def list_checkpoints(out_dir: str) -> list[tuple[int, str]]:
-    """Complete checkpoints (step, path), oldest first (a checkpoint folder appears by one atomic rename)."""
+    """Complete checkpoints (step, path), oldest first (a checkpoint folder appears by one atomic rename), either
+    format: full (model.safetensors) or sharded (DCP shards)."""
     root = os.path.join(out_dir, CHECKPOINT_DIR)
     found = []
     if os.path.isdir(root):
         for name in os.listdir(root):
             m = STEP_DIR_RE.match(name)
             path = os.path.join(root, name)
-            if m and all(os.path.exists(os.path.join(path, f)) for f in (WEIGHTS_NAME, CONFIG_NAME, STATE_NAME)):
+            if (m and all(os.path.exists(os.path.join(path, f)) for f in (CONFIG_NAME, STATE_NAME))
+                    and (os.path.exists(os.path.join(path, WEIGHTS_NAME)) or is_sharded(path))):
                 found.append((int(m.group(1)), path))
     return sorted(found)
 
@@ -138,10 +146,26 @@ def write_checkpoint(out_dir: str, step: int, cfg: ModelConfig, model_state: dic
     if bad:
         raise CheckpointError(f"the weights of step {step} hold {describe_non_finite(bad)}; checkpoint "
                               f"{final} not written")
-    os.makedirs(root, exist_ok=True)
-    tmp = os.path.join(root, f"{TMP_PREFIX}{step_dir_name(step)}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = checkpoint_tmp_dir(out_dir, step, f"-{os.getpid()}")
     save_model(_StateHolder(cfg, model_state), tmp, extra={"step": step, **(extra or {})})
+    return publish_checkpoint(out_dir, step, tmp, train_state, keep_last)
+
+
+def checkpoint_tmp_dir(out_dir: str, step: int, suffix: str) -> str:
+    """A fresh temporary folder beside the step folders (removed first if a killed run left it)."""
+    root = os.path.join(out_dir, CHECKPOINT_DIR)
+    os.makedirs(root, exist_ok=True)
+    tmp = os.path.join(root, f"{TMP_PREFIX}{step_dir_name(step)}{suffix}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    return tmp
+
+
+def publish_checkpoint(out_dir: str, step: int, tmp: str, train_state: dict, keep_last: int) -> str:
+    """(rank 0) Add the train state to the temporary folder `tmp`, rename it to checkpoints/step_N in one atomic
+    step and prune the checkpoints beyond the last `keep_last`: a checkpoint is either complete or not there."""
+    root = os.path.join(out_dir, CHECKPOINT_DIR)
+    final = os.path.join(root, step_dir_name(step))
     atomic_write(os.path.join(tmp, STATE_NAME), lambda path: torch.save(train_state, path))
     os.replace(tmp, final)
     _fsync_dir(root)
@@ -186,6 +210,8 @@ def newest_intact_checkpoint(out_dir: str):
             state = read_train_state(path)
             if int(state["step"]) != step:
                 raise CheckpointError(f"{path}: train state says step {state['step']}, the folder step {step}")
+            if is_sharded(path):  # read after the model is wrapped (DCP reshards to this run's ranks)
+                return step, path, state, None, broken
             weights = read_weights(path)
             bad = non_finite_weights(weights)
             if bad:
@@ -209,80 +235,6 @@ def read_weights(path: str) -> dict[str, torch.Tensor]:
 def build_model(cfg: ModelConfig) -> torch.nn.Module:
     """A freshly initialised model of any family (MAE / CA-MAE, WSL, MU-Net)."""
     return MaskedAutoencoder(cfg) if model_family(cfg) == "mae" else create_baseline(cfg)
-
-
-def _baseline_from_state(cfg, state: dict[str, torch.Tensor], path: str):
-    """A baseline of architecture `cfg` holding a bare state dict; a WSL head's class count is read from it."""
-    if model_family(cfg) == "wsl" and "head.weight" in state:
-        cfg = replace(cfg, num_classes=int(state["head.weight"].shape[0]))
-    model = create_baseline(cfg)
-    load_state_dict_strict(model, state, path)
-    return model
-
-
-def load_pretrained(path: str, cfg: ModelConfig | None = None) -> tuple[torch.nn.Module, str]:
-    """A model from any supported source -> (model, kind), kind one of "ours", "openphenom", "timm":
-    our checkpoint folder (or a training run folder: its `model/`; MAE or baseline), an OpenPhenom folder or file,
-    or a single state dict file (safetensors or weights-only torch) -- a timm encoder, or our full model's weights
-    (MAE or baseline) -- which needs the architecture `cfg` (a preset)."""
-    if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    if os.path.isdir(path):
-        if os.path.exists(os.path.join(path, "model", CONFIG_NAME)):
-            path = os.path.join(path, "model")
-        elif not os.path.exists(os.path.join(path, WEIGHTS_NAME)) and list_checkpoints(path):
-            path = list_checkpoints(path)[-1][1]
-        model = load_any(path)
-        return model, "openphenom" if model.cfg.name == "openphenom" else "ours"
-    state = read_state_file(path)
-    if any(k.startswith("encoder.vit_backbone.") for k in state):
-        from mae_fast.interop import load_openphenom
-
-        return load_openphenom(path), "openphenom"
-    if cfg is None:
-        raise CheckpointError(f"{path} is a single weights file: give the preset of its architecture (--preset) to "
-                              "read it as a timm encoder state dict")
-    if model_family(cfg) != "mae":
-        return _baseline_from_state(cfg, state, path), "ours"
-    if any(k.startswith(("encoder.", "decoder.")) for k in state):  # our full model's names
-        model = MaskedAutoencoder(cfg)
-        load_state_dict_strict(model, state, path)
-        return model, "ours"
-    return from_timm_state_dict(state, cfg, path), "timm"
-
-
-def init_weights_from(path: str, model: torch.nn.Module) -> None:
-    """Load pre-trained weights into `model`; the architectures must match (mismatched keys are named). A timm
-    encoder fills the encoder only (the decoder keeps its fresh initialisation)."""
-    loaded, kind = load_pretrained(path, model.cfg)
-    if model_family(loaded.cfg) != model_family(model.cfg):
-        raise CheckpointError(f"{path} holds a {model_family(loaded.cfg)} model ({loaded.cfg.name}); this run trains "
-                              f"a {model_family(model.cfg)} model ({model.cfg.name})")
-    if kind == "timm":
-        load_state_dict_strict(model.encoder, loaded.encoder.state_dict(), path)
-    else:
-        load_state_dict_strict(model, loaded.state_dict(), path)
-
-
-def read_state_file(path: str) -> dict[str, torch.Tensor]:
-    """A tensor state dict from a safetensors file or a weights-only torch file (never an arbitrary pickle)."""
-    try:
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    except Exception:  # noqa: BLE001 - not safetensors: try the weights-only torch format
-        pass
-    try:
-        with open(path, "rb") as f:
-            obj = torch.load(f, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001
-        raise CheckpointError(f"{path} is neither safetensors nor a weights-only torch file: {err}") from err
-    for key in ("state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path} holds no tensor state dict")
-    return obj
 
 
 def _config_differences(saved: dict, now: dict, prefix: str = "") -> list[str]:

@@ -36,6 +36,8 @@ ModelConfig = Union[MAEConfig, WSLConfig, MUNetConfig]
 DATA_FORMATS = ("auto", "rxrx", "rxrx3_core", "jump", "pack")
 AMP_MODES = ("auto", "bf16", "fp32")
 DISTRIBUTED_MODES = ("ddp", "fsdp")
+FSDP_REDUCE_MODES = ("micro_batch", "step")  # when FSDP2 reduce-scatters the gradients of an accumulated step
+CHECKPOINT_FORMATS = ("auto", "full", "sharded")  # auto: sharded under FSDP, full (one file per kind) otherwise
 CHECKPOINTING_POLICIES = ("full", "selective")
 COMPILE_MODES = ("regional", "model")  # regional: each transformer block compiled (mae_fast.compiling)
 CUDA_ONLY_COMPILE_BACKENDS = ("cudagraphs",)
@@ -96,6 +98,13 @@ class TrainConfig:
     compile_backend: str = "inductor"
     compile_mode: str = "regional"       # regional (per block: compile time per block type) or model (whole)
     distributed: str = "ddp"             # ddp or fsdp (torchrun)
+    # FSDP with several micro-batches per rank: "micro_batch" reduce-scatters every micro-batch's gradients (they
+    # stay sharded: 1/W of the gradient memory, one reduce-scatter per micro-batch); "step" accumulates unsharded
+    # gradients and keeps the blocks' parameters gathered until the step's last backward (one reduce-scatter and
+    # no re-gather per step: less communication, full-size gradients and parameters on every rank)
+    fsdp_reduce: str = "micro_batch"
+    checkpoint_format: str = "auto"      # auto, full (rank 0 gathers everything), sharded (torch.distributed.
+                                         # checkpoint: each rank writes its shards; default under FSDP)
     device: str = "auto"                 # auto, cpu, cuda (torchrun: cuda:LOCAL_RANK)
     threads: int = 0                     # torch CPU threads (0: torch's default; cores / local ranks under torchrun)
     seed: int = 0
@@ -127,7 +136,7 @@ class TrainConfig:
 RESUME_MAY_CHANGE = {
     "out_dir", "overwrite", "resume", "max_seconds", "amp", "activation_checkpointing",
     "activation_checkpointing_policy", "compile", "compile_backend",
-    "compile_mode", "distributed", "device", "threads", "checkpoint_every", "keep_last", "log_every", "recon_every", "peak_tflops",
+    "compile_mode", "distributed", "fsdp_reduce", "checkpoint_format", "device", "threads", "checkpoint_every", "keep_last", "log_every", "recon_every", "peak_tflops",
     "progress", "tensorboard", "optimizer_impl", "data.num_workers", "data.backend", "init_from",
 }
 
@@ -464,6 +473,8 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> RunPlan:
         raise ConfigError(f"warmup_fraction must be in [0, 1), got {cfg.warmup_fraction}")
     _check_choice("amp", cfg.amp, AMP_MODES)
     _check_choice("distributed", cfg.distributed, DISTRIBUTED_MODES)
+    _check_choice("fsdp_reduce", cfg.fsdp_reduce, FSDP_REDUCE_MODES)
+    _check_choice("checkpoint_format", cfg.checkpoint_format, CHECKPOINT_FORMATS)
     _check_choice("compile_mode", cfg.compile_mode, COMPILE_MODES)
     _check_choice("activation_checkpointing_policy", cfg.activation_checkpointing_policy, CHECKPOINTING_POLICIES)
     _check_choice("optimizer_impl", cfg.optimizer_impl, ("auto", "reference", "foreach", "triton", "cpp"))

@@ -58,6 +58,10 @@ def all_gather_objects(obj, info: DistInfo) -> list:
     return out
 
 
+class PeerRankError(ValueError):
+    """Another rank's preparation failed (this rank's own was fine): every rank stops with one line."""
+
+
 def agree(fn, info: DistInfo):
     """Run a preparation step on every rank; if it fails on any rank, raise on all (no rank left waiting)."""
     err = None
@@ -70,7 +74,7 @@ def agree(fn, info: DistInfo):
         errors = all_gather_objects(None if err is None else f"{type(err).__name__}: {err}", info)
         if err is None and any(errors):
             first = next((r, e) for r, e in enumerate(errors) if e)
-            raise RuntimeError(f"rank {first[0]} failed: {first[1]}")
+            raise PeerRankError(f"rank {first[0]} failed: {first[1]}")
     if err is not None:
         raise err
     return result

@@ -1,52 +1,38 @@
-"""The training loop: `train(cfg)` prepares data, model and optimiser on every rank, runs the optimiser steps
-(gradient accumulation over micro-batches, each seeded from (seed, step, micro-batch)), logs metrics, writes
-checkpoints and figures, and returns a TrainResult. See `mae_fast.training` for the whole story.
-
-One file on purpose: `train()` and the steps it runs (setup, micro-batches, the optimiser step, logging,
-checkpoints, figures) read in the order a run executes them.
+"""The training loop: `train(cfg)` prepares data, model and optimiser on every rank, then runs the optimiser steps
+(`step.TrainStep`), reports them (`metrics.StepReporter`) and writes checkpoints (`checkpointer.Checkpointer`), and
+returns a TrainResult. See `mae_fast.training` for the whole story.
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field, replace
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from mae_fast.checkpoint import WEIGHTS_NAME, CheckpointError, load_state_dict_strict, save_model
 from mae_fast.compiling import compile_blocks, selective_checkpointing
-from mae_fast.io import OutputLock, atomic_write, folder_lock_path
+from mae_fast.io import OutputLock, folder_lock_path
 from mae_fast.models import MaskedAutoencoder
 from mae_fast.models.baseline_common import build_optimizer
-from mae_fast.optim import Lion, lion_param_groups, one_cycle_cosine
-from mae_fast.perf import flops
-from mae_fast.perf.timing import measure_matmul_ceiling
+from mae_fast.optim import Lion, lion_param_groups
+from mae_fast.training.checkpointer import Checkpointer
 from mae_fast.training.checkpointing import (
-    CHECKPOINT_DIR, RUN_CONFIG, _config_differences, _model_for_saving, _rng_state, _set_rng_state, _write_json,
-    build_model, check_output, describe_non_finite, full_model_state, full_optimizer_state, init_weights_from,
-    load_optimizer_state, newest_intact_checkpoint, non_finite_weights, prepare_output,
-    run_config_dict, step_dir_name, write_checkpoint,
+    CHECKPOINT_DIR, RUN_CONFIG, _config_differences, _write_json, build_model, check_output, describe_non_finite,
+    newest_intact_checkpoint, prepare_output, run_config_dict, step_dir_name, _set_rng_state,
 )
 from mae_fast.training.config import (
-    ConfigError, ModelConfig, RunPlan, TrainConfig, check_device_options, model_family, resolve_amp, resolve_device,
-    validate,
+    ConfigError, RunPlan, TrainConfig, check_device_options, resolve_amp, resolve_device, validate,
 )
-from mae_fast.training.data import (
-    build_site_index, make_plate_streams, make_shard_streams, validation_batch, wsl_labels,
-)
+from mae_fast.training.data import build_site_index, make_plate_streams, make_shard_streams, validation_batch, wsl_labels
 from mae_fast.training.distributed import (
-    DistInfo, _clean_name, agree, all_gather_objects, barrier, env_world, init_distributed, torch_threads, wrap_model,
+    DistInfo, _clean_name, agree, barrier, env_world, init_distributed, torch_threads, wrap_model,
 )
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite: names the step and the last good checkpoint."""
+from mae_fast.training.metrics import StepReporter
+from mae_fast.training.pretrained import init_weights_from
+from mae_fast.training.step import NonFiniteLossError, TrainStep
 
 
 @dataclass
@@ -69,68 +55,6 @@ class TrainResult:
     model: torch.nn.Module | None = field(default=None, repr=False)  # the trained model in eval mode (every rank
                                                                        # under DDP, rank 0 under FSDP)
     classes: tuple[str, ...] | None = None   # WSL: the perturbation classes, in label order
-
-
-class MetricsLog:
-    """metrics.jsonl (and TensorBoard when installed), rank 0 only. On resume, lines of steps after the checkpoint
-    (written by the interrupted run) are dropped so the file reads as one run."""
-
-    def __init__(self, out_dir: str, resume_step: int | None, tensorboard: bool):
-        self.path = os.path.join(out_dir, "metrics.jsonl")
-        if resume_step is not None and os.path.exists(self.path):
-            kept = []
-            with open(self.path) as f:
-                for line in f:
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue  # a line cut by the kill
-                    if rec.get("step", 0) <= resume_step and "event" not in rec:
-                        kept.append(line if line.endswith("\n") else line + "\n")
-            atomic_write(self.path, lambda tmp: open(tmp, "w").writelines(kept))
-        self.file = open(self.path, "a")
-        self.tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
-            except Exception:  # noqa: BLE001 - tensorboard not installed
-                self.tb = None
-
-    def write(self, record: dict) -> None:
-        # strict JSON: a non-finite number (which json.dumps would write as a bare NaN) is written as text
-        record = {k: str(v) if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
-        self.file.write(json.dumps(record, allow_nan=False) + "\n")
-        self.file.flush()
-        if self.tb is not None and "step" in record:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)) and v is not None:
-                    self.tb.add_scalar(f"train/{k}", v, record["step"])
-
-    def close(self) -> None:
-        self.file.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
-def training_flops_per_crop(cfg: ModelConfig) -> int | None:
-    """Exact training FLOPs per crop of an MAE config; None (MFU shown as n/a) for what `mae_fast.perf.flops` does not
-    count: the baselines."""
-    if model_family(cfg) != "mae":
-        return None
-    try:
-        return int(flops.training_flops_per_crop(cfg))
-    except Exception:  # noqa: BLE001 - a config the counter does not know: MFU shown as n/a
-        return None
-
-
-def matmul_ceiling_tflops(device: torch.device) -> float | None:
-    """The device's measured matmul rate (bf16 on GPU, fp32 on CPU), for the MFU display."""
-    try:
-        return float(measure_matmul_ceiling(device)["tflops"])  # the same measurement as `mae-fast bench`
-    except Exception:  # noqa: BLE001
-        return None
 
 
 def make_baseline_optimizer(core: torch.nn.Module, plan: RunPlan) -> torch.optim.Optimizer:
@@ -156,21 +80,6 @@ def decayed_parameter_names(core: MaskedAutoencoder) -> set[str]:
     return {name for name, p in core.named_parameters() if id(p) in ids}
 
 
-def micro_seed(seed: int, step: int, micro: int) -> int:
-    """The global-RNG seed of micro-batch `micro` of step `step` (masking and stochastic depth)."""
-    words = np.random.SeedSequence([int(seed), int(step), int(micro), 0x4D414546]).generate_state(2, np.uint32)
-    return (int(words[0]) << 31 | int(words[1]) >> 1) & ((1 << 63) - 1)
-
-
-def _log(info: DistInfo, text: str, bar=None) -> None:
-    if not info.is_main:
-        return
-    if bar is not None:
-        bar.write(text)
-    else:
-        print(text, flush=True)
-
-
 def _last_good(checkpoint: str | None) -> str:
     """Where a diverged run can go on from (every published checkpoint has finite weights; see write_checkpoint).
     A resume needs the same settings; a lower lr is a new run started from the checkpoint's weights."""
@@ -178,10 +87,6 @@ def _last_good(checkpoint: str | None) -> str:
         return "no checkpoint was written before it"
     return (f"the last good checkpoint is {checkpoint} (its weights are finite); continue from it with --resume, "
             f"or start a new run from its weights with a lower lr: --set init_from={checkpoint} --lr LOWER")
-
-
-def _autocast(device: torch.device, amp: torch.dtype | None):
-    return torch.autocast(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None)
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -214,7 +119,7 @@ def _prepare(cfg: TrainConfig, plan: RunPlan, info: DistInfo, device: torch.devi
     """Every check that reads the disk: output folder, checkpoint to resume (same settings?) or initialise from,
     data. Nothing is written here."""
     resume_step = check_output(cfg)
-    state, weights, notes = None, None, []
+    state, weights, path, notes = None, None, None, []
     if resume_step is not None:
         resume_step, path, state, weights, broken = newest_intact_checkpoint(cfg.out_dir)
         if broken:
@@ -241,19 +146,11 @@ def _prepare(cfg: TrainConfig, plan: RunPlan, info: DistInfo, device: torch.devi
         streams = make_shard_streams(index, cfg, plan, info.rank, device, return_info=labels is not None)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     core = build_model(plan.model_cfg)
-    if state is not None:
+    if weights is not None:  # a full checkpoint: weights before wrapping (a sharded one loads after)
         load_state_dict_strict(core, weights, os.path.join(path, WEIGHTS_NAME))
-    elif cfg.init_from:
+    elif state is None and cfg.init_from:
         init_weights_from(cfg.init_from, core)
-    return index, streams, core, resume_step, state, labels, notes
-
-
-def micro_inputs(batch, labels, device: torch.device):
-    """A stream's batch -> (images, labels or None); WSL labels come from the sites of the crops (CropInfo)."""
-    if not isinstance(batch, tuple):
-        return batch, None
-    images, info = batch
-    return images, (labels.for_crops(info, device) if labels is not None else None)
+    return index, streams, core, resume_step, path, state, labels, notes
 
 
 def _count(n: int) -> str:
@@ -266,10 +163,46 @@ def _optimizer_name(plan: RunPlan) -> str:
     return "SGD (Nesterov)" if plan.model_cfg.optimizer == "sgd" else "AdamW"
 
 
-def _train(cfg: TrainConfig, plan: RunPlan, info: DistInfo, device: torch.device, amp) -> TrainResult:
-    from tqdm import tqdm
+def _build(cfg: TrainConfig, plan: RunPlan, info: DistInfo, device: torch.device, core: torch.nn.Module):
+    """The model as it trains (selective checkpointing, DDP / FSDP2, compilation) and its optimiser ->
+    (wrapped model, forward, optimizer)."""
+    core.to(device).train()
+    if cfg.activation_checkpointing and cfg.activation_checkpointing_policy == "selective" and plan.family == "mae":
+        selective_checkpointing(core)  # before sharding and compiling: they wrap what the block runs
+    if plan.family == "mae":
+        decay_names = decayed_parameter_names(core)
+        wrapped = wrap_model(core, cfg, info, device)
+        optimizer = make_optimizer(wrapped, decay_names, plan, cfg.optimizer_impl)
+    else:
+        wrapped = wrap_model(core, cfg, info, device)
+        optimizer = make_baseline_optimizer(core, plan)
+    forward = wrapped
+    if cfg.compile and cfg.compile_mode == "regional" and plan.family == "mae":
+        compile_blocks(core, cfg.compile_backend)  # after sharding: each FSDP2 block compiled as it runs
+    elif cfg.compile:
+        forward = torch.compile(wrapped, backend=cfg.compile_backend)
+    return wrapped, forward, optimizer
 
-    index, streams, core, resume_step, state, labels, notes = agree(lambda: _prepare(cfg, plan, info, device), info)
+
+def _reconstruction(checkpointer: Checkpointer, info: DistInfo, cfg: TrainConfig, val_images, step: int,
+                    device: torch.device, recon_paths: list[str]) -> None:
+    """A reconstruction figure of the fixed validation batch (collective under FSDP: the weights are gathered)."""
+    from mae_fast.plots import plot_reconstruction
+
+    if not hasattr(checkpointer.core, "reconstruct"):  # the WSL classifier has nothing to draw
+        return
+    model = checkpointer.full_model()
+    if info.is_main:
+        path = os.path.join(cfg.out_dir, "recon", step_dir_name(step) + ".png")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        plot_reconstruction(model.to(device), val_images, path, seed=cfg.seed)
+        recon_paths.append(path)
+    checkpointer.core.train()
+
+
+def _train(cfg: TrainConfig, plan: RunPlan, info: DistInfo, device: torch.device, amp) -> TrainResult:
+    index, streams, core, resume_step, resume_path, state, labels, notes = agree(
+        lambda: _prepare(cfg, plan, info, device), info)
     if info.is_main:
         removed = prepare_output(cfg, resume_step)
         if removed:
@@ -278,29 +211,14 @@ def _train(cfg: TrainConfig, plan: RunPlan, info: DistInfo, device: torch.device
                          + (", ..." if len(removed) > 6 else ""))
         _write_json(os.path.join(cfg.out_dir, RUN_CONFIG), run_config_dict(cfg))
     barrier(info)
-    checkpoint_extra = {"classes": list(labels.classes)} if labels is not None else {}
-
-    core.to(device).train()
-    if cfg.activation_checkpointing and cfg.activation_checkpointing_policy == "selective" and plan.family == "mae":
-        selective_checkpointing(core)  # before sharding and compiling: they wrap what the block runs
+    extra = {"classes": list(labels.classes)} if labels is not None else {}
     n_params = sum(p.numel() for p in core.parameters())
-    if plan.family == "mae":
-        decay_names = decayed_parameter_names(core)
-        wrapped = wrap_model(core, cfg, info, device)
-        optimizer = make_optimizer(wrapped, decay_names, plan, cfg.optimizer_impl)
-    else:
-        wrapped = wrap_model(core, cfg, info, device)
-        optimizer = make_baseline_optimizer(core, plan)
-    can_reconstruct = hasattr(core, "reconstruct")
-    forward = wrapped
-    if cfg.compile and cfg.compile_mode == "regional" and plan.family == "mae":
-        compile_blocks(core, cfg.compile_backend)  # after sharding: each FSDP2 block compiled as it runs
-    elif cfg.compile:
-        forward = torch.compile(wrapped, backend=cfg.compile_backend)
+    wrapped, forward, optimizer = _build(cfg, plan, info, device, core)
+    checkpointer = Checkpointer(cfg, plan, info, core, wrapped, optimizer, streams, extra)
 
     start_step, crops_seen, losses = 0, 0, []
     if state is not None:
-        load_optimizer_state(wrapped, optimizer, state["optimizer"])
+        checkpointer.restore(resume_path, state)
         for s, stream in streams.items():
             stream.load_state_dict(state["loader"][s])
         if len(state["rng"]) == info.world_size:  # per-rank RNG streams (micro-batches reseed anyway)
@@ -308,188 +226,93 @@ def _train(cfg: TrainConfig, plan: RunPlan, info: DistInfo, device: torch.device
         start_step, crops_seen = int(state["step"]), int(state["crops"])
         losses = [float(x) for x in state["losses"].tolist()]
 
-    val_images = validation_batch(index, cfg, plan, device) if info.is_main and can_reconstruct else None
-    flops_per_crop = training_flops_per_crop(plan.model_cfg)
-    ceiling = cfg.peak_tflops or (matmul_ceiling_tflops(device) if (flops_per_crop and info.is_main) else None)
-    metrics = MetricsLog(cfg.out_dir, resume_step, cfg.tensorboard) if info.is_main else None
-    local_micro = plan.local_micro(info.rank)
-    n_local = len(local_micro)
-
-    def mfu_of(rate: float) -> float | None:
-        if not flops_per_crop or not ceiling:
-            return None
-        return rate * flops_per_crop / (ceiling * 1e12 * info.world_size)
-
+    val_images = validation_batch(index, cfg, plan, device) if info.is_main and hasattr(core, "reconstruct") else None
+    report = StepReporter(cfg, plan.model_cfg, info.world_size, info.is_main, device, resume_step, start_step,
+                          plan.total_steps, labels is not None)
+    train_step = TrainStep(forward, wrapped, optimizer, streams, labels, cfg, plan, info, device, amp)
     for note in notes:
-        _log(info, note)
-    _log(info, (f"training {plan.model_cfg.name} ({_count(n_params)} params"
+        report.line(note)
+    report.line(f"training {plan.model_cfg.name} ({_count(n_params)} params"
                 + (f", {len(labels)} classes" if labels is not None else "")
                 + (", one plate per micro-batch" if plan.adabn else "")
                 + f") on {len(index)} sites: {plan.total_steps} steps x global batch {cfg.global_batch} "
-                f"({info.world_size} rank(s) x {n_local} micro-batch(es) of {cfg.micro_batch}; {plan.shards} data "
-                f"shard(s)), {_optimizer_name(plan)} lr {plan.lr:g}, {device.type}"
-                f"{' bf16' if amp else ' fp32'}{', ' + cfg.distributed.upper() if info.active else ''} -> {cfg.out_dir}"
-                + (f"; resuming after step {start_step}" if resume_step is not None else "")))
+                f"({info.world_size} rank(s) x {len(train_step.local_micro)} micro-batch(es) of {cfg.micro_batch}; "
+                f"{plan.shards} data shard(s)), {_optimizer_name(plan)} lr {plan.lr:g}, {device.type}"
+                f"{' bf16' if amp else ' fp32'}{', ' + cfg.distributed.upper() if info.active else ''}"
+                f"{', sharded checkpoints' if checkpointer.sharded else ''} -> {cfg.out_dir}"
+                + (f"; resuming after step {start_step}" if resume_step is not None else ""))
 
     recon_paths: list[str] = []
     last_ckpt = (os.path.join(cfg.out_dir, CHECKPOINT_DIR, step_dir_name(resume_step))
                  if resume_step is not None else None)
 
     def save(step: int) -> str:
-        model_state = full_model_state(wrapped)
-        optim_state = full_optimizer_state(wrapped, optimizer)
-        loader_states = {}
-        for part in all_gather_objects({s: st.state_dict() for s, st in streams.items()}, info):
-            loader_states.update(part)
-        rng_states = all_gather_objects(_rng_state(), info)
-        bad = all_gather_objects(non_finite_weights(model_state) if info.is_main else {}, info)[0]
+        path, bad = checkpointer.save(step, crops_seen, losses)
         if bad:  # never publish (or call good) weights that are NaN or infinite
-            where = _last_good(last_ckpt)
-            if metrics is not None:
-                metrics.write({"event": "non_finite_weights", "step": step})
+            report.event({"event": "non_finite_weights", "step": step})
             raise NonFiniteLossError(f"the weights became non-finite by step {step} of {plan.total_steps} "
-                                     f"({describe_non_finite(bad)}); training stopped; {where}")
-        path = None
-        if info.is_main:
-            train_state = {
-                "step": step, "crops": crops_seen, "optimizer": optim_state, "loader": loader_states,
-                "rng": rng_states, "losses": torch.tensor(losses, dtype=torch.float64),
-                "scheduler": {"step": step, "total_steps": plan.total_steps, "max_lr": plan.lr,
-                              "warmup_fraction": cfg.warmup_fraction},
-                "world_size": info.world_size, "config": json.dumps(run_config_dict(cfg)), **checkpoint_extra,
-            }
-            path = write_checkpoint(cfg.out_dir, step, plan.model_cfg, model_state, train_state, cfg.keep_last,
-                                    checkpoint_extra)
-        barrier(info)
-        return path or os.path.join(cfg.out_dir, CHECKPOINT_DIR, step_dir_name(step))
+                                     f"({describe_non_finite(bad)}); training stopped; {_last_good(last_ckpt)}")
+        return path
 
-    def reconstruction(step: int) -> None:
-        from mae_fast.plots import plot_reconstruction
-
-        if not can_reconstruct:  # the WSL classifier has nothing to draw
-            return
-        if cfg.distributed == "fsdp" and info.active:
-            weights = full_model_state(wrapped)  # collective
-            model = _model_for_saving(plan.model_cfg, weights).to(device) if info.is_main else None
-        else:
-            model = core
-        if info.is_main:
-            path = os.path.join(cfg.out_dir, "recon", step_dir_name(step) + ".png")
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            plot_reconstruction(model, val_images, path, seed=cfg.seed)
-            recon_paths.append(path)
-        core.train()
-
-    bar = (tqdm(total=plan.total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
-                disable=not cfg.progress) if info.is_main else None)
     step = start_step
     t_start = time.perf_counter()
-    window_t, window_crops = t_start, 0
     stopped_early = False
     try:
         while step < plan.total_steps:
-            lr = one_cycle_cosine(step, plan.total_steps, plan.lr, cfg.warmup_fraction)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum = torch.zeros((), device=device, dtype=torch.float32)
-            accuracy_sum = torch.zeros((), device=device, dtype=torch.float32)  # WSL: top-1 on the training crops
-            for i, j in enumerate(local_micro):
-                images, micro_labels = micro_inputs(streams[j % plan.shards].next(), labels, device)
-                torch.manual_seed(micro_seed(cfg.seed, step, j))
-                sync = contextlib.nullcontext() if (i == n_local - 1 or not info.active) else wrapped.no_sync()
-                with sync:
-                    with _autocast(device, amp):
-                        out = forward(images) if micro_labels is None else forward(images, micro_labels)
-                        loss = out.loss
-                    (loss / n_local).backward()
-                loss_sum += loss.detach().float()
-                accuracy = getattr(out, "extras", {}).get("accuracy")
-                if accuracy is not None:
-                    accuracy_sum += accuracy.detach().float()
-            out_of_time = cfg.max_seconds > 0 and time.perf_counter() - t_start > cfg.max_seconds
-            stats = torch.stack([loss_sum / n_local, torch.tensor(float(out_of_time), device=device),
-                                 accuracy_sum / n_local])
-            if info.active:
-                dist.all_reduce(stats)
-                stats[0] /= info.world_size
-                stats[2] /= info.world_size
-            step_loss = float(stats[0])
-            if not math.isfinite(step_loss):
-                where = _last_good(last_ckpt)
-                if metrics is not None:
-                    metrics.write({"event": "non_finite_loss", "step": step + 1, "loss": str(step_loss)})
-                raise NonFiniteLossError(f"non-finite loss ({step_loss}) at step {step + 1} of {plan.total_steps}; "
-                                         f"training stopped; {where}")
-            optimizer.step()
+            try:
+                stats = train_step(step, lambda: cfg.max_seconds > 0 and time.perf_counter() - t_start > cfg.max_seconds,
+                                   _last_good(last_ckpt))
+            except NonFiniteLossError as err:
+                report.event(err.event)
+                raise
             step += 1
             crops_seen += cfg.global_batch
-            window_crops += cfg.global_batch
-            losses.append(step_loss)
-            if info.is_main and (step % cfg.log_every == 0 or step == plan.total_steps):
-                now = time.perf_counter()
-                rate = window_crops / max(now - window_t, 1e-9)
-                window_t, window_crops = now, 0
-                mfu = mfu_of(rate)
-                record = {"step": step, "loss": step_loss, "lr": lr, "crops": crops_seen,
-                          "crops_per_s": rate, "mfu": mfu, "time": time.time()}
-                if labels is not None:
-                    record["accuracy"] = float(stats[2])
-                metrics.write(record)
-                bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", crops_s=f"{rate:.1f}",
-                                mfu="n/a" if mfu is None else f"{100 * mfu:.1f}%", refresh=False)
-            if bar is not None:
-                bar.update(1)
+            losses.append(stats.loss)
+            report.step(step, plan.total_steps, stats, crops_seen)
             if cfg.recon_every and step % cfg.recon_every == 0 and step < plan.total_steps:
-                reconstruction(step)
-            if stats[1] > 0:
+                _reconstruction(checkpointer, info, cfg, val_images, step, device, recon_paths)
+            if stats.out_of_time:
                 stopped_early = step < plan.total_steps
                 break
             if step % cfg.checkpoint_every == 0 and step < plan.total_steps:
                 last_ckpt = save(step)
-    finally:
-        if bar is not None:
-            bar.close()
-        if metrics is not None and sys.exc_info()[0] is not None:
-            metrics.close()
+    except BaseException:
+        report.close()
+        raise
+    report.close_bar()
     seconds = time.perf_counter() - t_start
 
     # the end (or the time budget): checkpoint, final weights, figures, summary
     if step > start_step:
         last_ckpt = save(step)
-    reconstruction(step)
+    _reconstruction(checkpointer, info, cfg, val_images, step, device, recon_paths)
     trained = crops_seen - (int(state["crops"]) if state is not None else 0)
     rate = trained / seconds if seconds > 0 else 0.0
     model_dir = os.path.join(cfg.out_dir, "model")
+    final_model = checkpointer.full_model()  # collective under FSDP: the one full gather of the run
     loss_png = None
-    if cfg.distributed == "fsdp" and info.active:
-        weights = full_model_state(wrapped)
-        final_model = _model_for_saving(plan.model_cfg, weights) if info.is_main else None
-    else:
-        final_model = core
     if info.is_main:
         from mae_fast.plots import LOSS_LABELS, plot_loss
 
-        save_model(final_model, model_dir, extra={"step": step, "crops": crops_seen, **checkpoint_extra})
+        save_model(final_model, model_dir, extra={"step": step, "crops": crops_seen, **extra})
         loss_png = os.path.join(cfg.out_dir, "loss_curve.png")
         if losses:
             plot_loss(losses, loss_png, ylabel=LOSS_LABELS.get(plan.family, "loss"))
         summary = {"model": plan.model_cfg.name, "family": plan.family, "optimizer": _optimizer_name(plan),
                    "lr": plan.lr, "classes": len(labels) if labels is not None else None,
                    "steps": step, "total_steps": plan.total_steps, "crops": crops_seen, "seconds": seconds,
-                   "crops_per_second": rate, "mfu": mfu_of(rate), "final_loss": losses[-1] if losses else None,
+                   "crops_per_second": rate, "mfu": report.mfu(rate), "final_loss": losses[-1] if losses else None,
                    "resumed_from": resume_step, "stopped_early": stopped_early, "world_size": info.world_size,
                    "device": str(device), "amp": "bf16" if amp else "fp32", "checkpoint": last_ckpt}
         _write_json(os.path.join(cfg.out_dir, "train_summary.json"), summary)
-        metrics.write({"event": "stopped_early" if stopped_early else "finished", "step": step,
-                       "crops_per_s": rate})
-        metrics.close()
-        _log(info, f"{'stopped (time budget)' if stopped_early else 'finished'} at step {step}: loss "
-                   f"{losses[-1] if losses else float('nan'):.4f}, {rate:.1f} crops/s; final weights in {model_dir}")
+        report.event({"event": "stopped_early" if stopped_early else "finished", "step": step, "crops_per_s": rate})
+        report.line(f"{'stopped (time budget)' if stopped_early else 'finished'} at step {step}: loss "
+                    f"{losses[-1] if losses else float('nan'):.4f}, {rate:.1f} crops/s; final weights in {model_dir}")
+    report.close()
     barrier(info)
     return TrainResult(
         out_dir=cfg.out_dir, model_dir=model_dir, checkpoint_dir=last_ckpt, steps=step, total_steps=plan.total_steps,
-        crops=crops_seen, losses=losses, seconds=seconds, crops_per_second=rate, mfu=mfu_of(rate),
+        crops=crops_seen, losses=losses, seconds=seconds, crops_per_second=rate, mfu=report.mfu(rate),
         resumed_from=resume_step, stopped_early=stopped_early, metrics_path=os.path.join(cfg.out_dir, "metrics.jsonl"),
         loss_curve_path=loss_png, recon_paths=recon_paths,
         model=final_model.eval() if final_model is not None else None,

@@ -14,10 +14,11 @@ import torch
 from safetensors.torch import load_file
 
 from mae_fast.cli import train as train_cli
-from mae_fast.training.checkpointing import list_checkpoints, load_pretrained, read_train_state
+from mae_fast.training.checkpointing import list_checkpoints, read_train_state
+from mae_fast.training.pretrained import load_pretrained
 from mae_fast.training.config import set_key, validate
 from mae_fast.training.data import build_site_index, make_plate_streams, wsl_labels
-from mae_fast.training.loop import micro_inputs
+from mae_fast.training.step import micro_inputs
 from mae_fast.models import create_baseline
 from mae_fast.models.munet import MaskedUNet
 from mae_fast.models.wsl import WSLClassifier
@@ -154,7 +155,7 @@ def test_adabn_training_micro_batches_are_single_plate(screen, tmp_path, monkeyp
         seen.append(batch[1].site_index.copy())
         return original(batch, labels, device)
 
-    monkeypatch.setattr("mae_fast.training.loop.micro_inputs", recording)  # where _train looks it up
+    monkeypatch.setattr("mae_fast.training.step.micro_inputs", recording)  # where TrainStep looks it up
     preset = "wsl_densenet_micro_adabn_256"
     r = train(config(preset, screen.root, tmp_path / "adabn", steps=7, checkpoint_every=100, data__shards=2))
     index = build_site_index(DataConfig(root=screen.root))

@@ -24,7 +24,7 @@ from mae_fast.data.synthetic import SyntheticScreenConfig, make_synthetic_screen
 from mae_fast.io import LOCK_NAME, OutputBusyError, OutputLock, beside_lock_path, folder_lock_path
 from tests.helpers import ROOT, run_as_if_killed_after
 from mae_fast.training.checkpointing import list_checkpoints, read_train_state, write_checkpoint
-from mae_fast.training.loop import MetricsLog
+from mae_fast.training.metrics import MetricsLog
 
 ENV = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
 MICRO = "mae_vit_micro_patch16_256"
@@ -202,7 +202,7 @@ def test_weights_turned_nan_are_never_a_good_checkpoint(screen, tmp_path, monkey
     """A NaN lr from step 2 on (as `--lr nan` once gave): the loss of step 2 is still finite, the weights after it
     are not; checkpoint 2 is refused and the error names checkpoint 1, whose weights are finite, and a way on
     that works (a resume needs the same lr)."""
-    from mae_fast.training import loop
+    from mae_fast.training import step as loop  # where the train step looks the schedule up
 
     schedule = loop.one_cycle_cosine
     monkeypatch.setattr(loop, "one_cycle_cosine",

@@ -23,13 +23,18 @@ from mae_fast.training.config import DataConfig, TrainConfig
 from mae_fast.training.loop import train
 
 
-def _config(root: str, out: str, distributed: str = "ddp") -> TrainConfig:
-    return TrainConfig(
+def _config(root: str, out: str, distributed: str = "ddp", **overrides) -> TrainConfig:
+    cfg = TrainConfig(
         preset="mae_vit_micro_patch16_256", model={"img_size": 64, "drop_path": 0.1},
         data=DataConfig(root=root, num_workers=0, crops_per_image=2, shards=2), out_dir=out,
         global_batch=8, micro_batch=4, steps=3, lr=1e-3, checkpoint_every=2, log_every=1, recon_every=0,
         val_crops=1, threads=1, progress=False, peak_tflops=1.0, tensorboard=False, distributed=distributed,
+        # FSDP writes sharded checkpoints by default; the full format is what these runs compare
+        checkpoint_format="full",
     )
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
 
 
 def _free_ports(n: int) -> list[int]:
