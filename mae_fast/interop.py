@@ -1,8 +1,10 @@
 """Other projects' model formats: timm's VisionTransformer and Recursion's OpenPhenom, and `load_any`, which takes
 ours (`mae_fast.checkpoint`) or theirs.
 
-- timm: the standard encoder's parameter names already follow timm's VisionTransformer with ParallelScalingBlock,
-  so export/import is a key filter; `timm_vit_kwargs` builds the matching timm model. timm changed where
+- timm: the encoder's parameter names already follow timm's VisionTransformer with ParallelScalingBlock, so
+  export/import is a key filter; `timm_vit_kwargs` builds the matching timm model and `timm_input` prepares its
+  input (self-standardised). CA-MAE exports exactly, for one channel count, as a single-channel ViT over the
+  channels stacked top to bottom (see `timm_vit_kwargs`). timm changed where
   ParallelScalingBlock adds its bias (MAEConfig.legacy_parallel_bias); an export to a timm that routes it the other
   way is refused unless every mlp_bias is zero (the function would change).
 - OpenPhenom: a torch pickle named `model.safetensors` holding {"state_dict": ...} with `encoder.vit_backbone.*`
@@ -28,22 +30,53 @@ from mae_fast.models import MAEConfig, MaskedAutoencoder
 # timm
 # ------------------------------------------------------------------------------------------------------------
 
-def timm_vit_kwargs(cfg: MAEConfig) -> dict:
-    """Arguments of timm.models.vision_transformer.VisionTransformer that build our standard encoder."""
+def timm_channels(cfg: MAEConfig, in_chans: int | None = None) -> int:
+    """The channel count a timm export is built for: the model's own, or (CA-MAE) any 1..max_in_chans."""
+    C = in_chans or cfg.in_chans
+    if not cfg.channel_agnostic and C != cfg.in_chans:
+        raise ValueError(f"model {cfg.name} takes {cfg.in_chans} channels; in_chans={C} only applies to CA-MAE")
+    if not 1 <= C <= cfg.max_in_chans:
+        raise ValueError(f"a CA-MAE export takes 1..{cfg.max_in_chans} channels, got in_chans={C}")
+    return C
+
+
+def timm_vit_kwargs(cfg: MAEConfig, in_chans: int | None = None) -> dict:
+    """Arguments of timm.models.vision_transformer.VisionTransformer that build our encoder.
+
+    CA-MAE (channel_agnostic): the C channels of an image, stacked top to bottom into one (C*H) x W single-channel
+    image (`timm_input`), patchify into exactly the channel-major token order of CA-MAE, and the shared
+    Conv2d(1, D, p, p) is a timm patch embedding with in_chans=1. So a timm ViT of img_size (C*H, W), in_chans 1,
+    with CA-MAE's per-channel repeated positions in `pos_embed`, computes the CA-MAE encoder exactly -- for the one
+    channel count C it was exported for (`in_chans`, default cfg.in_chans)."""
     from functools import partial
 
     from timm.models.vision_transformer import ParallelScalingBlock
 
+    C = timm_channels(cfg, in_chans)
     if cfg.channel_agnostic:
-        raise ValueError("timm's VisionTransformer has no channel-agnostic patch embedding; export the CA-MAE "
-                         "encoder with save_model instead")
+        img_size, patch_chans = (C * cfg.img_size, cfg.img_size), 1
+    else:
+        img_size, patch_chans = cfg.img_size, C
     return dict(
-        img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans, embed_dim=cfg.embed_dim,
+        img_size=img_size, patch_size=cfg.patch_size, in_chans=patch_chans, embed_dim=cfg.embed_dim,
         depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=False, qk_norm=True,
         init_values=cfg.init_values, class_token=True, global_pool="avg", fc_norm=cfg.fc_norm, num_classes=0,
         drop_path_rate=cfg.drop_path, block_fn=ParallelScalingBlock,
         norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
     )
+
+
+def timm_input(images: torch.Tensor, cfg: MAEConfig) -> torch.Tensor:
+    """What the exported timm encoder takes for raw images (B, C, H, W): the per-image, per-channel
+    self-standardised images (as mae_fast standardises before patching), and for CA-MAE the channels stacked top
+    to bottom: (B, 1, C*H, W)."""
+    from mae_fast import ops
+
+    x = ops.self_standardize(images)
+    if cfg.channel_agnostic:
+        B, C, H, W = x.shape
+        x = x.reshape(B, 1, C * H, W)
+    return x
 
 
 def timm_parallel_bias_is_legacy() -> bool:
@@ -69,15 +102,17 @@ def timm_parallel_bias_is_legacy() -> bool:
     raise RuntimeError(f"the installed timm's ParallelScalingBlock adds its bias in an unknown way: {hidden_bias}")
 
 
-def to_timm_state_dict(model: MaskedAutoencoder, timm_legacy_bias: bool | None = None) -> dict[str, torch.Tensor]:
-    """The encoder as a timm VisionTransformer state dict (fixed sin-cos positions written into `pos_embed`).
+def to_timm_state_dict(model: MaskedAutoencoder, timm_legacy_bias: bool | None = None,
+                       in_chans: int | None = None) -> dict[str, torch.Tensor]:
+    """The encoder as a timm VisionTransformer state dict (fixed sin-cos positions written into `pos_embed`), for
+    `VisionTransformer(**timm_vit_kwargs(cfg, in_chans))`. A CA-MAE encoder exports for one channel count
+    (`in_chans`, default the model's): see `timm_vit_kwargs`.
 
     `timm_legacy_bias`: how the target timm routes ParallelScalingBlock's bias (None: the installed timm's, see
     `timm_parallel_bias_is_legacy`; without timm installed, the current routing that `pip install timm` gives).
     When it differs from the model's and some mlp_bias is non-zero, the export
     would compute another function: refused."""
-    if model.cfg.channel_agnostic:
-        raise ValueError("only the standard (non channel-agnostic) encoder exports to timm")
+    C = timm_channels(model.cfg, in_chans)
     if any(blk.mlp_bias.any() for blk in model.encoder.blocks):
         target = timm_legacy_bias
         if target is None:
@@ -92,7 +127,7 @@ def to_timm_state_dict(model: MaskedAutoencoder, timm_legacy_bias: bool | None =
                 f"the target timm with {routing[target]}: the exported encoder would compute a different function "
                 "(export to a timm with the same routing, or keep the model in mae_fast's format with save_model)")
     state = {k: v.detach().clone() for k, v in model.encoder.state_dict().items()}
-    state["pos_embed"] = model.encoder.pos_embed.detach().clone()
+    state["pos_embed"] = model.encoder.pos_embed[:, :1 + model.cfg.tokens(C)].detach().clone()
     return state
 
 
@@ -110,7 +145,11 @@ def from_timm_state_dict(state: dict[str, torch.Tensor], cfg: MAEConfig, source:
     state.pop("head.weight", None), state.pop("head.bias", None)
     model = MaskedAutoencoder(cfg)
     if "pos_embed" in state:
-        _check_positions(state.pop("pos_embed"), model.encoder.pos_embed, source)
+        pos, expected = state.pop("pos_embed"), model.encoder.pos_embed
+        tokens = pos.shape[1] - 1 if pos.ndim == 3 else -1
+        if cfg.channel_agnostic and tokens % cfg.num_patches == 0 and 1 <= tokens // cfg.num_patches <= cfg.max_in_chans:
+            expected = expected[:, :1 + tokens]  # a CA-MAE export for tokens / L channels
+        _check_positions(pos, expected, source)
     load_state_dict_strict(model.encoder, state, source)
     return model
 
