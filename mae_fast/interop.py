@@ -22,8 +22,15 @@ import re
 import torch
 import torch.nn.functional as F
 
-from mae_fast.checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, load_model, load_state_dict_strict
-from mae_fast.models import MAEConfig, MaskedAutoencoder
+from mae_fast.checkpoint import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    CheckpointError,
+    is_our_config,
+    load_model,
+    load_state_dict_strict,
+)
+from mae_fast.models.mae import MAEConfig, MaskedAutoencoder  # the module: mae_fast.models imports mae_fast.hub
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -154,6 +161,100 @@ def from_timm_state_dict(state: dict[str, torch.Tensor], cfg: MAEConfig, source:
     return model
 
 
+TIMM_FOLDER_KEY = "mae_fast"  # config.json of a timm folder written by save_timm: how to rebuild the mae_fast model
+
+
+def save_timm(model: MaskedAutoencoder, directory: str, in_chans: int | None = None,
+              timm_legacy_bias: bool | None = None) -> str:
+    """The encoder as a timm model folder, the layout timm's Hub export writes: `model.safetensors` (the timm
+    VisionTransformer state dict, `to_timm_state_dict`) + `config.json` with `architecture`, `num_classes`,
+    `num_features`, `global_pool`, `model_args` (the JSON-able VisionTransformer arguments) and `pretrained_cfg`.
+    timm registers no model name with this block layout, so build it with
+    `VisionTransformer(**timm_vit_kwargs(cfg, in_chans))` and load the weights; `from_pretrained` / `load_any` read
+    the folder back (config.json's `mae_fast` entry keeps the full model config). Returns the directory."""
+    from safetensors.torch import save_file
+
+    from mae_fast.io import atomic_write, atomic_write_json
+
+    cfg = model.cfg
+    C = timm_channels(cfg, in_chans)
+    state = {k: v.contiguous() for k, v in to_timm_state_dict(model, timm_legacy_bias, C).items()}
+    args = dict(timm_vit_kwargs(cfg, C))
+    for unserialisable in ("block_fn", "norm_layer", "drop_path_rate"):  # the classes; a training-only rate
+        args.pop(unserialisable)
+    if isinstance(args["img_size"], tuple):
+        args["img_size"] = list(args["img_size"])
+    height = C * cfg.img_size if cfg.channel_agnostic else cfg.img_size
+    meta = {
+        "architecture": cfg.name, "num_classes": 0, "num_features": cfg.embed_dim, "global_pool": "avg",
+        "model_args": args,
+        "pretrained_cfg": {"input_size": [args["in_chans"], height, cfg.img_size], "num_classes": 0,
+                           "input_standardisation": "per image and channel (mae_fast.interop.timm_input)"},
+        TIMM_FOLDER_KEY: {"config": cfg.to_dict(), "in_chans": C},
+    }
+    atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    atomic_write_json(os.path.join(directory, CONFIG_NAME), meta)
+    return directory
+
+
+def is_timm_config(meta) -> bool:
+    """Whether a parsed config.json is timm's Hub model config (an `architecture` with timm's companions)."""
+    return isinstance(meta, dict) and "architecture" in meta and ("model_args" in meta or "pretrained_cfg" in meta)
+
+
+def timm_config(state: dict[str, torch.Tensor], meta: dict, source: str) -> MAEConfig:
+    """The MAEConfig of a timm encoder folder: config.json's `mae_fast` entry when save_timm wrote it, else read
+    from the weights' shapes and `model_args` (a standard-layout encoder with the installed timm's bias routing)."""
+    ours = meta.get(TIMM_FOLDER_KEY)
+    if isinstance(ours, dict) and isinstance(ours.get("config"), dict):
+        return MAEConfig.from_dict(ours["config"])
+    args = meta.get("model_args") or {}
+    try:
+        D, C, p, _ = state["patch_embed.proj.weight"].shape
+        depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
+        head_dim = state["blocks.0.q_norm.weight"].shape[0]
+        hidden = state["blocks.0.mlp_bias"].shape[0]
+    except (KeyError, ValueError) as err:
+        raise CheckpointError(f"{source} is not a timm encoder of mae_fast's architecture (ParallelScalingBlock "
+                              f"with QK-norm; missing {err})") from err
+    grid = int(round((state["pos_embed"].shape[1] - 1) ** 0.5)) if "pos_embed" in state else None
+    img_size = args.get("img_size") or (grid * p if grid else 256)
+    try:
+        legacy = timm_parallel_bias_is_legacy()
+    except ImportError:
+        legacy = False
+    return MAEConfig(name=str(meta.get("architecture", "timm")), img_size=int(img_size), patch_size=p, in_chans=C,
+                     embed_dim=D, depth=depth, num_heads=D // head_dim, mlp_ratio=hidden / D,
+                     fc_norm="fc_norm.weight" in state, legacy_parallel_bias=legacy,
+                     init_values=float(args.get("init_values") or MAEConfig.init_values))
+
+
+def load_timm_folder(directory: str) -> MaskedAutoencoder:
+    """A MaskedAutoencoder from a timm encoder folder (`save_timm`, or timm's Hub export of this architecture):
+    the encoder holds the weights, the decoder is freshly initialised."""
+    from safetensors.torch import load_file
+
+    cfg_path, weights_path = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
+    meta = _read_json(cfg_path)
+    try:
+        state = load_file(weights_path)
+    except Exception as err:  # noqa: BLE001 - safetensors' own error types
+        raise CheckpointError(f"{weights_path} is not a readable safetensors file: {err}") from err
+    try:
+        cfg = timm_config(state, meta, weights_path)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{cfg_path}: its model config cannot be read: {err}") from err
+    return from_timm_state_dict(state, cfg, weights_path)
+
+
+def _read_json(path: str):
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read())
+    except (ValueError, TypeError) as err:  # not JSON (or not UTF-8): say so, not "not OpenPhenom"
+        raise CheckpointError(f"{path} is not JSON ({err}); the checkpoint's configuration cannot be read") from err
+
+
 # ------------------------------------------------------------------------------------------------------------
 # OpenPhenom
 # ------------------------------------------------------------------------------------------------------------
@@ -260,16 +361,25 @@ def load_openphenom(path: str) -> MaskedAutoencoder:
     return model
 
 
+def checkpoint_kind(path: str) -> str:
+    """Which loader a checkpoint needs, from the folder: "ours" (our config.json, either layout), "timm" (timm's
+    Hub config.json), else "openphenom" (its own config.json or none; a file is OpenPhenom's weights)."""
+    config_path = os.path.join(path, CONFIG_NAME)
+    if os.path.isdir(path) and os.path.exists(config_path):
+        meta = _read_json(config_path)
+        if is_our_config(meta):
+            return "ours"
+        if is_timm_config(meta):
+            return "timm"
+    return "openphenom"
+
+
 def load_any(path: str) -> torch.nn.Module:
-    """Our checkpoint directory (an MAE or a baseline), or an OpenPhenom file/directory."""
-    if os.path.isdir(path) and os.path.exists(os.path.join(path, CONFIG_NAME)):
-        config_path = os.path.join(path, CONFIG_NAME)
-        try:
-            with open(config_path, "rb") as f:
-                is_ours = "mae_fast_config" in json.loads(f.read())
-        except (ValueError, TypeError) as err:  # not JSON (or not UTF-8): say so, not "not OpenPhenom"
-            raise CheckpointError(f"{config_path} is not JSON ({err}); the checkpoint's configuration cannot be "
-                                  "read") from err
-        if is_ours:
-            return load_model(path)
+    """Our checkpoint directory (an MAE or a baseline), a timm encoder folder, or an OpenPhenom file/directory
+    (see `checkpoint_kind`)."""
+    kind = checkpoint_kind(path)
+    if kind == "ours":
+        return load_model(path)
+    if kind == "timm":
+        return load_timm_folder(path)
     return load_openphenom(path)

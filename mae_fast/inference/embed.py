@@ -2,11 +2,13 @@
 
     mae-fast embed --checkpoint runs/s16/model --data /data/rxrx3 --out emb/embeddings.parquet
     mae-fast embed --checkpoint openphenom/ --data screen/ --out emb.parquet --per-channel
+    mae-fast embed --checkpoint recursionpharma/OpenPhenom --data screen/ --out emb.parquet   # a Hub repo id
     mae-fast embed --checkpoint vit_s16.safetensors --preset mae_vit_small_patch16_256 --data screen/ --out emb.parquet
     torchrun --nproc_per_node 8 -m mae_fast.cli embed ...       # plates shared out over the ranks
 
 Models: our checkpoints (a `save_model` folder, a training run folder, or a single weights file with --preset), an
-OpenPhenom checkpoint (folder or file), or a timm state dict of the encoder (with --preset for the architecture).
+OpenPhenom checkpoint (folder or file), a timm encoder folder, or a timm state dict of the encoder (with --preset for
+the architecture); a name that is not a local path is a Hugging Face Hub repo id (`mae_fast.hub`).
 The CNN baselines (`mae_fast.models.wsl`, `munet`) embed the same way: WSL DenseNet -> its 128-d neck output, MU-Net -> the
 global average of its bottleneck.
 
@@ -46,6 +48,7 @@ import torch.distributed as dist
 
 from mae_fast.checkpoint import CheckpointError
 from mae_fast.data.tiling import decode_workers
+from mae_fast.hub import resolve_checkpoint
 from mae_fast.inference.adabn import AdaBNPlateTiles, adabn_window_tiles, is_adabn
 from mae_fast.inference.tables import merge_parts, output_paths, plate_part_name, plate_table, write_parquet
 from mae_fast.io import OutputLock, atomic_write_json, beside_lock_path, remove_temporaries
@@ -144,7 +147,7 @@ def load_embedding_model(cfg: EmbedConfig) -> tuple[torch.nn.Module, str]:
         arch = preset_config(cfg.preset, cfg.model)
     elif cfg.model:
         raise ConfigError("model overrides need --preset (they describe the architecture of a weights file)")
-    model, kind = load_pretrained(cfg.checkpoint, arch)
+    model, kind = load_pretrained(resolve_checkpoint(cfg.checkpoint), arch)  # a Hub repo id: its cached snapshot
     if arch is not None and kind != "timm" and model.cfg.to_dict() != arch.to_dict():
         saved = model.cfg.to_dict()
         diffs = sorted(set(k for k, v in arch.to_dict().items() if saved.get(k) != v and k != "name")
@@ -185,7 +188,8 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
 
 
 def _manifest(cfg: EmbedConfig, model: torch.nn.Module, index, amp) -> dict:
-    manifest = {"checkpoint": os.path.abspath(cfg.checkpoint), "weights": weights_fingerprint(model),
+    where = os.path.abspath(cfg.checkpoint) if os.path.exists(cfg.checkpoint) else cfg.checkpoint  # or a repo id
+    manifest = {"checkpoint": where, "weights": weights_fingerprint(model),
                 "model": model.cfg.to_dict(), "tile": model.cfg.img_size, "edge": cfg.edge,
                 "per_channel": cfg.per_channel, "amp": "bf16" if amp else "fp32", "index": index.fingerprint(),
                 "n_sites": len(index)}

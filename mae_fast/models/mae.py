@@ -591,7 +591,8 @@ class MAEOutput:
 
 
 class MaskedAutoencoder(nn.Module):
-    """MAE (standard tokens) or CA-MAE (channel-agnostic tokens), selected by `cfg.channel_agnostic`."""
+    """MAE (standard tokens) or CA-MAE (channel-agnostic tokens), selected by `cfg.channel_agnostic`.
+    `from_pretrained` / `save_pretrained` / `push_to_hub` are bound by mae_fast.hub (see there)."""
 
     def __init__(self, cfg: MAEConfig):
         super().__init__()
