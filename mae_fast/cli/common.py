@@ -1,5 +1,6 @@
-"""What every subcommand shares: numeric argument types with bounds, and the one error handler that turns a user's
-mistake into one line on stderr (exit code 2, no traceback; MAE_FAST_DEBUG=1 prints it)."""
+"""What every subcommand shares: numeric argument types with bounds, -v/--verbose and -q/--quiet, and the one error
+handler that turns a user's mistake into one line on stderr (exit code 2, no traceback; MAE_FAST_DEBUG=1 prints it)
+and configures logging (`mae_fast.logs.configure_logging`) before the command runs."""
 from __future__ import annotations
 
 import argparse
@@ -12,6 +13,7 @@ from mae_fast.checkpoint import CheckpointError
 from mae_fast.data.errors import DataError
 from mae_fast.evaluation.table import EvaluationInputError
 from mae_fast.io import OutputBusyError
+from mae_fast.logs import configure_logging
 from mae_fast.training.config import ConfigError
 
 
@@ -55,8 +57,20 @@ def error_line(err: BaseException) -> str:
     return "; ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
+def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="also log details (DEBUG); the default logs progress notes and warnings")
+    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+
+
+def verbosity(args) -> int:
+    """-1 quiet, 0 default, >= 1 verbose (commands run without the logging arguments: 0)."""
+    return -1 if getattr(args, "quiet", False) else getattr(args, "verbose", 0)
+
+
 def run_command(run, args, prog: str) -> int:
-    """`run(args)` with the CLI's one error handler (see the module doc)."""
+    """`run(args)` with logging configured and the CLI's one error handler (see the module doc)."""
+    configure_logging(verbosity(args))
     try:
         return int(run(args) or 0)
     except USER_ERRORS as err:

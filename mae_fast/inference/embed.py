@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -67,6 +68,7 @@ from mae_fast.training.distributed import (
 )
 
 MANIFEST = "manifest.json"
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -276,8 +278,8 @@ def _embed(cfg: EmbedConfig, info: DistInfo) -> EmbedResult:
                      + remove_temporaries(os.path.dirname(os.path.abspath(out)),
                                           (os.path.basename(out), os.path.basename(sites_path))))
         if leftovers:
-            print(f"removed {len(leftovers)} temporary file(s) of an interrupted run: "
-                  + ", ".join(os.path.basename(p) for p in leftovers), flush=True)
+            logger.info(f"removed {len(leftovers)} temporary file(s) of an interrupted run: "
+                        + ", ".join(os.path.basename(p) for p in leftovers))
         os.makedirs(parts_dir, exist_ok=True)
         if not os.path.exists(os.path.join(parts_dir, MANIFEST)):
             atomic_write_json(os.path.join(parts_dir, MANIFEST), manifest, indent=1)
@@ -297,9 +299,9 @@ def _embed(cfg: EmbedConfig, info: DistInfo) -> EmbedResult:
     todo = [i for i in mine if i not in done_before]
     label = [f"{e}/Plate{p}" for e, p in plates]
     if info.is_main:
-        print(f"embedding {len(index)} sites on {len(plates)} plate(s) with {model.cfg.name} ({kind}, "
-              f"{model.cfg.img_size}px tiles, {dims} features, {device.type} {'bf16' if amp else 'fp32'})"
-              + (f"; {len(done_before)} plate(s) already done" if done_before else "") + f" -> {out}", flush=True)
+        logger.info(f"embedding {len(index)} sites on {len(plates)} plate(s) with {model.cfg.name} ({kind}, "
+                    f"{model.cfg.img_size}px tiles, {dims} features, {device.type} {'bf16' if amp else 'fp32'})"
+                    + (f"; {len(done_before)} plate(s) already done" if done_before else "") + f" -> {out}")
 
     bar = tqdm(total=sum(len(by_plate[plates[i]]) for i in todo), desc="embed", unit="site", dynamic_ncols=True,
                disable=not cfg.progress or not info.is_main)
@@ -349,8 +351,8 @@ def _embed(cfg: EmbedConfig, info: DistInfo) -> EmbedResult:
         n_wells, n_sites, merged = merge_parts(parts_dir, names, out, sites_path if cfg.sites else None)
         merged_summary = merged.to_dict()
         rate = n_tiles / seconds if seconds > 0 else 0.0
-        print(f"{n_wells} wells, {n_sites} sites, {dims} features -> {out} ({n_tiles} tiles in {seconds:.1f} s, "
-              f"{rate:.1f} crops/s)" + (f"; {merged}" if merged else ""), flush=True)
+        logger.info(f"{n_wells} wells, {n_sites} sites, {dims} features -> {out} ({n_tiles} tiles in {seconds:.1f} s, "
+                    f"{rate:.1f} crops/s)" + (f"; {merged}" if merged else ""))
     counts_all = all_gather_objects((n_wells, n_sites, merged_summary), info)[0]
     barrier(info)
     return EmbedResult(
