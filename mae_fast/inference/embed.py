@@ -49,7 +49,6 @@ import torch.distributed as dist
 
 from mae_fast.checkpoint import CheckpointError
 from mae_fast.data.tiling import decode_workers
-from mae_fast.hub import resolve_checkpoint
 from mae_fast.inference.adabn import AdaBNPlateTiles, adabn_window_tiles, is_adabn
 from mae_fast.inference.tables import merge_parts, output_paths, plate_part_name, plate_table, write_parquet
 from mae_fast.io import OutputLock, atomic_write_json, beside_lock_path, remove_temporaries
@@ -149,7 +148,7 @@ def load_embedding_model(cfg: EmbedConfig) -> tuple[torch.nn.Module, str]:
         arch = preset_config(cfg.preset, cfg.model)
     elif cfg.model:
         raise ConfigError("model overrides need --preset (they describe the architecture of a weights file)")
-    model, kind = load_pretrained(resolve_checkpoint(cfg.checkpoint), arch)  # a Hub repo id: its cached snapshot
+    model, kind = load_pretrained(cfg.checkpoint, arch)  # also a Hub repo id (mae_fast.hub.resolve_checkpoint)
     if arch is not None and kind != "timm" and model.cfg.to_dict() != arch.to_dict():
         saved = model.cfg.to_dict()
         diffs = sorted(set(k for k, v in arch.to_dict().items() if saved.get(k) != v and k != "name")

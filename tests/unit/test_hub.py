@@ -185,3 +185,15 @@ def test_embed_resolves_a_repo_id_like_a_folder(tmp_path, offline_hub):
     shutil.rmtree(os.path.dirname(snapshot))  # the cache emptied: offline, the id no longer resolves
     with pytest.raises(CheckpointError, match="HF_HUB_OFFLINE"):
         load_embedding_model(EmbedConfig(checkpoint=REPO))
+
+
+def test_load_pretrained_names_the_kind_of_a_timm_folder_and_reads_repo_ids(tmp_path, offline_hub):
+    from mae_fast.training.checkpointing import load_pretrained
+
+    model = _perturbed("mae_vit_micro_patch16_256")
+    save_timm(model, str(tmp_path / "timm"))
+    loaded, kind = load_pretrained(str(tmp_path / "timm"))
+    assert kind == "timm"  # init_weights_from then fills the encoder only
+    _hub_cache(offline_hub, REPO, str(tmp_path / "timm"))
+    loaded, kind = load_pretrained(REPO)
+    assert kind == "timm" and torch.equal(loaded.embed(_images(6)), model.embed(_images(6)))
