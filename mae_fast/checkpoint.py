@@ -1,7 +1,12 @@
-"""Our model checkpoints: a directory with `model.safetensors` (weights) + `config.json` (the MAEConfig, or a
-baseline's WSLConfig / MUNetConfig, told apart by its `family` key), written atomically (`mae_fast.io`).
-`save_model` / `load_model` write and rebuild either kind; foreign formats (timm, OpenPhenom) are in
-`mae_fast.interop`, whose `load_any` takes ours or theirs.
+"""Our model checkpoints: a directory with `model.safetensors` (weights) + `config.json`, written atomically
+(`mae_fast.io`). `save_model` / `load_model` write and rebuild an MAE / CA-MAE or a baseline; foreign formats
+(timm, OpenPhenom) are in `mae_fast.interop`, whose `load_any` takes ours or theirs; `mae_fast.hub` adds the
+Hugging Face Hub (from_pretrained / save_pretrained / push_to_hub).
+
+config.json is a Hub-style model config, flat: `model_type` "mae_fast", `architecture` (the model class:
+MaskedAutoencoder, WSLClassifier, MaskedUNet), the model config's fields (a baseline's with its `family`), then any
+metadata the writer adds (training step, crops, WSL class names). Folders written before this layout hold the config
+nested under `mae_fast_config` (metadata beside it); they still load.
 """
 from __future__ import annotations
 
@@ -11,10 +16,15 @@ import os
 import torch
 
 from mae_fast.io import atomic_write, atomic_write_json
-from mae_fast.models import MAEConfig, config_from_dict, create_model
+# the modules, not the `mae_fast.models` package: its __init__ imports mae_fast.hub, which reads checkpoints
+from mae_fast.models.mae import MAEConfig
+from mae_fast.models.registry import CONFIG_CLASSES, config_from_dict, create_model
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+MODEL_TYPE = "mae_fast"           # config.json's `model_type`: the folder is ours
+LEGACY_CONFIG_KEY = "mae_fast_config"  # the nested layout of earlier folders
+ARCHITECTURES = {"mae": "MaskedAutoencoder", "wsl": "WSLClassifier", "munet": "MaskedUNet"}  # family -> class
 
 
 class CheckpointError(ValueError):
@@ -30,15 +40,52 @@ def save_model(model: torch.nn.Module, directory: str, extra: dict | None = None
     baselines); `extra` keys go into config.json beside the config. Returns the directory."""
     from safetensors.torch import save_file
 
+    meta = config_json(model.cfg, extra)
     state = _contiguous_cpu(model.state_dict())
     atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    save_config(model.cfg, directory, extra)
+    atomic_write_json(os.path.join(directory, CONFIG_NAME), meta)
     return directory
 
 
 def save_config(cfg, directory: str, extra: dict | None = None) -> None:
-    """`directory/config.json`: the model config and `extra` keys (a sharded checkpoint has it without weights)."""
-    atomic_write_json(os.path.join(directory, CONFIG_NAME), {"mae_fast_config": cfg.to_dict(), **(extra or {})})
+    """`directory/config.json` alone (a sharded training checkpoint has it beside its shards, without weights)."""
+    atomic_write_json(os.path.join(directory, CONFIG_NAME), config_json(cfg, extra))
+
+
+def config_json(cfg, extra: dict | None = None) -> dict:
+    """The flat Hub-style config.json of a model config (see the module doc); `extra` must not reuse its keys."""
+    family = getattr(cfg, "family", "mae")
+    fields = cfg.to_dict()
+    if family != "mae":
+        fields["family"] = family
+    head = {"model_type": MODEL_TYPE, "architecture": ARCHITECTURES[family]}
+    clash = sorted(set(extra or {}) & (set(fields) | set(head)))
+    if clash:
+        raise ValueError(f"checkpoint metadata keys {clash} clash with the model config's keys")
+    return {**head, **fields, **(extra or {})}
+
+
+def is_our_config(meta) -> bool:
+    """Whether a parsed config.json is ours (either layout)."""
+    return isinstance(meta, dict) and (LEGACY_CONFIG_KEY in meta or meta.get("model_type") == MODEL_TYPE)
+
+
+def split_config(meta: dict):
+    """(model config, metadata) of our parsed config.json, either layout; ValueError/KeyError/TypeError when it
+    does not describe a model."""
+    if LEGACY_CONFIG_KEY in meta:
+        return _config_of(meta[LEGACY_CONFIG_KEY]), {k: v for k, v in meta.items() if k != LEGACY_CONFIG_KEY}
+    families = {name: family for family, name in ARCHITECTURES.items()}
+    family = families.get(meta.get("architecture"))
+    if family is None:
+        raise ValueError(f"architecture {meta.get('architecture')!r} is not one of {sorted(families)}")
+    cls = MAEConfig if family == "mae" else CONFIG_CLASSES[family]
+    names = set(cls.__dataclass_fields__) - {"family"}
+    fields = {k: v for k, v in meta.items() if k in names}
+    if family != "mae":
+        fields["family"] = family
+    metadata = {k: v for k, v in meta.items() if k not in names and k not in ("model_type", "architecture", "family")}
+    return _config_of(fields), metadata
 
 
 def load_state_dict_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -75,9 +122,8 @@ def read_config(directory: str):
         raise CheckpointError(f"checkpoint file {cfg_path} does not exist")
     try:
         with open(cfg_path) as f:
-            meta = json.load(f)
-        return _config_of(meta["mae_fast_config"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+            return split_config(json.load(f))[0]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
         raise CheckpointError(f"{cfg_path} is not a mae_fast config: {err}") from err
 
 

@@ -24,6 +24,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
 import shutil
 import socket
@@ -31,6 +32,8 @@ import sys
 import tempfile
 import time
 from typing import Callable
+
+logger = logging.getLogger(__name__)
 
 TMP_PREFIX = ".tmp-"  # temporaries of atomic writes (files and folders); only a killed writer leaves one
 
@@ -138,11 +141,10 @@ class OutputLock:
     """An exclusive lock on one output, taken on construction (see the module doc); `release()` (or the `with`
     block's end) removes it. `took_over` describes the stale holder replaced, if any."""
 
-    def __init__(self, path: str, what: str, log=None):
+    def __init__(self, path: str, what: str):
         self.path, self.what = path, what
         self.took_over: str | None = None
         self._fd: int | None = None
-        log = log or (lambda text: print(text, file=sys.stderr, flush=True))
         folder = os.path.dirname(os.path.abspath(path))
         if os.path.exists(folder) and not os.path.isdir(folder):
             raise NotADirectoryError(errno.ENOTDIR, f"{what}: {folder} exists and is not a folder", folder)
@@ -155,7 +157,7 @@ class OutputLock:
             except OSError as err:
                 os.close(fd)
                 if err.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
-                    log(f"warning: {path}: this filesystem refuses file locks ({err.strerror}); {what} runs without "
+                    logger.warning(f"{path}: this filesystem refuses file locks ({err.strerror}); {what} runs without "
                         "the one-writer guarantee")
                     return
                 if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
@@ -183,7 +185,7 @@ class OutputLock:
         if previous and self.took_over is None:
             self.took_over = _describe(previous)
         if self.took_over:
-            log(f"note: took over the stale lock of {self.took_over}, which is no longer running ({path})")
+            logger.warning(f"took over the stale lock of {self.took_over}, which is no longer running ({path})")
         program = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
         program = "mae-fast" if program in ("cli.py", "__main__.py", "mae-fast") else program
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),

@@ -2,14 +2,15 @@
 
 Each module named in COMMANDS exposes `add_arguments(parser)` and `run(args) -> int`. Every command runs under one
 error handler (`common.run_command`): a bad input or setting ends as one line on stderr naming the file, row or argument,
-with exit code 2 and no traceback (MAE_FAST_DEBUG=1 prints the traceback too).
+with exit code 2 and no traceback (MAE_FAST_DEBUG=1 prints the traceback too). Every command takes -v/--verbose and
+-q/--quiet, which set the level of the library's logging (`mae_fast.logs.configure_logging`).
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 
-from mae_fast.cli.common import run_command
+from mae_fast.cli.common import add_logging_arguments, run_command
 
 COMMANDS = {
     "demo": ("mae_fast.cli.demo", "the whole job on the synthetic screen: train (one model or several with --models), embed, evaluate"),
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         module = importlib.import_module(module_name)
         cmd = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(cmd)
+        add_logging_arguments(cmd)
         cmd.set_defaults(_run=module.run)
     return parser
 

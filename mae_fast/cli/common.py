@@ -1,5 +1,6 @@
-"""What every subcommand shares: numeric argument types with bounds, and the one error handler that turns a user's
-mistake into one line on stderr (exit code 2, no traceback; MAE_FAST_DEBUG=1 prints it)."""
+"""What every subcommand shares: numeric argument types with bounds, -v/--verbose and -q/--quiet, and the one error
+handler that turns a user's mistake into one line on stderr (exit code 2, no traceback; MAE_FAST_DEBUG=1 prints it)
+and configures logging (`mae_fast.logs.configure_logging`) before the command runs."""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +14,7 @@ from mae_fast.checkpoint import CheckpointError
 from mae_fast.data.errors import DataError
 from mae_fast.evaluation.table import EvaluationInputError
 from mae_fast.io import OutputBusyError
+from mae_fast.logs import configure_logging
 from mae_fast.training.config import ConfigError
 
 
@@ -56,29 +58,6 @@ def error_line(err: BaseException) -> str:
     return "; ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
-class _StdoutHandler(logging.StreamHandler):
-    """Writes to whatever sys.stdout is when a record is emitted (a redirected or captured stream included)."""
-
-    @property
-    def stream(self):
-        return sys.stdout
-
-    @stream.setter
-    def stream(self, value):  # StreamHandler.__init__ sets it; the property always answers sys.stdout
-        pass
-
-
-def configure_logging(level: int = logging.INFO) -> None:
-    """The CLI's logging: mae_fast's records at `level` and above on stdout as bare lines (library code only logs;
-    a Python user configures logging as they wish)."""
-    root = logging.getLogger("mae_fast")
-    if not any(isinstance(h, _StdoutHandler) for h in root.handlers):
-        handler = _StdoutHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        root.addHandler(handler)
-    root.setLevel(level)
-
-
 def rank_prefix() -> str:
     """`[rank N] ` under torchrun with several ranks (each rank's error line says whose it is), else ''."""
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
@@ -86,9 +65,20 @@ def rank_prefix() -> str:
     return ""
 
 
+def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="also log details (DEBUG); the default logs progress notes and warnings")
+    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+
+
+def verbosity(args) -> int:
+    """-1 quiet, 0 default, >= 1 verbose (commands run without the logging arguments: 0)."""
+    return -1 if getattr(args, "quiet", False) else getattr(args, "verbose", 0)
+
+
 def run_command(run, args, prog: str) -> int:
-    """`run(args)` with the CLI's one error handler (see the module doc)."""
-    configure_logging()
+    """`run(args)` with logging configured and the CLI's one error handler (see the module doc)."""
+    configure_logging(verbosity(args))
     try:
         return int(run(args) or 0)
     except USER_ERRORS as err:

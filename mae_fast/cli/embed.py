@@ -17,8 +17,9 @@ def _csv(text: str) -> list[str]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True,
-                   help="our checkpoint folder / training run folder, an OpenPhenom folder or file, or a timm state "
-                        "dict file (with --preset)")
+                   help="our checkpoint folder / training run folder, an OpenPhenom folder or file, a timm encoder "
+                        "folder, a timm state dict file (with --preset), or a Hugging Face Hub repo id "
+                        "(e.g. recursionpharma/OpenPhenom; HF_HUB_OFFLINE=1 reads the local cache only)")
     p.add_argument("--preset", help="architecture of a single weights file (timm state dict, or a baseline's)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="model.KEY=VALUE",
                    help="architecture overrides for --preset, e.g. model.img_size=128")

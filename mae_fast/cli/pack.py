@@ -9,7 +9,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 
 from mae_fast.cli.common import number
@@ -67,7 +66,6 @@ def build_index(args):
 def run(args) -> int:
     from mae_fast.data.pack import pack_index
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     index = build_index(args)
     print(f"packing {len(index)} sites ({', '.join(index.channels)}; {index.dtype}) from {index.description}")
     result = pack_index(index, args.out, tile=args.tile, codec=args.codec, shard_bytes=int(args.shard_gb * 2**30),

@@ -30,7 +30,7 @@ from .decode import decode
 from .errors import DataError
 from .loading import SiteImage, probe_site
 
-logger = logging.getLogger("mae_fast.data")
+logger = logging.getLogger(__name__)
 
 INSTALL_HINT = ("NVIDIA DALI is not installed: `pip install 'mae_fast[dali]'` (nvidia-dali-cuda130), or use "
                 "backend='torch' (same crops, decoded by PIL/imagecodecs in DataLoader workers)")

@@ -11,7 +11,7 @@ import logging
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-logger = logging.getLogger("mae_fast.data")
+logger = logging.getLogger(__name__)
 
 # Reason codes (the keys of ErrorSummary.counts) and what each means.
 REASONS = {

@@ -32,7 +32,7 @@ from .errors import DataError, ErrorSummary, check_on_error
 from .index import SiteIndex
 from .loading import probe_site
 
-logger = logging.getLogger("mae_fast.data")
+logger = logging.getLogger(__name__)
 BACKENDS = ("auto", "torch", "dali")
 MAX_AUTO_CROPS = 16
 

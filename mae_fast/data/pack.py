@@ -33,7 +33,7 @@ from .index import SiteIndex
 from .loading import load_site
 from .packed import CODECS, FORMAT, VERSION, tile_shapes
 
-logger = logging.getLogger("mae_fast.data")
+logger = logging.getLogger(__name__)
 
 
 def _encode_tile(tile: np.ndarray, codec: str) -> bytes:

@@ -32,7 +32,7 @@ from collections.abc import Hashable, Iterator, Sequence
 import numpy as np
 import torch
 
-logger = logging.getLogger("mae_fast.data")
+logger = logging.getLogger(__name__)
 _TRAIN_PERMUTE, _TRAIN_ORDER, _INFER_PERMUTE = 11, 12, 13  # stream tags: independent generators per purpose
 
 

@@ -3,6 +3,7 @@ table reading, the RxRx folder scan and metadata join, and the checks that turn 
 from __future__ import annotations
 
 import glob
+import logging
 import math
 import os
 import re
@@ -13,8 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from .errors import DataError, ErrorSummary, handle, logger, reading_table
+from .errors import DataError, ErrorSummary, handle, reading_table
 from .sites import Site, natural_key
+
+logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "jp2", "j2k", "tif", "tiff")
 RXRX_FILE_RE = re.compile(

@@ -2,11 +2,13 @@
 
     mae-fast embed --checkpoint runs/s16/model --data /data/rxrx3 --out emb/embeddings.parquet
     mae-fast embed --checkpoint openphenom/ --data screen/ --out emb.parquet --per-channel
+    mae-fast embed --checkpoint recursionpharma/OpenPhenom --data screen/ --out emb.parquet   # a Hub repo id
     mae-fast embed --checkpoint vit_s16.safetensors --preset mae_vit_small_patch16_256 --data screen/ --out emb.parquet
     torchrun --nproc_per_node 8 -m mae_fast.cli embed ...       # plates shared out over the ranks
 
 Models: our checkpoints (a `save_model` folder, a training run folder, or a single weights file with --preset), an
-OpenPhenom checkpoint (folder or file), or a timm state dict of the encoder (with --preset for the architecture).
+OpenPhenom checkpoint (folder or file), a timm encoder folder, or a timm state dict of the encoder (with --preset for
+the architecture); a name that is not a local path is a Hugging Face Hub repo id (`mae_fast.hub`).
 The CNN baselines (`mae_fast.models.wsl`, `munet`) embed the same way: WSL DenseNet -> its 128-d neck output, MU-Net -> the
 global average of its bottleneck.
 
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -64,6 +67,7 @@ from mae_fast.training.distributed import (
 )
 
 MANIFEST = "manifest.json"
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -144,7 +148,7 @@ def load_embedding_model(cfg: EmbedConfig) -> tuple[torch.nn.Module, str]:
         arch = preset_config(cfg.preset, cfg.model)
     elif cfg.model:
         raise ConfigError("model overrides need --preset (they describe the architecture of a weights file)")
-    model, kind = load_pretrained(cfg.checkpoint, arch)
+    model, kind = load_pretrained(cfg.checkpoint, arch)  # also a Hub repo id (mae_fast.hub.resolve_checkpoint)
     if arch is not None and kind != "timm" and model.cfg.to_dict() != arch.to_dict():
         saved = model.cfg.to_dict()
         diffs = sorted(set(k for k, v in arch.to_dict().items() if saved.get(k) != v and k != "name")
@@ -185,7 +189,8 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
 
 
 def _manifest(cfg: EmbedConfig, model: torch.nn.Module, index, amp) -> dict:
-    manifest = {"checkpoint": os.path.abspath(cfg.checkpoint), "weights": weights_fingerprint(model),
+    where = os.path.abspath(cfg.checkpoint) if os.path.exists(cfg.checkpoint) else cfg.checkpoint  # or a repo id
+    manifest = {"checkpoint": where, "weights": weights_fingerprint(model),
                 "model": model.cfg.to_dict(), "tile": model.cfg.img_size, "edge": cfg.edge,
                 "per_channel": cfg.per_channel, "amp": "bf16" if amp else "fp32", "index": index.fingerprint(),
                 "n_sites": len(index)}
@@ -272,8 +277,8 @@ def _embed(cfg: EmbedConfig, info: DistInfo) -> EmbedResult:
                      + remove_temporaries(os.path.dirname(os.path.abspath(out)),
                                           (os.path.basename(out), os.path.basename(sites_path))))
         if leftovers:
-            print(f"removed {len(leftovers)} temporary file(s) of an interrupted run: "
-                  + ", ".join(os.path.basename(p) for p in leftovers), flush=True)
+            logger.info(f"removed {len(leftovers)} temporary file(s) of an interrupted run: "
+                        + ", ".join(os.path.basename(p) for p in leftovers))
         os.makedirs(parts_dir, exist_ok=True)
         if not os.path.exists(os.path.join(parts_dir, MANIFEST)):
             atomic_write_json(os.path.join(parts_dir, MANIFEST), manifest, indent=1)
@@ -293,9 +298,9 @@ def _embed(cfg: EmbedConfig, info: DistInfo) -> EmbedResult:
     todo = [i for i in mine if i not in done_before]
     label = [f"{e}/Plate{p}" for e, p in plates]
     if info.is_main:
-        print(f"embedding {len(index)} sites on {len(plates)} plate(s) with {model.cfg.name} ({kind}, "
-              f"{model.cfg.img_size}px tiles, {dims} features, {device.type} {'bf16' if amp else 'fp32'})"
-              + (f"; {len(done_before)} plate(s) already done" if done_before else "") + f" -> {out}", flush=True)
+        logger.info(f"embedding {len(index)} sites on {len(plates)} plate(s) with {model.cfg.name} ({kind}, "
+                    f"{model.cfg.img_size}px tiles, {dims} features, {device.type} {'bf16' if amp else 'fp32'})"
+                    + (f"; {len(done_before)} plate(s) already done" if done_before else "") + f" -> {out}")
 
     bar = tqdm(total=sum(len(by_plate[plates[i]]) for i in todo), desc="embed", unit="site", dynamic_ncols=True,
                disable=not cfg.progress or not info.is_main)
@@ -345,8 +350,8 @@ def _embed(cfg: EmbedConfig, info: DistInfo) -> EmbedResult:
         n_wells, n_sites, merged = merge_parts(parts_dir, names, out, sites_path if cfg.sites else None)
         merged_summary = merged.to_dict()
         rate = n_tiles / seconds if seconds > 0 else 0.0
-        print(f"{n_wells} wells, {n_sites} sites, {dims} features -> {out} ({n_tiles} tiles in {seconds:.1f} s, "
-              f"{rate:.1f} crops/s)" + (f"; {merged}" if merged else ""), flush=True)
+        logger.info(f"{n_wells} wells, {n_sites} sites, {dims} features -> {out} ({n_tiles} tiles in {seconds:.1f} s, "
+                    f"{rate:.1f} crops/s)" + (f"; {merged}" if merged else ""))
     counts_all = all_gather_objects((n_wells, n_sites, merged_summary), info)[0]
     barrier(info)
     return EmbedResult(

@@ -33,6 +33,8 @@ from mae_fast.models.registry import (
     model_config,
 )
 
+from mae_fast import hub as _hub  # noqa: E402,F401 - binds MaskedAutoencoder.from_pretrained / save_pretrained / push_to_hub
+
 __all__ = [
     "BASELINE_PRESETS", "LN_EPS", "POOLINGS", "PRESETS", "BaselineConfig", "MAEConfig", "MAEOutput", "MaskedAutoencoder",
     "config_from_dict", "count_parameters", "create_baseline", "create_model", "get_baseline_config", "get_config",

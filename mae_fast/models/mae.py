@@ -438,6 +438,48 @@ class ViTEncoder(nn.Module):
         )
         self.norm = nn.Identity() if cfg.fc_norm else nn.LayerNorm(D, eps=LN_EPS)
         self.fc_norm = nn.LayerNorm(D, eps=LN_EPS) if cfg.fc_norm else nn.Identity()
+        self.num_features = D  # timm's name: the width a fine-tuning head takes
+
+    def check_images(self, images: torch.Tensor) -> int:
+        """Validate a raw image batch; returns its channel count."""
+        cfg = self.cfg
+        if images.ndim != 4:
+            raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
+        B, C, H, W = images.shape
+        if H != W:
+            raise ValueError(f"images must be square {cfg.img_size}x{cfg.img_size} crops, got {H}x{W}")
+        if H != cfg.img_size:
+            raise ValueError(
+                f"images must be {cfg.img_size}x{cfg.img_size} crops (tile larger images with "
+                f"mae_fast.data), got {H}x{W}"
+            )
+        if cfg.channel_agnostic:
+            if not 1 <= C <= cfg.max_in_chans:
+                raise ValueError(f"CA-MAE takes 1..{cfg.max_in_chans} channels, got {C}")
+        elif C != cfg.in_chans:
+            raise ValueError(f"model {cfg.name} expects {cfg.in_chans} channels, got {C}")
+        if images.is_floating_point():
+            ops.to_unit_float(images, check_range=True)
+        return C
+
+    # -- timm's feature API: differentiable, for fine-tuning (MaskedAutoencoder.embed is the no-grad shortcut) --
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Raw images (B, C, H, W) -> every token encoded, no masking: (B, 1 + N, D), class token first (N = C*L
+        for CA-MAE). Gradients flow to the weights; the input standardisation is a constant of the data."""
+        self.check_images(images)
+        tokens = ops.standardized_tokens(images, self.cfg.patch_size, self.cfg.layout)  # fused: one pass
+        return self.forward_tokens(tokens)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False, per_channel: bool = False) -> torch.Tensor:
+        """Encoded tokens (B, 1 + N, D) -> pooled features (B, D), or (B, C*D) per channel (CA-MAE), as `pool`.
+        There is no classifier (timm's num_classes=0), so `pre_logits` (accepted for timm's callers) changes
+        nothing; a fine-tuning head goes on top (`nn.Linear(encoder.num_features, classes)`)."""
+        in_chans = (x.shape[1] - 1) // self.cfg.num_patches if self.cfg.channel_agnostic else self.cfg.in_chans
+        return self.pool(x, in_chans, per_channel).flatten(1)
+
+    def forward(self, images: torch.Tensor, per_channel: bool = False) -> torch.Tensor:
+        """forward_head(forward_features(images)): raw images -> pooled features, with gradients."""
+        return self.forward_head(self.forward_features(images), per_channel=per_channel)
 
     def forward_tokens(self, pixel_tokens: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
         """Pixel tokens (B, K, P) (standardised) at sequence positions `ids` (B, K) (all, in order, if None)
@@ -558,7 +600,8 @@ class MAEOutput:
 
 
 class MaskedAutoencoder(nn.Module):
-    """MAE (standard tokens) or CA-MAE (channel-agnostic tokens), selected by `cfg.channel_agnostic`."""
+    """MAE (standard tokens) or CA-MAE (channel-agnostic tokens), selected by `cfg.channel_agnostic`.
+    `from_pretrained` / `save_pretrained` / `push_to_hub` are bound by mae_fast.hub (see there)."""
 
     def __init__(self, cfg: MAEConfig):
         super().__init__()
@@ -594,26 +637,8 @@ class MaskedAutoencoder(nn.Module):
 
     # -- input checks ------------------------------------------------------------------------------------------
     def check_images(self, images: torch.Tensor) -> int:
-        """Validate a raw image batch; returns its channel count."""
-        cfg = self.cfg
-        if images.ndim != 4:
-            raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
-        B, C, H, W = images.shape
-        if H != W:
-            raise ValueError(f"images must be square {cfg.img_size}x{cfg.img_size} crops, got {H}x{W}")
-        if H != cfg.img_size:
-            raise ValueError(
-                f"images must be {cfg.img_size}x{cfg.img_size} crops (tile larger images with "
-                f"mae_fast.data), got {H}x{W}"
-            )
-        if cfg.channel_agnostic:
-            if not 1 <= C <= cfg.max_in_chans:
-                raise ValueError(f"CA-MAE takes 1..{cfg.max_in_chans} channels, got {C}")
-        elif C != cfg.in_chans:
-            raise ValueError(f"model {cfg.name} expects {cfg.in_chans} channels, got {C}")
-        if images.is_floating_point():
-            ops.to_unit_float(images, check_range=True)
-        return C
+        """Validate a raw image batch; returns its channel count (see ViTEncoder.check_images)."""
+        return self.encoder.check_images(images)
 
     # -- training ------------------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor, mask_ratio: float | None = None,
@@ -640,11 +665,10 @@ class MaskedAutoencoder(nn.Module):
     # -- inference ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def embed(self, images: torch.Tensor, per_channel: bool = False) -> torch.Tensor:
-        """Raw images -> mean of the non-class tokens, no masking: (B, D), or (B, C*D) per channel (CA-MAE)."""
-        C = self.check_images(images)
-        tokens = ops.standardized_tokens(images, self.cfg.patch_size, self.cfg.layout)  # fused: one pass, no mask
-        z = self.encoder.pool(self.encoder.forward_tokens(tokens), C, per_channel)
-        return z.flatten(1)
+        """Raw images -> mean of the non-class tokens, no masking: (B, D), or (B, C*D) per channel (CA-MAE).
+        No gradients: to fine-tune, call the encoder (`model.encoder(images)`, or its forward_features /
+        forward_head), which computes the same features with gradients."""
+        return self.encoder(images, per_channel=per_channel)
 
     def reconstruct(self, images: torch.Tensor, generator: torch.Generator | None = None):
         """For figures: (standardised input, masked input, reconstruction with visible patches pasted), each

@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.fsdp import FSDPModule
 
 from mae_fast.checkpoint import (
-    CONFIG_NAME, CheckpointError, load_model, load_state_dict_strict, read_config, save_config, save_model,
+    CONFIG_NAME, CheckpointError, load_model, load_state_dict_strict, read_config, save_config, save_model, split_config,
 )
 from mae_fast.training.checkpointing import (
     CHECKPOINT_DIR, SHARDED_DIR, _model_for_saving, _rng_state, build_model, checkpoint_tmp_dir,
@@ -71,7 +71,7 @@ def export_checkpoint(path: str, out_dir: str) -> str:
     `mae-fast embed` and `checkpoint.load_model` read. Runs in one process; returns out_dir."""
     model = read_sharded_model(path) if is_sharded(path) else load_model(path)
     with open(os.path.join(path, CONFIG_NAME)) as f:
-        extra = {k: v for k, v in json.load(f).items() if k != "mae_fast_config"}
+        extra = split_config(json.load(f))[1]  # the checkpoint's metadata (step, WSL classes)
     save_model(model, out_dir, extra=extra)
     return out_dir
 

@@ -9,7 +9,8 @@ from dataclasses import replace
 import torch
 
 from mae_fast.checkpoint import CONFIG_NAME, CheckpointError, WEIGHTS_NAME, load_state_dict_strict
-from mae_fast.interop import from_timm_state_dict, load_any
+from mae_fast.hub import resolve_checkpoint
+from mae_fast.interop import checkpoint_kind, from_timm_state_dict, load_any
 from mae_fast.models import MaskedAutoencoder, create_baseline
 from mae_fast.training.checkpointing import is_sharded, list_checkpoints
 from mae_fast.training.config import ModelConfig, model_family
@@ -26,11 +27,11 @@ def _baseline_from_state(cfg, state: dict[str, torch.Tensor], path: str):
 
 def load_pretrained(path: str, cfg: ModelConfig | None = None) -> tuple[torch.nn.Module, str]:
     """A model from any supported source -> (model, kind), kind one of "ours", "openphenom", "timm":
-    our checkpoint folder (or a training run folder: its `model/`; MAE or baseline), an OpenPhenom folder or file,
-    or a single state dict file (safetensors or weights-only torch) -- a timm encoder, or our full model's weights
-    (MAE or baseline) -- which needs the architecture `cfg` (a preset)."""
-    if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint {path} does not exist")
+    our checkpoint folder (or a training run folder: its `model/`, else its newest checkpoint, either format; MAE or
+    baseline), a timm encoder folder, an OpenPhenom folder or file, a Hugging Face Hub repo id holding one of these
+    folders (`mae_fast.hub`), or a single state dict file (safetensors or weights-only torch) -- a timm encoder, or
+    our full model's weights (MAE or baseline) -- which needs the architecture `cfg` (a preset)."""
+    path = resolve_checkpoint(path)  # a local path as it is; a repo id: its cached snapshot folder
     if os.path.isdir(path):
         if os.path.exists(os.path.join(path, "model", CONFIG_NAME)):
             path = os.path.join(path, "model")
@@ -41,6 +42,8 @@ def load_pretrained(path: str, cfg: ModelConfig | None = None) -> tuple[torch.nn
 
             return read_sharded_model(path), "ours"
         model = load_any(path)
+        if checkpoint_kind(path) == "timm":
+            return model, "timm"
         return model, "openphenom" if model.cfg.name == "openphenom" else "ours"
     state = read_state_file(path)
     if any(k.startswith("encoder.vit_backbone.") for k in state):

@@ -345,7 +345,7 @@ def test_load_any_reads_a_baseline_checkpoint_and_refuses_a_wrong_one(tmp_path):
     state = load_file(str(tmp_path / "m" / "model.safetensors"))
     assert all(torch.equal(state[k], v) for k, v in loaded.state_dict().items())
     meta = json.load(open(tmp_path / "m" / "config.json"))
-    meta["mae_fast_config"]["kernel_size"] = 5  # weights of k=3 under a k=5 config
+    meta["kernel_size"] = 5  # weights of k=3 under a k=5 config
     (tmp_path / "m" / "config.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="shape mismatches"):
         load_any(str(tmp_path / "m"))

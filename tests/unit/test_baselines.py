@@ -515,14 +515,15 @@ def test_every_preset_builds_and_is_registered():
 def test_checkpoint_round_trip_through_safetensors(name, tmp_path):
     import json
 
-    from mae_fast.checkpoint import load_state_dict_strict, save_model
+    from mae_fast.checkpoint import load_state_dict_strict, save_model, split_config
     from safetensors.torch import load_file
 
     model = create_baseline(name, img_size=64, **({"num_classes": 4} if name.startswith("wsl") else {}))
     model.train()(raw_images(4, 64), torch.tensor([0, 1, 2, 3]))  # move the running statistics off their init
     save_model(model.eval(), str(tmp_path))
     meta = json.load(open(tmp_path / "config.json"))
-    cfg = config_from_dict(meta["mae_fast_config"])
+    assert meta["model_type"] == "mae_fast" and meta["family"] == model.cfg.family
+    cfg, _ = split_config(meta)
     assert cfg == model.cfg
     again = create_baseline(cfg)
     load_state_dict_strict(again, load_file(str(tmp_path / "model.safetensors")), "test")

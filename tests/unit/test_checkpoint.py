@@ -100,14 +100,38 @@ def test_timm_round_trip_gives_the_same_features():
     torch.testing.assert_close(back.embed(x), timm_features, rtol=1e-5, atol=1e-5)
 
 
-def test_timm_import_refuses_learned_positions_and_ca_export():
+def test_timm_import_refuses_learned_positions():
     cfg = get_config("mae_vit_micro_patch16_256", img_size=64)
     state = to_timm_state_dict(_perturbed("mae_vit_micro_patch16_256"))
     state["pos_embed"] = state["pos_embed"] + 0.1
     with pytest.raises(CheckpointError, match="not the fixed 2-D sin-cos"):
         from_timm_state_dict(state, cfg)
-    with pytest.raises(ValueError, match="only the standard"):
-        to_timm_state_dict(_perturbed("camae_vit_micro_patch16_256"))
+
+
+@pytest.mark.parametrize("in_chans", [3, 5])
+def test_camae_timm_round_trip_gives_the_same_features(in_chans):
+    # CA-MAE in timm: one single-channel ViT over the channels stacked top to bottom (exact for the exported count)
+    pytest.importorskip("timm", reason="timm is a test dependency (pip install mae_fast[test])")
+    from timm.models.vision_transformer import VisionTransformer
+
+    from mae_fast.interop import timm_input
+
+    model = _perturbed("camae_vit_micro_patch16_256", in_chans=5)
+    reference = VisionTransformer(**timm_vit_kwargs(model.cfg, in_chans)).eval()
+    reference.load_state_dict(to_timm_state_dict(model, in_chans=in_chans), strict=True)
+    x = _images(in_chans)
+    with torch.no_grad():
+        timm_tokens = reference.forward_features(timm_input(x, model.cfg))
+        timm_features = reference.forward_head(timm_tokens)
+    assert timm_features.shape == (3, 192)
+    torch.testing.assert_close(model.embed(x), timm_features, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.encoder.forward_features(x).detach(), timm_tokens, rtol=1e-5, atol=1e-5)
+    back = from_timm_state_dict(reference.state_dict(), model.cfg).eval()
+    torch.testing.assert_close(back.embed(x), timm_features, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="1..11 channels"):
+        to_timm_state_dict(model, in_chans=12)
+    with pytest.raises(ValueError, match="only applies to CA-MAE"):
+        to_timm_state_dict(_perturbed("mae_vit_micro_patch16_256"), in_chans=5)
 
 
 @pytest.mark.parametrize("fc_norm", [False, True])
@@ -132,7 +156,7 @@ def test_openphenom_import(tmp_path, fc_norm):
     assert load_any(str(directory)).cfg.channel_agnostic
     # save_model / load_model keep the OpenPhenom computation (config.json records it)
     save_model(loaded, str(tmp_path / "ours"))
-    meta = json.loads((tmp_path / "ours" / "config.json").read_text())["mae_fast_config"]
+    meta = json.loads((tmp_path / "ours" / "config.json").read_text())
     assert (meta["legacy_parallel_bias"], meta["pooling"], meta["decoder_cross_heads"]) == (True, "openphenom", 8)
     again = load_model(str(tmp_path / "ours")).eval()
     assert again.cfg == loaded.cfg

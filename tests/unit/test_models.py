@@ -203,3 +203,33 @@ def test_decoder_places_the_class_token_in_the_unshuffle(x_dtype):
         former = cat_path(x, out_dtype=torch.bfloat16)  # the former op's output stayed in x's dtype
         assert former.dtype == torch.float32 and not torch.equal(seq, former)
         torch.testing.assert_close(seq, former, rtol=8e-3, atol=8e-3)
+
+
+@pytest.mark.parametrize("name", ["mae_vit_micro_patch16_256", "camae_vit_micro_patch16_256"])
+def test_encoder_feature_api_trains_and_equals_embed(name):
+    # fine-tuning: forward_features / forward_head (timm's pair) carry gradients to every encoder weight and give
+    # what the no-grad `embed` gives
+    torch.manual_seed(0)
+    model = create_model(name, img_size=32, in_chans=3, drop_path=0.0)
+    with torch.no_grad():
+        for p in model.encoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    tokens = model.encoder.forward_features(x)
+    assert tokens.shape == (2, 1 + model.cfg.tokens(3), model.encoder.num_features) and tokens.requires_grad
+    features = model.encoder.forward_head(tokens)
+    head = torch.nn.Linear(model.encoder.num_features, 4)
+    torch.nn.functional.cross_entropy(head(features), torch.tensor([1, 3])).backward()
+    missing = [n for n, p in model.encoder.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, missing
+    assert head.weight.grad is not None and model.decoder_pred.weight.grad is None  # the decoder is not used
+    embedded = model.embed(x)
+    assert not embedded.requires_grad
+    torch.testing.assert_close(features.detach(), embedded, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(model.encoder(x), embedded, rtol=1e-6, atol=1e-6)
+    if model.cfg.channel_agnostic:
+        per_channel = model.encoder.forward_head(tokens, per_channel=True)
+        assert per_channel.shape == (2, 3 * model.encoder.num_features)
+        torch.testing.assert_close(per_channel.detach(), model.embed(x, per_channel=True), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="expects 3 channels|takes 1..11"):
+        model.encoder.forward_features(torch.zeros(1, 12, 32, 32, dtype=torch.uint8))
