@@ -29,7 +29,8 @@
 #   MAE_FAST_GPU_FAULT=FAULT[,FAULT...], each FAULT one of
 #     STAGE:POINT            raise at that point of the stage: a stack (train:peer, compiled:peer_compiled), an op
 #                            (kernels:lion, kernels:attention), a preset (train:camae), the loader (train:loader)
-#     deadline:STAGE[:POINT] the stage's deadline passes at that point (default: its second point)
+#     deadline:STAGE[:POINT] the stage's deadline passes at that point (default: its second point); the timed
+#                            rounds are points too (deadline:train:round2: after the first round was measured)
 #     sigterm:STAGE[:POINT]  SIGTERM to the stage and to this script there: the stage keeps what it measured, the
 #                            stages after it are marked "not run (SIGTERM)", results.md is still written
 #   e.g. MAE_FAST_GPU_DRYRUN=1 MAE_FAST_GPU_FAULT=train:peer,kernels:lion bash benchmarks/gpu.sh OUT

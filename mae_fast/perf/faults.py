@@ -2,7 +2,8 @@
 that a deadline hit mid-stage keeps what was measured, and that a SIGTERM still leaves results.md.
 
 MAE_FAST_GPU_FAULT holds comma-separated faults; each names a stage of benchmarks/headline.py and a *point* in it
-(a stack, an op, a preset; matched as a prefix of the point's name, so "lion" matches "lion_update"):
+(a stack, an op, a preset, "loader", "tests", "roundN" of a comparison's timed rounds; matched as a prefix of the
+point's name, so "lion" matches "lion_update"):
 
     STAGE:POINT            raise InjectedFault at that point (as a Triton launch, a timm mismatch or an OOM would)
     deadline:STAGE[:POINT] the stage's deadline passes at that point (default: the stage's second point)

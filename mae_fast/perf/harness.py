@@ -319,8 +319,9 @@ def compare_stacks(kind: str, label: str, cfg: MAEConfig, stacks: list[Stack], b
             if _build_and_warm(runner_cls, cfg, stack, batch, settings, records[stack.name], runners):
                 times[stack.name], per_round[stack.name] = [], []
             report()
-        for _ in range(settings.rounds):
+        for round_index in range(settings.rounds):
             check_budget(settings)
+            faults.point(f"round{round_index + 1}")
             for name, runner in runners.items():
                 t = []
                 for _ in range(settings.iters):
@@ -464,7 +465,7 @@ def refresh_cpu_ceiling(payload: dict, device: torch.device) -> None:
     start would otherwise inflate every MFU); MFUs are recomputed against it."""
     if device.type != "cpu":
         return
-    again = measure_matmul_ceiling(device)
+    again = measure_matmul_ceiling(device, dtype=getattr(torch, payload["ceiling"].get("dtype", "float32")))
     if again["tflops"] <= payload["ceiling"]["tflops"]:
         return
     again["note"] = "higher of the measurements before and after the run"
