@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
+
 PROGRESS_ENV = "MAE_FAST_TEST_PROGRESS"
 FIRST_ENV = "MAE_FAST_TEST_FIRST"
 
@@ -31,6 +33,7 @@ def priority(nodeid: str, first: list[str]) -> int:
     return len(first)
 
 
+@pytest.hookimpl(trylast=True)  # after `-m` has deselected: the order and count of what runs
 def pytest_collection_modifyitems(session, config, items):
     first = [w for w in os.environ.get(FIRST_ENV, "").split(",") if w]
     items.sort(key=lambda item: priority(item.nodeid, first))  # stable: file order kept within a rank

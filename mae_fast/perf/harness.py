@@ -275,7 +275,8 @@ def compare_stacks(kind: str, label: str, cfg: MAEConfig, stacks: list[Stack], b
                    search_max_batch: bool = False, progress=None,
                    build_seconds: dict[str, float] | None = None) -> tuple[list[dict], list[dict], bool]:
     """Build every stack of one preset, warm each, then time them in interleaved rounds.
-    Returns (one record per stack, speed ratios between stacks from the same rounds, interrupted). Each stack fails
+    Returns (one record per stack, speed ratios between stacks from the same rounds, stopped: False, or why the
+    comparison stopped early, "time budget spent" or "interrupted"). Each stack fails
     alone: its error is recorded and the others are measured. On Ctrl-C (or `timeout -s INT`, or SIGTERM turned into
     one) what was timed so far is summarised and the rest marked "interrupted". `progress(records, ratios)`, when
     given, is called after every stack is warmed and after every round with what is known so far (the caller
@@ -347,8 +348,8 @@ def compare_stacks(kind: str, label: str, cfg: MAEConfig, stacks: list[Stack], b
             for stack in stacks:
                 _max_batch(runner_cls, cfg, stack, batch, settings, records[stack.name], search_max_batch)
         except KeyboardInterrupt:
-            interrupted = True
-    return list(records.values()), ratios, interrupted
+            interrupted, stopped = True, "interrupted"
+    return list(records.values()), ratios, stopped if interrupted else False
 
 
 def _complete_rounds(per_round: dict[str, list[float]]) -> dict[str, list[float]]:

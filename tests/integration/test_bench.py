@@ -123,7 +123,7 @@ def test_compare_stacks_stops_at_the_deadline_and_keeps_what_it_measured():
     spent = BenchSettings(device=torch.device("cpu"), amp=None, warmup=0, iters=1, rounds=1,
                                 deadline=time.monotonic() - 1)
     records, ratios, stopped = compare_stacks("train", TINY, cfg, stacks, 2, spent, None)
-    assert stopped and ratios == []
+    assert stopped == "time budget spent" and ratios == []
     assert records[0]["status"] == "interrupted" and "time budget spent" in records[0]["error"]
     fine = BenchSettings(device=torch.device("cpu"), amp=None, warmup=0, iters=1, rounds=1,
                                deadline=time.monotonic() + 600)

@@ -123,6 +123,13 @@ def test_dry_run_stages_hold_the_headline(dry_run):
     assert "not measured on a GPU" in md and "fused / peer" in md and "| masked_patchify |" in md
     assert "- data path (mae_vit_micro_patch8_256:img_size=64, batch 2): " in md and "loader / step " in md
     assert "## Attention: SDPA backends" in md and "| MAE decoder (toy) | 2x2x65x8 |" in md
+    # every number says what it is: the implementations that ran, no loading in crops/s, both MFUs, the loader bound
+    assert "| fused | ok | " in md and "patchify cpp" in md and "FALLBACK" not in md
+    assert "no loading" in md and "datasheet" in md and "an upper bound: uncompressed" in md
+    assert loader["bound"].startswith("upper bound") and h["mfu_datasheet"] is None  # a CPU: no datasheet peak
+    # the tests stage ran (here: collected) the headline kernels' tests first, progress kept per test
+    assert tests["progress"]["collected"] == tests["collected"]
+    assert any(w in tests["progress"]["run_order_head"][0] for w in ("masked_patchify", "unshuffle"))
 
 
 def test_prepare_records_the_commit_for_a_tree_without_git(tmp_path):
