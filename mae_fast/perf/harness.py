@@ -1,5 +1,9 @@
 """The benchmark harness: interleaved rounds of several stacks, warm-up, memory-based batch sizes and the
-largest-batch search, time budgets, ratios between stacks and the comparison with the papers' numbers."""
+largest-batch search, time budgets, ratios between stacks and the comparison with the papers' numbers.
+
+One file on purpose: every part (the batch estimate's probes, the build and warm-up, the rounds, the max-batch
+search) runs under one BenchSettings and one budget check, and isolates a failing stack the same way; split, each
+part would import the others' settings, budget and error text."""
 from __future__ import annotations
 
 import gc
