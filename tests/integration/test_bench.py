@@ -381,3 +381,20 @@ def test_mfu_against_the_datasheet_and_a_ceiling_in_the_runs_dtype():
     bf16 = measure_matmul_ceiling(torch.device("cpu"), size=64, repeats=2, dtype=torch.bfloat16)
     assert bf16["dtype"] == "bfloat16" and bf16["tflops"] > 0
     assert measure_matmul_ceiling(torch.device("cpu"), size=64, repeats=2)["dtype"] == "float32"
+
+
+def test_render_results_names_a_silent_fallback_and_both_mfus():
+    render = _render_module()
+    assert render._ops({"masked_patchify": "triton", "unshuffle": "reference", "attention": "sdpa"}, "fused") == \
+        "reference/triton (FALLBACK: unshuffle)"
+    assert render._ops({"masked_patchify": "reference", "lion_update": "foreach"}, "reference") == "foreach/reference"
+    payload = {"provenance": {"device": "NVIDIA H200", "device_type": "cuda", "date": "d", "torch": "t",
+                              "command": "c", "git": {"commit": "abc"}},
+               "ceiling": {"tflops": 800.0, "dtype": "bfloat16"},
+               "train": [{"kind": "train", "preset": "p", "stack": "fused", "batch": 8, "status": "ok",
+                          "crops_per_s": 10.0, "achieved_tflops": 400.0, "mfu": 0.5, "mfu_datasheet": 0.404,
+                          "impls": {"unshuffle": "reference", "attention": "flash"}},
+                         {"kind": "train", "preset": "p", "stack": "peer", "status": "error", "error": "x"}]}
+    text = render.render_payload(payload)
+    assert "| 50.0% | 40.4% |" in text and "(FALLBACK: unshuffle)" in text and "no loading" in text
+    assert "| p | peer | - | error: x |" in text  # a record that failed before its batch was known
