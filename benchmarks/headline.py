@@ -623,8 +623,9 @@ def stage_infer(writer: Writer, dev: torch.device, deadline) -> None:
 #   mae_vit_large_patch8_256 (inductor, GPU): NOT YET MEASURED -- a guess for one graph per block type (encoder
 #       block, decoder block) plus the eager rest; to be replaced by the cold compile measured on the CPU at ViT-L/8
 #       widths with aot_eager (issue 23 item 4) scaled to inductor, then by the GPU run's own first_step_s.
-#   mae_vit_micro_patch8_256:img_size=64 (aot_eager, CPU dry run): the dry run's first_step_s on the shared
-#       2-core CI machine, rounded up.
+#   mae_vit_micro_patch8_256:img_size=64 (aot_eager, CPU dry run): first_step_s 7.5 s (fused), 2.1 s (reference),
+#       2.1 s (peer) measured on the shared, loaded 2-core machine at 1adef0f+issue-23 with
+#       `MAE_FAST_GPU_DRYRUN=1 STAGES=compiled bash benchmarks/gpu.sh OUT`, rounded up to 10 s each.
 COLD_COMPILE_S = {
     "mae_vit_large_patch8_256": {"fused_compiled": 60.0, "reference_compiled": 45.0, "peer_compiled": 45.0},
     "mae_vit_micro_patch8_256:img_size=64": {"fused_compiled": 10.0, "reference_compiled": 10.0,
