@@ -185,7 +185,8 @@ def probe_each_stack(cfg: MAEConfig, stacks: list[Stack], settings: BenchSetting
             raise
         except Exception as err:  # noqa: BLE001 - recorded; the other stacks are probed
             errors[twin.name] = _error_text(err, probe)
-            _free_memory(settings.device)
+        if twin.name in errors:
+            _free_memory(settings.device)  # after the except block: the failed step's frames are gone
             continue
         per_stack[twin.name], resident = peaks, resident + held
     return per_stack, resident, errors
