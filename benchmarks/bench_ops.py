@@ -12,12 +12,15 @@ measured in the same run (`copy_bandwidth`: a large copy on a GPU, an in-place a
     python benchmarks/bench_ops.py --json OUT.json --loss-sweep   # GPU: + loss kernel tile shapes / precisions
 
 Byte floors (B images, C channels, H^2 pixels, L tokens, K visible, D decoder dim, P = p^2 C):
-    masked_patchify   raw image + ids_restore read, visible + target (float32) written; "fused" includes the
+    masked_patchify   raw image + ids_restore read, visible (activation dtype) + target (float32) written, as the
+                      train step calls it (no check of the masking: `patchify_as_trained`); "fused" includes the
                       statistics pass (a second read of the image), "fused[stats given]" is the patchify kernel alone
     unshuffle         the decoder's call (class token in place: 1 + K, 1 + L rows), x in the activation dtype,
                       out float32: fwd x (B K D), pos (L D) float32, ids read, out (B L D) float32 written; bwd
                       grad_out (float32), ids read, grad_x written (x's dtype)
-    mae_loss          pred + target read, grad wrt pred written (forward and backward)
+    mae_loss          what the train step runs (ops.masked_mae_loss on the decoder's full prediction): masked rows of
+                      pred (activation dtype) + target (float32) + masked ids read, grad wrt the full prediction
+                      written (forward and backward)
     lion_update       param, grad, exp_avg read; param, exp_avg written
 Speed is measured here, never asserted in a test.
 """
@@ -38,6 +41,7 @@ if ROOT not in sys.path:
 
 from mae_fast import ops  # noqa: E402
 from mae_fast.device import resolve_device, synchronize  # noqa: E402
+from mae_fast.ops.dispatch import dispatch  # noqa: E402
 from mae_fast.perf.provenance import provenance  # noqa: E402
 from mae_fast.perf.timing import copy_bandwidth, time_median  # noqa: E402
 from mae_fast.backends.triton import kernels_module  # noqa: E402
@@ -109,23 +113,29 @@ def _images(s: Sizes, device) -> torch.Tensor:
 # cases per op (inputs are built when the op is benchmarked and freed afterwards)
 # --------------------------------------------------------------------------------------------------------------
 
+def patchify_as_trained(images: torch.Tensor, s: Sizes, masking, impl: str, stats=None):
+    """The masked patchify a train step runs, no more: the step draws its masking inside `ops.masked_patchify`
+    (torch.rand + argsort, not the op's bytes; drawn here once beforehand) and never checks its own draw, so the
+    public entry's `check_masking` (three host syncs, for caller-made maskings) is left out by calling the dispatch
+    directly; visible tokens in the autocast dtype (`s.act_dtype`), the target float32."""
+    return dispatch("masked_patchify", images.device, impl, images, s.patch, masking, "standard", stats, s.act_dtype)
+
+
 def masked_patchify_cases(s: Sizes, device) -> list[Case]:
     images = _images(s, device)
     masking = ops.random_masking(s.batch, s.tokens, s.ratio, device=device)
     P = s.token_size
-    out_bytes = s.batch * s.tokens * P * 4
+    # visible (B, K, P) in the activation dtype, target (B, L - K, P) float32 written
+    out_bytes = s.batch * s.visible * P * s.act_dtype.itemsize + s.batch * (s.tokens - s.visible) * P * 4
     floor = _nbytes(images, masking.ids_restore) + out_bytes
-    cases = [Case("masked_patchify", "reference", floor,
-                  lambda: ops.masked_patchify(images, s.patch, s.ratio, masking=masking, impl="reference"))]
+    cases = [Case("masked_patchify", "reference", floor, lambda: patchify_as_trained(images, s, masking, "reference"))]
     if _has_fused("masked_patchify", device):
         impl = _fused_name(device)
-        cases.append(Case("masked_patchify", "fused", floor,
-                          lambda: ops.masked_patchify(images, s.patch, s.ratio, masking=masking, impl=impl),
+        cases.append(Case("masked_patchify", "fused", floor, lambda: patchify_as_trained(images, s, masking, impl),
                           {"backend": impl, "note": "statistics pass + patchify pass (two reads of the image)"}))
         stats = ops.channel_stats(ops.to_unit_float(images, check_range=False), ops.standardize_eps(images.dtype))
         cases.append(Case("masked_patchify", "fused[stats given]", floor,
-                          lambda: ops.masked_patchify(images, s.patch, s.ratio, masking=masking, stats=stats,
-                                                      impl=impl),
+                          lambda: patchify_as_trained(images, s, masking, impl, stats),
                           {"backend": impl, "note": "patchify pass alone, statistics from the caller"}))
     return cases
 
@@ -164,19 +174,31 @@ def unshuffle_cases(s: Sizes, device) -> list[Case]:
     return cases
 
 
+def mae_loss_inputs(s: Sizes, device, g: torch.Generator):
+    """(pred, target, masking) as the model's train step calls `ops.masked_mae_loss`: the decoder's full prediction
+    (B, L, P) in the activation dtype, the float32 target of the masked tokens (B, L - K, P), the step's masking."""
+    pred = torch.randn(s.batch, s.tokens, s.token_size, generator=g).to(s.act_dtype).to(device).requires_grad_()
+    target = torch.randn(s.batch, s.tokens - s.visible, s.token_size, generator=g).to(device)
+    masking = ops.random_masking(s.batch, s.tokens, s.ratio, device=device)
+    return pred, target, masking
+
+
 def mae_loss_cases(s: Sizes, device) -> list[Case]:
-    g = torch.Generator().manual_seed(2)
-    N = s.tokens - s.visible  # the model calls the loss on the masked tokens only
-    pred = torch.randn(s.batch, N, s.token_size, generator=g).to(s.act_dtype).to(device).requires_grad_()
-    target = torch.randn(s.batch, N, s.token_size, generator=g).to(device)
-    floor = 2 * _nbytes(pred) + _nbytes(target)
+    """The loss as the train step runs it (`ops.masked_mae_loss` on the full prediction, forward + backward), so
+    the case and kernel_predictions' "mae_loss.full_prediction" describe the same work."""
+    pred, target, masking = mae_loss_inputs(s, device, torch.Generator().manual_seed(2))
+    M = s.tokens - s.visible
+    # masked rows of pred and the target read, the masked ids read, the gradient wrt the full prediction written
+    floor = (s.batch * M * s.token_size * (pred.element_size() + 4) + s.batch * M * 8
+             + s.batch * s.tokens * s.token_size * pred.element_size())
 
     def run(impl):
-        loss = ops.mae_loss(pred, target, patch_size=s.patch, layout="standard", alpha=0.01, impl=impl)
+        loss = ops.masked_mae_loss(pred, target, masking, patch_size=s.patch, layout="standard", alpha=0.01,
+                                   impl=impl)
         return torch.autograd.grad(loss, pred)
 
     cases = [Case("mae_loss", "reference", floor, lambda: run("reference"), {"pass": "forward+backward"})]
-    if _has_fused("mae_loss", device):
+    if _fused_name(device) in ops.available_impls("masked_mae_loss"):
         impl = _fused_name(device)
         cases.append(Case("mae_loss", "fused", floor, lambda: run(impl), {"backend": impl, "pass": "forward+backward"}))
     return cases

@@ -25,6 +25,17 @@
 # tests/integration/test_gpu_script.py) and produces every file.
 # Environment: PYTHON (default python3), BUDGET_S (whole run, default 480), STAGES (default
 # "env kernels train infer compiled tests").
+# Failure injection (CI proves with it that one failure loses only what it touches; mae_fast/perf/faults.py):
+#   MAE_FAST_GPU_FAULT=FAULT[,FAULT...], each FAULT one of
+#     STAGE:POINT            raise at that point of the stage: a stack (train:peer, compiled:peer_compiled), an op
+#                            (kernels:lion, kernels:attention), a preset (train:camae), the loader (train:loader)
+#     deadline:STAGE[:POINT] the stage's deadline passes at that point (default: its second point); the timed
+#                            rounds are points too (deadline:train:round2: after the first round was measured)
+#     sigterm:STAGE[:POINT]  SIGTERM to the stage and to this script there: the stage keeps what it measured, the
+#                            stages after it are marked "not run (SIGTERM)", results.md is still written
+#   e.g. MAE_FAST_GPU_DRYRUN=1 MAE_FAST_GPU_FAULT=train:peer,kernels:lion bash benchmarks/gpu.sh OUT
+# A SIGTERM or SIGINT to this script (a device lease ending) does the same: the running stage stops and keeps its
+# file, the rest are marked, results.md is rendered, exit 143 (TERM) or 130 (INT).
 set -u
 set -o pipefail
 
@@ -53,9 +64,13 @@ if [ "$DRY" = "1" ]; then BUDGET="${BUDGET_S:-1800}"; SCALE="${STAGE_SCALE:-3}";
 STAGES=" ${STAGES:-env kernels train infer compiled tests} "
 LOG="$OUTDIR/log.txt"
 START=$(date +%s)
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MAE_FAST_GPU_SH_PID=$$
 : >"$LOG"
 SUMMARY=()
+STOPPED=""   # set by a SIGTERM / SIGINT: the stages after the running one are not started
+# bash runs the trap once the running stage's pipeline has ended (the stage got the signal too and saved its file)
+trap 'STOPPED=SIGTERM' TERM
+trap 'STOPPED=SIGINT' INT
 
 say() { echo "$*" | tee -a "$LOG"; }
 
@@ -77,6 +92,12 @@ fi
 stage() {
     local name=$1 file=$2 limit=$(($3 * SCALE)) min=${4:-20}
     case "$STAGES" in *" $name "*) ;; *) return 0 ;; esac
+    if [ -n "$STOPPED" ]; then
+        say "== $name: NOT RUN ($STOPPED)"
+        SUMMARY+=("$name=not-run($STOPPED)")
+        placeholder "$name" "$file" "not run ($STOPPED received)"
+        return 0
+    fi
     local left=$((BUDGET - ($(date +%s) - START)))
     local t=$((limit < left - 5 ? limit : left - 5))
     if [ "$t" -lt "$min" ]; then
@@ -110,4 +131,5 @@ stage tests tests.json 120
 say "== total $(($(date +%s) - START))s; stages: ${SUMMARY[*]}"
 say "== files in $OUTDIR: $(ls "$OUTDIR" | tr '\n' ' ')"
 [ -f "$OUTDIR/results.md" ] && cat "$OUTDIR/results.md"
+case "$STOPPED" in SIGTERM) exit 143 ;; SIGINT) exit 130 ;; esac
 exit 0

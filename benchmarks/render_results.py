@@ -73,11 +73,14 @@ def _stack(r: dict) -> str:
     return f"{r['stack']} ({backend})" if backend and backend != "inductor" else r["stack"]
 
 
-def _ops(impls: dict | None) -> str:
+def _ops(impls: dict | None, stack: str = "") -> str:
+    """The implementations the step's ops ran; a fused stack's op that ran the reference is a silent fallback,
+    named so the table shows it."""
     if not impls:
         return "-"
     ops = sorted({v for k, v in impls.items() if k != "attention" and v})
-    return "/".join(ops) or "-"
+    fell_back = [k for k, v in impls.items() if stack.startswith("fused") and k != "attention" and v == "reference"]
+    return ("/".join(ops) or "-") + (f" (FALLBACK: {', '.join(sorted(fell_back))})" if fell_back else "")
 
 
 def render_payload(payload: dict) -> str:
@@ -95,19 +98,25 @@ def render_payload(payload: dict) -> str:
     train = [r for r in payload.get("train", []) if r.get("kind") == "train"]
     if train:
         lines += [
-            "| Train step | Stack | Batch | crops/s | TFLOP/s | MFU | Peak mem | Max batch | Attention | Ops |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---|---|",
+            "crops/s: the step alone on crops already on the device (no loading); MFU: against the matmul ceiling "
+            "measured in the run (its dtype above) / against the datasheet dense bf16 peak (n/a: not in the table).",
+            "",
+            "| Train step | Stack | Batch | crops/s | TFLOP/s | MFU | MFU (datasheet) | Peak mem | Max batch | Attention "
+            "| Ops |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
         ]
         for r in train:
             if r.get("status") != "ok":
-                lines.append(f"| {r['preset']} | {r['stack']} | {r['batch']} | {r.get('status')}: "
-                             f"{r.get('error', '')} | | | | | | |")
+                lines.append(f"| {r['preset']} | {r['stack']} | {r.get('batch', '-')} | {r.get('status')}: "
+                             f"{r.get('error', '')} | | | | | | | |")
                 continue
+            datasheet = _pct(r.get("mfu_datasheet")) if r.get("mfu_datasheet") is not None else "n/a"
             lines.append(
                 f"| {r['preset']} | {_stack(r)} | {r['batch']} | {_num(r['crops_per_s'])} | "
-                f"{_num(r['achieved_tflops'], 2)} | {_pct(r.get('mfu'))} | {_gib(r.get('peak_mem_bytes'))} | "
+                f"{_num(r['achieved_tflops'], 2)} | {_pct(r.get('mfu'))} | {datasheet} | "
+                f"{_gib(r.get('peak_mem_bytes'))} | "
                 f"{r.get('max_batch') or '-'} | {(r.get('impls') or {}).get('attention') or '-'} | "
-                f"{_ops(r.get('impls'))} |")
+                f"{_ops(r.get('impls'), r['stack'])} |")
         lines.append("")
     shown = (("fused", "reference"), ("fused_compiled", "reference_compiled"), ("fused_compiled", "reference"),
              ("fused", "peer"), ("fused_compiled", "peer_compiled"))

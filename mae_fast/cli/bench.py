@@ -173,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
 
     print(f"device {device_name(device)}; measuring the matmul ceiling ...", flush=True)
-    ceiling = measure_matmul_ceiling(device)
+    ceiling = measure_matmul_ceiling(device, dtype=amp or torch.float32)  # in the step's dtype: MFU like for like
     payload = {
         "schema": SCHEMA,
         "provenance": provenance(device, getattr(args, "command_line", None)),

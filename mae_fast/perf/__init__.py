@@ -7,6 +7,8 @@
     harness.py     interleaved rounds, warm-up, batch sizes from memory, largest-batch search, time budgets, ratios
     timing.py      timing on a device, the measured matmul ceiling, summaries
     provenance.py  device, versions, commit, date, command; results files
+    faults.py      injected faults for the GPU script's dry run (MAE_FAST_GPU_FAULT): a raise, a deadline or a SIGTERM
+                   at a named stack, op or preset
 
 `mae-fast bench` (mae_fast/cli/bench.py) and the pytest-benchmark suites and GPU script in benchmarks/ use these.
 """

@@ -1,5 +1,9 @@
 """The benchmark harness: interleaved rounds of several stacks, warm-up, memory-based batch sizes and the
-largest-batch search, time budgets, ratios between stacks and the comparison with the papers' numbers."""
+largest-batch search, time budgets, ratios between stacks and the comparison with the papers' numbers.
+
+One file on purpose: every part (the batch estimate's probes, the build and warm-up, the rounds, the max-batch
+search) runs under one BenchSettings and one budget check, and isolates a failing stack the same way; split, each
+part would import the others' settings, budget and error text."""
 from __future__ import annotations
 
 import gc
@@ -14,10 +18,12 @@ import torch
 from mae_fast import attention as attention_mod
 from mae_fast.device import synchronize
 from mae_fast.models import MAEConfig
+from mae_fast.perf import faults
 from mae_fast.perf import flops as flops_mod
 from mae_fast.perf.provenance import device_name
 from mae_fast.perf.stacks import (
     InferenceRunner,
+    STACKS,
     Stack,
     TrainRunner,
     dynamo_counts,
@@ -25,7 +31,7 @@ from mae_fast.perf.stacks import (
     random_images,
     reset_compiled,
 )
-from mae_fast.perf.timing import measure_matmul_ceiling, summarise, time_call
+from mae_fast.perf.timing import BudgetSpent, datasheet_peak_tflops, measure_matmul_ceiling, summarise, time_call
 
 def _is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
@@ -113,10 +119,6 @@ class BenchSettings:
     deadline: float | None = None  # time.monotonic() after which no further measurement starts
 
 
-class BudgetSpent(Exception):
-    """The settings' deadline passed: stop measuring, keep what was measured."""
-
-
 def check_budget(settings: BenchSettings) -> None:
     if settings.deadline is not None and time.monotonic() > settings.deadline:
         raise BudgetSpent
@@ -135,41 +137,88 @@ def batch_for_memory(bytes_at: dict[int, int], available_bytes: int, limit: int 
     return max(multiple, min(limit, batch))
 
 
+def probe_step_peaks(runner, batches: tuple[int, ...], device: torch.device, generator: torch.Generator) -> dict:
+    """{batch: peak bytes one step of `runner` allocates on top of what is resident}. Every batch's first step runs
+    before any window opens: a first meeting with a shape compiles kernels and times the attention backends (the
+    math backend with its full score matrix), which would otherwise count as the model's memory."""
+    images = {b: random_images(runner.cfg, b, device, generator) for b in batches}
+    for b in batches:  # outside the window: kernels compiled, SDPA backends probed, optimiser state allocated
+        runner.step(images[b])
+    peaks = {}
+    for b in batches:
+        synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        runner.step(images[b])
+        synchronize(device)
+        peaks[b] = torch.cuda.max_memory_allocated(device) - base
+    return peaks
+
+
+def _probe_stack(cfg: MAEConfig, stack: Stack, settings: BenchSettings, probe: int) -> tuple[dict, int]:
+    """(peak bytes at batches probe and 2*probe, resident bytes) of one eager stack's train step."""
+    device = settings.device
+    runner = TrainRunner(cfg, stack, probe, device, settings.amp, settings.compile_backend)
+    gen = torch.Generator(device=device).manual_seed(11)
+    try:
+        return probe_step_peaks(runner, (probe, 2 * probe), device, gen), runner.persistent_bytes()
+    finally:
+        del runner
+        _free_memory(device)
+
+
+def probe_each_stack(cfg: MAEConfig, stacks: list[Stack], settings: BenchSettings, probe: int,
+                     probe_fn=_probe_stack) -> tuple[dict, int, dict]:
+    """({stack: {batch: peak bytes}}, resident bytes of those stacks, {stack: error}): each stack probed alone, a
+    failure (a first Triton launch, a timm mismatch, an out-of-memory error) recorded, never raised. A compiled
+    stack is probed as its eager twin (same model and optimiser state; compiling for a probe would cost minutes)."""
+    per_stack, resident, errors = {}, 0, {}
+    for stack in stacks:
+        check_budget(settings)
+        twin = _eager_twin(stack)
+        if twin.name in per_stack or twin.name in errors:
+            continue
+        try:
+            faults.point(stack.name)
+            peaks, held = probe_fn(cfg, twin, settings, probe)
+        except (BudgetSpent, KeyboardInterrupt):
+            raise
+        except Exception as err:  # noqa: BLE001 - recorded; the other stacks are probed
+            errors[twin.name] = _error_text(err, probe)
+        if twin.name in errors:
+            _free_memory(settings.device)  # after the except block: the failed step's frames are gone
+            continue
+        per_stack[twin.name], resident = peaks, resident + held
+    return per_stack, resident, errors
+
+
+def _eager_twin(stack: Stack) -> Stack:
+    if not stack.compiled:
+        return stack
+    return STACKS.get(stack.name.removesuffix("_compiled"), stack)
+
+
 def estimate_train_batch(cfg: MAEConfig, stacks: list[Stack], settings: BenchSettings, fraction: float = 0.7,
                          probe: int = 8) -> dict:
-    """The batch for a train-step comparison from a memory estimate, not a search: each eager stack's step peak at
+    """The batch for a train-step comparison from a memory estimate, not a search: each stack's eager step peak at
     batches `probe` and 2*`probe` gives its fixed and per-crop bytes; the batch is the largest whose step fits in
     `fraction` of the device memory left once every stack's parameters and optimiser state are resident (they are
-    alive together during the interleaved rounds). CPU: 2 crops (CPU memory is the machine's)."""
+    alive together during the interleaved rounds). A stack whose probe fails is left out (its error recorded);
+    when none succeeds, the FLOP-based default batch. CPU: 2 crops (CPU memory is the machine's)."""
     device = settings.device
     if device.type != "cuda":
         return {"batch": 2, "method": "fixed on CPU"}
-    per_stack, resident = {}, 0
-    for stack in (s for s in stacks if not s.compiled):
-        check_budget(settings)
-        runner = TrainRunner(cfg, stack, probe, device, settings.amp, settings.compile_backend)
-        gen = torch.Generator(device=device).manual_seed(11)
-        runner.step_synced()  # first step: kernels compiled, optimiser state allocated
-        peaks = {}
-        for b in (probe, 2 * probe):
-            images = random_images(cfg, b, device, gen)
-            synchronize(device)
-            base = torch.cuda.memory_allocated(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            runner.step(images)
-            synchronize(device)
-            peaks[b] = torch.cuda.max_memory_allocated(device) - base
-        resident += runner.persistent_bytes()
-        per_stack[stack.name] = peaks
-        del runner
-        _free_memory(device)
+    per_stack, resident, errors = probe_each_stack(cfg, stacks, settings, probe)
     total = torch.cuda.get_device_properties(device).total_memory
+    if not per_stack:
+        return {"batch": default_batch(cfg, device), "method": "default batch (every probe failed)",
+                "probe_errors": errors}
     available = int(fraction * total) - resident
     batches = {name: batch_for_memory(peaks, available, limit=settings.max_batch_limit)
                for name, peaks in per_stack.items()}
     return {"batch": min(batches.values()), "method": "memory estimate (two probe steps per stack)",
             "per_stack_batch": batches, "probe_peak_bytes": per_stack, "resident_bytes": resident,
-            "device_bytes": total, "fraction": fraction}
+            "device_bytes": total, "fraction": fraction, "probe_errors": errors}
 
 
 def default_batch(cfg: MAEConfig, device: torch.device, kind: str = "train") -> int:
@@ -228,27 +277,57 @@ def warm_up(runner, rec: dict, settings: BenchSettings) -> None:
 
 def compare_stacks(kind: str, label: str, cfg: MAEConfig, stacks: list[Stack], batch: int,
                    settings: BenchSettings, ceiling_tflops: float | None,
-                   search_max_batch: bool = False) -> tuple[list[dict], list[dict], bool]:
+                   search_max_batch: bool = False, progress=None,
+                   build_seconds: dict[str, float] | None = None) -> tuple[list[dict], list[dict], bool]:
     """Build every stack of one preset, warm each, then time them in interleaved rounds.
-    Returns (one record per stack, speed ratios between stacks from the same rounds, interrupted). On Ctrl-C (or
-    `timeout -s INT`) what was timed so far is summarised and the rest marked "interrupted"."""
+    Returns (one record per stack, speed ratios between stacks from the same rounds, stopped: False, or why the
+    comparison stopped early, "time budget spent" or "interrupted"). Each stack fails
+    alone: its error is recorded and the others are measured. On Ctrl-C (or `timeout -s INT`, or SIGTERM turned into
+    one) what was timed so far is summarised and the rest marked "interrupted". `progress(records, ratios)`, when
+    given, is called after every stack is warmed and after every round with what is known so far (the caller
+    writes it out). `build_seconds[stack name]`: how long building and warming that stack is expected to take (a
+    cold compile); a stack is skipped, with the reason recorded, when less time than that is left."""
     device = settings.device
     runner_cls = TrainRunner if kind == "train" else InferenceRunner
     records = {stack.name: base_record(kind, label, cfg, stack, batch, settings) for stack in stacks}
     runners: dict[str, object] = {}
     times: dict[str, list[float]] = {}
     per_round: dict[str, list[float]] = {}
+    datasheet = datasheet_peak_tflops(device_name(device)) if device.type == "cuda" else None
     interrupted = False
     if any(stack.compiled for stack in stacks):
         reset_compiled()
     stopped = "interrupted"
+
+    def summarise_so_far() -> list[dict]:
+        for name, runner in runners.items():
+            if times.get(name):
+                records[name].update(summarise(times[name], batch, runner.flops_per_crop(), ceiling_tflops,
+                                               datasheet), status="ok")
+                if device.type == "cpu":  # process-wide high-water mark: an upper bound, not per stack
+                    records[name]["process_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return ratios_from_rounds(label, kind, _complete_rounds(per_round))
+
+    def report() -> None:
+        if progress is not None:
+            progress(list(records.values()), summarise_so_far())
+
     try:
         for stack in stacks:
             check_budget(settings)
+            needed = (build_seconds or {}).get(stack.name)
+            left = None if settings.deadline is None else settings.deadline - time.monotonic()
+            if needed is not None and left is not None and left < needed:
+                records[stack.name].update(status="skipped", error=f"skipped: building it takes ~{needed:.0f} s "
+                                           f"(cold compile estimate), {left:.0f} s of the stage left")
+                report()
+                continue
             if _build_and_warm(runner_cls, cfg, stack, batch, settings, records[stack.name], runners):
                 times[stack.name], per_round[stack.name] = [], []
-        for _ in range(settings.rounds):
+            report()
+        for round_index in range(settings.rounds):
             check_budget(settings)
+            faults.point(f"round{round_index + 1}")
             for name, runner in runners.items():
                 t = []
                 for _ in range(settings.iters):
@@ -256,41 +335,48 @@ def compare_stacks(kind: str, label: str, cfg: MAEConfig, stacks: list[Stack], b
                     t.append(time_call(runner.step, device))
                 times[name].extend(t)
                 per_round[name].append(statistics.median(t))
+            report()
     except KeyboardInterrupt:
         interrupted = True
     except BudgetSpent:
         interrupted, stopped = True, "time budget spent"
-    for name, runner in runners.items():
-        if times.get(name):
-            records[name].update(summarise(times[name], batch, runner.flops_per_crop(), ceiling_tflops), status="ok")
-            if device.type == "cpu":  # process-wide high-water mark: an upper bound, not per stack
-                records[name]["process_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    ratios = summarise_so_far()
     for rec in records.values():
         if "status" not in rec:
             rec.update(status="interrupted", error=f"{stopped} before it was timed")
     runner = None
     runners.clear()
     _free_memory(device)
-    per_round = {k: v for k, v in per_round.items() if v}  # rounds every timed stack completed
-    per_round = {k: v[:min(len(x) for x in per_round.values())] for k, v in per_round.items()} if per_round else {}
 
     if kind == "train" and not interrupted:
         try:
             for stack in stacks:
                 _max_batch(runner_cls, cfg, stack, batch, settings, records[stack.name], search_max_batch)
         except KeyboardInterrupt:
-            interrupted = True
-    return list(records.values()), ratios_from_rounds(label, kind, per_round), interrupted
+            interrupted, stopped = True, "interrupted"
+    return list(records.values()), ratios, stopped if interrupted else False
+
+
+def _complete_rounds(per_round: dict[str, list[float]]) -> dict[str, list[float]]:
+    """The rounds every timed stack completed (ratios pair stacks round by round)."""
+    per_round = {k: v for k, v in per_round.items() if v}
+    if not per_round:
+        return {}
+    n = min(len(v) for v in per_round.values())
+    return {k: v[:n] for k, v in per_round.items()}
 
 
 def _build_and_warm(runner_cls, cfg, stack, batch, settings, rec, runners) -> bool:
     """Build and warm one stack's runner into `runners`; a failure is recorded in `rec`, never raised."""
     failure = None
     try:
+        faults.point(stack.name)
         runner = runner_cls(cfg, stack, batch, settings.device, settings.amp, settings.compile_backend,
                             compile_mode=settings.compile_mode)
         warm_up(runner, rec, settings)
         runners[stack.name] = runner
+    except BudgetSpent:
+        raise
     except Exception as err:  # noqa: BLE001 - recorded in the results, never dropped
         failure = _error_text(err, batch)
     if failure is None:
@@ -385,7 +471,7 @@ def refresh_cpu_ceiling(payload: dict, device: torch.device) -> None:
     start would otherwise inflate every MFU); MFUs are recomputed against it."""
     if device.type != "cpu":
         return
-    again = measure_matmul_ceiling(device)
+    again = measure_matmul_ceiling(device, dtype=getattr(torch, payload["ceiling"].get("dtype", "float32")))
     if again["tflops"] <= payload["ceiling"]["tflops"]:
         return
     again["note"] = "higher of the measurements before and after the run"

@@ -12,14 +12,35 @@ from mae_fast.device import synchronize, time_call  # noqa: F401  (time_call: pa
 from mae_fast.perf.provenance import device_name
 
 
-def measure_matmul_ceiling(device: torch.device, size: int | None = None, repeats: int | None = None) -> dict:
-    """The device's practical matmul rate. CUDA: a size^3 bf16 product (default 8192) timed with CUDA events, the
-    median after warm-up. CPU: an fp32 product (default 1024) on the host clock, the fastest repeat (a shared CPU's
-    median measures its neighbours). Random inputs, rotated between two sets."""
+class BudgetSpent(Exception):
+    """A time budget's deadline passed: stop measuring, keep what was measured."""
+
+
+# Dense bf16 tensor-core peak from the vendors' datasheets (TFLOP/s, without sparsity), keyed by a part of the name
+# torch reports: H100 SXM5 ("NVIDIA H100 80GB HBM3") and H200 both list 989.4. MFU against it sits beside the MFU
+# against the ceiling measured in the run; a GPU not listed here gets "n/a".
+DATASHEET_DENSE_BF16_TFLOPS = (("H200", 989.0), ("H100 80GB HBM3", 989.0), ("H100 SXM", 989.0))
+
+
+def datasheet_peak_tflops(device_name: str) -> float | None:
+    """The datasheet dense bf16 peak of a GPU by its name, None where the table does not know it (CPUs too)."""
+    for part, tflops in DATASHEET_DENSE_BF16_TFLOPS:
+        if part in device_name:
+            return tflops
+    return None
+
+
+def measure_matmul_ceiling(device: torch.device, size: int | None = None, repeats: int | None = None,
+                           dtype: torch.dtype | None = None) -> dict:
+    """The device's practical matmul rate in `dtype`, the run's compute dtype (default: bf16 on CUDA, fp32 on the
+    CPU): MFU is only meaningful against a ceiling in the dtype the step computes in (a bf16 step on a CPU against
+    an fp32 ceiling read 150-200%). CUDA: a size^3 product (default 8192) timed with CUDA events, the median after
+    warm-up. CPU: a product of default size 1024 on the host clock, the fastest repeat (a shared CPU's median
+    measures its neighbours). Random inputs, rotated between two sets."""
     if device.type == "cuda":
-        dtype, size, repeats, warmup, statistic = torch.bfloat16, size or 8192, repeats or 10, 3, "median"
+        dtype, size, repeats, warmup, statistic = dtype or torch.bfloat16, size or 8192, repeats or 10, 3, "median"
     else:
-        dtype, size, repeats, warmup, statistic = torch.float32, size or 1024, repeats or 7, 1, "min"
+        dtype, size, repeats, warmup, statistic = dtype or torch.float32, size or 1024, repeats or 7, 1, "min"
     gen = torch.Generator(device=device).manual_seed(1234)
     pairs = [(torch.randn(size, size, device=device, dtype=dtype, generator=gen),
               torch.randn(size, size, device=device, dtype=dtype, generator=gen)) for _ in range(2)]
@@ -41,8 +62,10 @@ def measure_matmul_ceiling(device: torch.device, size: int | None = None, repeat
     }
 
 
-def summarise(times: list[float], batch: int, flops_per_crop: int, ceiling_tflops: float | None) -> dict:
-    """Throughput, achieved TFLOP/s and MFU from per-step times (seconds)."""
+def summarise(times: list[float], batch: int, flops_per_crop: int, ceiling_tflops: float | None,
+              datasheet_tflops: float | None = None) -> dict:
+    """Throughput, achieved TFLOP/s and MFU from per-step times (seconds): against the ceiling measured in the run
+    ("mfu") and against the datasheet dense bf16 peak ("mfu_datasheet", None for a device the table lacks)."""
     median = statistics.median(times)
     crops_per_s = batch / median
     achieved = flops_per_crop * crops_per_s / 1e12
@@ -56,6 +79,7 @@ def summarise(times: list[float], batch: int, flops_per_crop: int, ceiling_tflop
         "flops_per_crop": flops_per_crop,
         "achieved_tflops": achieved,
         "mfu": achieved / ceiling_tflops if ceiling_tflops else None,
+        "mfu_datasheet": achieved / datasheet_tflops if datasheet_tflops else None,
     }
 
 

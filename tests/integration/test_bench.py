@@ -123,7 +123,7 @@ def test_compare_stacks_stops_at_the_deadline_and_keeps_what_it_measured():
     spent = BenchSettings(device=torch.device("cpu"), amp=None, warmup=0, iters=1, rounds=1,
                                 deadline=time.monotonic() - 1)
     records, ratios, stopped = compare_stacks("train", TINY, cfg, stacks, 2, spent, None)
-    assert stopped and ratios == []
+    assert stopped == "time budget spent" and ratios == []
     assert records[0]["status"] == "interrupted" and "time budget spent" in records[0]["error"]
     fine = BenchSettings(device=torch.device("cpu"), amp=None, warmup=0, iters=1, rounds=1,
                                deadline=time.monotonic() + 600)
@@ -276,3 +276,125 @@ def test_selective_checkpointing_saves_matmuls_recomputes_the_rest(monkeypatch):
         n, calls[:] = len(decisions), []
         sac.embed(images)
         assert len(decisions) == n and sorted(calls) == list(range(4))  # the encoder's blocks, once
+
+
+def test_each_stack_is_probed_alone_and_a_compiled_stack_as_its_eager_twin():
+    """A probe that fails (a first Triton launch, a timm mismatch, an out-of-memory error) is recorded and the other
+    stacks are probed; a compiled stack is probed as its eager twin, so the compiled stage always gets a batch."""
+    from mae_fast.perf.harness import probe_each_stack
+
+    seen = []
+
+    def probe(cfg, stack, settings, batch):
+        seen.append(stack.name)
+        if stack.name == "peer":
+            raise RuntimeError("timm mismatch\nsecond line")
+        return {batch: 100, 2 * batch: 180}, 1000
+
+    settings = BenchSettings(device=torch.device("cpu"), amp=None)
+    stacks = [STACKS[n] for n in ("fused", "peer", "reference_compiled", "reference")]
+    per_stack, resident, errors = probe_each_stack(parse_preset(TINY), stacks, settings, 8, probe_fn=probe)
+    assert seen == ["fused", "peer", "reference"]  # reference_compiled probed as reference, once
+    assert set(per_stack) == {"fused", "reference"} and resident == 2000
+    assert errors == {"peer": "RuntimeError: timm mismatch"}
+    compiled_only = [STACKS[n] for n in ("fused_compiled", "peer_compiled")]
+    per_stack, _, errors = probe_each_stack(parse_preset(TINY), compiled_only, settings, 8, probe_fn=probe)
+    assert set(per_stack) == {"fused"} and set(errors) == {"peer"}
+
+
+def test_the_memory_window_holds_no_first_step_of_a_shape(monkeypatch):
+    """Each probe batch's first step (kernels compiled, the SDPA backends timed with the math backend's full score
+    matrix) runs before any peak-memory window opens; each window holds one step of an already seen shape."""
+    from mae_fast.perf import harness
+
+    events = []
+    window = {"open": False}
+
+    class FakeRunner:
+        cfg = parse_preset(TINY)
+
+        def step(self, images):
+            events.append((images.shape[0], window["open"]))
+
+    def reset_peak(device):
+        window["open"] = True
+
+    def max_allocated(device):
+        window["open"] = False
+        return 1000 * events[-1][0]
+
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 0)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", reset_peak)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", max_allocated)
+    peaks = harness.probe_step_peaks(FakeRunner(), (8, 16), torch.device("cpu"), torch.Generator().manual_seed(0))
+    assert peaks == {8: 8000, 16: 16000}
+    first_in_window = {}
+    for batch, in_window in events:
+        first_in_window.setdefault(batch, in_window)
+    assert first_in_window == {8: False, 16: False}
+    assert [e for e in events if e[1]] == [(8, True), (16, True)]
+
+
+def test_compare_stacks_reports_progress_and_a_faulted_stack_fails_alone(monkeypatch):
+    from mae_fast.perf import faults
+
+    cfg = parse_preset(TINY)
+    settings = BenchSettings(device=torch.device("cpu"), amp=None, warmup=0, iters=1, rounds=2,
+                             deadline=time.monotonic() + 600)
+    calls = []
+    monkeypatch.setenv(faults.ENV, "bench:reference")
+    faults.set_stage("bench")
+    try:
+        records, ratios, stopped = compare_stacks(
+            "train", TINY, cfg, [STACKS["fused"], STACKS["reference"]], 2, settings, 1.0,
+            progress=lambda recs, rats: calls.append(([dict(r) for r in recs], rats)))
+    finally:
+        faults.set_stage(None)
+    assert not stopped and ratios == []
+    recs = {r["stack"]: r for r in records}
+    assert recs["fused"]["status"] == "ok" and recs["fused"]["timed_steps"] == 2
+    assert recs["reference"]["status"] == "error" and "InjectedFault" in recs["reference"]["error"]
+    # after each warmed (or failed) stack, then after each round: the caller can write a headline every time
+    assert len(calls) == 2 + 2
+    assert "crops_per_s" not in calls[1][0][0] and calls[2][0][0]["timed_steps"] == 1
+    assert recs["fused"]["mfu_datasheet"] is None  # a CPU has no datasheet peak in the table
+
+
+def test_compare_stacks_skips_a_stack_whose_build_does_not_fit():
+    cfg = parse_preset(TINY)
+    settings = BenchSettings(device=torch.device("cpu"), amp=None, warmup=0, iters=1, rounds=1,
+                             deadline=time.monotonic() + 300)
+    records, _, _ = compare_stacks("train", TINY, cfg, [STACKS["reference"]], 2, settings, None,
+                                   build_seconds={"reference": 10_000.0})
+    assert records[0]["status"] == "skipped" and "cold compile estimate" in records[0]["error"]
+
+
+def test_mfu_against_the_datasheet_and_a_ceiling_in_the_runs_dtype():
+    from mae_fast.perf.timing import datasheet_peak_tflops, measure_matmul_ceiling, summarise
+
+    assert datasheet_peak_tflops("NVIDIA H200") == 989.0
+    assert datasheet_peak_tflops("NVIDIA H100 80GB HBM3") == 989.0  # the SXM part's name
+    assert datasheet_peak_tflops("NVIDIA H100 PCIe") is None and datasheet_peak_tflops("cpu") is None
+    s = summarise([0.5], 100, 10**12, ceiling_tflops=400.0, datasheet_tflops=800.0)
+    assert s["achieved_tflops"] == pytest.approx(200.0)
+    assert s["mfu"] == pytest.approx(0.5) and s["mfu_datasheet"] == pytest.approx(0.25)
+    bf16 = measure_matmul_ceiling(torch.device("cpu"), size=64, repeats=2, dtype=torch.bfloat16)
+    assert bf16["dtype"] == "bfloat16" and bf16["tflops"] > 0
+    assert measure_matmul_ceiling(torch.device("cpu"), size=64, repeats=2)["dtype"] == "float32"
+
+
+def test_render_results_names_a_silent_fallback_and_both_mfus():
+    render = _render_module()
+    assert render._ops({"masked_patchify": "triton", "unshuffle": "reference", "attention": "sdpa"}, "fused") == \
+        "reference/triton (FALLBACK: unshuffle)"
+    assert render._ops({"masked_patchify": "reference", "lion_update": "foreach"}, "reference") == "foreach/reference"
+    payload = {"provenance": {"device": "NVIDIA H200", "device_type": "cuda", "date": "d", "torch": "t",
+                              "command": "c", "git": {"commit": "abc"}},
+               "ceiling": {"tflops": 800.0, "dtype": "bfloat16"},
+               "train": [{"kind": "train", "preset": "p", "stack": "fused", "batch": 8, "status": "ok",
+                          "crops_per_s": 10.0, "achieved_tflops": 400.0, "mfu": 0.5, "mfu_datasheet": 0.404,
+                          "impls": {"unshuffle": "reference", "attention": "flash"}},
+                         {"kind": "train", "preset": "p", "stack": "peer", "status": "error", "error": "x"}]}
+    text = render.render_payload(payload)
+    assert "| 50.0% | 40.4% |" in text and "(FALLBACK: unshuffle)" in text and "no loading" in text
+    assert "| p | peer | - | error: x |" in text  # a record that failed before its batch was known
