@@ -19,6 +19,7 @@ COMMANDS = {
     "evaluate": ("mae_fast.cli.evaluate", "recall of known relationships: TVN, arm correction, baselines, tables, plots"),
     "train": ("mae_fast.cli.train", "train an MAE / CA-MAE or a baseline (WSL DenseNet-161, MU-Net); YAML/TOML + --set; torchrun"),
     "embed": ("mae_fast.cli.embed", "embed every site of a screen; per-well (and per-site) parquet tables, resumable by plate"),
+    "export": ("mae_fast.cli.export", "a training checkpoint (sharded under FSDP, or full) -> the single-file model folder embed reads"),
     "pack": ("mae_fast.cli.pack", "convert a dataset into losslessly compressed tiles the crop loader reads fast"),
 }
 

@@ -20,7 +20,10 @@ import torch.multiprocessing as mp
 
 from mae_fast.data.synthetic import SyntheticScreenConfig, make_synthetic_screen
 from mae_fast.training.config import DataConfig, TrainConfig
+from mae_fast.training.checkpointing import read_train_state
 from mae_fast.training.loop import train
+from safetensors.torch import load_file
+from tests.helpers import run_as_if_killed_after
 
 
 def _config(root: str, out: str, distributed: str = "ddp", **overrides) -> TrainConfig:
@@ -78,17 +81,85 @@ def screen(tmp_path_factory):
     return make_synthetic_screen(str(tmp_path_factory.mktemp("screen")), cfg)
 
 
+K3 = dict(global_batch=12, micro_batch=2)  # three micro-batches per rank (six in one process)
+
+
 @pytest.fixture(scope="module")
 def runs(screen, tmp_path_factory):
-    """One process, then two spawned ranks running the same configuration with DDP and with FSDP."""
+    """One process, then two spawned ranks running the same configuration with DDP and with FSDP; the same with three
+    micro-batches per rank (DDP, FSDP reducing per micro-batch and per step); FSDP with its default sharded
+    checkpoints; and two ranks resuming a single process's sharded checkpoint (1 -> 2 ranks)."""
     tmp = tmp_path_factory.mktemp("dist")
     single = train(_config(screen.root, str(tmp / "single")))
-    modes = ("ddp", "fsdp")
-    runs = {mode: (port, _config(screen.root, str(tmp / f"{mode}_run"), mode).to_dict())
-            for mode, port in zip(modes, _free_ports(len(modes)))}
+    train(_config(screen.root, str(tmp / "single_k3"), **K3))
+    train(_config(screen.root, str(tmp / "single_sharded"), checkpoint_format="sharded"))
+    from_one = run_as_if_killed_after(str(tmp / "single_sharded"), tmp / "from_one_rank", 2)
+    specs = {
+        "ddp": _config(screen.root, str(tmp / "ddp_run"), "ddp"),
+        "fsdp": _config(screen.root, str(tmp / "fsdp_run"), "fsdp"),
+        "ddp_k3": _config(screen.root, str(tmp / "ddp_k3"), "ddp", **K3),
+        "fsdp_k3": _config(screen.root, str(tmp / "fsdp_k3"), "fsdp", **K3),
+        "fsdp_k3_step": _config(screen.root, str(tmp / "fsdp_k3_step"), "fsdp", fsdp_reduce="step", **K3),
+        "fsdp_sharded": _config(screen.root, str(tmp / "fsdp_sharded"), "fsdp", checkpoint_format="auto"),
+        "resumed_on_two": _config(screen.root, from_one, "fsdp", checkpoint_format="sharded", resume=True),
+    }
+    runs = {name: (port, cfg.to_dict()) for (name, cfg), port in zip(specs.items(), _free_ports(len(specs)))}
     _spawn(runs, str(tmp))
     ranks = {mode: [torch.load(tmp / f"{mode}_rank{r}.pt", weights_only=True) for r in range(2)] for mode in runs}
     return single, ranks, tmp
+
+
+def _final_weights(run_dir) -> dict:
+    return load_file(os.path.join(run_dir, "model", "model.safetensors"))
+
+
+def test_three_micro_batches_per_rank_match_one_process(runs):
+    """FSDP2 accumulation (reduce-scatter per micro-batch, or once per step) and DDP's no_sync with three
+    micro-batches per rank equal one process running all six. Not bit for bit: a rank sums its three gradients
+    before the ranks' average, one process sums all six in order (float addition in another order, ~1e-7
+    relative); Lion's sign turns an update within rounding of zero into a +-lr step. So: losses within 1e-5
+    relative; weights within 2*lr*steps everywhere, at most 0.1% of the elements further apart than 1e-6."""
+    single, ranks, tmp = runs
+    want_losses = read_train_state(str(tmp / "single_k3" / "checkpoints" / "step_00000003"))["losses"].tolist()
+    want = _final_weights(tmp / "single_k3")
+    for name in ("ddp_k3", "fsdp_k3", "fsdp_k3_step"):
+        losses = ranks[name][0]["losses"]
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(want_losses), rtol=1e-5, atol=0, msg=name)
+        got = _final_weights(tmp / name)
+        far = sum(int(((got[k] - want[k]).abs() > 1e-6).sum()) for k in want)
+        assert far <= 1e-3 * sum(v.numel() for v in want.values()), (name, far)
+        assert _max_difference(got, want) <= 2 * 1e-3 * 3 + 1e-6, name
+    # the two FSDP reduce modes differ only in when the same sums are communicated
+    torch.testing.assert_close(torch.tensor(ranks["fsdp_k3"][0]["losses"]),
+                               torch.tensor(ranks["fsdp_k3_step"][0]["losses"]), rtol=1e-6, atol=0)
+
+
+def test_fsdp_writes_sharded_checkpoints_that_resume_on_another_world_size(runs, screen, tmp_path):
+    from mae_fast.cli import main as cli_main
+    from mae_fast.checkpoint import load_model
+    from mae_fast.training.checkpointing import is_sharded, list_checkpoints
+
+    single, ranks, tmp = runs
+    sharded = tmp / "fsdp_sharded"
+    steps = [s for s, _ in list_checkpoints(str(sharded))]
+    assert steps == [2, 3] and all(is_sharded(p) for _, p in list_checkpoints(str(sharded)))
+    assert not (sharded / "checkpoints" / "step_00000003" / "model.safetensors").exists()  # no full gather
+    assert {p.name for p in (sharded / "checkpoints" / "step_00000003" / "sharded").iterdir()} >= {".metadata"}
+    assert ranks["fsdp_sharded"][0]["losses"] == single.losses
+    # 2 ranks -> 1: a single process resumes the sharded checkpoint of step 2 and ends where the others did
+    copy = run_as_if_killed_after(str(sharded), tmp_path / "to_one_rank", 2)
+    resumed = train(_config(screen.root, copy, "ddp", checkpoint_format="sharded", resume=True))
+    assert resumed.resumed_from == 2 and resumed.losses == single.losses
+    assert _max_difference(resumed.model.state_dict(), single.model.state_dict()) == 0.0
+    # 1 rank -> 2: two FSDP ranks resumed a single process's sharded checkpoint of step 2
+    assert ranks["resumed_on_two"][0]["losses"] == single.losses
+    assert _max_difference(ranks["resumed_on_two"][0]["weights"], single.model.state_dict()) == 0.0
+    # export: the sharded step-2 checkpoint as the single-file model embed reads, equal to the full one
+    out = tmp_path / "exported"
+    assert cli_main(["export", str(sharded / "checkpoints" / "step_00000002"), "--out", str(out)]) == 0
+    full = load_file(str(tmp / "fsdp_run" / "checkpoints" / "step_00000002" / "model.safetensors"))
+    exported = load_model(str(out)).state_dict()
+    assert _max_difference(exported, full) == 0.0
 
 
 def _max_difference(a: dict, b: dict) -> float:
