@@ -9,6 +9,7 @@ mae_fast from the wheel alone (`--no-deps --no-index`); the wheel build recompil
 from __future__ import annotations
 
 import glob
+import importlib.util
 import json
 import os
 import shutil
@@ -110,6 +111,18 @@ def test_build_without_torch_says_so_in_one_line(tmp_path):
     assert lines[0].endswith("pip install --no-build-isolation .")
 
 
+def test_version_line_says_whether_the_cpp_kernels_are_built(monkeypatch, capsys):
+    from mae_fast import cli
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mae_fast._C" else real_find_spec(name, *a))
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["--version"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out.strip() == (f"mae-fast {VERSION} (C++ CPU kernels: not built; to build them: "
+                                               "pip install --no-build-isolation .)")
+
+
 def test_wheel_installs_into_a_fresh_venv_and_runs(tmp_path):
     pytest.importorskip("mae_fast._C", reason="C++ extension not built (python setup.py build_ext --inplace)")
     wheels = tmp_path / "wheels"
@@ -134,6 +147,8 @@ def test_wheel_installs_into_a_fresh_venv_and_runs(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MAE_FAST_IMPL")}
     help_text = _run([str(venv / "bin" / "mae-fast"), "--help"], cwd=tmp_path, env=env).stdout
     assert help_text.startswith("usage: mae-fast") and "embed" in help_text
+    version = _run([str(venv / "bin" / "mae-fast"), "--version"], cwd=tmp_path, env=env).stdout.strip()
+    assert version == f"mae-fast {VERSION} (C++ CPU kernels: built)"
     result = json.loads(_run([python, "-c", CPP_OP_CHECK], cwd=tmp_path, env=env).stdout.strip().splitlines()[-1])
     assert result["file"].startswith(purelib) and result["ext"].startswith(purelib)
     assert result["version"] == VERSION and result["impl"] == "cpp"
