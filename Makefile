@@ -1,6 +1,6 @@
 # Two entry points (see README): `make demo` and `make test`. Both create .venv on first use and install the exact
 # versions in constraints.txt, so two fresh machines run the same suite. `make test-oldest` runs the same suite at the
-# oldest versions setup.py admits (constraints-oldest.txt); .ci/run runs both.
+# oldest versions pyproject.toml admits (constraints-oldest.txt); .ci/run runs both.
 PYTHON      ?= python3
 VENV        ?= .venv
 CONSTRAINTS ?= constraints.txt
