@@ -57,7 +57,8 @@ def pytest_addoption(parser):
                          "GPU " + ",".join(GPU_TARGET_PRESETS) + ")")
     group.addoption("--bench-compile-backend", default=None, help="default: inductor on GPU, aot_eager on CPU")
     group.addoption("--bench-batch", type=int, default=None, help="batch for every preset (default: per device)")
-    group.addoption("--bench-rounds", type=int, default=None, help="timed steps per test (GPU 10, CPU 3)")
+    group.addoption("--bench-rounds", type=int, default=None, help="timed rounds per test (default GPU 10, CPU 3; bench_ops GPU 20, CPU 5; "
+                         "--bench-toy 1); more rounds make `make bench-compare` steadier")
     group.addoption("--bench-max-batch-time", type=float, default=45.0, help="seconds per largest-batch search")
     group.addoption("--bench-out", default=None, help="results JSON file or folder (mae_fast.bench/1 schema)")
     group.addoption("--bench-baselines", default=None,
