@@ -1,6 +1,6 @@
 """Every pytest-benchmark suite (benchmarks/bench_*.py) runs once at toy sizes, untimed (`--benchmark-disable
 --bench-toy`), so none rots between `make bench` runs: one pytest process for all suites (one interpreter start),
-then one test per suite that reads its results. No time is measured or asserted here.
+whose junit report is read per suite. No time is measured or asserted here.
 
 Also the workflow's pieces: the suites read their options from pytest only (no environment variables), and the
 machine info pytest-benchmark saves carries the device, torch, Triton and the commit."""
@@ -13,17 +13,14 @@ import subprocess
 import sys
 import xml.etree.ElementTree as ET
 
-import pytest
 
 from tests.helpers import ROOT
 
 SUITES = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "benchmarks", "bench_*.py")))
 
 
-@pytest.fixture(scope="module")
-def toy_run(tmp_path_factory) -> dict:
+def toy_run(tmp) -> dict:
     """{suite file: [(test name, outcome)]} of one `pytest benchmarks/ --benchmark-disable --bench-toy` run."""
-    tmp = tmp_path_factory.mktemp("bench_suites")
     junit = tmp / "junit.xml"
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "benchmarks", "--benchmark-disable",
            "--bench-toy", "--bench-device", "cpu", f"--junitxml={junit}", f"--basetemp={tmp / 'basetemp'}"]
@@ -39,16 +36,20 @@ def toy_run(tmp_path_factory) -> dict:
     return results
 
 
-def test_every_suite_is_found():
+def test_every_suite_runs_at_toy_size(tmp_path):
+    """One test (not one per suite): under pytest-xdist a shared fixture would run the suites once per worker."""
     assert len(SUITES) >= 7 and "bench_ops.py" in SUITES and "bench_train_step.py" in SUITES
-
-
-@pytest.mark.parametrize("suite", SUITES)
-def test_suite_runs_at_toy_size(toy_run, suite):
-    cases = toy_run.get(suite)
-    assert cases, f"benchmarks/{suite}: no test ran"
-    assert not [name for name, outcome in cases if outcome == "failed"]
-    assert [name for name, outcome in cases if outcome == "passed"], f"benchmarks/{suite}: every test skipped: {cases}"
+    results = toy_run(tmp_path)
+    problems = {}
+    for suite in SUITES:
+        cases = results.get(suite, [])
+        if not cases:
+            problems[suite] = "no test ran"
+        elif any(outcome == "failed" for _, outcome in cases):
+            problems[suite] = f"failed: {[name for name, outcome in cases if outcome == 'failed']}"
+        elif not any(outcome == "passed" for _, outcome in cases):
+            problems[suite] = f"every test skipped: {cases}"
+    assert not problems, problems
 
 
 def test_suites_take_options_from_pytest_not_the_environment():
