@@ -2,10 +2,10 @@
 AdaBN, MU-Net-M / -L (AdamW), next to the MAE presets of bench_train_step.py (same session, same results JSON).
 
     pytest benchmarks/bench_baselines.py                                   # CPU: every baseline preset, batch 2
-    MAE_FAST_BENCH_BASELINES=munet_m_256,wsl_densenet161_256:img_size=128 pytest benchmarks/bench_baselines.py
+    pytest benchmarks/bench_baselines.py --bench-baselines munet_m_256,wsl_densenet161_256:img_size=128
     pytest benchmarks/bench_baselines.py benchmarks/bench_train_step.py --bench-out results/   # on a GPU: bf16
 
-Batch: --bench-batch, else CPU 2, GPU a power of two giving ~100 TFLOP per step (8..1024; an out-of-memory batch
+Batch: --bench-batch, else CPU (and --bench-toy: the micro baselines at 64 px) 2, GPU a power of two giving ~100 TFLOP per step (8..1024; an out-of-memory batch
 is recorded and skipped). Crops are random uint8 (the models standardise them); WSL labels are random over 1,139
 classes (RxRx1's label set), and an AdaBN batch stands for one plate. FLOPs per crop: 3 x the forward's
 convolution and linear FLOPs (2 per multiply-add, counted by hooks on a real forward); norms, activations and
@@ -14,7 +14,6 @@ pooling are not counted, so TFLOP/s and MFU are slight underestimates.
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -27,13 +26,18 @@ from mae_fast.models import count_parameters, create_baseline, list_baselines
 from mae_fast.models.baseline_common import build_optimizer
 
 NUM_CLASSES = 1139
-ENV_PRESETS = "MAE_FAST_BENCH_BASELINES"
+TOY_BASELINES = ["munet_micro_256:img_size=64", "wsl_densenet_micro_256:img_size=64",
+                 "wsl_densenet_micro_adabn_256:img_size=64"]
 
 
 def pytest_generate_tests(metafunc):
     if "baseline_spec" in metafunc.fixturenames:
-        text = os.environ.get(ENV_PRESETS)
-        specs = [s.strip() for s in text.split(",") if s.strip()] if text else list_baselines()
+        config = metafunc.config
+        text = config.getoption("--bench-baselines", default=None)
+        if text:
+            specs = [s.strip() for s in text.split(",") if s.strip()]
+        else:
+            specs = TOY_BASELINES if config.getoption("--bench-toy", default=False) else list_baselines()
         metafunc.parametrize("baseline_spec", specs)
 
 
@@ -114,7 +118,7 @@ class BaselineTrainRunner:
 
 def default_batch(runner_flops_per_crop: int, device: torch.device) -> int:
     if device.type != "cuda":
-        return 2
+        return 2  # also what --bench-toy runs
     return int(min(1024, max(8, 2 ** int(math.log2(max(1.0, 100e12 / runner_flops_per_crop))))))
 
 

@@ -4,7 +4,7 @@ Paths: torch DataLoader workers (PIL/imagecodecs decode), the DALI CPU pipeline 
 path reading a `mae-fast pack` folder. Sources: 512² and 2048² six-channel sites, as 16-bit PNG (RxRx3-like) and
 8-bit JPEG (quality 90), with 1 crop per decoded site and k per site (k = 4 for 512², 16 for 2048²).
 
-pytest-benchmark suite (small: 512² only):
+pytest-benchmark suite (small: 512² only; --bench-toy: four 256² sites):
     .venv/bin/python -m pytest benchmarks/bench_data.py --benchmark-only
 Full table (512² and 2048², every path; writes JSON with provenance):
     .venv/bin/python benchmarks/bench_data.py --workers 2 --out benchmarks/results/data_cpu.json
@@ -195,9 +195,10 @@ def decode_ms_per_channel(index: SiteIndex, repeats: int = 3) -> float:
 # --------------------------------------------------------------------------- pytest-benchmark (small)
 
 @pytest.fixture(scope="module")
-def small_sources(tmp_path_factory):
+def small_sources(tmp_path_factory, bench_toy):
+    """16 sites of 512² (--bench-toy: 4 sites of 256², one crop each)."""
     root = str(tmp_path_factory.mktemp("bench_data"))
-    sources = write_sources(root, 512, 16)
+    sources = write_sources(root, 256, 4) if bench_toy else write_sources(root, 512, 16)
     pack_dir = os.path.join(root, "packed")
     pack_index(sources["png16"], pack_dir, num_workers=0)
     sources["packed"] = SiteIndex.from_pack(pack_dir)
@@ -209,12 +210,13 @@ PATHS = [("png16", "torch"), ("jpeg8", "torch"), ("png16", "dali"), ("jpeg8", "d
 
 @pytest.mark.parametrize("k", [1, 4])
 @pytest.mark.parametrize("source, backend", PATHS)
-def test_bench_train_loader_512(benchmark, small_sources, source, backend, k):
+def test_bench_train_loader_512(benchmark, small_sources, source, backend, k, bench_toy):
     if backend == "dali" and not dali_available():
         pytest.skip("nvidia-dali not installed")
     index = small_sources[source]
-    result = benchmark.pedantic(crops_per_second, args=(index, k, backend, 2, 16), rounds=1, iterations=1)
-    benchmark.extra_info.update({**result, "source": f"512² {source}", "k": k})
+    workers, batch = (0, 4) if bench_toy else (2, 16)  # toy: in this process, one batch an epoch
+    result = benchmark.pedantic(crops_per_second, args=(index, k, backend, workers, batch), rounds=1, iterations=1)
+    benchmark.extra_info.update({**result, "source": f"{256 if bench_toy else 512}² {source}", "k": k})
 
 
 # --------------------------------------------------------------------------- full table (script)

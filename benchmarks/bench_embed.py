@@ -2,6 +2,7 @@
 encoder (bf16 on GPU, fp32 on CPU), per-site/per-well averaging and the parquet writes, in tiles (crops) per second.
 
     pytest benchmarks/bench_embed.py --benchmark-only                       # CPU: micro and small presets
+    pytest benchmarks/bench_embed.py --benchmark-disable --bench-toy        # micro, four 256² sites, once
     python benchmarks/bench_embed.py --preset mae_vit_large_patch8_256 --sites 96 --site-size 2048 --bit-depth 16
                                                                            # the GPU run (target >= 650 crops/s)
 
@@ -30,7 +31,7 @@ CPU_PRESETS = ("mae_vit_micro_patch16_256", "mae_vit_small_patch16_256")
 def screen_config(sites: int, site_size: int, bit_depth: int) -> SyntheticScreenConfig:
     """One plate of `sites` wells (at least 2 genes; the rest split over controls)."""
     genes = max(2, sites - 2)
-    return SyntheticScreenConfig(n_experiments=1, n_plates=1, n_complexes=0, complex_size=1, n_singletons=genes,
+    return SyntheticScreenConfig(n_experiments=1, n_plates=1, n_complexes=0, complex_size=2, n_singletons=genes,
                                  n_empty_controls=max(0, sites - genes), n_crispr_controls=0, site_size=site_size,
                                  bit_depth=bit_depth, seed=0)
 
@@ -49,21 +50,36 @@ def embed_once(checkpoint: str, screen_root: str, out: str, device: str, batch_s
     return result, time.perf_counter() - t0
 
 
+TOY_PRESETS = ("mae_vit_micro_patch16_256",)
+
+
+def pytest_generate_tests(metafunc):
+    if "embed_preset" in metafunc.fixturenames:
+        toy = metafunc.config.getoption("--bench-toy", default=False)
+        metafunc.parametrize("embed_preset", TOY_PRESETS if toy else CPU_PRESETS)
+
+
+def _screen_shape(toy: bool) -> tuple[int, int]:
+    """(wells, site size): 16 sites of 512² (4 tiles each); --bench-toy: 4 sites of 256² (one tile each)."""
+    return (4, 256) if toy else (16, 512)
+
+
 @pytest.fixture(scope="module")
-def bench_screen(tmp_path_factory):
-    return make_synthetic_screen(str(tmp_path_factory.mktemp("screen")), screen_config(16, 512, 8))
+def bench_screen(tmp_path_factory, bench_toy):
+    sites, size = _screen_shape(bench_toy)
+    return make_synthetic_screen(str(tmp_path_factory.mktemp("screen")), screen_config(sites, size, 8))
 
 
-@pytest.mark.parametrize("embed_preset", CPU_PRESETS)
-def test_embed_throughput(benchmark, bench_screen, embed_preset, tmp_path, pytestconfig):
+def test_embed_throughput(benchmark, bench_screen, embed_preset, tmp_path, pytestconfig, bench_toy):
     device = pytestconfig.getoption("--bench-device", default="auto") or "auto"
     checkpoint = make_checkpoint(embed_preset, str(tmp_path))
     out = str(tmp_path / "emb.parquet")
     runs = []
     benchmark.pedantic(lambda: runs.append(embed_once(checkpoint, bench_screen.root, out, device, 64, None)),
-                       rounds=2, iterations=1, warmup_rounds=1)
+                       rounds=1 if bench_toy else 2, iterations=1, warmup_rounds=0 if bench_toy else 1)
     result, seconds = runs[-1]
-    assert result.n_wells == 16 and result.n_tiles == 16 * 4
+    sites, size = _screen_shape(bench_toy)
+    assert result.n_wells == sites and result.n_tiles == sites * (size // 256) ** 2
     benchmark.extra_info.update({"preset": embed_preset, "tiles": result.n_tiles,
                                  "crops_per_s_model_loop": result.tiles_per_second,
                                  "crops_per_s_end_to_end": result.n_tiles / seconds})

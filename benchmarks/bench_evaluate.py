@@ -1,6 +1,6 @@
 """Evaluation benchmarks: TVN, pairwise similarities, exact null percentiles, the whole `evaluate`.
 
-pytest-benchmark suite (small sizes, CPU):
+pytest-benchmark suite (small sizes, CPU; --bench-toy: a tenth of them):
     .venv/bin/python -m pytest benchmarks/bench_evaluate.py --benchmark-only
 Whole-genome scale run (17,063 perturbations x 1,024 dims, four databases; wall time and peak memory of a fresh
 process that loads the parquet and runs TVN -> activity mAP -> spherical means -> null percentiles -> recall with
@@ -60,15 +60,17 @@ def screen_frame(n_genes: int, dims: int, replicates: int, n_batches: int, contr
     return frame, genes, groups
 
 
-def relationship_frames(genes: np.ndarray, groups: list[np.ndarray], seed: int = 1) -> dict[str, pd.DataFrame]:
-    """Four databases sized like the filtered public ones; both orientations, some absent genes."""
+def relationship_frames(genes: np.ndarray, groups: list[np.ndarray], seed: int = 1,
+                        scale: float = 1.0) -> dict[str, pd.DataFrame]:
+    """Four databases sized like the filtered public ones (times `scale`); both orientations, some absent genes."""
     rng = np.random.default_rng(seed)
     within = np.array([(a, b) for g in groups for a in g for b in g if a < b])
 
     def random_pairs(n):
-        return rng.integers(0, genes.size, (n, 2))
+        return rng.integers(0, genes.size, (int(n * scale), 2))
 
     def frame(index_pairs, n_absent):
+        n_absent = int(n_absent * scale)
         first, second = genes[index_pairs[:, 0]], genes[index_pairs[:, 1]]
         flip = rng.random(first.size) < 0.5                                  # both orientations occur
         first, second = np.where(flip, second, first), np.where(flip, first, second)
@@ -87,36 +89,41 @@ def relationship_frames(genes: np.ndarray, groups: list[np.ndarray], seed: int =
 # --------------------------------------------------------------------------- pytest-benchmark suite
 
 @pytest.fixture(scope="module")
-def small_screen():
+def small_screen(bench_toy):
+    """1,500 genes x 256 dims (--bench-toy: 150 x 32, relationship tables a tenth of the size)."""
+    if bench_toy:
+        frame, genes, groups = screen_frame(n_genes=150, dims=32, replicates=3, n_batches=3, controls_per_batch=20)
+        return frame, relationship_frames(genes, groups, scale=0.1)
     frame, genes, groups = screen_frame(n_genes=1_500, dims=256, replicates=3, n_batches=6, controls_per_batch=80)
     return frame, relationship_frames(genes, groups)
 
 
-def test_bench_tvn_fit_apply(benchmark, small_screen):
+def test_bench_tvn_fit_apply(benchmark, small_screen, bench_toy):
     table = well_table_from_frame(small_screen[0])
 
     def run():
         transform = fit_tvn(table.features, table.batch_codes, table.is_control, table.batch_names)
         return transform.apply(table.features, table.batch_codes)
 
-    out = benchmark.pedantic(run, rounds=3, iterations=1)
+    out = benchmark.pedantic(run, rounds=1 if bench_toy else 3, iterations=1)
     assert out.shape == table.features.shape
 
 
-def test_bench_similarities_and_exact_percentiles(benchmark):
+def test_bench_similarities_and_exact_percentiles(benchmark, bench_toy):
     rng = np.random.default_rng(0)
-    unit = unit_rows(rng.standard_normal((3_001, 256), dtype=np.float32))
+    unit = unit_rows(rng.standard_normal((301, 32) if bench_toy else (3_001, 256), dtype=np.float32))
 
     def run():
         return PairwiseSimilarities(unit).percentiles([1, 5, 10, 90, 95, 99])
 
-    values = benchmark.pedantic(run, rounds=3, iterations=1)
+    values = benchmark.pedantic(run, rounds=1 if bench_toy else 3, iterations=1)
     assert np.all(np.diff(values) > 0)
 
 
-def test_bench_evaluate_small(benchmark, small_screen):
+def test_bench_evaluate_small(benchmark, small_screen, bench_toy):
     frame, relationships = small_screen
-    result = benchmark.pedantic(lambda: evaluate(frame, relationships, baselines=("random",)), rounds=2, iterations=1)
+    result = benchmark.pedantic(lambda: evaluate(frame, relationships, baselines=("random",)),
+                                rounds=1 if bench_toy else 2, iterations=1)
     model = result.recall_table()
     assert model.loc["model", "CORUM"] > 0.5 > model.loc["random", "CORUM"]
 

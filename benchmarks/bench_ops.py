@@ -7,6 +7,7 @@ byte floor: every input read once and every output written once (the bytes below
 measured in the same run (`copy_bandwidth`: a large copy on a GPU, an in-place add on the CPU).
 
     pytest benchmarks/bench_ops.py                       # pytest-benchmark, extra_info per case
+    pytest benchmarks/bench_ops.py --bench-device cpu --bench-rounds 10
     python benchmarks/bench_ops.py --json OUT.json       # the same cases as JSON with provenance, table on stdout
     python benchmarks/bench_ops.py --device cpu --ops mae_loss,lion_update
     python benchmarks/bench_ops.py --json OUT.json --loss-sweep   # GPU: + loss kernel tile shapes / precisions
@@ -79,6 +80,7 @@ class Sizes:
 
 CUDA_SIZES = Sizes(batch=256)
 CPU_SIZES = Sizes(batch=16, lion_model="mae_vit_small_patch16_256")
+TOY_SIZES = Sizes(batch=2, img=64, lion_model="mae_vit_micro_patch16_256")  # pytest --bench-toy: runs, not speed
 
 
 @dataclass
@@ -378,16 +380,15 @@ def main(argv=None) -> int:
 # --------------------------------------------------------------------------------------------------------------
 
 def _pytest_cases():
-    device = resolve_device(os.environ.get("MAE_FAST_BENCH_DEVICE", "auto"))
     out = []
     for op in OPS:
         impls = ["reference", "fused"] + (["fused[stats given]"] if op == "masked_patchify" else []) \
             + (["foreach"] if op == "lion_update" else [])
         out += [(op, impl) for impl in impls]
-    return device, out
+    return out
 
 
-_DEVICE, _CASES = _pytest_cases()
+_CASES = _pytest_cases()
 _SESSION: dict = {}
 
 try:
@@ -398,32 +399,36 @@ except ImportError:  # script mode without pytest installed
 if pytest is not None:
 
     @pytest.fixture(scope="module")
-    def copy_bps():
-        return copy_bandwidth(_DEVICE)
+    def copy_bps(bench_torch_device):
+        return copy_bandwidth(bench_torch_device)
 
     @pytest.mark.parametrize("op,impl", _CASES, ids=[f"{o}-{i}" for o, i in _CASES])
-    def test_op(benchmark, copy_bps, op, impl):
-        key = op
-        if _SESSION.get("op") != key:  # build one op's inputs at a time
+    def test_op(benchmark, copy_bps, op, impl, bench_torch_device, bench_toy, pytestconfig):
+        """--bench-device picks the device, --bench-rounds the rounds; --bench-toy runs TOY_SIZES."""
+        device = bench_torch_device
+        sizes = TOY_SIZES if bench_toy else sizes_for(device)
+        if _SESSION.get("op") != op:  # build one op's inputs at a time
             _SESSION.clear()
-            _free(_DEVICE)
-            _SESSION.update(op=key, cases={c.impl: c for c in CASE_BUILDERS[op](sizes_for(_DEVICE), _DEVICE)})
+            _free(device)
+            _SESSION.update(op=op, cases={c.impl: c for c in CASE_BUILDERS[op](sizes, device)})
         case = _SESSION["cases"].get(impl)
         if case is None:
-            pytest.skip(f"no {impl} implementation of {op} on {_DEVICE.type} (extension / Triton not available)")
+            pytest.skip(f"no {impl} implementation of {op} on {device.type} (extension / Triton not available)")
         case.run()  # warm-up (compilation, allocator)
-        synchronize(_DEVICE)
+        synchronize(device)
 
         def call():
             case.run()
-            synchronize(_DEVICE)
+            synchronize(device)
 
         benchmark.group = op
-        rounds = 20 if _DEVICE.type == "cuda" else 3
-        benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=1)
+        rounds = pytestconfig.getoption("--bench-rounds") or (1 if bench_toy else 20 if device.type == "cuda" else 5)
+        benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=0 if bench_toy else 1)
+        if benchmark.stats is None:  # --benchmark-disable: the case ran once, untimed
+            return
         summary = summarise(case, benchmark.stats.stats.median, copy_bps)
         benchmark.extra_info.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))},
-                                    device=str(_DEVICE), copy_GBps=copy_bps / 1e9)
+                                    device=str(device), copy_GBps=copy_bps / 1e9)
 
 
 if __name__ == "__main__":

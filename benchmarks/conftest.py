@@ -1,12 +1,21 @@
 """Options, fixtures and the results writer shared by the pytest-benchmark suites in this folder.
 
+    make bench                  # every suite; pytest-benchmark's JSON (with this machine's provenance) saved
+    make bench-compare          # every suite again, compared with the latest saved run; fails on a slowdown
+    pytest benchmarks/ --benchmark-disable --bench-toy                               # each suite once, toy sizes (CI)
     pytest benchmarks/bench_train_step.py benchmarks/bench_inference.py              # CPU: micro presets, batch 2
     pytest benchmarks/bench_train_step.py --bench-presets mae_vit_large_patch8_256 --bench-out results/
     pytest benchmarks/bench_*.py --benchmark-json raw.json                           # pytest-benchmark's own file
 
-The suites reuse `mae_fast.perf` (same runners, same stacks, same FLOP counts). Every test appends one record to
-the session; at the end the records, the fused/reference ratios of this run and the provenance are written in the
-`mae_fast.bench/1` schema (the same as `mae-fast bench`) to --bench-out, and summarised in the terminal.
+Every option of the suites is a pytest option defined here (`pytest benchmarks/ --help`, group "mae_fast
+benchmarks"); none is read from the environment. pytest-benchmark's saved JSON carries, under
+`machine_info.mae_fast`, the device (CPU / GPU model), driver, CUDA, torch, Triton, mae_fast and the commit
+(`pytest_benchmark_update_machine_info`), so a comparison says what it compares.
+
+The train-step and embedding suites reuse `mae_fast.perf` (same runners, same stacks, same FLOP counts). Every test
+appends one record to the session; at the end the records, the fused/reference ratios of this run and the
+provenance are written in the `mae_fast.bench/1` schema (the same as `mae-fast bench`) to --bench-out, and
+summarised in the terminal.
 """
 from __future__ import annotations
 
@@ -48,9 +57,29 @@ def pytest_addoption(parser):
                          "GPU " + ",".join(GPU_TARGET_PRESETS) + ")")
     group.addoption("--bench-compile-backend", default=None, help="default: inductor on GPU, aot_eager on CPU")
     group.addoption("--bench-batch", type=int, default=None, help="batch for every preset (default: per device)")
-    group.addoption("--bench-rounds", type=int, default=None, help="timed steps per test (GPU 10, CPU 3)")
+    group.addoption("--bench-rounds", type=int, default=None, help="timed rounds per test (default GPU 10, CPU 3; bench_ops GPU 20, CPU 5; "
+                         "--bench-toy 1); more rounds make `make bench-compare` steadier")
     group.addoption("--bench-max-batch-time", type=float, default=45.0, help="seconds per largest-batch search")
     group.addoption("--bench-out", default=None, help="results JSON file or folder (mae_fast.bench/1 schema)")
+    group.addoption("--bench-baselines", default=None,
+                    help="comma list of baseline specs for bench_baselines.py (name:key=value, e.g. "
+                         "munet_m_256,wsl_densenet161_256:img_size=128; default: every baseline)")
+    group.addoption("--bench-toy", action="store_true",
+                    help="toy sizes everywhere (micro models at 64 px, batch 2, one round, small data): proves each "
+                         "suite runs, as the test suite does with --benchmark-disable; its times mean nothing")
+
+
+TOY_PRESETS = ["mae_vit_micro_patch16_256:img_size=64", "camae_vit_micro_patch16_256:img_size=64"]
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """What pytest-benchmark saves about the machine, plus the device, driver, torch, Triton and the commit."""
+    device = bench_device(config)
+    prov = provenance(device, "pytest " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    keys = ("device", "device_type", "compute_capability", "driver", "cuda_runtime", "torch", "triton", "mae_fast",
+            "cpp_extension", "git", "cpu", "cpu_count")
+    machine_info["mae_fast"] = {k: prov[k] for k in keys}
+    machine_info["mae_fast"]["toy"] = bool(config.getoption("--bench-toy", default=False))
 
 
 def pytest_configure(config):
@@ -67,10 +96,16 @@ def bench_device(config) -> torch.device:
     return _STATE["device"]
 
 
+def is_toy(config) -> bool:
+    return bool(_opt(config, "--bench-toy"))
+
+
 def selected_presets(config) -> list[str]:
     text = _opt(config, "--bench-presets")
     if text:
         return split_specs([text])
+    if is_toy(config):
+        return list(TOY_PRESETS)
     if bench_device(config).type == "cpu":
         return list(CPU_PRESETS)
     return list_presets()
@@ -78,7 +113,7 @@ def selected_presets(config) -> list[str]:
 
 def compile_presets(config) -> set[str]:
     presets = selected_presets(config)
-    default = presets if bench_device(config).type == "cpu" else GPU_TARGET_PRESETS
+    default = [] if is_toy(config) else presets if bench_device(config).type == "cpu" else GPU_TARGET_PRESETS
     return preset_set(_opt(config, "--bench-compile-presets"), presets, default)
 
 
@@ -98,27 +133,49 @@ def pytest_generate_tests(metafunc):
 
 
 @pytest.fixture(scope="session")
+def bench_toy(pytestconfig) -> bool:
+    """--bench-toy: the suites shrink their inputs (each suite says how) so that one pass takes seconds."""
+    return is_toy(pytestconfig)
+
+
+@pytest.fixture(scope="session")
+def bench_torch_device(pytestconfig) -> torch.device:
+    """The device of --bench-device."""
+    return bench_device(pytestconfig)
+
+
+def bench_rounds(config, device: torch.device) -> int:
+    """Timed rounds per test: --bench-rounds, else 1 at toy sizes, 10 on a GPU, 3 on a CPU."""
+    return _opt(config, "--bench-rounds") or (1 if is_toy(config) else 10 if device.type == "cuda" else 3)
+
+
+@pytest.fixture(scope="session")
 def settings(pytestconfig) -> BenchSettings:
     device = bench_device(pytestconfig)
     kernels_module()
     backend = _opt(pytestconfig, "--bench-compile-backend") or ("inductor" if device.type == "cuda" else "aot_eager")
-    return BenchSettings(device=device, amp=default_amp(device), warmup=2 if device.type == "cuda" else 1,
-                               iters=_opt(pytestconfig, "--bench-rounds") or (10 if device.type == "cuda" else 3),
-                               rounds=1, compile_backend=backend,
-                               max_batch_time_s=_opt(pytestconfig, "--bench-max-batch-time"))
+    warmup = 0 if is_toy(pytestconfig) else 2 if device.type == "cuda" else 1
+    return BenchSettings(device=device, amp=default_amp(device), warmup=warmup,
+                         iters=bench_rounds(pytestconfig, device), rounds=1, compile_backend=backend,
+                         max_batch_time_s=_opt(pytestconfig, "--bench-max-batch-time"))
+
+
+def _ceiling(config, device: torch.device) -> dict:
+    return measure_matmul_ceiling(device, size=256 if is_toy(config) else None)
 
 
 @pytest.fixture(scope="session")
-def ceiling(settings) -> dict:
+def ceiling(pytestconfig, settings) -> dict:
     """The device's matmul ceiling, measured once per session (MFU is relative to it)."""
-    _STATE["ceiling"] = measure_matmul_ceiling(settings.device)
+    _STATE["ceiling"] = _ceiling(pytestconfig, settings.device)
     return _STATE["ceiling"]
 
 
 @pytest.fixture
 def batch_for(pytestconfig, settings):
     def pick(cfg, kind: str) -> int:
-        return _opt(pytestconfig, "--bench-batch") or default_batch(cfg, settings.device, kind)
+        toy = 2 if is_toy(pytestconfig) else None
+        return _opt(pytestconfig, "--bench-batch") or toy or default_batch(cfg, settings.device, kind)
     return pick
 
 
@@ -190,7 +247,7 @@ def pytest_sessionfinish(session, exitstatus):
     payload = {
         "schema": SCHEMA,
         "provenance": provenance(device, "pytest " + " ".join(shlex.quote(a) for a in sys.argv[1:])),
-        "ceiling": _STATE.get("ceiling") or measure_matmul_ceiling(device),
+        "ceiling": _STATE.get("ceiling") or _ceiling(session.config, device),
         "train": [r for r in _RECORDS if r["kind"] in ("train", "max_batch")],
         "inference": [r for r in _RECORDS if r["kind"] == "inference"],
         "ratios": ratios,
@@ -212,7 +269,8 @@ def pytest_terminal_summary(terminalreporter):
     if not payload:
         return
     tr = terminalreporter
-    tr.section("mae_fast end-to-end benchmarks")
+    toy = is_toy(tr.config)
+    tr.section("mae_fast end-to-end benchmarks" + (" (--bench-toy: toy sizes, no speed claim)" if toy else ""))
     for r in payload["train"] + payload["inference"]:
         if r.get("status") != "ok":
             continue

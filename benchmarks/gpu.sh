@@ -45,7 +45,7 @@ PY="${PYTHON:-python3}"
 if [ "${1:-}" = "--prepare" ]; then
     commit="$(git -C "$ROOT" rev-parse HEAD)" || { echo "gpu.sh --prepare: $ROOT is not a git checkout" >&2; exit 2; }
     dirty=false
-    [ -n "$(git -C "$ROOT" status --porcelain -- mae_fast kernels csrc setup.py benchmarks \
+    [ -n "$(git -C "$ROOT" status --porcelain -- mae_fast kernels csrc setup.py pyproject.toml benchmarks \
         ':!benchmarks/results' ':!benchmarks/.commit')" ] && dirty=true
     printf '{"commit": "%s", "dirty": %s, "date": "%s"}\n' "$commit" "$dirty" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
         >"$ROOT/benchmarks/.commit"

@@ -82,7 +82,7 @@ INFER_PRESETS = (("mae_vit_large_patch8_256", "camae_vit_small_patch16_256"),
                  ("mae_vit_micro_patch8_256:img_size=64", "camae_vit_micro_patch16_256:img_size=64"))
 # the loader-vs-step measurement: (generated sites, most batches timed, seconds timed after the first batch)
 LOADER_SIZES = ((16, 40, 2.0), (8, 8, 0.5))
-DRY_KERNEL_SIZES = bench_ops.Sizes(batch=2, img=64, patch=8, lion_model="mae_vit_micro_patch16_256")
+DRY_KERNEL_SIZES = bench_ops.TOY_SIZES  # batch 2, 64 px, patch 8, Lion over the micro MAE
 # attention at ViT-L/8 (per crop: heads, query tokens, key tokens, head dim), the batch of the kernel sizes
 ATTENTION_SHAPES = (
     (("encoder, training: 25% visible + class token", 16, 257, 257, 64),

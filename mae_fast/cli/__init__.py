@@ -24,8 +24,33 @@ COMMANDS = {
 }
 
 
+def version_line() -> str:
+    """`mae-fast --version`: the version, and whether this install has the C++ CPU kernels (pip's default isolated
+    build leaves them out; its build log says so only under -v)."""
+    import importlib.util
+
+    from mae_fast import __version__
+
+    built = importlib.util.find_spec("mae_fast._C") is not None
+    kernels = "built" if built else "not built; to build them: pip install --no-build-isolation ."
+    return f"mae-fast {__version__} (C++ CPU kernels: {kernels})"
+
+
+class _PrintVersion(argparse.Action):
+    """--version: print `version_line()` unwrapped (argparse's own action wraps it at the terminal width)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print the version and whether the C++ CPU kernels are built, then exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_line())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mae-fast", description="Fast masked autoencoders for microscopy.")
+    parser.add_argument("--version", action=_PrintVersion)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, (module_name, help_text) in COMMANDS.items():

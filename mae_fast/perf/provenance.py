@@ -84,7 +84,7 @@ def git_commit(root: str | None = None, environ=None) -> dict:
         if head.returncode == 0:
             # dirty: the measured code differs from the commit (changed or new files; results do not count)
             status = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "mae_fast", "kernels", "csrc",
-                                     "setup.py", "benchmarks", ":!benchmarks/results", ":!" + COMMIT_FILE],
+                                     "setup.py", "pyproject.toml", "benchmarks", ":!benchmarks/results", ":!" + COMMIT_FILE],
                                     capture_output=True, text=True, timeout=20)
             return {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip()), "source": "git"}
     except (OSError, subprocess.SubprocessError):
