@@ -40,7 +40,7 @@ from mae_fast import ops  # noqa: E402
 from mae_fast.device import resolve_device, synchronize  # noqa: E402
 from mae_fast.perf.provenance import provenance  # noqa: E402
 from mae_fast.perf.timing import copy_bandwidth, time_median  # noqa: E402
-from mae_fast.backends.triton import kernels_module  # noqa: E402
+from mae_fast.ops.triton import kernels_module  # noqa: E402
 from mae_fast.io import atomic_write_json  # noqa: E402
 
 kernels_module()  # this checkout's kernels/ as mae_fast.kernels (as setup.py installs them)

@@ -24,7 +24,7 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 from mae_fast import models, ops  # noqa: E402
-from mae_fast.backends.triton import kernels_module  # noqa: E402
+from mae_fast.ops.triton import kernels_module  # noqa: E402
 from mae_fast.optim import Lion  # noqa: E402
 
 kernels_module(os.path.join(ROOT, "kernels"))

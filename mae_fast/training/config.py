@@ -28,6 +28,7 @@ from mae_fast.models import (
 )
 from mae_fast.models.munet import MUNetConfig
 from mae_fast.models.registry import CONFIG_CLASSES
+from mae_fast.ops.lion import LION_IMPLS
 from mae_fast.models.wsl import WSLConfig
 
 ModelConfig = Union[MAEConfig, WSLConfig, MUNetConfig]
@@ -466,7 +467,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> RunPlan:
     _check_choice("distributed", cfg.distributed, DISTRIBUTED_MODES)
     _check_choice("compile_mode", cfg.compile_mode, COMPILE_MODES)
     _check_choice("activation_checkpointing_policy", cfg.activation_checkpointing_policy, CHECKPOINTING_POLICIES)
-    _check_choice("optimizer_impl", cfg.optimizer_impl, ("auto", "reference", "foreach", "triton", "cpp"))
+    _check_choice("optimizer_impl", cfg.optimizer_impl, LION_IMPLS)
     _check_choice("data.format", cfg.data.format, DATA_FORMATS)
     _check_choice("data.backend", cfg.data.backend, ("auto", "torch", "dali"))
     _check_choice("data.on_error", cfg.data.on_error, ("raise", "skip"))
