@@ -213,14 +213,13 @@ def lion_update_cases(s: Sizes, device) -> list[Case]:
 
 
 def lion_launches_per_step(run, impl: str) -> int | None:
-    """Kernel launches of one fused Lion step over one dtype group (Triton counts them; the C++ op is one call)."""
+    """Kernel launches of one fused Lion step over one dtype group (Triton's plan says; the C++ op is one call)."""
     if impl != "triton":
         return None
     from mae_fast.kernels import lion
 
-    before = lion.launches
     run(impl)
-    return lion.launches - before
+    return sum(plan.launches_per_step for plan in lion.plans.plans.values())
 
 
 def loss_config_sweep(s: Sizes, device) -> list[dict]:
