@@ -23,7 +23,7 @@ import torch.nn as nn
 from mae_fast.device import synchronize
 from mae_fast.perf.provenance import device_name
 from mae_fast.perf.timing import summarise, time_call
-from mae_fast.models import count_parameters, create_baseline, list_baselines
+from mae_fast.models import count_parameters, create_model, list_models
 from mae_fast.models.baseline_common import build_optimizer
 
 NUM_CLASSES = 1139
@@ -33,7 +33,7 @@ ENV_PRESETS = "MAE_FAST_BENCH_BASELINES"
 def pytest_generate_tests(metafunc):
     if "baseline_spec" in metafunc.fixturenames:
         text = os.environ.get(ENV_PRESETS)
-        specs = [s.strip() for s in text.split(",") if s.strip()] if text else list_baselines()
+        specs = [s.strip() for s in text.split(",") if s.strip()] if text else list_models("baseline")
         metafunc.parametrize("baseline_spec", specs)
 
 
@@ -84,7 +84,7 @@ class BaselineTrainRunner:
         if name.startswith("wsl"):
             overrides.setdefault("num_classes", NUM_CLASSES)
         torch.manual_seed(0)
-        self.model = create_baseline(name, **overrides).to(device).train()
+        self.model = create_model(name, **overrides).to(device).train()
         cfg = self.model.cfg
         self.cfg, self.batch, self.device, self.amp = cfg, batch, device, amp
         g = torch.Generator(device="cpu").manual_seed(1)

@@ -12,7 +12,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from mae_fast.models import create_baseline
+from mae_fast.models import create_model
 from mae_fast.checkpoint import CONFIG_NAME, CheckpointError, WEIGHTS_NAME, load_state_dict_strict, save_model
 from mae_fast.interop import from_timm_state_dict, load_any
 from mae_fast.io import TMP_PREFIX, atomic_write, atomic_write_json, remove_temporaries
@@ -208,14 +208,14 @@ def read_weights(path: str) -> dict[str, torch.Tensor]:
 
 def build_model(cfg: ModelConfig) -> torch.nn.Module:
     """A freshly initialised model of any family (MAE / CA-MAE, WSL, MU-Net)."""
-    return MaskedAutoencoder(cfg) if model_family(cfg) == "mae" else create_baseline(cfg)
+    return create_model(cfg)
 
 
 def _baseline_from_state(cfg, state: dict[str, torch.Tensor], path: str):
     """A baseline of architecture `cfg` holding a bare state dict; a WSL head's class count is read from it."""
     if model_family(cfg) == "wsl" and "head.weight" in state:
         cfg = replace(cfg, num_classes=int(state["head.weight"].shape[0]))
-    model = create_baseline(cfg)
+    model = create_model(cfg)
     load_state_dict_strict(model, state, path)
     return model
 

@@ -17,15 +17,7 @@ from typing import Any, Union
 import torch
 
 from mae_fast import device as device_module
-from mae_fast.models import (
-    PRESETS,
-    MAEConfig,
-    get_baseline_config,
-    get_config,
-    is_baseline,
-    list_baselines,
-    list_presets,
-)
+from mae_fast.models import MAEConfig, list_models, model_config
 from mae_fast.models.munet import MUNetConfig
 from mae_fast.models.registry import CONFIG_CLASSES
 from mae_fast.ops.lion import LION_IMPLS
@@ -135,8 +127,8 @@ RESUME_MAY_CHANGE = {
 
 def model_config_class(preset: str | None) -> type:
     """The config class of a preset: a baseline's WSLConfig / MUNetConfig, else MAEConfig."""
-    if preset and is_baseline(preset):
-        return type(get_baseline_config(preset))
+    if preset and preset in list_models("baseline"):
+        return type(model_config(preset))
     return MAEConfig
 
 
@@ -383,7 +375,7 @@ def _check_choice(key: str, value, choices) -> None:
 
 
 def all_presets() -> list[str]:
-    return list_presets() + list_baselines()
+    return list_models("mae") + list_models("baseline")
 
 
 def _foreign_model_keys(cfg: TrainConfig, cls: type) -> None:
@@ -407,7 +399,7 @@ def resolve_baseline_config(cfg: TrainConfig):
     fields = _fields_of(cls)
     overrides = {k: _coerce(v, fields[k], f"model.{k}") for k, v in cfg.model.items()}
     try:
-        model_cfg = get_baseline_config(cfg.preset, **overrides)
+        model_cfg = model_config(cfg.preset, **overrides)
     except (KeyError, ValueError, TypeError) as err:
         raise ConfigError(f"preset {cfg.preset}: {str(err).strip(chr(34))}") from err
     refused = {
@@ -428,13 +420,13 @@ def resolve_baseline_config(cfg: TrainConfig):
 
 
 def resolve_model_config(cfg: TrainConfig) -> ModelConfig:
-    if is_baseline(cfg.preset):
+    if cfg.preset in list_models("baseline"):
         return resolve_baseline_config(cfg)
-    if cfg.preset not in PRESETS:
+    if cfg.preset not in list_models("mae"):
         raise ConfigError(f"unknown preset {cfg.preset!r}; valid presets: {', '.join(all_presets())}")
     _foreign_model_keys(cfg, MAEConfig)
     try:
-        model_cfg = get_config(cfg.preset, **cfg.model)
+        model_cfg = model_config(cfg.preset, **cfg.model)
     except (KeyError, ValueError, TypeError) as err:
         raise ConfigError(str(err).strip('"')) from err
     if cfg.activation_checkpointing and cfg.activation_checkpointing_policy == "full":
