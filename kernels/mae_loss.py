@@ -285,7 +285,8 @@ def default_precisions() -> tuple[str, str]:
 
 
 def mae_loss_forward_triton(pred, target, token_weight, uniform_weight, patch_size, planes_per_token, alpha, grad,
-                            row_ids: torch.Tensor | None = None, *, dot_precision: str | None = None, adjoint_precision: str | None = None,
+                            row_ids: torch.Tensor | None = None, *, dot_precision: str | None = None,
+                            adjoint_precision: str | None = None,
                             block_planes: int | None = None, block_freq: int | None = None,
                             num_warps: int | None = None, programs: int | None = None):
     """Loss (float32 scalar) and d loss / d pred written into `grad`, in one launch (+ one sum of partials).

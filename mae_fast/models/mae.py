@@ -15,7 +15,7 @@ loss), as a newcomer reads it; its parts are small and only used here.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import ClassVar, NamedTuple
 
 import torch

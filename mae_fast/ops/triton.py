@@ -60,7 +60,8 @@ def wanted() -> bool:
 def load() -> bool:
     """Import the kernel files (each registers its op's "triton" kernel); False when Triton cannot be imported."""
     kernels_module()
-    try:  # kernels/<op>.py, one per op, named in full so that the import graph (tests/unit/test_architecture.py) sees them
+    # kernels/<op>.py, one per op, named in full so that the import graph (tests/unit/test_architecture.py) sees them
+    try:
         importlib.import_module("mae_fast.kernels.masked_patchify")
         importlib.import_module("mae_fast.kernels.unshuffle")
         importlib.import_module("mae_fast.kernels.mae_loss")

@@ -1,4 +1,4 @@
-"""The decoder unshuffle: visible tokens in shuffled order + the mask token -> every token in original order (+ positions).
+"""The decoder unshuffle: visible tokens in shuffled order + mask token -> every token in original order (+ positions).
 
 The ops `mae_fast::unshuffle` and `mae_fast::unshuffle_backward` (its autograd formula), their reference and kernels:
     reference  `unshuffle_reference` (cat + gather + add) and `_reference_forward` / `_reference_backward`

@@ -24,8 +24,8 @@ def triton_ready() -> bool:
     return (torch.cuda.is_available() or interpreting()) and "triton" in ops.available_impls("unshuffle")
 
 
-CPP = pytest.param("cpp", marks=pytest.mark.skipif("cpp" not in ops.available_impls("unshuffle"),
-                                                   reason="C++ extension not built (python setup.py build_ext --inplace)"))
+CPP = pytest.param("cpp", marks=pytest.mark.skipif(
+    "cpp" not in ops.available_impls("unshuffle"), reason="C++ extension not built (python setup.py build_ext --inplace)"))
 TRITON = pytest.param("triton", marks=[pytest.mark.triton, pytest.mark.skipif(
     not triton_ready(), reason="Triton needs CUDA or TRITON_INTERPRET=1")])
 IMPLS = [CPP, TRITON]

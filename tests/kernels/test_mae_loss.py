@@ -297,7 +297,8 @@ def test_mae_loss_bf16_adjoint(impl, layout, p):
 @pytest.mark.parametrize("p", [8, 16])
 def test_mae_loss_persistent_grid(impl, layout, p):
     """The persistent grid: however many programs walk the tiles (1: one program takes every tile; 2: an
-    uneven share; one per tile: the plain grid), the gradient is the same bit for bit and the loss is the reference's."""
+    uneven share; one per tile: the plain grid), the gradient is the same bit for bit and the loss is the
+    reference's."""
     import triton
 
     mae_loss, dev = _triton_loss(), device(impl)

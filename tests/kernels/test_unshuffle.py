@@ -9,7 +9,7 @@ import torch
 from mae_fast import ops
 from mae_fast.ops.unshuffle import KERNELS
 from tests.helpers import UNSHUFFLE_DTYPES, UNSHUFFLE_IDS, ops_making, truncate_to_bf16, unshuffle_expected
-from tests.kernels.cases import CPP, IMPLS, TRITON, close, device, gen, nan, runs_by_default
+from tests.kernels.cases import CPP, IMPLS, close, device, gen, nan, runs_by_default
 
 
 def _interpreting(impl: str) -> bool:
