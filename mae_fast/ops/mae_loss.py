@@ -227,7 +227,7 @@ def mae_loss(
 
     pred, target: (B, N, P) in `layout`. Per token: (1-alpha) * mean squared error over its pixels
     + alpha * mean over channels and frequencies of | |FFT2(pred plane)| - |FFT2(target plane)| |.
-    The fused backends compute the loss and its gradient with respect to `pred` in one pass; gradients with
+    The fused kernels compute the loss and its gradient with respect to `pred` in one pass; gradients with
     respect to `target` (which is data) are only available from the reference.
     """
     if pred.shape != target.shape:
@@ -257,7 +257,7 @@ def masked_mae_loss(
 ) -> torch.Tensor:
     """The loss of the decoder's full prediction on the masked tokens: `mae_loss(gather_tokens(pred,
     masking.ids_masked), target, ...)`, with its gradient. pred: (B, L, P); target: (B, L - len_keep, P) in
-    `masking.ids_masked` order. The Triton backend reads the masked rows of pred in place and writes the (B, L, P)
+    `masking.ids_masked` order. The Triton kernel reads the masked rows of pred in place and writes the (B, L, P)
     gradient (zeros at visible tokens, scaled by the incoming gradient) in one pass, where the composed form
     gathers, scales and scatters."""
     if pred.ndim != 3 or target.ndim != 3:

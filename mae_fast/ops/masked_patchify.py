@@ -118,7 +118,7 @@ def masked_patchify(
     """Raw images (B, C, H, W; uint8/uint16/float in [0,1]) -> self-standardised visible tokens + masked targets.
 
     The random permutation is drawn here, reproducibly through `generator` or an integer `seed` (the same draw for
-    every backend: torch.rand + argsort, as FAIR's MAE), unless `masking` is given. The fused backends then write
+    every kernel: torch.rand + argsort, as FAIR's MAE), unless `masking` is given. The fused kernels then write
     both outputs in one pass over the image, using per-image per-channel statistics from a first reduction, or
     `stats` = (mean, rstd), each (B, C) float32 of the [0, 1]-scaled images, when the caller has them already.
     `out_dtype`: the dtype of the visible tokens (what the patch embedding reads): by default the autocast dtype
@@ -163,7 +163,7 @@ def masked_patchify(
 def standardized_tokens(images: torch.Tensor, patch_size: int, layout: str = "standard",
                         impl: str = "auto") -> torch.Tensor:
     """Raw images -> every token, self-standardised, in order (B, L, P) float32: inference's front end. The fused
-    backends of `masked_patchify` with an identity permutation and nothing masked write the tokens in one pass
+    kernels of `masked_patchify` with an identity permutation and nothing masked write the tokens in one pass
     after the statistics pass; the reference is standardize + patchify."""
     B, C, H, W = images.shape
     if layout not in LAYOUTS:
