@@ -15,6 +15,6 @@ import torch  # noqa: E402
 if not torch.cuda.is_available():  # Triton kernels run in its CPU interpreter; must be set before triton imports
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from mae_fast.backends.triton import kernels_module  # noqa: E402
+from mae_fast.ops.triton import kernels_module  # noqa: E402
 
 kernels_module()  # this checkout's kernels/ as mae_fast.kernels (an editable install of another checkout must not win)

@@ -22,7 +22,7 @@ import torch.nn as nn
 from mae_fast.device import synchronize
 from mae_fast.perf.provenance import device_name
 from mae_fast.perf.timing import summarise, time_call
-from mae_fast.models import count_parameters, create_baseline, list_baselines
+from mae_fast.models import count_parameters, create_model, list_models
 from mae_fast.models.baseline_common import build_optimizer
 
 NUM_CLASSES = 1139
@@ -37,7 +37,7 @@ def pytest_generate_tests(metafunc):
         if text:
             specs = [s.strip() for s in text.split(",") if s.strip()]
         else:
-            specs = TOY_BASELINES if config.getoption("--bench-toy", default=False) else list_baselines()
+            specs = TOY_BASELINES if config.getoption("--bench-toy", default=False) else list_models("baseline")
         metafunc.parametrize("baseline_spec", specs)
 
 
@@ -88,7 +88,7 @@ class BaselineTrainRunner:
         if name.startswith("wsl"):
             overrides.setdefault("num_classes", NUM_CLASSES)
         torch.manual_seed(0)
-        self.model = create_baseline(name, **overrides).to(device).train()
+        self.model = create_model(name, **overrides).to(device).train()
         cfg = self.model.cfg
         self.cfg, self.batch, self.device, self.amp = cfg, batch, device, amp
         g = torch.Generator(device="cpu").manual_seed(1)

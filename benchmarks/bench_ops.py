@@ -42,10 +42,10 @@ if ROOT not in sys.path:
 
 from mae_fast import ops  # noqa: E402
 from mae_fast.device import resolve_device, synchronize  # noqa: E402
-from mae_fast.ops.dispatch import dispatch  # noqa: E402
+from mae_fast.ops.masked_patchify import MaskedPatches, masked_patchify_op, masked_patchify_reference  # noqa: E402
 from mae_fast.perf.provenance import provenance  # noqa: E402
 from mae_fast.perf.timing import copy_bandwidth, time_median  # noqa: E402
-from mae_fast.backends.triton import kernels_module  # noqa: E402
+from mae_fast.ops.triton import kernels_module  # noqa: E402
 from mae_fast.io import atomic_write_json  # noqa: E402
 
 kernels_module()  # this checkout's kernels/ as mae_fast.kernels (as setup.py installs them)
@@ -118,9 +118,14 @@ def _images(s: Sizes, device) -> torch.Tensor:
 def patchify_as_trained(images: torch.Tensor, s: Sizes, masking, impl: str, stats=None):
     """The masked patchify a train step runs, no more: the step draws its masking inside `ops.masked_patchify`
     (torch.rand + argsort, not the op's bytes; drawn here once beforehand) and never checks its own draw, so the
-    public entry's `check_masking` (three host syncs, for caller-made maskings) is left out by calling the dispatch
+    public entry's `check_masking` (three host syncs, for caller-made maskings) is left out by calling the torch op
     directly; visible tokens in the autocast dtype (`s.act_dtype`), the target float32."""
-    return dispatch("masked_patchify", images.device, impl, images, s.patch, masking, "standard", stats, s.act_dtype)
+    if impl == "reference":
+        return masked_patchify_reference(images, s.patch, masking, "standard", stats, s.act_dtype)
+    mean, rstd = (None, None) if stats is None else stats
+    visible, target = masked_patchify_op(images, masking.ids_restore, masking.len_keep, s.patch, False, mean, rstd,
+                                         s.act_dtype, impl)
+    return MaskedPatches(visible, target, masking)
 
 
 def masked_patchify_cases(s: Sizes, device) -> list[Case]:
@@ -237,14 +242,13 @@ def lion_update_cases(s: Sizes, device) -> list[Case]:
 
 
 def lion_launches_per_step(run, impl: str) -> int | None:
-    """Kernel launches of one fused Lion step over one dtype group (Triton counts them; the C++ op is one call)."""
+    """Kernel launches of one fused Lion step over one dtype group (Triton's plan says; the C++ op is one call)."""
     if impl != "triton":
         return None
     from mae_fast.kernels import lion
 
-    before = lion.launches
     run(impl)
-    return lion.launches - before
+    return sum(plan.launches_per_step for plan in lion.plans.plans.values())
 
 
 def loss_config_sweep(s: Sizes, device) -> list[dict]:

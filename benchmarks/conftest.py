@@ -39,7 +39,7 @@ from mae_fast.perf.harness import (
 from mae_fast.perf.provenance import SCHEMA, provenance, results_path, write_json
 from mae_fast.perf.stacks import default_stacks, parse_stacks
 from mae_fast.perf.timing import measure_matmul_ceiling, summarise, time_call
-from mae_fast.backends.triton import kernels_module
+from mae_fast.ops.triton import kernels_module
 
 _RECORDS: list[dict] = []
 _STATE: dict = {}

@@ -53,7 +53,7 @@ from mae_fast.perf.provenance import dist_version, provenance  # noqa: E402
 from mae_fast.processes import default_workers  # noqa: E402
 from mae_fast.perf.stacks import STACKS, Stack, parse_preset  # noqa: E402
 from mae_fast.perf.timing import measure_matmul_ceiling, time_median  # noqa: E402
-from mae_fast.backends.triton import kernels_module  # noqa: E402
+from mae_fast.ops.triton import kernels_module  # noqa: E402
 from mae_fast.io import atomic_write_json  # noqa: E402
 
 kernels_module()

@@ -24,11 +24,12 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 from mae_fast import models, ops  # noqa: E402
-from mae_fast.backends.triton import kernels_module  # noqa: E402
+from mae_fast.ops.triton import kernels_module  # noqa: E402
 from mae_fast.optim import Lion  # noqa: E402
 
 kernels_module(os.path.join(ROOT, "kernels"))
 from mae_fast.kernels import lion  # noqa: E402
+from mae_fast.ops.lion import LionScalars  # noqa: E402
 
 
 def measure(set_to_none: bool, steps: int, name: str = "mae_vit_large_patch8_256") -> dict:
@@ -36,7 +37,7 @@ def measure(set_to_none: bool, steps: int, name: str = "mae_vit_large_patch8_256
         shapes = [p.shape for p in models.create_model(name).parameters()]
     params = [torch.nn.Parameter(torch.randn(1)) for _ in shapes]
     opt = Lion(params, lr=1e-4, weight_decay=0.05, impl="triton")
-    s = ops.LionScalars.make(1e-4, 0.9, 0.95, 0.05)
+    s = LionScalars.make(1e-4, 0.9, 0.95, 0.05)
     for p in params:
         p.grad = torch.randn(1)
     times, builds, plan = [], lion.plans.builds, None
@@ -49,7 +50,7 @@ def measure(set_to_none: bool, steps: int, name: str = "mae_vit_large_patch8_256
         for index, group in enumerate(opt.param_groups):
             for ps, gs, ms in opt._buckets(index, group):
                 plan = lion.plans.get(ps, gs, ms)
-                plan.write_scalars(s if i % 2 else ops.LionScalars.make(2e-4, 0.9, 0.95, 0.05))  # lr changes
+                plan.write_scalars(s if i % 2 else LionScalars.make(2e-4, 0.9, 0.95, 0.05))  # lr changes
         if i >= 5:
             times.append(time.perf_counter() - t0)
     return {"set_to_none": set_to_none, "tensors": len(params), "median_us": statistics.median(times) * 1e6,

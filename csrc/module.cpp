@@ -12,8 +12,9 @@ PyMODINIT_FUNC PyInit__C(void) {
 }
 
 TORCH_LIBRARY(mae_fast, m) {
-  // fake (meta) implementations for torch.compile live in Python; torch imports this module when it needs one
-  m.set_python_module("mae_fast.backends.cpp");
+  // fake (meta) implementations live in Python, beside the registration of these kernels as the "cpp" kernel of
+  // each mae_fast op; torch imports this module when it needs one
+  m.set_python_module("mae_fast.ops.cpp");
   // per-image per-channel mean and 1/sqrt(var + eps) of images/scale: two (B, C) float32 tensors
   m.def("channel_stats(Tensor images, float scale, float eps) -> (Tensor, Tensor)");
   // standardised visible tokens and masked targets, in shuffled order, straight from the raw images

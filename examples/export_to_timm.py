@@ -13,8 +13,8 @@ take standardised input: apply `mae_fast.ops.self_standardize` (per crop and cha
     from safetensors.torch import load_file
     from timm.models.vision_transformer import VisionTransformer
     from mae_fast.interop import timm_vit_kwargs
-    from mae_fast.models import get_config
-    vit = VisionTransformer(**timm_vit_kwargs(get_config(PRESET)))
+    from mae_fast.models import model_config
+    vit = VisionTransformer(**timm_vit_kwargs(model_config(PRESET)))
     vit.load_state_dict(load_file("timm_vit/model.safetensors"))
 """
 from __future__ import annotations

@@ -301,7 +301,7 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from mae_fast.backends.triton import kernels_module
+    from mae_fast.ops.triton import kernels_module
 
     kernels_module(os.path.dirname(os.path.abspath(__file__)))  # these kernels, not an install's
     sys.exit(main())

@@ -22,6 +22,7 @@ Arithmetic and rounding as the reference, op by op, in float32:
     c = m*b1 + g*(1-b1)  (two rounded products, one add: no FMA contraction, `enable_fp_fusion=False`)
     p = fma(sign(c), -lr, p*(1-lr*wd));  m = fma(g, 1-b2, m*b2)  (torch's add with alpha is one FMA)
 with sign(NaN) = sign(0) = 0 as torch.sign, stored back in each tensor's dtype (round to nearest even).
+Registered as the "triton" kernel of `mae_fast::lion_update` (mae_fast/ops/lion.py) at import.
 """
 from __future__ import annotations
 
@@ -32,14 +33,12 @@ import torch
 import triton
 import triton.language as tl
 
-from mae_fast import ops
-from mae_fast.kernels._common import check_device
+from mae_fast.kernels._common import device_problem
+from mae_fast.ops.lion import LionScalars, UnsupportedInput, lion_groups, lion_update_rest, register_kernel
 
 BLOCK = 2048
 NUM_WARPS = 8
 _TORCH_TO_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16}
-
-launches = 0  # kernel launches so far (benchmarks report launches per optimiser step)
 
 
 @triton.jit
@@ -136,7 +135,7 @@ class LionPlan:
         self.refs = [list(map(weakref.ref, ts)) for ts in (params, grads, exp_avgs)]
         self.addresses = [tuple(map(_ADDRESS, ts)) for ts in (params, grads, exp_avgs)]
         self.layouts = [_layouts(ts) for ts in (params, grads, exp_avgs)]
-        groups, self.rest = ops.lion_groups(params, grads, exp_avgs)
+        groups, self.rest = lion_groups(params, grads, exp_avgs)
         self.groups = []
         position = {id(p): i for i, p in enumerate(params)}
         for ps, gs, ms in groups.values():
@@ -181,7 +180,7 @@ class LionPlan:
         self.addresses[1] = addresses
         self.grad_moves += 1
 
-    def write_scalars(self, s: ops.LionScalars) -> None:
+    def write_scalars(self, s: LionScalars) -> None:
         """Queue the copy of the step's hyperparameters to the device (skipped when unchanged)."""
         values = (s.lr, s.decay, s.beta1, s.one_minus_beta1, s.beta2, s.one_minus_beta2)
         if values == self._written:
@@ -195,8 +194,12 @@ class LionPlan:
             self._copied.record()
         self._written = values
 
+    @property
+    def launches_per_step(self) -> int:
+        """Kernel launches of one step (one per non-empty dtype group; benchmarks report it)."""
+        return sum(1 for g in self.groups if g.n_blocks)
+
     def launch(self) -> None:
-        global launches
         for g in self.groups:
             if g.n_blocks == 0:
                 continue
@@ -206,7 +209,6 @@ class LionPlan:
                 P_DTYPE=p_dtype, G_DTYPE=g_dtype, M_DTYPE=m_dtype, BLOCK=BLOCK, ALIGNED=g.aligned,
                 num_warps=NUM_WARPS, enable_fp_fusion=False,
             )
-            launches += 1
 
 
 _ADDRESS = torch.Tensor.data_ptr
@@ -243,21 +245,7 @@ class _PlanCache:
 plans = _PlanCache()
 
 
-@torch.library.custom_op("mae_fast::lion_update_triton", mutates_args=("params", "exp_avgs"), schema=(
-    "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, float lr, float decay, float beta1, "
-    "float one_minus_beta1, float beta2, float one_minus_beta2) -> ()"))
-def _lion_update_op(params, grads, exp_avgs, lr, decay, beta1, one_minus_beta1, beta2, one_minus_beta2) -> None:
-    """The step as a torch op that mutates params and exp_avgs, for torch.compile (which cannot trace the tables'
-    addresses); eager calls skip the op's dispatch and run the plan directly."""
-    _run(params, grads, exp_avgs, ops.LionScalars(lr, decay, beta1, one_minus_beta1, beta2, one_minus_beta2))
-
-
-@_lion_update_op.register_fake
-def _(params, grads, exp_avgs, lr, decay, beta1, one_minus_beta1, beta2, one_minus_beta2) -> None:
-    return None
-
-
-def _run(params, grads, exp_avgs, s: ops.LionScalars) -> LionPlan:
+def _run(params, grads, exp_avgs, s) -> LionPlan:
     """The fused launches of one step (the tensors in the plan's `rest` are the caller's)."""
     plan = plans.get(params, grads, exp_avgs)
     plan.write_scalars(s)
@@ -267,12 +255,15 @@ def _run(params, grads, exp_avgs, s: ops.LionScalars) -> LionPlan:
 
 @torch.no_grad()
 def lion_update_triton(params, grads, exp_avgs, lr, beta1, beta2, weight_decay) -> None:
-    check_device(params[0])
-    s = ops.LionScalars.make(lr, beta1, beta2, weight_decay)
-    if torch.compiler.is_compiling():  # one opaque op per dtype group; the rest by the reference
-        groups, rest = ops.lion_groups(params, grads, exp_avgs)
-        for ps, gs, ms in groups.values():
-            _lion_update_op(ps, gs, ms, s.lr, s.decay, s.beta1, s.one_minus_beta1, s.beta2, s.one_minus_beta2)
-    else:
-        rest = _run(params, grads, exp_avgs, s).rest
-    ops.lion_update_rest(rest, params, grads, exp_avgs, lr, beta1, beta2, weight_decay)
+    s = LionScalars.make(lr, beta1, beta2, weight_decay)
+    rest = _run(params, grads, exp_avgs, s).rest
+    lion_update_rest(rest, params, grads, exp_avgs, lr, beta1, beta2, weight_decay)
+
+
+def check_input(param) -> None:
+    why = device_problem(param)
+    if why:
+        raise UnsupportedInput(why)
+
+
+register_kernel("triton", lion_update_triton, check_input)

@@ -22,6 +22,10 @@ adjoint products from bf16 operands; all accumulate in float32. bf16 spectra fli
 (5% relative L2 error in the Fourier gradient at p = 16 in the interpreter's emulation) and stay optional
 ("bf16"); "tf32x3" / "ieee" give float32-exact products. Under TRITON_INTERPRET the dots are exact float32, and
 "bf16" multiplies bf16-rounded (nearest-even) values in float32, the products a GPU forms.
+
+Registered at import as the "triton" kernel of `mae_fast::mae_loss` and `mae_fast::masked_mae_loss` (reading the
+masked rows of the full prediction in place: `row_ids`) and of its backward (`scatter_scaled_triton`), in
+mae_fast/ops/mae_loss.py.
 """
 from __future__ import annotations
 
@@ -31,8 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
-from mae_fast import ops
-from mae_fast.kernels._common import check_device, interpreting, next_pow2, persistent_programs
+from mae_fast.kernels._common import device_problem, interpreting, next_pow2, persistent_programs
+from mae_fast.ops.mae_loss import UnsupportedInput, check_fused_loss_input, register_kernel
 
 PATCH_SIZES = (4, 8, 16)  # p^2 must be a power of two >= 16 for tl.dot
 
@@ -274,17 +278,17 @@ def _loss_programs(device: torch.device, n_tiles: int) -> int:
 def default_precisions() -> tuple[str, str]:
     """(forward, adjoint) dot precisions. On a GPU: the spectra |Fx|, |Fy| -- which set the loss and the sign of
     every gradient term -- from tf32 products (10-bit mantissas), the adjoint (the gradient's direction, weighted by
-    alpha) from bf16 operands, both accumulating in float32 (tolerances: tests/test_kernels_triton.py,
+    alpha) from bf16 operands, both accumulating in float32 (tolerances: tests/kernels/test_mae_loss.py,
     tests/gpu/test_gpu_ops.py). Under the interpreter exact float32 (its bf16 dots are wrong; "bf16" there
     multiplies bf16-rounded values in float32, the same products a GPU forms)."""
     return ("ieee", "ieee") if interpreting() else ("tf32", "bf16")
 
 
 def mae_loss_forward_triton(pred, target, token_weight, uniform_weight, patch_size, planes_per_token, alpha, grad,
-                            *, dot_precision: str | None = None, adjoint_precision: str | None = None,
+                            row_ids: torch.Tensor | None = None, *, dot_precision: str | None = None,
+                            adjoint_precision: str | None = None,
                             block_planes: int | None = None, block_freq: int | None = None,
-                            num_warps: int | None = None, row_ids: torch.Tensor | None = None,
-                            programs: int | None = None):
+                            num_warps: int | None = None, programs: int | None = None):
     """Loss (float32 scalar) and d loss / d pred written into `grad`, in one launch (+ one sum of partials).
     `dot_precision` / `adjoint_precision`: the forward DFT's and the gradient adjoint's products (defaults:
     `default_precisions`; a forward precision alone sets both). `block_planes`: planes per program (Kronecker)
@@ -335,16 +339,6 @@ def mae_loss_forward_triton(pred, target, token_weight, uniform_weight, patch_si
     return partial.sum()
 
 
-# `mae_fast::mae_loss_triton`: one opaque node with a fake and an autograd formula under torch.compile
-_mae_loss_op = ops.define_mae_loss_op("triton", mae_loss_forward_triton)
-
-
-def mae_loss_triton(pred, target, mask, patch_size, layout, alpha):
-    check_device(pred, target, mask)
-    ops.check_fused_loss_input(pred, target, mask, patch_size, layout, alpha, patch_sizes=PATCH_SIZES)
-    return ops.fused_mae_loss(_mae_loss_op, pred, target, mask, patch_size, alpha)
-
-
 # --------------------------------------------------------------------------------------------------------------
 # One op on the decoder's full prediction: gather, scatter and the incoming gradient's scaling folded in
 # --------------------------------------------------------------------------------------------------------------
@@ -388,62 +382,11 @@ def scatter_scaled_triton(grad_masked: torch.Tensor, grad_loss: torch.Tensor, id
     return out
 
 
-@torch.library.custom_op("mae_fast::scatter_scaled_triton", mutates_args=(), schema=(
-    "(Tensor grad_masked, Tensor grad_loss, Tensor ids_restore) -> Tensor"))
-def _scatter_scaled_op(grad_masked, grad_loss, ids_restore):
-    return scatter_scaled_triton(grad_masked, grad_loss, ids_restore)
+def check_input(pred, target, mask, patch_size, layout, alpha) -> None:
+    why = device_problem(pred, target, mask)
+    if why:
+        raise UnsupportedInput(why)
+    check_fused_loss_input(pred, target, mask, patch_size, layout, alpha, patch_sizes=PATCH_SIZES)
 
 
-@_scatter_scaled_op.register_fake
-def _(grad_masked, grad_loss, ids_restore):
-    B, _, P = grad_masked.shape
-    return grad_masked.new_empty((B, ids_restore.shape[1], P))
-
-
-@torch.library.custom_op("mae_fast::masked_mae_loss_triton", mutates_args=(), schema=(
-    "(Tensor pred, Tensor target, Tensor ids_masked, Tensor ids_restore, int patch_size, float alpha) "
-    "-> (Tensor, Tensor)"))
-def _masked_mae_loss_op(pred, target, ids_masked, ids_restore, patch_size, alpha):
-    B, M, P = target.shape
-    grad = torch.empty(target.shape, dtype=pred.dtype, device=pred.device)
-    loss = mae_loss_forward_triton(pred.contiguous(), target.contiguous(), None, 1.0 / (B * M), patch_size,
-                                   P // (patch_size * patch_size), alpha, grad, row_ids=ids_masked)
-    return loss, grad
-
-
-@_masked_mae_loss_op.register_fake
-def _(pred, target, ids_masked, ids_restore, patch_size, alpha):
-    return pred.new_empty((), dtype=torch.float32), pred.new_empty(target.shape)
-
-
-def _masked_setup_context(ctx, inputs, output):
-    _, _, _, ids_restore, _, _ = inputs
-    _, grad = output
-    ctx.mark_non_differentiable(grad)
-    ctx.save_for_backward(grad, ids_restore)
-
-
-@torch.autograd.function.once_differentiable
-def _masked_backward(ctx, grad_loss, _grad_of_grad):
-    grad, ids_restore = ctx.saved_tensors
-    return _scatter_scaled_op(grad, grad_loss, ids_restore), None, None, None, None, None
-
-
-_masked_mae_loss_op.register_autograd(_masked_backward, setup_context=_masked_setup_context)
-
-
-def masked_mae_loss_triton(pred, target, masking, patch_size, layout, alpha):
-    """The MAE loss of the decoder's full prediction pred (B, L, P) against the masked tokens' target (B, L - K, P)
-    (masking.ids_masked order), averaged over the masked tokens: equal to mae_loss(gather_tokens(pred,
-    masking.ids_masked), target, patch_size=, layout=, alpha=) with its gradient, in two kernels: the loss kernel
-    reads the masked rows of pred in place, and backward writes the (B, L, P) gradient (zeros at visible tokens,
-    scaled by the incoming gradient) in one pass, where the unfused path gathers, scales and scatters."""
-    check_device(pred, target, masking.ids_restore)
-    ops.check_fused_loss_input(pred, target, None, patch_size, layout, alpha, patch_sizes=PATCH_SIZES)
-    B, L, P = pred.shape
-    if target.shape != (B, L - masking.len_keep, P):
-        raise ValueError(f"target must be (B, L - len_keep, P) = {(B, L - masking.len_keep, P)}, got "
-                         f"{tuple(target.shape)}")
-    loss, _ = _masked_mae_loss_op(pred, target, masking.ids_masked.contiguous(), masking.ids_restore, patch_size,
-                                  float(alpha))
-    return loss
+register_kernel("triton", mae_loss_forward_triton, check_input, row_map=True, scatter=scatter_scaled_triton)

@@ -10,9 +10,10 @@ Per chunk of images (sized to stay resident in L2, `L2_CHUNK_BYTES`), two launch
    standardises it, permutes it on chip to token order ((p, q, c) or (p, q)) and writes each token to its shuffled
    slot — visible[b, pos] in the visible buffer's dtype (bf16 under autocast) when pos = ids_restore[b, t] <
    len_keep, else target[b, pos - len_keep] in float32.
-The formula is the reference's: mean and 1/sqrt(var + ops.standardize_eps(dtype)) of images / pixel_scale.
+The formula is the reference's: mean and 1/sqrt(var + standardize_eps(dtype)) of images / pixel_scale.
 Statistics may also be passed in (`stats=`, e.g. from a data loader): then launch 1 is skipped.
 The permutation itself (torch.rand + argsort, shared with the reference) is drawn by `ops.masked_patchify`.
+Registered as the "triton" kernel of `mae_fast::masked_patchify` (mae_fast/ops/masked_patchify.py) at import.
 """
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from mae_fast import ops
-from mae_fast.kernels._common import check_device, next_pow2
+from mae_fast.kernels._common import device_problem, next_pow2
+from mae_fast.ops.masked_patchify import UnsupportedInput, check_fused_patchify_input, register_kernel
+from mae_fast.ops.masked_patchify import pixel_scale, standardize_eps
 
 L2_CHUNK_BYTES = 24 << 20  # images per chunk: the stats launch's read stays in the H200's 50 MB L2 for the patchify
 STATS_TILE = 4096          # pixels per stats program (16 rows of a 256-wide plane)
@@ -165,7 +167,7 @@ def _tile_partials(images: torch.Tensor) -> tuple[torch.Tensor, int]:
     n_tiles = triton.cdiv(H, block_h) * n_tiles_w
     partial = torch.empty((B * C, n_tiles, 3), dtype=torch.float32, device=images.device)
     _tile_stats_kernel[(B * C, n_tiles)](
-        images, partial, C, H, W, *images.stride(), 1.0 / ops.pixel_scale(images.dtype), n_tiles_w, n_tiles,
+        images, partial, C, H, W, *images.stride(), 1.0 / pixel_scale(images.dtype), n_tiles_w, n_tiles,
         BLOCK_H=block_h, BLOCK_W=block_w, num_warps=4,
     )
     return partial, n_tiles
@@ -173,8 +175,8 @@ def _tile_partials(images: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 def channel_stats_triton(images: torch.Tensor, eps: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image per-channel (mean, rstd) of images / pixel_scale: (B, C) float32 each (split-plane tile partials,
-    then one merge program per image); eps defaults to `ops.standardize_eps(images.dtype)`."""
-    eps = ops.standardize_eps(images.dtype) if eps is None else eps
+    then one merge program per image); eps defaults to `standardize_eps(images.dtype)`."""
+    eps = standardize_eps(images.dtype) if eps is None else eps
     B, C = images.shape[:2]
     partial, n_tiles = _tile_partials(images)
     mean = torch.empty((B, C), dtype=torch.float32, device=images.device)
@@ -199,7 +201,7 @@ def chunk_images(images: torch.Tensor, chunk_bytes: int | None = None) -> int:
     return max(1, chunk_bytes // max(1, per_image))
 
 
-def _masked_patchify_write(images, mean, rstd, ids_restore, len_keep, patch_size, channel_layout, visible, target,
+def masked_patchify_write(images, mean, rstd, ids_restore, len_keep, patch_size, channel_layout, visible, target,
                            chunk_bytes: int | None = None):
     """Fill visible (B, len_keep, P) (its dtype) and target (B, L - len_keep, P) float32. Without stats: per chunk
     of images, the stats launch then the patchify launch (the chunk's second read comes from L2)."""
@@ -208,7 +210,7 @@ def _masked_patchify_write(images, mean, rstd, ids_restore, len_keep, patch_size
     h, w = H // p, W // p
     L = ids_restore.shape[1]
     block_t = block_tokens(p, C, w, channel_layout)
-    eps = ops.standardize_eps(images.dtype)
+    eps = standardize_eps(images.dtype)
     has_stats = mean is not None
     step = B if has_stats else chunk_images(images, chunk_bytes)
     for b0 in range(0, B, step):
@@ -222,25 +224,22 @@ def _masked_patchify_write(images, mean, rstd, ids_restore, len_keep, patch_size
         _masked_patchify_kernel[(rows, triton.cdiv(w, block_t))](
             chunk, partial, mean[b0:b1] if has_stats else partial, rstd[b0:b1] if has_stats else partial,
             ids_restore[b0:b1], visible[b0:b1], target[b0:b1],
-            H, W, *chunk.stride(), L, len_keep, 1.0 / ops.pixel_scale(images.dtype), n_tiles, eps,
+            H, W, *chunk.stride(), L, len_keep, 1.0 / pixel_scale(images.dtype), n_tiles, eps,
             C=C, C_PAD=next_pow2(C), PATCH=p, CHANNEL_LAYOUT=channel_layout, BLOCK_T=block_t,
             HAS_STATS=has_stats, TILES_PAD=next_pow2(n_tiles), EVEN=w % block_t == 0, num_warps=4,
         )
 
 
-# `mae_fast::masked_patchify_triton`: one opaque node with a fake under torch.compile; statistics computed by the
-# write (chunked, L2-resident) unless given
-_masked_patchify = ops.define_masked_patchify_op("triton", None, _masked_patchify_write,
-                                                 out_dtypes=(torch.float32, torch.bfloat16, torch.float16))
-
-
-def masked_patchify_triton(images, patch_size, masking, layout, stats=None, out_dtype=torch.float32, *,
-                           visible=None, target=None):
-    """Backend of `ops.masked_patchify` for CUDA tensors. `stats`: optional (mean, rstd), (B, C) float32 of the
-    unit-scaled images (then the statistics launch is skipped). `out_dtype`: the visible tokens' dtype."""
-    check_device(images, masking.ids_restore)
-    ops.check_fused_patchify_input(images, masking)
+def check_input(images, patch_size, masking) -> None:
+    """What the kernel takes: CUDA tensors (CPU ones under the interpreter), the fused dtypes, p a power of two >= 4."""
+    why = device_problem(images, masking.ids_restore)
+    if why:
+        raise UnsupportedInput(why)
+    check_fused_patchify_input(images, masking)
     p = patch_size
     if p * p < 16 or p & (p - 1):
-        raise ops.UnsupportedInput(f"patch size {p} (the Triton kernel takes powers of two >= 4)")
-    return _masked_patchify(images, p, masking, layout, stats, out_dtype, visible=visible, target=target)
+        raise UnsupportedInput(f"patch size {p} (the Triton kernel takes powers of two >= 4)")
+
+
+register_kernel("triton", masked_patchify_write, check_input,
+                   visible_dtypes=(torch.float32, torch.bfloat16, torch.float16))

@@ -17,6 +17,7 @@ backward: grad_out arrives in the output dtype, grad_x is written in x's dtype (
     grad_x is written exactly once: no atomics, no zero fill), and each program sums the masked rows of its tiles in
     float32 registers, writing one (D slice) row at the end; the host sums those (programs x D, ~1 MB at most) in a
     fixed order (deterministic). No (B * L / BLOCK_T, D) partials buffer.
+Registered as the "triton" kernel of `mae_fast::unshuffle` (mae_fast/ops/unshuffle.py) at import.
 """
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from mae_fast import ops
-from mae_fast.kernels._common import check_device, next_pow2, persistent_programs
+from mae_fast.kernels._common import device_problem, next_pow2, persistent_programs
+from mae_fast.ops.unshuffle import UnsupportedInput, check_fused_unshuffle_input, register_kernel
 
 
 @triton.jit
@@ -128,11 +129,11 @@ def unshuffle_backward_triton(grad_out, ids_restore, grad_x, prefix: int = 0):
     return token_sums.sum(0)
 
 
-# `mae_fast::unshuffle_triton` (+ `_backward`): one opaque node with a fake and an autograd formula under torch.compile
-_unshuffle_op = ops.define_unshuffle_op("triton", unshuffle_forward_triton, unshuffle_backward_triton)
+def check_input(x_visible, mask_token, ids_restore, pos_embed, out_dtype) -> None:
+    why = device_problem(x_visible, mask_token, ids_restore, pos_embed)
+    if why:
+        raise UnsupportedInput(why)
+    check_fused_unshuffle_input(x_visible, mask_token, ids_restore, pos_embed, out_dtype)
 
 
-def unshuffle_triton(x_visible, mask_token, ids_restore, pos_embed, prefix=0, out_dtype=None):
-    check_device(x_visible, mask_token, ids_restore, pos_embed)
-    ops.check_fused_unshuffle_input(x_visible, mask_token, ids_restore, pos_embed, out_dtype)
-    return _unshuffle_op(x_visible, mask_token, ids_restore, pos_embed, prefix, out_dtype)
+register_kernel("triton", unshuffle_forward_triton, unshuffle_backward_triton, check_input)

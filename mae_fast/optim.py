@@ -39,8 +39,8 @@ class Lion(torch.optim.Optimizer):
             raise ValueError(f"invalid betas {betas}")
         if weight_decay < 0:
             raise ValueError(f"invalid weight_decay {weight_decay}")
-        if impl not in ops.IMPLS + ("foreach",):
-            raise ValueError(f"impl must be one of {ops.IMPLS + ('foreach',)}, got {impl!r}")
+        if impl not in ops.LION_IMPLS:
+            raise ValueError(f"impl must be one of {ops.LION_IMPLS}, got {impl!r}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay))
         self.impl = impl
         self.momentum_dtype = momentum_dtype

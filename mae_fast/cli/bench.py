@@ -12,7 +12,7 @@ from dataclasses import asdict
 import torch
 
 import mae_fast
-from mae_fast.backends.triton import kernels_module
+from mae_fast.ops.triton import kernels_module
 from mae_fast.device import default_amp, resolve_device
 from mae_fast.models import list_presets
 from mae_fast.perf.harness import BenchSettings, compare_stacks, default_batch, paper_comparison, refresh_cpu_ceiling

@@ -34,7 +34,7 @@ import time
 
 import numpy as np
 
-from mae_fast.models import get_baseline_config, is_baseline, list_baselines
+from mae_fast.models import list_models, model_config
 from mae_fast.cli.common import number
 from mae_fast.evaluation import cellprofiler
 from mae_fast.evaluation.databases import parse_relationship_args
@@ -57,7 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", type=_names,
                    help="comma-separated presets to train, embed and compare (default: --preset alone), e.g. "
                         "mae_vit_micro_patch16_256,wsl_densenet_micro_256,munet_micro_256; baselines: "
-                        + ", ".join(list_baselines()))
+                        + ", ".join(list_models("baseline")))
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--minutes", type=number(float, above=0),
                         help=f"training time per model in minutes (default {DEFAULT_MINUTES:g})")
@@ -94,7 +94,7 @@ def screen_config(tiny: bool, seed: int):
 
 def check_models(names: list[str]) -> list[str]:
     """Known, distinct presets; raises ValueError naming the valid ones."""
-    valid = list_presets() + list_baselines()
+    valid = list_models("mae") + list_models("baseline")
     unknown = [n for n in names if n not in valid]
     if unknown:
         raise ValueError(f"unknown model preset(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
@@ -159,8 +159,8 @@ def train_config(preset: str, screen_root: str, out_dir: str, args, seconds: flo
 
     model: dict = {}
     lr = args.lr
-    if is_baseline(preset):
-        base = get_baseline_config(preset)
+    if preset in list_models("baseline"):
+        base = model_config(preset)
         lr = args.wsl_lr if base.family == "wsl" else args.munet_lr
         if getattr(base, "adabn", False):  # ghost batches live within one (single-plate) micro-batch
             model["virtual_batch_size"] = min(base.virtual_batch_size, args.batch_size)

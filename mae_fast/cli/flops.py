@@ -8,7 +8,7 @@ from dataclasses import replace
 
 from mae_fast.cli.common import number
 from mae_fast.io import atomic_write_json
-from mae_fast.models import get_config
+from mae_fast.models import model_config
 from mae_fast.perf.flops import (
     PAPER_MODELS,
     PAPER_VIT_L8_RUN,
@@ -44,12 +44,12 @@ def _g(x: float | None) -> str:
 def run(args: argparse.Namespace) -> int:
     if args.preset:
         try:
-            rows = [(name, get_config(name)) for name in args.preset]
+            rows = [(name, model_config(name)) for name in args.preset]
         except KeyError as err:
             print(f"mae-fast flops: {err.args[0]}", file=sys.stderr)
             return 2
     else:
-        rows = [(label, get_config(preset)) for label, preset in PAPER_MODELS]
+        rows = [(label, model_config(preset)) for label, preset in PAPER_MODELS]
     if args.in_chans is not None:
         rows = [(label, replace(cfg, in_chans=args.in_chans)) for label, cfg in rows]
     try:

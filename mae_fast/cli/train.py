@@ -12,7 +12,7 @@ import json
 import sys
 
 from mae_fast.cli.common import number, rank_prefix, run_command
-from mae_fast.models import BASELINE_PRESETS, PRESETS, list_baselines, list_presets
+from mae_fast.models import list_models, model_config
 from mae_fast.training.config import (
     AMP_MODES,
     ConfigError,
@@ -91,12 +91,12 @@ def config_from_args(args) -> TrainConfig:
 
 def run(args) -> int:
     if args.list_presets:
-        for name in list_presets():
-            c = PRESETS[name]
+        for name in list_models("mae"):
+            c = model_config(name)
             print(f"{name:32s} dim {c.embed_dim:4d} depth {c.depth:2d} heads {c.num_heads:2d} patch {c.patch_size:2d} "
                   f"lr {c.lr:g}{' channel-agnostic' if c.channel_agnostic else ''}")
-        for name in list_baselines():
-            c = BASELINE_PRESETS[name]
+        for name in list_models("baseline"):
+            c = model_config(name)
             what = ("WSL DenseNet" + (" + AdaBN" if c.adabn else "") if c.family == "wsl"
                     else f"MU-Net widths {'/'.join(map(str, c.widths))}")
             lr = f"lr {c.lr:g}" + (f" per {c.lr_batch} crops" if c.lr_batch else "")

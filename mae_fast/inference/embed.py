@@ -52,7 +52,7 @@ from mae_fast.data.tiling import decode_workers
 from mae_fast.inference.adabn import AdaBNPlateTiles, adabn_window_tiles, is_adabn
 from mae_fast.inference.tables import merge_parts, output_paths, plate_part_name, plate_table, write_parquet
 from mae_fast.io import OutputLock, atomic_write_json, beside_lock_path, remove_temporaries
-from mae_fast.models import get_baseline_config, get_config, is_baseline
+from mae_fast.models import model_config
 from mae_fast.training.pretrained import load_pretrained
 from mae_fast.training.config import ConfigError, DataConfig, resolve_amp, resolve_device
 from mae_fast.training.data import build_site_index
@@ -135,9 +135,7 @@ TRAINING_ONLY_KEYS = {
 def preset_config(preset: str, overrides: dict):
     """The architecture of `preset` (an MAE or a baseline) with overrides; errors as ConfigError."""
     try:
-        if is_baseline(preset):
-            return get_baseline_config(preset, **overrides)
-        return get_config(preset, **overrides)
+        return model_config(preset, **overrides)
     except (KeyError, ValueError, TypeError) as err:
         raise ConfigError(str(err).strip('"')) from err
 

@@ -8,13 +8,15 @@ Masking happens on pixel tokens *before* the patch projection (a linear map of t
 identical to timm's strided Conv2d), so the encoder never projects the 75% of tokens it then drops, and the fused
 masked-patchify op can write visible tokens straight from the raw image.
 
-One file on purpose: the whole model reads top to bottom (config, presets, blocks, encoder, decoders, masking,
+The presets live in registry.py (`create_model`, `model_config`, `list_models`).
+
+One file on purpose: the whole model reads top to bottom (config, blocks, encoder, decoders, masking,
 loss), as a newcomer reads it; its parts are small and only used here.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
-from typing import NamedTuple
+from dataclasses import asdict, dataclass, field
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -29,11 +31,13 @@ POOLINGS = ("timm_avg", "openphenom")
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Config and presets
+# Config
 # ------------------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class MAEConfig:
+    family: ClassVar[str] = "mae"
+
     name: str = "custom"
     img_size: int = 256
     patch_size: int = 16
@@ -112,48 +116,6 @@ class MAEConfig:
         if "betas" in d:
             d["betas"] = tuple(d["betas"])
         return cls(**d)
-
-
-_SIZES = {  # name: (embed_dim, depth, heads, drop_path, lr)
-    "micro": (192, 4, 3, 0.0, 1e-4),    # not in the paper: CPU demo and tests
-    "tiny": (192, 12, 3, 0.1, 1e-4),
-    "small": (384, 12, 6, 0.1, 1e-4),
-    "base": (768, 12, 12, 0.1, 1e-4),
-    "large": (1024, 24, 16, 0.3, 3e-5),
-}
-PRESETS: dict[str, MAEConfig] = {}
-for _size, (_dim, _depth, _heads, _dp, _lr) in _SIZES.items():
-    for _patch in (8, 16):
-        _name = f"mae_vit_{_size}_patch{_patch}_256"
-        PRESETS[_name] = MAEConfig(_name, patch_size=_patch, embed_dim=_dim, depth=_depth, num_heads=_heads,
-                                   drop_path=_dp, lr=_lr)
-        # CA-MAE decoder as in OpenPhenom's released config: 256-d, 4 blocks per channel, 16 heads (8 in the
-        # shared cross-attention), LayerNorm eps 1e-6.
-        _name = f"camae_vit_{_size}_patch{_patch}_256"
-        PRESETS[_name] = MAEConfig(_name, patch_size=_patch, embed_dim=_dim, depth=_depth, num_heads=_heads,
-                                   drop_path=_dp, lr=_lr, channel_agnostic=True, decoder_dim=256,
-                                   decoder_depth=4, decoder_heads=16)
-for _name in ("mae_vit_micro_patch16_256", "mae_vit_micro_patch8_256", "camae_vit_micro_patch16_256",
-              "camae_vit_micro_patch8_256"):
-    PRESETS[_name] = replace(PRESETS[_name], decoder_dim=128, decoder_depth=2, decoder_heads=4)
-
-
-def get_config(name: str, **overrides) -> MAEConfig:
-    """A preset by name, with field overrides (`get_config("mae_vit_small_patch16_256", in_chans=5)`)."""
-    if name not in PRESETS:
-        raise KeyError(f"unknown preset {name!r}; available presets: {', '.join(sorted(PRESETS))}")
-    cfg = PRESETS[name]
-    if overrides:
-        valid = set(MAEConfig.__dataclass_fields__)
-        bad = sorted(set(overrides) - valid)
-        if bad:
-            raise ValueError(f"unknown config keys {bad}; valid keys: {sorted(valid)}")
-        cfg = replace(cfg, **overrides)
-    return cfg
-
-
-def list_presets() -> list[str]:
-    return sorted(PRESETS)
 
 
 # ------------------------------------------------------------------------------------------------------------

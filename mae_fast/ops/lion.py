@@ -1,17 +1,30 @@
-"""The Lion update (Chen et al. 2023) with decoupled weight decay over lists of tensors: the reference, the foreach
-variant, the grouping the fused backends share, and the public entry point."""
+"""The Lion update (Chen et al. 2023) with decoupled weight decay over lists of tensors.
+
+The op `mae_fast::lion_update` (in place on params and exp_avgs), its reference and kernels:
+    reference  `lion_update_reference` (one tensor at a time, float32); "foreach" (torch._foreach ops) beside it
+    cpp        csrc/lion.cpp (registered by mae_fast/ops/cpp.py)
+    triton     kernels/lion.py
+A kernel is `kernel(params, grads, exp_avgs, lr, beta1, beta2, weight_decay)`: one launch per (param, grad,
+exp_avg) dtype combination of the tensors `lion_fusable` accepts (`lion_groups`), the rest by the reference
+(`lion_update_rest`). Eager calls run the kernel directly, as before the op existed (its dispatch would check
+three lists of a model's tensors on every step; that cost is not measured here); under torch.compile the step is
+the op (one opaque node).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-from mae_fast.ops.dispatch import dispatch, register, run_impl
+from mae_fast.ops import implementation
+from mae_fast.ops.implementation import IMPLS, UnsupportedInput
+
+LION_IMPLS = IMPLS + ("foreach",)  # what Lion(impl=...) and the training config's optimizer_impl take
 
 
-@register("lion_update", "reference")
 @torch.no_grad()
-def _lion_update_reference(params, grads, exp_avgs, lr, beta1, beta2, weight_decay):
+def lion_update_reference(params, grads, exp_avgs, lr, beta1, beta2, weight_decay):
     """One tensor at a time, in float32: p <- p*(1-lr*wd) - lr*sign(b1*m + (1-b1)*g); m <- b2*m + (1-b2)*g."""
     for p, g, m in zip(params, grads, exp_avgs):
         g32, m32 = g.float(), m.float()
@@ -21,7 +34,6 @@ def _lion_update_reference(params, grads, exp_avgs, lr, beta1, beta2, weight_dec
         m.copy_(m32.mul_(beta2).add_(g32, alpha=1 - beta2))
 
 
-@register("lion_update", "foreach")
 @torch.no_grad()
 def _lion_update_foreach(params, grads, exp_avgs, lr, beta1, beta2, weight_decay):
     """The same arithmetic as the reference with torch._foreach ops (float32 tensors; others go one by one)."""
@@ -40,7 +52,7 @@ def _lion_update_foreach(params, grads, exp_avgs, lr, beta1, beta2, weight_decay
         torch._foreach_mul_(ms, beta2)
         torch._foreach_add_(ms, gs, alpha=1 - beta2)
     if rest:
-        _lion_update_reference([params[i] for i in rest], [grads[i] for i in rest], [exp_avgs[i] for i in rest],
+        lion_update_reference([params[i] for i in rest], [grads[i] for i in rest], [exp_avgs[i] for i in rest],
                                lr, beta1, beta2, weight_decay)
 
 
@@ -94,7 +106,7 @@ def lion_groups(params, grads, exp_avgs) -> tuple[dict[tuple, tuple[list, list, 
 def lion_update_rest(rest, params, grads, exp_avgs, lr, beta1, beta2, weight_decay) -> None:
     """The reference update of the tensors no fused kernel takes (see `lion_fusable`)."""
     if rest:
-        _lion_update_reference([params[i] for i in rest], [grads[i] for i in rest], [exp_avgs[i] for i in rest],
+        lion_update_reference([params[i] for i in rest], [grads[i] for i in rest], [exp_avgs[i] for i in rest],
                                lr, beta1, beta2, weight_decay)
 
 
@@ -102,7 +114,7 @@ def lion_update(
     params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor], *,
     lr: float, beta1: float = 0.9, beta2: float = 0.95, weight_decay: float = 0.0, impl: str = "auto",
 ) -> None:
-    """In-place Lion step over lists of tensors (all on one device). The fused backends launch one kernel per
+    """In-place Lion step over lists of tensors (all on one device). The fused kernels launch one per
     (param, grad, exp_avg) dtype combination; the hyperparameters are runtime arguments."""
     if not (len(params) == len(grads) == len(exp_avgs)):
         raise ValueError("params, grads and exp_avgs must have the same length")
@@ -110,6 +122,43 @@ def lion_update(
         return
     args = (list(params), list(grads), list(exp_avgs), float(lr), float(beta1), float(beta2), float(weight_decay))
     if impl == "foreach":
-        run_impl("lion_update", "foreach", *args)
+        implementation.record("lion_update", "foreach")
+        _lion_update_foreach(*args)
         return
-    dispatch("lion_update", params[0].device, impl, *args)
+    kernel = implementation.choose("lion_update", params[0].device, impl, params[0])
+    if torch.compiler.is_compiling() and kernel != "reference":
+        lion_update_op(*args, kernel)
+    else:
+        KERNELS[kernel](*args)
+
+
+KERNELS: dict[str, Callable] = {"reference": lion_update_reference}
+
+
+def register_kernel(name: str, kernel: Callable, check: Callable) -> None:
+    """Add `kernel` as kernel `name` of this op; `check(params[0])` raises UnsupportedInput for tensors it cannot
+    take (see `check_lion_device`)."""
+    KERNELS[name] = kernel
+    implementation.register("lion_update", name, check)
+
+
+@torch.library.custom_op("mae_fast::lion_update", mutates_args=("params", "exp_avgs"), schema=(
+    "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, float lr, float beta1, float beta2, "
+    "float weight_decay, str kernel) -> ()"))
+def lion_update_op(params, grads, exp_avgs, lr, beta1, beta2, weight_decay, kernel) -> None:
+    KERNELS[kernel](params, grads, exp_avgs, lr, beta1, beta2, weight_decay)
+
+
+@lion_update_op.register_fake
+def _(params, grads, exp_avgs, lr, beta1, beta2, weight_decay, kernel) -> None:
+    return None
+
+
+def check_lion_device(device_type: str) -> Callable:
+    """The input check of a kernel for tensors of one device type (params[0] decides: one device per call)."""
+
+    def check(param: torch.Tensor) -> None:
+        if param.device.type != device_type:
+            raise UnsupportedInput(f"a {param.device.type} tensor")
+
+    return check

@@ -1,12 +1,25 @@
-"""The MAE loss: (1 - alpha) * masked MSE + alpha * Fourier loss (the reference, the torch-op factory of the fused
-backends with their autograd formula, and their input checks)."""
+"""The MAE loss: (1 - alpha) * masked MSE + alpha * Fourier loss.
+
+The ops `mae_fast::mae_loss` (on the masked tokens) and `mae_fast::masked_mae_loss` (on the decoder's full
+prediction, + `mae_fast::masked_mae_loss_backward`), their reference and kernels:
+    reference  `mae_loss_reference` / `masked_mae_loss_reference` (autograd gives the gradient)
+    cpp        csrc/mae_loss.cpp (registered by mae_fast/ops/cpp.py)
+    triton     kernels/mae_loss.py
+A kernel is `kernel(pred, target, token_weight, uniform_weight, patch_size, planes_per_token, alpha, grad, row_ids)
+-> loss` (float32 scalar) that writes d loss / d pred into `grad` in the same pass; the op returns that buffer as a
+second, non-differentiable output and backward only scales it by the incoming gradient (out of place, so
+retain_graph works; higher-order gradients are refused: use impl="reference"). `row_ids` (B, M) (None for
+`mae_loss`): pred is the full prediction (B, L, P) and token (b, m) of target and grad is pred[b, row_ids[b, m]];
+kernels that take `row_ids` are listed in `ROW_MAP_KERNELS` (the others get the masked rows gathered first).
+"""
 from __future__ import annotations
 
 from typing import Callable
 
 import torch
 
-from mae_fast.ops.dispatch import TORCH_OPS, UnsupportedInput, dispatch, register
+from mae_fast.ops import implementation
+from mae_fast.ops.implementation import UnsupportedInput
 from mae_fast.ops.layout import LAYOUTS, Masking, compute_dtype, gather_tokens
 
 
@@ -28,13 +41,17 @@ def fourier_magnitude(tokens: torch.Tensor, patch_size: int, layout: str) -> tor
     return torch.fft.fft2(planes.to(compute_dtype(tokens))).abs()
 
 
-@register("mae_loss", "reference")
-def _mae_loss_reference(pred, target, mask, patch_size, layout, alpha):
+def per_token_loss(pred, target, patch_size, layout, alpha) -> torch.Tensor:
+    """(B, N): (1 - alpha) * MSE + alpha * Fourier loss of every token."""
     dtype = compute_dtype(pred)
     mse = (pred.to(dtype) - target.to(dtype)).pow(2).mean(dim=-1)  # (B, N)
     fourier = (fourier_magnitude(pred, patch_size, layout) - fourier_magnitude(target, patch_size, layout)).abs()
     fourier = fourier.flatten(2).mean(dim=-1)  # (B, N): mean over channels and frequencies
-    per_token = (1 - alpha) * mse + alpha * fourier
+    return (1 - alpha) * mse + alpha * fourier
+
+
+def mae_loss_reference(pred, target, mask, patch_size, layout, alpha):
+    per_token = per_token_loss(pred, target, patch_size, layout, alpha)
     if mask is None:
         return per_token.mean()
     mask = mask.to(per_token.dtype)
@@ -52,51 +69,141 @@ def token_weights(mask: torch.Tensor | None, batch: int, tokens: int) -> tuple[t
     return (mask / mask.sum().clamp_min(1)).reshape(-1).contiguous(), 0.0
 
 
-def define_mae_loss_op(backend: str, kernel: Callable) -> Callable:
-    """The torch op `mae_fast::mae_loss_{backend}(pred, target, mask, patch_size, alpha) -> (loss, grad)`, with a fake
-    implementation and an autograd formula, so that torch.compile keeps it as one opaque node.
-
-    `kernel(pred, target, token_weight, uniform_weight, patch_size, planes_per_token, alpha, grad) -> loss` writes
-    d loss / d pred into `grad` in the same pass. The op returns that buffer as a second, non-differentiable output;
-    backward only scales it by the incoming gradient (out of place, so retain_graph works; higher-order gradients
-    are refused: use impl="reference")."""
-    name = f"mae_fast::mae_loss_{backend}"
-    if name in TORCH_OPS:
-        return TORCH_OPS[name]
-
-    @torch.library.custom_op(name, mutates_args=(), schema=(
-        "(Tensor pred, Tensor target, Tensor? mask, int patch_size, float alpha) -> (Tensor, Tensor)"))
-    def mae_loss_op(pred, target, mask, patch_size, alpha):
-        B, N, P = pred.shape
-        weight, uniform = token_weights(mask, B, N)
-        pred, target = pred.contiguous(), target.contiguous()
-        grad = torch.empty_like(pred)
-        loss = kernel(pred, target, weight, uniform, patch_size, P // (patch_size * patch_size), alpha, grad)
-        return loss, grad
-
-    @mae_loss_op.register_fake
-    def _(pred, target, mask, patch_size, alpha):
-        return pred.new_empty((), dtype=torch.float32), pred.new_empty(pred.shape)
-
-    def setup_context(ctx, inputs, output):
-        _, grad = output
-        ctx.mark_non_differentiable(grad)
-        ctx.save_for_backward(grad)
-
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss, _grad_of_grad):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_loss, None, None, None, None
-
-    mae_loss_op.register_autograd(backward, setup_context=setup_context)
-    TORCH_OPS[name] = mae_loss_op
-    return mae_loss_op
+def _reference_kernel(pred, target, token_weight, uniform_weight, patch_size, planes_per_token, alpha, grad,
+                      row_ids=None):
+    """The kernel form of the reference: the weighted tokens' loss and its gradient in closed form (a custom op's
+    body runs below autograd). Per plane, d sum_f |F x|_f / dx = Re(W^H S) = p^2 Re(ifft2(S)) with
+    S = sign(|Fx| - |Fy|) Fx / |Fx| (0 where |Fx| = 0, as torch's abs)."""
+    if row_ids is not None:
+        pred = gather_tokens(pred, row_ids)
+    p = patch_size
+    layout = "channel" if planes_per_token == 1 else "standard"  # one plane per token: the two layouts agree
+    per_token = per_token_loss(pred, target, p, layout, alpha)
+    weight = uniform_weight if token_weight is None else token_weight.view_as(per_token)
+    dtype = compute_dtype(pred)
+    x, y = pred.to(dtype), target.to(dtype)
+    fx = torch.fft.fft2(patch_planes(x, p, layout))
+    mx, my = fx.abs(), fourier_magnitude(y, p, layout)
+    s = torch.where(mx > 0, torch.sign(mx - my) * fx / torch.where(mx > 0, mx, 1), 0)
+    g_planes = (p * p) * torch.fft.ifft2(s).real  # (B, N, C', p, p)
+    B, N, P = x.shape
+    g_fourier = (g_planes.permute(0, 1, 3, 4, 2) if layout == "standard" else g_planes).reshape(B, N, P)
+    g = 2 * (1 - alpha) / P * (x - y) + alpha / (planes_per_token * p * p) * g_fourier
+    grad.copy_(g * (weight if token_weight is None else weight[..., None]))
+    return (per_token * weight).sum().float()
 
 
-def fused_mae_loss(op: Callable, pred, target, mask, patch_size: int, alpha: float) -> torch.Tensor:
-    """The loss of an op made by `define_mae_loss_op` (its gradient buffer stays with autograd)."""
-    loss, _ = op(pred, target, mask, patch_size, alpha)
-    return loss
+KERNELS: dict[str, Callable] = {"reference": _reference_kernel}
+ROW_MAP_KERNELS = {"reference"}
+
+
+def register_kernel(name: str, kernel: Callable, check: Callable, *, row_map: bool = False,
+                    scatter: Callable | None = None) -> None:
+    """Add `kernel` as kernel `name` of `mae_loss` and `masked_mae_loss`; `check(pred, target, mask, patch_size,
+    layout, alpha)` raises UnsupportedInput for inputs it cannot take. `row_map`: the kernel reads the masked rows
+    of the full prediction itself (`row_ids`); `scatter`: its backward of `masked_mae_loss` (else the reference's)."""
+    KERNELS[name] = kernel
+    if row_map:
+        ROW_MAP_KERNELS.add(name)
+    if scatter is not None:
+        SCATTER_KERNELS[name] = scatter
+    implementation.register("mae_loss", name, check)
+    implementation.register("masked_mae_loss", name, check)
+
+
+@torch.library.custom_op("mae_fast::mae_loss", mutates_args=(), schema=(
+    "(Tensor pred, Tensor target, Tensor? mask, int patch_size, float alpha, str kernel) -> (Tensor, Tensor)"))
+def mae_loss_op(pred, target, mask, patch_size, alpha, kernel):
+    """(loss, d loss / d pred)."""
+    B, N, P = pred.shape
+    weight, uniform = token_weights(mask, B, N)
+    pred, target = pred.contiguous(), target.contiguous()
+    grad = torch.empty_like(pred)
+    loss = KERNELS[kernel](pred, target, weight, uniform, patch_size, P // (patch_size * patch_size), alpha, grad)
+    return loss, grad
+
+
+@mae_loss_op.register_fake
+def _(pred, target, mask, patch_size, alpha, kernel):
+    return pred.new_empty((), dtype=torch.float32), pred.new_empty(pred.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    _, grad = output
+    ctx.mark_non_differentiable(grad)
+    ctx.save_for_backward(grad)
+
+
+@torch.autograd.function.once_differentiable
+def _backward(ctx, grad_loss, _grad_of_grad):
+    (grad,) = ctx.saved_tensors
+    return grad * grad_loss, None, None, None, None, None
+
+
+mae_loss_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("mae_fast::masked_mae_loss", mutates_args=(), schema=(
+    "(Tensor pred, Tensor target, Tensor ids_masked, Tensor ids_restore, int patch_size, float alpha, str kernel) "
+    "-> (Tensor, Tensor)"))
+def masked_mae_loss_op(pred, target, ids_masked, ids_restore, patch_size, alpha, kernel):
+    """(loss, d loss / d pred at the masked tokens (B, M, P), ids_masked order)."""
+    B, M, P = target.shape
+    grad = torch.empty(target.shape, dtype=pred.dtype, device=pred.device)
+    if kernel in ROW_MAP_KERNELS:
+        pred, row_ids = pred.contiguous(), ids_masked.contiguous()
+    else:
+        pred, row_ids = gather_tokens(pred, ids_masked).contiguous(), None
+    args = (pred, target.contiguous(), None, 1.0 / (B * M), patch_size, P // (patch_size * patch_size), alpha, grad)
+    loss = KERNELS[kernel](*args, row_ids) if row_ids is not None else KERNELS[kernel](*args)
+    return loss, grad
+
+
+@masked_mae_loss_op.register_fake
+def _(pred, target, ids_masked, ids_restore, patch_size, alpha, kernel):
+    return pred.new_empty((), dtype=torch.float32), pred.new_empty(target.shape)
+
+
+def _reference_scatter(grad_masked, grad_loss, ids_restore):
+    B, M, P = grad_masked.shape
+    L = ids_restore.shape[1]
+    shuffled = torch.cat([grad_masked.new_zeros((B, L - M, P)), grad_masked * grad_loss.to(grad_masked.dtype)], 1)
+    return gather_tokens(shuffled, ids_restore)
+
+
+# kernel -> scatter(grad_masked, grad_loss (0-d), ids_restore) -> the (B, L, P) gradient, zeros at visible tokens
+SCATTER_KERNELS: dict[str, Callable] = {"reference": _reference_scatter}
+
+
+@torch.library.custom_op("mae_fast::masked_mae_loss_backward", mutates_args=(), schema=(
+    "(Tensor grad_masked, Tensor grad_loss, Tensor ids_restore, str kernel) -> Tensor"))
+def masked_mae_loss_backward_op(grad_masked, grad_loss, ids_restore, kernel):
+    """The gradient of the full prediction: the masked tokens' one scaled by d out / d loss, scattered back."""
+    return SCATTER_KERNELS.get(kernel, _reference_scatter)(grad_masked, grad_loss, ids_restore)
+
+
+@masked_mae_loss_backward_op.register_fake
+def _(grad_masked, grad_loss, ids_restore, kernel):
+    B, _, P = grad_masked.shape
+    return grad_masked.new_empty((B, ids_restore.shape[1], P))
+
+
+def _masked_setup_context(ctx, inputs, output):
+    _, _, _, ids_restore, _, _, kernel = inputs
+    _, grad = output
+    ctx.mark_non_differentiable(grad)
+    ctx.save_for_backward(grad, ids_restore)
+    ctx.kernel = kernel
+
+
+@torch.autograd.function.once_differentiable
+def _masked_backward(ctx, grad_loss, _grad_of_grad):
+    grad, ids_restore = ctx.saved_tensors
+    return (masked_mae_loss_backward_op(grad, grad_loss, ids_restore, ctx.kernel), None, None, None, None, None,
+            None)
+
+
+masked_mae_loss_op.register_autograd(_masked_backward, setup_context=_masked_setup_context)
 
 
 def check_fused_loss_input(pred, target, mask, patch_size, layout, alpha, patch_sizes=None) -> None:
@@ -120,7 +227,7 @@ def mae_loss(
 
     pred, target: (B, N, P) in `layout`. Per token: (1-alpha) * mean squared error over its pixels
     + alpha * mean over channels and frequencies of | |FFT2(pred plane)| - |FFT2(target plane)| |.
-    The fused backends compute the loss and its gradient with respect to `pred` in one pass; gradients with
+    The fused kernels compute the loss and its gradient with respect to `pred` in one pass; gradients with
     respect to `target` (which is data) are only available from the reference.
     """
     if pred.shape != target.shape:
@@ -134,12 +241,14 @@ def mae_loss(
         raise ValueError(f"token size {P} is not a multiple of patch_size^2 = {patch_size**2}")
     if layout == "channel" and P != patch_size * patch_size:
         raise ValueError(f"channel-layout tokens hold p*p = {patch_size**2} values, got {P}")
-    return dispatch("mae_loss", pred.device, impl, pred, target, mask, patch_size, layout, float(alpha))
+    kernel = implementation.choose("mae_loss", pred.device, impl, pred, target, mask, patch_size, layout, alpha)
+    if kernel == "reference":
+        return mae_loss_reference(pred, target, mask, patch_size, layout, float(alpha))
+    return mae_loss_op(pred, target, mask, patch_size, float(alpha), kernel)[0]
 
 
-@register("masked_mae_loss", "reference")
-def _masked_mae_loss_reference(pred, target, masking, patch_size, layout, alpha):
-    return _mae_loss_reference(gather_tokens(pred, masking.ids_masked), target, None, patch_size, layout, alpha)
+def masked_mae_loss_reference(pred, target, masking, patch_size, layout, alpha):
+    return mae_loss_reference(gather_tokens(pred, masking.ids_masked), target, None, patch_size, layout, alpha)
 
 
 def masked_mae_loss(
@@ -148,7 +257,7 @@ def masked_mae_loss(
 ) -> torch.Tensor:
     """The loss of the decoder's full prediction on the masked tokens: `mae_loss(gather_tokens(pred,
     masking.ids_masked), target, ...)`, with its gradient. pred: (B, L, P); target: (B, L - len_keep, P) in
-    `masking.ids_masked` order. The Triton backend reads the masked rows of pred in place and writes the (B, L, P)
+    `masking.ids_masked` order. The Triton kernel reads the masked rows of pred in place and writes the (B, L, P)
     gradient (zeros at visible tokens, scaled by the incoming gradient) in one pass, where the composed form
     gathers, scales and scatters."""
     if pred.ndim != 3 or target.ndim != 3:
@@ -164,4 +273,9 @@ def masked_mae_loss(
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if P % (patch_size * patch_size):
         raise ValueError(f"token size {P} is not a multiple of patch_size^2 = {patch_size**2}")
-    return dispatch("masked_mae_loss", pred.device, impl, pred, target, masking, patch_size, layout, float(alpha))
+    kernel = implementation.choose("masked_mae_loss", pred.device, impl, pred, target, None, patch_size, layout,
+                                   alpha)
+    if kernel == "reference":
+        return masked_mae_loss_reference(pred, target, masking, patch_size, layout, float(alpha))
+    return masked_mae_loss_op(pred, target, masking.ids_masked.contiguous(), masking.ids_restore, patch_size,
+                              float(alpha), kernel)[0]

@@ -1,5 +1,14 @@
-"""Masked patchify + self-standardisation: raw images -> standardised visible tokens and masked targets in one pass
-(the reference, the torch-op factory of the fused backends, and their input checks)."""
+"""Masked patchify + self-standardisation: raw images -> standardised visible tokens and masked targets in one pass.
+
+The op `mae_fast::masked_patchify` (no autograd: images are data), its reference and its kernels:
+    reference  `masked_patchify_reference` (standardise, patchify, gather): the op's default body
+    cpp        csrc/masked_patchify.cpp (registered by mae_fast/ops/cpp.py)
+    triton     kernels/masked_patchify.py
+A kernel is `write(images, mean, rstd, ids_restore, len_keep, patch_size, channel_layout, visible, target)`: it fills
+visible (B, len_keep, P) in its dtype and target (B, L - len_keep, P) float32, computing the per-image per-channel
+statistics itself when mean and rstd are None; `VISIBLE_DTYPES[kernel]` are the visible dtypes it writes (another
+one is written as float32 and cast).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,9 +16,13 @@ from typing import Callable
 
 import torch
 
-from mae_fast.ops.dispatch import TORCH_OPS, UnsupportedInput, dispatch, register, resolve, set_last_impl
+from mae_fast.ops import implementation
+from mae_fast.ops.implementation import UnsupportedInput
 from mae_fast.ops.layout import (LAYOUTS, Masking, check_masking, gather_tokens, patchify, pixel_scale, random_masking,
-                                 self_standardize, to_unit_float)
+                                 self_standardize, standardize_eps, to_unit_float)  # noqa: F401 (the kernels' formula)
+
+OP = "masked_patchify"
+
 
 @dataclass
 class MaskedPatches:
@@ -18,8 +31,7 @@ class MaskedPatches:
     masking: Masking
 
 
-@register("masked_patchify", "reference")
-def _masked_patchify_reference(images, patch_size, masking, layout, stats=None, out_dtype=torch.float32):
+def masked_patchify_reference(images, patch_size, masking, layout, stats=None, out_dtype=torch.float32):
     if stats is None:
         x = self_standardize(images)
     else:
@@ -31,91 +43,53 @@ def _masked_patchify_reference(images, patch_size, masking, layout, stats=None, 
     return MaskedPatches(visible, gather_tokens(tokens, masking.ids_masked), masking)
 
 
-def masked_patchify_outputs(
-    images: torch.Tensor, patch_size: int, masking: Masking, layout: str,
-    visible: torch.Tensor | None = None, target: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (visible in `out_dtype`, target float32) buffers a fused masked-patchify writes (given ones are checked,
-    for tests that poison them first)."""
-    B, C, H, W = images.shape
-    L = masking.ids_restore.shape[1]
-    P = patch_size * patch_size * (1 if layout == "channel" else C)
-    shapes = {"visible": (B, masking.len_keep, P), "target": (B, L - masking.len_keep, P)}
-    dtypes = {"visible": out_dtype, "target": torch.float32}
-    out = []
-    for name, given in (("visible", visible), ("target", target)):
-        if given is None:
-            given = torch.empty(shapes[name], dtype=dtypes[name], device=images.device)
-        elif given.shape != shapes[name] or given.dtype != dtypes[name] or not given.is_contiguous():
-            raise ValueError(f"{name} must be a contiguous {dtypes[name]} tensor of shape {shapes[name]}, got "
-                             f"{tuple(given.shape)} {given.dtype}")
-        out.append(given)
-    return out[0], out[1]
+def _reference_write(images, mean, rstd, ids_restore, len_keep, patch_size, channel_layout, visible, target):
+    ids_shuffle = torch.argsort(ids_restore, dim=1)
+    masking = Masking(ids_shuffle, ids_restore, ids_restore >= len_keep, len_keep)
+    stats = None if mean is None else (mean, rstd)
+    out = masked_patchify_reference(images, patch_size, masking, "channel" if channel_layout else "standard", stats)
+    visible.copy_(out.visible)
+    target.copy_(out.target)
 
 
-def define_masked_patchify_op(backend: str, channel_stats: Callable | None, write: Callable,
-                              out_dtypes: tuple = (torch.float32,)) -> Callable:
-    """A fused backend of `masked_patchify` around the torch op `mae_fast::masked_patchify_{backend}(images,
-    ids_restore, len_keep, patch_size, channel_layout, mean, rstd, out_dtype) -> (visible, target)`, which has a
-    fake implementation, so that torch.compile keeps it as one opaque node (no autograd: images are data).
-
-    `channel_stats(images) -> (mean, rstd)`, (B, C) float32 each, when no stats are given (None: `write` takes
-    mean = rstd = None and computes them itself, in the same pass schedule);
-    `write(images, mean, rstd, ids_restore, len_keep, patch_size, channel_layout, visible, target)` fills the
-    outputs: visible in its dtype (one of `out_dtypes`; another one is written as float32 and cast), target float32.
-    Returns `fn(images, patch_size, masking, layout, stats=None, out_dtype=float32, *, visible=None, target=None)
-    -> MaskedPatches`; given output buffers (tests poison them first) are written directly, without the torch op."""
-    name = f"mae_fast::masked_patchify_{backend}"
-    if name in TORCH_OPS:
-        return TORCH_OPS[name]
-
-    def float_stats(images, mean, rstd):
-        if mean is None or rstd is None:
-            return (None, None) if channel_stats is None else channel_stats(images)
-        return mean.float().contiguous(), rstd.float().contiguous()
-
-    def written_dtype(out_dtype):
-        return out_dtype if out_dtype in out_dtypes else torch.float32
-
-    @torch.library.custom_op(name, mutates_args=(), schema=(
-        "(Tensor images, Tensor ids_restore, int len_keep, int patch_size, bool channel_layout, Tensor? mean, "
-        "Tensor? rstd, ScalarType out_dtype) -> (Tensor, Tensor)"))
-    def masked_patchify_op(images, ids_restore, len_keep, patch_size, channel_layout, mean, rstd, out_dtype):
-        mean, rstd = float_stats(images, mean, rstd)
-        visible, target = _patchify_buffers(images, ids_restore.shape[1], len_keep, patch_size, channel_layout,
-                                            written_dtype(out_dtype))
-        write(images, mean, rstd, ids_restore.contiguous(), len_keep, patch_size, channel_layout, visible, target)
-        return visible.to(out_dtype), target
-
-    @masked_patchify_op.register_fake
-    def _(images, ids_restore, len_keep, patch_size, channel_layout, mean, rstd, out_dtype):
-        return _patchify_buffers(images, ids_restore.shape[1], len_keep, patch_size, channel_layout, out_dtype)
-
-    def masked_patchify_fused(images, patch_size, masking, layout, stats=None, out_dtype=torch.float32, *,
-                              visible=None, target=None):
-        channel = layout == "channel"
-        mean, rstd = (None, None) if stats is None else stats
-        if visible is None and target is None:
-            visible, target = masked_patchify_op(images, masking.ids_restore, masking.len_keep, patch_size, channel,
-                                                 mean, rstd, out_dtype)
-        else:
-            visible, target = masked_patchify_outputs(images, patch_size, masking, layout, visible, target,
-                                                      written_dtype(out_dtype))
-            mean, rstd = float_stats(images, mean, rstd)
-            write(images, mean, rstd, masking.ids_restore.contiguous(), masking.len_keep, patch_size, channel,
-                  visible, target)
-        return MaskedPatches(visible, target, masking)
-
-    TORCH_OPS[name] = masked_patchify_fused
-    return masked_patchify_fused
+KERNELS: dict[str, Callable] = {"reference": _reference_write}
+VISIBLE_DTYPES: dict[str, tuple] = {"reference": (torch.float32, torch.bfloat16, torch.float16)}
 
 
-def _patchify_buffers(images, num_tokens, len_keep, patch_size, channel_layout, visible_dtype=torch.float32):
+def register_kernel(name: str, write: Callable, check: Callable, visible_dtypes: tuple = (torch.float32,)) -> None:
+    """Add `write` as kernel `name` of this op; `check(images, patch_size, masking)` raises UnsupportedInput for
+    inputs it cannot take."""
+    KERNELS[name] = write
+    VISIBLE_DTYPES[name] = visible_dtypes
+    implementation.register(OP, name, check)
+
+
+def patchify_buffers(images, num_tokens, len_keep, patch_size, channel_layout, visible_dtype=torch.float32):
     """Empty (visible (B, len_keep, P) in `visible_dtype`, target (B, L - len_keep, P) float32) on images' device."""
     B, C = images.shape[:2]
     P = patch_size * patch_size * (1 if channel_layout else C)
     return (images.new_empty((B, len_keep, P), dtype=visible_dtype),
             images.new_empty((B, num_tokens - len_keep, P), dtype=torch.float32))
+
+
+@torch.library.custom_op("mae_fast::masked_patchify", mutates_args=(), schema=(
+    "(Tensor images, Tensor ids_restore, int len_keep, int patch_size, bool channel_layout, Tensor? mean, "
+    "Tensor? rstd, ScalarType out_dtype, str kernel) -> (Tensor, Tensor)"))
+def masked_patchify_op(images, ids_restore, len_keep, patch_size, channel_layout, mean, rstd, out_dtype, kernel):
+    written = out_dtype if out_dtype in VISIBLE_DTYPES[kernel] else torch.float32
+    visible, target = patchify_buffers(images, ids_restore.shape[1], len_keep, patch_size, channel_layout, written)
+    if mean is not None and rstd is not None:
+        mean, rstd = mean.float().contiguous(), rstd.float().contiguous()
+    else:
+        mean = rstd = None
+    KERNELS[kernel](images, mean, rstd, ids_restore.contiguous(), len_keep, patch_size, channel_layout, visible,
+                    target)
+    return visible.to(out_dtype), target
+
+
+@masked_patchify_op.register_fake
+def _(images, ids_restore, len_keep, patch_size, channel_layout, mean, rstd, out_dtype, kernel):
+    return patchify_buffers(images, ids_restore.shape[1], len_keep, patch_size, channel_layout, out_dtype)
 
 
 def check_fused_patchify_input(images: torch.Tensor, masking: Masking) -> None:
@@ -144,7 +118,7 @@ def masked_patchify(
     """Raw images (B, C, H, W; uint8/uint16/float in [0,1]) -> self-standardised visible tokens + masked targets.
 
     The random permutation is drawn here, reproducibly through `generator` or an integer `seed` (the same draw for
-    every backend: torch.rand + argsort, as FAIR's MAE), unless `masking` is given. The fused backends then write
+    every kernel: torch.rand + argsort, as FAIR's MAE), unless `masking` is given. The fused kernels then write
     both outputs in one pass over the image, using per-image per-channel statistics from a first reduction, or
     `stats` = (mean, rstd), each (B, C) float32 of the [0, 1]-scaled images, when the caller has them already.
     `out_dtype`: the dtype of the visible tokens (what the patch embedding reads): by default the autocast dtype
@@ -177,14 +151,19 @@ def masked_patchify(
         autocast = torch.is_autocast_enabled(device_type)
         out_dtype = torch.get_autocast_dtype(device_type) if autocast else torch.float32
     with torch.no_grad():  # images are data: no gradient flows into them
-        return dispatch("masked_patchify", images.device, impl, images, patch_size, masking, layout, stats,
-                         out_dtype)
+        kernel = implementation.choose(OP, images.device, impl, images, patch_size, masking)
+        if kernel == "reference":
+            return masked_patchify_reference(images, patch_size, masking, layout, stats, out_dtype)
+        mean, rstd = (None, None) if stats is None else stats
+        visible, target = masked_patchify_op(images, masking.ids_restore, masking.len_keep, patch_size,
+                                             layout == "channel", mean, rstd, out_dtype, kernel)
+        return MaskedPatches(visible, target, masking)
 
 
 def standardized_tokens(images: torch.Tensor, patch_size: int, layout: str = "standard",
                         impl: str = "auto") -> torch.Tensor:
     """Raw images -> every token, self-standardised, in order (B, L, P) float32: inference's front end. The fused
-    backends of `masked_patchify` with an identity permutation and nothing masked write the tokens in one pass
+    kernels of `masked_patchify` with an identity permutation and nothing masked write the tokens in one pass
     after the statistics pass; the reference is standardize + patchify."""
     B, C, H, W = images.shape
     if layout not in LAYOUTS:
@@ -192,11 +171,12 @@ def standardized_tokens(images: torch.Tensor, patch_size: int, layout: str = "st
     if H % patch_size or W % patch_size:
         raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {patch_size}")
     pixel_scale(images.dtype)
-    if resolve("masked_patchify", images.device, impl)[0] == "reference":  # no identity gather
-        set_last_impl("masked_patchify", "reference")
-        return patchify(self_standardize(images), patch_size, layout)
     L = (H // patch_size) * (W // patch_size) * (C if layout == "channel" else 1)
     ids = torch.arange(L, device=images.device).expand(B, L).contiguous()
     identity = Masking(ids, ids, torch.zeros(B, L, device=images.device), L)
+    kernel = implementation.choose(OP, images.device, impl, images, patch_size, identity)
+    if kernel == "reference":  # no identity gather
+        return patchify(self_standardize(images), patch_size, layout)
     with torch.no_grad():
-        return dispatch("masked_patchify", images.device, impl, images, patch_size, identity, layout, None).visible
+        return masked_patchify_op(images, ids, L, patch_size, layout == "channel", None, None, torch.float32,
+                                  kernel)[0]

@@ -1,5 +1,13 @@
-"""The decoder unshuffle: visible tokens in shuffled order + the mask token -> every token in original order (+ positions)
-(the reference, the torch-op factory of the fused backends with their autograd formula, and their input checks).
+"""The decoder unshuffle: visible tokens in shuffled order + mask token -> every token in original order (+ positions).
+
+The ops `mae_fast::unshuffle` and `mae_fast::unshuffle_backward` (its autograd formula), their reference and kernels:
+    reference  `unshuffle_reference` (cat + gather + add) and `_reference_forward` / `_reference_backward`
+    cpp        csrc/unshuffle.cpp (registered by mae_fast/ops/cpp.py)
+    triton     kernels/unshuffle.py
+A kernel is a pair: `forward(x, mask_token, ids_restore, pos_embed, prefix) -> out` gets mask_token (D,) and pos_embed
+(prefix + L, D) already in the output dtype (x is read in its own dtype) and returns out in mask_token's dtype;
+`backward(grad_out, ids_restore, grad_x, prefix) -> grad of the mask token (D,) float32` fills grad_x (B, prefix + K,
+D), allocated in x's dtype, converting grad_out's values as it stores them.
 
 The output dtype is what plain PyTorch gives for the cat + add it replaces: the promotion of x's, the mask token's and
 the positions' dtypes (bf16 tokens under autocast with float32 mask token and positions -> a float32 decoder stream,
@@ -11,8 +19,11 @@ from typing import Callable
 
 import torch
 
-from mae_fast.ops.dispatch import TORCH_OPS, UnsupportedInput, dispatch, register
+from mae_fast.ops import implementation
+from mae_fast.ops.implementation import UnsupportedInput
 from mae_fast.ops.layout import gather_tokens
+
+OP = "unshuffle"
 
 
 def unshuffle_out_dtype(x_visible: torch.Tensor, mask_token: torch.Tensor, pos_embed: torch.Tensor | None,
@@ -24,8 +35,7 @@ def unshuffle_out_dtype(x_visible: torch.Tensor, mask_token: torch.Tensor, pos_e
     return dtype if pos_embed is None else torch.promote_types(dtype, pos_embed.dtype)
 
 
-@register("unshuffle", "reference")
-def _unshuffle_reference(x_visible, mask_token, ids_restore, pos_embed, prefix=0, out_dtype=None):
+def unshuffle_reference(x_visible, mask_token, ids_restore, pos_embed, prefix=0, out_dtype=None):
     out_dtype = unshuffle_out_dtype(x_visible, mask_token, pos_embed, out_dtype)
     B, rows, D = x_visible.shape
     L = ids_restore.shape[1]
@@ -62,78 +72,98 @@ def unshuffle(
     if out_dtype is not None and not out_dtype.is_floating_point:
         raise ValueError(f"out_dtype must be a floating-point dtype, got {out_dtype}")
     out_dtype = unshuffle_out_dtype(x_visible, mask_token, pos_embed, out_dtype)
-    return dispatch("unshuffle", x_visible.device, impl, x_visible, mask_token, ids_restore, pos_embed, prefix,
-                    out_dtype)
+    kernel = implementation.choose(OP, x_visible.device, impl, x_visible, mask_token, ids_restore, pos_embed,
+                                   out_dtype)
+    if kernel == "reference":
+        return unshuffle_reference(x_visible, mask_token, ids_restore, pos_embed, prefix, out_dtype)
+    return unshuffle_op(x_visible, mask_token, ids_restore, pos_embed, prefix, out_dtype, kernel)
 
 
-def define_unshuffle_op(backend: str, forward_kernel: Callable, backward_kernel: Callable) -> Callable:
-    """The torch op `mae_fast::unshuffle_{backend}(x, mask_token, ids_restore, pos_embed, prefix=0, out_dtype=None)
-    -> out` (and its backward op), with a fake implementation and an autograd formula, so that torch.compile keeps
-    it as one opaque node. `out_dtype=None` is the promotion of the inputs' dtypes (`unshuffle_out_dtype`).
+def _reference_forward(x, mask_token, ids_restore, pos_embed, prefix=0):
+    return unshuffle_reference(x, mask_token, ids_restore, pos_embed, prefix, mask_token.dtype)
 
-    `forward_kernel(x, mask_token, ids_restore, pos_embed, prefix) -> out` gets mask_token (D,) and pos_embed
-    (prefix + L, D) already in the output dtype (small tensors; x is read in its own dtype by the kernel) and
-    returns out in mask_token's dtype; `backward_kernel(grad_out, ids_restore, grad_x, prefix) -> grad of the mask
-    token (D,) float32` fills grad_x (B, prefix + K, D), allocated in x's dtype, converting grad_out's values as it
-    stores them (no separate conversion pass). The mask token's gradient is converted from float32 to its own dtype
-    once (not through x's or the output's dtype)."""
-    name = f"mae_fast::unshuffle_{backend}"
-    if name in TORCH_OPS:
-        return TORCH_OPS[name]
 
-    @torch.library.custom_op(name, mutates_args=(), schema=(
-        "(Tensor x, Tensor mask_token, Tensor ids_restore, Tensor? pos_embed, int prefix=0, "
-        "ScalarType? out_dtype=None) -> Tensor"))
-    def unshuffle_op(x, mask_token, ids_restore, pos_embed, prefix=0, out_dtype=None):
-        D = x.shape[-1]
-        out_dtype = unshuffle_out_dtype(x, mask_token, pos_embed, out_dtype)
-        pos = None if pos_embed is None else pos_embed.reshape(-1, D).to(out_dtype).contiguous()
-        return forward_kernel(x, mask_token.reshape(D).to(out_dtype).contiguous(), ids_restore, pos, prefix)
+def _reference_backward(grad_out, ids_restore, grad_x, prefix=0):
+    K = grad_x.shape[1] - prefix
+    grad_x[:, :prefix] = grad_out[:, :prefix]
+    shuffled = gather_tokens(grad_out[:, prefix:], torch.argsort(ids_restore, dim=1))  # rows in shuffled order
+    grad_x[:, prefix:] = shuffled[:, :K]
+    return shuffled[:, K:].float().sum(dim=(0, 1))
 
-    @unshuffle_op.register_fake
-    def _(x, mask_token, ids_restore, pos_embed, prefix=0, out_dtype=None):
-        B, _, D = x.shape
-        return x.new_empty((B, prefix + ids_restore.shape[1], D),
-                           dtype=unshuffle_out_dtype(x, mask_token, pos_embed, out_dtype))
 
-    @torch.library.custom_op(f"{name}_backward", mutates_args=(), schema=(
-        "(Tensor grad_out, Tensor ids_restore, SymInt num_visible, int prefix=0, ScalarType? x_dtype=None) "
-        "-> (Tensor, Tensor)"))
-    def unshuffle_backward_op(grad_out, ids_restore, num_visible, prefix=0, x_dtype=None):
-        B, _, D = grad_out.shape
-        dtype = grad_out.dtype if x_dtype is None else x_dtype
-        grad_x = torch.empty((B, prefix + num_visible, D), dtype=dtype, device=grad_out.device)
-        grad_mask = backward_kernel(grad_out.contiguous(), ids_restore, grad_x, prefix)
-        return grad_x, grad_mask
+KERNELS: dict[str, tuple[Callable, Callable]] = {"reference": (_reference_forward, _reference_backward)}
 
-    @unshuffle_backward_op.register_fake
-    def _(grad_out, ids_restore, num_visible, prefix=0, x_dtype=None):
-        B, _, D = grad_out.shape
-        dtype = grad_out.dtype if x_dtype is None else x_dtype
-        return (grad_out.new_empty((B, prefix + num_visible, D), dtype=dtype),
-                grad_out.new_empty((D,), dtype=torch.float32))
 
-    def setup_context(ctx, inputs, output):
-        x, mask_token, ids_restore, pos_embed, prefix, _ = inputs
-        ctx.save_for_backward(ids_restore)
-        ctx.x_meta = (x.shape[1] - prefix, x.dtype, prefix)
-        ctx.mask_meta = (mask_token.shape, mask_token.dtype)
-        ctx.pos_meta = None if pos_embed is None else (pos_embed.shape, pos_embed.dtype)
+def register_kernel(name: str, forward: Callable, backward: Callable, check: Callable) -> None:
+    """Add (`forward`, `backward`) as kernel `name` of this op; `check(x_visible, mask_token, ids_restore,
+    pos_embed, out_dtype)` raises UnsupportedInput for inputs it cannot take."""
+    KERNELS[name] = (forward, backward)
+    implementation.register(OP, name, check)
 
-    def backward(ctx, grad_out):
-        (ids_restore,) = ctx.saved_tensors
-        K, x_dtype, prefix = ctx.x_meta
-        grad_out = grad_out.contiguous()
-        grad_x, grad_mask = unshuffle_backward_op(grad_out, ids_restore, K, prefix, x_dtype)
-        grad_mask = grad_mask.to(ctx.mask_meta[1]).reshape(ctx.mask_meta[0]) if ctx.needs_input_grad[1] else None
-        grad_pos = None
-        if ctx.pos_meta is not None and ctx.needs_input_grad[3]:
-            grad_pos = grad_out.sum(0).to(ctx.pos_meta[1]).reshape(ctx.pos_meta[0])
-        return grad_x, grad_mask, None, grad_pos, None, None
 
-    unshuffle_op.register_autograd(backward, setup_context=setup_context)
-    TORCH_OPS[name] = unshuffle_op
-    return unshuffle_op
+@torch.library.custom_op("mae_fast::unshuffle", mutates_args=(), schema=(
+    "(Tensor x, Tensor mask_token, Tensor ids_restore, Tensor? pos_embed, int prefix=0, ScalarType? out_dtype=None, "
+    "str kernel='reference') -> Tensor"))
+def unshuffle_op(x, mask_token, ids_restore, pos_embed, prefix=0, out_dtype=None, kernel="reference"):
+    """`out_dtype=None` is the promotion of the inputs' dtypes (`unshuffle_out_dtype`)."""
+    D = x.shape[-1]
+    out_dtype = unshuffle_out_dtype(x, mask_token, pos_embed, out_dtype)
+    pos = None if pos_embed is None else pos_embed.reshape(-1, D).to(out_dtype).contiguous()
+    forward, _ = KERNELS[kernel]
+    return forward(x, mask_token.reshape(D).to(out_dtype).contiguous(), ids_restore.contiguous(), pos, prefix)
+
+
+@unshuffle_op.register_fake
+def _(x, mask_token, ids_restore, pos_embed, prefix=0, out_dtype=None, kernel="reference"):
+    B, _, D = x.shape
+    return x.new_empty((B, prefix + ids_restore.shape[1], D),
+                       dtype=unshuffle_out_dtype(x, mask_token, pos_embed, out_dtype))
+
+
+@torch.library.custom_op("mae_fast::unshuffle_backward", mutates_args=(), schema=(
+    "(Tensor grad_out, Tensor ids_restore, SymInt num_visible, int prefix=0, ScalarType? x_dtype=None, "
+    "str kernel='reference') -> (Tensor, Tensor)"))
+def unshuffle_backward_op(grad_out, ids_restore, num_visible, prefix=0, x_dtype=None, kernel="reference"):
+    """(grad_x in x_dtype, the mask token's float32 gradient)."""
+    B, _, D = grad_out.shape
+    dtype = grad_out.dtype if x_dtype is None else x_dtype
+    grad_x = torch.empty((B, prefix + num_visible, D), dtype=dtype, device=grad_out.device)
+    _, backward = KERNELS[kernel]
+    grad_mask = backward(grad_out.contiguous(), ids_restore.contiguous(), grad_x, prefix)
+    return grad_x, grad_mask
+
+
+@unshuffle_backward_op.register_fake
+def _(grad_out, ids_restore, num_visible, prefix=0, x_dtype=None, kernel="reference"):
+    B, _, D = grad_out.shape
+    dtype = grad_out.dtype if x_dtype is None else x_dtype
+    return (grad_out.new_empty((B, prefix + num_visible, D), dtype=dtype),
+            grad_out.new_empty((D,), dtype=torch.float32))
+
+
+def _setup_context(ctx, inputs, output):
+    x, mask_token, ids_restore, pos_embed, prefix, _, kernel = inputs
+    ctx.save_for_backward(ids_restore)
+    ctx.x_meta = (x.shape[1] - prefix, x.dtype, prefix, kernel)
+    ctx.mask_meta = (mask_token.shape, mask_token.dtype)
+    ctx.pos_meta = None if pos_embed is None else (pos_embed.shape, pos_embed.dtype)
+
+
+def _backward(ctx, grad_out):
+    """grad_x in x's dtype, the mask token's gradient converted from float32 to its own dtype once (not through
+    x's or the output's dtype), pos's summed over images in the output dtype."""
+    (ids_restore,) = ctx.saved_tensors
+    K, x_dtype, prefix, kernel = ctx.x_meta
+    grad_out = grad_out.contiguous()
+    grad_x, grad_mask = unshuffle_backward_op(grad_out, ids_restore, K, prefix, x_dtype, kernel)
+    grad_mask = grad_mask.to(ctx.mask_meta[1]).reshape(ctx.mask_meta[0]) if ctx.needs_input_grad[1] else None
+    grad_pos = None
+    if ctx.pos_meta is not None and ctx.needs_input_grad[3]:
+        grad_pos = grad_out.sum(0).to(ctx.pos_meta[1]).reshape(ctx.pos_meta[0])
+    return grad_x, grad_mask, None, grad_pos, None, None, None
+
+
+unshuffle_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -22,7 +22,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from mae_fast.models import MAEConfig, get_config
+from mae_fast.models import MAEConfig, model_config
 
 # --------------------------------------------------------------------------------------------------------------
 # Exact count
@@ -207,7 +207,7 @@ def model_flops(label: str, cfg: MAEConfig, mask_ratio: float | None = None,
 
 def paper_run_summary(run: dict = PAPER_VIT_L8_RUN) -> dict:
     """Both totals for the paper's ViT-L/8+ run and the MFU each implies on its A100s."""
-    cfg = get_config(run["preset"])
+    cfg = model_config(run["preset"])
     exact = training_flops_per_crop(cfg)
     paper = paper_flops_per_crop("large", 8)
     return {
@@ -240,7 +240,7 @@ def _resolve_config(model: str) -> MAEConfig:
     """A preset name, or the paper's short names ("ViT-L/8", "ViT-B/16")."""
     short = {label.lower(): preset for label, preset in PAPER_MODELS}
     key = model.strip().lower().rstrip("+")
-    return get_config(short.get(key, model.strip()))
+    return model_config(short.get(key, model.strip()))
 
 
 def load_runs(path: str, metric: str | None = None) -> tuple[list[RunPoint], str]:

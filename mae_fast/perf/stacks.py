@@ -32,7 +32,7 @@ from mae_fast import attention as attention_mod
 from mae_fast import ops
 from mae_fast.compiling import compile_blocks
 from mae_fast.device import synchronize
-from mae_fast.models import MAEConfig, MaskedAutoencoder, get_config
+from mae_fast.models import MAEConfig, MaskedAutoencoder, model_config
 from mae_fast.optim import Lion, lion_param_groups
 from mae_fast.perf import flops as flops_mod
 from mae_fast.perf import peer as peer_mod
@@ -96,7 +96,7 @@ def parse_preset(spec: str) -> MAEConfig:
             overrides[key] = kind(value)
         else:
             raise ValueError(f"override {key!r} in preset {spec!r} is not a number or flag")
-    return get_config(name.strip(), **overrides)
+    return model_config(name.strip(), **overrides)
 
 
 def parse_stacks(text: str) -> list[Stack]:

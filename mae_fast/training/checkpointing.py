@@ -12,7 +12,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from mae_fast.models import create_baseline
+from mae_fast.models import create_model
 from mae_fast.checkpoint import CONFIG_NAME, CheckpointError, WEIGHTS_NAME, load_state_dict_strict, save_model
 from mae_fast.io import TMP_PREFIX, atomic_write, atomic_write_json, remove_temporaries
 from mae_fast.models import MaskedAutoencoder
@@ -234,7 +234,7 @@ def read_weights(path: str) -> dict[str, torch.Tensor]:
 
 def build_model(cfg: ModelConfig) -> torch.nn.Module:
     """A freshly initialised model of any family (MAE / CA-MAE, WSL, MU-Net)."""
-    return MaskedAutoencoder(cfg) if model_family(cfg) == "mae" else create_baseline(cfg)
+    return create_model(cfg)
 
 
 def _config_differences(saved: dict, now: dict, prefix: str = "") -> list[str]:

@@ -17,17 +17,10 @@ from typing import Any, Union
 import torch
 
 from mae_fast import device as device_module
-from mae_fast.models import (
-    PRESETS,
-    MAEConfig,
-    get_baseline_config,
-    get_config,
-    is_baseline,
-    list_baselines,
-    list_presets,
-)
+from mae_fast.models import MAEConfig, list_models, model_config
 from mae_fast.models.munet import MUNetConfig
 from mae_fast.models.registry import CONFIG_CLASSES
+from mae_fast.ops.lion import LION_IMPLS
 from mae_fast.models.wsl import WSLConfig
 
 ModelConfig = Union[MAEConfig, WSLConfig, MUNetConfig]
@@ -143,8 +136,8 @@ RESUME_MAY_CHANGE = {
 
 def model_config_class(preset: str | None) -> type:
     """The config class of a preset: a baseline's WSLConfig / MUNetConfig, else MAEConfig."""
-    if preset and is_baseline(preset):
-        return type(get_baseline_config(preset))
+    if preset and preset in list_models("baseline"):
+        return type(model_config(preset))
     return MAEConfig
 
 
@@ -391,7 +384,7 @@ def _check_choice(key: str, value, choices) -> None:
 
 
 def all_presets() -> list[str]:
-    return list_presets() + list_baselines()
+    return list_models("mae") + list_models("baseline")
 
 
 def _foreign_model_keys(cfg: TrainConfig, cls: type) -> None:
@@ -415,7 +408,7 @@ def resolve_baseline_config(cfg: TrainConfig):
     fields = _fields_of(cls)
     overrides = {k: _coerce(v, fields[k], f"model.{k}") for k, v in cfg.model.items()}
     try:
-        model_cfg = get_baseline_config(cfg.preset, **overrides)
+        model_cfg = model_config(cfg.preset, **overrides)
     except (KeyError, ValueError, TypeError) as err:
         raise ConfigError(f"preset {cfg.preset}: {str(err).strip(chr(34))}") from err
     refused = {
@@ -436,13 +429,13 @@ def resolve_baseline_config(cfg: TrainConfig):
 
 
 def resolve_model_config(cfg: TrainConfig) -> ModelConfig:
-    if is_baseline(cfg.preset):
+    if cfg.preset in list_models("baseline"):
         return resolve_baseline_config(cfg)
-    if cfg.preset not in PRESETS:
+    if cfg.preset not in list_models("mae"):
         raise ConfigError(f"unknown preset {cfg.preset!r}; valid presets: {', '.join(all_presets())}")
     _foreign_model_keys(cfg, MAEConfig)
     try:
-        model_cfg = get_config(cfg.preset, **cfg.model)
+        model_cfg = model_config(cfg.preset, **cfg.model)
     except (KeyError, ValueError, TypeError) as err:
         raise ConfigError(str(err).strip('"')) from err
     if cfg.activation_checkpointing and cfg.activation_checkpointing_policy == "full":
@@ -477,7 +470,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> RunPlan:
     _check_choice("checkpoint_format", cfg.checkpoint_format, CHECKPOINT_FORMATS)
     _check_choice("compile_mode", cfg.compile_mode, COMPILE_MODES)
     _check_choice("activation_checkpointing_policy", cfg.activation_checkpointing_policy, CHECKPOINTING_POLICIES)
-    _check_choice("optimizer_impl", cfg.optimizer_impl, ("auto", "reference", "foreach", "triton", "cpp"))
+    _check_choice("optimizer_impl", cfg.optimizer_impl, LION_IMPLS)
     _check_choice("data.format", cfg.data.format, DATA_FORMATS)
     _check_choice("data.backend", cfg.data.backend, ("auto", "torch", "dali"))
     _check_choice("data.on_error", cfg.data.on_error, ("raise", "skip"))

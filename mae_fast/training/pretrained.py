@@ -11,7 +11,7 @@ import torch
 from mae_fast.checkpoint import CONFIG_NAME, CheckpointError, WEIGHTS_NAME, load_state_dict_strict
 from mae_fast.hub import resolve_checkpoint
 from mae_fast.interop import checkpoint_kind, from_timm_state_dict, load_any
-from mae_fast.models import MaskedAutoencoder, create_baseline
+from mae_fast.models import MaskedAutoencoder, create_model
 from mae_fast.training.checkpointing import is_sharded, list_checkpoints
 from mae_fast.training.config import ModelConfig, model_family
 
@@ -20,7 +20,7 @@ def _baseline_from_state(cfg, state: dict[str, torch.Tensor], path: str):
     """A baseline of architecture `cfg` holding a bare state dict; a WSL head's class count is read from it."""
     if model_family(cfg) == "wsl" and "head.weight" in state:
         cfg = replace(cfg, num_classes=int(state["head.weight"].shape[0]))
-    model = create_baseline(cfg)
+    model = create_model(cfg)
     load_state_dict_strict(model, state, path)
     return model
 

@@ -19,7 +19,7 @@ from mae_fast.training.pretrained import load_pretrained
 from mae_fast.training.config import set_key, validate
 from mae_fast.training.data import build_site_index, make_plate_streams, wsl_labels
 from mae_fast.training.step import micro_inputs
-from mae_fast.models import create_baseline
+from mae_fast.models import create_model
 from mae_fast.models.munet import MaskedUNet
 from mae_fast.models.wsl import WSLClassifier
 from mae_fast.checkpoint import CheckpointError, save_model
@@ -131,7 +131,7 @@ def test_embedding_with_the_preset_of_a_single_weights_file(runs, screen, tmp_pa
     """A baseline's bare safetensors file plus --preset: the WSL head's class count is read from the weights."""
     r = runs["wsl_densenet_micro_256"]
     weights = os.path.join(r.model_dir, "model.safetensors")
-    model, kind = load_pretrained(weights, create_baseline("wsl_densenet_micro_256").cfg)
+    model, kind = load_pretrained(weights, create_model("wsl_densenet_micro_256").cfg)
     assert kind == "ours" and model.cfg.num_classes == 10
     a = embed_dataset(weights, screen.root, str(tmp_path / "a.parquet"), preset="wsl_densenet_micro_256",
                       num_workers=0, threads=1, progress=False, plates=["1"])
@@ -338,7 +338,7 @@ def test_list_presets_shows_the_baselines(capsys):
 
 
 def test_load_any_reads_a_baseline_checkpoint_and_refuses_a_wrong_one(tmp_path):
-    model = create_baseline("munet_micro_256", img_size=64)
+    model = create_model("munet_micro_256", img_size=64)
     save_model(model, str(tmp_path / "m"))
     loaded = load_any(str(tmp_path / "m"))
     assert isinstance(loaded, MaskedUNet) and loaded.cfg == model.cfg

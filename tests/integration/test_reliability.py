@@ -226,9 +226,9 @@ def test_weights_turned_nan_are_never_a_good_checkpoint(screen, tmp_path, monkey
 
 
 def test_write_checkpoint_refuses_non_finite_weights(tmp_path):
-    from mae_fast.models import get_config
+    from mae_fast.models import model_config
 
-    cfg = get_config(MICRO)
+    cfg = model_config(MICRO)
     state = {"a": torch.ones(3), "b": torch.tensor([1.0, float("inf"), float("nan")]), "n": torch.tensor(3)}
     with pytest.raises(CheckpointError, match=r"step 5 hold 2 non-finite values in 1 tensor\(s\) \(e.g. b\)"):
         write_checkpoint(str(tmp_path), 5, cfg, state, {"step": 5}, keep_last=3)

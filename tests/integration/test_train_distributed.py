@@ -203,11 +203,11 @@ def test_fsdp2_shards_every_block_and_lion_updates_the_shards():
     from torch.distributed.tensor import DTensor
 
     from mae_fast.compiling import repeated_blocks
-    from mae_fast.models import MaskedAutoencoder, get_config
+    from mae_fast.models import MaskedAutoencoder, model_config
     from mae_fast.optim import Lion, lion_param_groups
     from mae_fast.training.distributed import DistInfo, shard_model
 
-    cfg = get_config("mae_vit_micro_patch16_256", img_size=32, drop_path=0.0)
+    cfg = model_config("mae_vit_micro_patch16_256", img_size=32, drop_path=0.0)
     torch.manual_seed(0)
     plain, sharded = MaskedAutoencoder(cfg), MaskedAutoencoder(cfg)
     sharded.load_state_dict(plain.state_dict())

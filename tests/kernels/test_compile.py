@@ -3,11 +3,11 @@
 The micro MAE and CA-MAE train steps (forward, masked loss, backward) with the C++ CPU backends (and the micro MAE
 with the Triton kernels in the interpreter) are compiled with an aot_autograd backend that records the forward and
 backward graphs; Dynamo's counters must show one graph and no break, the graphs must hold the fused torch ops
-(mae_fast::masked_patchify_<backend>, unshuffle_<backend> + its backward, mae_loss_<backend>), and loss and every
-parameter gradient must equal the eager step's (float32). `torch.library.opcheck` checks schema, fake
-implementation, autograd registration and AOT tracing with dynamic shapes of every registered op: the C++ ops, the
-functional C++ wrappers, and the Triton ops in Triton's CPU interpreter (TRITON_INTERPRET=1, set by the repo
-conftest without CUDA), on small fresh random inputs.
+(mae_fast::masked_patchify, unshuffle + its backward, masked_mae_loss), and loss and every parameter gradient must
+equal the eager step's (float32). `torch.library.opcheck` checks schema, fake implementation, autograd
+registration and AOT tracing with dynamic shapes of every registered op: the C++ primitive ops, and the fused ops
+with each kernel (the reference, the C++ kernels, the Triton kernels in Triton's CPU interpreter: TRITON_INTERPRET=1,
+set by the repo conftest without CUDA), on small fresh random inputs.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from torch._functorch.aot_autograd import make_boxed_func
 from torch.library import opcheck
 
 from mae_fast import ops
-from mae_fast.ops import dispatch
+from mae_fast.ops import implementation
 from mae_fast.models import create_model
 from mae_fast.optim import Lion
 from tests.helpers import ROOT
@@ -45,7 +45,7 @@ def _fresh_dynamo(monkeypatch):
     """Default dispatch (C++ on CPU), Dynamo's caches and counters cleared around each test, and the dispatcher's
     record of the last backend per op as a fresh process has it (no call yet), whatever ran before."""
     monkeypatch.delenv("MAE_FAST_IMPL", raising=False)
-    monkeypatch.setattr(dispatch, "_last_impl", dict.fromkeys(dispatch._last_impl))
+    monkeypatch.setattr(implementation, "_last_impl", dict.fromkeys(implementation._last_impl))
     torch._dynamo.reset()
     counters.clear()
     yield
@@ -124,7 +124,6 @@ TRAIN_CASES = [(PRESETS[0], "cpp", IMG), (PRESETS[1], "cpp", IMG), (PRESETS[0], 
 
 @pytest.mark.parametrize("name,backend,img_size", TRAIN_CASES)
 def test_compiled_train_step_has_no_graph_breaks_and_matches_eager(name, backend, img_size, monkeypatch):
-    ops.load_fast_backends()
     _use_backend(backend, monkeypatch)
     model, images = _model_and_images(name, img_size)
     eager_loss, eager_grads = _step(model, lambda x: model(x).loss, images, seed=5)
@@ -140,10 +139,9 @@ def test_compiled_train_step_has_no_graph_breaks_and_matches_eager(name, backend
     assert (graphs, breaks) == (1, 0), f"{graphs} graphs, {breaks} graph breaks: {reasons}"
     assert len(recorder.graphs["forward"]) == 1  # seen by the backend too, whatever Dynamo's counters count
     forward, backward = recorder.op_names("forward"), recorder.op_names("backward")
-    loss_op = "masked_mae_loss" if backend == "triton" else "mae_loss"  # C++: gather, then its loss op
-    for op in ("masked_patchify", "unshuffle", loss_op):
-        assert f"mae_fast.{op}_{backend}.default" in forward, sorted(forward)
-    assert f"mae_fast.unshuffle_{backend}_backward.default" in backward, sorted(backward)
+    for op in ("masked_patchify", "unshuffle", "masked_mae_loss"):  # one op each, whichever kernel computes it
+        assert f"mae_fast.{op}.default" in forward, sorted(forward)
+    assert "mae_fast.unshuffle_backward.default" in backward, sorted(backward)
 
     assert torch.isfinite(loss) and loss > 0
     torch.testing.assert_close(loss, eager_loss, rtol=1e-6, atol=0)
@@ -165,8 +163,8 @@ print(json.dumps({"graphs": counters["stats"]["unique_graphs"], "breaks": sum(co
 
 
 def test_first_call_of_the_process_compiles_without_breaks():
-    """The optional backends register their torch ops on the first call of a fused op; when that first call is
-    being traced, Dynamo must run the registration eagerly instead of breaking the graph (fresh process)."""
+    """A fresh process whose first call of the fused ops is traced: no registration or first-call work may break the
+    graph."""
     root = ROOT
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("MAE_FAST_IMPL", None)
@@ -287,34 +285,38 @@ def _lion_args():
             [torch.randn(p.shape, generator=g) for p in params], 1e-2, 0.999, 0.9, 0.1, 0.95, 0.05)
 
 
-def _cases(backend: str) -> list[tuple[str, tuple]]:
-    """(op name, args) of the functional ops of one backend."""
+def _op_lion_args(kernel: str):
+    params, grads, moms, lr, _, beta1, _, beta2, _ = _lion_args()
+    return (params, grads, moms, lr, beta1, beta2, 0.1, kernel)
+
+
+def _cases(kernel: str) -> list[tuple[str, tuple]]:
+    """(op name, args) of the fused ops computed by one kernel ("reference", "cpp", "triton")."""
     cases = []
     for channel in (False, True):
         images, ids, len_keep = _patchify_args(channel)
         mean, rstd = torch.rand(B, C, generator=_gen(15)), torch.rand(B, C, generator=_gen(16)) + 0.5
-        cases.append((f"masked_patchify_{backend}", (images, ids, len_keep, P, channel, None, None, torch.float32)))
-        cases.append((f"masked_patchify_{backend}", (images, ids, len_keep, P, channel, mean, rstd,
-                                                     torch.bfloat16)))
+        cases.append(("masked_patchify", (images, ids, len_keep, P, channel, None, None, torch.float32, kernel)))
+        cases.append(("masked_patchify", (images, ids, len_keep, P, channel, mean, rstd, torch.bfloat16, kernel)))
     x, token, ids, pos = _unshuffle_args()
-    cases.append((f"unshuffle_{backend}", (x, token, ids, pos)))
-    cases.append((f"unshuffle_{backend}", (x, token, ids, None)))
-    cases.append((f"unshuffle_{backend}", (x, token, ids, pos, 0, torch.bfloat16)))
+    cases.append(("unshuffle", (x, token, ids, pos, 0, None, kernel)))
+    cases.append(("unshuffle", (x, token, ids, None, 0, None, kernel)))
+    cases.append(("unshuffle", (x, token, ids, pos, 0, torch.bfloat16, kernel)))
     # the decoder's call under autocast: bf16 tokens with the class token in place, float32 out
     x, token, ids, pos = _unshuffle_args(prefix=1, x_dtype=torch.bfloat16)
-    cases.append((f"unshuffle_{backend}", (x, token, ids, pos, 1)))
-    cases.append((f"unshuffle_{backend}_backward", (torch.randn(B, L_DEC, D, generator=_gen(17)), ids, K)))
-    cases.append((f"unshuffle_{backend}_backward", (torch.randn(B, 1 + L_DEC, D, generator=_gen(17)), ids, K, 1,
-                                                    torch.bfloat16)))
+    cases.append(("unshuffle", (x, token, ids, pos, 1, None, kernel)))
+    cases.append(("unshuffle_backward", (torch.randn(B, L_DEC, D, generator=_gen(17)), ids, K, 0, None, kernel)))
+    cases.append(("unshuffle_backward", (torch.randn(B, 1 + L_DEC, D, generator=_gen(17)), ids, K, 1,
+                                         torch.bfloat16, kernel)))
     for layout in ops.LAYOUTS:
         pred, target, mask = _loss_args(layout)
-        cases.append((f"mae_loss_{backend}", (pred, target, mask, P, 0.3)))
-        cases.append((f"mae_loss_{backend}", (pred, target, None, P, 0.01)))
-        if backend == "triton":  # the one-op loss on the full prediction (Triton only)
-            full, masking = _full_prediction_args(layout)
-            cases.append(("masked_mae_loss_triton", (full, target, masking.ids_masked.contiguous(),
-                                                     masking.ids_restore, P, 0.3)))
-            cases.append(("scatter_scaled_triton", (target, torch.tensor(1.5), masking.ids_restore)))
+        cases.append(("mae_loss", (pred, target, mask, P, 0.3, kernel)))
+        cases.append(("mae_loss", (pred, target, None, P, 0.01, kernel)))
+        full, masking = _full_prediction_args(layout)  # the loss on the full prediction, and its backward
+        cases.append(("masked_mae_loss", (full, target, masking.ids_masked.contiguous(), masking.ids_restore, P, 0.3,
+                                          kernel)))
+        cases.append(("masked_mae_loss_backward", (target, torch.tensor(1.5), masking.ids_restore, kernel)))
+    cases.append(("lion_update", _op_lion_args(kernel)))
     return cases
 
 
@@ -353,7 +355,6 @@ def _cpp_kernel_cases() -> list[tuple[str, tuple]]:
 
 
 def _opcheck_all(cases):
-    ops.load_fast_backends()
     failures = []
     for name, args in cases:
         try:
@@ -367,7 +368,11 @@ def test_opcheck_cpp_kernel_ops():
     _opcheck_all(_cpp_kernel_cases())
 
 
-def test_opcheck_cpp_functional_ops():
+def test_opcheck_fused_ops_with_the_reference_kernel():
+    _opcheck_all(_cases("reference"))
+
+
+def test_opcheck_fused_ops_with_the_cpp_kernels():
     _opcheck_all(_cases("cpp"))
 
 
@@ -379,16 +384,13 @@ def test_opcheck_triton_ops_in_the_interpreter():
     if not interpreting():
         pytest.skip("needs TRITON_INTERPRET=1 (CPU tensors); CUDA runs are covered by tests/gpu")
     if "triton" not in ops.available_impls("unshuffle"):
-        pytest.skip("Triton backends not registered")
-    _opcheck_all(_cases("triton") + [("lion_update_triton", _lion_args())])
+        pytest.skip("Triton kernels not registered")
+    _opcheck_all(_cases("triton"))
 
 
 def test_every_fused_torch_op_is_checked():
     """A new op registered under mae_fast:: must be added to the opcheck cases above."""
-    ops.load_fast_backends()
-    checked = {name for name, _ in _cpp_kernel_cases() + _cases("cpp")}
-    if "triton" in ops.available_impls("unshuffle"):
-        checked |= {name for name, _ in _cases("triton")} | {"lion_update_triton"}
+    checked = {name for name, _ in _cpp_kernel_cases() + _cases("reference")}
     registered = {name.split("::")[1] for name in torch._C._dispatch_get_all_op_names()
                   if name.startswith("mae_fast::")}
     assert registered == checked, f"unchecked: {registered - checked}, stale: {checked - registered}"
@@ -396,7 +398,7 @@ def test_every_fused_torch_op_is_checked():
 
 def test_mae_loss_refuses_a_gradient_of_its_gradient():
     """The fused loss has no second derivative: differentiating its gradient raises instead of dropping the
-    Hessian term silently (retain_graph is covered in test_kernels_cpp)."""
+    Hessian term silently (retain_graph is covered in test_mae_loss)."""
     pred, target, _ = _loss_args("channel")
     loss = ops.mae_loss(pred, target, patch_size=P, layout="channel", impl="cpp")
     scale = torch.tensor(2.0, requires_grad=True)

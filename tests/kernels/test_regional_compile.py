@@ -65,9 +65,9 @@ def test_block_rates_differ_but_the_graph_is_shared():
 def test_peer_encoder_blocks_are_found_and_compiled():
     timm = pytest.importorskip("timm")
     from mae_fast.perf.peer import PeerMAE
-    from mae_fast.models import get_config
+    from mae_fast.models import model_config
 
-    cfg = get_config("mae_vit_small_patch16_256", **TOY)
+    cfg = model_config("mae_vit_small_patch16_256", **TOY)
     peer = PeerMAE(cfg)
     encoder_blocks = list(peer.encoder.blocks)
     assert isinstance(peer.encoder.blocks, torch.nn.Sequential) and len(encoder_blocks) == cfg.depth

@@ -9,15 +9,7 @@ import torch.nn as nn
 
 from mae_fast.data.labels import PerturbationLabels
 from mae_fast.models.baseline_common import standardized
-from mae_fast.models import (
-    BASELINE_PRESETS,
-    config_from_dict,
-    count_parameters,
-    create_baseline,
-    get_baseline_config,
-    is_baseline,
-    list_baselines,
-)
+from mae_fast.models import config_from_dict, count_parameters, create_model, list_models, model_config
 from mae_fast.models.baseline_common import build_optimizer
 from mae_fast.models.munet import MUNetConfig, MaskedUNet
 from mae_fast.models.wsl import GhostBatchNorm, WSLClassifier, WSLConfig
@@ -31,7 +23,7 @@ PAPER_PARAMS = {"wsl_densenet161_256": 28e6, "wsl_densenet161_adabn_256": 28e6, 
 
 def meta_model(name, **overrides):
     with torch.device("meta"):
-        return create_baseline(name, **overrides)
+        return create_model(name, **overrides)
 
 
 def smooth_images(batch, size, seed=0):
@@ -96,15 +88,16 @@ def test_adabn_and_plain_wsl_share_state_dict_names():
 
 
 def test_preset_details():
-    assert {"wsl_densenet161_256", "wsl_densenet161_adabn_256", "munet_m_256", "munet_l_256"} <= set(list_baselines())
-    wsl = get_baseline_config("wsl_densenet161_256")
+    assert {"wsl_densenet161_256", "wsl_densenet161_adabn_256", "munet_m_256", "munet_l_256"} <= set(
+        list_models("baseline"))
+    wsl = model_config("wsl_densenet161_256")
     assert (wsl.growth_rate, wsl.block_config, wsl.num_init_features, wsl.bn_size, wsl.compression) == \
         (48, (6, 12, 36, 24), 96, 4, 0.5)
     assert wsl.embed_dim == 128 and wsl.in_chans == 6 and wsl.img_size == 256 and not wsl.adabn
     assert (wsl.optimizer, wsl.momentum, wsl.nesterov) == ("sgd", 0.9, True)
     assert wsl.peak_lr(4096) == pytest.approx(1.6) and wsl.peak_lr(256) == pytest.approx(0.1)
-    assert get_baseline_config("wsl_densenet161_adabn_256").adabn
-    m, L = get_baseline_config("munet_m_256"), get_baseline_config("munet_l_256")
+    assert model_config("wsl_densenet161_adabn_256").adabn
+    m, L = model_config("munet_m_256"), model_config("munet_l_256")
     assert m.widths == (32, 64, 128, 256, 512) and L.widths == m.widths + (1024,)
     for cfg in (m, L):
         assert (cfg.kernel_size, cfg.mask_ratio, cfg.optimizer, cfg.lr, cfg.betas, cfg.weight_decay) == \
@@ -114,15 +107,15 @@ def test_preset_details():
 
 
 def test_config_round_trip_and_errors():
-    for name in list_baselines():
-        cfg = get_baseline_config(name)
+    for name in list_models("baseline"):
+        cfg = model_config(name)
         assert config_from_dict(cfg.to_dict()) == cfg
-    cfg = get_baseline_config("munet_m_256", encoder_units=[1, 1, 1, 1, 1])
+    cfg = model_config("munet_m_256", encoder_units=[1, 1, 1, 1, 1])
     assert cfg.encoder_units == (1, 1, 1, 1, 1)
-    with pytest.raises(KeyError, match="available: .*munet_m_256"):
-        get_baseline_config("munet_xl_256")
+    with pytest.raises(KeyError, match="available presets: .*munet_m_256"):
+        model_config("munet_xl_256")
     with pytest.raises(ValueError, match=r"unknown config keys \['widht'\]"):
-        get_baseline_config("munet_m_256", widht=3)
+        model_config("munet_m_256", widht=3)
     with pytest.raises(ValueError, match="not a baseline config"):
         config_from_dict({"name": "x"})
     with pytest.raises(ValueError, match="unknown WSLConfig keys"):
@@ -161,7 +154,7 @@ def test_full_size_shapes_on_meta(name):
 
 
 def test_full_densenet161_runs_on_small_crops():
-    model = create_baseline("wsl_densenet161_256", img_size=64, num_classes=5).eval()
+    model = create_model("wsl_densenet161_256", img_size=64, num_classes=5).eval()
     x = raw_images(2, 64, seed=1)
     z = model.embed(x)
     assert z.shape == (2, 128) and z.dtype == torch.float32 and torch.isfinite(z).all()
@@ -171,7 +164,7 @@ def test_full_densenet161_runs_on_small_crops():
 
 
 def test_uint16_and_float_inputs_standardise_alike():
-    model = create_baseline("munet_micro_256", img_size=64).eval()
+    model = create_model("munet_micro_256", img_size=64).eval()
     x16 = raw_images(2, 64, seed=2, dtype=torch.int32).to(torch.uint16)
     as_float = x16.to(torch.int32).float() / 65535.0
     assert torch.allclose(model.embed(x16), model.embed(as_float), atol=1e-5)
@@ -199,7 +192,7 @@ def _train_wsl(model, images, labels, steps, lr):
 @pytest.mark.parametrize("name", ["wsl_densenet_micro_256", "wsl_densenet_micro_adabn_256"])
 def test_wsl_micro_training_lowers_the_loss(name):
     torch.manual_seed(0)
-    model = create_baseline(name, img_size=64, num_classes=3)
+    model = create_model(name, img_size=64, num_classes=3)
     images, labels = raw_images(12, 64, seed=3), torch.tensor([0, 1, 2] * 4)
     before, after = _train_wsl(model, images, labels, steps=8, lr=0.05)
     assert after < 0.3 * before, (before, after)
@@ -207,7 +200,7 @@ def test_wsl_micro_training_lowers_the_loss(name):
 
 def test_wsl_densenet161_training_lowers_the_loss():
     torch.manual_seed(1)
-    model = create_baseline("wsl_densenet161_256", img_size=32, num_classes=2)
+    model = create_model("wsl_densenet161_256", img_size=32, num_classes=2)
     images, labels = raw_images(8, 32, seed=4), torch.tensor([0, 1] * 4)
     before, after = _train_wsl(model, images, labels, steps=3, lr=0.01)
     assert after < 0.5 * before, (before, after)
@@ -219,7 +212,7 @@ def test_wsl_densenet161_training_lowers_the_loss():
 ])
 def test_munet_training_lowers_the_masked_loss(name, size, overrides, steps):
     torch.manual_seed(2)
-    model = create_baseline(name, img_size=size, **overrides)
+    model = create_model(name, img_size=size, **overrides)
     images = smooth_images(4, size, seed=5)
     opt = build_optimizer(model, lr=2e-3)
     model.train()
@@ -237,7 +230,7 @@ def test_munet_training_lowers_the_masked_loss(name, size, overrides, steps):
 
 
 def test_munet_loss_is_the_mse_of_the_hidden_pixels_only():
-    model = create_baseline("munet_micro_256", img_size=64)
+    model = create_model("munet_micro_256", img_size=64)
     images = raw_images(3, 64, seed=6)
     seen = {}
     model.encoder[0].register_forward_pre_hook(lambda m, args: seen.setdefault("input", args[0].detach()))
@@ -262,14 +255,14 @@ def test_munet_loss_is_the_mse_of_the_hidden_pixels_only():
 
 
 def test_build_optimizer_per_family():
-    wsl = create_baseline("wsl_densenet_micro_256", img_size=64)
+    wsl = create_model("wsl_densenet_micro_256", img_size=64)
     sgd = build_optimizer(wsl, global_batch=1024)
     assert isinstance(sgd, torch.optim.SGD)
     g = sgd.param_groups
     assert g[0]["nesterov"] and g[0]["momentum"] == 0.9 and g[0]["lr"] == pytest.approx(0.4)
     assert g[0]["weight_decay"] == 1e-4 and g[1]["weight_decay"] == 0.0
     assert all(p.ndim >= 2 for p in g[0]["params"]) and all(p.ndim == 1 for p in g[1]["params"])
-    adamw = build_optimizer(create_baseline("munet_micro_256", img_size=64))
+    adamw = build_optimizer(create_model("munet_micro_256", img_size=64))
     assert isinstance(adamw, torch.optim.AdamW)
     assert adamw.param_groups[0]["betas"] == (0.9, 0.95) and adamw.param_groups[0]["lr"] == 1e-3
     assert adamw.param_groups[0]["weight_decay"] == 0.05
@@ -326,8 +319,8 @@ def test_adabn_uses_batch_statistics_at_inference():
 def test_adabn_embedding_depends_on_the_batch_plain_bn_does_not():
     torch.manual_seed(5)
     a, b = raw_images(4, 64, seed=8), raw_images(4, 64, seed=9)
-    ada = create_baseline("wsl_densenet_micro_adabn_256", img_size=64).eval()
-    plain = create_baseline("wsl_densenet_micro_256", img_size=64).eval()
+    ada = create_model("wsl_densenet_micro_adabn_256", img_size=64).eval()
+    plain = create_model("wsl_densenet_micro_256", img_size=64).eval()
     for model, depends in ((ada, True), (plain, False)):
         alone = model.embed(a)
         with_b = model.embed(torch.cat([a, b]))[:4]
@@ -341,7 +334,7 @@ def test_ghost_bn_needs_several_values_per_channel():
     ada = GhostBatchNorm(4, adaptive=True).eval()
     with pytest.raises(ValueError, match="more than one value per channel"):
         ada(torch.randn(1, 4))
-    model = create_baseline("wsl_densenet_micro_adabn_256", img_size=64).eval()
+    model = create_model("wsl_densenet_micro_adabn_256", img_size=64).eval()
     with pytest.raises(ValueError, match="several crops of one plate"):
         model.embed(raw_images(1, 64))
     with pytest.raises(ValueError, match="virtual_batch_size must be positive"):
@@ -468,7 +461,7 @@ def test_balanced_sizes_and_sampler_errors():
 # ------------------------------------------------------------------------------------------------------------
 
 def test_bad_images_are_clear_errors():
-    model = create_baseline("munet_micro_256", img_size=64)
+    model = create_model("munet_micro_256", img_size=64)
     with pytest.raises(ValueError, match="expects 6 channels, got 5"):
         model(raw_images(2, 64, chans=5))
     with pytest.raises(ValueError, match="takes 64x64 crops .* got 32x32"):
@@ -486,7 +479,7 @@ def test_bad_images_are_clear_errors():
 
 
 def test_bad_labels_are_clear_errors():
-    model = create_baseline("wsl_densenet_micro_256", img_size=64, num_classes=3)
+    model = create_model("wsl_densenet_micro_256", img_size=64, num_classes=3)
     x = raw_images(2, 64)
     with pytest.raises(ValueError, match="call model\\(images, labels\\)"):
         model(x)
@@ -496,19 +489,19 @@ def test_bad_labels_are_clear_errors():
         model(x, torch.tensor([0.0, 1.0]))
     with pytest.raises(ValueError, match=r"integer tensor of shape \(2,\)"):
         model(x, torch.tensor([0, 1, 2]))
-    headless = create_baseline("wsl_densenet_micro_256", img_size=64)
+    headless = create_model("wsl_densenet_micro_256", img_size=64)
     with pytest.raises(ValueError, match="built without a classifier"):
         headless(x, torch.tensor([0, 1]))
     assert headless.eval().embed(x).shape == (2, 32)  # embedding-only use needs no classes
 
 
 def test_every_preset_builds_and_is_registered():
-    for name in list_baselines():
+    for name in list_models("baseline"):
         model = meta_model(name)
         assert isinstance(model, WSLClassifier if name.startswith("wsl") else MaskedUNet)
         assert model.cfg.name == name and model.cfg.family in ("wsl", "munet")
-        assert name in BASELINE_PRESETS and is_baseline(name)
-    assert not is_baseline("mae_vit_small_patch16_256")
+        assert name in list_models("baseline") and model_config(name).family != "mae"
+    assert model_config("mae_vit_small_patch16_256").family == "mae"
 
 
 @pytest.mark.parametrize("name", ["wsl_densenet_micro_adabn_256", "munet_micro_256"])
@@ -518,14 +511,14 @@ def test_checkpoint_round_trip_through_safetensors(name, tmp_path):
     from mae_fast.checkpoint import load_state_dict_strict, save_model, split_config
     from safetensors.torch import load_file
 
-    model = create_baseline(name, img_size=64, **({"num_classes": 4} if name.startswith("wsl") else {}))
+    model = create_model(name, img_size=64, **({"num_classes": 4} if name.startswith("wsl") else {}))
     model.train()(raw_images(4, 64), torch.tensor([0, 1, 2, 3]))  # move the running statistics off their init
     save_model(model.eval(), str(tmp_path))
     meta = json.load(open(tmp_path / "config.json"))
     assert meta["model_type"] == "mae_fast" and meta["family"] == model.cfg.family
     cfg, _ = split_config(meta)
     assert cfg == model.cfg
-    again = create_baseline(cfg)
+    again = create_model(cfg)
     load_state_dict_strict(again, load_file(str(tmp_path / "model.safetensors")), "test")
     x = raw_images(3, 64, seed=11)
     assert torch.equal(again.eval().embed(x), model.embed(x))

@@ -10,7 +10,7 @@ from torch._dynamo.utils import counters
 
 from mae_fast import ops
 from mae_fast.compiling import compile_blocks, repeated_blocks, selective_checkpointing
-from mae_fast.models import MaskedAutoencoder, get_config
+from mae_fast.models import MaskedAutoencoder, model_config
 from mae_fast.models.mae import Block, CAMAEDecoder, stack_block_weights, stacked_block_forward
 
 
@@ -68,7 +68,7 @@ CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch
 @pytest.mark.parametrize("device", ["cpu", CUDA])
 def test_batched_decoder_equals_the_channel_loop(case, dtype, tol, checkpointing, device):
     C, img, p, Dd, depth, heads, cross, batch = case
-    cfg = get_config("camae_vit_micro_patch16_256", in_chans=C, img_size=img, patch_size=p, decoder_dim=Dd,
+    cfg = model_config("camae_vit_micro_patch16_256", in_chans=C, img_size=img, patch_size=p, decoder_dim=Dd,
                      decoder_depth=depth, decoder_heads=heads, decoder_cross_heads=cross,
                      grad_checkpointing=checkpointing)
     dec = _perturbed_decoder(cfg, dtype).to(device)
@@ -117,7 +117,7 @@ def test_stacked_block_is_each_channels_block():
 
 
 def test_decoder_keeps_the_per_channel_parameter_names():
-    cfg = get_config("camae_vit_micro_patch16_256", in_chans=3, img_size=32)
+    cfg = model_config("camae_vit_micro_patch16_256", in_chans=3, img_size=32)
     keys = set(MaskedAutoencoder(cfg).state_dict())
     per_channel = {k for k in keys if k.startswith("decoder.decoders.")}
     # OpenPhenom's names: decoder.decoders.{channel}.{layer}.{Block parameter}
@@ -130,7 +130,7 @@ def test_decoder_keeps_the_per_channel_parameter_names():
 def test_the_stacked_layers_are_the_blocks_that_compile_checkpoint_and_shard():
     """repeated_blocks (regional compilation, selective checkpointing, FSDP units) lists the encoder's blocks and the
     decoder's channel-stacked layers -- the modules that run -- not the per-channel blocks they compute with."""
-    model = MaskedAutoencoder(get_config("camae_vit_micro_patch16_256", in_chans=3, img_size=32))
+    model = MaskedAutoencoder(model_config("camae_vit_micro_patch16_256", in_chans=3, img_size=32))
     assert repeated_blocks(model) == list(model.encoder.blocks) + list(model.decoder.channel_layers)
     # a copy's stacked layers compute with the copy's blocks
     copied = copy.deepcopy(model).decoder
@@ -140,7 +140,7 @@ def test_the_stacked_layers_are_the_blocks_that_compile_checkpoint_and_shard():
 
 @pytest.mark.parametrize("transform", ["regional_compile", "selective_checkpointing"])
 def test_block_transforms_keep_the_decoder_computation(transform):
-    cfg = get_config("camae_vit_micro_patch16_256", in_chans=3, img_size=32, patch_size=8, decoder_dim=16,
+    cfg = model_config("camae_vit_micro_patch16_256", in_chans=3, img_size=32, patch_size=8, decoder_dim=16,
                      decoder_depth=2, decoder_heads=2, decoder_cross_heads=2)
     dec = _perturbed_decoder(cfg, torch.float32)
     x, ids_restore = _inputs(cfg, 2, torch.float32)
@@ -169,7 +169,7 @@ def test_block_transforms_keep_the_decoder_computation(transform):
 
 
 def test_decoder_refuses_another_channel_count():
-    cfg = get_config("camae_vit_micro_patch16_256", in_chans=3, img_size=32)
+    cfg = model_config("camae_vit_micro_patch16_256", in_chans=3, img_size=32)
     dec = CAMAEDecoder(cfg)
     x, ids_restore = _inputs(cfg, 1, torch.float32)
     with pytest.raises(ValueError, match="built for 3 channels, got 4"):

@@ -10,7 +10,7 @@ from mae_fast import ops
 from mae_fast.checkpoint import CheckpointError, load_model, save_model
 from mae_fast.interop import from_timm_state_dict, load_any, load_openphenom, timm_vit_kwargs, to_timm_state_dict
 from mae_fast.io import atomic_write
-from mae_fast.models import create_model, get_config
+from mae_fast.models import create_model, model_config
 from tests.helpers import openphenom_layout_state
 
 
@@ -85,7 +85,7 @@ def test_timm_round_trip_gives_the_same_features():
     pytest.importorskip("timm", reason="timm is a test dependency (pip install mae_fast[test])")
     from timm.models.vision_transformer import VisionTransformer
 
-    cfg = get_config("mae_vit_micro_patch16_256", img_size=64, in_chans=5)
+    cfg = model_config("mae_vit_micro_patch16_256", img_size=64, in_chans=5)
     model = _perturbed("mae_vit_micro_patch16_256", in_chans=5)
     reference = VisionTransformer(**timm_vit_kwargs(cfg)).eval()
     reference.load_state_dict(to_timm_state_dict(model), strict=True)
@@ -101,7 +101,7 @@ def test_timm_round_trip_gives_the_same_features():
 
 
 def test_timm_import_refuses_learned_positions():
-    cfg = get_config("mae_vit_micro_patch16_256", img_size=64)
+    cfg = model_config("mae_vit_micro_patch16_256", img_size=64)
     state = to_timm_state_dict(_perturbed("mae_vit_micro_patch16_256"))
     state["pos_embed"] = state["pos_embed"] + 0.1
     with pytest.raises(CheckpointError, match="not the fixed 2-D sin-cos"):

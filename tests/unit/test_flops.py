@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mae_fast import attention
 from mae_fast.perf import flops
-from mae_fast.models import create_model, get_config
+from mae_fast.models import create_model, model_config
 
 CASES = [
     ("mae_vit_small_patch16_256", dict(img_size=64, depth=2, decoder_depth=2)),
@@ -75,7 +75,7 @@ def test_math_attention_is_attention():
 
 @pytest.mark.parametrize("name,overrides", CASES, ids=IDS)
 def test_counter_sees_each_term_exactly_with_math_attention(name, overrides):
-    cfg = get_config(name, **overrides)
+    cfg = model_config(name, **overrides)
     torch.manual_seed(3)
     model = create_model(cfg)
     batch = 2
@@ -104,7 +104,7 @@ def test_forward_inference_and_training_match_flop_counter_with_sdpa(name, overr
     if not counter_books_sdpa():
         pytest.skip(f"FlopCounterMode of torch {torch.__version__} books no FLOPs for CPU SDPA; "
                     "attention is checked through the math path instead")
-    cfg = get_config(name, **overrides)
+    cfg = model_config(name, **overrides)
     torch.manual_seed(3)
     model = create_model(cfg)
     batch = 2
@@ -123,7 +123,7 @@ def test_forward_inference_and_training_match_flop_counter_with_sdpa(name, overr
 
 
 def test_parts_add_up_and_follow_the_config():
-    cfg = get_config("mae_vit_large_patch8_256")
+    cfg = model_config("mae_vit_large_patch8_256")
     parts = flops.forward_flops(cfg)
     assert parts["total"] == sum(v for k, v in parts.items() if k != "total")
     # less masking: more encoder work, the same decoder work
@@ -131,7 +131,7 @@ def test_parts_add_up_and_follow_the_config():
     assert low["encoder_matmul"] > 2.5 * parts["encoder_matmul"]
     assert low["decoder_matmul"] == parts["decoder_matmul"]
     # CA-MAE: encoder work grows with the channel count
-    ca = get_config("camae_vit_small_patch16_256")
+    ca = model_config("camae_vit_small_patch16_256")
     assert flops.inference_flops_per_crop(ca, in_chans=3) < flops.inference_flops_per_crop(ca, in_chans=6)
     with pytest.raises(ValueError, match="mask_ratio"):
         flops.forward_flops(cfg, mask_ratio=1.0)
@@ -141,7 +141,7 @@ def test_vit_l8_matches_design_reference_numbers():
     """docs/DESIGN.md §5: ViT-L/8 MAE training ~697 GFLOP per crop, inference ~722 GFLOP per crop.
     Ours: 694.2 (-0.4%: mae_fast projects only the 256 visible patches; projecting all 1,024 before masking, as
     FAIR's MAE does, adds 1.8 GFLOP) and 723.2 (+0.1%: the patch projection, 0.8 GFLOP, is included)."""
-    cfg = get_config("mae_vit_large_patch8_256")
+    cfg = model_config("mae_vit_large_patch8_256")
     assert flops.training_flops_per_crop(cfg) == pytest.approx(697e9, rel=0.01)
     assert flops.inference_flops_per_crop(cfg) == pytest.approx(722e9, rel=0.005)
     # the issue's target: 50% MFU of a 790 TFLOP/s H200 is ~567 crops/s
@@ -156,7 +156,7 @@ def test_paper_method_and_implied_mfu():
     # 3.5e9 crops x 694 GFLOP in 20,000 A100-hours at 312 TFLOP/s: ~11% MFU
     assert run["implied_mfu_exact"] == pytest.approx(0.108, abs=0.003)
     assert flops.gpu_hours_for(3.5e9, 567.0) == pytest.approx(1715, rel=0.01)
-    assert flops.paper_size(get_config("mae_vit_micro_patch16_256")) is None
+    assert flops.paper_size(model_config("mae_vit_micro_patch16_256")) is None
     with pytest.raises(ValueError, match="patch sizes"):
         flops.paper_flops_per_crop("base", 14)
 
@@ -167,7 +167,7 @@ def test_load_runs_names_the_bad_row(tmp_path):
     points, metric = flops.load_runs(str(good))
     assert metric == "recall" and [p.metric for p in points] == [0.62, 0.4]
     assert points[0].exact_training_flops == pytest.approx(3.5e9 * flops.training_flops_per_crop(
-        get_config("mae_vit_large_patch8_256")))
+        model_config("mae_vit_large_patch8_256")))
     bad = tmp_path / "bad.csv"
     bad.write_text("model,crops,recall\nViT-L/8,3.5e9,0.62\nViT-Q/3,1e8,0.4\n")
     with pytest.raises(ValueError, match=r"bad.csv row 3"):

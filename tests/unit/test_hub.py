@@ -14,7 +14,7 @@ import mae_fast
 from mae_fast.checkpoint import CheckpointError
 from mae_fast.hub import from_pretrained, save_pretrained
 from mae_fast.interop import save_timm
-from mae_fast.models import MaskedAutoencoder, create_baseline, create_model
+from mae_fast.models import MaskedAutoencoder, create_model
 from tests.helpers import openphenom_layout_state
 
 pytest.importorskip("huggingface_hub", reason="huggingface_hub comes with timm (pip install mae_fast[test])")
@@ -104,7 +104,7 @@ def test_folders_in_the_old_nested_layout_still_load(tmp_path):
 
 
 def test_baselines_save_and_load_and_the_model_class_refuses_them(tmp_path):
-    model = create_baseline("munet_micro_256", img_size=64)
+    model = create_model("munet_micro_256", img_size=64)
     save_pretrained(model, str(tmp_path / "u"))
     config = json.loads((tmp_path / "u" / "config.json").read_text())
     assert (config["architecture"], config["family"]) == ("MaskedUNet", "munet")

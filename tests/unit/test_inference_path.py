@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from mae_fast import ops
-from mae_fast.models import MaskedAutoencoder, get_config
+from mae_fast.models import MaskedAutoencoder, model_config
 from mae_fast.models.mae import ParallelScalingBlock
 
 FAST = [b for b in ("cpp", "triton") if b in ops.available_impls("masked_patchify")]
@@ -49,7 +49,7 @@ def test_standardized_tokens_rejects_bad_input():
 
 @pytest.mark.skipif(not FAST, reason="no fused masked_patchify backend here")
 def test_embed_runs_the_fused_front_end():
-    cfg = get_config("mae_vit_micro_patch16_256", img_size=64)
+    cfg = model_config("mae_vit_micro_patch16_256", img_size=64)
     model = MaskedAutoencoder(cfg).eval()
     model.embed(_images(torch.uint8, 2, cfg.in_chans, 64))
     assert ops.last_impl("masked_patchify") in FAST

@@ -5,20 +5,20 @@ import torch
 from mae_fast import attention, ops
 from mae_fast.models import (
     MaskedAutoencoder,
-    PRESETS,
     count_parameters,
     create_model,
-    get_config,
+    list_models,
     list_presets,
+    model_config,
     sincos_pos_embed,
 )
 
 PAPER_ENCODER_PARAMS = {"small": 22e6, "base": 86e6, "large": 304e6}
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("name", list_models("mae"))
 def test_every_preset_parameter_count(name):
-    cfg = PRESETS[name]
+    cfg = model_config(name)
     with torch.device("meta"):
         model = MaskedAutoencoder(cfg)
     enc = count_parameters(model.encoder)
@@ -37,10 +37,10 @@ def test_every_preset_parameter_count(name):
 
 
 def test_preset_details_match_the_paper():
-    large = get_config("mae_vit_large_patch8_256")
+    large = model_config("mae_vit_large_patch8_256")
     assert (large.embed_dim, large.depth, large.num_heads, large.patch_size) == (1024, 24, 16, 8)
     assert large.drop_path == 0.3 and large.lr == 3e-5
-    small = get_config("mae_vit_small_patch16_256")
+    small = model_config("mae_vit_small_patch16_256")
     assert small.drop_path == 0.1 and small.lr == 1e-4 and small.betas == (0.9, 0.95)
     assert small.weight_decay == 0.05 and small.mask_ratio == 0.75 and small.fourier_alpha == 0.01
     model = create_model("mae_vit_micro_patch16_256")
@@ -51,11 +51,38 @@ def test_preset_details_match_the_paper():
     assert rates == pytest.approx([0.0, 0.05, 0.1])
 
 
+def test_one_registry_for_every_family():
+    """timm's pattern: register_model (a config, or a decorated function named as its preset), create_model builds
+    any preset of any family, list_models filters by family and name pattern; a name is registered once."""
+    from mae_fast.models import MAEConfig, register_model
+    from mae_fast.models.registry import _PRESETS
+
+    assert set(list_models()) == set(list_models("mae")) | set(list_models("baseline"))
+    assert list_presets() == list_models("mae") and "munet_m_256" in list_models("munet")
+    assert list_models("mae", "camae_*_patch8_256") == [n for n in list_presets() if n.startswith("camae")
+                                                         and n.endswith("patch8_256")]
+    try:
+        @register_model
+        def mae_vit_test_registry_256():
+            return MAEConfig("mae_vit_test_registry_256", img_size=32, embed_dim=24, depth=1, num_heads=2,
+                             decoder_dim=16, decoder_depth=1, decoder_heads=2)
+
+        assert "mae_vit_test_registry_256" in list_models("mae")
+        model = create_model("mae_vit_test_registry_256", in_chans=3)
+        assert isinstance(model, MaskedAutoencoder) and model.cfg.in_chans == 3
+        with pytest.raises(ValueError, match="registered already"):
+            register_model(model_config("mae_vit_test_registry_256"))
+        with pytest.raises(ValueError, match="returns a config named"):
+            register_model(lambda: MAEConfig("other"))
+    finally:
+        _PRESETS.pop("mae_vit_test_registry_256", None)
+
+
 def test_unknown_preset_and_key_are_clear_errors():
     with pytest.raises(KeyError, match="available presets: .*mae_vit_large_patch8_256"):
-        get_config("mae_vit_huge_patch14_256")
+        model_config("mae_vit_huge_patch14_256")
     with pytest.raises(ValueError, match="unknown config keys \\['depht'\\]"):
-        get_config("mae_vit_small_patch16_256", depht=3)
+        model_config("mae_vit_small_patch16_256", depht=3)
 
 
 def test_sincos_positions():

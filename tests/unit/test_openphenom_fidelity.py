@@ -11,7 +11,7 @@ import torch
 
 from mae_fast import ops
 from mae_fast.interop import timm_parallel_bias_is_legacy, to_timm_state_dict
-from mae_fast.models import MAEConfig, create_model, get_config
+from mae_fast.models import MAEConfig, create_model, model_config
 from mae_fast.models.mae import ParallelScalingBlock
 
 
@@ -184,7 +184,7 @@ def test_timm_export_refuses_a_change_of_bias_routing():
 
 
 def test_config_fields_defaults_and_old_configs():
-    cfg = get_config("camae_vit_small_patch16_256")
+    cfg = model_config("camae_vit_small_patch16_256")
     assert (cfg.decoder_cross_heads, cfg.decoder_norm_eps, cfg.pooling, cfg.legacy_parallel_bias) == \
         (8, 1e-6, "timm_avg", False)
     model = create_model("camae_vit_micro_patch16_256")
@@ -199,7 +199,7 @@ def test_config_fields_defaults_and_old_configs():
     assert again.decoder_cross_heads == cfg.decoder_heads == 16
     assert (again.pooling, again.legacy_parallel_bias, again.decoder_norm_eps) == ("timm_avg", False, 1e-6)
     with pytest.raises(ValueError, match="pooling must be one of"):
-        get_config("camae_vit_small_patch16_256", pooling="max")
+        model_config("camae_vit_small_patch16_256", pooling="max")
     with pytest.raises(ValueError, match="not divisible by its 7 heads"):
         create_model("camae_vit_micro_patch16_256", decoder_cross_heads=7)
 

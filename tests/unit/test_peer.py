@@ -8,12 +8,12 @@ import torch
 
 pytest.importorskip("timm", reason="the peer stack is built on timm")
 
-from mae_fast.models import MaskedAutoencoder, get_config  # noqa: E402
+from mae_fast.models import MaskedAutoencoder, model_config  # noqa: E402
 from mae_fast.perf.peer import PeerMAE, peer_optimizer  # noqa: E402
 
 
 def _pair(patch_size: int = 16):
-    cfg = get_config(f"mae_vit_micro_patch{patch_size}_256", img_size=64, drop_path=0.0)
+    cfg = model_config(f"mae_vit_micro_patch{patch_size}_256", img_size=64, drop_path=0.0)
     torch.manual_seed(0)
     model = MaskedAutoencoder(cfg)
     with torch.no_grad():  # away from the initialisation (zero biases, tiny LayerScale) so every weight matters
@@ -58,4 +58,4 @@ def test_peer_trains_with_timms_lion():
 
 def test_peer_refuses_channel_agnostic_configs():
     with pytest.raises(ValueError, match="standard MAE"):
-        PeerMAE(get_config("camae_vit_micro_patch16_256", img_size=64))
+        PeerMAE(model_config("camae_vit_micro_patch16_256", img_size=64))
