@@ -39,7 +39,9 @@ Output folder:
     train_config.json                  the resolved configuration
     metrics.jsonl                      one JSON line per logged step (loss, lr, crops/s, MFU) and events
     checkpoints/step_XXXXXXXX/         model.safetensors + config.json (loadable with checkpoint.load_model) +
-                                       train_state.pt (optimiser, schedule, loader positions, RNG; weights_only)
+                                       train_state.pt (optimiser, schedule, loader positions, RNG; weights_only);
+                                       under FSDP (checkpoint_format=sharded): sharded/ (every rank's DCP shards of
+                                       weights and optimiser) + config.json + train_state.pt; `mae-fast export`
     recon/step_XXXXXXXX.png            reconstructions of a fixed validation batch
     model/                             the final weights (`mae-fast embed --checkpoint OUT/model`)
     loss_curve.png, train_summary.json
@@ -54,6 +56,10 @@ Modules:
     config         DataConfig / TrainConfig, typed keys from files and --set, validation into a RunPlan
     data           the site index, per-shard crop streams, AdaBN single-plate streams, WSL labels
     distributed    torchrun rank facts, collectives, CPU threads, DDP / FSDP wrapping
-    checkpointing  checkpoint folders, RNG and optimiser state, loading pre-trained weights, the output folder
-    loop           train(): the optimiser steps, metrics, checkpoints, figures, TrainResult
+    step           TrainStep: one optimiser step (micro-batches, gradient sync for DDP / FSDP2, non-finite loss)
+    checkpointer   Checkpointer: writing (full or sharded), restoring after wrapping, the full model; export
+    checkpointing  the on-disk format: step folders, RNG and optimiser state, the output folder's checks
+    pretrained     weights from any source (ours, OpenPhenom, timm, the Hub) for embedding and init_from
+    metrics        StepReporter: metrics.jsonl, the progress bar, log lines, MFU
+    loop           train(): the parts above put together, in the order a run executes them; TrainResult
 """
