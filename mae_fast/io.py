@@ -207,3 +207,53 @@ class OutputLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Output paths checked before any work: valid, and never an input (or a folder holding one)
+# ------------------------------------------------------------------------------------------------------------
+
+class OutputPathError(ValueError):
+    """An output path that cannot be written, or whose writing would destroy an input."""
+
+
+def _resolved(path: str) -> str:
+    return os.path.realpath(os.path.abspath(os.path.expanduser(path)))
+
+
+def _input_paths(path: str) -> list[str]:
+    """An input as the paths it names (a glob's matches, else itself)."""
+    if any(c in path for c in "*?["):
+        import glob
+
+        return glob.glob(path) or [path]
+    return [path]
+
+
+def check_output_path(path: str, what: str, *, kind: str = "folder") -> None:
+    """An output's name usable before any work: UTF-8 text, and a file output (`kind="file"`) neither ending in a
+    slash nor naming an existing folder."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise OutputPathError(f"{what} {path!r} is not valid UTF-8 text (it holds the byte "
+                              f"0x{ord(path[err.start]) & 0xff:02x}); choose another name") from None
+    if kind == "file" and (path.endswith(os.sep) or os.path.isdir(path)):
+        raise OutputPathError(f"{what} {path} is a folder; give a file name, e.g. "
+                              f"{os.path.join(path, 'embeddings.parquet')}")
+
+
+def refuse_overwriting_inputs(output: str, inputs: dict, what: str = "--out") -> None:
+    """Refuse an output that is one of the command's inputs, or a folder holding one: writing (or --overwrite)
+    would destroy what the command reads. `inputs` maps a name (e.g. "--source") to a path (None: not given)."""
+    out = _resolved(output)
+    inside = out.rstrip(os.sep) + os.sep
+    for name, given in inputs.items():
+        for path in _input_paths(str(given)) if given else []:
+            real = _resolved(path)
+            if real == out:
+                raise OutputPathError(f"{what} {output} is the input {name} {given}; refusing to overwrite an "
+                                      "input: write the output elsewhere")
+            if real.startswith(inside):
+                raise OutputPathError(f"{what} {output} holds the input {name} {given}; refusing to replace a "
+                                      "folder that contains an input: write the output elsewhere")

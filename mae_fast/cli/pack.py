@@ -43,9 +43,13 @@ def _jump_map(spec: str | None):
         return None
     items = [s.strip() for s in spec.split(",") if s.strip()]
     if all("=" in s for s in items):
-        return dict(s.split("=", 1) for s in items)
+        from mae_fast.data.index import check_unique_channels
+
+        pairs = [s.split("=", 1) for s in items]
+        check_unique_channels([name for name, _ in pairs])
+        return dict(pairs)
     if any("=" in s for s in items):
-        raise SystemExit("--jump-channels: use either NAME,NAME,... or NAME=COLUMN,NAME=COLUMN,..., not both")
+        raise ValueError("--jump-channels: use either NAME,NAME,... or NAME=COLUMN,NAME=COLUMN,..., not both")
     return items
 
 
@@ -67,7 +71,16 @@ def build_index(args):
 def run(args) -> int:
     from mae_fast.data.pack import pack_index
 
+    from mae_fast.io import check_output_path, refuse_overwriting_inputs
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    check_output_path(args.out, "--out")
+    refuse_overwriting_inputs(args.out, {"--source": args.source, "--metadata": args.metadata,
+                                         "--jump-root": args.jump_root})
+    if args.overwrite and os.path.exists(args.out):
+        from mae_fast.data.pack import check_replaceable
+
+        check_replaceable(args.out)  # before any decoding; checked again under the output's lock
     index = build_index(args)
     print(f"packing {len(index)} sites ({', '.join(index.channels)}; {index.dtype}) from {index.description}")
     result = pack_index(index, args.out, tile=args.tile, codec=args.codec, shard_bytes=int(args.shard_gb * 2**30),

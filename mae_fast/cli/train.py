@@ -47,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch.compile each transformer block (compile_mode=model: the whole model)")
     p.add_argument("--fsdp", action="store_true", help="shard with FSDP instead of DDP (under torchrun)")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute block activations")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=number(int, minimum=0, maximum=2**63 - 1), help="seed of the weights, crops and masks")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mae_fast.io import OutputLock, beside_lock_path
+from mae_fast.io import OutputLock, OutputPathError, beside_lock_path
 from .errors import DataError, ErrorSummary, check_on_error, handle
 from .index import SiteIndex
 from .loading import load_site
@@ -93,9 +93,40 @@ def pack_index(index: SiteIndex, out_dir: str, tile: int = 256, codec: str = "bl
     with OutputLock(beside_lock_path(out_dir), f"pack folder {out_dir}"):
         if os.path.exists(out_dir) and not overwrite:
             raise FileExistsError(f"{out_dir} exists; pass overwrite=True (--overwrite) to replace it")
+        if os.path.exists(out_dir):
+            check_replaceable(out_dir)
         for stale in glob.glob(glob.escape(out_dir.rstrip(os.sep)) + ".tmp-*"):  # left by a killed run
             shutil.rmtree(stale, ignore_errors=True)
         return _pack(index, out_dir, tile, codec, shard_bytes, num_workers, on_error)
+
+
+def pack_files(out_dir: str) -> set[str] | None:
+    """The files a pack folder's pack.json says `pack` wrote there, or None when it is not a readable pack."""
+    try:
+        with open(os.path.join(out_dir, "pack.json")) as f:
+            manifest = json.load(f)
+        return {"pack.json", "sites.parquet", *(str(s) for s in manifest["shards"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def check_replaceable(out_dir: str) -> None:
+    """--overwrite replaces only a pack folder holding nothing but what `pack` wrote (its pack.json's files), or an
+    empty folder: never a foreign file or folder."""
+    if not os.path.isdir(out_dir):
+        raise OutputPathError(f"--out {out_dir} exists and is not a folder; --overwrite replaces only a pack folder")
+    present = set(os.listdir(out_dir))
+    if not present:
+        return
+    own = pack_files(out_dir)
+    if own is None:
+        raise OutputPathError(f"--out {out_dir} is not a pack folder (no readable pack.json); --overwrite replaces "
+                              "only what mae-fast pack wrote: write elsewhere or remove it yourself")
+    foreign = sorted(present - own)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f", ... and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise OutputPathError(f"--out {out_dir} holds files mae-fast pack did not write ({shown}); --overwrite "
+                              "replaces only a pack's own files: move them or write elsewhere")
 
 
 def _pack(index: SiteIndex, out_dir: str, tile: int, codec: str, shard_bytes: int, num_workers: int,

@@ -48,10 +48,27 @@ from mae_fast.checkpoint import CheckpointError
 from mae_fast.data.tiling import decode_workers
 from mae_fast.inference.adabn import AdaBNPlateTiles, adabn_window_tiles, is_adabn
 from mae_fast.inference.tables import merge_parts, output_paths, plate_part_name, plate_table, write_parquet
-from mae_fast.io import OutputLock, atomic_write_json, beside_lock_path, remove_temporaries
+from mae_fast.io import (
+    TMP_PREFIX,
+    OutputLock,
+    OutputPathError,
+    atomic_write_json,
+    beside_lock_path,
+    check_output_path,
+    refuse_overwriting_inputs,
+    remove_temporaries,
+)
 from mae_fast.models import get_baseline_config, get_config, is_baseline
 from mae_fast.training.checkpointing import load_pretrained
-from mae_fast.training.config import ConfigError, DataConfig, resolve_amp, resolve_device
+from mae_fast.training.config import (
+    MAX_SEED,
+    ConfigError,
+    DataConfig,
+    check_model_ranges,
+    check_num_workers,
+    resolve_amp,
+    resolve_device,
+)
 from mae_fast.training.data import build_site_index
 from mae_fast.training.distributed import (
     DistInfo,
@@ -133,7 +150,9 @@ def preset_config(preset: str, overrides: dict):
     try:
         if is_baseline(preset):
             return get_baseline_config(preset, **overrides)
-        return get_config(preset, **overrides)
+        arch = get_config(preset, **overrides)
+        check_model_ranges(arch)
+        return arch
     except (KeyError, ValueError, TypeError) as err:
         raise ConfigError(str(err).strip('"')) from err
 
@@ -195,6 +214,38 @@ def _manifest(cfg: EmbedConfig, model: torch.nn.Module, index, amp) -> dict:
     return manifest
 
 
+def check_outputs(cfg: EmbedConfig) -> None:
+    """Before any work: the table's name is usable, and no output (table, site table, parts folder) is an input or
+    a folder holding one."""
+    check_output_path(cfg.out, "--out", kind="file")
+    inputs = {"--data": cfg.data.root, "--metadata": cfg.data.metadata, "--checkpoint": cfg.checkpoint,
+              "images_root": cfg.data.images_root}
+    for path in output_paths(cfg.out):
+        refuse_overwriting_inputs(path, inputs, "--out" if path == cfg.out else f"--out's {path}")
+
+
+def _is_parquet(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"PAR1"
+
+
+def check_own_outputs(out: str, sites_path: str, parts_dir: str) -> None:
+    """--overwrite removes only what embed wrote: parquet tables, and a parts folder of parts, their manifest and
+    temporaries; a foreign file there is refused, never deleted."""
+    for path in (out, sites_path):
+        if os.path.exists(path) and (not os.path.isfile(path) or not _is_parquet(path)):
+            raise OutputPathError(f"--overwrite: {path} is not a parquet table written by embed; refusing to delete "
+                                  "it: write elsewhere or remove it yourself")
+    if os.path.exists(parts_dir):
+        if not os.path.isdir(parts_dir):
+            raise OutputPathError(f"--overwrite: {parts_dir} (the parts folder) is not a folder; refusing to delete it")
+        foreign = sorted(n for n in os.listdir(parts_dir)
+                         if not (n == MANIFEST or n.endswith(".parquet") or n.startswith(TMP_PREFIX)))
+        if foreign:
+            raise OutputPathError(f"--overwrite: {parts_dir} holds files embed did not write ({', '.join(foreign[:5])}"
+                                  "); refusing to delete them: move them or write elsewhere")
+
+
 def _prepare(cfg: EmbedConfig, info: DistInfo):
     """Every check before work: output, model, data, channels, an earlier run's manifest."""
     out, sites_path, parts_dir = output_paths(cfg.out)
@@ -202,6 +253,9 @@ def _prepare(cfg: EmbedConfig, info: DistInfo):
         raise ConfigError("give the model: --checkpoint PATH")
     if cfg.batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {cfg.batch_size}")
+    check_num_workers(cfg.data.num_workers, "--num-workers")
+    if not 0 <= cfg.seed <= MAX_SEED:
+        raise ConfigError(f"seed must be in [0, {MAX_SEED}], got {cfg.seed}")
     if cfg.adabn_window < 0:
         raise ConfigError(f"adabn_window must be >= 0 (0: 8 x batch_size), got {cfg.adabn_window}")
     from mae_fast.data.tiling import EDGES
@@ -213,6 +267,8 @@ def _prepare(cfg: EmbedConfig, info: DistInfo):
     manifest_path = os.path.join(parts_dir, MANIFEST)
     if existing and not cfg.overwrite and (len(existing) == len(wanted) or not os.path.exists(manifest_path)):
         raise ConfigError(f"output {existing[0]} exists; pass --overwrite to replace it")
+    if cfg.overwrite:
+        check_own_outputs(out, sites_path, parts_dir)
     # some but not all tables exist beside their parts (a run killed between its table writes): a rerun with the
     # same settings (the manifest check below) merges the parts again and writes the missing table
     device = resolve_device(cfg.device, info.local_rank)
@@ -240,6 +296,7 @@ def embed(cfg: EmbedConfig) -> EmbedResult:
     device = resolve_device(cfg.device, info.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    check_outputs(cfg)
     init_distributed(info, device)
     lock = None
     try:  # one writer per output (table, site table, parts): rank 0 holds the lock from before any check

@@ -27,6 +27,17 @@ def _detect_format(root: str) -> str:
     return "rxrx"
 
 
+def _channel_numbers(channels) -> list[int] | None:
+    """RxRx channels given as numbers (1, "2", "w3"), refused with the value named when one is not."""
+    if not channels:
+        return None
+    try:
+        return [int(str(c).strip().lstrip("wW")) for c in channels]
+    except ValueError:
+        raise ConfigError(f"channels {', '.join(map(str, channels))}: RxRx channels are numbers like 1,2,3 (or "
+                          "w1,w2,w3)") from None
+
+
 def build_site_index(data: DataConfig):
     """The selected sites of the dataset; an empty selection is an error naming what exists."""
     from mae_fast.data.index import SiteIndex
@@ -36,10 +47,9 @@ def build_site_index(data: DataConfig):
     if fmt in ("rxrx", "pack") and not os.path.exists(root):
         raise ConfigError(f"data.root {root!r} does not exist")
     if fmt == "rxrx":
-        channels = [int(str(c).lstrip("wW")) for c in data.channels] if data.channels else None
-        index = SiteIndex.from_rxrx(root, data.metadata, channels, on_error=data.on_error)
+        index = SiteIndex.from_rxrx(root, data.metadata, _channel_numbers(data.channels), on_error=data.on_error)
     elif fmt == "rxrx3_core":
-        channels = [int(str(c).lstrip("wW")) for c in data.channels] if data.channels else None
+        channels = _channel_numbers(data.channels)
         index = SiteIndex.from_rxrx3_core(root, data.metadata, channels, on_error=data.on_error)
     elif fmt == "jump":
         index = SiteIndex.from_jump(root, data.channels, root=data.images_root, on_error=data.on_error)
