@@ -42,9 +42,14 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix="-" + os.path.basename(path), dir=directory)
     os.close(fd)
     try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        try:
+            write(tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        except Exception as err:  # a writer library's own error (SafetensorError, ArrowIOError) included
+            if is_disk_full(err):
+                raise disk_full_error(directory, f"writing {os.path.basename(path)}") from err
+            raise
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
@@ -58,6 +63,39 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """A full disk or quota, as an OSError or as the message of a library's own exception type."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return any(text in str(err) for text in ("No space left on device", "Disk quota exceeded"))
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def free_bytes(folder: str) -> int | None:
+    """Free space of the filesystem holding `folder` (or its nearest existing parent)."""
+    folder = os.path.abspath(folder)
+    while not os.path.exists(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def disk_full_error(folder: str, doing: str, needed: int | None = None,
+                    then: str = "run the command again") -> OSError:
+    """The one-line error of a full disk: the folder, what was being written, the space free and needed."""
+    free = free_bytes(folder)
+    text = (f"no space left on the device {doing}"
+            + (f": about {_mib(needed)} needed" if needed else "")
+            + (f"{';' if needed else ':'} {_mib(free)} free" if free is not None else "")
+            + f"; free some space (or write elsewhere), then {then}")
+    return OSError(errno.ENOSPC, text, folder)
 
 
 def remove_temporaries(folder: str, names: tuple[str, ...] | None = None) -> list[str]:

@@ -344,8 +344,14 @@ class SiteIndex(Sequence):
         manifest_path = os.path.join(pack_dir, "pack.json")
         if not os.path.exists(manifest_path):
             raise FileNotFoundError(f"{pack_dir} is not a mae-fast pack (no pack.json)")
-        with open(manifest_path) as f:
-            manifest = json.load(f)
+        try:
+            with open(manifest_path) as f:
+                manifest = json.load(f)
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ValueError(f"{manifest_path}: the pack's manifest is not valid JSON ({err}); pack the dataset "
+                             "again") from None
+        if not isinstance(manifest, dict):
+            raise ValueError(f"{manifest_path}: the pack's manifest is not a JSON object; pack the dataset again")
         if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
             raise ValueError(f"{manifest_path}: unsupported pack format {manifest.get('format')} v{manifest.get('version')}")
         df = pd.read_parquet(os.path.join(pack_dir, "sites.parquet"))

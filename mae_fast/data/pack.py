@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mae_fast.io import OutputLock, OutputPathError, beside_lock_path
+from mae_fast.io import OutputLock, OutputPathError, beside_lock_path, disk_full_error, is_disk_full
 from .errors import DataError, ErrorSummary, check_on_error, handle
 from .index import SiteIndex
 from .loading import load_site
@@ -140,18 +140,22 @@ def _pack(index: SiteIndex, out_dir: str, tile: int, codec: str, shard_bytes: in
     os.makedirs(tmp)
     try:
         rows, shards, n_bytes = _write_shards(index, tmp, tile, codec, dtype, shard_bytes, num_workers, on_error, summary)
-    except BaseException:
+        if not rows:
+            raise DataError("corrupt_image", f"no site of the index could be packed ({summary})")
+        pd.DataFrame(rows).to_parquet(os.path.join(tmp, "sites.parquet"), index=False)
+        manifest = {"format": FORMAT, "version": VERSION, "codec": codec, "tile": tile,
+                    "channels": list(index.channels), "dtype": np.dtype(dtype).name, "n_sites": len(rows),
+                    "shards": shards, "source": index.description, "summary": summary.to_dict()}
+        with open(os.path.join(tmp, "pack.json"), "w") as f:
+            json.dump(manifest, f, indent=1)
+    except BaseException as err:
+        written = sum(e.stat().st_size for e in os.scandir(tmp)) if os.path.isdir(tmp) else 0
         shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written is left behind
+        if is_disk_full(err):
+            raise disk_full_error(os.path.dirname(os.path.abspath(out_dir)),
+                                  f"packing into {out_dir} (after {written / 2**20:,.1f} MiB written, which is "
+                                  "freed again)") from err
         raise
-    if not rows:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise DataError("corrupt_image", f"no site of the index could be packed ({summary})")
-    pd.DataFrame(rows).to_parquet(os.path.join(tmp, "sites.parquet"), index=False)
-    manifest = {"format": FORMAT, "version": VERSION, "codec": codec, "tile": tile, "channels": list(index.channels),
-                "dtype": np.dtype(dtype).name, "n_sites": len(rows), "shards": shards, "source": index.description,
-                "summary": summary.to_dict()}
-    with open(os.path.join(tmp, "pack.json"), "w") as f:
-        json.dump(manifest, f, indent=1)
     if os.path.exists(out_dir):
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)

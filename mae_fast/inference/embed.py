@@ -47,7 +47,7 @@ import torch.distributed as dist
 from mae_fast.checkpoint import CheckpointError
 from mae_fast.data.tiling import decode_workers
 from mae_fast.inference.adabn import AdaBNPlateTiles, adabn_window_tiles, is_adabn
-from mae_fast.inference.tables import merge_parts, output_paths, plate_part_name, plate_table, write_parquet
+from mae_fast.inference.tables import PART_META_KEY, merge_parts, output_paths, plate_part_name, plate_table, write_parquet
 from mae_fast.io import (
     TMP_PREFIX,
     OutputLock,
@@ -246,6 +246,43 @@ def check_own_outputs(out: str, sites_path: str, parts_dir: str) -> None:
                                   "); refusing to delete them: move them or write elsewhere")
 
 
+def _source_identity(source) -> str:
+    """One channel's (or packed site's) file as path, size and modification time; in-memory bytes by content."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return "bytes:" + hashlib.blake2b(bytes(source), digest_size=16).hexdigest()
+    path = str(getattr(source, "path", source))
+    where = "".join(f":{getattr(source, k)}" for k in ("row_group", "row", "start") if hasattr(source, k))
+    try:
+        st = os.stat(path)
+    except OSError:
+        return f"{path}{where}:missing"
+    return f"{path}{where}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def plate_inputs_digest(sites, manifest: dict) -> str:
+    """What a plate's part is made from: the run's settings and weights (`manifest`), every site's metadata row
+    and its files' sizes and modification times. A part is reused only while this is unchanged."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps(manifest, sort_keys=True, default=str).encode())
+    for s in sites:
+        row = [s.well_id, s.site, s.experiment, s.plate, s.address, s.perturbation, list(s.channels), dict(s.metadata)]
+        h.update(json.dumps(row, sort_keys=True, default=str).encode())
+        for source in (*s.sources, *((s.packed,) if s.packed is not None else ())):
+            h.update(_source_identity(source).encode() + b"\x1e")
+    return h.hexdigest()
+
+
+def part_inputs_digest(path: str) -> str | None:
+    """The inputs digest recorded in a part file (None: unreadable, or written before parts recorded it)."""
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.read_schema(path).metadata or {}
+        return json.loads(meta.get(PART_META_KEY, b"{}")).get("inputs")
+    except (OSError, ValueError):
+        return None
+
+
 def _prepare(cfg: EmbedConfig, info: DistInfo):
     """Every check before work: output, model, data, channels, an earlier run's manifest."""
     out, sites_path, parts_dir = output_paths(cfg.out)
@@ -346,9 +383,17 @@ def _embed(cfg: EmbedConfig, info: DistInfo) -> EmbedResult:
     by_plate = {p: index.select(where=lambda s, p=p: (s.experiment, s.plate) == p) for p in plates}
     names = [plate_part_name(*p) for p in plates]
     mine = assign_plates(plates, [len(by_plate[p]) for p in plates], info.world_size)[info.rank]
-    done_before = [i for i in mine if os.path.exists(os.path.join(parts_dir, names[i]))]
-    todo = [i for i in mine if i not in done_before]
     label = [f"{e}/Plate{p}" for e, p in plates]
+    made_from = {i: plate_inputs_digest(by_plate[plates[i]], manifest) for i in mine}
+    done_before, stale = [], []
+    for i in mine:
+        path = os.path.join(parts_dir, names[i])
+        if os.path.exists(path):
+            (done_before if part_inputs_digest(path) == made_from[i] else stale).append(i)
+    for i in stale:
+        print(f"{label[i]}: its part was made from other inputs (metadata rows, image files or settings changed "
+              f"since); embedding the plate again", flush=True)
+    todo = [i for i in mine if i not in done_before]
     if info.is_main:
         print(f"embedding {len(index)} sites on {len(plates)} plate(s) with {model.cfg.name} ({kind}, "
               f"{model.cfg.img_size}px tiles, {dims} features, {device.type} {'bf16' if amp else 'fp32'})"
@@ -388,7 +433,8 @@ def _embed(cfg: EmbedConfig, info: DistInfo) -> EmbedResult:
         summary.merge(tiles_it.summary)
         frame = plate_table(sub, sums, counts, dims)
         write_parquet(frame, os.path.join(parts_dir, names[i]),
-                      {"plate": label[i], "skipped": tiles_it.summary.to_dict(), "n_tiles": int(sum(counts.values()))})
+                      {"plate": label[i], "skipped": tiles_it.summary.to_dict(), "n_tiles": int(sum(counts.values())),
+                       "inputs": made_from[i]})
     bar.close()
     seconds = time.perf_counter() - t0
     barrier(info)

@@ -15,7 +15,7 @@ import torch
 from mae_fast.models import create_baseline
 from mae_fast.checkpoint import CONFIG_NAME, CheckpointError, WEIGHTS_NAME, load_state_dict_strict, save_model
 from mae_fast.interop import from_timm_state_dict, load_any
-from mae_fast.io import TMP_PREFIX, atomic_write, atomic_write_json, remove_temporaries
+from mae_fast.io import TMP_PREFIX, atomic_write, atomic_write_json, disk_full_error, is_disk_full, remove_temporaries
 from mae_fast.models import MaskedAutoencoder
 from mae_fast.io import LOCK_NAME
 from mae_fast.training.config import RESUME_MAY_CHANGE, ConfigError, ModelConfig, TrainConfig, model_family
@@ -141,13 +141,32 @@ def write_checkpoint(out_dir: str, step: int, cfg: ModelConfig, model_state: dic
     os.makedirs(root, exist_ok=True)
     tmp = os.path.join(root, f"{TMP_PREFIX}{step_dir_name(step)}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_model(_StateHolder(cfg, model_state), tmp, extra={"step": step, **(extra or {})})
-    atomic_write(os.path.join(tmp, STATE_NAME), lambda path: torch.save(train_state, path))
+    try:
+        save_model(_StateHolder(cfg, model_state), tmp, extra={"step": step, **(extra or {})})
+        atomic_write(os.path.join(tmp, STATE_NAME), lambda path: torch.save(train_state, path))
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)  # no empty or partial temporary left behind
+        if is_disk_full(err):
+            raise disk_full_error(root, f"writing the checkpoint of step {step}",
+                                  tensor_bytes(model_state) + tensor_bytes(train_state),
+                                  "continue with --resume") from err
+        raise
     os.replace(tmp, final)
     _fsync_dir(root)
     for _, old in list_checkpoints(out_dir)[:-keep_last]:
         discard_checkpoint(old)
     return final
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes of the tensors in a (nested) state: about the size of its checkpoint files."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
 
 
 def discard_checkpoint(path: str) -> None:

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from mae_fast.data.labels import PerturbationLabels
+from mae_fast.data.errors import DataError
 from mae_fast.training.config import ConfigError, DataConfig, RunPlan, TrainConfig
 
 
@@ -84,7 +85,11 @@ class ShardStream:
             return next(self._it)
         except StopIteration:  # the loader moved itself to the next epoch
             self._it = iter(self.loader)
+        try:
             return next(self._it)
+        except StopIteration:  # a whole epoch without one batch: every site of the shard failed or is too small
+            raise DataError("too_small", "a data shard yields no batch: every one of its sites was skipped "
+                            f"({getattr(self.loader, 'summary', 'no site')})") from None
 
     def close(self) -> None:
         """End the live iterator (and its DataLoader workers); the loader's state keeps the position."""
@@ -258,7 +263,12 @@ def validation_batch(index, cfg: TrainConfig, plan: RunPlan, device: torch.devic
     """The fixed batch for reconstruction figures: centre crops of the first `val_crops` sites."""
     from mae_fast.data.loader import make_val_loader
 
-    sub = index[: min(len(index), cfg.val_crops)]
-    loader = make_val_loader(sub, crop_size=plan.model_cfg.img_size, batch_size=cfg.val_crops, device=device,
+    # over the whole index, decoded lazily: the first `val_crops` sites that yield a crop (the first ones, unless
+    # some are bad or smaller than the crop)
+    loader = make_val_loader(index, crop_size=plan.model_cfg.img_size, batch_size=cfg.val_crops, device=device,
                              num_workers=0, backend="torch", on_error="skip")
-    return next(iter(loader))
+    for batch in loader:
+        return batch
+    size = plan.model_cfg.img_size
+    raise DataError("too_small", f"none of the {len(index)} selected sites yields a {size}x{size} crop "
+                    f"({loader.summary}); choose a smaller model.img_size or other data")

@@ -239,13 +239,15 @@ def _prepare(cfg: TrainConfig, plan: RunPlan, info: DistInfo, device: torch.devi
         streams = make_plate_streams(index, cfg, plan, info.rank, device, log=notes.append)
     else:
         streams = make_shard_streams(index, cfg, plan, info.rank, device, return_info=labels is not None)
+    # before anything is written: a dataset that yields no crop at all fails here (issue 27, item 7)
+    val_images = validation_batch(index, cfg, plan, device) if info.is_main and plan.family != "wsl" else None
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     core = build_model(plan.model_cfg)
     if state is not None:
         load_state_dict_strict(core, weights, os.path.join(path, WEIGHTS_NAME))
     elif cfg.init_from:
         init_weights_from(cfg.init_from, core)
-    return index, streams, core, resume_step, state, labels, notes
+    return index, streams, core, resume_step, state, labels, notes, val_images
 
 
 def micro_inputs(batch, labels, device: torch.device):
@@ -269,7 +271,8 @@ def _optimizer_name(plan: RunPlan) -> str:
 def _train(cfg: TrainConfig, plan: RunPlan, info: DistInfo, device: torch.device, amp) -> TrainResult:
     from tqdm import tqdm
 
-    index, streams, core, resume_step, state, labels, notes = agree(lambda: _prepare(cfg, plan, info, device), info)
+    index, streams, core, resume_step, state, labels, notes, val_images = agree(
+        lambda: _prepare(cfg, plan, info, device), info)
     if info.is_main:
         removed = prepare_output(cfg, resume_step)
         if removed:
@@ -308,7 +311,6 @@ def _train(cfg: TrainConfig, plan: RunPlan, info: DistInfo, device: torch.device
         start_step, crops_seen = int(state["step"]), int(state["crops"])
         losses = [float(x) for x in state["losses"].tolist()]
 
-    val_images = validation_batch(index, cfg, plan, device) if info.is_main and can_reconstruct else None
     flops_per_crop = training_flops_per_crop(plan.model_cfg)
     ceiling = cfg.peak_tflops or (matmul_ceiling_tflops(device) if (flops_per_crop and info.is_main) else None)
     metrics = MetricsLog(cfg.out_dir, resume_step, cfg.tensorboard) if info.is_main else None
