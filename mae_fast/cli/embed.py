@@ -76,10 +76,22 @@ def run(args) -> int:
     return 0
 
 
+def interrupted(args) -> str:
+    """What an interrupted embedding keeps: the finished plates' parts, reused by a rerun."""
+    import os
+
+    from mae_fast.inference.tables import output_paths
+
+    parts_dir = output_paths(args.out)[2]
+    done = [n for n in os.listdir(parts_dir) if n.endswith(".parquet")] if os.path.isdir(parts_dir) else []
+    return (f"{len(done)} finished plate part(s) kept in {parts_dir}; run the same command again to continue"
+            if done else "no plate was finished; run the command again")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mae-fast embed", description=__doc__.split("\n")[0])
     add_arguments(parser)
-    return run_command(run, parser.parse_args(argv), "mae-fast embed")
+    return run_command(run, parser.parse_args(argv), "mae-fast embed", interrupted)
 
 
 if __name__ == "__main__":

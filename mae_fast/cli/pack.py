@@ -68,6 +68,10 @@ def build_index(args):
     return index
 
 
+def interrupted(args) -> str:
+    return f"nothing was written to {args.out} (the partial pack was removed)"
+
+
 def run(args) -> int:
     from mae_fast.data.pack import pack_index
 

@@ -123,10 +123,24 @@ def run(args) -> int:
     return 0
 
 
+def interrupted(args) -> str:
+    """What an interrupted run keeps: its last checkpoint, and how to continue from it."""
+    from mae_fast.training.checkpointing import list_checkpoints
+
+    out = args.out
+    if out is None:
+        return "resume with --resume --out RUN_FOLDER"
+    checkpoints = list_checkpoints(out)
+    if not checkpoints:
+        return f"no checkpoint was written in {out} yet: start again (with --overwrite)"
+    step, path = checkpoints[-1]
+    return f"the last checkpoint is step {step} ({path}); resume with: mae-fast train --resume --out {out}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mae-fast train", description=__doc__.split("\n")[0])
     add_arguments(parser)
-    return run_command(run, parser.parse_args(argv), "mae-fast train")
+    return run_command(run, parser.parse_args(argv), "mae-fast train", interrupted)
 
 
 if __name__ == "__main__":

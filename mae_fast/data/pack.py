@@ -55,6 +55,16 @@ def _init_worker(index: SiteIndex, tile: int, codec: str, dtype) -> None:
     _WORKER.update(index=index, tile=tile, codec=codec, dtype=dtype)
 
 
+def _init_pool_worker(*args) -> None:
+    import signal
+
+    # Ctrl-C reaches the whole process group: the parent handles it (and ends the pool); SIGTERM from the parent's
+    # pool.terminate() ends a worker silently, without the parent's handler (inherited by fork) raising in here
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _init_worker(*args)
+
+
 def _encode_site(position: int) -> tuple[int, object]:
     """(position, (height, width, [tile bytes])) or (position, DataError); runs in a worker process."""
     site = _WORKER["index"][position]
@@ -171,7 +181,7 @@ def _write_shards(index, tmp, tile, codec, dtype, shard_bytes, num_workers, on_e
         if num_workers > 0:
             import multiprocessing
 
-            pool = multiprocessing.get_context().Pool(num_workers, _init_worker, (index, tile, codec, dtype))
+            pool = multiprocessing.get_context().Pool(num_workers, _init_pool_worker, (index, tile, codec, dtype))
             results = pool.imap(_encode_site, range(len(index)), chunksize=1)
         else:
             _init_worker(index, tile, codec, dtype)
