@@ -66,6 +66,7 @@ from mae_fast.training.config import (
     DataConfig,
     check_model_ranges,
     check_num_workers,
+    data_inputs,
     resolve_amp,
     resolve_device,
 )
@@ -218,8 +219,7 @@ def check_outputs(cfg: EmbedConfig) -> None:
     """Before any work: the table's name is usable, and no output (table, site table, parts folder) is an input or
     a folder holding one."""
     check_output_path(cfg.out, "--out", kind="file")
-    inputs = {"--data": cfg.data.root, "--metadata": cfg.data.metadata, "--checkpoint": cfg.checkpoint,
-              "images_root": cfg.data.images_root}
+    inputs = {**data_inputs(cfg.data), "--checkpoint": cfg.checkpoint}
     for path in output_paths(cfg.out):
         refuse_overwriting_inputs(path, inputs, "--out" if path == cfg.out else f"--out's {path}")
 

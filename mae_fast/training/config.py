@@ -45,6 +45,10 @@ class ConfigError(ValueError):
     """A configuration that cannot run: names the key, the value and what is valid."""
 
 
+class NonFiniteError(ConfigError):
+    """A NaN or infinite value (also spelt as text, e.g. 'nan'), refused whatever else the key's type allows."""
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Configuration
 # ------------------------------------------------------------------------------------------------------------
@@ -196,6 +200,8 @@ def _coerce(value, hint, key: str):
         for arg in (a for a in args if a is not type(None)):
             try:
                 return _coerce(value, arg, key)
+            except NonFiniteError:
+                raise
             except ConfigError:
                 continue
         raise ConfigError(f"config key {key!r}: expected {_type_name(hint)}, got {value!r}")
@@ -217,7 +223,7 @@ def _coerce(value, hint, key: str):
                 pass
             else:
                 if not math.isfinite(number):
-                    raise ConfigError(f"config key {key!r} must be finite, got {value!r}")
+                    raise NonFiniteError(f"config key {key!r} must be finite, got {value!r}")
                 return number
     elif hint is str:
         if isinstance(value, str):
@@ -535,9 +541,16 @@ def check_paths(cfg: TrainConfig) -> None:
     from mae_fast.io import check_output_path, refuse_overwriting_inputs
 
     check_output_path(cfg.out_dir, "out_dir (--out)")
-    refuse_overwriting_inputs(cfg.out_dir, {"data.root": cfg.data.root, "data.metadata": cfg.data.metadata,
-                                            "data.images_root": cfg.data.images_root, "init_from": cfg.init_from},
-                              "out_dir (--out)")
+    refuse_overwriting_inputs(cfg.out_dir, {**data_inputs(cfg.data), "init_from": cfg.init_from}, "out_dir (--out)")
+
+
+def data_inputs(data: DataConfig) -> dict:
+    """The dataset's paths by the name a user gave them (metadata: also the default ROOT/metadata.csv)."""
+    metadata = data.metadata
+    if metadata is None and data.root and os.path.isfile(os.path.join(data.root, "metadata.csv")):
+        metadata = os.path.join(data.root, "metadata.csv")
+    return {"data.root (--data)": data.root, "data.metadata (--metadata)": metadata,
+            "data.images_root": data.images_root}
 
 
 def validate(cfg: TrainConfig, world_size: int = 1) -> RunPlan:
