@@ -28,8 +28,11 @@ then the dataset's other metadata columns), perturbation, n_sites, n_tiles, then
 c * D + i for channel c, dimension i. With --sites also `OUT_STEM_sites.parquet`, one row per site.
 
 Resuming: work is done plate by plate; each finished plate is one part file in `OUT_STEM_parts/`, written
-atomically, and a rerun skips the plates that have one (a manifest guards against mixing settings). When every
-plate is done the parts are merged into OUT. An existing OUT is refused unless --overwrite.
+atomically, and a rerun skips the plates that have one (a manifest guards against mixing settings). A part records
+what made it (settings, weights, the plate's metadata rows, its files' sizes and modification times): a plate whose
+record differs now (a relabelled gene, a replaced image) is embedded again, and the rerun says so. When every plate
+is done the parts are merged into OUT. An existing OUT is refused unless --overwrite, which removes only what embed
+wrote (parquet tables, the parts folder's parts); no output may be an input or a folder holding one.
 """
 from __future__ import annotations
 
@@ -44,27 +47,32 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mae_fast.checkpoint import CheckpointError
 from mae_fast.data.tiling import decode_workers
 from mae_fast.inference.adabn import AdaBNPlateTiles, adabn_window_tiles, is_adabn
-from mae_fast.inference.tables import PART_META_KEY, merge_parts, output_paths, plate_part_name, plate_table, write_parquet
+from mae_fast.inference.model_loading import check_channels, load_embedding_model
+from mae_fast.inference.tables import (
+    MANIFEST,
+    check_own_outputs,
+    merge_parts,
+    output_paths,
+    part_inputs_digest,
+    plate_inputs_digest,
+    plate_part_name,
+    plate_table,
+    write_parquet,
+)
 from mae_fast.io import (
-    TMP_PREFIX,
     OutputLock,
-    OutputPathError,
     atomic_write_json,
     beside_lock_path,
     check_output_path,
     refuse_overwriting_inputs,
     remove_temporaries,
 )
-from mae_fast.models import get_baseline_config, get_config, is_baseline
-from mae_fast.training.checkpointing import load_pretrained
 from mae_fast.training.config import (
     MAX_SEED,
     ConfigError,
     DataConfig,
-    check_model_ranges,
     check_num_workers,
     data_inputs,
     resolve_amp,
@@ -80,8 +88,6 @@ from mae_fast.training.distributed import (
     init_distributed,
     torch_threads,
 )
-
-MANIFEST = "manifest.json"
 
 
 @dataclass
@@ -133,65 +139,6 @@ def assign_plates(plates: list[tuple[str, str]], sizes: list[int], world_size: i
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Model
-# ------------------------------------------------------------------------------------------------------------
-
-# config keys that do not change what a model computes at inference (a --preset may differ from a checkpoint in them)
-
-
-TRAINING_ONLY_KEYS = {
-    "drop_path", "lr", "weight_decay", "betas", "grad_checkpointing",                        # MAE
-    "num_classes", "label_smoothing", "virtual_batch_size", "bn_momentum", "optimizer", "lr_batch", "momentum",
-    "nesterov", "schedule", "mask_ratio", "mask_patch",                                        # baselines
-}
-
-
-def preset_config(preset: str, overrides: dict):
-    """The architecture of `preset` (an MAE or a baseline) with overrides; errors as ConfigError."""
-    try:
-        if is_baseline(preset):
-            return get_baseline_config(preset, **overrides)
-        arch = get_config(preset, **overrides)
-        check_model_ranges(arch)
-        return arch
-    except (KeyError, ValueError, TypeError) as err:
-        raise ConfigError(str(err).strip('"')) from err
-
-
-def load_embedding_model(cfg: EmbedConfig) -> tuple[torch.nn.Module, str]:
-    arch = None
-    if cfg.preset:
-        arch = preset_config(cfg.preset, cfg.model)
-    elif cfg.model:
-        raise ConfigError("model overrides need --preset (they describe the architecture of a weights file)")
-    model, kind = load_pretrained(cfg.checkpoint, arch)
-    if arch is not None and kind != "timm" and model.cfg.to_dict() != arch.to_dict():
-        saved = model.cfg.to_dict()
-        diffs = sorted(set(k for k, v in arch.to_dict().items() if saved.get(k) != v and k != "name")
-                       | (set(saved) ^ set(arch.to_dict())))
-        if any(k not in TRAINING_ONLY_KEYS for k in diffs):
-            raise CheckpointError(f"{cfg.checkpoint} holds a {model.cfg.name} model that differs from --preset "
-                                  f"{cfg.preset} in {diffs}")
-    return model, kind
-
-
-
-def _check_channels(model: torch.nn.Module, index, per_channel: bool) -> None:
-    m = model.cfg
-    C = len(index.channels)
-    channel_agnostic = getattr(m, "channel_agnostic", False)
-    if per_channel and not channel_agnostic:
-        kind = "a standard MAE" if not hasattr(m, "family") else f"the {m.family.upper()} baseline {m.name}"
-        raise ConfigError(f"--per-channel needs a channel-agnostic (CA-MAE) model; this one is {kind}")
-    if channel_agnostic:
-        if not 1 <= C <= m.max_in_chans:
-            raise ConfigError(f"the CA-MAE model takes 1..{m.max_in_chans} channels, the dataset has {C}")
-    elif C != m.in_chans:
-        raise ConfigError(f"the model expects {m.in_chans} channels, the dataset has {C} "
-                          f"({', '.join(index.channels)}); choose channels with --channels")
-
-
-# ------------------------------------------------------------------------------------------------------------
 # Parts: which weights and settings made them
 # ------------------------------------------------------------------------------------------------------------
 
@@ -222,65 +169,6 @@ def check_outputs(cfg: EmbedConfig) -> None:
     inputs = {**data_inputs(cfg.data), "--checkpoint": cfg.checkpoint}
     for path in output_paths(cfg.out):
         refuse_overwriting_inputs(path, inputs, "--out" if path == cfg.out else f"--out's {path}")
-
-
-def _is_parquet(path: str) -> bool:
-    with open(path, "rb") as f:
-        return f.read(4) == b"PAR1"
-
-
-def check_own_outputs(out: str, sites_path: str, parts_dir: str) -> None:
-    """--overwrite removes only what embed wrote: parquet tables, and a parts folder of parts, their manifest and
-    temporaries; a foreign file there is refused, never deleted."""
-    for path in (out, sites_path):
-        if os.path.exists(path) and (not os.path.isfile(path) or not _is_parquet(path)):
-            raise OutputPathError(f"--overwrite: {path} is not a parquet table written by embed; refusing to delete "
-                                  "it: write elsewhere or remove it yourself")
-    if os.path.exists(parts_dir):
-        if not os.path.isdir(parts_dir):
-            raise OutputPathError(f"--overwrite: {parts_dir} (the parts folder) is not a folder; refusing to delete it")
-        foreign = sorted(n for n in os.listdir(parts_dir)
-                         if not (n == MANIFEST or n.endswith(".parquet") or n.startswith(TMP_PREFIX)))
-        if foreign:
-            raise OutputPathError(f"--overwrite: {parts_dir} holds files embed did not write ({', '.join(foreign[:5])}"
-                                  "); refusing to delete them: move them or write elsewhere")
-
-
-def _source_identity(source) -> str:
-    """One channel's (or packed site's) file as path, size and modification time; in-memory bytes by content."""
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        return "bytes:" + hashlib.blake2b(bytes(source), digest_size=16).hexdigest()
-    path = str(getattr(source, "path", source))
-    where = "".join(f":{getattr(source, k)}" for k in ("row_group", "row", "start") if hasattr(source, k))
-    try:
-        st = os.stat(path)
-    except OSError:
-        return f"{path}{where}:missing"
-    return f"{path}{where}:{st.st_size}:{st.st_mtime_ns}"
-
-
-def plate_inputs_digest(sites, manifest: dict) -> str:
-    """What a plate's part is made from: the run's settings and weights (`manifest`), every site's metadata row
-    and its files' sizes and modification times. A part is reused only while this is unchanged."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(json.dumps(manifest, sort_keys=True, default=str).encode())
-    for s in sites:
-        row = [s.well_id, s.site, s.experiment, s.plate, s.address, s.perturbation, list(s.channels), dict(s.metadata)]
-        h.update(json.dumps(row, sort_keys=True, default=str).encode())
-        for source in (*s.sources, *((s.packed,) if s.packed is not None else ())):
-            h.update(_source_identity(source).encode() + b"\x1e")
-    return h.hexdigest()
-
-
-def part_inputs_digest(path: str) -> str | None:
-    """The inputs digest recorded in a part file (None: unreadable, or written before parts recorded it)."""
-    import pyarrow.parquet as pq
-
-    try:
-        meta = pq.read_schema(path).metadata or {}
-        return json.loads(meta.get(PART_META_KEY, b"{}")).get("inputs")
-    except (OSError, ValueError):
-        return None
 
 
 def _prepare(cfg: EmbedConfig, info: DistInfo):
@@ -315,7 +203,7 @@ def _prepare(cfg: EmbedConfig, info: DistInfo):
         raise ConfigError(f"{model.cfg.name} normalises with batch statistics (AdaBN): batch_size must be >= 2, got "
                           f"{cfg.batch_size}")
     index = build_site_index(cfg.data)
-    _check_channels(model, index, cfg.per_channel)
+    check_channels(model, index, cfg.per_channel)
     manifest = _manifest(cfg, model, index, amp)
     if not cfg.overwrite and os.path.exists(manifest_path):
         with open(manifest_path) as f:
