@@ -7,7 +7,7 @@ import sys
 
 from mae_fast.cli.common import number, run_command
 from mae_fast.inference.embed import EmbedConfig, embed
-from mae_fast.training.config import ConfigError, DataConfig
+from mae_fast.training.config import ConfigError, DataConfig, max_workers
 from mae_fast.training.distributed import env_world
 
 
@@ -35,7 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--edge", default="drop", help="tiles at the border: drop, center, pad, error")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--amp", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp32")
-    p.add_argument("--num-workers", type=number(int, minimum=0), default=None, help="decode workers (default min(4, cores))")
+    p.add_argument("--num-workers", type=number(int, minimum=0, maximum=max_workers()), default=None,
+                   help="decode workers (default min(4, cores); at most 4 per core)")
     p.add_argument("--backend", default="auto", help="image decoding: auto, torch, dali")
     p.add_argument("--on-error", default="raise", choices=("raise", "skip"), help="bad sites: stop, or skip and count")
     p.add_argument("--threads", type=number(int, minimum=0), default=0, help="torch CPU threads (0: default)")

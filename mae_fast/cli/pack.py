@@ -13,6 +13,7 @@ import logging
 import os
 
 from mae_fast.cli.common import number
+from mae_fast.training.config import max_workers
 
 LAYOUTS = ("rxrx", "rxrx3-core", "jump")
 
@@ -32,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tile", type=number(int, minimum=1), default=256, help="pack tile size in pixels (default 256)")
     parser.add_argument("--codec", choices=("blosc2", "raw"), default="blosc2", help="tile codec (default blosc2: lz4 + bit-shuffle, lossless)")
     parser.add_argument("--shard-gb", type=number(float, above=0), default=1.0, help="approximate shard file size in GB (default 1)")
-    parser.add_argument("--workers", type=number(int, minimum=0), default=os.cpu_count() or 1, help="decoding processes (default: all cores)")
+    parser.add_argument("--workers", type=number(int, minimum=0, maximum=max_workers()), default=os.cpu_count() or 1,
+                        help=f"decoding processes, at most {max_workers()} (4 per core; default: all cores)")
     parser.add_argument("--on-error", choices=("raise", "skip"), default="raise",
                         help="raise: stop at the first bad input; skip: leave bad sites out and list them")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
