@@ -271,6 +271,8 @@ def _input_paths(path: str) -> list[str]:
 def check_output_path(path: str, what: str, *, kind: str = "folder") -> None:
     """An output's name usable before any work: UTF-8 text, and a file output (`kind="file"`) neither ending in a
     slash nor naming an existing folder."""
+    if not path:
+        raise OutputPathError(f"{what} is empty: give a path")
     try:
         path.encode("utf-8")
     except UnicodeEncodeError as err:

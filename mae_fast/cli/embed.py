@@ -12,7 +12,10 @@ from mae_fast.training.distributed import env_world
 
 
 def _csv(text: str) -> list[str]:
-    return [t for t in (s.strip() for s in text.split(",")) if t]
+    items = [t for t in (s.strip() for s in text.split(",")) if t]
+    if not items:  # "--channels ," would silently mean "all"
+        raise argparse.ArgumentTypeError(f"expected a comma list with at least one item, got {text!r}")
+    return items
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -11,7 +11,7 @@ import torch
 
 from mae_fast.data.labels import PerturbationLabels
 from mae_fast.data.errors import DataError
-from mae_fast.training.config import ConfigError, DataConfig, RunPlan, TrainConfig
+from mae_fast.training.config import DATA_FORMATS, ConfigError, DataConfig, RunPlan, TrainConfig
 
 
 def _detect_format(root: str) -> str:
@@ -44,6 +44,9 @@ def build_site_index(data: DataConfig):
     from mae_fast.data.index import SiteIndex
 
     root = data.root
+    if data.format not in DATA_FORMATS:
+        raise ConfigError(f"data format (--format, data.format) is {data.format!r}; valid values: "
+                          f"{', '.join(DATA_FORMATS)}")
     fmt = _detect_format(root) if data.format == "auto" else data.format
     if fmt in ("rxrx", "pack") and not os.path.exists(root):
         raise ConfigError(f"data.root {root!r} does not exist")

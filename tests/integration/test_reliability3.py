@@ -455,3 +455,29 @@ def test_config_naming_another_preset_is_reported_as_modified(finished_run, scre
     assert cli.main(embed_argv(model, screen.root, tmp_path / "e.parquet")) == 0
     printed = capsys.readouterr().out
     assert "with mae_vit_small_patch16_256 modified (embed_dim 192 (preset 384), depth 4 (preset 12)" in printed
+
+
+# ------------------------------------------------------------------------------------------------------------
+# found by the hostile pass of round 3
+# ------------------------------------------------------------------------------------------------------------
+
+def test_hostile_pass_findings(screen, finished_run, tmp_path, capsys):
+    data = screen_copy(screen, tmp_path, "data")
+    before = tree(data)
+    line = refused(capsys, ["demo", "--tiny", "--out", str(data)], "demo")  # it wrote its outputs into a dataset
+    assert f"--out {data} holds files the demo did not write (gene_arms.csv, genes.csv, guides.csv, images, " in line
+    assert tree(data) == before
+    assert "--out is empty: give a path" in refused(capsys, embed_argv(finished_run / "model", data, ""), "embed")
+    line = refused(capsys, embed_argv(finished_run / "model", data, tmp_path / "e.parquet", "--format", "nope"),
+                   "embed")
+    assert "data format (--format, data.format) is 'nope'; valid values: auto, rxrx, rxrx3_core, jump, pack" in line
+    line = refused(capsys, embed_argv(finished_run / "model", data, tmp_path / "e.parquet", "--channels", ","),
+                   "embed")
+    assert "argument --channels: expected a comma list with at least one item, got ','" in line
+    line = refused(capsys, ["pack", "--source", str(data), "--out", str(tmp_path / "p"), "--workers", "100000"],
+                   "pack")
+    assert f"argument --workers: must be <= {4 * os.cpu_count()}" in line
+    line = refused(capsys, embed_argv(finished_run / "model", data, tmp_path / "e.parquet", "--preset", MICRO,
+                                      "--set", "model.depth=0"), "embed")
+    assert "config key 'model.depth' must be in [1, 1024], got 0" in line
+    assert sorted(os.listdir(tmp_path)) == ["data"]
