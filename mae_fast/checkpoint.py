@@ -84,7 +84,6 @@ def load_model(directory: str, map_location: str | torch.device = "cpu") -> torc
         state = load_file(weights_path, device=str(map_location))
     except (SafetensorError, OSError, RuntimeError) as err:
         raise CheckpointError(f"{weights_path} is not a readable safetensors file: {err}") from err
-    cfg = _honest_name(cfg)
     model = create_model(cfg)
     load_state_dict_strict(model, state, weights_path)
     return model
@@ -96,19 +95,15 @@ ARCHITECTURE_KEYS = ("embed_dim", "depth", "num_heads", "patch_size", "mlp_ratio
                      "neck_dim", "widths", "encoder_units", "decoder_units")
 
 
-def _honest_name(cfg):
-    """A config whose `name` is a preset but whose architecture is not that preset's (a hand-edited config.json, or
-    a run with model overrides) is loaded as what it describes and named `PRESET modified (the differences)`, so
-    that no output reports it as the preset."""
-    from dataclasses import replace
-
+def describe_model(cfg) -> str:
+    """The model's name for messages: its preset's name, or `PRESET modified (the differences)` when its
+    architecture is not that preset's (a hand-edited config.json, or a run with model overrides), so that no output
+    reports it as the preset. The config itself keeps its name (a checkpoint loads as it was saved)."""
     from mae_fast.models import BASELINE_PRESETS, PRESETS
 
     preset = PRESETS.get(cfg.name) or BASELINE_PRESETS.get(cfg.name)
     if preset is None or type(preset) is not type(cfg):
-        return cfg
+        return cfg.name
     diffs = [f"{k} {getattr(cfg, k)} (preset {getattr(preset, k)})" for k in ARCHITECTURE_KEYS
              if hasattr(cfg, k) and getattr(cfg, k) != getattr(preset, k)]
-    if not diffs:
-        return cfg
-    return replace(cfg, name=f"{cfg.name} modified ({', '.join(diffs)})")
+    return f"{cfg.name} modified ({', '.join(diffs)})" if diffs else cfg.name

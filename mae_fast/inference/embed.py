@@ -47,6 +47,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from mae_fast.checkpoint import describe_model
 from mae_fast.data.tiling import decode_workers
 from mae_fast.inference.adabn import AdaBNPlateTiles, adabn_window_tiles, is_adabn
 from mae_fast.inference.model_loading import check_channels, load_embedding_model
@@ -283,7 +284,7 @@ def _embed(cfg: EmbedConfig, info: DistInfo) -> EmbedResult:
               f"since); embedding the plate again", flush=True)
     todo = [i for i in mine if i not in done_before]
     if info.is_main:
-        print(f"embedding {len(index)} sites on {len(plates)} plate(s) with {model.cfg.name} ({kind}, "
+        print(f"embedding {len(index)} sites on {len(plates)} plate(s) with {describe_model(model.cfg)} ({kind}, "
               f"{model.cfg.img_size}px tiles, {dims} features, {device.type} {'bf16' if amp else 'fp32'})"
               + (f"; {len(done_before)} plate(s) already done" if done_before else "") + f" -> {out}", flush=True)
 
