@@ -324,6 +324,29 @@ def test_ctrl_c_on_train_says_how_to_resume(screen, tmp_path):
     assert not (out / ".mae_fast.lock").exists()
 
 
+def test_ctrl_c_on_embed_keeps_the_finished_plates(screen, finished_run, tmp_path, capsys, monkeypatch):
+    from mae_fast.inference import embed as embed_module
+
+    real = embed_module.write_parquet
+    written = []
+
+    def write_then_interrupt(frame, path, extra_meta=None):  # Ctrl-C right after the first plate's part
+        real(frame, path, extra_meta)
+        written.append(path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(embed_module, "write_parquet", write_then_interrupt)
+    out = tmp_path / "emb" / "e.parquet"
+    assert cli.main(embed_argv(finished_run / "model", screen.root, out)) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"mae-fast embed: interrupted (Ctrl-C); 1 finished plate part(s) kept in "
+                       f"{tmp_path / 'emb' / 'e_parts'}; run the same command again to continue")
+    assert "Traceback" not in "\n".join(err) and not os.path.exists(str(out) + ".lock")
+    monkeypatch.undo()
+    assert cli.main(embed_argv(finished_run / "model", screen.root, out)) == 0
+    assert "1 plate(s) already done" in capsys.readouterr().out
+
+
 SLOW_PACK = """
 import time
 from mae_fast.data import pack
