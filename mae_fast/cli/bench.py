@@ -37,7 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{' '.join(CPU_PRESETS)}; GPU the paper's MAEs and OpenPhenom's CA-MAE")
     parser.add_argument("--batch", type=number(int, minimum=1), default=None,
                         help="train batch (default: 2 on CPU; on GPU a power of two giving ~100 TFLOP per step)")
-    parser.add_argument("--inference-batch", type=number(int, minimum=1), default=None, help="embedding batch (same defaults)")
+    parser.add_argument("--inference-batch", type=number(int, minimum=1), default=None,
+                        help="embedding batch (same defaults)")
     parser.add_argument("--stacks", default=",".join(default_stacks()),
                         help=f"comma list of {', '.join(STACKS)} (default all; the peer's need timm)")
     parser.add_argument("--compile-presets", default=None,
@@ -51,8 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "model: the whole step compiled")
     parser.add_argument("--amp", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                         help="autocast dtype (auto: bf16 on GPU, fp32 on CPU)")
-    parser.add_argument("--warmup", type=number(int, minimum=0), default=2, help="untimed steps per stack after the first")
-    parser.add_argument("--iters", type=number(int, minimum=1), default=None, help="timed steps per stack per round (GPU 5, CPU 2)")
+    parser.add_argument("--warmup", type=number(int, minimum=0), default=2,
+                        help="untimed steps per stack after the first")
+    parser.add_argument("--iters", type=number(int, minimum=1), default=None,
+                        help="timed steps per stack per round (GPU 5, CPU 2)")
     parser.add_argument("--rounds", type=number(int, minimum=1), default=3, help="interleaved rounds over the stacks")
     parser.add_argument("--no-train", action="store_true", help="skip the train-step benchmark")
     parser.add_argument("--no-inference", action="store_true", help="skip the embedding benchmark")

@@ -85,8 +85,8 @@ def run_command(run, args, prog: str, interrupted=None) -> int:
             kept = interrupted(args) if interrupted is not None else ""
         except Exception:  # noqa: BLE001 - the hint is a courtesy; the interruption is what is reported
             kept = ""
-        print(f"{prog}: {'terminated (SIGTERM)' if terminated else 'interrupted (Ctrl-C)'}{'; ' + kept if kept else ''}",
-              file=sys.stderr, flush=True)
+        what = "terminated (SIGTERM)" if terminated else "interrupted (Ctrl-C)"
+        print(f"{prog}: {what}{'; ' + kept if kept else ''}", file=sys.stderr, flush=True)
         return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
     finally:
         if in_main_thread:

@@ -43,7 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", help="image decoding: auto, torch, dali")
     p.add_argument("--on-error", default="raise", choices=("raise", "skip"), help="bad sites: stop, or skip and count")
     p.add_argument("--threads", type=number(int, minimum=0), default=0, help="torch CPU threads (0: default)")
-    p.add_argument("--seed", type=number(int, minimum=0, maximum=2**63 - 1), default=0, help="AdaBN models: seed of which tiles share a batch (default 0)")
+    p.add_argument("--seed", type=number(int, minimum=0, maximum=2**63 - 1), default=0,
+                   help="AdaBN models: seed of which tiles share a batch (default 0)")
     p.add_argument("--adabn-window", type=number(int, minimum=0), default=0,
                    help="AdaBN models: tiles of one plate shuffled together into batches (default 8 x batch size)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output (and its parts)")

@@ -137,7 +137,8 @@ def test_embed_rerun_recomputes_the_parts_whose_inputs_changed(screen, finished_
     plate1 = first[first.well_id == relabelled].plate.iloc[0]
     other = first[first.plate != plate1].well_id.iloc[0]
     address = other.split("_")[-1]
-    image = sorted((data / "images").rglob(f"Plate{first[first.well_id == other].plate.iloc[0]}/{address}_s1_w1.png"))[0]
+    plate = first[first.well_id == other].plate.iloc[0]
+    image = sorted((data / "images").rglob(f"Plate{plate}/{address}_s1_w1.png"))[0]
     pixels = np.asarray(Image.open(image))
     Image.fromarray((255 - pixels).astype(pixels.dtype)).save(image)
     capsys.readouterr()
