@@ -183,7 +183,8 @@ class OutputLock:
         log = log or (lambda text: print(text, file=sys.stderr, flush=True))
         folder = os.path.dirname(os.path.abspath(path))
         if os.path.exists(folder) and not os.path.isdir(folder):
-            raise NotADirectoryError(errno.ENOTDIR, f"{what}: {folder} exists and is not a folder", folder)
+            raise NotADirectoryError(errno.ENOTDIR, f"exists and is not a folder, so {what} cannot be written",
+                                     folder)  # shown as "FOLDER: exists and is not a folder, so ..."
         self._made_folder = None if os.path.isdir(folder) else folder  # removed again if left empty
         os.makedirs(folder, exist_ok=True)
         for _ in range(20):  # retried only when the file was replaced between opening and locking it

@@ -505,3 +505,11 @@ def test_hostile_pass_findings(screen, finished_run, tmp_path, capsys):
                                       "--set", "model.depth=0"), "embed")
     assert "config key 'model.depth' must be in [1, 1024], got 0" in line
     assert sorted(os.listdir(tmp_path)) == ["data"]
+
+
+def test_output_under_a_file_is_named_once(screen, finished_run, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    line = refused(capsys, embed_argv(finished_run / "model", screen.root, blocker / "e.parquet"), "embed")
+    assert line == (f"mae-fast embed: error: {blocker}: exists and is not a folder, so embedding output "
+                    f"{blocker / 'e.parquet'} cannot be written")
