@@ -144,3 +144,23 @@ def load_model(directory: str, map_location: str | torch.device = "cpu") -> torc
     model = create_model(cfg)
     load_state_dict_strict(model, state, weights_path)
     return model
+
+
+# what makes a preset what it is (its size); img_size, channels and training settings may differ from the preset's
+ARCHITECTURE_KEYS = ("embed_dim", "depth", "num_heads", "patch_size", "mlp_ratio", "decoder_dim", "decoder_depth",
+                     "decoder_heads", "channel_agnostic", "growth_rate", "block_config", "num_init_features",
+                     "neck_dim", "widths", "encoder_units", "decoder_units")
+
+
+def describe_model(cfg) -> str:
+    """The model's name for messages: its preset's name, or `PRESET modified (the differences)` when its
+    architecture is not that preset's (a hand-edited config.json, or a run with model overrides), so that no output
+    reports it as the preset. The config itself keeps its name (a checkpoint loads as it was saved)."""
+    from mae_fast.models import BASELINE_PRESETS, PRESETS
+
+    preset = PRESETS.get(cfg.name) or BASELINE_PRESETS.get(cfg.name)
+    if preset is None or type(preset) is not type(cfg):
+        return cfg.name
+    diffs = [f"{k} {getattr(cfg, k)} (preset {getattr(preset, k)})" for k in ARCHITECTURE_KEYS
+             if hasattr(cfg, k) and getattr(cfg, k) != getattr(preset, k)]
+    return f"{cfg.name} modified ({', '.join(diffs)})" if diffs else cfg.name

@@ -45,9 +45,14 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix="-" + os.path.basename(path), dir=directory)
     os.close(fd)
     try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        try:
+            write(tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        except Exception as err:  # a writer library's own error (SafetensorError, ArrowIOError) included
+            if is_disk_full(err):
+                raise disk_full_error(directory, f"writing {os.path.basename(path)}") from err
+            raise
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
@@ -61,6 +66,39 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """A full disk or quota, as an OSError or as the message of a library's own exception type."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return any(text in str(err) for text in ("No space left on device", "Disk quota exceeded"))
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def free_bytes(folder: str) -> int | None:
+    """Free space of the filesystem holding `folder` (or its nearest existing parent)."""
+    folder = os.path.abspath(folder)
+    while not os.path.exists(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def disk_full_error(folder: str, doing: str, needed: int | None = None,
+                    then: str = "run the command again") -> OSError:
+    """The one-line error of a full disk: the folder, what was being written, the space free and needed."""
+    free = free_bytes(folder)
+    text = (f"no space left on the device {doing}"
+            + (f": about {_mib(needed)} needed" if needed else "")
+            + (f"{';' if needed else ':'} {_mib(free)} free" if free is not None else "")
+            + f"; free some space (or write elsewhere), then {then}")
+    return OSError(errno.ENOSPC, text, folder)
 
 
 def remove_temporaries(folder: str, names: tuple[str, ...] | None = None) -> list[str]:
@@ -147,7 +185,8 @@ class OutputLock:
         self._fd: int | None = None
         folder = os.path.dirname(os.path.abspath(path))
         if os.path.exists(folder) and not os.path.isdir(folder):
-            raise NotADirectoryError(errno.ENOTDIR, f"{what}: {folder} exists and is not a folder", folder)
+            raise NotADirectoryError(errno.ENOTDIR, f"exists and is not a folder, so {what} cannot be written",
+                                     folder)  # shown as "FOLDER: exists and is not a folder, so ..."
         self._made_folder = None if os.path.isdir(folder) else folder  # removed again if left empty
         os.makedirs(folder, exist_ok=True)
         for _ in range(20):  # retried only when the file was replaced between opening and locking it
@@ -209,3 +248,55 @@ class OutputLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Output paths checked before any work: valid, and never an input (or a folder holding one)
+# ------------------------------------------------------------------------------------------------------------
+
+class OutputPathError(ValueError):
+    """An output path that cannot be written, or whose writing would destroy an input."""
+
+
+def _resolved(path: str) -> str:
+    return os.path.realpath(os.path.abspath(os.path.expanduser(path)))
+
+
+def _input_paths(path: str) -> list[str]:
+    """An input as the paths it names (a glob's matches, else itself)."""
+    if any(c in path for c in "*?["):
+        import glob
+
+        return glob.glob(path) or [path]
+    return [path]
+
+
+def check_output_path(path: str, what: str, *, kind: str = "folder") -> None:
+    """An output's name usable before any work: UTF-8 text, and a file output (`kind="file"`) neither ending in a
+    slash nor naming an existing folder."""
+    if not path:
+        raise OutputPathError(f"{what} is empty: give a path")
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise OutputPathError(f"{what} {path!r} is not valid UTF-8 text (it holds the byte "
+                              f"0x{ord(path[err.start]) & 0xff:02x}); choose another name") from None
+    if kind == "file" and (path.endswith(os.sep) or os.path.isdir(path)):
+        raise OutputPathError(f"{what} {path} is a folder; give a file name, e.g. "
+                              f"{os.path.join(path, 'embeddings.parquet')}")
+
+
+def refuse_overwriting_inputs(output: str, inputs: dict, what: str = "--out") -> None:
+    """Refuse an output that is one of the command's inputs, or a folder holding one: writing (or --overwrite)
+    would destroy what the command reads. `inputs` maps a name (e.g. "--source") to a path (None: not given)."""
+    out = _resolved(output)
+    inside = out.rstrip(os.sep) + os.sep
+    for name, given in inputs.items():
+        for path in _input_paths(str(given)) if given else []:
+            real = _resolved(path)
+            if real == out:
+                raise OutputPathError(f"{what} {output} is the input {name} {given}; refusing to overwrite an "
+                                      "input: write the output elsewhere")
+            if real.startswith(inside):
+                raise OutputPathError(f"{what} {output} holds the input {name} {given}; refusing to replace a "
+                                      "folder that contains an input: write the output elsewhere")

@@ -58,12 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(cmd)
         add_logging_arguments(cmd)
-        cmd.set_defaults(_run=module.run)
+        cmd.set_defaults(_run=module.run, _interrupted=getattr(module, "interrupted", None))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_command(args._run, args, f"mae-fast {args.command}")
+    return run_command(args._run, args, f"mae-fast {args.command}", args._interrupted)
 
 

@@ -12,6 +12,7 @@ from dataclasses import asdict
 import torch
 
 import mae_fast
+from mae_fast.cli.common import number
 from mae_fast.ops.triton import kernels_module
 from mae_fast.device import default_amp, resolve_device
 from mae_fast.models import list_presets
@@ -34,9 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="preset to benchmark, optionally with overrides (name:img_size=128,in_chans=3); "
                              "repeatable or comma-separated; 'all' for every preset. Default: CPU "
                              f"{' '.join(CPU_PRESETS)}; GPU the paper's MAEs and OpenPhenom's CA-MAE")
-    parser.add_argument("--batch", type=int, default=None,
+    parser.add_argument("--batch", type=number(int, minimum=1), default=None,
                         help="train batch (default: 2 on CPU; on GPU a power of two giving ~100 TFLOP per step)")
-    parser.add_argument("--inference-batch", type=int, default=None, help="embedding batch (same defaults)")
+    parser.add_argument("--inference-batch", type=number(int, minimum=1), default=None,
+                        help="embedding batch (same defaults)")
     parser.add_argument("--stacks", default=",".join(default_stacks()),
                         help=f"comma list of {', '.join(STACKS)} (default all; the peer's need timm)")
     parser.add_argument("--compile-presets", default=None,
@@ -50,9 +52,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "model: the whole step compiled")
     parser.add_argument("--amp", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                         help="autocast dtype (auto: bf16 on GPU, fp32 on CPU)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per stack after the first")
-    parser.add_argument("--iters", type=int, default=None, help="timed steps per stack per round (GPU 5, CPU 2)")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the stacks")
+    parser.add_argument("--warmup", type=number(int, minimum=0), default=2,
+                        help="untimed steps per stack after the first")
+    parser.add_argument("--iters", type=number(int, minimum=1), default=None,
+                        help="timed steps per stack per round (GPU 5, CPU 2)")
+    parser.add_argument("--rounds", type=number(int, minimum=1), default=3, help="interleaved rounds over the stacks")
     parser.add_argument("--no-train", action="store_true", help="skip the train-step benchmark")
     parser.add_argument("--no-inference", action="store_true", help="skip the embedding benchmark")
     parser.add_argument("--max-batch-presets", default=None,
@@ -157,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
         stacks = parse_stacks(args.stacks)
         presets = _presets_from(args, device)
     except (RuntimeError, ValueError, KeyError) as err:
-        print(f"mae-fast bench: {err.args[0] if err.args else err}", file=sys.stderr)
+        print(f"mae-fast bench: error: {err.args[0] if err.args else err}", file=sys.stderr)
         return 2
     amp = {"auto": default_amp(device), "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.amp]
     settings = BenchSettings(

@@ -7,7 +7,9 @@ import argparse
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 import traceback
 
 from mae_fast.checkpoint import CheckpointError
@@ -76,9 +78,20 @@ def verbosity(args) -> int:
     return -1 if getattr(args, "quiet", False) else getattr(args, "verbose", 0)
 
 
-def run_command(run, args, prog: str) -> int:
-    """`run(args)` with logging configured and the CLI's one error handler (see the module doc)."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every `finally` (locks, worker pools, temporaries) runs."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def run_command(run, args, prog: str, interrupted=None) -> int:
+    """`run(args)` with logging configured and the CLI's one error handler (see the module doc). Ctrl-C and SIGTERM end as one line, exit
+    130 / 143 (128 + the signal), with what the command keeps: `interrupted(args)` says it (e.g. how to resume)."""
     configure_logging(verbosity(args))
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         return int(run(args) or 0)
     except USER_ERRORS as err:
@@ -86,3 +99,17 @@ def run_command(run, args, prog: str) -> int:
             traceback.print_exc()
         print(f"{rank_prefix()}{prog}: error: {error_line(err)}", file=sys.stderr, flush=True)
         return 2
+    except KeyboardInterrupt as err:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one line, even when the signal comes twice
+        terminated = isinstance(err, Terminated)
+        try:
+            kept = interrupted(args) if interrupted is not None else ""
+        except Exception:  # noqa: BLE001 - the hint is a courtesy; the interruption is what is reported
+            kept = ""
+        what = "terminated (SIGTERM)" if terminated else "interrupted (Ctrl-C)"
+        print(f"{prog}: {what}{'; ' + kept if kept else ''}", file=sys.stderr, flush=True)
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)

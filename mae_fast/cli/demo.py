@@ -198,6 +198,26 @@ def _loss_ends(losses: list[float]) -> tuple[float, float]:
     return float(np.mean(losses[:k])), float(np.mean(losses[-k:]))
 
 
+DEMO_ENTRIES = {"screen", "train", "embeddings.parquet", "embeddings.parquet.lock", "embeddings_parts", "evaluation",
+                "recall.md", "demo_summary.json"}
+
+
+def check_demo_folder(out: str, models: list[str]) -> None:
+    """The demo writes (and replaces) its own entries in --out: a folder holding anything else (a dataset, a user's
+    files) is refused, so that no foreign file is replaced."""
+    from mae_fast.io import TMP_PREFIX, OutputPathError
+
+    if not os.path.isdir(out):
+        if os.path.exists(out):
+            raise OutputPathError(f"--out {out} exists and is not a folder")
+        return
+    foreign = sorted(n for n in os.listdir(out)
+                     if n not in DEMO_ENTRIES and n not in models and not n.startswith(TMP_PREFIX))
+    if foreign:
+        raise OutputPathError(f"--out {out} holds files the demo did not write ({', '.join(foreign[:5])}); the demo "
+                              "replaces its own outputs only: give a new or empty folder")
+
+
 def run(args) -> int:
     from mae_fast.io import atomic_write, atomic_write_json, write_text
     from mae_fast.data.synthetic import make_synthetic_screen
@@ -209,6 +229,7 @@ def run(args) -> int:
     models, seconds, steps = check_options(args)  # errors: the CLI's one handler (mae_fast.cli.common.run_command)
     single = len(models) == 1
     out = os.path.abspath(args.out)
+    check_demo_folder(out, models)
     for preset in models:  # every training setting checked before the screen is generated
         validate(train_config(preset, os.path.join(out, "screen"), os.path.join(out, preset, "train"), args,
                               seconds, steps))

@@ -7,12 +7,15 @@ import sys
 
 from mae_fast.cli.common import number, run_command
 from mae_fast.inference.embed import EmbedConfig, embed
-from mae_fast.training.config import ConfigError, DataConfig
+from mae_fast.training.config import ConfigError, DataConfig, max_workers
 from mae_fast.training.distributed import env_world
 
 
 def _csv(text: str) -> list[str]:
-    return [t for t in (s.strip() for s in text.split(",")) if t]
+    items = [t for t in (s.strip() for s in text.split(",")) if t]
+    if not items:  # "--channels ," would silently mean "all"
+        raise argparse.ArgumentTypeError(f"expected a comma list with at least one item, got {text!r}")
+    return items
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,11 +39,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--edge", default="drop", help="tiles at the border: drop, center, pad, error")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--amp", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp32")
-    p.add_argument("--num-workers", type=number(int, minimum=0), default=None, help="decode workers (default min(4, cores))")
+    p.add_argument("--num-workers", type=number(int, minimum=0, maximum=max_workers()), default=None,
+                   help="decode workers (default min(4, cores); at most 4 per core)")
     p.add_argument("--backend", default="auto", help="image decoding: auto, torch, dali")
     p.add_argument("--on-error", default="raise", choices=("raise", "skip"), help="bad sites: stop, or skip and count")
     p.add_argument("--threads", type=number(int, minimum=0), default=0, help="torch CPU threads (0: default)")
-    p.add_argument("--seed", type=int, default=0, help="AdaBN models: seed of which tiles share a batch (default 0)")
+    p.add_argument("--seed", type=number(int, minimum=0, maximum=2**63 - 1), default=0,
+                   help="AdaBN models: seed of which tiles share a batch (default 0)")
     p.add_argument("--adabn-window", type=number(int, minimum=0), default=0,
                    help="AdaBN models: tiles of one plate shuffled together into batches (default 8 x batch size)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output (and its parts)")
@@ -77,10 +82,22 @@ def run(args) -> int:
     return 0
 
 
+def interrupted(args) -> str:
+    """What an interrupted embedding keeps: the finished plates' parts, reused by a rerun."""
+    import os
+
+    from mae_fast.inference.tables import output_paths
+
+    parts_dir = output_paths(args.out)[2]
+    done = [n for n in os.listdir(parts_dir) if n.endswith(".parquet")] if os.path.isdir(parts_dir) else []
+    return (f"{len(done)} finished plate part(s) kept in {parts_dir}; run the same command again to continue"
+            if done else "no plate was finished; run the command again")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mae-fast embed", description=__doc__.split("\n")[0])
     add_arguments(parser)
-    return run_command(run, parser.parse_args(argv), "mae-fast embed")
+    return run_command(run, parser.parse_args(argv), "mae-fast embed", interrupted)
 
 
 if __name__ == "__main__":

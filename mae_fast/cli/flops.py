@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             rows = [(name, model_config(name)) for name in args.preset]
         except KeyError as err:
-            print(f"mae-fast flops: {err.args[0]}", file=sys.stderr)
+            print(f"mae-fast flops: error: {err.args[0]}", file=sys.stderr)
             return 2
     else:
         rows = [(label, model_config(preset)) for label, preset in PAPER_MODELS]
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         counts = [model_flops(label, cfg, args.mask_ratio) for label, cfg in rows]
     except ValueError as err:
-        print(f"mae-fast flops: {err}", file=sys.stderr)
+        print(f"mae-fast flops: error: {err}", file=sys.stderr)
         return 2
 
     print("Per 256x256 crop (GFLOP; exact = every matmul 2mnk + attention 4n^2d; training = 3x masked forward)")
@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             points, metric = load_runs(args.metrics, args.metric)
         except (OSError, ValueError) as err:
-            print(f"mae-fast flops: {err}", file=sys.stderr)
+            print(f"mae-fast flops: error: {err}", file=sys.stderr)
             return 2
     else:
         metric = None

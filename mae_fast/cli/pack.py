@@ -12,6 +12,7 @@ import argparse
 import os
 
 from mae_fast.cli.common import number
+from mae_fast.training.config import max_workers
 
 LAYOUTS = ("rxrx", "rxrx3-core", "jump")
 
@@ -31,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tile", type=number(int, minimum=1), default=256, help="pack tile size in pixels (default 256)")
     parser.add_argument("--codec", choices=("blosc2", "raw"), default="blosc2", help="tile codec (default blosc2: lz4 + bit-shuffle, lossless)")
     parser.add_argument("--shard-gb", type=number(float, above=0), default=1.0, help="approximate shard file size in GB (default 1)")
-    parser.add_argument("--workers", type=number(int, minimum=0), default=os.cpu_count() or 1, help="decoding processes (default: all cores)")
+    parser.add_argument("--workers", type=number(int, minimum=0, maximum=max_workers()), default=os.cpu_count() or 1,
+                        help=f"decoding processes, at most {max_workers()} (4 per core; default: all cores)")
     parser.add_argument("--on-error", choices=("raise", "skip"), default="raise",
                         help="raise: stop at the first bad input; skip: leave bad sites out and list them")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -42,9 +44,13 @@ def _jump_map(spec: str | None):
         return None
     items = [s.strip() for s in spec.split(",") if s.strip()]
     if all("=" in s for s in items):
-        return dict(s.split("=", 1) for s in items)
+        from mae_fast.data.index import check_unique_channels
+
+        pairs = [s.split("=", 1) for s in items]
+        check_unique_channels([name for name, _ in pairs])
+        return dict(pairs)
     if any("=" in s for s in items):
-        raise SystemExit("--jump-channels: use either NAME,NAME,... or NAME=COLUMN,NAME=COLUMN,..., not both")
+        raise ValueError("--jump-channels: use either NAME,NAME,... or NAME=COLUMN,NAME=COLUMN,..., not both")
     return items
 
 
@@ -63,9 +69,22 @@ def build_index(args):
     return index
 
 
+def interrupted(args) -> str:
+    return f"nothing was written to {args.out} (the partial pack was removed)"
+
+
 def run(args) -> int:
     from mae_fast.data.pack import pack_index
 
+    from mae_fast.io import check_output_path, refuse_overwriting_inputs
+
+    check_output_path(args.out, "--out")
+    refuse_overwriting_inputs(args.out, {"--source": args.source, "--metadata": args.metadata,
+                                         "--jump-root": args.jump_root})
+    if args.overwrite and os.path.exists(args.out):
+        from mae_fast.data.pack import check_replaceable
+
+        check_replaceable(args.out)  # before any decoding; checked again under the output's lock
     index = build_index(args)
     print(f"packing {len(index)} sites ({', '.join(index.channels)}; {index.dtype}) from {index.description}")
     result = pack_index(index, args.out, tile=args.tile, codec=args.codec, shard_bytes=int(args.shard_gb * 2**30),

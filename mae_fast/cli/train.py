@@ -47,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch.compile each transformer block (compile_mode=model: the whole model)")
     p.add_argument("--fsdp", action="store_true", help="shard with FSDP instead of DDP (under torchrun)")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute block activations")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=number(int, minimum=0, maximum=2**63 - 1), help="seed of the weights, crops and masks")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -123,10 +123,24 @@ def run(args) -> int:
     return 0
 
 
+def interrupted(args) -> str:
+    """What an interrupted run keeps: its last checkpoint, and how to continue from it."""
+    from mae_fast.training.checkpointing import list_checkpoints
+
+    out = args.out
+    if out is None:
+        return "resume with --resume --out RUN_FOLDER"
+    checkpoints = list_checkpoints(out)
+    if not checkpoints:
+        return f"no checkpoint was written in {out} yet: start again (with --overwrite)"
+    step, path = checkpoints[-1]
+    return f"the last checkpoint is step {step} ({path}); resume with: mae-fast train --resume --out {out}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mae-fast train", description=__doc__.split("\n")[0])
     add_arguments(parser)
-    return run_command(run, parser.parse_args(argv), "mae-fast train")
+    return run_command(run, parser.parse_args(argv), "mae-fast train", interrupted)
 
 
 if __name__ == "__main__":

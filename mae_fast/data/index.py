@@ -55,6 +55,20 @@ from .sources import (
 )
 
 
+def check_unique_channels(channels) -> None:
+    """A channel asked for twice would be decoded twice and fed as two channels: refused, naming it."""
+    if channels is None:
+        return
+    seen, repeated = set(), []
+    for c in channels:
+        if c in seen and c not in repeated:
+            repeated.append(c)
+        seen.add(c)
+    if repeated:
+        raise ValueError(f"channels {', '.join(map(str, channels))}: {', '.join(map(str, repeated))} "
+                         f"given more than once; each channel may appear once")
+
+
 class SiteIndex(Sequence):
     """Sites in a stable order; `summary` tells what the reader skipped and why."""
 
@@ -196,6 +210,7 @@ class SiteIndex(Sequence):
         `root/metadata.csv` if it exists; without any CSV, every file group is a site with path-derived metadata).
         `channels` (e.g. [1, 2, 3, 4, 5, 6]) defaults to every channel number found in the folders."""
         check_on_error(on_error)
+        check_unique_channels(channels)
         summary = ErrorSummary()
         images_dir = os.path.join(root, "images") if os.path.isdir(os.path.join(root, "images")) else root
         if not os.path.isdir(images_dir):
@@ -221,6 +236,7 @@ class SiteIndex(Sequence):
         import pyarrow.parquet as pq
 
         check_on_error(on_error)
+        check_unique_channels(channels)
         summary = ErrorSummary()
         paths = expand_paths(parquet_paths, "*.parquet")
         groups: dict[tuple, dict[int, tuple]] = defaultdict(dict)
@@ -267,6 +283,7 @@ class SiteIndex(Sequence):
         df = read_table(table) if not isinstance(table, pd.DataFrame) else table
         if channel_map is None:
             channel_map = JUMP_CHANNELS
+        check_unique_channels(list(channel_map))
         if not isinstance(channel_map, Mapping):
             channel_map = {name: f"FileName_Orig{name}" for name in channel_map}
         for column in list(channel_map.values()) + ["Metadata_Plate", "Metadata_Well"]:
@@ -327,8 +344,14 @@ class SiteIndex(Sequence):
         manifest_path = os.path.join(pack_dir, "pack.json")
         if not os.path.exists(manifest_path):
             raise FileNotFoundError(f"{pack_dir} is not a mae-fast pack (no pack.json)")
-        with open(manifest_path) as f:
-            manifest = json.load(f)
+        try:
+            with open(manifest_path) as f:
+                manifest = json.load(f)
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ValueError(f"{manifest_path}: the pack's manifest is not valid JSON ({err}); pack the dataset "
+                             "again") from None
+        if not isinstance(manifest, dict):
+            raise ValueError(f"{manifest_path}: the pack's manifest is not a JSON object; pack the dataset again")
         if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
             raise ValueError(f"{manifest_path}: unsupported pack format {manifest.get('format')} v{manifest.get('version')}")
         df = pd.read_parquet(os.path.join(pack_dir, "sites.parquet"))

@@ -45,7 +45,11 @@ class SiteImage:
 def check_site_infos(site: Site, infos: list[ImageInfo], dtype=None, min_size: int = 0) -> None:
     """Channels share one size and one dtype (the dataset's, when given) and are at least min_size on a side."""
     first = infos[0]
-    want = np.dtype(dtype) if dtype is not None else first.dtype
+    if dtype is not None:
+        want = np.dtype(dtype)
+    else:  # the site's own majority: the odd channel out is the one named, whichever it is
+        kinds = [info.dtype for info in infos]
+        want = max(kinds, key=lambda k: (kinds.count(k), -kinds.index(k)))
     for c, info in enumerate(infos):
         if info.dtype != want:
             raise DataError("bit_depth", f"{8 * info.dtype.itemsize}-bit image where the dataset is {8 * want.itemsize}-bit",

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mae_fast.io import OutputLock, beside_lock_path
+from mae_fast.io import OutputLock, OutputPathError, beside_lock_path, disk_full_error, is_disk_full
 from .errors import DataError, ErrorSummary, check_on_error, handle
 from .index import SiteIndex
 from .loading import load_site
@@ -53,6 +53,16 @@ _WORKER: dict = {}
 
 def _init_worker(index: SiteIndex, tile: int, codec: str, dtype) -> None:
     _WORKER.update(index=index, tile=tile, codec=codec, dtype=dtype)
+
+
+def _init_pool_worker(*args) -> None:
+    import signal
+
+    # Ctrl-C reaches the whole process group: the parent handles it (and ends the pool); SIGTERM from the parent's
+    # pool.terminate() ends a worker silently, without the parent's handler (inherited by fork) raising in here
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _init_worker(*args)
 
 
 def _encode_site(position: int) -> tuple[int, object]:
@@ -93,9 +103,40 @@ def pack_index(index: SiteIndex, out_dir: str, tile: int = 256, codec: str = "bl
     with OutputLock(beside_lock_path(out_dir), f"pack folder {out_dir}"):
         if os.path.exists(out_dir) and not overwrite:
             raise FileExistsError(f"{out_dir} exists; pass overwrite=True (--overwrite) to replace it")
+        if os.path.exists(out_dir):
+            check_replaceable(out_dir)
         for stale in glob.glob(glob.escape(out_dir.rstrip(os.sep)) + ".tmp-*"):  # left by a killed run
             shutil.rmtree(stale, ignore_errors=True)
         return _pack(index, out_dir, tile, codec, shard_bytes, num_workers, on_error)
+
+
+def pack_files(out_dir: str) -> set[str] | None:
+    """The files a pack folder's pack.json says `pack` wrote there, or None when it is not a readable pack."""
+    try:
+        with open(os.path.join(out_dir, "pack.json")) as f:
+            manifest = json.load(f)
+        return {"pack.json", "sites.parquet", *(str(s) for s in manifest["shards"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def check_replaceable(out_dir: str) -> None:
+    """--overwrite replaces only a pack folder holding nothing but what `pack` wrote (its pack.json's files), or an
+    empty folder: never a foreign file or folder."""
+    if not os.path.isdir(out_dir):
+        raise OutputPathError(f"--out {out_dir} exists and is not a folder; --overwrite replaces only a pack folder")
+    present = set(os.listdir(out_dir))
+    if not present:
+        return
+    own = pack_files(out_dir)
+    if own is None:
+        raise OutputPathError(f"--out {out_dir} is not a pack folder (no readable pack.json); --overwrite replaces "
+                              "only what mae-fast pack wrote: write elsewhere or remove it yourself")
+    foreign = sorted(present - own)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f", ... and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise OutputPathError(f"--out {out_dir} holds files mae-fast pack did not write ({shown}); --overwrite "
+                              "replaces only a pack's own files: move them or write elsewhere")
 
 
 def _pack(index: SiteIndex, out_dir: str, tile: int, codec: str, shard_bytes: int, num_workers: int,
@@ -109,18 +150,22 @@ def _pack(index: SiteIndex, out_dir: str, tile: int, codec: str, shard_bytes: in
     os.makedirs(tmp)
     try:
         rows, shards, n_bytes = _write_shards(index, tmp, tile, codec, dtype, shard_bytes, num_workers, on_error, summary)
-    except BaseException:
+        if not rows:
+            raise DataError("corrupt_image", f"no site of the index could be packed ({summary})")
+        pd.DataFrame(rows).to_parquet(os.path.join(tmp, "sites.parquet"), index=False)
+        manifest = {"format": FORMAT, "version": VERSION, "codec": codec, "tile": tile,
+                    "channels": list(index.channels), "dtype": np.dtype(dtype).name, "n_sites": len(rows),
+                    "shards": shards, "source": index.description, "summary": summary.to_dict()}
+        with open(os.path.join(tmp, "pack.json"), "w") as f:
+            json.dump(manifest, f, indent=1)
+    except BaseException as err:
+        written = sum(e.stat().st_size for e in os.scandir(tmp)) if os.path.isdir(tmp) else 0
         shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written is left behind
+        if is_disk_full(err):
+            raise disk_full_error(os.path.dirname(os.path.abspath(out_dir)),
+                                  f"packing into {out_dir} (after {written / 2**20:,.1f} MiB written, which is "
+                                  "freed again)") from err
         raise
-    if not rows:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise DataError("corrupt_image", f"no site of the index could be packed ({summary})")
-    pd.DataFrame(rows).to_parquet(os.path.join(tmp, "sites.parquet"), index=False)
-    manifest = {"format": FORMAT, "version": VERSION, "codec": codec, "tile": tile, "channels": list(index.channels),
-                "dtype": np.dtype(dtype).name, "n_sites": len(rows), "shards": shards, "source": index.description,
-                "summary": summary.to_dict()}
-    with open(os.path.join(tmp, "pack.json"), "w") as f:
-        json.dump(manifest, f, indent=1)
     if os.path.exists(out_dir):
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
@@ -136,7 +181,7 @@ def _write_shards(index, tmp, tile, codec, dtype, shard_bytes, num_workers, on_e
         if num_workers > 0:
             import multiprocessing
 
-            pool = multiprocessing.get_context().Pool(num_workers, _init_worker, (index, tile, codec, dtype))
+            pool = multiprocessing.get_context().Pool(num_workers, _init_pool_worker, (index, tile, codec, dtype))
             results = pool.imap(_encode_site, range(len(index)), chunksize=1)
         else:
             _init_worker(index, tile, codec, dtype)

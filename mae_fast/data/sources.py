@@ -82,6 +82,9 @@ def read_table(path):
     import pandas as pd
 
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder, not a table: a JUMP source is a load_data CSV or parquet file (an RxRx "
+                         "folder needs --format rxrx, a pack folder --format pack)")
     with reading_table(path):
         return pd.read_parquet(path) if path.endswith(".parquet") else pd.read_csv(path)
 

@@ -149,6 +149,24 @@ def require_columns(frame: pd.DataFrame, columns, source: str, what: str = "tabl
         )
 
 
+COUNT_COLUMNS = ("n_sites", "n_tiles", "site", "n_cells")  # numbers about a row, not features of it
+
+
+def check_one_row_per_well(frame: pd.DataFrame, spec: ColumnSpec, source: str) -> None:
+    """A well in two rows would count twice (as its own replicate): refused, naming it and its rows."""
+    if spec.row_id not in frame.columns:
+        return
+    ids = frame[spec.row_id].astype(str)
+    repeated = ids[ids.duplicated(keep=False)]
+    if len(repeated):
+        first = repeated.iloc[0]
+        rows = np.flatnonzero((ids == first).to_numpy())
+        raise EvaluationInputError(
+            f"{source}: {repeated.nunique()} {spec.row_id} value(s) appear in more than one row, e.g. {first!r} in "
+            f"rows {name_some(rows)}; the table must hold one row per well (embed's per-well table, not --sites')"
+        )
+
+
 def select_feature_columns(frame: pd.DataFrame, spec: ColumnSpec, source: str) -> list[str]:
     """Feature columns: explicit list, else `{prefix}*`, else numeric non-metadata columns."""
     if spec.feature_columns:
@@ -156,15 +174,16 @@ def select_feature_columns(frame: pd.DataFrame, spec: ColumnSpec, source: str) -
         columns = list(spec.feature_columns)
     else:
         columns = [c for c in frame.columns if isinstance(c, str) and c.startswith(spec.feature_prefix)]
-        if not columns:
-            metadata = spec.metadata_columns()
+        if not columns:  # counts written beside the features (embed's n_sites, n_tiles) are never features
+            metadata = spec.metadata_columns() | set(COUNT_COLUMNS)
             columns = [
                 c for c in frame.columns
                 if c not in metadata and pd.api.types.is_numeric_dtype(frame[c]) and not pd.api.types.is_bool_dtype(frame[c])
             ]
     if not columns:
         raise EvaluationInputError(
-            f"{source}: no feature columns (none named '{spec.feature_prefix}*' and no numeric non-metadata columns)"
+            f"{source}: no feature columns (none named '{spec.feature_prefix}*' and no numeric non-metadata columns "
+            f"other than the counts {', '.join(COUNT_COLUMNS)})"
         )
     non_numeric = [
         c for c in columns
@@ -235,6 +254,7 @@ def well_table_from_frame(
         raise EvaluationInputError(f"{source}: duplicated column name(s) {name_some(repr(c) for c in dup)}")
     if len(frame) == 0:
         raise EvaluationInputError(f"{source}: the embeddings table has no rows")
+    check_one_row_per_well(frame, spec, source)
     features_cols = select_feature_columns(frame, spec, source)
 
     is_control = control_mask(frame, spec, source)

@@ -30,8 +30,11 @@ then the dataset's other metadata columns), perturbation, n_sites, n_tiles, then
 c * D + i for channel c, dimension i. With --sites also `OUT_STEM_sites.parquet`, one row per site.
 
 Resuming: work is done plate by plate; each finished plate is one part file in `OUT_STEM_parts/`, written
-atomically, and a rerun skips the plates that have one (a manifest guards against mixing settings). When every
-plate is done the parts are merged into OUT. An existing OUT is refused unless --overwrite.
+atomically, and a rerun skips the plates that have one (a manifest guards against mixing settings). A part records
+what made it (settings, weights, the plate's metadata rows, its files' sizes and modification times): a plate whose
+record differs now (a relabelled gene, a replaced image) is embedded again, and the rerun says so. When every plate
+is done the parts are merged into OUT. An existing OUT is refused unless --overwrite, which removes only what embed
+wrote (parquet tables, the parts folder's parts); no output may be an input or a folder holding one.
 """
 from __future__ import annotations
 
@@ -47,14 +50,38 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mae_fast.checkpoint import CheckpointError
+from mae_fast.checkpoint import describe_model
 from mae_fast.data.tiling import decode_workers
 from mae_fast.inference.adabn import AdaBNPlateTiles, adabn_window_tiles, is_adabn
-from mae_fast.inference.tables import merge_parts, output_paths, plate_part_name, plate_table, write_parquet
-from mae_fast.io import OutputLock, atomic_write_json, beside_lock_path, remove_temporaries
-from mae_fast.models import model_config
-from mae_fast.training.pretrained import load_pretrained
-from mae_fast.training.config import ConfigError, DataConfig, resolve_amp, resolve_device
+from mae_fast.inference.model_loading import check_channels, load_embedding_model
+from mae_fast.inference.tables import (
+    MANIFEST,
+    check_own_outputs,
+    merge_parts,
+    output_paths,
+    part_inputs_digest,
+    plate_inputs_digest,
+    plate_part_name,
+    plate_table,
+    write_parquet,
+)
+from mae_fast.io import (
+    OutputLock,
+    atomic_write_json,
+    beside_lock_path,
+    check_output_path,
+    refuse_overwriting_inputs,
+    remove_temporaries,
+)
+from mae_fast.training.config import (
+    MAX_SEED,
+    ConfigError,
+    DataConfig,
+    check_num_workers,
+    data_inputs,
+    resolve_amp,
+    resolve_device,
+)
 from mae_fast.training.data import build_site_index
 from mae_fast.training.distributed import (
     DistInfo,
@@ -66,7 +93,6 @@ from mae_fast.training.distributed import (
     torch_threads,
 )
 
-MANIFEST = "manifest.json"
 logger = logging.getLogger(__name__)
 
 
@@ -119,61 +145,6 @@ def assign_plates(plates: list[tuple[str, str]], sizes: list[int], world_size: i
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Model
-# ------------------------------------------------------------------------------------------------------------
-
-# config keys that do not change what a model computes at inference (a --preset may differ from a checkpoint in them)
-
-
-TRAINING_ONLY_KEYS = {
-    "drop_path", "lr", "weight_decay", "betas", "grad_checkpointing",                        # MAE
-    "num_classes", "label_smoothing", "virtual_batch_size", "bn_momentum", "optimizer", "lr_batch", "momentum",
-    "nesterov", "schedule", "mask_ratio", "mask_patch",                                        # baselines
-}
-
-
-def preset_config(preset: str, overrides: dict):
-    """The architecture of `preset` (an MAE or a baseline) with overrides; errors as ConfigError."""
-    try:
-        return model_config(preset, **overrides)
-    except (KeyError, ValueError, TypeError) as err:
-        raise ConfigError(str(err).strip('"')) from err
-
-
-def load_embedding_model(cfg: EmbedConfig) -> tuple[torch.nn.Module, str]:
-    arch = None
-    if cfg.preset:
-        arch = preset_config(cfg.preset, cfg.model)
-    elif cfg.model:
-        raise ConfigError("model overrides need --preset (they describe the architecture of a weights file)")
-    model, kind = load_pretrained(cfg.checkpoint, arch)  # also a Hub repo id (mae_fast.hub.resolve_checkpoint)
-    if arch is not None and kind != "timm" and model.cfg.to_dict() != arch.to_dict():
-        saved = model.cfg.to_dict()
-        diffs = sorted(set(k for k, v in arch.to_dict().items() if saved.get(k) != v and k != "name")
-                       | (set(saved) ^ set(arch.to_dict())))
-        if any(k not in TRAINING_ONLY_KEYS for k in diffs):
-            raise CheckpointError(f"{cfg.checkpoint} holds a {model.cfg.name} model that differs from --preset "
-                                  f"{cfg.preset} in {diffs}")
-    return model, kind
-
-
-
-def _check_channels(model: torch.nn.Module, index, per_channel: bool) -> None:
-    m = model.cfg
-    C = len(index.channels)
-    channel_agnostic = getattr(m, "channel_agnostic", False)
-    if per_channel and not channel_agnostic:
-        kind = "a standard MAE" if not hasattr(m, "family") else f"the {m.family.upper()} baseline {m.name}"
-        raise ConfigError(f"--per-channel needs a channel-agnostic (CA-MAE) model; this one is {kind}")
-    if channel_agnostic:
-        if not 1 <= C <= m.max_in_chans:
-            raise ConfigError(f"the CA-MAE model takes 1..{m.max_in_chans} channels, the dataset has {C}")
-    elif C != m.in_chans:
-        raise ConfigError(f"the model expects {m.in_chans} channels, the dataset has {C} "
-                          f"({', '.join(index.channels)}); choose channels with --channels")
-
-
-# ------------------------------------------------------------------------------------------------------------
 # Parts: which weights and settings made them
 # ------------------------------------------------------------------------------------------------------------
 
@@ -198,6 +169,15 @@ def _manifest(cfg: EmbedConfig, model: torch.nn.Module, index, amp) -> dict:
     return manifest
 
 
+def check_outputs(cfg: EmbedConfig) -> None:
+    """Before any work: the table's name is usable, and no output (table, site table, parts folder) is an input or
+    a folder holding one."""
+    check_output_path(cfg.out, "--out", kind="file")
+    inputs = {**data_inputs(cfg.data), "--checkpoint": cfg.checkpoint}
+    for path in output_paths(cfg.out):
+        refuse_overwriting_inputs(path, inputs, "--out" if path == cfg.out else f"--out's {path}")
+
+
 def _prepare(cfg: EmbedConfig, info: DistInfo):
     """Every check before work: output, model, data, channels, an earlier run's manifest."""
     out, sites_path, parts_dir = output_paths(cfg.out)
@@ -205,6 +185,9 @@ def _prepare(cfg: EmbedConfig, info: DistInfo):
         raise ConfigError("give the model: --checkpoint PATH")
     if cfg.batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {cfg.batch_size}")
+    check_num_workers(cfg.data.num_workers, "--num-workers")
+    if not 0 <= cfg.seed <= MAX_SEED:
+        raise ConfigError(f"seed must be in [0, {MAX_SEED}], got {cfg.seed}")
     if cfg.adabn_window < 0:
         raise ConfigError(f"adabn_window must be >= 0 (0: 8 x batch_size), got {cfg.adabn_window}")
     from mae_fast.data.tiling import EDGES
@@ -216,6 +199,8 @@ def _prepare(cfg: EmbedConfig, info: DistInfo):
     manifest_path = os.path.join(parts_dir, MANIFEST)
     if existing and not cfg.overwrite and (len(existing) == len(wanted) or not os.path.exists(manifest_path)):
         raise ConfigError(f"output {existing[0]} exists; pass --overwrite to replace it")
+    if cfg.overwrite:
+        check_own_outputs(out, sites_path, parts_dir)
     # some but not all tables exist beside their parts (a run killed between its table writes): a rerun with the
     # same settings (the manifest check below) merges the parts again and writes the missing table
     device = resolve_device(cfg.device, info.local_rank)
@@ -225,7 +210,7 @@ def _prepare(cfg: EmbedConfig, info: DistInfo):
         raise ConfigError(f"{model.cfg.name} normalises with batch statistics (AdaBN): batch_size must be >= 2, got "
                           f"{cfg.batch_size}")
     index = build_site_index(cfg.data)
-    _check_channels(model, index, cfg.per_channel)
+    check_channels(model, index, cfg.per_channel)
     manifest = _manifest(cfg, model, index, amp)
     if not cfg.overwrite and os.path.exists(manifest_path):
         with open(manifest_path) as f:
@@ -243,6 +228,7 @@ def embed(cfg: EmbedConfig) -> EmbedResult:
     device = resolve_device(cfg.device, info.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    check_outputs(cfg)
     init_distributed(info, device)
     lock = None
     try:  # one writer per output (table, site table, parts): rank 0 holds the lock from before any check
@@ -292,11 +278,19 @@ def _embed(cfg: EmbedConfig, info: DistInfo) -> EmbedResult:
     by_plate = {p: index.select(where=lambda s, p=p: (s.experiment, s.plate) == p) for p in plates}
     names = [plate_part_name(*p) for p in plates]
     mine = assign_plates(plates, [len(by_plate[p]) for p in plates], info.world_size)[info.rank]
-    done_before = [i for i in mine if os.path.exists(os.path.join(parts_dir, names[i]))]
-    todo = [i for i in mine if i not in done_before]
     label = [f"{e}/Plate{p}" for e, p in plates]
+    made_from = {i: plate_inputs_digest(by_plate[plates[i]], manifest) for i in mine}
+    done_before, stale = [], []
+    for i in mine:
+        path = os.path.join(parts_dir, names[i])
+        if os.path.exists(path):
+            (done_before if part_inputs_digest(path) == made_from[i] else stale).append(i)
+    for i in stale:
+        logger.info(f"{label[i]}: its part was made from other inputs (metadata rows, image files or settings "
+                    f"changed since); embedding the plate again")
+    todo = [i for i in mine if i not in done_before]
     if info.is_main:
-        logger.info(f"embedding {len(index)} sites on {len(plates)} plate(s) with {model.cfg.name} ({kind}, "
+        logger.info(f"embedding {len(index)} sites on {len(plates)} plate(s) with {describe_model(model.cfg)} ({kind}, "
                     f"{model.cfg.img_size}px tiles, {dims} features, {device.type} {'bf16' if amp else 'fp32'})"
                     + (f"; {len(done_before)} plate(s) already done" if done_before else "") + f" -> {out}")
 
@@ -334,7 +328,8 @@ def _embed(cfg: EmbedConfig, info: DistInfo) -> EmbedResult:
         summary.merge(tiles_it.summary)
         frame = plate_table(sub, sums, counts, dims)
         write_parquet(frame, os.path.join(parts_dir, names[i]),
-                      {"plate": label[i], "skipped": tiles_it.summary.to_dict(), "n_tiles": int(sum(counts.values()))})
+                      {"plate": label[i], "skipped": tiles_it.summary.to_dict(), "n_tiles": int(sum(counts.values())),
+                       "inputs": made_from[i]})
     bar.close()
     seconds = time.perf_counter() - t0
     barrier(info)

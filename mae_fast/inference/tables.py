@@ -9,13 +9,14 @@ import re
 
 import numpy as np
 
-from mae_fast.io import atomic_write
+from mae_fast.io import TMP_PREFIX, OutputPathError, atomic_write
 from mae_fast.training.config import ConfigError
 
 RXRX3_COLUMNS = ("well_id", "experiment_name", "plate", "address", "gene", "treatment", "SMILES", "concentration",
                  "perturbation_type", "cell_type")
 SITE_ONLY_COLUMNS = ("site", "site_id")  # per-site metadata keys left out of well rows
 PART_META_KEY = b"mae_fast_embed"
+MANIFEST = "manifest.json"  # in the parts folder: the settings and weights that made its parts
 
 
 def output_paths(out: str) -> tuple[str, str, str]:
@@ -128,6 +129,69 @@ def merge_parts(parts_dir: str, part_names: list[str], out: str, sites_path: str
         sites[features] = sites[features].astype(np.float32)
         write_parquet(sites[[c for c in sites.columns if c not in features] + features], sites_path)
     return len(wells), int((everything["level"] == "site").sum()), summary
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Parts: reused only while what made them is unchanged; --overwrite removes only embed's own files
+# ------------------------------------------------------------------------------------------------------------
+
+def _is_parquet(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"PAR1"
+
+
+def check_own_outputs(out: str, sites_path: str, parts_dir: str) -> None:
+    """--overwrite removes only what embed wrote: parquet tables, and a parts folder of parts, their manifest and
+    temporaries; a foreign file there is refused, never deleted."""
+    for path in (out, sites_path):
+        if os.path.exists(path) and (not os.path.isfile(path) or not _is_parquet(path)):
+            raise OutputPathError(f"--overwrite: {path} is not a parquet table written by embed; refusing to delete "
+                                  "it: write elsewhere or remove it yourself")
+    if os.path.exists(parts_dir):
+        if not os.path.isdir(parts_dir):
+            raise OutputPathError(f"--overwrite: {parts_dir} (the parts folder) is not a folder; refusing to delete it")
+        foreign = sorted(n for n in os.listdir(parts_dir)
+                         if not (n == MANIFEST or n.endswith(".parquet") or n.startswith(TMP_PREFIX)))
+        if foreign:
+            raise OutputPathError(f"--overwrite: {parts_dir} holds files embed did not write ({', '.join(foreign[:5])}"
+                                  "); refusing to delete them: move them or write elsewhere")
+
+
+def _source_identity(source) -> str:
+    """One channel's (or packed site's) file as path, size and modification time; in-memory bytes by content."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return "bytes:" + hashlib.blake2b(bytes(source), digest_size=16).hexdigest()
+    path = str(getattr(source, "path", source))
+    where = "".join(f":{getattr(source, k)}" for k in ("row_group", "row", "start") if hasattr(source, k))
+    try:
+        st = os.stat(path)
+    except OSError:
+        return f"{path}{where}:missing"
+    return f"{path}{where}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def plate_inputs_digest(sites, manifest: dict) -> str:
+    """What a plate's part is made from: the run's settings and weights (`manifest`), every site's metadata row
+    and its files' sizes and modification times. A part is reused only while this is unchanged."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps(manifest, sort_keys=True, default=str).encode())
+    for s in sites:
+        row = [s.well_id, s.site, s.experiment, s.plate, s.address, s.perturbation, list(s.channels), dict(s.metadata)]
+        h.update(json.dumps(row, sort_keys=True, default=str).encode())
+        for source in (*s.sources, *((s.packed,) if s.packed is not None else ())):
+            h.update(_source_identity(source).encode() + b"\x1e")
+    return h.hexdigest()
+
+
+def part_inputs_digest(path: str) -> str | None:
+    """The inputs digest recorded in a part file (None: unreadable, or written before parts recorded it)."""
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.read_schema(path).metadata or {}
+        return json.loads(meta.get(PART_META_KEY, b"{}")).get("inputs")
+    except (OSError, ValueError):
+        return None
 
 
 # ------------------------------------------------------------------------------------------------------------

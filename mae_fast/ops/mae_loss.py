@@ -241,10 +241,18 @@ def mae_loss(
         raise ValueError(f"token size {P} is not a multiple of patch_size^2 = {patch_size**2}")
     if layout == "channel" and P != patch_size * patch_size:
         raise ValueError(f"channel-layout tokens hold p*p = {patch_size**2} values, got {P}")
+    if pred.shape[0] * pred.shape[1] == 0:
+        return no_tokens_loss(pred)
     kernel = implementation.choose("mae_loss", pred.device, impl, pred, target, mask, patch_size, layout, alpha)
     if kernel == "reference":
         return mae_loss_reference(pred, target, mask, patch_size, layout, float(alpha))
     return mae_loss_op(pred, target, mask, patch_size, float(alpha), kernel)[0]
+
+
+
+def no_tokens_loss(pred: torch.Tensor) -> torch.Tensor:
+    """The loss over no tokens (mask ratio 0: nothing masked): 0, with a zero gradient for `pred`."""
+    return pred.float().sum() * 0.0 + 0.0  # + 0.0: not -0.0
 
 
 def masked_mae_loss_reference(pred, target, masking, patch_size, layout, alpha):
@@ -273,6 +281,8 @@ def masked_mae_loss(
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if P % (patch_size * patch_size):
         raise ValueError(f"token size {P} is not a multiple of patch_size^2 = {patch_size**2}")
+    if masking.len_keep == L or B == 0:  # mask ratio 0: no masked token to score
+        return no_tokens_loss(pred)
     kernel = implementation.choose("masked_mae_loss", pred.device, impl, pred, target, None, patch_size, layout,
                                    alpha)
     if kernel == "reference":

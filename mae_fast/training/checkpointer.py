@@ -28,8 +28,8 @@ from mae_fast.checkpoint import (
 )
 from mae_fast.training.checkpointing import (
     CHECKPOINT_DIR, SHARDED_DIR, _model_for_saving, _rng_state, build_model, checkpoint_tmp_dir,
-    describe_non_finite, full_model_state, full_optimizer_state, is_sharded, load_optimizer_state, non_finite_weights,
-    publish_checkpoint, run_config_dict, step_dir_name, write_checkpoint,
+    describe_non_finite, disk_full_named, full_model_state, full_optimizer_state, is_sharded, load_optimizer_state, non_finite_weights,
+    publish_checkpoint, run_config_dict, step_dir_name, tensor_bytes, write_checkpoint,
 )
 from mae_fast.training.config import RunPlan, TrainConfig
 from mae_fast.training.distributed import DistInfo, all_gather_objects, barrier
@@ -141,11 +141,12 @@ class Checkpointer:
         # one temporary folder for every rank, made fresh by rank 0 (a killed run's copy removed first)
         tmp = all_gather_objects(checkpoint_tmp_dir(self.cfg.out_dir, step, "-sharded") if self.info.is_main
                                  else None, self.info)[0]
-        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=os.path.join(tmp, SHARDED_DIR),
-                 no_dist=_no_dist())
-        if self.info.is_main:  # DCP's coordinator wrote .metadata after every rank's shards
-            save_config(self.plan.model_cfg, tmp, {"step": step, **self.extra})
-            path = publish_checkpoint(self.cfg.out_dir, step, tmp, train_state, self.cfg.keep_last)
+        with disk_full_named(tmp, step, tensor_bytes([model_state, optim_state])):  # DTensors count whole
+            dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=os.path.join(tmp, SHARDED_DIR),
+                     no_dist=_no_dist())
+            if self.info.is_main:  # DCP's coordinator wrote .metadata after every rank's shards
+                save_config(self.plan.model_cfg, tmp, {"step": step, **self.extra})
+                path = publish_checkpoint(self.cfg.out_dir, step, tmp, train_state, self.cfg.keep_last)
         barrier(self.info)
         return path, bad
 

@@ -2,6 +2,7 @@
 reading weights back (ours, OpenPhenom, timm), and the checks that guard an existing run folder."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -14,7 +15,7 @@ import torch
 
 from mae_fast.models import create_model
 from mae_fast.checkpoint import CONFIG_NAME, CheckpointError, WEIGHTS_NAME, load_state_dict_strict, save_model
-from mae_fast.io import TMP_PREFIX, atomic_write, atomic_write_json, remove_temporaries
+from mae_fast.io import TMP_PREFIX, atomic_write, atomic_write_json, disk_full_error, is_disk_full, remove_temporaries
 from mae_fast.models import MaskedAutoencoder
 from mae_fast.io import LOCK_NAME
 from mae_fast.training.config import RESUME_MAY_CHANGE, ConfigError, ModelConfig, TrainConfig, model_family
@@ -147,8 +148,34 @@ def write_checkpoint(out_dir: str, step: int, cfg: ModelConfig, model_state: dic
         raise CheckpointError(f"the weights of step {step} hold {describe_non_finite(bad)}; checkpoint "
                               f"{final} not written")
     tmp = checkpoint_tmp_dir(out_dir, step, f"-{os.getpid()}")
-    save_model(_StateHolder(cfg, model_state), tmp, extra={"step": step, **(extra or {})})
-    return publish_checkpoint(out_dir, step, tmp, train_state, keep_last)
+    with disk_full_named(tmp, step, tensor_bytes(model_state) + tensor_bytes(train_state)):
+        save_model(_StateHolder(cfg, model_state), tmp, extra={"step": step, **(extra or {})})
+        return publish_checkpoint(out_dir, step, tmp, train_state, keep_last)
+
+
+@contextlib.contextmanager
+def disk_full_named(tmp: str, step: int, needed: int):
+    """A write of checkpoint `step` into the temporary folder `tmp`: on any OSError the temporary goes (nothing
+    partial is left), and a full disk ends as one line naming the folder, the space needed and the way on."""
+    try:
+        yield
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(err):
+            raise disk_full_error(os.path.dirname(tmp), f"writing the checkpoint of step {step}", needed,
+                                  "continue with --resume") from err
+        raise
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes of the tensors in a (nested) state: about the size of its checkpoint files."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
 
 
 def checkpoint_tmp_dir(out_dir: str, step: int, suffix: str) -> str:

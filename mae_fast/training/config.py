@@ -40,6 +40,10 @@ class ConfigError(ValueError):
     """A configuration that cannot run: names the key, the value and what is valid."""
 
 
+class NonFiniteError(ConfigError):
+    """A NaN or infinite value (also spelt as text, e.g. 'nan'), refused whatever else the key's type allows."""
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Configuration
 # ------------------------------------------------------------------------------------------------------------
@@ -198,6 +202,8 @@ def _coerce(value, hint, key: str):
         for arg in (a for a in args if a is not type(None)):
             try:
                 return _coerce(value, arg, key)
+            except NonFiniteError:
+                raise
             except ConfigError:
                 continue
         raise ConfigError(f"config key {key!r}: expected {_type_name(hint)}, got {value!r}")
@@ -212,6 +218,15 @@ def _coerce(value, hint, key: str):
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as text: every spelling float() takes is a float
+            try:
+                number = float(value.strip())
+            except ValueError:
+                pass
+            else:
+                if not math.isfinite(number):
+                    raise NonFiniteError(f"config key {key!r} must be finite, got {value!r}")
+                return number
     elif hint is str:
         if isinstance(value, str):
             return value
@@ -428,6 +443,42 @@ def resolve_baseline_config(cfg: TrainConfig):
     return model_cfg
 
 
+# (minimum, maximum) of the MAE's numeric fields; None: unbounded on that side. Exclusive lower bounds are written
+# as the smallest allowed value where the field is an int.
+MAE_FIELD_RANGES = {
+    "img_size": (1, 16384), "patch_size": (1, 1024), "in_chans": (1, 256), "embed_dim": (1, 65536),
+    "depth": (1, 1024), "num_heads": (1, 1024), "mlp_ratio": (1e-6, 1024.0), "drop_path": (0.0, 0.999),
+    "init_values": (0.0, None), "max_in_chans": (1, 256), "decoder_dim": (1, 65536), "decoder_depth": (1, 1024),
+    "decoder_heads": (1, 1024), "decoder_cross_heads": (1, 1024), "decoder_norm_eps": (1e-12, 1.0),
+    "fourier_alpha": (0.0, 1.0), "lr": (1e-12, None), "weight_decay": (0.0, None),
+}
+
+
+def check_model_ranges(model_cfg) -> None:
+    """Every numeric field of an MAE config within its range (MAE_FIELD_RANGES), and the divisibility the
+    architecture needs; the baselines' configs check theirs on construction."""
+    if model_family(model_cfg) != "mae":
+        return
+    for key, (low, high) in MAE_FIELD_RANGES.items():
+        value = getattr(model_cfg, key)
+        if (low is not None and value < low) or (high is not None and value > high):
+            span = f"[{low:g}, {high:g}]" if high is not None else f">= {low:g}"
+            raise ConfigError(f"config key 'model.{key}' must be in {span}, got {value:g}")
+    for dim, heads in (("embed_dim", "num_heads"), ("decoder_dim", "decoder_heads"),
+                      ("decoder_dim", "decoder_cross_heads")):
+        if getattr(model_cfg, dim) % getattr(model_cfg, heads):
+            raise ConfigError(f"model.{dim} {getattr(model_cfg, dim)} is not a multiple of model.{heads} "
+                              f"{getattr(model_cfg, heads)}")
+    if model_cfg.img_size % model_cfg.patch_size:
+        raise ConfigError(f"model.img_size {model_cfg.img_size} is not a multiple of the patch size "
+                          f"{model_cfg.patch_size}")
+    if not 0.0 <= model_cfg.mask_ratio < 1.0:
+        raise ConfigError(f"model.mask_ratio must be in [0, 1), got {model_cfg.mask_ratio}")
+    if model_cfg.channel_agnostic and model_cfg.in_chans > model_cfg.max_in_chans:
+        raise ConfigError(f"model.in_chans {model_cfg.in_chans} is more than model.max_in_chans "
+                          f"{model_cfg.max_in_chans} (the CA-MAE's channel positions)")
+
+
 def resolve_model_config(cfg: TrainConfig) -> ModelConfig:
     if cfg.preset in list_models("baseline"):
         return resolve_baseline_config(cfg)
@@ -440,12 +491,68 @@ def resolve_model_config(cfg: TrainConfig) -> ModelConfig:
         raise ConfigError(str(err).strip('"')) from err
     if cfg.activation_checkpointing and cfg.activation_checkpointing_policy == "full":
         model_cfg = replace(model_cfg, grad_checkpointing=True)
-    if model_cfg.img_size % model_cfg.patch_size:
-        raise ConfigError(f"model.img_size {model_cfg.img_size} is not a multiple of the patch size "
-                          f"{model_cfg.patch_size}")
-    if not 0.0 <= model_cfg.mask_ratio < 1.0:
-        raise ConfigError(f"model.mask_ratio must be in [0, 1), got {model_cfg.mask_ratio}")
+    check_model_ranges(model_cfg)
+    from mae_fast.ops.layout import num_visible
+
+    tokens = model_cfg.tokens()
+    if num_visible(tokens, model_cfg.mask_ratio) >= tokens:
+        raise ConfigError(f"model.mask_ratio {model_cfg.mask_ratio:g} masks none of the {tokens} patches of a crop: "
+                          "the MAE learns from its loss on masked patches only, which would be 0; use a ratio in "
+                          "(0, 1), e.g. 0.75")
     return model_cfg
+
+
+MAX_MICRO_BATCHES = 65536  # per optimiser step; more is a typo (and the step's schedule would not fit in memory)
+MAX_SEED = 2**63 - 1       # torch.manual_seed takes 64-bit seeds; per-micro-batch seeds are derived from it
+# upper bounds of the top-level integer keys (lower bounds: validate): values past these are typos, and would
+# otherwise end in a MemoryError or an overflow deep inside a run
+UPPER_BOUNDS = {"global_batch": 2**24, "micro_batch": 2**24, "steps": 2**40, "crops": 2**60, "seed": MAX_SEED,
+                "checkpoint_every": 2**40, "keep_last": 10**6, "log_every": 2**40, "recon_every": 2**40,
+                "val_crops": 4096, "threads": 4096, "data.shards": 65536, "data.crops_per_image": 4096,
+                "data.shuffle_sites": 2**24}
+
+
+def max_workers() -> int:
+    """Decode workers a setting may ask for: 4 per core (more only thrash; 10,000 hung the machine)."""
+    return 4 * (os.cpu_count() or 1)
+
+
+def check_upper_bounds(cfg: TrainConfig) -> None:
+    for key, high in UPPER_BOUNDS.items():
+        value = getattr(cfg.data, key[5:]) if key.startswith("data.") else getattr(cfg, key)
+        if value is not None and value > high:
+            raise ConfigError(f"config key {key!r} must be <= {high}, got {value}")
+    if cfg.seed < 0:
+        raise ConfigError(f"config key 'seed' must be in [0, {MAX_SEED}], got {cfg.seed}")
+    for key in ("crops_per_image", "shuffle_sites"):
+        value = getattr(cfg.data, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"config key 'data.{key}' must be >= 1 (or unset for the default), got {value}")
+    check_num_workers(cfg.data.num_workers, "data.num_workers")
+
+
+def check_num_workers(value: int | None, key: str) -> None:
+    if value is not None and not 0 <= value <= max_workers():
+        raise ConfigError(f"config key {key!r} must be in [0, {max_workers()}] (4 per core of this machine), got "
+                          f"{value}")
+
+
+def check_paths(cfg: TrainConfig) -> None:
+    """The run folder: a usable name, and neither an input nor a folder holding one (--overwrite would remove the
+    run's entries there)."""
+    from mae_fast.io import check_output_path, refuse_overwriting_inputs
+
+    check_output_path(cfg.out_dir, "out_dir (--out)")
+    refuse_overwriting_inputs(cfg.out_dir, {**data_inputs(cfg.data), "init_from": cfg.init_from}, "out_dir (--out)")
+
+
+def data_inputs(data: DataConfig) -> dict:
+    """The dataset's paths by the name a user gave them (metadata: also the default ROOT/metadata.csv)."""
+    metadata = data.metadata
+    if metadata is None and data.root and os.path.isfile(os.path.join(data.root, "metadata.csv")):
+        metadata = os.path.join(data.root, "metadata.csv")
+    return {"data.root (--data)": data.root, "data.metadata (--metadata)": metadata,
+            "data.images_root": data.images_root}
 
 
 def validate(cfg: TrainConfig, world_size: int = 1) -> RunPlan:
@@ -460,6 +567,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> RunPlan:
             raise ConfigError(f"config key {key!r} must be >= 0, got {value}")
     if cfg.max_seconds < 0 or cfg.peak_tflops < 0:
         raise ConfigError("max_seconds and peak_tflops must be >= 0")
+    check_upper_bounds(cfg)
     if (cfg.steps > 0) == (cfg.crops > 0):
         raise ConfigError(f"give exactly one of steps or crops (got steps={cfg.steps}, crops={cfg.crops})")
     if not 0.0 <= cfg.warmup_fraction < 1.0:
@@ -481,6 +589,14 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> RunPlan:
     if cfg.global_batch % cfg.micro_batch:
         raise ConfigError(f"global_batch {cfg.global_batch} is not a multiple of micro_batch {cfg.micro_batch}")
     n_micro = cfg.global_batch // cfg.micro_batch
+    if n_micro > MAX_MICRO_BATCHES:
+        raise ConfigError(f"global_batch {cfg.global_batch} / micro_batch {cfg.micro_batch} = {n_micro} micro-batches "
+                          f"per step (at most {MAX_MICRO_BATCHES}); raise micro_batch or lower global_batch")
+    if cfg.distributed == "fsdp" and world_size == 1 and "WORLD_SIZE" not in os.environ:
+        raise ConfigError("distributed=fsdp (--fsdp) shards the model over the processes torchrun starts, and this "
+                          "run is one process: launch it with `torchrun --nproc_per_node N -m mae_fast.cli train "
+                          "...`, or train without --fsdp")
+    check_paths(cfg)
     shards = cfg.data.shards or world_size
     if shards % world_size:
         raise ConfigError(f"data.shards {shards} is not a multiple of the world size {world_size}")

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from mae_fast.data.labels import PerturbationLabels
-from mae_fast.training.config import ConfigError, DataConfig, RunPlan, TrainConfig
+from mae_fast.data.errors import DataError
+from mae_fast.training.config import DATA_FORMATS, ConfigError, DataConfig, RunPlan, TrainConfig
 
 
 def _detect_format(root: str) -> str:
@@ -27,19 +28,32 @@ def _detect_format(root: str) -> str:
     return "rxrx"
 
 
+def _channel_numbers(channels) -> list[int] | None:
+    """RxRx channels given as numbers (1, "2", "w3"), refused with the value named when one is not."""
+    if not channels:
+        return None
+    try:
+        return [int(str(c).strip().lstrip("wW")) for c in channels]
+    except ValueError:
+        raise ConfigError(f"channels {', '.join(map(str, channels))}: RxRx channels are numbers like 1,2,3 (or "
+                          "w1,w2,w3)") from None
+
+
 def build_site_index(data: DataConfig):
     """The selected sites of the dataset; an empty selection is an error naming what exists."""
     from mae_fast.data.index import SiteIndex
 
     root = data.root
+    if data.format not in DATA_FORMATS:
+        raise ConfigError(f"data format (--format, data.format) is {data.format!r}; valid values: "
+                          f"{', '.join(DATA_FORMATS)}")
     fmt = _detect_format(root) if data.format == "auto" else data.format
     if fmt in ("rxrx", "pack") and not os.path.exists(root):
         raise ConfigError(f"data.root {root!r} does not exist")
     if fmt == "rxrx":
-        channels = [int(str(c).lstrip("wW")) for c in data.channels] if data.channels else None
-        index = SiteIndex.from_rxrx(root, data.metadata, channels, on_error=data.on_error)
+        index = SiteIndex.from_rxrx(root, data.metadata, _channel_numbers(data.channels), on_error=data.on_error)
     elif fmt == "rxrx3_core":
-        channels = [int(str(c).lstrip("wW")) for c in data.channels] if data.channels else None
+        channels = _channel_numbers(data.channels)
         index = SiteIndex.from_rxrx3_core(root, data.metadata, channels, on_error=data.on_error)
     elif fmt == "jump":
         index = SiteIndex.from_jump(root, data.channels, root=data.images_root, on_error=data.on_error)
@@ -74,7 +88,11 @@ class ShardStream:
             return next(self._it)
         except StopIteration:  # the loader moved itself to the next epoch
             self._it = iter(self.loader)
+        try:
             return next(self._it)
+        except StopIteration:  # a whole epoch without one batch: every site of the shard failed or is too small
+            raise DataError("too_small", "a data shard yields no batch: every one of its sites was skipped "
+                            f"({getattr(self.loader, 'summary', 'no site')})") from None
 
     def close(self) -> None:
         """End the live iterator (and its DataLoader workers); the loader's state keeps the position."""
@@ -248,7 +266,12 @@ def validation_batch(index, cfg: TrainConfig, plan: RunPlan, device: torch.devic
     """The fixed batch for reconstruction figures: centre crops of the first `val_crops` sites."""
     from mae_fast.data.loader import make_val_loader
 
-    sub = index[: min(len(index), cfg.val_crops)]
-    loader = make_val_loader(sub, crop_size=plan.model_cfg.img_size, batch_size=cfg.val_crops, device=device,
+    # over the whole index, decoded lazily: the first `val_crops` sites that yield a crop (the first ones, unless
+    # some are bad or smaller than the crop)
+    loader = make_val_loader(index, crop_size=plan.model_cfg.img_size, batch_size=cfg.val_crops, device=device,
                              num_workers=0, backend="torch", on_error="skip")
-    return next(iter(loader))
+    for batch in loader:
+        return batch
+    size = plan.model_cfg.img_size
+    raise DataError("too_small", f"none of the {len(index)} selected sites yields a {size}x{size} crop "
+                    f"({loader.summary}); choose a smaller model.img_size or other data")

@@ -144,13 +144,15 @@ def _prepare(cfg: TrainConfig, plan: RunPlan, info: DistInfo, device: torch.devi
         streams = make_plate_streams(index, cfg, plan, info.rank, device, log=notes.append)
     else:
         streams = make_shard_streams(index, cfg, plan, info.rank, device, return_info=labels is not None)
+    # before anything is written: a dataset that yields no crop at all fails here
+    val_images = validation_batch(index, cfg, plan, device) if info.is_main and plan.family != "wsl" else None
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     core = build_model(plan.model_cfg)
     if weights is not None:  # a full checkpoint: weights before wrapping (a sharded one loads after)
         load_state_dict_strict(core, weights, os.path.join(path, WEIGHTS_NAME))
     elif state is None and cfg.init_from:
         init_weights_from(cfg.init_from, core)
-    return index, streams, core, resume_step, path, state, labels, notes
+    return index, streams, core, resume_step, path, state, labels, notes, val_images
 
 
 def _count(n: int) -> str:
@@ -201,7 +203,7 @@ def _reconstruction(checkpointer: Checkpointer, info: DistInfo, cfg: TrainConfig
 
 
 def _train(cfg: TrainConfig, plan: RunPlan, info: DistInfo, device: torch.device, amp) -> TrainResult:
-    index, streams, core, resume_step, resume_path, state, labels, notes = agree(
+    index, streams, core, resume_step, resume_path, state, labels, notes, val_images = agree(
         lambda: _prepare(cfg, plan, info, device), info)
     if info.is_main:
         removed = prepare_output(cfg, resume_step)
@@ -226,7 +228,6 @@ def _train(cfg: TrainConfig, plan: RunPlan, info: DistInfo, device: torch.device
         start_step, crops_seen = int(state["step"]), int(state["crops"])
         losses = [float(x) for x in state["losses"].tolist()]
 
-    val_images = validation_batch(index, cfg, plan, device) if info.is_main and hasattr(core, "reconstruct") else None
     report = StepReporter(cfg, plan.model_cfg, info.world_size, info.is_main, device, resume_step, start_step,
                           plan.total_steps, labels is not None)
     train_step = TrainStep(forward, wrapped, optimizer, streams, labels, cfg, plan, info, device, amp)
