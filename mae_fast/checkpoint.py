@@ -18,7 +18,7 @@ import torch
 from mae_fast.io import atomic_write, atomic_write_json
 # the modules, not the `mae_fast.models` package: its __init__ imports mae_fast.hub, which reads checkpoints
 from mae_fast.models.mae import MAEConfig
-from mae_fast.models.registry import CONFIG_CLASSES, config_from_dict, create_model
+from mae_fast.models.registry import CONFIG_CLASSES, config_from_dict, create_model, model_config
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -156,10 +156,11 @@ def describe_model(cfg) -> str:
     """The model's name for messages: its preset's name, or `PRESET modified (the differences)` when its
     architecture is not that preset's (a hand-edited config.json, or a run with model overrides), so that no output
     reports it as the preset. The config itself keeps its name (a checkpoint loads as it was saved)."""
-    from mae_fast.models import BASELINE_PRESETS, PRESETS
-
-    preset = PRESETS.get(cfg.name) or BASELINE_PRESETS.get(cfg.name)
-    if preset is None or type(preset) is not type(cfg):
+    try:
+        preset = model_config(cfg.name)
+    except (KeyError, ValueError):  # not a preset's name
+        return cfg.name
+    if type(preset) is not type(cfg):
         return cfg.name
     diffs = [f"{k} {getattr(cfg, k)} (preset {getattr(preset, k)})" for k in ARCHITECTURE_KEYS
              if hasattr(cfg, k) and getattr(cfg, k) != getattr(preset, k)]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from mae_fast import _C  # noqa: F401  (loads the torch.ops.mae_fast library; ImportError when not built)
+import mae_fast._C  # noqa: F401  (loads the torch.ops.mae_fast library; ImportError when not built)
 from mae_fast.ops.implementation import UnsupportedInput
 from mae_fast.ops.lion import LionScalars, check_lion_device, lion_groups, lion_update_rest
 from mae_fast.ops.lion import register_kernel as register_lion

@@ -19,14 +19,14 @@ from types import ModuleType
 
 import torch
 
-import mae_fast
 
 KERNELS = "mae_fast.kernels"
 
 
 def checkout_kernels_folder() -> str | None:
     """`kernels/` of the source checkout the imported `mae_fast` package lives in (None for a wheel install)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(mae_fast.__file__)))
+    # this file is mae_fast/ops/triton.py: the checkout is three folders up (no import of the mae_fast package here)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     folder = os.path.join(root, "kernels")
     is_checkout = os.path.exists(os.path.join(root, "setup.py")) and os.path.isdir(os.path.join(root, "csrc"))
     return folder if is_checkout and os.path.exists(os.path.join(folder, "__init__.py")) else None
@@ -47,7 +47,7 @@ def kernels_module(folder: str | None = None) -> ModuleType:
         del sys.modules[name]
     sys.modules[KERNELS] = module
     spec.loader.exec_module(module)
-    mae_fast.kernels = module
+    setattr(sys.modules[__name__.partition(".")[0]], "kernels", module)  # bound as importing the subpackage would
     return module
 
 

@@ -203,10 +203,10 @@ def test_huge_micro_batch_count_and_seed_flag(screen, tmp_path, capsys):
 
 
 def test_mask_ratio_zero_is_a_zero_loss_for_inference():
-    from mae_fast.models import MaskedAutoencoder, get_config
+    from mae_fast.models import MaskedAutoencoder, model_config
 
     torch.manual_seed(0)
-    model = MaskedAutoencoder(get_config(MICRO, img_size=32, depth=1, decoder_depth=1))
+    model = MaskedAutoencoder(model_config(MICRO, img_size=32, depth=1, decoder_depth=1))
     images = torch.rand(2, 6, 32, 32)
     out = model(images, mask_ratio=0.0)
     assert out.loss.item() == 0.0 and not str(out.loss.item()).startswith("-")
@@ -474,7 +474,7 @@ def test_config_naming_another_preset_is_reported_as_modified(finished_run, scre
     model = tmp_path / "model"
     shutil.copytree(finished_run / "model", model)
     config = json.loads((model / "config.json").read_text())
-    config["mae_fast_config"]["name"] = "mae_vit_small_patch16_256"
+    config["name"] = "mae_vit_small_patch16_256"
     (model / "config.json").write_text(json.dumps(config))
     assert cli.main(embed_argv(model, screen.root, tmp_path / "e.parquet")) == 0
     printed = capsys.readouterr().out
