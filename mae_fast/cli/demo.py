@@ -76,6 +76,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"{DEFAULT_CELLPROFILER_CELLS}; 0: every segmented cell). Every cell is segmented either way")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp32"),
+                   help="autocast dtype of training and embedding (default auto: bf16 on GPUs and on CPUs with native "
+                        "bf16 units -- AMX / AVX512-BF16 -- fp32 on other CPUs)")
     p.add_argument("--tiny", action="store_true", help="a very small screen and run (for tests)")
 
 
@@ -167,7 +170,7 @@ def train_config(preset: str, screen_root: str, out_dir: str, args, seconds: flo
     return TrainConfig(
         preset=preset, model=model, data=DataConfig(root=screen_root), out_dir=out_dir, overwrite=True,
         global_batch=args.batch_size, micro_batch=args.batch_size, steps=steps, lr=lr,
-        max_seconds=seconds, seed=args.seed, device=args.device,
+        max_seconds=seconds, seed=args.seed, device=args.device, amp=args.amp,
         checkpoint_every=max(1, steps // 2), log_every=max(1, steps // 20),
     )
 
@@ -228,7 +231,8 @@ def run(args) -> int:
               f"{result.crops_per_second:.1f} crops/s): loss {first:.4f} -> {last:.4f}")
         stage = time.time()
         embeddings = embed_dataset(result.model_dir, screen.root, os.path.join(folder, "embeddings.parquet"),
-                                   overwrite=True, device=args.device, seed=args.seed)
+                                   overwrite=True, device=args.device, amp=args.amp,
+                                   seed=args.seed)
         embed_seconds = time.time() - stage
         print(f"embedded {embeddings.n_wells} wells with {preset} ({embeddings.n_tiles} tiles, "
               f"{embeddings.tiles_per_second:.1f} tiles/s)")

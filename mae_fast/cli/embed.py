@@ -34,7 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=number(int, minimum=1), default=64, help="tiles per forward pass (default 64)")
     p.add_argument("--edge", default="drop", help="tiles at the border: drop, center, pad, error")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    p.add_argument("--amp", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp32")
+    p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp32"),
+                   help="auto (bf16 on GPU and on CPUs with native bf16 units -- AMX / AVX512-BF16 -- else fp32), "
+                        "bf16, fp32")
     p.add_argument("--num-workers", type=number(int, minimum=0), default=None, help="decode workers (default min(4, cores))")
     p.add_argument("--backend", default="auto", help="image decoding: auto, torch, dali")
     p.add_argument("--on-error", default="raise", choices=("raise", "skip"), help="bad sites: stop, or skip and count")

@@ -18,7 +18,8 @@ and cut into near-equal batches of at most batch_size and at least 2 tiles. The 
 (seed, adabn_window, batch_size), which the parts' manifest records.
 
 Every site is cut into non-overlapping tiles of the model's crop size (`mae_fast.data.tiling`); each tile is
-embedded without masking (mean of the patch tokens; bf16 autocast on GPU, fp32 on CPU); a site's embedding is the
+embedded without masking (mean of the patch tokens; bf16 autocast on GPUs and on CPUs with native bf16 units, fp32
+on other CPUs: `mae_fast.device.default_amp`); a site's embedding is the
 mean of its tiles, a well's the mean of all its tiles (= the mean of its sites when they have the same tile count).
 
 Output: `OUT` (parquet, one row per well): the metadata columns (RxRx3 schema: well_id, experiment_name, plate,
@@ -46,6 +47,7 @@ import torch.distributed as dist
 
 from mae_fast.checkpoint import CheckpointError
 from mae_fast.data.tiling import decode_workers
+from mae_fast.device import amp_label
 from mae_fast.inference.adabn import AdaBNPlateTiles, adabn_window_tiles, is_adabn
 from mae_fast.inference.tables import merge_parts, output_paths, plate_part_name, plate_table, write_parquet
 from mae_fast.io import OutputLock, atomic_write_json, beside_lock_path, remove_temporaries
@@ -76,7 +78,7 @@ class EmbedConfig:
     edge: str = "drop"                   # tiles at the image border: drop, center, pad, error (see tiling.py)
     batch_size: int = 64                 # tiles per forward pass
     device: str = "auto"
-    amp: str = "auto"                    # auto (bf16 on GPU, fp32 on CPU), bf16, fp32
+    amp: str = "auto"                    # auto (bf16 on GPU and on CPUs with native bf16, else fp32), bf16, fp32
     per_channel: bool = False            # CA-MAE: per-channel embeddings (C * D features)
     sites: bool = False                  # also write the per-site table
     overwrite: bool = False
@@ -294,7 +296,7 @@ def _embed(cfg: EmbedConfig, info: DistInfo) -> EmbedResult:
     label = [f"{e}/Plate{p}" for e, p in plates]
     if info.is_main:
         print(f"embedding {len(index)} sites on {len(plates)} plate(s) with {model.cfg.name} ({kind}, "
-              f"{model.cfg.img_size}px tiles, {dims} features, {device.type} {'bf16' if amp else 'fp32'})"
+              f"{model.cfg.img_size}px tiles, {dims} features, {device.type} {amp_label(amp, cfg.amp, device)})"
               + (f"; {len(done_before)} plate(s) already done" if done_before else "") + f" -> {out}", flush=True)
 
     bar = tqdm(total=sum(len(by_plate[plates[i]]) for i in todo), desc="embed", unit="site", dynamic_ncols=True,

@@ -385,7 +385,7 @@ def refresh_cpu_ceiling(payload: dict, device: torch.device) -> None:
     start would otherwise inflate every MFU); MFUs are recomputed against it."""
     if device.type != "cpu":
         return
-    again = measure_matmul_ceiling(device)
+    again = measure_matmul_ceiling(device, dtype=getattr(torch, payload["ceiling"]["dtype"]))  # the run's dtype
     if again["tflops"] <= payload["ceiling"]["tflops"]:
         return
     again["note"] = "higher of the measurements before and after the run"

@@ -12,14 +12,17 @@ from mae_fast.device import synchronize, time_call  # noqa: F401  (time_call: pa
 from mae_fast.perf.provenance import device_name
 
 
-def measure_matmul_ceiling(device: torch.device, size: int | None = None, repeats: int | None = None) -> dict:
-    """The device's practical matmul rate. CUDA: a size^3 bf16 product (default 8192) timed with CUDA events, the
-    median after warm-up. CPU: an fp32 product (default 1024) on the host clock, the fastest repeat (a shared CPU's
-    median measures its neighbours). Random inputs, rotated between two sets."""
+def measure_matmul_ceiling(device: torch.device, size: int | None = None, repeats: int | None = None,
+                           dtype: torch.dtype | None = None) -> dict:
+    """The device's practical matmul rate in `dtype` -- the run's, so that MFU compares like with like (default:
+    bf16 on CUDA, fp32 on the CPU). CUDA: a size^3 product (default 8192) timed with CUDA events, the median after
+    warm-up. CPU: a product of default size 1024 on the host clock, the fastest repeat (a shared CPU's median
+    measures its neighbours). Random inputs, rotated between two sets."""
     if device.type == "cuda":
-        dtype, size, repeats, warmup, statistic = torch.bfloat16, size or 8192, repeats or 10, 3, "median"
+        default, size, repeats, warmup, statistic = torch.bfloat16, size or 8192, repeats or 10, 3, "median"
     else:
-        dtype, size, repeats, warmup, statistic = torch.float32, size or 1024, repeats or 7, 1, "min"
+        default, size, repeats, warmup, statistic = torch.float32, size or 1024, repeats or 7, 1, "min"
+    dtype = dtype or default
     gen = torch.Generator(device=device).manual_seed(1234)
     pairs = [(torch.randn(size, size, device=device, dtype=dtype, generator=gen),
               torch.randn(size, size, device=device, dtype=dtype, generator=gen)) for _ in range(2)]

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from mae_fast.checkpoint import WEIGHTS_NAME, CheckpointError, load_state_dict_strict, save_model
 from mae_fast.compiling import compile_blocks, selective_checkpointing
+from mae_fast.device import amp_label
 from mae_fast.io import OutputLock, atomic_write, folder_lock_path
 from mae_fast.models import MaskedAutoencoder
 from mae_fast.models.baseline_common import build_optimizer
@@ -125,10 +126,11 @@ def training_flops_per_crop(cfg: ModelConfig) -> int | None:
         return None
 
 
-def matmul_ceiling_tflops(device: torch.device) -> float | None:
-    """The device's measured matmul rate (bf16 on GPU, fp32 on CPU), for the MFU display."""
+def matmul_ceiling_tflops(device: torch.device, amp: torch.dtype | None = None) -> float | None:
+    """The device's measured matmul rate in the run's dtype (`amp`, None: fp32), for the MFU display."""
     try:
-        return float(measure_matmul_ceiling(device)["tflops"])  # the same measurement as `mae-fast bench`
+        # the same measurement as `mae-fast bench`
+        return float(measure_matmul_ceiling(device, dtype=amp or torch.float32)["tflops"])
     except Exception:  # noqa: BLE001
         return None
 
@@ -310,7 +312,7 @@ def _train(cfg: TrainConfig, plan: RunPlan, info: DistInfo, device: torch.device
 
     val_images = validation_batch(index, cfg, plan, device) if info.is_main and can_reconstruct else None
     flops_per_crop = training_flops_per_crop(plan.model_cfg)
-    ceiling = cfg.peak_tflops or (matmul_ceiling_tflops(device) if (flops_per_crop and info.is_main) else None)
+    ceiling = cfg.peak_tflops or (matmul_ceiling_tflops(device, amp) if (flops_per_crop and info.is_main) else None)
     metrics = MetricsLog(cfg.out_dir, resume_step, cfg.tensorboard) if info.is_main else None
     local_micro = plan.local_micro(info.rank)
     n_local = len(local_micro)
@@ -328,7 +330,7 @@ def _train(cfg: TrainConfig, plan: RunPlan, info: DistInfo, device: torch.device
                 + f") on {len(index)} sites: {plan.total_steps} steps x global batch {cfg.global_batch} "
                 f"({info.world_size} rank(s) x {n_local} micro-batch(es) of {cfg.micro_batch}; {plan.shards} data "
                 f"shard(s)), {_optimizer_name(plan)} lr {plan.lr:g}, {device.type}"
-                f"{' bf16' if amp else ' fp32'}{', ' + cfg.distributed.upper() if info.active else ''} -> {cfg.out_dir}"
+                f" {amp_label(amp, cfg.amp, device)}{', ' + cfg.distributed.upper() if info.active else ''} -> {cfg.out_dir}"
                 + (f"; resuming after step {start_step}" if resume_step is not None else "")))
 
     recon_paths: list[str] = []

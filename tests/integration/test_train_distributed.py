@@ -29,6 +29,7 @@ def _config(root: str, out: str, distributed: str = "ddp") -> TrainConfig:
         data=DataConfig(root=root, num_workers=0, crops_per_image=2, shards=2), out_dir=out,
         global_batch=8, micro_batch=4, steps=3, lr=1e-3, checkpoint_every=2, log_every=1, recon_every=0,
         val_crops=1, threads=1, progress=False, peak_tflops=1.0, tensorboard=False, distributed=distributed,
+        amp="fp32",  # compared with a single-process run; `auto` would be bf16 on CPUs with native bf16
     )
 
 
