@@ -31,6 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="well table (parquet)")
     p.add_argument("--sites", action="store_true", help="also write OUT_STEM_sites.parquet (one row per site)")
     p.add_argument("--per-channel", action="store_true", help="CA-MAE: per-channel embeddings")
+    p.add_argument("--blocks", metavar="all|LIST",
+                   help="ViTs: each encoder block's embedding (all, or 1-based block numbers such as 2,4) in one "
+                        "table with a `block` column; `mae-fast evaluate` scores each block")
     p.add_argument("--batch-size", type=number(int, minimum=1), default=64, help="tiles per forward pass (default 64)")
     p.add_argument("--edge", default="drop", help="tiles at the border: drop, center, pad, error")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
@@ -66,7 +69,7 @@ def config_from_args(args) -> EmbedConfig:
                        edge=args.edge, batch_size=args.batch_size, device=args.device, amp=args.amp,
                        per_channel=args.per_channel, sites=args.sites, overwrite=args.overwrite,
                        progress=not args.no_progress, threads=args.threads, seed=args.seed,
-                       adabn_window=args.adabn_window)
+                       adabn_window=args.adabn_window, blocks=args.blocks)
 
 
 def run(args) -> int:

@@ -28,6 +28,12 @@ then the dataset's other metadata columns), perturbation, n_sites, n_tiles, then
 (float32). With --per-channel (CA-MAE models) the features are the per-channel embeddings, feature index
 c * D + i for channel c, dimension i. With --sites also `OUT_STEM_sites.parquet`, one row per site.
 
+Block-wise (`--blocks all` or `--blocks 2,4`, ViTs only): one table still, with a `block` column first (the
+1-based encoder block; block `depth` is the plain embedding) and one row per (well, block). A block's embedding is
+the same pooling of that block's output tokens, each put through the encoder's final norm as the last block's are
+(`MaskedAutoencoder.embed(..., blocks=)`); the encoder stops after the deepest block asked for.
+`mae_fast.evaluation.evaluate` reads such a table as one source per block.
+
 Resuming: work is done plate by plate; each finished plate is one part file in `OUT_STEM_parts/`, written
 atomically, and a rerun skips the plates that have one (a manifest guards against mixing settings). When every
 plate is done the parts are merged into OUT. An existing OUT is refused unless --overwrite.
@@ -52,6 +58,7 @@ from mae_fast.inference.adabn import AdaBNPlateTiles, adabn_window_tiles, is_ada
 from mae_fast.inference.tables import merge_parts, output_paths, plate_part_name, plate_table, write_parquet
 from mae_fast.io import OutputLock, atomic_write_json, beside_lock_path, remove_temporaries
 from mae_fast.models import get_baseline_config, get_config, is_baseline
+from mae_fast.models.mae import check_blocks
 from mae_fast.training.checkpointing import load_pretrained
 from mae_fast.training.config import ConfigError, DataConfig, resolve_amp, resolve_device
 from mae_fast.training.data import build_site_index
@@ -86,6 +93,7 @@ class EmbedConfig:
     threads: int = 0
     seed: int = 0                        # AdaBN models: order of the sites and tiles that share a batch
     adabn_window: int = 0                # AdaBN models: tiles shuffled together (0: 8 x batch_size)
+    blocks: str | list[int] | None = None  # ViTs: "all" or encoder block numbers (1-based) -> a `block` column
 
 
 @dataclass
@@ -102,6 +110,7 @@ class EmbedResult:
     plates_done: list[str]               # plates embedded in this call (this rank)
     plates_skipped: list[str]            # plates found finished from an earlier run
     skipped_sites: dict                  # ErrorSummary.to_dict() of the sites left out (on_error="skip")
+    blocks: list[int] | None = None      # the encoder blocks of the `block` column (None: the plain embedding)
 
 
 
@@ -186,11 +195,30 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def embedding_blocks(blocks, model: torch.nn.Module) -> list[int] | None:
+    """`blocks` ("all", a list of block numbers or a comma list "2,4") -> sorted 1-based encoder block numbers, None
+    for the plain embedding; ConfigError for a model without transformer blocks or a number out of range."""
+    if blocks is None:
+        return None
+    if not hasattr(model.cfg, "depth") or not hasattr(model, "encoder"):
+        raise ConfigError(f"blocks: block-wise embeddings need a ViT (MAE / CA-MAE); {model.cfg.name} has no "
+                          "transformer blocks")
+    depth = model.cfg.depth
+    if isinstance(blocks, str):
+        if blocks.strip() == "all":
+            return list(range(1, depth + 1))
+        blocks = [b for b in (t.strip() for t in blocks.split(",")) if b]
+    try:
+        return check_blocks(blocks, depth)
+    except ValueError as err:  # a non-number or one out of range
+        raise ConfigError(f"blocks: {err} (or 'all')") from None
+
+
 def _manifest(cfg: EmbedConfig, model: torch.nn.Module, index, amp) -> dict:
     manifest = {"checkpoint": os.path.abspath(cfg.checkpoint), "weights": weights_fingerprint(model),
                 "model": model.cfg.to_dict(), "tile": model.cfg.img_size, "edge": cfg.edge,
                 "per_channel": cfg.per_channel, "amp": "bf16" if amp else "fp32", "index": index.fingerprint(),
-                "n_sites": len(index)}
+                "n_sites": len(index), "blocks": embedding_blocks(cfg.blocks, model)}
     if is_adabn(model):  # the batches' composition changes the embeddings
         manifest["adabn_batches"] = {"seed": cfg.seed, "window_tiles": adabn_window_tiles(cfg),
                                      "batch_size": cfg.batch_size}
@@ -223,6 +251,7 @@ def _prepare(cfg: EmbedConfig, info: DistInfo):
     if is_adabn(model) and cfg.batch_size < 2:
         raise ConfigError(f"{model.cfg.name} normalises with batch statistics (AdaBN): batch_size must be >= 2, got "
                           f"{cfg.batch_size}")
+    embedding_blocks(cfg.blocks, model)  # a ViT, block numbers in range
     index = build_site_index(cfg.data)
     _check_channels(model, index, cfg.per_channel)
     manifest = _manifest(cfg, model, index, amp)
@@ -283,6 +312,7 @@ def _embed(cfg: EmbedConfig, info: DistInfo) -> EmbedResult:
 
     model = model.to(device).eval()
     dims = model.cfg.embed_dim * (len(index.channels) if cfg.per_channel else 1)
+    blocks = manifest["blocks"]
     plates: list[tuple[str, str]] = []
     for s in index:
         if not plates or plates[-1] != (s.experiment, s.plate):
@@ -296,7 +326,9 @@ def _embed(cfg: EmbedConfig, info: DistInfo) -> EmbedResult:
     label = [f"{e}/Plate{p}" for e, p in plates]
     if info.is_main:
         print(f"embedding {len(index)} sites on {len(plates)} plate(s) with {model.cfg.name} ({kind}, "
-              f"{model.cfg.img_size}px tiles, {dims} features, {device.type} {amp_label(amp, cfg.amp, device)})"
+              f"{model.cfg.img_size}px tiles, {dims} features"
+              + (f" for each of blocks {','.join(map(str, blocks))}" if blocks else "")
+              + f", {device.type} {amp_label(amp, cfg.amp, device)})"
               + (f"; {len(done_before)} plate(s) already done" if done_before else "") + f" -> {out}", flush=True)
 
     bar = tqdm(total=sum(len(by_plate[plates[i]]) for i in todo), desc="embed", unit="site", dynamic_ncols=True,
@@ -316,7 +348,8 @@ def _embed(cfg: EmbedConfig, info: DistInfo) -> EmbedResult:
         counts: dict[tuple, int] = {}
         for tiles, keys in tiles_it:
             with torch.no_grad(), autocast:
-                z = model.embed(tiles, per_channel=cfg.per_channel)  # (B, dims)
+                z = (model.embed(tiles, per_channel=cfg.per_channel) if blocks is None  # (B, dims)
+                     else model.embed(tiles, per_channel=cfg.per_channel, blocks=blocks))  # (B, blocks, dims)
             z = z.float().cpu().numpy().astype(np.float64)
             new_sites = 0
             for (well, site, _), row in zip(keys, z):
@@ -331,7 +364,7 @@ def _embed(cfg: EmbedConfig, info: DistInfo) -> EmbedResult:
             bar.update(new_sites)
             bar.set_postfix(crops_s=f"{n_tiles / max(time.perf_counter() - t0, 1e-9):.1f}", refresh=False)
         summary.merge(tiles_it.summary)
-        frame = plate_table(sub, sums, counts, dims)
+        frame = plate_table(sub, sums, counts, dims, blocks)
         write_parquet(frame, os.path.join(parts_dir, names[i]),
                       {"plate": label[i], "skipped": tiles_it.summary.to_dict(), "n_tiles": int(sum(counts.values()))})
     bar.close()
@@ -356,7 +389,7 @@ def _embed(cfg: EmbedConfig, info: DistInfo) -> EmbedResult:
         n_sites=counts_all[1], n_tiles=n_tiles, dims=dims, seconds=seconds,
         tiles_per_second=n_tiles / seconds if seconds > 0 else 0.0,
         plates_done=[label[i] for i in todo], plates_skipped=[label[i] for i in done_before],
-        skipped_sites=counts_all[2],
+        skipped_sites=counts_all[2], blocks=blocks,
     )
 
 
@@ -365,7 +398,8 @@ def embed_dataset(checkpoint: str, data_root: str, out: str, *, preset: str | No
                   plates=None, perturbations=None, edge: str = "drop", batch_size: int = 64, device: str = "auto",
                   amp: str = "auto", per_channel: bool = False, sites: bool = False, num_workers: int | None = None,
                   backend: str = "auto", on_error: str = "raise", overwrite: bool = False, progress: bool = True,
-                  threads: int = 0, seed: int = 0, adabn_window: int = 0) -> EmbedResult:
+                  threads: int = 0, seed: int = 0, adabn_window: int = 0,
+                  blocks: str | list[int] | None = None) -> EmbedResult:
     """Python API of `mae-fast embed` (see the module doc)."""
     data = DataConfig(root=data_root, format=data_format, metadata=metadata,
                       channels=[str(c) for c in channels] if channels else None,
@@ -374,7 +408,7 @@ def embed_dataset(checkpoint: str, data_root: str, out: str, *, preset: str | No
     return embed(EmbedConfig(checkpoint=checkpoint, out=out, data=data, preset=preset, model=dict(model or {}),
                              edge=edge, batch_size=batch_size, device=device, amp=amp, per_channel=per_channel,
                              sites=sites, overwrite=overwrite, progress=progress, threads=threads, seed=seed,
-                             adabn_window=adabn_window))
+                             adabn_window=adabn_window, blocks=blocks))
 
 
 def _strings(values):

@@ -16,6 +16,7 @@ from mae_fast.cli import embed as embed_cli
 from mae_fast.inference import tables as embed_tables
 from mae_fast.checkpoint import CheckpointError, save_model
 from mae_fast.interop import to_timm_state_dict
+from mae_fast.evaluation import evaluate
 from mae_fast.data.synthetic import METADATA_COLUMNS, SyntheticScreenConfig, make_synthetic_screen
 from mae_fast.inference.embed import embed_dataset
 from mae_fast.models import create_model
@@ -193,6 +194,42 @@ def test_bad_input_fails_before_work(screen, ours, tmp_path, kwargs, message):
     with pytest.raises(ConfigError, match=message):
         _embed(path, screen, tmp_path / "emb.parquet", **kwargs)
     assert not os.path.exists(tmp_path / "emb_parts")
+
+
+def test_block_wise_embeddings_in_one_table_with_a_block_column(screen, ours, tmp_path, capsys):
+    """--blocks all: rows per (well, block), `block` first; the last block's rows are the plain table; the
+    evaluation reads it as one source per block; a subset and the CLI's flag give the same rows; bad blocks and a
+    CNN baseline are refused before any work."""
+    model, path = ours
+    depth = model.cfg.depth
+    plain = pd.read_parquet(_embed(path, screen, tmp_path / "plain.parquet").out)
+    result = _embed(path, screen, tmp_path / "blocks.parquet", blocks="all")
+    table = pd.read_parquet(result.out)
+    assert result.blocks == list(range(1, depth + 1)) and table.columns[0] == "block"
+    assert len(table) == depth * len(plain) and sorted(table["block"].unique()) == result.blocks
+    last = table[table["block"] == depth].drop(columns=["block"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(last, plain)
+    first = _features(table[table["block"] == 1])
+    assert not np.allclose(first, _features(plain))
+    subset = pd.read_parquet(_embed(path, screen, tmp_path / "two.parquet", blocks=[depth, 1]).out)
+    assert sorted(subset["block"].unique()) == [1, depth]
+    np.testing.assert_array_equal(_features(subset[subset["block"] == 1]), first)
+    evaluation = evaluate(result.out, {"planted": screen.relationships_csv}, name="m")
+    assert list(evaluation.sources) == [f"m block {b}" for b in result.blocks]
+    assert evaluation.block_choice["last_block"] == depth and evaluation.block_choice["block"] in result.blocks
+    argv = ["--checkpoint", path, "--data", screen.root, "--out", str(tmp_path / "cli.parquet"), "--num-workers",
+            "0", "--no-progress", "--threads", "1", "--amp", "fp32", "--blocks", f"1,{depth}"]
+    assert embed_cli.main(argv) == 0
+    assert f"for each of blocks 1,{depth}" in capsys.readouterr().out
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "cli.parquet"), subset)
+    for bad in ("0", f"{depth + 1}", "two"):
+        with pytest.raises(ConfigError, match=f"block numbers 1..{depth}"):
+            _embed(path, screen, tmp_path / "bad.parquet", blocks=bad)
+    assert not os.path.exists(tmp_path / "bad_parts")
+    wsl = create_model("wsl_densenet_micro_256", in_chans=6)
+    save_model(wsl.eval(), str(tmp_path / "wsl"))
+    with pytest.raises(ConfigError, match="block-wise embeddings need a ViT"):
+        _embed(str(tmp_path / "wsl"), screen, tmp_path / "cnn.parquet", blocks="all")
 
 
 def test_cli(screen, ours, tmp_path, capsys):
