@@ -110,8 +110,8 @@ def settings(pytestconfig) -> BenchSettings:
 
 @pytest.fixture(scope="session")
 def ceiling(settings) -> dict:
-    """The device's matmul ceiling, measured once per session (MFU is relative to it)."""
-    _STATE["ceiling"] = measure_matmul_ceiling(settings.device)
+    """The device's matmul ceiling in the runs' dtype, measured once per session (MFU is relative to it)."""
+    _STATE["ceiling"] = measure_matmul_ceiling(settings.device, dtype=settings.amp or torch.float32)
     return _STATE["ceiling"]
 
 
@@ -190,7 +190,7 @@ def pytest_sessionfinish(session, exitstatus):
     payload = {
         "schema": SCHEMA,
         "provenance": provenance(device, "pytest " + " ".join(shlex.quote(a) for a in sys.argv[1:])),
-        "ceiling": _STATE.get("ceiling") or measure_matmul_ceiling(device),
+        "ceiling": _STATE.get("ceiling") or measure_matmul_ceiling(device, dtype=default_amp(device) or torch.float32),
         "train": [r for r in _RECORDS if r["kind"] in ("train", "max_batch")],
         "inference": [r for r in _RECORDS if r["kind"] == "inference"],
         "ratios": ratios,

@@ -322,8 +322,8 @@ def run(args) -> int:
         model_steps, plan = planned_steps(preset, screen.root, folder, args, seconds)
         if plan["source"] == "probe":
             print(f"planned {model_steps} steps for {preset}: {plan['step_seconds']:.3f} s per step measured over "
-                  f"{plan['probe_steps']} probe steps ({plan['probe_seconds']:.0f} s), {plan['budget_left_seconds']:.0f} "
-                  f"s of the budget left")
+                  f"{plan['probe_steps']} probe steps ({plan['probe_seconds']:.0f} s), "
+                  f"{plan['budget_left_seconds']:.0f} s of the budget left")
         result = train(train_config(preset, screen.root, os.path.join(folder, "train"), args,
                                     max(seconds - plan.get("probe_seconds", 0.0), 1.0), model_steps))
         first, last = _loss_ends(result.losses)
@@ -384,7 +384,8 @@ def run(args) -> int:
         result = r["result"]
         per_model[preset] = {
             "preset": preset, "source": source, "steps": result.steps, "planned_steps": r["planned_steps"],
-            "plan": r["plan"], "crops": result.crops, "block_choice": choices[preset], "train_seconds": round(result.seconds, 2),
+            "plan": r["plan"], "crops": result.crops, "block_choice": choices[preset],
+            "train_seconds": round(result.seconds, 2),
             "crops_per_second": round(result.crops_per_second, 2),
             "loss_first": r["loss_first"], "loss_last": r["loss_last"], "losses": result.losses,
             "train_dir": result.out_dir, "embeddings": r["embeddings"].out,
