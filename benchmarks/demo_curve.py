@@ -30,7 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from mae_fast.cli import demo  # noqa: E402
+from mae_fast.cli import demo, demo_plan  # noqa: E402
 from mae_fast.data.synthetic import make_synthetic_screen  # noqa: E402
 from mae_fast.device import resolve_device  # noqa: E402
 from mae_fast.evaluation import evaluate  # noqa: E402
@@ -107,7 +107,7 @@ def run_curve(args) -> dict:
     out = os.path.abspath(args.out)
     load_start = os.getloadavg()
     validate(demo.train_config(preset, os.path.join(out, "screen"), os.path.join(out, "train"), args, seconds,
-                               steps or demo.MIN_STEPS))
+                               steps or demo_plan.MIN_STEPS))
     os.makedirs(out, exist_ok=True)
     screen = make_synthetic_screen(os.path.join(out, "screen"), demo.screen_config(args.tiny, args.seed))
     if steps is None:  # as the demo plans it: from a probe run's step time

@@ -44,6 +44,7 @@ import numpy as np
 
 from mae_fast.models import get_baseline_config, is_baseline, list_baselines
 from mae_fast.cli.common import number
+from mae_fast.cli.demo_plan import MIN_STEPS, PROBE_STEPS, schedule_steps
 from mae_fast.evaluation import cellprofiler
 from mae_fast.evaluation.databases import parse_relationship_args
 from mae_fast.evaluation.table import EvaluationInputError
@@ -56,9 +57,6 @@ DEFAULT_MINUTES = 2.0  # with the screen, embedding and baselines: ~300 s on 2 i
 # screen), drawn by --seed: measuring a cell costs about 12 ms of CPU, so all of them on 760 sites would take
 # about 2.5 minutes of the 2 cores alone (docs/SYNTHETIC_SCREEN.md, "Budget"). The table says so under itself.
 DEFAULT_CELLPROFILER_CELLS = 8
-PROBE_STEPS = 6     # steps of the probe run that times the training step (the first, warm-up, is not counted)
-PLAN_MARGIN = 0.9   # of the budget planned at the probe's speed: loader stalls, checkpoints and figures it misses
-MIN_STEPS = 20      # the shortest schedule the demo plans
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -138,47 +136,11 @@ def check_options(args) -> tuple[list[str], float, int | None]:
     return models, seconds, steps
 
 
-def plan_steps(budget_seconds: float, step_seconds: list[float], minimum: int = MIN_STEPS,
-               margin: float = PLAN_MARGIN) -> int:
-    """Schedule steps that fill `margin` of `budget_seconds` at the median of the timed `step_seconds`; at least
-    `minimum` (the time budget still stops a slower run, with its checkpoint)."""
-    if not step_seconds or not all(t > 0 for t in step_seconds):
-        raise ValueError(f"plan_steps needs positive step times, got {step_seconds}")
-    return max(minimum, int(margin * max(budget_seconds, 0.0) / float(np.median(step_seconds))))
-
-
-def probe_step_seconds(metrics_path: str) -> list[float]:
-    """Seconds of each step after the first (warm-up) of a run logged every step: the differences of consecutive
-    steps' wall-clock stamps in its metrics.jsonl."""
-    import json
-
-    with open(metrics_path) as f:
-        stamps = [r["time"] for r in map(json.loads, f) if "step" in r and "event" not in r]
-    return [b - a for a, b in zip(stamps, stamps[1:])]
-
-
 def planned_steps(preset: str, screen_root: str, folder: str, args, seconds: float) -> tuple[int, dict]:
-    """(schedule steps, how they were planned): `--max-steps`, or from a probe run of `PROBE_STEPS` steps of the
-    same training in `folder`/probe (deleted after), its time counted against the budget."""
-    import shutil
-    from dataclasses import replace
-
-    from mae_fast.training.loop import train
-
-    if args.max_steps is not None:
-        return args.max_steps, {"source": "--max-steps"}
-    probe_dir = os.path.join(folder, "probe")
-    cfg = replace(train_config(preset, screen_root, probe_dir, args, seconds, PROBE_STEPS), log_every=1,
-                  checkpoint_every=PROBE_STEPS, recon_every=0, progress=False)
-    t0 = time.time()
-    result = train(cfg)
-    probe_seconds = time.time() - t0
-    times = probe_step_seconds(result.metrics_path)
-    shutil.rmtree(probe_dir, ignore_errors=True)
-    left = seconds - probe_seconds
-    steps = plan_steps(left, times)
-    return steps, {"source": "probe", "probe_steps": result.steps, "step_seconds": float(np.median(times)),
-                   "probe_seconds": probe_seconds, "budget_left_seconds": left}
+    """(schedule steps, how they were planned): `--max-steps`, or from a probe run of the model's training in
+    `folder`/probe (`demo_plan.schedule_steps`)."""
+    probe = train_config(preset, screen_root, os.path.join(folder, "probe"), args, seconds, PROBE_STEPS)
+    return schedule_steps(probe, seconds, args.max_steps)
 
 
 def demo_baselines() -> tuple[tuple[str, ...], str | None]:

@@ -21,7 +21,8 @@ from .recall import (
 from .result import (
     BASELINES, ClassRecall, DatabaseRecall, EvalConfig, EvaluationResult, PerturbationMap, SourceResult,
 )
-from .table import BLOCK_COLUMN, EvaluationInputError, WellTable, load_table, name_some, well_table_from_frame
+from .blocks import choose_block, source_tables
+from .table import EvaluationInputError, WellTable, load_table, name_some, well_table_from_frame
 from .tvn import fit_tvn
 
 
@@ -304,47 +305,6 @@ def _as_well_table(source, config: EvalConfig, name: str) -> WellTable:
     return well_table_from_frame(frame, config.columns, where if where != "<DataFrame>" else name, config.tvn_batch_level)
 
 
-def block_source(name: str, block: int) -> str:
-    """The source name of one encoder block of a block-wise table."""
-    return f"{name} block {block}"
-
-
-def _model_tables(source, config: EvalConfig, name: str) -> dict[str, WellTable]:
-    """{source name: well table} of the embeddings: {name: table}, or for a block-wise table (a `block` column,
-    `mae-fast embed --blocks`) one source per block in block order, `block_source(name, b)`."""
-    if isinstance(source, WellTable):
-        return {name: source}
-    frame, where = load_table(source, config.columns.perturbation)
-    where = where if where != "<DataFrame>" else name
-    if BLOCK_COLUMN not in frame.columns:
-        return {name: well_table_from_frame(frame, config.columns, where, config.tvn_batch_level)}
-    blocks = pd.to_numeric(frame[BLOCK_COLUMN], errors="coerce")
-    if blocks.isna().any() or (blocks != blocks.round()).any():
-        raise EvaluationInputError(f"{where}: column {BLOCK_COLUMN!r} must hold encoder block numbers")
-    return {block_source(name, int(b)): well_table_from_frame(
-                frame[blocks == b].drop(columns=[BLOCK_COLUMN]).reset_index(drop=True), config.columns,
-                f"{where} (block {int(b)})", config.tvn_batch_level)
-            for b in sorted(blocks.unique())}
-
-
-def choose_block(result: EvaluationResult, name: str) -> dict | None:
-    """The block to headline, chosen without the relationships being scored: the highest phenotypic activity mAP
-    (replicate wells vs negative controls -- only the perturbation labels; ties go to the deeper block). None for a
-    table without blocks; the last block (and why) when activity mAP was not computed."""
-    prefix = block_source(name, "")
-    scores = {int(k[len(prefix):]): s.activity_map for k, s in result.sources.items() if k.startswith(prefix)}
-    if not scores:
-        return None
-    last = max(scores)
-    finite = {b: v for b, v in scores.items() if np.isfinite(v)}
-    chosen = max(finite, key=lambda b: (finite[b], b)) if finite else last
-    return {"criterion": "phenotypic activity mAP (replicate wells vs negative controls; no relationships used)"
-                         if finite else "none computed (activity mAP off): the last block",
-            "block": chosen, "source": block_source(name, chosen), "last_block": last,
-            "last_source": block_source(name, last),
-            "activity_map": {str(b): (float(v) if np.isfinite(v) else None) for b, v in sorted(scores.items())}}
-
-
 def evaluate(
     embeddings,
     relationships,
@@ -388,7 +348,7 @@ def evaluate(
         )
 
     load_start = time.perf_counter()
-    model_tables = _model_tables(embeddings, config, name)
+    model_tables = source_tables(embeddings, config, name)
     load_seconds = time.perf_counter() - load_start
     model_table = list(model_tables.values())[-1]  # the random baseline's shape (every block's is the same)
     # each source: the tables of its seeds (one, except for the random baseline)

@@ -28,11 +28,8 @@ then the dataset's other metadata columns), perturbation, n_sites, n_tiles, then
 (float32). With --per-channel (CA-MAE models) the features are the per-channel embeddings, feature index
 c * D + i for channel c, dimension i. With --sites also `OUT_STEM_sites.parquet`, one row per site.
 
-Block-wise (`--blocks all` or `--blocks 2,4`, ViTs only): one table still, with a `block` column first (the
-1-based encoder block; block `depth` is the plain embedding) and one row per (well, block). A block's embedding is
-the same pooling of that block's output tokens, each put through the encoder's final norm as the last block's are
-(`MaskedAutoencoder.embed(..., blocks=)`); the encoder stops after the deepest block asked for.
-`mae_fast.evaluation.evaluate` reads such a table as one source per block.
+Block-wise (`--blocks all` or `--blocks 2,4`, ViTs): one table, a `block` column first (1-based; block `depth` is the
+plain embedding), a row per (well, block); each block pooled as the last (`MaskedAutoencoder.embed(blocks=)`).
 
 Resuming: work is done plate by plate; each finished plate is one part file in `OUT_STEM_parts/`, written
 atomically, and a rerun skips the plates that have one (a manifest guards against mixing settings). When every
@@ -55,10 +52,10 @@ from mae_fast.checkpoint import CheckpointError
 from mae_fast.data.tiling import decode_workers
 from mae_fast.device import amp_label
 from mae_fast.inference.adabn import AdaBNPlateTiles, adabn_window_tiles, is_adabn
+from mae_fast.inference.blocks import embedding_blocks
 from mae_fast.inference.tables import merge_parts, output_paths, plate_part_name, plate_table, write_parquet
 from mae_fast.io import OutputLock, atomic_write_json, beside_lock_path, remove_temporaries
 from mae_fast.models import get_baseline_config, get_config, is_baseline
-from mae_fast.models.mae import check_blocks
 from mae_fast.training.checkpointing import load_pretrained
 from mae_fast.training.config import ConfigError, DataConfig, resolve_amp, resolve_device
 from mae_fast.training.data import build_site_index
@@ -193,25 +190,6 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)  # 0-d: BN counters
     return h.hexdigest()
-
-
-def embedding_blocks(blocks, model: torch.nn.Module) -> list[int] | None:
-    """`blocks` ("all", a list of block numbers or a comma list "2,4") -> sorted 1-based encoder block numbers, None
-    for the plain embedding; ConfigError for a model without transformer blocks or a number out of range."""
-    if blocks is None:
-        return None
-    if not hasattr(model.cfg, "depth") or not hasattr(model, "encoder"):
-        raise ConfigError(f"blocks: block-wise embeddings need a ViT (MAE / CA-MAE); {model.cfg.name} has no "
-                          "transformer blocks")
-    depth = model.cfg.depth
-    if isinstance(blocks, str):
-        if blocks.strip() == "all":
-            return list(range(1, depth + 1))
-        blocks = [b for b in (t.strip() for t in blocks.split(",")) if b]
-    try:
-        return check_blocks(blocks, depth)
-    except ValueError as err:  # a non-number or one out of range
-        raise ConfigError(f"blocks: {err} (or 'all')") from None
 
 
 def _manifest(cfg: EmbedConfig, model: torch.nn.Module, index, amp) -> dict:
@@ -418,7 +396,3 @@ def _strings(values):
         values = [values]
     return [str(v) for v in values]
 
-
-# ------------------------------------------------------------------------------------------------------------
-# Command line
-# ------------------------------------------------------------------------------------------------------------

@@ -671,6 +671,15 @@ class MaskedAutoencoder(nn.Module):
         return x, masked, recon
 
 
+def parse_blocks(blocks, depth: int) -> list[int]:
+    """"all", a comma list ("2,4") or block numbers -> `check_blocks`' sorted 1-based list."""
+    if isinstance(blocks, str):
+        if blocks.strip() == "all":
+            return list(range(1, depth + 1))
+        blocks = [b for b in (t.strip() for t in blocks.split(",")) if b]
+    return check_blocks(blocks, depth)
+
+
 def check_blocks(blocks, depth: int) -> list[int]:
     """Encoder block numbers (1-based) sorted and distinct; ValueError naming the valid range otherwise."""
     try:
@@ -678,7 +687,7 @@ def check_blocks(blocks, depth: int) -> list[int]:
     except (TypeError, ValueError):
         chosen = []
     if not chosen or chosen[0] < 1 or chosen[-1] > depth:
-        raise ValueError(f"blocks must be encoder block numbers 1..{depth}, got {list(blocks)}")
+        raise ValueError(f"blocks must be 'all' or encoder block numbers 1..{depth}, got {list(blocks)}")
     return chosen
 
 

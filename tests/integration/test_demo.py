@@ -188,7 +188,7 @@ def test_demo_plans_its_schedule_from_a_probe_run(tmp_path):
     what is left of the budget at that speed (the probe folder is removed); with --max-steps nothing is probed."""
     import argparse
 
-    from mae_fast.cli import demo
+    from mae_fast.cli import demo, demo_plan
     from mae_fast.data.synthetic import make_synthetic_screen
 
     screen = make_synthetic_screen(str(tmp_path / "screen"), demo.screen_config(True, 0))
@@ -196,10 +196,10 @@ def test_demo_plans_its_schedule_from_a_probe_run(tmp_path):
     demo.add_arguments(parser)
     args = parser.parse_args(["--tiny", "--batch-size", "2", "--seconds", "60", "--amp", "fp32"])
     steps, plan = demo.planned_steps(demo.check_models([args.preset])[0], screen.root, str(tmp_path), args, 60.0)
-    assert plan["source"] == "probe" and plan["probe_steps"] == demo.PROBE_STEPS
+    assert plan["source"] == "probe" and plan["probe_steps"] == demo_plan.PROBE_STEPS
     assert plan["budget_left_seconds"] == pytest.approx(60.0 - plan["probe_seconds"])
-    assert steps == demo.plan_steps(plan["budget_left_seconds"], [plan["step_seconds"]])
-    assert steps >= demo.MIN_STEPS and not (tmp_path / "probe").exists()
+    assert steps == demo_plan.plan_steps(plan["budget_left_seconds"], [plan["step_seconds"]])
+    assert steps >= demo_plan.MIN_STEPS and not (tmp_path / "probe").exists()
     fixed = parser.parse_args(["--tiny", "--max-steps", "7"])
     assert demo.planned_steps(fixed.preset, screen.root, str(tmp_path), fixed, 60.0) == (7, {"source": "--max-steps"})
     assert not (tmp_path / "probe").exists()

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from mae_fast.cli.demo import MIN_STEPS, PLAN_MARGIN, plan_steps, probe_step_seconds
+from mae_fast.cli.demo_plan import MIN_STEPS, PLAN_MARGIN, plan_steps, probe_step_seconds
 
 
 def test_plan_fills_the_budget_at_the_median_step_time():
