@@ -17,7 +17,7 @@
 Time: `--minutes` of training per model (default 2); the schedule's length follows the budget, so the run trains
 for its minutes on any machine and anneals properly: without `--max-steps` a short probe run of the same training
 (`PROBE_STEPS` steps, thrown away) measures the seconds per step, and the schedule is planned from it
-(`plan_steps`); with `--max-steps` the schedule is that many steps, whatever the machine (deterministic). The
+(`demo_plan.plan_steps`); with `--max-steps` the schedule is that many steps, whatever the machine (deterministic). The
 probe's time counts against the budget. The summary says how many crops each model trained on.
 
 Block-wise (ViT models): every well is embedded at each encoder block (`embed --blocks all`, one table with a
