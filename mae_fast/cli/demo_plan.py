@@ -40,8 +40,9 @@ def schedule_steps(probe_cfg, budget_seconds: float, max_steps: int | None) -> t
 
     if max_steps is not None:
         return max_steps, {"source": "--max-steps"}
+    # the probe's own extras kept small: no ceiling measurement (MFU is not wanted), one validation crop
     cfg = replace(probe_cfg, steps=PROBE_STEPS, log_every=1, checkpoint_every=PROBE_STEPS, recon_every=0,
-                  progress=False)
+                  progress=False, peak_tflops=1.0, val_crops=1)
     t0 = time.time()
     result = train(cfg)
     probe_seconds = time.time() - t0
