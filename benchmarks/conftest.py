@@ -160,14 +160,15 @@ def settings(pytestconfig) -> BenchSettings:
                          max_batch_time_s=_opt(pytestconfig, "--bench-max-batch-time"))
 
 
-def _ceiling(config, device: torch.device) -> dict:
-    return measure_matmul_ceiling(device, size=256 if is_toy(config) else None)
+def _ceiling(config, device: torch.device, dtype: torch.dtype | None) -> dict:
+    """The matmul ceiling in the runs' dtype (MFU like for like)."""
+    return measure_matmul_ceiling(device, size=256 if is_toy(config) else None, dtype=dtype or torch.float32)
 
 
 @pytest.fixture(scope="session")
 def ceiling(pytestconfig, settings) -> dict:
     """The device's matmul ceiling, measured once per session (MFU is relative to it)."""
-    _STATE["ceiling"] = _ceiling(pytestconfig, settings.device)
+    _STATE["ceiling"] = _ceiling(pytestconfig, settings.device, settings.amp)
     return _STATE["ceiling"]
 
 
@@ -247,7 +248,7 @@ def pytest_sessionfinish(session, exitstatus):
     payload = {
         "schema": SCHEMA,
         "provenance": provenance(device, "pytest " + " ".join(shlex.quote(a) for a in sys.argv[1:])),
-        "ceiling": _STATE.get("ceiling") or _ceiling(session.config, device),
+        "ceiling": _STATE.get("ceiling") or _ceiling(session.config, device, default_amp(device)),
         "train": [r for r in _RECORDS if r["kind"] in ("train", "max_batch")],
         "inference": [r for r in _RECORDS if r["kind"] == "inference"],
         "ratios": ratios,

@@ -6,7 +6,7 @@ and evaluation functions: mae_fast.cli.demo, mae_fast.training, mae_fast.inferen
     python benchmarks/demo_curve.py --tiny --seconds 6 --snapshots 0.05         # toy size (tests)
 
 How the snapshots are taken: the run's schedule is planned for the whole `--minutes` (like `mae-fast demo
---minutes N`: the demo's steps per second of budget); the run stops at each snapshot time (its checkpoint written),
+--minutes N`: planned from the step time of a probe run, or --max-steps); the run stops at each snapshot time (its checkpoint written),
 the weights are embedded and evaluated, and the same run resumes from that checkpoint (`resume=True`; bit for bit
 on CPUs). So the early snapshots are points of one long run, mid-schedule (learning rate not annealed), not short
 runs of their own. Training time is the trainer's own clock, summed over the segments (resuming, embedding and
@@ -30,7 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from mae_fast.cli import demo  # noqa: E402
+from mae_fast.cli import demo, demo_plan  # noqa: E402
 from mae_fast.data.synthetic import make_synthetic_screen  # noqa: E402
 from mae_fast.device import resolve_device  # noqa: E402
 from mae_fast.evaluation import evaluate  # noqa: E402
@@ -106,10 +106,13 @@ def run_curve(args) -> dict:
     times = snapshot_seconds(args.snapshots, seconds)
     out = os.path.abspath(args.out)
     load_start = os.getloadavg()
-    base = demo.train_config(preset, os.path.join(out, "screen"), os.path.join(out, "train"), args, seconds, steps)
-    validate(base)
+    validate(demo.train_config(preset, os.path.join(out, "screen"), os.path.join(out, "train"), args, seconds,
+                               steps or demo_plan.MIN_STEPS))
     os.makedirs(out, exist_ok=True)
     screen = make_synthetic_screen(os.path.join(out, "screen"), demo.screen_config(args.tiny, args.seed))
+    if steps is None:  # as the demo plans it: from a probe run's step time
+        steps, _ = demo.planned_steps(preset, screen.root, out, args, seconds)
+    base = demo.train_config(preset, screen.root, os.path.join(out, "train"), args, seconds, steps)
     relationships, efaar_note = demo.demo_relationships(screen)
 
     snapshots, references, trained = [], {}, 0.0

@@ -27,9 +27,38 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     return device
 
 
+# /proc/cpuinfo flags of CPUs that multiply bf16 matrices in hardware: AMX tiles (Sapphire Rapids on) and
+# AVX512-BF16 dot products (Cooper Lake, Zen 4 on). Without them oneDNN emulates bf16 through fp32, slower than fp32.
+NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_bf16_units(cpuinfo: str = "/proc/cpuinfo") -> tuple[str, ...]:
+    """The native bf16 matrix units this CPU reports (the `NATIVE_BF16_FLAGS` found in `cpuinfo`'s flags), empty
+    where it has none or the file cannot be read (not Linux): there bf16 counts as emulated."""
+    try:
+        with open(cpuinfo) as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except (OSError, IndexError):
+        return ()
+    return tuple(flag for flag in NATIVE_BF16_FLAGS if flag in flags)
+
+
 def default_amp(device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on GPUs (the paper's setting); plain fp32 on CPUs, where bf16 is emulated and slow."""
-    return torch.bfloat16 if device.type == "cuda" else None
+    """The autocast dtype of `amp=auto`: bf16 on GPUs (the paper's setting) and on CPUs with native bf16 matrix units
+    (`cpu_bf16_units`); fp32 on other CPUs, where bf16 is emulated and slower than fp32."""
+    if device.type == "cuda" or cpu_bf16_units():
+        return torch.bfloat16
+    return None
+
+
+def amp_label(amp: torch.dtype | None, requested: str, device: torch.device) -> str:
+    """How a run header names its dtype and why: `bf16`, `fp32`, or for `auto` on a CPU e.g.
+    `bf16 (auto: avx512_bf16)` / `fp32 (auto: no native bf16 on this CPU)`."""
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}.get(amp, str(amp).replace("torch.", ""))
+    if requested != "auto" or device.type != "cpu":
+        return name
+    units = cpu_bf16_units()
+    return f"{name} (auto: {'+'.join(units) if units else 'no native bf16 on this CPU'})"
 
 
 def synchronize(device: torch.device) -> None:

@@ -14,7 +14,7 @@ import torch
 import mae_fast
 from mae_fast.cli.common import number
 from mae_fast.ops.triton import kernels_module
-from mae_fast.device import default_amp, resolve_device
+from mae_fast.device import amp_label, default_amp, resolve_device
 from mae_fast.models import list_presets
 from mae_fast.perf.harness import BenchSettings, compare_stacks, default_batch, paper_comparison, refresh_cpu_ceiling
 from mae_fast.perf.provenance import SCHEMA, device_name, provenance, results_path, write_json
@@ -51,7 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="regional: each transformer block compiled (compile time per block type); "
                              "model: the whole step compiled")
     parser.add_argument("--amp", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
-                        help="autocast dtype (auto: bf16 on GPU, fp32 on CPU)")
+                        help="autocast dtype (auto: bf16 on GPU and on CPUs with native bf16 units -- AMX / "
+                             "AVX512-BF16 -- fp32 on other CPUs)")
     parser.add_argument("--warmup", type=number(int, minimum=0), default=2,
                         help="untimed steps per stack after the first")
     parser.add_argument("--iters", type=number(int, minimum=1), default=None,
@@ -176,8 +177,9 @@ def run(args: argparse.Namespace) -> int:
     path = results_path(args.out or _default_out(), device)
     t_start = time.perf_counter()
 
-    print(f"device {device_name(device)}; measuring the matmul ceiling ...", flush=True)
-    ceiling = measure_matmul_ceiling(device, dtype=amp or torch.float32)  # in the step's dtype: MFU like for like
+    print(f"device {device_name(device)}, {amp_label(amp, args.amp, device)}; measuring the matmul ceiling ...",
+          flush=True)
+    ceiling = measure_matmul_ceiling(device, dtype=amp or torch.float32)  # MFU against the run's own dtype
     payload = {
         "schema": SCHEMA,
         "provenance": provenance(device, getattr(args, "command_line", None)),

@@ -14,8 +14,16 @@
    pairs: the planted complexes overall and per phenotype class, and EFAAR's real databases (CORUM, HuMAP,
    Reactome, SIGNOR, StringDB) when the efaar-benchmarking package is installed.
 
-Time: `--minutes` of training per model (default 2); the schedule's length follows the budget (`--max-steps`
-auto: the steps a 2-core CPU makes in that time), so a longer run also anneals properly.
+Time: `--minutes` of training per model (default 2); the schedule's length follows the budget, so the run trains
+for its minutes on any machine and anneals properly: without `--max-steps` a short probe run of the same training
+(`PROBE_STEPS` steps, thrown away) measures the seconds per step, and the schedule is planned from it
+(`demo_plan.plan_steps`); with `--max-steps` the schedule is that many steps, whatever the machine (deterministic). The
+probe's time counts against the budget. The summary says how many crops each model trained on.
+
+Block-wise (ViT models): every well is embedded at each encoder block (`embed --blocks all`, one table with a
+`block` column); the evaluation scores each block and headlines the one with the highest phenotypic activity mAP
+(replicate wells vs negative controls: no relationships used). The table shows the model's last block as the
+model's row and, beside it, the chosen block when that is another one ("<model> block B (chosen)").
 
 Outputs (OUT = --out): the screen in OUT/screen; per model its training run (OUT/<model>/train) and embeddings
 (OUT/<model>/embeddings.parquet) -- a single model keeps the flat layout OUT/train, OUT/embeddings.parquet; the
@@ -36,6 +44,7 @@ import numpy as np
 
 from mae_fast.models import list_models, model_config
 from mae_fast.cli.common import number
+from mae_fast.cli.demo_plan import MIN_STEPS, PROBE_STEPS, schedule_steps
 from mae_fast.evaluation import cellprofiler
 from mae_fast.evaluation.databases import parse_relationship_args
 from mae_fast.evaluation.table import EvaluationInputError
@@ -48,7 +57,6 @@ DEFAULT_MINUTES = 2.0  # with the screen, embedding and baselines: ~300 s on 2 i
 # screen), drawn by --seed: measuring a cell costs about 12 ms of CPU, so all of them on 760 sites would take
 # about 2.5 minutes of the 2 cores alone (docs/SYNTHETIC_SCREEN.md, "Budget"). The table says so under itself.
 DEFAULT_CELLPROFILER_CELLS = 8
-CPU_STEPS_PER_SECOND = 0.6     # measured: micro MAE, batch 16 of 256 px crops, 2 CPU cores
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -63,8 +71,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         help=f"training time per model in minutes (default {DEFAULT_MINUTES:g})")
     budget.add_argument("--seconds", type=number(float, above=0), help="the same in seconds")
     p.add_argument("--max-steps", type=number(int, minimum=1),
-                   help=f"training steps planned for the schedule (default: {CPU_STEPS_PER_SECOND:g} per second of "
-                        "the time budget, what 2 CPU cores make at batch 16; a faster machine stops at this count)")
+                   help="training steps of the schedule (default: planned from the step time a short probe run "
+                        "measures on this machine, to fill the time budget)")
     p.add_argument("--batch-size", type=number(int, minimum=1), default=16)
     p.add_argument("--lr", type=number(float, above=0), default=1e-3, help="peak Lion learning rate of the MAE (default 1e-3)")
     p.add_argument("--wsl-lr", type=number(float, above=0), default=DEFAULT_WSL_LR,
@@ -76,6 +84,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"{DEFAULT_CELLPROFILER_CELLS}; 0: every segmented cell). Every cell is segmented either way")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp32"),
+                   help="autocast dtype of training and embedding (default auto: bf16 on GPUs and on CPUs with native "
+                        "bf16 units -- AMX / AVX512-BF16 -- fp32 on other CPUs)")
     p.add_argument("--tiny", action="store_true", help="a very small screen and run (for tests)")
 
 
@@ -104,16 +115,17 @@ def check_models(names: list[str]) -> list[str]:
     return names
 
 
-def check_options(args) -> tuple[list[str], float, int]:
-    """(models, training seconds per model, schedule steps) or ValueError naming the bad option."""
+def check_options(args) -> tuple[list[str], float, int | None]:
+    """(models, training seconds per model, schedule steps -- None: planned from a probe run) or ValueError naming
+    the bad option."""
     models = check_models(args.models or [args.preset])
     seconds = args.seconds if args.seconds is not None else 60.0 * (args.minutes if args.minutes is not None
                                                                     else DEFAULT_MINUTES)
     if not seconds > 0:
         given = args.minutes if args.minutes is not None else seconds
         raise ValueError(f"--minutes/--seconds must be > 0, got {given}")
-    steps = args.max_steps if args.max_steps is not None else max(20, round(CPU_STEPS_PER_SECOND * seconds))
-    for name, value in (("--max-steps", steps), ("--batch-size", args.batch_size)):
+    steps = args.max_steps
+    for name, value in (("--max-steps", steps or 1), ("--batch-size", args.batch_size)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     for name, value in (("--lr", args.lr), ("--wsl-lr", args.wsl_lr), ("--munet-lr", args.munet_lr)):
@@ -122,6 +134,13 @@ def check_options(args) -> tuple[list[str], float, int]:
     if args.device not in ("auto", "cpu", "cuda") and not str(args.device).startswith("cuda:"):
         raise ValueError(f"--device must be auto, cpu or cuda, got {args.device}")
     return models, seconds, steps
+
+
+def planned_steps(preset: str, screen_root: str, folder: str, args, seconds: float) -> tuple[int, dict]:
+    """(schedule steps, how they were planned): `--max-steps`, or from a probe run of the model's training in
+    `folder`/probe (`demo_plan.schedule_steps`)."""
+    probe = train_config(preset, screen_root, os.path.join(folder, "probe"), args, seconds, PROBE_STEPS)
+    return schedule_steps(probe, seconds, args.max_steps)
 
 
 def demo_baselines() -> tuple[tuple[str, ...], str | None]:
@@ -167,7 +186,7 @@ def train_config(preset: str, screen_root: str, out_dir: str, args, seconds: flo
     return TrainConfig(
         preset=preset, model=model, data=DataConfig(root=screen_root), out_dir=out_dir, overwrite=True,
         global_batch=args.batch_size, micro_batch=args.batch_size, steps=steps, lr=lr,
-        max_seconds=seconds, seed=args.seed, device=args.device,
+        max_seconds=seconds, seed=args.seed, device=args.device, amp=args.amp,
         checkpoint_every=max(1, steps // 2), log_every=max(1, steps // 20),
     )
 
@@ -185,6 +204,46 @@ def merge_evaluations(results: list, names: list[str]):
         merged.sources[name] = source.sources[name]
         merged.maps[name] = source.maps[name]
     return merged
+
+
+def headline_blocks(evaluation, source: str) -> dict | None:
+    """A block-wise evaluation of `source` reduced to the demo's rows, in place: the last block as `source` and,
+    when the evaluation chose another block to headline, that block as "`source` block B (chosen)". Returns the
+    choice with the new row names (None for a model without blocks)."""
+    from dataclasses import replace
+
+    choice = evaluation.block_choice
+    if choice is None:
+        return None
+    rows = {choice["last_source"]: source}
+    if choice["block"] != choice["last_block"]:
+        rows[choice["source"]] = f"{source} block {choice['block']} (chosen)"
+    sources, maps = dict(evaluation.sources), dict(evaluation.maps)
+    evaluation.sources.clear()
+    evaluation.maps.clear()
+    for old, new in rows.items():  # the model's rows first, then the baselines in their order
+        evaluation.sources[new] = replace(sources[old], name=new)
+        evaluation.maps[new] = maps[old]
+    for name, result in sources.items():
+        if not name.startswith(f"{source} block "):
+            evaluation.sources[name], evaluation.maps[name] = result, maps[name]
+    evaluation.block_choice = None  # the merged table says it in its own line
+    return {**choice, "row": rows[choice["source"]], "last_row": source}
+
+
+def block_note(choice: dict, recall) -> str:
+    """The line under the table: which block the evaluation headlines, why, and its recall beside the last
+    block's (the first relationship set, the planted complexes)."""
+    database = recall.columns[0]
+    scores = choice["activity_map"]
+
+    def cell(block):
+        value = scores.get(str(block))
+        return "n/a" if value is None else f"{value:.3f}"
+    chosen, last = choice["block"], choice["last_block"]
+    return (f"{choice['last_row']}: headline block {chosen} of {last} by {choice['criterion']}: activity mAP "
+            f"{cell(chosen)} (last block {cell(last)}); {database} recall {recall.loc[choice['row'], database]:.3f} "
+            f"(last block {recall.loc[choice['last_row'], database]:.3f})")
 
 
 def _json_rows(frame) -> list[dict]:
@@ -232,7 +291,7 @@ def run(args) -> int:
     check_demo_folder(out, models)
     for preset in models:  # every training setting checked before the screen is generated
         validate(train_config(preset, os.path.join(out, "screen"), os.path.join(out, preset, "train"), args,
-                              seconds, steps))
+                              seconds, steps or MIN_STEPS))
     os.makedirs(out, exist_ok=True)
     t_start = time.time()
     screen = make_synthetic_screen(os.path.join(out, "screen"), screen_config(args.tiny, args.seed))
@@ -243,18 +302,25 @@ def run(args) -> int:
     runs: dict[str, dict] = {}
     for preset in models:
         folder = out if single else os.path.join(out, preset)
-        result = train(train_config(preset, screen.root, os.path.join(folder, "train"), args, seconds, steps))
+        model_steps, plan = planned_steps(preset, screen.root, folder, args, seconds)
+        if plan["source"] == "probe":
+            print(f"planned {model_steps} steps for {preset}: {plan['step_seconds']:.3f} s per step measured over "
+                  f"{plan['probe_steps']} probe steps ({plan['probe_seconds']:.0f} s), "
+                  f"{plan['budget_left_seconds']:.0f} s of the budget left")
+        result = train(train_config(preset, screen.root, os.path.join(folder, "train"), args,
+                                    max(seconds - plan.get("probe_seconds", 0.0), 1.0), model_steps))
         first, last = _loss_ends(result.losses)
-        print(f"trained {preset} for {result.steps} of {steps} steps in {result.seconds:.0f} s ({result.crops} crops, "
-              f"{result.crops_per_second:.1f} crops/s): loss {first:.4f} -> {last:.4f}")
+        print(f"trained {preset} for {result.steps} of {model_steps} steps in {result.seconds:.0f} s ({result.crops} "
+              f"crops, {result.crops_per_second:.1f} crops/s): loss {first:.4f} -> {last:.4f}")
         stage = time.time()
         embeddings = embed_dataset(result.model_dir, screen.root, os.path.join(folder, "embeddings.parquet"),
-                                   overwrite=True, device=args.device, seed=args.seed)
+                                   overwrite=True, device=args.device, amp=args.amp, seed=args.seed,
+                                   blocks=None if model_config(preset).family != "mae" else "all")
         embed_seconds = time.time() - stage
         print(f"embedded {embeddings.n_wells} wells with {preset} ({embeddings.n_tiles} tiles, "
               f"{embeddings.tiles_per_second:.1f} tiles/s)")
         runs[preset] = {"result": result, "embeddings": embeddings, "loss_first": first, "loss_last": last,
-                        "embed_seconds": embed_seconds}
+                        "embed_seconds": embed_seconds, "planned_steps": model_steps, "plan": plan}
 
     # one evaluation per embedding table (the first also scores the baselines), merged into one table
     sources = ["model"] if single else models
@@ -274,10 +340,15 @@ def run(args) -> int:
     for preset, source in zip(models[1:], sources[1:]):
         evaluations.append(evaluate(runs[preset]["embeddings"].out, relationships, arms=screen.arms_csv,
                                     gene_classes=screen.plan.gene_class, name=source))
-    evaluation = merge_evaluations(evaluations, sources + list(baselines))
+    choices = {preset: headline_blocks(e, source) for preset, source, e in zip(models, sources, evaluations)}
+    rows = [name for c, source in zip(choices.values(), sources)
+            for name in ([source] + ([c["row"]] if c and c["row"] != source else []))]
+    evaluation = merge_evaluations(evaluations, rows + list(baselines))
     evaluation_seconds = time.time() - stage
     figures = write_outputs(evaluation, os.path.join(out, "evaluation"), heatmap_relationships="planted")
-    table = markdown_table(evaluation) + (f"\n{cp_note}\n" if cp_note else "")
+    recall = evaluation.recall_table()
+    block_notes = [block_note(choice, recall) for choice in choices.values() if choice]
+    table = markdown_table(evaluation) + "".join(f"\n{note}\n" for note in block_notes + ([cp_note] if cp_note else []))
     table_path = os.path.join(out, "recall.md")
     atomic_write(table_path, lambda tmp: write_text(tmp, table))
     wall = time.time() - t_start
@@ -295,8 +366,9 @@ def run(args) -> int:
         r = runs[preset]
         result = r["result"]
         per_model[preset] = {
-            "preset": preset, "source": source, "steps": result.steps, "planned_steps": steps,
-            "crops": result.crops, "train_seconds": round(result.seconds, 2),
+            "preset": preset, "source": source, "steps": result.steps, "planned_steps": r["planned_steps"],
+            "plan": r["plan"], "crops": result.crops, "block_choice": choices[preset],
+            "train_seconds": round(result.seconds, 2),
             "crops_per_second": round(result.crops_per_second, 2),
             "loss_first": r["loss_first"], "loss_last": r["loss_last"], "losses": result.losses,
             "train_dir": result.out_dir, "embeddings": r["embeddings"].out,
@@ -320,6 +392,7 @@ def run(args) -> int:
     for preset in models:
         result = runs[preset]["result"]
         print(f"\n{preset}:" if not single else "")
+        print(f"trained on:      {result.crops} crops ({result.steps} steps of {args.batch_size})")
         print(f"loss curve:      {result.loss_curve_path}")
         for path in result.recon_paths[-1:]:
             print(f"reconstruction:  {path}")

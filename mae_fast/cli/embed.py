@@ -35,10 +35,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="well table (parquet)")
     p.add_argument("--sites", action="store_true", help="also write OUT_STEM_sites.parquet (one row per site)")
     p.add_argument("--per-channel", action="store_true", help="CA-MAE: per-channel embeddings")
+    p.add_argument("--blocks", metavar="all|LIST",
+                   help="ViTs: each encoder block's embedding (all, or 1-based block numbers such as 2,4) in one "
+                        "table with a `block` column; `mae-fast evaluate` scores each block")
     p.add_argument("--batch-size", type=number(int, minimum=1), default=64, help="tiles per forward pass (default 64)")
     p.add_argument("--edge", default="drop", help="tiles at the border: drop, center, pad, error")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    p.add_argument("--amp", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp32")
+    p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp32"),
+                   help="auto (bf16 on GPU and on CPUs with native bf16 units -- AMX / AVX512-BF16 -- else fp32), "
+                        "bf16, fp32")
     p.add_argument("--num-workers", type=number(int, minimum=0, maximum=max_workers()), default=None,
                    help="decode workers (default min(4, cores); at most 4 per core)")
     p.add_argument("--backend", default="auto", help="image decoding: auto, torch, dali")
@@ -70,7 +75,7 @@ def config_from_args(args) -> EmbedConfig:
                        edge=args.edge, batch_size=args.batch_size, device=args.device, amp=args.amp,
                        per_channel=args.per_channel, sites=args.sites, overwrite=args.overwrite,
                        progress=not args.no_progress, threads=args.threads, seed=args.seed,
-                       adabn_window=args.adabn_window)
+                       adabn_window=args.adabn_window, blocks=args.blocks)
 
 
 def run(args) -> int:

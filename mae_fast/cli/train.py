@@ -41,8 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=number(float, above=0), help="peak learning rate (default: the preset's paper value; WSL: 0.1 per 256 "
                                            "crops, scaled with the global batch)")
     p.add_argument("--device", help="auto, cpu, cuda")
-    p.add_argument("--amp", choices=AMP_MODES, help="autocast dtype (default auto: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--bf16", action="store_true", help="same as --amp bf16 (GPU only)")
+    p.add_argument("--amp", choices=AMP_MODES, help="autocast dtype (default auto: bf16 on GPU and on CPUs with "
+                                                    "native bf16 units -- AMX / AVX512-BF16 -- fp32 elsewhere)")
+    p.add_argument("--bf16", action="store_true", help="same as --amp bf16")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each transformer block (compile_mode=model: the whole model)")
     p.add_argument("--fsdp", action="store_true", help="shard with FSDP instead of DDP (under torchrun)")

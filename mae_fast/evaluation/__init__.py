@@ -47,6 +47,7 @@ Modules, by pipeline stage:
     average_precision.py  JUMP's mAP: phenotypic activity and consistency, p-values, BH correction
     databases.py   EFAAR's relationship databases read from an installed efaar-benchmarking
     result.py      EvalConfig and the results with their table views (table, recall_table, markdown)
+    blocks.py      block-wise embedding tables (a `block` column): a source per block, the block to headline
     pipeline.py    `evaluate`: all of the above for the model and the baselines
     report.py      JSON, Markdown, recall-vs-percentile plot, similarity heat map
 """

@@ -21,6 +21,7 @@ from .recall import (
 from .result import (
     BASELINES, ClassRecall, DatabaseRecall, EvalConfig, EvaluationResult, PerturbationMap, SourceResult,
 )
+from .blocks import choose_block, source_tables
 from .table import EvaluationInputError, WellTable, load_table, name_some, well_table_from_frame
 from .tvn import fit_tvn
 
@@ -320,7 +321,9 @@ def evaluate(
 ) -> EvaluationResult:
     """Recall (with bootstrap intervals) and mAP of known relationships for `embeddings` and the baselines.
 
-    embeddings: path (parquet/CSV), DataFrame or WellTable, one row per well.
+    embeddings: path (parquet/CSV), DataFrame or WellTable, one row per well; a table with a `block` column
+        (`mae-fast embed --blocks`) is one source per block, "NAME block B", and `result.block_choice` names the
+        block to headline, chosen by phenotypic activity mAP (no relationships used; `choose_block`).
     relationships: path(s), RelationshipSet(s) or {name: path/DataFrame/RelationshipSet} in EFAAR format
         (entity1,entity2); `mae_fast.evaluation.databases.efaar_relationships()` gives EFAAR's five.
     arms: gene -> chromosome arm table (path, DataFrame or ArmTable) or None for no arm correction.
@@ -345,10 +348,11 @@ def evaluate(
         )
 
     load_start = time.perf_counter()
-    model_table = _as_well_table(embeddings, config, name)
+    model_tables = source_tables(embeddings, config, name)
     load_seconds = time.perf_counter() - load_start
+    model_table = list(model_tables.values())[-1]  # the random baseline's shape (every block's is the same)
     # each source: the tables of its seeds (one, except for the random baseline)
-    sources: dict[str, list] = {name: [model_table]}
+    sources: dict[str, list] = {source: [table] for source, table in model_tables.items()}
     if "random" in baselines:
         sources["random"] = [lambda s=s: random_embeddings_like(model_table, config.seed + s)
                              for s in range(config.random_seeds)]
@@ -381,8 +385,9 @@ def evaluate(
             del similarities, table
             seed_results.append(source_result)
         source_result = combine_seeds(seed_results)
-        if source_name == name:
+        if source_name in model_tables:
             source_result.report["seconds"]["load_table"] = round(load_seconds, 4)
             source_result.report["seconds"]["load_relationships"] = round(relationship_seconds, 4)
         result.sources[source_name] = source_result
+    result.block_choice = choose_block(result, name)
     return result

@@ -75,6 +75,7 @@ def result_as_dict(result: EvaluationResult) -> dict:
                "wells; consistency = each gene's known partners vs all other perturbations; retrieved = "
                f"BH-corrected p < {result.config.map_threshold:g} (null size {result.config.map_null_size})",
         "sources": sources,
+        "block_choice": result.block_choice,
         "relationships": result.relationships,
         "config": config_as_dict(result.config),
     }

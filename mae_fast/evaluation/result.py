@@ -127,6 +127,7 @@ class EvaluationResult:
     relationship_sets: dict[str, RelationshipSet] = field(default_factory=dict, repr=False)
     maps: dict[str, PerturbationMap] = field(default_factory=dict, repr=False)
     similarities: dict[str, PairwiseSimilarities] = field(default_factory=dict, repr=False)
+    block_choice: dict | None = None  # block-wise embeddings: the block to headline and why (`pipeline.choose_block`)
 
     @property
     def databases(self) -> list[str]:
@@ -256,4 +257,16 @@ def markdown_table(result: EvaluationResult, tail: float | None = None) -> str:
                         entry.recall.get(tail, nan), entry.interval.get(tail, (nan, nan)),
                         entry.spread.get(f"recall@{tail:g}"), source.seeds) + f" (n={entry.n_pairs})")
                 lines.append("| " + " | ".join([str(name), db] + cells) + " |")
+    if result.block_choice:
+        lines += ["", block_choice_line(result.block_choice)]
     return "\n".join(lines) + "\n"
+
+
+def block_choice_line(choice: dict) -> str:
+    """One sentence: the block headlined, by what criterion, beside the last block."""
+    scores = choice["activity_map"]
+    def score(b):
+        value = scores.get(str(b))
+        return "n/a" if value is None else f"{value:.3f}"
+    return (f"headline block: {choice['block']} of {choice['last_block']} (activity mAP {score(choice['block'])}; "
+            f"last block {score(choice['last_block'])}), chosen by {choice['criterion']}")

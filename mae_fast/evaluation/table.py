@@ -22,6 +22,11 @@ RXRX3_METADATA_COLUMNS = (
 MAX_NAMED = 10  # how many offending rows/genes an error message lists before "... and N more"
 
 
+# block-wise embedding tables (`mae-fast embed --blocks`): the 1-based encoder block of each row; `evaluate` scores
+# each block as its own source
+BLOCK_COLUMN = "block"
+
+
 class EvaluationInputError(ValueError):
     """Bad evaluation input; the message names the file, columns or rows at fault."""
 
@@ -54,7 +59,7 @@ class ColumnSpec:
 
     def metadata_columns(self) -> set[str]:
         named = {self.perturbation, self.batch, self.plate, self.control_column, self.row_id}
-        return (named | set(RXRX3_METADATA_COLUMNS)) - {None}
+        return (named | set(RXRX3_METADATA_COLUMNS) | {BLOCK_COLUMN}) - {None}
 
 
 @dataclass

@@ -20,7 +20,8 @@ and cut into near-equal batches of at most batch_size and at least 2 tiles. The 
 (seed, adabn_window, batch_size), which the parts' manifest records.
 
 Every site is cut into non-overlapping tiles of the model's crop size (`mae_fast.data.tiling`); each tile is
-embedded without masking (mean of the patch tokens; bf16 autocast on GPU, fp32 on CPU); a site's embedding is the
+embedded without masking (mean of the patch tokens; bf16 autocast on GPUs and on CPUs with native bf16 units, fp32
+on other CPUs: `mae_fast.device.default_amp`); a site's embedding is the
 mean of its tiles, a well's the mean of all its tiles (= the mean of its sites when they have the same tile count).
 
 Output: `OUT` (parquet, one row per well): the metadata columns (RxRx3 schema: well_id, experiment_name, plate,
@@ -28,6 +29,9 @@ address, gene, treatment, SMILES, concentration, perturbation_type, cell_type --
 then the dataset's other metadata columns), perturbation, n_sites, n_tiles, then feature_0 .. feature_{D-1}
 (float32). With --per-channel (CA-MAE models) the features are the per-channel embeddings, feature index
 c * D + i for channel c, dimension i. With --sites also `OUT_STEM_sites.parquet`, one row per site.
+
+Block-wise (`--blocks all` or `--blocks 2,4`, ViTs): one table, a `block` column first (1-based; block `depth` is the
+plain embedding), a row per (well, block); each block pooled as the last (`MaskedAutoencoder.embed(blocks=)`).
 
 Resuming: work is done plate by plate; each finished plate is one part file in `OUT_STEM_parts/`, written
 atomically, and a rerun skips the plates that have one (a manifest guards against mixing settings). A part records
@@ -52,7 +56,9 @@ import torch.distributed as dist
 
 from mae_fast.checkpoint import describe_model
 from mae_fast.data.tiling import decode_workers
+from mae_fast.device import amp_label
 from mae_fast.inference.adabn import AdaBNPlateTiles, adabn_window_tiles, is_adabn
+from mae_fast.inference.blocks import embedding_blocks
 from mae_fast.inference.model_loading import check_channels, load_embedding_model
 from mae_fast.inference.tables import (
     MANIFEST,
@@ -106,7 +112,7 @@ class EmbedConfig:
     edge: str = "drop"                   # tiles at the image border: drop, center, pad, error (see tiling.py)
     batch_size: int = 64                 # tiles per forward pass
     device: str = "auto"
-    amp: str = "auto"                    # auto (bf16 on GPU, fp32 on CPU), bf16, fp32
+    amp: str = "auto"                    # auto (bf16 on GPU and on CPUs with native bf16, else fp32), bf16, fp32
     per_channel: bool = False            # CA-MAE: per-channel embeddings (C * D features)
     sites: bool = False                  # also write the per-site table
     overwrite: bool = False
@@ -114,6 +120,7 @@ class EmbedConfig:
     threads: int = 0
     seed: int = 0                        # AdaBN models: order of the sites and tiles that share a batch
     adabn_window: int = 0                # AdaBN models: tiles shuffled together (0: 8 x batch_size)
+    blocks: str | list[int] | None = None  # ViTs: "all" or encoder block numbers (1-based) -> a `block` column
 
 
 @dataclass
@@ -130,6 +137,7 @@ class EmbedResult:
     plates_done: list[str]               # plates embedded in this call (this rank)
     plates_skipped: list[str]            # plates found finished from an earlier run
     skipped_sites: dict                  # ErrorSummary.to_dict() of the sites left out (on_error="skip")
+    blocks: list[int] | None = None      # the encoder blocks of the `block` column (None: the plain embedding)
 
 
 
@@ -162,7 +170,7 @@ def _manifest(cfg: EmbedConfig, model: torch.nn.Module, index, amp) -> dict:
     manifest = {"checkpoint": where, "weights": weights_fingerprint(model),
                 "model": model.cfg.to_dict(), "tile": model.cfg.img_size, "edge": cfg.edge,
                 "per_channel": cfg.per_channel, "amp": "bf16" if amp else "fp32", "index": index.fingerprint(),
-                "n_sites": len(index)}
+                "n_sites": len(index), "blocks": embedding_blocks(cfg.blocks, model)}
     if is_adabn(model):  # the batches' composition changes the embeddings
         manifest["adabn_batches"] = {"seed": cfg.seed, "window_tiles": adabn_window_tiles(cfg),
                                      "batch_size": cfg.batch_size}
@@ -209,6 +217,7 @@ def _prepare(cfg: EmbedConfig, info: DistInfo):
     if is_adabn(model) and cfg.batch_size < 2:
         raise ConfigError(f"{model.cfg.name} normalises with batch statistics (AdaBN): batch_size must be >= 2, got "
                           f"{cfg.batch_size}")
+    embedding_blocks(cfg.blocks, model)  # a ViT, block numbers in range
     index = build_site_index(cfg.data)
     check_channels(model, index, cfg.per_channel)
     manifest = _manifest(cfg, model, index, amp)
@@ -270,6 +279,7 @@ def _embed(cfg: EmbedConfig, info: DistInfo) -> EmbedResult:
 
     model = model.to(device).eval()
     dims = model.cfg.embed_dim * (len(index.channels) if cfg.per_channel else 1)
+    blocks = manifest["blocks"]
     plates: list[tuple[str, str]] = []
     for s in index:
         if not plates or plates[-1] != (s.experiment, s.plate):
@@ -290,8 +300,10 @@ def _embed(cfg: EmbedConfig, info: DistInfo) -> EmbedResult:
                     f"changed since); embedding the plate again")
     todo = [i for i in mine if i not in done_before]
     if info.is_main:
-        logger.info(f"embedding {len(index)} sites on {len(plates)} plate(s) with {describe_model(model.cfg)} ({kind}, "
-                    f"{model.cfg.img_size}px tiles, {dims} features, {device.type} {'bf16' if amp else 'fp32'})"
+        logger.info(f"embedding {len(index)} sites on {len(plates)} plate(s) with {describe_model(model.cfg)} "
+                    f"({kind}, {model.cfg.img_size}px tiles, {dims} features"
+                    + (f" for each of blocks {','.join(map(str, blocks))}" if blocks else "")
+                    + f", {device.type} {amp_label(amp, cfg.amp, device)})"
                     + (f"; {len(done_before)} plate(s) already done" if done_before else "") + f" -> {out}")
 
     bar = tqdm(total=sum(len(by_plate[plates[i]]) for i in todo), desc="embed", unit="site", dynamic_ncols=True,
@@ -311,7 +323,8 @@ def _embed(cfg: EmbedConfig, info: DistInfo) -> EmbedResult:
         counts: dict[tuple, int] = {}
         for tiles, keys in tiles_it:
             with torch.no_grad(), autocast:
-                z = model.embed(tiles, per_channel=cfg.per_channel)  # (B, dims)
+                z = (model.embed(tiles, per_channel=cfg.per_channel) if blocks is None  # (B, dims)
+                     else model.embed(tiles, per_channel=cfg.per_channel, blocks=blocks))  # (B, blocks, dims)
             z = z.float().cpu().numpy().astype(np.float64)
             new_sites = 0
             for (well, site, _), row in zip(keys, z):
@@ -326,7 +339,7 @@ def _embed(cfg: EmbedConfig, info: DistInfo) -> EmbedResult:
             bar.update(new_sites)
             bar.set_postfix(crops_s=f"{n_tiles / max(time.perf_counter() - t0, 1e-9):.1f}", refresh=False)
         summary.merge(tiles_it.summary)
-        frame = plate_table(sub, sums, counts, dims)
+        frame = plate_table(sub, sums, counts, dims, blocks)
         write_parquet(frame, os.path.join(parts_dir, names[i]),
                       {"plate": label[i], "skipped": tiles_it.summary.to_dict(), "n_tiles": int(sum(counts.values())),
                        "inputs": made_from[i]})
@@ -352,7 +365,7 @@ def _embed(cfg: EmbedConfig, info: DistInfo) -> EmbedResult:
         n_sites=counts_all[1], n_tiles=n_tiles, dims=dims, seconds=seconds,
         tiles_per_second=n_tiles / seconds if seconds > 0 else 0.0,
         plates_done=[label[i] for i in todo], plates_skipped=[label[i] for i in done_before],
-        skipped_sites=counts_all[2],
+        skipped_sites=counts_all[2], blocks=blocks,
     )
 
 
@@ -361,7 +374,8 @@ def embed_dataset(checkpoint: str, data_root: str, out: str, *, preset: str | No
                   plates=None, perturbations=None, edge: str = "drop", batch_size: int = 64, device: str = "auto",
                   amp: str = "auto", per_channel: bool = False, sites: bool = False, num_workers: int | None = None,
                   backend: str = "auto", on_error: str = "raise", overwrite: bool = False, progress: bool = True,
-                  threads: int = 0, seed: int = 0, adabn_window: int = 0) -> EmbedResult:
+                  threads: int = 0, seed: int = 0, adabn_window: int = 0,
+                  blocks: str | list[int] | None = None) -> EmbedResult:
     """Python API of `mae-fast embed` (see the module doc)."""
     data = DataConfig(root=data_root, format=data_format, metadata=metadata,
                       channels=[str(c) for c in channels] if channels else None,
@@ -370,7 +384,7 @@ def embed_dataset(checkpoint: str, data_root: str, out: str, *, preset: str | No
     return embed(EmbedConfig(checkpoint=checkpoint, out=out, data=data, preset=preset, model=dict(model or {}),
                              edge=edge, batch_size=batch_size, device=device, amp=amp, per_channel=per_channel,
                              sites=sites, overwrite=overwrite, progress=progress, threads=threads, seed=seed,
-                             adabn_window=adabn_window))
+                             adabn_window=adabn_window, blocks=blocks))
 
 
 def _strings(values):
@@ -380,7 +394,3 @@ def _strings(values):
         values = [values]
     return [str(v) for v in values]
 
-
-# ------------------------------------------------------------------------------------------------------------
-# Command line
-# ------------------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import re
 
 import numpy as np
 
+from mae_fast.evaluation.table import BLOCK_COLUMN
 from mae_fast.io import TMP_PREFIX, OutputPathError, atomic_write
 from mae_fast.training.config import ConfigError
 
@@ -51,9 +52,18 @@ def _metadata_row(site, well_level: bool) -> dict:
     return row
 
 
-def plate_table(sites, sums: dict, counts: dict, dims: int):
-    """One plate's rows: a `level` column ("well"/"site"), metadata, n_sites, n_tiles, features."""
+def plate_table(sites, sums: dict, counts: dict, dims: int, blocks: list[int] | None = None):
+    """One plate's rows: a `level` column ("well"/"site"), metadata, n_sites, n_tiles, features. With `blocks`
+    the sums hold (len(blocks), dims) arrays and the rows repeat per block, after a `block` column."""
     import pandas as pd
+
+    if blocks is not None:
+        frames = []
+        for j, block in enumerate(blocks):
+            frame = plate_table(sites, {k: v[j] for k, v in sums.items()}, counts, dims)
+            frame.insert(1, BLOCK_COLUMN, block)
+            frames.append(frame)
+        return pd.concat(frames, ignore_index=True)
 
     rows, feats = [], []
     wells: dict[str, list] = {}

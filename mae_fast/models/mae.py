@@ -446,6 +446,22 @@ class ViTEncoder(nn.Module):
     def forward_tokens(self, pixel_tokens: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
         """Pixel tokens (B, K, P) (standardised) at sequence positions `ids` (B, K) (all, in order, if None)
         -> encoded sequence (B, 1 + K, D), class token first."""
+        x = _run_blocks(self.blocks, self._input_sequence(pixel_tokens, ids), self.cfg.grad_checkpointing)
+        return self.norm(x)
+
+    def forward_blocks(self, pixel_tokens: torch.Tensor, blocks: list[int]) -> list[torch.Tensor]:
+        """All pixel tokens (B, L, P) -> the sequence after each of `blocks` (1-based, ascending), each through the
+        final norm as the last block's is: [(B, 1 + L, D)]. Blocks after the last asked for are not run."""
+        x = self._input_sequence(pixel_tokens, None)
+        outputs = []
+        for number, blk in enumerate(self.blocks[:blocks[-1]], start=1):
+            x = blk(x)
+            if number in blocks:
+                outputs.append(self.norm(x))
+        return outputs
+
+    def _input_sequence(self, pixel_tokens: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
+        """Projected tokens plus positions, class token first: the first block's input (B, 1 + K, D)."""
         B, K, _ = pixel_tokens.shape
         x = self.patch_embed(pixel_tokens)
         pos = self.pos_embed[:, 1:]
@@ -454,9 +470,7 @@ class ViTEncoder(nn.Module):
         else:
             x = x + pos[0][ids]
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(B, -1, -1)
-        x = torch.cat([cls, x], dim=1)
-        x = _run_blocks(self.blocks, x, self.cfg.grad_checkpointing)
-        return self.norm(x)
+        return torch.cat([cls, x], dim=1)
 
     def pool(self, x: torch.Tensor, in_chans: int, per_channel: bool = False) -> torch.Tensor:
         """Mean of the non-class tokens: (B, D), or (B, C, D) per channel for CA-MAE; then `fc_norm` unless
@@ -626,11 +640,19 @@ class MaskedAutoencoder(nn.Module):
 
     # -- inference ------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def embed(self, images: torch.Tensor, per_channel: bool = False) -> torch.Tensor:
+    def embed(self, images: torch.Tensor, per_channel: bool = False, blocks: list[int] | None = None) -> torch.Tensor:
         """Raw images -> mean of the non-class tokens, no masking: (B, D), or (B, C*D) per channel (CA-MAE).
+        `blocks` (1-based block numbers): the same pooling of each of those blocks' outputs, each through the final
+        norm (`ViTEncoder.forward_blocks`) -> (B, len(blocks), D or C*D); block `depth` is the plain embedding.
         No gradients: to fine-tune, call the encoder (`model.encoder(images)`, or its forward_features /
         forward_head), which computes the same features with gradients."""
-        return self.encoder(images, per_channel=per_channel)
+        if blocks is None:
+            return self.encoder(images, per_channel=per_channel)
+        C = self.check_images(images)
+        tokens = ops.standardized_tokens(images, self.cfg.patch_size, self.cfg.layout)  # fused: one pass, no mask
+        blocks = check_blocks(blocks, self.cfg.depth)
+        return torch.stack([self.encoder.pool(x, C, per_channel).flatten(1)
+                            for x in self.encoder.forward_blocks(tokens, blocks)], dim=1)
 
     def reconstruct(self, images: torch.Tensor, generator: torch.Generator | None = None):
         """For figures: (standardised input, masked input, reconstruction with visible patches pasted), each
@@ -645,6 +667,26 @@ class MaskedAutoencoder(nn.Module):
             masked = ops.unpatchify(tokens * keep, cfg.patch_size, C, cfg.layout)
             recon = ops.unpatchify(tokens * keep + out.pred.float() * (1 - keep), cfg.patch_size, C, cfg.layout)
         return x, masked, recon
+
+
+def parse_blocks(blocks, depth: int) -> list[int]:
+    """"all", a comma list ("2,4") or block numbers -> `check_blocks`' sorted 1-based list."""
+    if isinstance(blocks, str):
+        if blocks.strip() == "all":
+            return list(range(1, depth + 1))
+        blocks = [b for b in (t.strip() for t in blocks.split(",")) if b]
+    return check_blocks(blocks, depth)
+
+
+def check_blocks(blocks, depth: int) -> list[int]:
+    """Encoder block numbers (1-based) sorted and distinct; ValueError naming the valid range otherwise."""
+    try:
+        chosen = sorted(set(int(b) for b in blocks))
+    except (TypeError, ValueError):
+        chosen = []
+    if not chosen or chosen[0] < 1 or chosen[-1] > depth:
+        raise ValueError(f"blocks must be 'all' or encoder block numbers 1..{depth}, got {list(blocks)}")
+    return chosen
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -88,7 +88,7 @@ class TrainConfig:
     betas: tuple[float, float] | None = None  # Lion / AdamW (not SGD)
     warmup_fraction: float = 0.1
     optimizer_impl: str = "auto"         # Lion backend: auto, reference, foreach, triton, cpp (MAE only)
-    amp: str = "auto"                    # auto (bf16 on GPU, fp32 on CPU), bf16, fp32
+    amp: str = "auto"                    # auto (bf16 on GPU and on CPUs with native bf16, else fp32), bf16, fp32
     activation_checkpointing: bool = False
     activation_checkpointing_policy: str = "full"  # full: recompute whole blocks; selective: keep matmul outputs
     compile: bool = False
@@ -644,11 +644,10 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on GPUs; fp32 on CPUs (bf16 is emulated there, and asking for it is an error)."""
-    if amp == "bf16" and device.type != "cuda":
-        raise ConfigError("amp=bf16 (--bf16) needs a CUDA device; this run is on the CPU (use --amp fp32)")
+    """The autocast dtype (None: fp32). `auto`: `mae_fast.device.default_amp` -- bf16 on GPUs and on CPUs with native
+    bf16 matrix units (AMX / AVX512-BF16), fp32 elsewhere. `bf16` is honoured on any CPU (emulated ones are slow)."""
     if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
+        return device_module.default_amp(device)
     return torch.bfloat16 if amp == "bf16" else None
 
 

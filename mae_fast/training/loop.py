@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from mae_fast.checkpoint import WEIGHTS_NAME, CheckpointError, load_state_dict_strict, save_model
 from mae_fast.compiling import compile_blocks, selective_checkpointing
+from mae_fast.device import amp_label
 from mae_fast.io import OutputLock, folder_lock_path
 from mae_fast.models import MaskedAutoencoder
 from mae_fast.models.baseline_common import build_optimizer
@@ -229,7 +230,7 @@ def _train(cfg: TrainConfig, plan: RunPlan, info: DistInfo, device: torch.device
         losses = [float(x) for x in state["losses"].tolist()]
 
     report = StepReporter(cfg, plan.model_cfg, info.world_size, info.is_main, device, resume_step, start_step,
-                          plan.total_steps, labels is not None)
+                          plan.total_steps, labels is not None, amp)
     train_step = TrainStep(forward, wrapped, optimizer, streams, labels, cfg, plan, info, device, amp)
     for note in notes:
         report.line(note)
@@ -239,7 +240,7 @@ def _train(cfg: TrainConfig, plan: RunPlan, info: DistInfo, device: torch.device
                 + f") on {len(index)} sites: {plan.total_steps} steps x global batch {cfg.global_batch} "
                 f"({info.world_size} rank(s) x {len(train_step.local_micro)} micro-batch(es) of {cfg.micro_batch}; "
                 f"{plan.shards} data shard(s)), {_optimizer_name(plan)} lr {plan.lr:g}, {device.type}"
-                f"{' bf16' if amp else ' fp32'}{', ' + cfg.distributed.upper() if info.active else ''}"
+                f" {amp_label(amp, cfg.amp, device)}{', ' + cfg.distributed.upper() if info.active else ''}"
                 f"{', sharded checkpoints' if checkpointer.sharded else ''} -> {cfg.out_dir}"
                 + (f"; resuming after step {start_step}" if resume_step is not None else ""))
 

@@ -72,10 +72,10 @@ def training_flops_per_crop(cfg: ModelConfig) -> int | None:
         return None
 
 
-def matmul_ceiling_tflops(device: torch.device) -> float | None:
-    """The device's measured matmul rate (bf16 on GPU, fp32 on CPU), for the MFU display."""
-    try:
-        return float(measure_matmul_ceiling(device)["tflops"])  # the same measurement as `mae-fast bench`
+def matmul_ceiling_tflops(device: torch.device, amp: torch.dtype | None = None) -> float | None:
+    """The device's measured matmul rate in the run's dtype (`amp`, None: fp32), for the MFU display."""
+    try:  # the same measurement as `mae-fast bench`
+        return float(measure_matmul_ceiling(device, dtype=amp or torch.float32)["tflops"])
     except Exception:  # noqa: BLE001
         return None
 
@@ -85,10 +85,10 @@ class StepReporter:
     events. On other ranks every method does nothing."""
 
     def __init__(self, cfg: TrainConfig, model_cfg: ModelConfig, world_size: int, is_main: bool, device,
-                 resume_step: int | None, start_step: int, total_steps: int, with_accuracy: bool):
+                 resume_step: int | None, start_step: int, total_steps: int, with_accuracy: bool, amp=None):
         self.cfg, self.is_main, self.world_size, self.with_accuracy = cfg, is_main, world_size, with_accuracy
         self.flops_per_crop = training_flops_per_crop(model_cfg)
-        self.ceiling = cfg.peak_tflops or (matmul_ceiling_tflops(device) if (self.flops_per_crop and is_main)
+        self.ceiling = cfg.peak_tflops or (matmul_ceiling_tflops(device, amp) if (self.flops_per_crop and is_main)
                                            else None)
         self.log = MetricsLog(cfg.out_dir, resume_step, cfg.tensorboard) if is_main else None
         self.bar = None

@@ -29,7 +29,7 @@ def _render_module():
 def cpu_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "cpu.json"
     rc = bench_cli.main(["--device", "cpu", "--preset", TINY, "--stacks", ",".join(default_stacks()),
-                     "--rounds", "2", "--iters", "1", "--warmup", "0", "--out", str(out)])
+                     "--rounds", "2", "--iters", "1", "--warmup", "0", "--amp", "fp32", "--out", str(out)])
     with open(out) as f:
         return rc, json.load(f)
 

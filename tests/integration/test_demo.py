@@ -55,10 +55,18 @@ def test_demo_runs_end_to_end_and_loss_goes_down(tmp_path, capsys):
         assert re.search(rf"{label}:\s+{re.escape(str(path))}", printed), label  # the demo says where it is
     summary = json.loads((out / "demo_summary.json").read_text())
     assert summary["steps"] == 30 and len(summary["losses"]) == 30
+    assert summary["planned_steps"] == 30 and summary["plan"] == {"source": "--max-steps"}  # no probe: as asked
+    assert summary["crops"] == 30 * 8 and re.search(r"^trained on:\s+240 crops \(30 steps of 8\)$", printed, re.M)
     assert summary["loss_last"] < summary["loss_first"]
     table = pd.read_parquet(out / "embeddings.parquet")
-    assert len(table) == 2 * (5 * 3 + 2 + 3 + 1)  # every well of the two plates
-    sources = expected_sources(["model"])
+    depth = 4  # the micro ViT's blocks, each embedded (`block` column)
+    assert len(table) == 2 * (5 * 3 + 2 + 3 + 1) * depth  # every well of the two plates, at every block
+    assert sorted(table["block"].unique()) == [1, 2, 3, 4]
+    choice = summary["block_choice"]   # headlined by activity mAP, printed beside the last block
+    assert choice["last_block"] == depth and choice["last_row"] == "model" and "activity mAP" in choice["criterion"]
+    assert re.search(rf"^model: headline block {choice['block']} of 4 by .*; planted recall \d\.\d{{3}} \(last "
+                     r"block \d\.\d{3}\)$", printed, re.M), printed
+    sources = expected_sources(["model"] + ([choice["row"]] if choice["block"] != depth else []))
     assert set(summary["recall"]) == set(sources)
     lines = printed.splitlines()
     databases = ["planted"] + (list(EFAAR_DATABASES) if efaar_installed() else [])
@@ -108,7 +116,11 @@ def test_demo_compares_models_side_by_side(tmp_path, capsys):
     assert rc == 0
     printed = capsys.readouterr().out
     lines = printed.splitlines()
-    sources = expected_sources(models)
+    summary = json.loads((out / "demo_summary.json").read_text())
+    chosen = summary["models"][models[0]]["block_choice"]   # the MAE's headline block beside its last
+    sources = expected_sources(models[:1] + ([chosen["row"]] if chosen["block"] != chosen["last_block"] else [])
+                               + models[1:])
+    assert all(summary["models"][m]["block_choice"] is None for m in models[1:])  # CNNs: no blocks
     recall = markdown_rows(lines, "| source | planted")
     assert [row[0] for row in recall] == ["source"] + sources   # one table, every model side by side
     assert all(re.fullmatch(RANDOM_RECALL if row[0] == "random" else RECALL, row[1]) for row in recall[1:]), recall
@@ -116,7 +128,7 @@ def test_demo_compares_models_side_by_side(tmp_path, capsys):
     assert [row[0] for row in mean_ap[1:]] == sources and all(re.fullmatch(MAP, row[1]) for row in mean_ap[1:])
     for name in models:  # each model's own run and table under OUT/<model>/
         table = pd.read_parquet(out / name / "embeddings.parquet")
-        assert len(table) == 42 and re.search(rf"embeddings:\s+{re.escape(str(out / name / 'embeddings.parquet'))}",
+        assert len(table) == 42 * (4 if name == models[0] else 1) and re.search(rf"embeddings:\s+{re.escape(str(out / name / 'embeddings.parquet'))}",
                                               printed)
         assert os.path.getsize(out / name / "train" / "loss_curve.png") > 100
     assert (out / "munet_micro_256" / "train" / "recon" / "step_00000002.png").exists()
@@ -124,7 +136,6 @@ def test_demo_compares_models_side_by_side(tmp_path, capsys):
     combined = (out / "recall.md").read_text()
     assert all(f"| {name} |" in combined for name in sources)
     assert re.search(rf"recall table:\s+{re.escape(str(out / 'recall.md'))}", printed)
-    summary = json.loads((out / "demo_summary.json").read_text())
     assert list(summary["models"]) == models and set(summary["recall"]) == set(sources)
     assert summary["models"]["wsl_densenet_micro_256"]["steps"] == 2
 
@@ -170,3 +181,25 @@ def test_demo_says_which_optional_parts_it_leaves_out(monkeypatch, tmp_path):
     relationships, note = demo.demo_relationships(screen)
     assert relationships == {"planted": screen.relationships_csv}
     assert note.startswith("EFAAR databases left out:") and "pip install --no-deps efaar-benchmarking" in note
+
+
+def test_demo_plans_its_schedule_from_a_probe_run(tmp_path):
+    """Without --max-steps a short probe run of the same training measures the step time and the schedule fills
+    what is left of the budget at that speed (the probe folder is removed); with --max-steps nothing is probed."""
+    import argparse
+
+    from mae_fast.cli import demo, demo_plan
+    from mae_fast.data.synthetic import make_synthetic_screen
+
+    screen = make_synthetic_screen(str(tmp_path / "screen"), demo.screen_config(True, 0))
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    args = parser.parse_args(["--tiny", "--batch-size", "2", "--seconds", "60", "--amp", "fp32"])
+    steps, plan = demo.planned_steps(demo.check_models([args.preset])[0], screen.root, str(tmp_path), args, 60.0)
+    assert plan["source"] == "probe" and plan["probe_steps"] == demo_plan.PROBE_STEPS
+    assert plan["budget_left_seconds"] == pytest.approx(60.0 - plan["probe_seconds"])
+    assert steps == demo_plan.plan_steps(plan["budget_left_seconds"], [plan["step_seconds"]])
+    assert steps >= demo_plan.MIN_STEPS and not (tmp_path / "probe").exists()
+    fixed = parser.parse_args(["--tiny", "--max-steps", "7"])
+    assert demo.planned_steps(fixed.preset, screen.root, str(tmp_path), fixed, 60.0) == (7, {"source": "--max-steps"})
+    assert not (tmp_path / "probe").exists()

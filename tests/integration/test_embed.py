@@ -16,6 +16,7 @@ from mae_fast.cli import embed as embed_cli
 from mae_fast.inference import tables as embed_tables
 from mae_fast.checkpoint import CheckpointError, save_model
 from mae_fast.interop import to_timm_state_dict
+from mae_fast.evaluation import evaluate
 from mae_fast.data.synthetic import METADATA_COLUMNS, SyntheticScreenConfig, make_synthetic_screen
 from mae_fast.inference.embed import embed_dataset
 from mae_fast.models import create_model
@@ -51,7 +52,7 @@ def ours(tmp_path_factory):
 
 
 def _embed(checkpoint, screen, out, **kw):
-    kw = {"num_workers": 0, "threads": 1, "progress": False, "batch_size": 20, **kw}
+    kw = {"num_workers": 0, "threads": 1, "progress": False, "batch_size": 20, "amp": "fp32", **kw}
     return embed_dataset(str(checkpoint), screen.root, str(out), **kw)
 
 
@@ -185,17 +186,69 @@ def test_openphenom_and_timm_checkpoints(screen, tmp_path):
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"per_channel": True}, "needs a channel-agnostic"),
-    ({"amp": "bf16"}, "needs a CUDA device"),
     ({"plates": ["9"]}, "matches no site"),
     ({"channels": [1, 2, 3]}, "expects 6 channels, the dataset has 3"),
 ])
 def test_bad_input_fails_before_work(screen, ours, tmp_path, kwargs, message):
-    if kwargs.get("amp") == "bf16" and torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
     _, path = ours
     with pytest.raises(ConfigError, match=message):
         _embed(path, screen, tmp_path / "emb.parquet", **kwargs)
     assert not os.path.exists(tmp_path / "emb_parts")
+
+
+def test_bf16_embeddings_agree_with_fp32_per_well(screen, ours, tmp_path):
+    """bf16 autocast (amp=auto on CPUs with native bf16) against fp32, per well: cosine of the embeddings and of
+    the embeddings centred on the mean well (what TVN's centring leaves to compare) -- median >= 0.999 each. At this
+    toy size (micro ViT with perturbed weights, 14 wells of 9 tiles) the medians measure 0.99999+; the bound leaves
+    room for a trained model's larger activations."""
+    _, path = ours
+    tables = {amp: pd.read_parquet(_embed(path, screen, tmp_path / f"{amp}.parquet", amp=amp).out)
+              for amp in ("fp32", "bf16")}
+    a, b = (_features(tables[amp]).astype(np.float64) for amp in ("fp32", "bf16"))
+    assert not np.array_equal(a, b)  # bf16 really ran
+
+    def cosine(x, y):
+        return (x * y).sum(1) / np.linalg.norm(x, axis=1) / np.linalg.norm(y, axis=1)
+
+    centre = a.mean(axis=0)
+    assert np.median(cosine(a, b)) >= 0.999
+    assert np.median(cosine(a - centre, b - centre)) >= 0.999 and cosine(a - centre, b - centre).min() >= 0.99
+
+
+def test_block_wise_embeddings_in_one_table_with_a_block_column(screen, ours, tmp_path, capsys):
+    """--blocks all: rows per (well, block), `block` first; the last block's rows are the plain table; the
+    evaluation reads it as one source per block; a subset and the CLI's flag give the same rows; bad blocks and a
+    CNN baseline are refused before any work."""
+    model, path = ours
+    depth = model.cfg.depth
+    plain = pd.read_parquet(_embed(path, screen, tmp_path / "plain.parquet").out)
+    result = _embed(path, screen, tmp_path / "blocks.parquet", blocks="all")
+    table = pd.read_parquet(result.out)
+    assert result.blocks == list(range(1, depth + 1)) and table.columns[0] == "block"
+    assert len(table) == depth * len(plain) and sorted(table["block"].unique()) == result.blocks
+    last = table[table["block"] == depth].drop(columns=["block"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(last, plain)
+    first = _features(table[table["block"] == 1])
+    assert not np.allclose(first, _features(plain))
+    subset = pd.read_parquet(_embed(path, screen, tmp_path / "two.parquet", blocks=[depth, 1]).out)
+    assert sorted(subset["block"].unique()) == [1, depth]
+    np.testing.assert_array_equal(_features(subset[subset["block"] == 1]), first)
+    evaluation = evaluate(result.out, {"planted": screen.relationships_csv}, name="m")
+    assert list(evaluation.sources) == [f"m block {b}" for b in result.blocks]
+    assert evaluation.block_choice["last_block"] == depth and evaluation.block_choice["block"] in result.blocks
+    argv = ["--checkpoint", path, "--data", screen.root, "--out", str(tmp_path / "cli.parquet"), "--num-workers",
+            "0", "--no-progress", "--threads", "1", "--amp", "fp32", "--blocks", f"1,{depth}"]
+    assert embed_cli.main(argv) == 0
+    assert f"for each of blocks 1,{depth}" in capsys.readouterr().out
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "cli.parquet"), subset)
+    for bad in ("0", f"{depth + 1}", "two"):
+        with pytest.raises(ConfigError, match=f"block numbers 1..{depth}"):
+            _embed(path, screen, tmp_path / "bad.parquet", blocks=bad)
+    assert not os.path.exists(tmp_path / "bad_parts")
+    wsl = create_model("wsl_densenet_micro_256", in_chans=6)
+    save_model(wsl.eval(), str(tmp_path / "wsl"))
+    with pytest.raises(ConfigError, match="block-wise embeddings need a ViT"):
+        _embed(str(tmp_path / "wsl"), screen, tmp_path / "cnn.parquet", blocks="all")
 
 
 def test_cli(screen, ours, tmp_path, capsys):
@@ -212,7 +265,7 @@ def test_cli(screen, ours, tmp_path, capsys):
 def _embed_rank(rank: int, port: int, checkpoint: str, root: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
-    result = embed_dataset(checkpoint, root, out, num_workers=0, threads=1, progress=False, batch_size=20)
+    result = embed_dataset(checkpoint, root, out, num_workers=0, threads=1, progress=False, batch_size=20, amp="fp32")
     assert result.plates_done == [["synth-001/Plate1"], ["synth-001/Plate2"]][rank]  # by plate, one each
     assert result.n_wells == 14  # every rank learns the merged counts
 

@@ -34,6 +34,7 @@ def _config(root: str, out: str, distributed: str = "ddp", **overrides) -> Train
         val_crops=1, threads=1, progress=False, peak_tflops=1.0, tensorboard=False, distributed=distributed,
         # FSDP writes sharded checkpoints by default; the full format is what these runs compare
         checkpoint_format="full",
+        amp="fp32",  # compared with a single-process run; `auto` would be bf16 on CPUs with native bf16
     )
     for key, value in overrides.items():
         setattr(cfg, key, value)

@@ -360,6 +360,31 @@ def test_planted_complexes_recovered_far_above_random():
     assert uncorrected < 0.5
 
 
+def test_block_wise_table_scores_each_block_and_headlines_by_activity():
+    """A `block` column: one source per block; the headline block is the one with the highest activity mAP (wells
+    vs controls, no relationships) -- here block 2, where the perturbations are visible, not block 1 (noise)."""
+    frame, pairs, _, _ = planted_screen(seed=13, dims=8, n_singletons=8)
+    features = [c for c in frame.columns if c.startswith("feature_")]
+    noise = frame.copy()
+    noise[features] = np.random.default_rng(0).standard_normal((len(frame), len(features))).astype(np.float32)
+    table = pd.concat([noise.assign(block=1), frame.assign(block=2)], ignore_index=True)
+    result = evaluate(table, {"planted": pairs}, baselines=("random",), name="m")
+    assert list(result.sources) == ["m block 1", "m block 2", "random"]
+    plain = evaluate(frame, {"planted": pairs}, name="m").sources["m"]
+    assert result.sources["m block 2"].databases["planted"].recall == plain.databases["planted"].recall
+    choice = result.block_choice
+    assert (choice["block"], choice["last_block"], choice["source"]) == (2, 2, "m block 2")
+    assert choice["activity_map"]["2"] > choice["activity_map"]["1"] and "activity mAP" in choice["criterion"]
+    assert "headline block: 2 of 2" in markdown_table(result)
+    swapped = evaluate(table.assign(block=3 - table["block"]), {"planted": pairs}, name="m").block_choice
+    assert (swapped["block"], swapped["last_block"]) == (1, 2)  # the choice follows activity, not depth
+    no_map = evaluate(table, {"planted": pairs}, config=EvalConfig(map_metrics=False), name="m").block_choice
+    assert no_map["block"] == 2 and "last block" in no_map["criterion"]
+    assert evaluate(frame, {"planted": pairs}).block_choice is None
+    with pytest.raises(EvaluationInputError, match="block numbers"):
+        evaluate(table.assign(block="x"), {"planted": pairs})
+
+
 def test_evaluate_is_deterministic():
     frame, pairs, arms, _ = planted_screen(seed=12, dims=8)
     a = evaluate(frame, {"p": pairs}, arms=arms, baselines=("random",))

@@ -144,6 +144,29 @@ def test_embed_is_mean_of_non_cls_tokens_and_deterministic():
     assert torch.equal(model.embed(x), model.embed(x))
 
 
+@pytest.mark.parametrize("name, per_channel", [("mae_vit_micro_patch16_256", False),
+                                               ("camae_vit_micro_patch16_256", True)])
+def test_block_embeddings_pool_each_blocks_output(name, per_channel):
+    """embed(blocks=): each block's tokens through the final norm, pooled as the plain embedding; the last block is
+    the plain embedding, a block of a shallower model with the same weights is that model's embedding."""
+    model = _small(name).eval()
+    depth = model.cfg.depth
+    x = torch.randint(0, 256, (3, 6, 64, 64), dtype=torch.uint8)
+    every = model.embed(x, per_channel=per_channel, blocks=list(range(1, depth + 1)))
+    plain = model.embed(x, per_channel=per_channel)
+    assert every.shape == (3, depth, plain.shape[1])
+    torch.testing.assert_close(every[:, -1], plain, rtol=0, atol=0)
+    shallow = _small(name, depth=2).eval()
+    shallow.load_state_dict(model.state_dict(), strict=False)  # blocks 1-2 and the final norm
+    torch.testing.assert_close(model.embed(x, per_channel=per_channel, blocks=[2])[:, 0],
+                               shallow.embed(x, per_channel=per_channel), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(every[:, 0], every[:, 1])
+    torch.testing.assert_close(model.embed(x, per_channel=per_channel, blocks=[3, 1, 3]), every[:, [0, 2]])
+    for bad in ([0], [depth + 1], []):
+        with pytest.raises(ValueError, match=f"block numbers 1..{depth}"):
+            model.embed(x, blocks=bad)
+
+
 def test_uint8_and_uint16_inputs_are_self_standardised_alike():
     model = _small("mae_vit_micro_patch16_256").eval()
     x8 = torch.randint(0, 256, (2, 6, 64, 64), dtype=torch.uint8)
