@@ -97,7 +97,9 @@ def run_command(run, args, prog: str, interrupted=None) -> int:
     except USER_ERRORS as err:
         if os.environ.get("MAE_FAST_DEBUG", "") not in ("", "0"):
             traceback.print_exc()
-        print(f"{rank_prefix()}{prog}: error: {error_line(err)}", file=sys.stderr, flush=True)
+        # one write of the whole line: several torchrun ranks share this stream, their lines must not interleave
+        sys.stderr.write(f"{rank_prefix()}{prog}: error: {error_line(err)}\n")
+        sys.stderr.flush()
         return 2
     except KeyboardInterrupt as err:
         if in_main_thread:

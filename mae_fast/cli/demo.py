@@ -1,5 +1,8 @@
 """`mae-fast demo`: the whole job on the built-in synthetic screen.
 
+One file on purpose: the demo is the pipeline a newcomer reads first, its stages in the order they run (the
+schedule's planning is in demo_plan.py); split further, the order would have to be pieced together again.
+
 0. check every option (nothing is generated or trained when one is wrong);
 1. generate the screen (RxRx3 layout, real protein complexes, five phenotype classes; docs/SYNTHETIC_SCREEN.md)
    with `mae_fast.data.synthetic`;

@@ -111,7 +111,8 @@ def run(args) -> int:
     try:
         result = train(cfg)
     except NonFiniteLossError as err:
-        print(f"{rank_prefix()}mae-fast train: error: {err}", file=sys.stderr)
+        sys.stderr.write(f"{rank_prefix()}mae-fast train: error: {err}\n")  # one write: ranks share the stream
+        sys.stderr.flush()
         return 3
     if env_world().is_main:
         print(f"model:       {result.model_dir}")

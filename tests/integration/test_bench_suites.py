@@ -61,10 +61,12 @@ def test_suites_take_options_from_pytest_not_the_environment():
 def test_saved_machine_info_names_device_torch_triton_and_commit(tmp_path):
     """What `make bench` saves: pytest-benchmark's JSON with our machine info (one toy case, timed once)."""
     out = tmp_path / "run.json"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
            "benchmarks/bench_ops.py::test_op[mae_loss-reference]", "--bench-toy", "--bench-device", "cpu",
            "--benchmark-only", f"--benchmark-json={out}", f"--basetemp={tmp_path / 'basetemp'}"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    # run under `make test`'s xdist workers too: their variables would make pytest-benchmark disable itself
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     saved = json.loads(out.read_text())
     info = saved["machine_info"]["mae_fast"]

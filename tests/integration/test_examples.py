@@ -50,8 +50,10 @@ def test_train_custom_layout(tmp_path):
         path = row.FileName_OrigWGA
         assert os.path.exists(path) and path.endswith(os.path.join(row.Metadata_Plate, row.Metadata_Well, "WGA.png"))
     summary = json.loads((out / "run" / "train_summary.json").read_text())
-    config = json.loads((out / "run" / "model" / "config.json").read_text())["mae_fast_config"]
-    assert summary["steps"] == 3 and summary["crops"] == 12 and config["in_chans"] == 6
+    from mae_fast.checkpoint import read_config
+
+    config = read_config(str(out / "run" / "model"))
+    assert summary["steps"] == 3 and summary["crops"] == 12 and config.in_chans == 6
     assert "trained 3 steps (12 crops" in stdout
 
 
