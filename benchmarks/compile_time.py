@@ -32,7 +32,6 @@ def main() -> None:
     parser.add_argument("--out", help="JSON file to write")
     args = parser.parse_args()
 
-    import torch._dynamo
     from torch._dynamo.utils import counters
 
     import mae_fast

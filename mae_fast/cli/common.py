@@ -4,7 +4,6 @@ and configures logging (`mae_fast.logs.configure_logging`) before the command ru
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import os
 import signal

@@ -8,7 +8,6 @@ import os
 import random
 import re
 import shutil
-from dataclasses import replace
 
 import numpy as np
 import torch
@@ -16,9 +15,8 @@ import torch
 from mae_fast.models import create_model
 from mae_fast.checkpoint import CONFIG_NAME, CheckpointError, WEIGHTS_NAME, load_state_dict_strict, save_model
 from mae_fast.io import TMP_PREFIX, atomic_write, atomic_write_json, disk_full_error, is_disk_full, remove_temporaries
-from mae_fast.models import MaskedAutoencoder
 from mae_fast.io import LOCK_NAME
-from mae_fast.training.config import RESUME_MAY_CHANGE, ConfigError, ModelConfig, TrainConfig, model_family
+from mae_fast.training.config import RESUME_MAY_CHANGE, ConfigError, ModelConfig, TrainConfig
 
 STATE_NAME = "train_state.pt"
 CHECKPOINT_DIR = "checkpoints"

@@ -63,7 +63,7 @@ def test_block_rates_differ_but_the_graph_is_shared():
 
 
 def test_peer_encoder_blocks_are_found_and_compiled():
-    timm = pytest.importorskip("timm")
+    pytest.importorskip("timm")
     from mae_fast.perf.peer import PeerMAE
     from mae_fast.models import model_config
 
