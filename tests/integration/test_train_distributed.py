@@ -161,6 +161,12 @@ def test_fsdp_writes_sharded_checkpoints_that_resume_on_another_world_size(runs,
     full = load_file(str(tmp / "fsdp_run" / "checkpoints" / "step_00000002" / "model.safetensors"))
     exported = load_model(str(out)).state_dict()
     assert _max_difference(exported, full) == 0.0
+    # embed's loader reads a run that has only sharded checkpoints (killed before its final model/)
+    from mae_fast.training.pretrained import load_pretrained
+
+    killed = run_as_if_killed_after(str(sharded), tmp_path / "killed", 3)
+    model, kind = load_pretrained(killed)
+    assert kind == "ours" and _max_difference(model.state_dict(), _final_weights(sharded)) == 0.0
 
 
 def _max_difference(a: dict, b: dict) -> float:
