@@ -3,7 +3,7 @@ formats: "full" (rank 0 gathers the whole model and optimiser state, one safeten
 "sharded" (torch.distributed.checkpoint: each rank writes its own shards). Each format runs in its own pair of
 processes so that peak RSS (getrusage ru_maxrss) belongs to it alone.
 
-    python benchmarks/checkpoint_write.py [--preset mae_vit_large_patch8_256] [--out benchmarks/results/checkpoint_write.json]
+    python benchmarks/checkpoint_write.py [--preset mae_vit_large_patch8_256] [--out FILE.json]
 """
 from __future__ import annotations
 

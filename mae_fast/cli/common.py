@@ -86,8 +86,9 @@ def _raise_terminated(signum, frame):
 
 
 def run_command(run, args, prog: str, interrupted=None) -> int:
-    """`run(args)` with logging configured and the CLI's one error handler (see the module doc). Ctrl-C and SIGTERM end as one line, exit
-    130 / 143 (128 + the signal), with what the command keeps: `interrupted(args)` says it (e.g. how to resume)."""
+    """`run(args)` with logging configured and the CLI's one error handler (see the module doc). Ctrl-C and SIGTERM
+    end as one line, exit 130 / 143 (128 + the signal), with what the command keeps: `interrupted(args)` says it
+    (e.g. how to resume)."""
     configure_logging(verbosity(args))
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None

@@ -24,11 +24,12 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.fsdp import FSDPModule
 
 from mae_fast.checkpoint import (
-    CONFIG_NAME, CheckpointError, load_model, load_state_dict_strict, read_config, save_config, save_model, split_config,
+    CONFIG_NAME, CheckpointError, load_model, load_state_dict_strict, read_config, save_config, save_model,
+    split_config,
 )
 from mae_fast.training.checkpointing import (
-    CHECKPOINT_DIR, SHARDED_DIR, _model_for_saving, _rng_state, build_model, checkpoint_tmp_dir,
-    describe_non_finite, disk_full_named, full_model_state, full_optimizer_state, is_sharded, load_optimizer_state, non_finite_weights,
+    CHECKPOINT_DIR, SHARDED_DIR, _model_for_saving, _rng_state, build_model, checkpoint_tmp_dir, describe_non_finite,
+    disk_full_named, full_model_state, full_optimizer_state, is_sharded, load_optimizer_state, non_finite_weights,
     publish_checkpoint, run_config_dict, step_dir_name, tensor_bytes, write_checkpoint,
 )
 from mae_fast.training.config import RunPlan, TrainConfig

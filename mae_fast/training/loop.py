@@ -27,7 +27,9 @@ from mae_fast.training.checkpointing import (
 from mae_fast.training.config import (
     ConfigError, RunPlan, TrainConfig, check_device_options, resolve_amp, resolve_device, validate,
 )
-from mae_fast.training.data import build_site_index, make_plate_streams, make_shard_streams, validation_batch, wsl_labels
+from mae_fast.training.data import (
+    build_site_index, make_plate_streams, make_shard_streams, validation_batch, wsl_labels,
+)
 from mae_fast.training.distributed import (
     DistInfo, _clean_name, agree, barrier, env_world, init_distributed, torch_threads, wrap_model,
 )
@@ -259,11 +261,14 @@ def _train(cfg: TrainConfig, plan: RunPlan, info: DistInfo, device: torch.device
     step = start_step
     t_start = time.perf_counter()
     stopped_early = False
+
+    def out_of_time() -> bool:
+        return cfg.max_seconds > 0 and time.perf_counter() - t_start > cfg.max_seconds
+
     try:
         while step < plan.total_steps:
             try:
-                stats = train_step(step, lambda: cfg.max_seconds > 0 and time.perf_counter() - t_start > cfg.max_seconds,
-                                   _last_good(last_ckpt))
+                stats = train_step(step, out_of_time, _last_good(last_ckpt))
             except NonFiniteLossError as err:
                 report.event(err.event)
                 raise

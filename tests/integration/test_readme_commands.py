@@ -29,7 +29,8 @@ RUNNERS = ("mae-fast train", "mae-fast embed", "mae-fast evaluate", "mae-fast ex
 
 SMALL_MAE = ["model.img_size=32", "model.embed_dim=64", "model.depth=2", "model.num_heads=4", "model.decoder_dim=32",
              "model.decoder_depth=1", "model.decoder_heads=4"]
-TOY_MODEL = {"mae": SMALL_MAE, "wsl": ["model.img_size=64", "model.virtual_batch_size=2"], "munet": ["model.img_size=64"]}
+TOY_MODEL = {"mae": SMALL_MAE, "wsl": ["model.img_size=64", "model.virtual_batch_size=2"],
+             "munet": ["model.img_size=64"]}
 TOY_RUN = ["data.num_workers=0", "data.crops_per_image=2", "threads=1", "tensorboard=false", "val_crops=1",
            "checkpoint_every=1", "peak_tflops=1", "log_every=1"]
 SIZES = {"--steps": "2", "--global-batch": "8", "--micro-batch": "2"}
@@ -84,7 +85,8 @@ def toy(command: str, screen: str, port: int, node_rank: int | None = None) -> l
         out = _executable("mae-fast") + out[1:]
     if "train" in out and preset:
         given = " ".join(out)
-        sizes = [f"{k}={v}" for k, v in SET_SIZES.items() if f"{k}=" not in given and f"--{k.replace('_', '-')}" not in given]
+        sizes = [f"{k}={v}" for k, v in SET_SIZES.items()
+                 if f"{k}=" not in given and f"--{k.replace('_', '-')}" not in given]
         for override in TOY_MODEL[_family(preset)] + TOY_RUN + sizes:
             out += ["--set", override]
         out.append("--no-progress")
