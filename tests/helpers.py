@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import socket
 from types import ModuleType
 
 import torch
@@ -175,3 +176,15 @@ UNSHUFFLE_DTYPES = [
 ]
 _SHORT = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16", None: "auto"}
 UNSHUFFLE_IDS = [f"x{_SHORT[x]}-p{_SHORT[p]}-out{_SHORT[o]}" for x, p, o in UNSHUFFLE_DTYPES]
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free ports (all held open while choosing, so none repeats)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()

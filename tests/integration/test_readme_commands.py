@@ -1,5 +1,5 @@
-"""Every train / torchrun / export / embed / evaluate command the README prints, run as printed, in order, on a toy
-synthetic screen -- so a README recipe cannot break unseen.
+"""Every train / torchrun / export / embed / evaluate / pack command the README prints, run as printed, in order, on
+a toy synthetic screen -- so a README recipe cannot break unseen.
 
 The commands are read from README.md's ```bash blocks at test time. Toy sizes come from one documented mechanism
 (also stated in the README): the placeholders are filled in (SCREEN -> the toy screen, HOST0:PORT -> 127.0.0.1 and
@@ -15,17 +15,16 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 
 import pytest
 
 from mae_fast.data.synthetic import SyntheticScreenConfig, make_synthetic_screen
-from tests.helpers import ROOT
+from tests.helpers import ROOT, free_ports
 
 ENV = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
-RUNNERS = ("mae-fast train", "mae-fast embed", "mae-fast evaluate", "mae-fast export", "torchrun ")
+RUNNERS = ("mae-fast train", "mae-fast embed", "mae-fast evaluate", "mae-fast export", "mae-fast pack", "torchrun ")
 
 SMALL_MAE = ["model.img_size=32", "model.embed_dim=64", "model.depth=2", "model.num_heads=4", "model.decoder_dim=32",
              "model.decoder_depth=1", "model.decoder_heads=4"]
@@ -95,12 +94,6 @@ def toy(command: str, screen: str, port: int, node_rank: int | None = None) -> l
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def screen(tmp_path_factory):
     cfg = SyntheticScreenConfig(n_experiments=1, n_plates=2, n_complexes=2, complex_size=2, n_singletons=1,
@@ -111,7 +104,7 @@ def screen(tmp_path_factory):
 def test_the_readme_prints_the_recipes():
     commands = readme_commands()
     for needed in ("mae-fast train", "torchrun --nproc_per_node", "torchrun --nnodes 2", "mae-fast export",
-                   "mae-fast embed", "mae-fast evaluate"):
+                   "mae-fast embed", "mae-fast evaluate", "mae-fast pack"):
         assert any(c.startswith(needed) for c in commands), needed
     assert any("distributed=fsdp" in c and "global_batch=16384" in c and "micro_batch=256" in c for c in commands)
 
@@ -119,7 +112,7 @@ def test_the_readme_prints_the_recipes():
 def test_every_readme_command_runs_as_printed(screen, tmp_path):
     shutil.copy(os.path.join(screen.root, "relationships", "planted_complexes.csv"), tmp_path / "corum.csv")
     for command in readme_commands():
-        port = free_port()
+        port = free_ports(1)[0]
         if "--nnodes 2" in command:  # both nodes' launchers on this machine, loopback only
             procs = [subprocess.Popen(toy(command, screen.root, port, node), cwd=tmp_path, env=ENV, text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE) for node in (0, 1)]
@@ -131,7 +124,8 @@ def test_every_readme_command_runs_as_printed(screen, tmp_path):
                               text=True, timeout=600)
         assert proc.returncode == 0, f"{command}\n{proc.stderr[-3000:]}"
     for made in ("runs/s16/model/model.safetensors", "runs/l8/model/model.safetensors", "runs/l8x2/model",
-                 "models/l8/model.safetensors", "emb/embeddings.parquet", "runs/wsl_adabn/model", "runs/munet_m/model"):
+                 "models/l8/model.safetensors", "emb/embeddings.parquet", "runs/wsl_adabn/model", "runs/munet_m/model",
+                 "packed/pack.json", "runs/s16_packed/model/model.safetensors"):
         assert (tmp_path / made).exists(), made
     assert any(p.suffix == ".json" for p in (tmp_path / "eval").iterdir())
     # the ViT-L line trained under FSDP with two micro-batches per rank and wrote sharded checkpoints

@@ -26,7 +26,6 @@ import itertools
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -42,7 +41,7 @@ from mae_fast.cli import train as train_cli
 from mae_fast.data.synthetic import SyntheticScreenConfig, make_synthetic_screen
 from mae_fast.training.checkpointing import list_checkpoints, read_train_state
 from mae_fast.training.loop import train
-from tests.helpers import ROOT
+from tests.helpers import ROOT, free_ports
 
 PROBE = os.path.join(ROOT, "tests", "integration", "torchrun_probe.py")
 LR, STEPS = 1e-3, 4
@@ -92,12 +91,6 @@ def screen(tmp_path_factory):
     return make_synthetic_screen(str(tmp_path_factory.mktemp("screen")), cfg)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def train_args(root: str, out, recipe: Recipe, steps: int = STEPS) -> list[str]:
     """The README's torchrun line at toy size: the same flags, toy values by --set (the documented mechanism)."""
     args = ["train", "--preset", recipe.preset, "--data", root, "--out", str(out), "--steps", str(steps),
@@ -117,7 +110,7 @@ def train_args(root: str, out, recipe: Recipe, steps: int = STEPS) -> list[str]:
 def torchrun(args: list[str], env: dict | None = None, nproc: int = 2, timeout: float = 400,
              launcher: list[str] | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", *(launcher or ["--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port())]), PROBE, *args]
+           "--master_addr", "127.0.0.1", "--master_port", str(free_ports(1)[0])]), PROBE, *args]
     return subprocess.run(cmd, cwd=ROOT, env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=timeout)
 
 
@@ -193,7 +186,7 @@ def test_recipe_trains_resumes_after_sigkill_and_embeds(screen, tmp_path, recipe
 def test_two_nodes_read_each_site_once_per_epoch_and_match_one_node(screen, tmp_path):
     recipe = Recipe(MAE, "ddp", 1, False, False)
     steps = 7  # 14 sites, 2 crops each, 2 shards of micro-batches of 2: one epoch per shard is 7 steps
-    port = free_port()
+    port = free_ports(1)[0]
     trace = tmp_path / "trace"
     trace.mkdir()
     args = train_args(screen.root, tmp_path / "two_nodes", recipe, steps=steps)

@@ -11,7 +11,6 @@ runs agree bit for bit.
 from __future__ import annotations
 
 import os
-import socket
 import time
 
 import pytest
@@ -23,7 +22,7 @@ from mae_fast.training.config import DataConfig, TrainConfig
 from mae_fast.training.checkpointing import read_train_state
 from mae_fast.training.loop import train
 from safetensors.torch import load_file
-from tests.helpers import run_as_if_killed_after
+from tests.helpers import free_ports, run_as_if_killed_after
 
 
 def _config(root: str, out: str, distributed: str = "ddp", **overrides) -> TrainConfig:
@@ -39,18 +38,6 @@ def _config(root: str, out: str, distributed: str = "ddp", **overrides) -> Train
     for key, value in overrides.items():
         setattr(cfg, key, value)
     return cfg
-
-
-def _free_ports(n: int) -> list[int]:
-    """n distinct free ports (all held open while choosing, so none repeats)."""
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def _rank_main(rank: int, world: int, runs: dict, result_dir: str) -> None:
@@ -104,7 +91,7 @@ def runs(screen, tmp_path_factory):
         "fsdp_sharded": _config(screen.root, str(tmp / "fsdp_sharded"), "fsdp", checkpoint_format="auto"),
         "resumed_on_two": _config(screen.root, from_one, "fsdp", checkpoint_format="sharded", resume=True),
     }
-    runs = {name: (port, cfg.to_dict()) for (name, cfg), port in zip(specs.items(), _free_ports(len(specs)))}
+    runs = {name: (port, cfg.to_dict()) for (name, cfg), port in zip(specs.items(), free_ports(len(specs)))}
     _spawn(runs, str(tmp))
     ranks = {mode: [torch.load(tmp / f"{mode}_rank{r}.pt", weights_only=True) for r in range(2)] for mode in runs}
     return single, ranks, tmp
