@@ -17,8 +17,9 @@ schedule's planning is in demo_plan.py); split further, the order would have to 
    pairs: the planted complexes overall and per phenotype class, and EFAAR's real databases (CORUM, HuMAP,
    Reactome, SIGNOR, StringDB) when the efaar-benchmarking package is installed.
 
-Time: `--minutes` of training per model (default 2); the schedule's length follows the budget, so the run trains
-for its minutes on any machine and anneals properly: without `--max-steps` a short probe run of the same training
+Time: `--minutes` of training per model (default 3: the budget benchmarks/scaling_study.py found best for the micro
+MAE on 2 cores, README "What to expect"); the schedule's length follows the budget, so the run trains for its
+minutes on any machine and anneals properly: without `--max-steps` a short probe run of the same training
 (`PROBE_STEPS` steps, thrown away) measures the seconds per step, and the schedule is planned from it
 (`demo_plan.plan_steps`); with `--max-steps` the schedule is that many steps, whatever the machine (deterministic). The
 probe's time counts against the budget. The summary says how many crops each model trained on.
@@ -55,7 +56,7 @@ from mae_fast.models import list_presets
 
 DEFAULT_WSL_LR = 0.05
 DEFAULT_MUNET_LR = 1e-3
-DEFAULT_MINUTES = 2.0  # with the screen, embedding and baselines: ~300 s on 2 idle cores (docs/SYNTHETIC_SCREEN.md)
+DEFAULT_MINUTES = 3.0  # from the scaling study: ~8k crops of the micro MAE on 2 idle cores, its best budget (README)
 # The CellProfiler-style baseline measures this many of each site's segmented cells (about 22 on the default
 # screen), drawn by --seed: measuring a cell costs about 12 ms of CPU, so all of them on 760 sites would take
 # about 2.5 minutes of the 2 cores alone (docs/SYNTHETIC_SCREEN.md, "Budget"). The table says so under itself.
