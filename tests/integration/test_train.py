@@ -24,6 +24,7 @@ from mae_fast.data.synthetic import SyntheticScreenConfig, make_synthetic_screen
 from mae_fast.models import MaskedAutoencoder, create_model
 from mae_fast.training.config import ConfigError, DataConfig, TrainConfig, build_config, set_key
 from mae_fast.training.loop import NonFiniteLossError, train
+from mae_fast.training.recipes import optimizer_recipe
 from tests.helpers import ROOT, run_as_if_killed_after
 
 
@@ -90,7 +91,7 @@ def test_config_file_yaml_toml_and_overrides(tmp_path):
     cfg.micro_batch, cfg.crops = 8, 100
     plan = validate(cfg)
     assert (plan.model_cfg.img_size, plan.model_cfg.patch_size, plan.n_micro, plan.total_steps) == (128, 8, 4, 4)
-    assert plan.lr == 1e-4 and plan.model_cfg.lr == 1e-4  # the preset's paper lr
+    assert plan.lr == 1e-4 and optimizer_recipe(plan.model_cfg).lr == 1e-4  # the preset's paper lr
     try:
         _toml_reader()
     except ConfigError:
