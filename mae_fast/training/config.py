@@ -514,8 +514,9 @@ def all_presets() -> list[str]:
 
 
 def _foreign_model_keys(cfg: TrainConfig, cls: type) -> None:
-    for key in sorted(set(cfg.model) & set(MOVED_MODEL_KEYS)):
-        raise moved_model_key(key)
+    moved = sorted(set(cfg.model) & set(MOVED_MODEL_KEYS))  # set in Python, past set_key's refusal
+    if moved:
+        raise moved_model_key(moved[0])
     fields = _fields_of(cls)
     foreign = sorted(set(cfg.model) - set(fields))
     if foreign:
