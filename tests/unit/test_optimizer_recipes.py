@@ -94,6 +94,26 @@ def test_every_preset_has_the_optimiser_settings_its_model_config_held():
     assert optimizer_recipe(MAEConfig()).lr == 1e-4  # a config of no preset: its family's recipe
 
 
+def test_a_preset_of_your_own_gets_its_familys_recipe_or_its_own():
+    from mae_fast.models import register_model
+    from mae_fast.models.registry import _PRESETS
+    from mae_fast.training import recipes
+
+    name = "mae_vit_test_recipe_256"
+    try:
+        register_model(MAEConfig(name, img_size=32, embed_dim=24, depth=1, num_heads=2, decoder_dim=16,
+                                 decoder_depth=1, decoder_heads=2))
+        assert optimizer_recipe(name) == recipes.LION
+        mine = OptimizerRecipe("lion", lr=5e-4, weight_decay=0.1, betas=(0.9, 0.99))
+        recipes.register_recipe(name, mine)
+        assert optimizer_recipe(name) == mine and plan_of(name, global_batch=256).lr == 5e-4
+        with pytest.raises(ValueError, match="trains with lion, not adamw"):
+            recipes.register_recipe(name, recipes.ADAMW)
+    finally:
+        _PRESETS.pop(name, None)
+        recipes._PRESET_RECIPES.pop(name, None)
+
+
 def test_model_configs_hold_the_architecture_only():
     for name in list_models():
         cfg = model_config(name)
