@@ -23,7 +23,7 @@ from mae_fast.device import synchronize
 from mae_fast.perf.provenance import device_name
 from mae_fast.perf.timing import summarise, time_call
 from mae_fast.models import count_parameters, create_model, list_models
-from mae_fast.models.baseline_common import build_optimizer
+from mae_fast.training.recipes import build_optimizer, optimizer_recipe
 
 NUM_CLASSES = 1139
 TOY_BASELINES = ["munet_micro_256:img_size=64", "wsl_densenet_micro_256:img_size=64",
@@ -139,7 +139,7 @@ def test_baseline_train_step(baseline_spec, settings, ceiling, record, benchmark
     try:
         runner = BaselineTrainRunner(baseline_spec, batch, device, settings.amp)
         rec.update(family=runner.cfg.family, img_size=runner.cfg.img_size, in_chans=runner.cfg.in_chans,
-                   params=count_parameters(runner.model), optimizer=runner.cfg.optimizer)
+                   params=count_parameters(runner.model), optimizer=optimizer_recipe(runner.cfg).name)
         for _ in range(1 + settings.warmup):
             runner.step()
         synchronize(device)

@@ -6,7 +6,8 @@ Hugging Face Hub (from_pretrained / save_pretrained / push_to_hub).
 config.json is a Hub-style model config, flat: `model_type` "mae_fast", `architecture` (the model class:
 MaskedAutoencoder, WSLClassifier, MaskedUNet), the model config's fields (a baseline's with its `family`), then any
 metadata the writer adds (training step, crops, WSL class names). Folders written before this layout hold the config
-nested under `mae_fast_config` (metadata beside it); they still load.
+nested under `mae_fast_config` (metadata beside it); they still load, as do configs that still hold the optimiser
+settings (lr, weight_decay, betas, ...: now the training side's, `mae_fast.training.recipes`), which are dropped.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import torch
 
 from mae_fast.io import atomic_write, atomic_write_json
 # the modules, not the `mae_fast.models` package: its __init__ imports mae_fast.hub, which reads checkpoints
+from mae_fast.models.baseline_common import RETIRED_KEYS as BASELINE_RETIRED_KEYS
+from mae_fast.models.mae import RETIRED_KEYS as MAE_RETIRED_KEYS
 from mae_fast.models.mae import MAEConfig
 from mae_fast.models.registry import CONFIG_CLASSES, config_from_dict, create_model, model_config
 
@@ -84,7 +87,11 @@ def split_config(meta: dict):
     fields = {k: v for k, v in meta.items() if k in names}
     if family != "mae":
         fields["family"] = family
-    metadata = {k: v for k, v in meta.items() if k not in names and k not in ("model_type", "architecture", "family")}
+    # the optimiser keys of folders written before the model config held the architecture only: neither model
+    # config nor metadata (a save_pretrained of the loaded model leaves them out)
+    retired = MAE_RETIRED_KEYS if family == "mae" else BASELINE_RETIRED_KEYS
+    metadata = {k: v for k, v in meta.items()
+                if k not in names and k not in retired and k not in ("model_type", "architecture", "family")}
     return _config_of(fields), metadata
 
 

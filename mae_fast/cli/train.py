@@ -25,6 +25,7 @@ from mae_fast.training.config import (
 from mae_fast.training.checkpointing import read_run_config
 from mae_fast.training.distributed import env_world
 from mae_fast.training.loop import NonFiniteLossError, train
+from mae_fast.training.recipes import optimizer_recipe
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -93,15 +94,15 @@ def config_from_args(args) -> TrainConfig:
 def run(args) -> int:
     if args.list_presets:
         for name in list_models("mae"):
-            c = model_config(name)
+            c, r = model_config(name), optimizer_recipe(name)
             print(f"{name:32s} dim {c.embed_dim:4d} depth {c.depth:2d} heads {c.num_heads:2d} patch {c.patch_size:2d} "
-                  f"lr {c.lr:g}{' channel-agnostic' if c.channel_agnostic else ''}")
+                  f"lr {r.lr:g}{' channel-agnostic' if c.channel_agnostic else ''}")
         for name in list_models("baseline"):
-            c = model_config(name)
+            c, r = model_config(name), optimizer_recipe(name)
             what = ("WSL DenseNet" + (" + AdaBN" if c.adabn else "") if c.family == "wsl"
                     else f"MU-Net widths {'/'.join(map(str, c.widths))}")
-            lr = f"lr {c.lr:g}" + (f" per {c.lr_batch} crops" if c.lr_batch else "")
-            print(f"{name:32s} {what}, embedding {c.embed_dim}, {c.optimizer} {lr}")
+            lr = f"lr {r.lr:g}" + (f" per {r.lr_batch} crops" if r.lr_batch else "")
+            print(f"{name:32s} {what}, embedding {c.embed_dim}, {r.name} {lr}")
         return 0
     cfg = config_from_args(args)  # errors: the CLI's one handler (mae_fast.cli.common.run_command)
     if args.print_config:

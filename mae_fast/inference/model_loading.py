@@ -11,9 +11,8 @@ from mae_fast.training.config import ConfigError, check_model_ranges
 
 # config keys that do not change what a model computes at inference (a --preset may differ from a checkpoint in them)
 TRAINING_ONLY_KEYS = {
-    "drop_path", "lr", "weight_decay", "betas", "grad_checkpointing",                        # MAE
-    "num_classes", "label_smoothing", "virtual_batch_size", "bn_momentum", "optimizer", "lr_batch", "momentum",
-    "nesterov", "schedule", "mask_ratio", "mask_patch",                                        # baselines
+    "drop_path", "grad_checkpointing",                                                          # MAE
+    "num_classes", "label_smoothing", "virtual_batch_size", "bn_momentum", "mask_ratio", "mask_patch",  # baselines
 }
 
 

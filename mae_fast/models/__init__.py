@@ -2,8 +2,10 @@
 
     mae.py              MAEConfig, MaskedAutoencoder (encoder, decoders, loss) -- one readable file
     wsl.py, munet.py    the CNN baselines of Kraus et al. 2023 (WSL DenseNet-161 +/- AdaBN; MU-Net-M / -L)
-    baseline_common.py  what the two CNN baselines share (input checks, optimiser)
+    baseline_common.py  what the two CNN baselines share (config checks, input checks)
     registry.py         every preset by name: register_model, create_model, model_config, list_models
+
+The configs hold the architecture only; each preset's optimiser recipe is `mae_fast.training.recipes`.
 
     from mae_fast.models import create_model
     model = create_model("mae_vit_large_patch8_256")

@@ -1,9 +1,9 @@
 """The CNN baselines of Kraus et al. 2023 (seed 000) -- weakly supervised DenseNet-161 (WSL, `wsl.py`) and masked U-Nets
 (MU-Net, `munet.py`) -- in plain PyTorch, with the interface of `mae_fast.models.MaskedAutoencoder`:
 
-    model.cfg                        a frozen config dataclass: name, family ("wsl" / "munet"), img_size, in_chans,
-                                     embed_dim, the optimiser defaults (optimizer, lr, lr_batch, betas or
-                                     momentum/nesterov, weight_decay, schedule), to_dict()
+    model.cfg                        a frozen config dataclass of the architecture: name, family ("wsl" /
+                                     "munet"), img_size, in_chans, embed_dim, to_dict() (the optimiser recipe is
+                                     the training side's: mae_fast.training.recipes)
     model(images, labels=None)       raw uint8/uint16 (B, C, H, W) crops -> output with .loss
                                      (WSL needs `labels`, (B,) class ids; MU-Net ignores them)
     model.embed(images)              -> (B, embed_dim), no masking; WSL: the 128-d neck; MU-Net: pooled bottleneck
@@ -12,18 +12,19 @@
 Inputs are self-standardised like the MAE's (uint8/255 or uint16/65535, then per-image per-channel
 standardisation over H x W, `mae_fast.ops`).
 
-This module holds what the two share: config checks, the input checks and standardisation, the optimiser.
+This module holds what the two share: config checks and (de)serialisation, the input checks and standardisation.
 """
 from __future__ import annotations
 
 from dataclasses import asdict
 
 import torch
-import torch.nn as nn
 
 from mae_fast import ops
 
-OPTIMIZERS = ("sgd", "adamw")
+# the optimiser settings the baseline configs held before they moved to the training side (mae_fast.training.recipes):
+# configs written then still load, without them (a resumed run maps them onto its training keys)
+RETIRED_KEYS = ("optimizer", "lr", "lr_batch", "betas", "momentum", "nesterov", "weight_decay", "schedule")
 
 
 def positive(name: str, value) -> None:
@@ -59,30 +60,3 @@ def check_images(cfg, images: torch.Tensor) -> int:
 def standardized(images: torch.Tensor) -> torch.Tensor:
     """Raw crops -> [0, 1] -> per-image per-channel standardisation (float32), as the MAE's input."""
     return ops.self_standardize(images)
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on conv and linear weights only (not on norms and biases)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def build_optimizer(model: nn.Module, cfg=None, *, lr: float | None = None,
-                    weight_decay: float | None = None, global_batch: int | None = None,
-                    betas: tuple[float, float] | None = None) -> torch.optim.Optimizer:
-    """The config's optimiser: SGD (Nesterov momentum) for WSL, AdamW for MU-Net. lr: given, else
-    `cfg.peak_lr(global_batch)` (linear scaling for SGD), else `cfg.lr`; `betas` (AdamW only) overrides the
-    config's. The schedule is the trainer's."""
-    cfg = cfg or model.cfg
-    if lr is None:
-        lr = cfg.peak_lr(global_batch) if global_batch else cfg.lr
-    wd = cfg.weight_decay if weight_decay is None else weight_decay
-    groups = param_groups(model, wd)
-    if cfg.optimizer == "sgd":
-        if betas is not None:
-            raise ValueError(f"{cfg.name} trains with SGD (momentum {cfg.momentum}), which has no betas")
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=wd)
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas if betas is None else betas), weight_decay=wd)

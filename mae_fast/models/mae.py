@@ -28,6 +28,9 @@ from mae_fast.attention import attention
 
 LN_EPS = 1e-6
 POOLINGS = ("timm_avg", "openphenom")
+# the optimiser settings MAEConfig held before they moved to the training side (mae_fast.training.recipes): configs
+# written then still load, without them (a resumed run maps them onto its training keys: mae_fast.training.config)
+RETIRED_KEYS = ("lr", "weight_decay", "betas")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -69,10 +72,7 @@ class MAEConfig:
     fourier_alpha: float = 0.01
     norm_pix_loss: bool = False
     grad_checkpointing: bool = False
-    # optimiser defaults of the paper (Lion)
-    lr: float = 1e-4
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.95)
+    # the optimiser is no part of the model: its recipe (Lion, lr, wd, betas) is mae_fast.training.recipes'
 
     def __post_init__(self):
         if self.pooling not in POOLINGS:
@@ -99,22 +99,19 @@ class MAEConfig:
         return self.patch_size**2 * (1 if self.channel_agnostic else self.in_chans)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["betas"] = list(self.betas)
-        return d
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "MAEConfig":
+        """Inverse of `to_dict`; also reads configs of earlier versions (their optimiser keys are dropped)."""
+        d = {k: v for k, v in d.items() if k not in RETIRED_KEYS}
         known = {f for f in cls.__dataclass_fields__}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown MAEConfig keys {unknown}; valid keys: {sorted(known)}")
-        d = dict(d)
         if "decoder_cross_heads" not in d and d.get("channel_agnostic"):
             # configs written before the field existed: the cross-attention then used decoder_heads
             d["decoder_cross_heads"] = d.get("decoder_heads", cls.decoder_heads)
-        if "betas" in d:
-            d["betas"] = tuple(d["betas"])
         return cls(**d)
 
 

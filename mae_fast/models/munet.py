@@ -5,8 +5,9 @@ upsampling, the skip *added* after the stage's first conv, and a "style" vector 
 the bottleneck) added through a Linear to the input of every later decoder conv; cellpose's extra decoder stage at
 the bottleneck resolution (its skip is the bottleneck itself); a BN-ReLU-1x1 conv head back to C channels.
 Trained as a masked autoencoder: 16 x 16 patches (25%) are zeroed in the standardised input (0 = the image's
-channel mean), the loss is the MSE on the masked pixels. Kernel 5, AdamW (0.9, 0.95), wd 0.05, lr 1e-3, one-cycle
-cosine (the seed's "cyclic cosine").
+channel mean), the loss is the MSE on the masked pixels. Kernel 5. Trained with AdamW (0.9, 0.95), wd 0.05,
+lr 1e-3, one-cycle cosine (the seed's "cyclic cosine"; the recipe is the training side's,
+`mae_fast.training.recipes`).
 Block counts: the seed gives 52M (M: scales 32..512) and 135M (L: + 1024) but not the blocks. No rule applied
 alike to both can give both: MU-Net-L's five deepest scales are MU-Net-M with every width doubled, so any rule
 fixed relative to the bottleneck gives L = 4.0 x M, while the paper's ratio is 2.6 (at k = 5: Microsnoop's exact
@@ -33,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mae_fast import ops
-from mae_fast.models.baseline_common import OPTIMIZERS, check_images, config_to_dict, positive, standardized
+from mae_fast.models.baseline_common import check_images, config_to_dict, positive, standardized
 
 
 @dataclass(frozen=True)
@@ -49,18 +50,12 @@ class MUNetConfig:
     style: bool = True                                 # cellpose's style vector in the decoder
     mask_ratio: float = 0.25
     mask_patch: int = 16
-    # optimiser defaults (seed appendix A.1.2)
-    optimizer: str = "adamw"
-    lr: float = 1e-3
-    lr_batch: int = 0                                  # 0: no scaling (the seed keeps 1e-3 at 4,096 and 16,384)
-    betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = 0.05
-    schedule: str = "one_cycle_cosine"
+    # the optimiser is no part of the model: its recipe (AdamW, seed appendix A.1.2) is mae_fast.training.recipes'
 
     family: ClassVar[str] = "munet"
 
     def __post_init__(self):
-        for key in ("img_size", "in_chans", "kernel_size", "mask_patch", "lr"):
+        for key in ("img_size", "in_chans", "kernel_size", "mask_patch"):
             positive(key, getattr(self, key))
         n = len(self.widths)
         if n < 2 or any(w < 1 for w in self.widths):
@@ -80,15 +75,10 @@ class MUNetConfig:
             raise ValueError(f"img_size {self.img_size} must be a multiple of mask_patch {self.mask_patch}")
         if not 0.0 < self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
 
     @property
     def embed_dim(self) -> int:
         return self.widths[-1]
-
-    def peak_lr(self, global_batch: int) -> float:
-        return self.lr * global_batch / self.lr_batch if self.lr_batch else self.lr
 
     def to_dict(self) -> dict:
         return config_to_dict(self)

@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch.nn as nn
 
+from mae_fast.models.baseline_common import RETIRED_KEYS
 from mae_fast.models.mae import MAEConfig, MaskedAutoencoder
 from mae_fast.models.munet import MaskedUNet, MUNetConfig
 from mae_fast.models.wsl import WSLClassifier, WSLConfig
@@ -86,8 +87,9 @@ def create_model(name_or_cfg: str | ModelConfig, **overrides) -> nn.Module:
 
 
 def config_from_dict(d: dict) -> BaselineConfig:
-    """Inverse of a baseline's `cfg.to_dict()` (checkpoints): the `family` key picks the config class."""
-    d = dict(d)
+    """Inverse of a baseline's `cfg.to_dict()` (checkpoints): the `family` key picks the config class. Configs of
+    earlier versions load too: their optimiser keys (`baseline_common.RETIRED_KEYS`) are dropped."""
+    d = {k: v for k, v in d.items() if k not in RETIRED_KEYS}
     family = d.pop("family", None)
     if family not in CONFIG_CLASSES:
         raise ValueError(f"not a baseline config: family {family!r} (expected one of {sorted(CONFIG_CLASSES)})")
@@ -103,23 +105,24 @@ def config_from_dict(d: dict) -> BaselineConfig:
 # The presets
 # ------------------------------------------------------------------------------------------------------------
 
-_SIZES = {  # name: (embed_dim, depth, heads, drop_path, lr)
-    "micro": (192, 4, 3, 0.0, 1e-4),    # not in the paper: CPU demo and tests
-    "tiny": (192, 12, 3, 0.1, 1e-4),
-    "small": (384, 12, 6, 0.1, 1e-4),
-    "base": (768, 12, 12, 0.1, 1e-4),
-    "large": (1024, 24, 16, 0.3, 3e-5),
+# name: (embed_dim, depth, heads, drop_path); each size's optimiser recipe is mae_fast.training.recipes'
+_SIZES = {
+    "micro": (192, 4, 3, 0.0),    # not in the paper: CPU demo and tests
+    "tiny": (192, 12, 3, 0.1),
+    "small": (384, 12, 6, 0.1),
+    "base": (768, 12, 12, 0.1),
+    "large": (1024, 24, 16, 0.3),
 }
-for _size, (_dim, _depth, _heads, _dp, _lr) in _SIZES.items():
+for _size, (_dim, _depth, _heads, _dp) in _SIZES.items():
     # the micro presets' decoders are small too (CPU demo and tests)
     _decoder = dict(decoder_dim=128, decoder_depth=2, decoder_heads=4) if _size == "micro" else {}
     for _patch in (8, 16):
         register_model(MAEConfig(f"mae_vit_{_size}_patch{_patch}_256", patch_size=_patch, embed_dim=_dim,
-                                 depth=_depth, num_heads=_heads, drop_path=_dp, lr=_lr, **_decoder))
+                                 depth=_depth, num_heads=_heads, drop_path=_dp, **_decoder))
         # CA-MAE decoder as in OpenPhenom's released config: 256-d, 4 blocks per channel, 16 heads (8 in the
         # shared cross-attention), LayerNorm eps 1e-6.
         register_model(MAEConfig(f"camae_vit_{_size}_patch{_patch}_256", patch_size=_patch, embed_dim=_dim,
-                                 depth=_depth, num_heads=_heads, drop_path=_dp, lr=_lr, channel_agnostic=True,
+                                 depth=_depth, num_heads=_heads, drop_path=_dp, channel_agnostic=True,
                                  **(_decoder or dict(decoder_dim=256, decoder_depth=4, decoder_heads=16))))
 
 register_model(WSLConfig("wsl_densenet161_256"))

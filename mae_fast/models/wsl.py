@@ -8,9 +8,10 @@ parameters" is DenseNet-161's usual count; backbone + neck here are 26.79M (6-ch
 AdaBN variant: every BatchNorm is a `GhostBatchNorm` that normalises with the statistics of the current batch at
 training time (per virtual batch) *and* at inference (the whole batch), so batches must come from one plate
 (`mae_fast.data.samplers.PlateBatchSampler`); the embedding of a crop then depends on its batch companions.
-Optimiser: the seed says "a specially tuned SGD" without values; the defaults here are DenseNet's SGD recipe
-(Huang et al. 2017: lr 0.1 per 256 crops, Nesterov momentum 0.9, weight decay 1e-4), the lr scaled linearly with
-the global batch (Goyal et al. 2017; 1.6 at the paper's 4,096) and the trainer's one-cycle cosine schedule.
+Optimiser (its recipe is the training side's, `mae_fast.training.recipes`): the seed says "a specially tuned SGD"
+without values; the recipe is DenseNet's SGD (Huang et al. 2017: lr 0.1 per 256 crops, Nesterov momentum 0.9,
+weight decay 1e-4), the lr scaled linearly with the global batch (Goyal et al. 2017; 1.6 at the paper's 4,096) and
+the trainer's one-cycle cosine schedule.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mae_fast.models.baseline_common import OPTIMIZERS, check_images, config_to_dict, positive, standardized
+from mae_fast.models.baseline_common import check_images, config_to_dict, positive, standardized
 
 
 @dataclass(frozen=True)
@@ -41,20 +42,13 @@ class WSLConfig:
     adabn: bool = False                  # ghost batch norm using batch statistics at inference too
     virtual_batch_size: int = 128        # ghost batch size at training (Hoffer et al. 2017 use 128)
     bn_momentum: float = 0.1
-    # optimiser defaults (the seed's tuned SGD values are unpublished: DenseNet's recipe, see the module doc)
-    optimizer: str = "sgd"
-    lr: float = 0.1                      # peak lr for a global batch of `lr_batch`, scaled linearly
-    lr_batch: int = 256
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 1e-4
-    schedule: str = "one_cycle_cosine"
+    # the optimiser is no part of the model: its recipe (SGD, see the module doc) is mae_fast.training.recipes'
 
     family: ClassVar[str] = "wsl"
 
     def __post_init__(self):
         for key in ("img_size", "in_chans", "growth_rate", "num_init_features", "bn_size", "neck_dim",
-                    "virtual_batch_size", "lr"):
+                    "virtual_batch_size"):
             positive(key, getattr(self, key))
         if not self.block_config or any(n < 1 for n in self.block_config):
             raise ValueError(f"block_config needs at least one block of >= 1 layers, got {self.block_config}")
@@ -62,16 +56,10 @@ class WSLConfig:
             raise ValueError(f"compression must be in (0, 1], got {self.compression}")
         if self.num_classes < 0:
             raise ValueError(f"num_classes must be >= 0 (0: no classifier), got {self.num_classes}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
 
     @property
     def embed_dim(self) -> int:
         return self.neck_dim
-
-    def peak_lr(self, global_batch: int) -> float:
-        """lr for `global_batch` crops per step: linear scaling from `lr_batch` (0: no scaling)."""
-        return self.lr * global_batch / self.lr_batch if self.lr_batch else self.lr
 
     def to_dict(self) -> dict:
         return config_to_dict(self)

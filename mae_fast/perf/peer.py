@@ -24,6 +24,7 @@ from mae_fast import ops
 from mae_fast.interop import timm_vit_kwargs
 from mae_fast.models import LN_EPS, MAEConfig, MaskedAutoencoder, sincos_pos_embed
 from mae_fast.optim import lion_param_groups
+from mae_fast.training.recipes import optimizer_recipe
 
 try:  # optional: the peer needs timm
     import timm.optim as timm_optim
@@ -153,5 +154,5 @@ class PeerMAE(nn.Module):
 def peer_optimizer(model: PeerMAE) -> torch.optim.Optimizer:
     """timm's Lion with the paper's settings and no decay on 1-D parameters and tokens."""
     _require_timm()
-    cfg = model.cfg
-    return timm_optim.Lion(lion_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+    recipe = optimizer_recipe(model.cfg)
+    return timm_optim.Lion(lion_param_groups(model, recipe.weight_decay), lr=recipe.lr, betas=recipe.betas)

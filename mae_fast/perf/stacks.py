@@ -36,6 +36,7 @@ from mae_fast.models import MAEConfig, MaskedAutoencoder, model_config
 from mae_fast.optim import Lion, lion_param_groups
 from mae_fast.perf import flops as flops_mod
 from mae_fast.perf import peer as peer_mod
+from mae_fast.training.recipes import optimizer_recipe
 
 FUSED_OPS = ("masked_patchify", "unshuffle", "masked_mae_loss", "lion_update")  # what a train step runs
 
@@ -184,7 +185,8 @@ class TrainRunner:
         if stack.peer:
             self.optimizer = peer_mod.peer_optimizer(self.model)
         else:
-            self.optimizer = Lion(lion_param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
+            recipe = optimizer_recipe(cfg)  # the preset's Lion settings
+            self.optimizer = Lion(lion_param_groups(self.model, recipe.weight_decay), lr=recipe.lr, betas=recipe.betas,
                                   impl=stack.optimizer_impl)
         gen = torch.Generator(device=device).manual_seed(seed + 1)
         self.images = [random_images(cfg, batch, device, gen) for _ in range(2)]  # rotated between steps

@@ -11,14 +11,17 @@ starts; unknown presets and keys are errors that list the valid ones.
 
 Training: Lion (paper lr per size: 1e-4 S/B, 3e-5 L; wd 0.05; betas 0.9/0.95), one-cycle cosine with 10% warm-up,
 bf16 autocast on GPUs with fp32 master weights, gradient accumulation up to the global batch, optional activation
-checkpointing and torch.compile, DDP (or FSDP for the largest models): nccl on GPUs, gloo on CPUs.
+checkpointing and torch.compile, DDP (or FSDP for the largest models): nccl on GPUs, gloo on CPUs. Each preset's
+optimiser recipe is in recipes.py (the model configs hold the architecture only); the top-level keys lr,
+weight_decay, betas, momentum and nesterov override it.
 
 Baselines (`--preset wsl_densenet161_256`, `wsl_densenet161_adabn_256`, `munet_m_256`, `munet_l_256`, or their
 micro versions) go through the same loop, schedule, checkpoints and resume; what differs:
     optimiser      the preset's: SGD with Nesterov momentum (WSL; lr 0.1 per 256 crops, scaled linearly with
                    global_batch) or AdamW (MU-Net; lr 1e-3), with the same one-cycle cosine schedule
     model keys     `model.*` keys are the baseline config's (WSLConfig / MUNetConfig); MAE-only keys, Lion's
-                   optimizer_impl, activation checkpointing and FSDP are refused (DDP works)
+                   optimizer_impl, activation checkpointing and FSDP are refused (DDP works); `momentum` and
+                   `nesterov` (SGD) and `betas` (AdamW) are top-level keys like `lr`
     WSL labels     only sites with a perturbation label are trained on; the classes (sorted perturbation names)
                    are stored in every checkpoint (`classes` in config.json and train_state.pt); model.num_classes
                    is set from them; each micro-batch's labels come from its crops' sites
@@ -54,6 +57,7 @@ what killed runs left (temporaries, half-deleted step folders). `--resume --out 
 
 Modules:
     config         DataConfig / TrainConfig, typed keys from files and --set, validation into a RunPlan
+    recipes        each preset's optimiser recipe (the model configs hold the architecture only), build_optimizer
     data           the site index, per-shard crop streams, AdaBN single-plate streams, WSL labels
     distributed    torchrun rank facts, collectives, CPU threads, DDP / FSDP wrapping
     step           TrainStep: one optimiser step (micro-batches, gradient sync for DDP / FSDP2, non-finite loss)

@@ -20,8 +20,9 @@ from mae_fast import device as device_module
 from mae_fast.models import MAEConfig, list_models, model_config
 from mae_fast.models.munet import MUNetConfig
 from mae_fast.models.registry import CONFIG_CLASSES
-from mae_fast.ops.lion import LION_IMPLS
 from mae_fast.models.wsl import WSLConfig
+from mae_fast.ops.lion import LION_IMPLS
+from mae_fast.training.recipes import OptimizerRecipe, optimizer_recipe
 
 ModelConfig = Union[MAEConfig, WSLConfig, MUNetConfig]
 
@@ -83,9 +84,12 @@ class TrainConfig:
     steps: int = 0                       # optimiser steps (or give `crops`)
     crops: int = 0                       # crops to train on: steps = ceil(crops / global_batch)
     max_seconds: float = 0.0             # stop early after this wall time (checkpoint written; 0 = no limit)
-    lr: float | None = None              # peak lr (default: the preset's paper value; WSL: scaled with global_batch)
-    weight_decay: float | None = None    # default: the preset's (0.05; WSL 1e-4)
+    # the optimiser: None = the preset's recipe (mae_fast.training.recipes; the model config holds no optimiser)
+    lr: float | None = None              # peak lr (default: the recipe's; WSL's scaled with global_batch)
+    weight_decay: float | None = None    # default: the recipe's (0.05; WSL 1e-4)
     betas: tuple[float, float] | None = None  # Lion / AdamW (not SGD)
+    momentum: float | None = None        # SGD (WSL) only; default 0.9
+    nesterov: bool | None = None         # SGD (WSL) only; default True
     warmup_fraction: float = 0.1
     optimizer_impl: str = "auto"         # Lion backend: auto, reference, foreach, triton, cpp (MAE only)
     amp: str = "auto"                    # auto (bf16 on GPU and on CPUs with native bf16, else fp32), bf16, fp32
@@ -124,9 +128,70 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
+        """Inverse of `to_dict`: a saved config (train_config.json, a checkpoint's), also one of an earlier version
+        whose model keys held optimiser settings (`upgrade_saved_config`)."""
         cfg = cls()
-        apply_mapping(cfg, d)
+        apply_mapping(cfg, upgrade_saved_config(d))
         return cfg
+
+
+# model.* keys of earlier versions that are training settings now: {old model key: the training key to use}
+MOVED_MODEL_KEYS = {"lr": "lr", "weight_decay": "weight_decay", "betas": "betas", "momentum": "momentum",
+                    "nesterov": "nesterov", "lr_batch": "lr", "optimizer": None, "schedule": None}
+
+
+def moved_model_key(key: str) -> ConfigError:
+    """The error for `model.KEY` that moved to the training keys: which key to use instead."""
+    new = MOVED_MODEL_KEYS[key]
+    if key == "lr_batch":
+        how = ("give the peak lr with --set lr=... (unset, the recipe's lr is scaled with global_batch where the "
+               "recipe scales it: WSL's 0.1 per 256 crops)")
+    elif new:
+        how = f"use --set {new}=... (a top-level key, not under model)"
+    elif key == "optimizer":
+        how = "each preset trains with its recipe's optimiser (mae_fast.training.recipes)"
+    else:
+        how = "the schedule is the trainer's one-cycle cosine (warmup_fraction sets its warm-up)"
+    return ConfigError(f"model.{key} is a training setting now: {how}")
+
+
+def upgrade_saved_config(d: dict) -> dict:
+    """A saved TrainConfig dict written when the model config held the optimiser settings (`model.lr`, ...), as
+    this version's keys; other dicts are returned as they are.
+
+    A resumed old run must train on with the numbers it started with (and `--resume` compares the saved settings
+    with these), so each moved key becomes the training key the old trainer read it as, unless that top-level key
+    is set (the old trainer let it win, the model's then had no effect):
+        model.weight_decay / betas / momentum / nesterov  -> weight_decay / betas / momentum / nesterov
+        model.lr, model.lr_batch  -> lr, the peak lr the old trainer computed: (model.lr or the recipe's lr) *
+                                     global_batch / (model.lr_batch or the recipe's) -- no scaling when that is 0
+        model.schedule            -> dropped (it was never read: the schedule was always one-cycle cosine)
+        model.optimizer           -> dropped when it is the recipe's; any other is refused (the optimiser is
+                                     no setting any more, so that run cannot go on)"""
+    model = d.get("model") if isinstance(d, dict) else None
+    if not isinstance(model, dict) or not set(model) & set(MOVED_MODEL_KEYS):
+        return d
+    model = dict(model)
+    moved = {k: model.pop(k) for k in MOVED_MODEL_KEYS if k in model}
+    out = {**d, "model": model}
+    preset = d.get("preset", TrainConfig.preset)
+    try:
+        recipe = optimizer_recipe(preset)
+    except KeyError:  # an unknown preset: validation names it
+        recipe = None
+    if "optimizer" in moved and recipe is not None and moved["optimizer"] != recipe.name:
+        raise ConfigError(f"model.optimizer {moved['optimizer']!r} of this saved run is no setting any more: "
+                          f"{preset} trains with {recipe.name} (mae_fast.training.recipes); start a new run")
+    for key in ("weight_decay", "betas", "momentum", "nesterov"):
+        if key in moved and out.get(key) is None:
+            out[key] = moved[key]
+    if ("lr" in moved or "lr_batch" in moved) and out.get("lr") is None:
+        base = moved.get("lr", recipe.lr if recipe else None)
+        lr_batch = moved.get("lr_batch", recipe.lr_batch if recipe else 0)
+        if base is not None:
+            global_batch = out.get("global_batch", TrainConfig.global_batch)
+            out["lr"] = base * global_batch / lr_batch if lr_batch else base
+    return out
 
 
 # keys that may differ between a run and its resumption (they do not change the arithmetic of a step)
@@ -261,6 +326,8 @@ def set_key(cfg: TrainConfig, key: str, value) -> None:
             set_key(cfg, f"{key}.{k}", v)
         return
     if parts[0] == "model" and len(parts) == 2:
+        if parts[1] in MOVED_MODEL_KEYS:
+            raise moved_model_key(parts[1])
         # typed by the current preset's family when it has the key; whether the key fits the preset finally
         # chosen (a config file may set the preset after its model keys) is checked by resolve_model_config
         hints = _model_fields(cfg.preset)
@@ -373,9 +440,19 @@ class RunPlan:
     n_micro: int                    # micro-batches per optimiser step, all ranks together
     shards: int                     # data shards S
     world_size: int
+    # the optimiser: the preset's recipe with the run's keys, lr the peak lr at this global batch
     lr: float
     weight_decay: float
     betas: tuple[float, float] | None   # None for SGD
+    optimizer: str = "lion"             # lion (MAE), sgd, adamw
+    momentum: float | None = None       # SGD only
+    nesterov: bool = False              # SGD only
+
+    @property
+    def recipe(self) -> OptimizerRecipe:
+        """The optimiser as this run uses it (its lr already the peak lr: no further scaling)."""
+        return OptimizerRecipe(self.optimizer, self.lr, self.weight_decay, betas=self.betas, momentum=self.momentum,
+                               nesterov=self.nesterov)
 
     @property
     def family(self) -> str:
@@ -393,6 +470,40 @@ class RunPlan:
         return list(range(rank, self.shards, self.world_size))
 
 
+OPTIMIZER_NAMES = {"lion": "Lion", "sgd": "SGD", "adamw": "AdamW"}
+
+
+def resolve_optimizer(cfg: TrainConfig, model_cfg) -> OptimizerRecipe:
+    """The run's optimiser: the preset's recipe (mae_fast.training.recipes) with the training keys that are set;
+    `lr` unset is the recipe's peak lr at `global_batch` (WSL: scaled linearly). Keys the optimiser does not have
+    are refused, and every value is checked, each error naming its key."""
+    recipe = optimizer_recipe(model_cfg)
+    name = OPTIMIZER_NAMES[recipe.name]
+    kind = "the MAE preset" if model_family(model_cfg) == "mae" else "the baseline"
+    instead = {"betas": "; set momentum instead", "momentum": "; set betas instead", "nesterov": ""}
+    for key in ("betas",) if recipe.name == "sgd" else ("momentum", "nesterov"):
+        if getattr(cfg, key) is not None:
+            has = "SGD (momentum)" if recipe.name == "sgd" else name
+            raise ConfigError(f"config key {key!r} ({getattr(cfg, key)!r}) does not apply to {kind} {cfg.preset}: "
+                              f"it trains with {has}, which has no {key}{instead[key]}")
+    lr = recipe.peak_lr(cfg.global_batch) if cfg.lr is None else cfg.lr
+    wd = recipe.weight_decay if cfg.weight_decay is None else cfg.weight_decay
+    betas = recipe.betas if cfg.betas is None else tuple(cfg.betas)
+    momentum = recipe.momentum if cfg.momentum is None else cfg.momentum
+    nesterov = recipe.nesterov if cfg.nesterov is None else cfg.nesterov
+    if not lr > 0:
+        raise ConfigError(f"config key 'lr' must be > 0, got {lr:g}")
+    if not wd >= 0:
+        raise ConfigError(f"config key 'weight_decay' must be >= 0, got {wd:g}")
+    if betas is not None and not all(0.0 <= b < 1.0 for b in betas):
+        raise ConfigError(f"config key 'betas' must be two numbers in [0, 1), got {list(betas)}")
+    if momentum is not None and not 0.0 <= momentum < 1.0:
+        raise ConfigError(f"config key 'momentum' must be in [0, 1), got {momentum:g}")
+    if nesterov and not momentum:
+        raise ConfigError(f"config key 'nesterov' needs a momentum > 0 (momentum is {momentum:g})")
+    return replace(recipe, lr=lr, lr_batch=0, weight_decay=wd, betas=betas, momentum=momentum, nesterov=nesterov)
+
+
 def _check_choice(key: str, value, choices) -> None:
     if value not in choices:
         raise ConfigError(f"config key {key!r} is {value!r}; valid values: {', '.join(map(str, choices))}")
@@ -403,6 +514,9 @@ def all_presets() -> list[str]:
 
 
 def _foreign_model_keys(cfg: TrainConfig, cls: type) -> None:
+    moved = sorted(set(cfg.model) & set(MOVED_MODEL_KEYS))  # set in Python, past set_key's refusal
+    if moved:
+        raise moved_model_key(moved[0])
     fields = _fields_of(cls)
     foreign = sorted(set(cfg.model) - set(fields))
     if foreign:
@@ -432,9 +546,7 @@ def resolve_baseline_config(cfg: TrainConfig):
         "distributed": (cfg.distributed == "fsdp", "FSDP shards the MAE's transformer blocks; train baselines with "
                         "DDP (distributed=ddp)"),
         "optimizer_impl": (cfg.optimizer_impl != "auto", "optimizer_impl picks Lion's kernel; baselines use torch's "
-                           + ("SGD" if model_cfg.optimizer == "sgd" else "AdamW")),
-        "betas": (cfg.betas is not None and model_cfg.optimizer == "sgd", "the WSL baseline trains with SGD "
-                  "(momentum), which has no betas; set model.momentum instead"),
+                           + OPTIMIZER_NAMES[optimizer_recipe(model_cfg).name]),
     }
     for key, (bad, why) in refused.items():
         if bad:
@@ -450,7 +562,7 @@ MAE_FIELD_RANGES = {
     "depth": (1, 1024), "num_heads": (1, 1024), "mlp_ratio": (1e-6, 1024.0), "drop_path": (0.0, 0.999),
     "init_values": (0.0, None), "max_in_chans": (1, 256), "decoder_dim": (1, 65536), "decoder_depth": (1, 1024),
     "decoder_heads": (1, 1024), "decoder_cross_heads": (1, 1024), "decoder_norm_eps": (1e-12, 1.0),
-    "fourier_alpha": (0.0, 1.0), "lr": (1e-12, None), "weight_decay": (0.0, None),
+    "fourier_alpha": (0.0, 1.0),
 }
 
 
@@ -558,6 +670,7 @@ def data_inputs(data: DataConfig) -> dict:
 def validate(cfg: TrainConfig, world_size: int = 1) -> RunPlan:
     """Check every key and the batch arithmetic; returns the resolved plan or raises ConfigError."""
     model_cfg = resolve_model_config(cfg)
+    opt = resolve_optimizer(cfg, model_cfg)
     for key in ("global_batch", "micro_batch", "checkpoint_every", "keep_last", "log_every", "val_crops"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"config key {key!r} must be >= 1, got {getattr(cfg, key)}")
@@ -605,34 +718,12 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> RunPlan:
             f"global_batch / micro_batch = {n_micro} micro-batches per step do not split evenly over "
             f"{shards} data shards (world size {world_size}); change global_batch, micro_batch or data.shards")
     total = cfg.steps if cfg.steps > 0 else math.ceil(cfg.crops / cfg.global_batch)
-    if model_family(model_cfg) != "mae":
-        return _baseline_plan(cfg, model_cfg, total, n_micro, shards, world_size)
-    lr = model_cfg.lr if cfg.lr is None else cfg.lr
-    wd = model_cfg.weight_decay if cfg.weight_decay is None else cfg.weight_decay
-    betas = tuple(model_cfg.betas if cfg.betas is None else cfg.betas)
-    if lr <= 0 or wd < 0 or not all(0.0 <= b < 1.0 for b in betas):
-        raise ConfigError(f"invalid optimiser settings lr={lr}, weight_decay={wd}, betas={betas}")
-    model_cfg = replace(model_cfg, lr=lr, weight_decay=wd, betas=betas)
-    return RunPlan(model_cfg, total, n_micro, shards, world_size, lr, wd, betas)
-
-
-def _baseline_plan(cfg: TrainConfig, model_cfg, total: int, n_micro: int, shards: int, world_size: int) -> RunPlan:
-    """Optimiser numbers of a baseline: lr = the preset's `peak_lr(global_batch)` (linear scaling for WSL's SGD)
-    unless given; the model config keeps its base lr (per `lr_batch` crops) and records wd/betas as used."""
-    lr = model_cfg.peak_lr(cfg.global_batch) if cfg.lr is None else cfg.lr
-    wd = model_cfg.weight_decay if cfg.weight_decay is None else cfg.weight_decay
-    betas = None
-    if model_cfg.optimizer == "adamw":
-        betas = tuple(model_cfg.betas if cfg.betas is None else cfg.betas)
-        model_cfg = replace(model_cfg, betas=betas)
-    if lr <= 0 or wd < 0 or (betas is not None and not all(0.0 <= b < 1.0 for b in betas)):
-        raise ConfigError(f"invalid optimiser settings lr={lr}, weight_decay={wd}, betas={betas}")
     if getattr(model_cfg, "adabn", False) and model_cfg.virtual_batch_size > cfg.micro_batch:
         raise ConfigError(f"model.virtual_batch_size {model_cfg.virtual_batch_size} is larger than micro_batch "
                           f"{cfg.micro_batch}: ghost batch norm normalises virtual batches within one micro-batch "
                           "(of one plate); lower model.virtual_batch_size or raise micro_batch")
-    model_cfg = replace(model_cfg, weight_decay=wd)
-    return RunPlan(model_cfg, total, n_micro, shards, world_size, lr, wd, betas)
+    return RunPlan(model_cfg, total, n_micro, shards, world_size, opt.lr, opt.weight_decay, opt.betas, opt.name,
+                   opt.momentum, opt.nesterov)
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:

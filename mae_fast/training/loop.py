@@ -17,7 +17,6 @@ from mae_fast.compiling import compile_blocks, selective_checkpointing
 from mae_fast.device import amp_label
 from mae_fast.io import OutputLock, folder_lock_path
 from mae_fast.models import MaskedAutoencoder
-from mae_fast.models.baseline_common import build_optimizer
 from mae_fast.optim import Lion, lion_param_groups
 from mae_fast.training.checkpointer import Checkpointer
 from mae_fast.training.checkpointing import (
@@ -25,7 +24,8 @@ from mae_fast.training.checkpointing import (
     newest_intact_checkpoint, prepare_output, run_config_dict, step_dir_name, _set_rng_state,
 )
 from mae_fast.training.config import (
-    ConfigError, RunPlan, TrainConfig, check_device_options, resolve_amp, resolve_device, validate,
+    OPTIMIZER_NAMES, ConfigError, RunPlan, TrainConfig, check_device_options, resolve_amp, resolve_device,
+    upgrade_saved_config, validate,
 )
 from mae_fast.training.data import (
     build_site_index, make_plate_streams, make_shard_streams, validation_batch, wsl_labels,
@@ -34,6 +34,7 @@ from mae_fast.training.distributed import (
     DistInfo, _clean_name, agree, barrier, env_world, init_distributed, torch_threads, wrap_model,
 )
 from mae_fast.training.metrics import StepReporter
+from mae_fast.training.recipes import build_optimizer
 from mae_fast.training.pretrained import init_weights_from
 from mae_fast.training.step import NonFiniteLossError, TrainStep
 
@@ -61,9 +62,10 @@ class TrainResult:
 
 
 def make_baseline_optimizer(core: torch.nn.Module, plan: RunPlan) -> torch.optim.Optimizer:
-    """The baseline's optimiser (SGD Nesterov for WSL, AdamW for MU-Net) at the plan's lr / wd / betas; weight decay
-    on conv and linear weights only. Built on the unwrapped model (DDP shares its parameters)."""
-    return build_optimizer(core, plan.model_cfg, lr=plan.lr, weight_decay=plan.weight_decay, betas=plan.betas)
+    """The baseline's optimiser (SGD Nesterov for WSL, AdamW for MU-Net) as the plan resolved it (its recipe with the
+    run's keys); weight decay on conv and linear weights only. Built on the unwrapped model (DDP shares its
+    parameters)."""
+    return build_optimizer(core, plan.recipe)
 
 
 def make_optimizer(wrapped: torch.nn.Module, decay_names: set[str], plan: RunPlan, impl: str) -> Lion:
@@ -128,7 +130,8 @@ def _prepare(cfg: TrainConfig, plan: RunPlan, info: DistInfo, device: torch.devi
         if broken:
             notes.append(f"resuming from {path}, the newest intact checkpoint; left out (and removed): "
                          + "; ".join(broken))
-        diffs = _config_differences(json.loads(state["config"]), cfg.to_dict())
+        # a run saved before the optimiser left the model config: its model.lr, ... read as this version's keys
+        diffs = _config_differences(upgrade_saved_config(json.loads(state["config"])), cfg.to_dict())
         if diffs:
             raise ConfigError(f"--resume: the configuration differs from the saved run ({path}) in "
                               + "; ".join(diffs) + "; an exact resume needs the same settings")
@@ -163,9 +166,7 @@ def _count(n: int) -> str:
 
 
 def _optimizer_name(plan: RunPlan) -> str:
-    if plan.family == "mae":
-        return "Lion"
-    return "SGD (Nesterov)" if plan.model_cfg.optimizer == "sgd" else "AdamW"
+    return "SGD (Nesterov)" if plan.optimizer == "sgd" and plan.nesterov else OPTIMIZER_NAMES[plan.optimizer]
 
 
 def _build(cfg: TrainConfig, plan: RunPlan, info: DistInfo, device: torch.device, core: torch.nn.Module):

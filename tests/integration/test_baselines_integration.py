@@ -30,6 +30,7 @@ from mae_fast.inference.embed import EmbedConfig, embed_dataset
 from mae_fast.evaluation import evaluate
 from mae_fast.training.config import ConfigError, DataConfig, TrainConfig, build_config
 from mae_fast.training.loop import train
+from mae_fast.training.recipes import optimizer_recipe
 from tests.helpers import run_as_if_killed_after
 
 FAMILIES = {  # preset -> (model overrides, model class)
@@ -94,7 +95,7 @@ def test_trains_and_writes_checkpoints_that_load(preset, runs):
     else:
         assert moments == {"step", "exp_avg", "exp_avg_sq"} and summary["optimizer"] == "AdamW"
         assert "classes" not in meta and [os.path.basename(p) for p in r.recon_paths] == ["step_00000005.png"]
-        assert loaded.cfg.img_size == 64 and loaded.cfg.betas == (0.9, 0.95)
+        assert loaded.cfg.img_size == 64 and optimizer_recipe(loaded.cfg).betas == (0.9, 0.95)
         assert loaded.cfg.encoder_units == (1, 1, 2, 1)
 
 
@@ -323,7 +324,7 @@ def test_model_keys_are_typed_by_the_baseline_and_lr_scales(tmp_path):
                                                          "micro_batch=256"])
     plan = validate(wsl)
     assert plan.lr == pytest.approx(1.6) and plan.betas is None and plan.family == "wsl"  # 0.1 per 256 crops
-    assert plan.model_cfg.lr == 0.1  # the config keeps the base lr (the run's peak lr is in the plan and state)
+    assert optimizer_recipe(plan.model_cfg).lr == 0.1  # the recipe keeps the base lr (the run's peak lr: plan, state)
     # a YAML file may name the preset after its model keys
     yml = tmp_path / "run.yaml"
     yml.write_text("model:\n  block_config: [2, 2]\npreset: wsl_densenet_micro_256\ndata:\n  root: /x\nsteps: 1\n")

@@ -24,6 +24,7 @@ from mae_fast.data.synthetic import SyntheticScreenConfig, make_synthetic_screen
 from mae_fast.models import MaskedAutoencoder, create_model
 from mae_fast.training.config import ConfigError, DataConfig, TrainConfig, build_config, set_key
 from mae_fast.training.loop import NonFiniteLossError, train
+from mae_fast.training.recipes import optimizer_recipe
 from tests.helpers import ROOT, run_as_if_killed_after
 
 
@@ -90,7 +91,7 @@ def test_config_file_yaml_toml_and_overrides(tmp_path):
     cfg.micro_batch, cfg.crops = 8, 100
     plan = validate(cfg)
     assert (plan.model_cfg.img_size, plan.model_cfg.patch_size, plan.n_micro, plan.total_steps) == (128, 8, 4, 4)
-    assert plan.lr == 1e-4 and plan.model_cfg.lr == 1e-4  # the preset's paper lr
+    assert plan.lr == 1e-4 and optimizer_recipe(plan.model_cfg).lr == 1e-4  # the preset's paper lr
     try:
         _toml_reader()
     except ConfigError:
@@ -236,6 +237,35 @@ def test_resume_continues_exactly(screen, reference_run, tmp_path):
         assert torch.equal(v, r.model.state_dict()[k]), k
     metrics = [json.loads(x) for x in open(r.metrics_path)]
     assert [x["step"] for x in metrics if "event" not in x] == list(range(1, 7))
+
+
+def test_a_run_saved_before_the_optimiser_left_the_model_config_resumes_exactly(screen, reference_run, tmp_path):
+    """A run folder as the earlier version wrote it: its lr under `model` (train_config.json and the checkpoints'
+    train state) and the optimiser settings in the checkpoints' config.json. `--resume --out` maps model.lr onto lr
+    and goes on bit for bit."""
+    from mae_fast.training.checkpointing import read_run_config
+
+    out = run_as_if_killed_after(reference_run.out_dir, tmp_path / "old", 3)
+
+    def old_style(config: dict) -> dict:
+        return {**config, "lr": None, "model": {**config["model"], "lr": config["lr"]}}
+
+    run_config = os.path.join(out, "train_config.json")
+    json.dump(old_style(json.load(open(run_config))), open(run_config, "w"))
+    for _, path in list_checkpoints(out):
+        state = read_train_state(path)
+        state["config"] = json.dumps(old_style(json.loads(state["config"])))
+        torch.save(state, os.path.join(path, "train_state.pt"))
+        meta = json.load(open(os.path.join(path, "config.json")))
+        json.dump({**meta, "lr": 1e-3, "weight_decay": 0.05, "betas": [0.9, 0.95]},
+                  open(os.path.join(path, "config.json"), "w"))
+    assert json.load(open(run_config))["model"]["lr"] == 1e-3
+    cfg = build_config(overrides=[f"out_dir={out}", "resume=true"], base=read_run_config(out))  # as the CLI does
+    assert cfg.lr == 1e-3 and "lr" not in cfg.model
+    r = train(cfg)
+    assert r.resumed_from == 3 and r.losses == reference_run.losses
+    for k, v in reference_run.model.state_dict().items():
+        assert torch.equal(v, r.model.state_dict()[k]), k
 
 
 def test_time_budget_stops_with_a_checkpoint_that_resumes_exactly(screen, reference_run, tmp_path):

@@ -10,7 +10,7 @@ import torch.nn as nn
 from mae_fast.data.labels import PerturbationLabels
 from mae_fast.models.baseline_common import standardized
 from mae_fast.models import config_from_dict, count_parameters, create_model, list_models, model_config
-from mae_fast.models.baseline_common import build_optimizer
+from mae_fast.training.recipes import OptimizerRecipe, build_optimizer, optimizer_recipe
 from mae_fast.models.munet import MUNetConfig, MaskedUNet
 from mae_fast.models.wsl import GhostBatchNorm, WSLClassifier, WSLConfig
 from mae_fast.data.index import SiteIndex
@@ -91,18 +91,19 @@ def test_preset_details():
     assert {"wsl_densenet161_256", "wsl_densenet161_adabn_256", "munet_m_256", "munet_l_256"} <= set(
         list_models("baseline"))
     wsl = model_config("wsl_densenet161_256")
+    wsl_opt = optimizer_recipe(wsl)  # the optimiser is the training side's recipe
     assert (wsl.growth_rate, wsl.block_config, wsl.num_init_features, wsl.bn_size, wsl.compression) == \
         (48, (6, 12, 36, 24), 96, 4, 0.5)
     assert wsl.embed_dim == 128 and wsl.in_chans == 6 and wsl.img_size == 256 and not wsl.adabn
-    assert (wsl.optimizer, wsl.momentum, wsl.nesterov) == ("sgd", 0.9, True)
-    assert wsl.peak_lr(4096) == pytest.approx(1.6) and wsl.peak_lr(256) == pytest.approx(0.1)
+    assert (wsl_opt.name, wsl_opt.momentum, wsl_opt.nesterov) == ("sgd", 0.9, True)
+    assert wsl_opt.peak_lr(4096) == pytest.approx(1.6) and wsl_opt.peak_lr(256) == pytest.approx(0.1)
     assert model_config("wsl_densenet161_adabn_256").adabn
     m, L = model_config("munet_m_256"), model_config("munet_l_256")
     assert m.widths == (32, 64, 128, 256, 512) and L.widths == m.widths + (1024,)
-    for cfg in (m, L):
-        assert (cfg.kernel_size, cfg.mask_ratio, cfg.optimizer, cfg.lr, cfg.betas, cfg.weight_decay) == \
+    for cfg, opt in ((m, optimizer_recipe(m)), (L, optimizer_recipe(L))):
+        assert (cfg.kernel_size, cfg.mask_ratio, opt.name, opt.lr, opt.betas, opt.weight_decay) == \
             (5, 0.25, "adamw", 1e-3, (0.9, 0.95), 0.05)
-        assert cfg.peak_lr(16384) == 1e-3  # no scaling: the seed keeps 1e-3 at 4,096 and 16,384
+        assert opt.peak_lr(16384) == 1e-3  # no scaling: the seed keeps 1e-3 at 4,096 and 16,384
     assert m.embed_dim == 512 and L.embed_dim == 1024
 
 
@@ -129,7 +130,7 @@ def test_config_round_trip_and_errors():
     with pytest.raises(ValueError, match="mask_ratio must be in"):
         MUNetConfig(mask_ratio=0.0)
     with pytest.raises(ValueError, match="optimizer must be one of"):
-        WSLConfig(optimizer="adam")
+        OptimizerRecipe("adam", lr=0.1, weight_decay=0.0)  # the optimiser is the recipe's, not WSLConfig's
     with pytest.raises(ValueError, match="num_classes must be >= 0"):
         WSLConfig(num_classes=-1)
 

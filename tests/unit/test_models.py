@@ -37,12 +37,14 @@ def test_every_preset_parameter_count(name):
 
 
 def test_preset_details_match_the_paper():
-    large = model_config("mae_vit_large_patch8_256")
+    from mae_fast.training.recipes import optimizer_recipe  # the optimiser settings are the training side's
+
+    large, large_opt = model_config("mae_vit_large_patch8_256"), optimizer_recipe("mae_vit_large_patch8_256")
     assert (large.embed_dim, large.depth, large.num_heads, large.patch_size) == (1024, 24, 16, 8)
-    assert large.drop_path == 0.3 and large.lr == 3e-5
-    small = model_config("mae_vit_small_patch16_256")
-    assert small.drop_path == 0.1 and small.lr == 1e-4 and small.betas == (0.9, 0.95)
-    assert small.weight_decay == 0.05 and small.mask_ratio == 0.75 and small.fourier_alpha == 0.01
+    assert large.drop_path == 0.3 and large_opt.lr == 3e-5
+    small, small_opt = model_config("mae_vit_small_patch16_256"), optimizer_recipe("mae_vit_small_patch16_256")
+    assert small.drop_path == 0.1 and small_opt.lr == 1e-4 and small_opt.betas == (0.9, 0.95)
+    assert small_opt.weight_decay == 0.05 and small.mask_ratio == 0.75 and small.fourier_alpha == 0.01
     model = create_model("mae_vit_micro_patch16_256")
     blk = model.encoder.blocks[-1]
     assert torch.allclose(blk.ls.gamma, torch.full_like(blk.ls.gamma, 1e-4))
