@@ -6,7 +6,7 @@ default body is its plain-PyTorch reference in kernel form. The fast kernels are
 device, and a device without one runs the default body:
     cpu   "cpp"     csrc/ (registered by `mae_fast.ops.cpp` when the extension is built)
     cuda  "triton"  kernels/ (registered by the kernel files when Triton imports)
-Each op module lists what is registered for it: `REGISTERED` ({device: kernel name}).
+Each op module lists what is registered for it: `REGISTERED` ({op: {device: kernel name}}).
 
 The override, for tests and benchmarks: `use_impl(name)` (a context manager), else the environment variable
 MAE_FAST_IMPL (read by every eager call of a public function, and when a call is traced by torch.compile), with
