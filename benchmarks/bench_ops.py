@@ -119,12 +119,13 @@ def patchify_as_trained(images: torch.Tensor, s: Sizes, masking, impl: str, stat
     """The masked patchify a train step runs, no more: the step draws its masking inside `ops.masked_patchify`
     (torch.rand + argsort, not the op's bytes; drawn here once beforehand) and never checks its own draw, so the
     public entry's `check_masking` (three host syncs, for caller-made maskings) is left out by calling the torch op
-    directly; visible tokens in the autocast dtype (`s.act_dtype`), the target float32."""
+    directly; visible tokens in the autocast dtype (`s.act_dtype`), the target float32. `impl`: "reference", or the
+    kernel the dispatcher runs for the images' device (`_fused_name`: the torch op picks it by device)."""
     if impl == "reference":
         return masked_patchify_reference(images, s.patch, masking, "standard", stats, s.act_dtype)
     mean, rstd = (None, None) if stats is None else stats
     visible, target = masked_patchify_op(images, masking.ids_restore, masking.len_keep, s.patch, False, mean, rstd,
-                                         s.act_dtype, impl)
+                                         s.act_dtype)
     return MaskedPatches(visible, target, masking)
 
 

@@ -266,4 +266,4 @@ def check_input(param) -> None:
         raise UnsupportedInput(why)
 
 
-register_kernel("triton", lion_update_triton, check_input)
+register_kernel("triton", "cuda", lion_update_triton, check_input)

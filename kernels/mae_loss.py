@@ -382,11 +382,22 @@ def scatter_scaled_triton(grad_masked: torch.Tensor, grad_loss: torch.Tensor, id
     return out
 
 
-def check_input(pred, target, mask, patch_size, layout, alpha) -> None:
+def check_input(pred, target, mask, patch_size) -> None:
     why = device_problem(pred, target, mask)
     if why:
         raise UnsupportedInput(why)
-    check_fused_loss_input(pred, target, mask, patch_size, layout, alpha, patch_sizes=PATCH_SIZES)
+    check_fused_loss_input(pred, target, mask, patch_size, patch_sizes=PATCH_SIZES)
 
 
-register_kernel("triton", mae_loss_forward_triton, check_input, row_map=True, scatter=scatter_scaled_triton)
+def check_scatter_input(grad_masked, grad_loss, ids_restore) -> None:
+    why = device_problem(grad_masked, grad_loss, ids_restore)
+    if why:
+        raise UnsupportedInput(why)
+    if grad_masked.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise UnsupportedInput(f"a gradient of dtype {grad_masked.dtype}")
+    if ids_restore.dtype != torch.int64:
+        raise UnsupportedInput(f"ids_restore of dtype {ids_restore.dtype}")
+
+
+register_kernel("triton", "cuda", mae_loss_forward_triton, check_input, row_map=True, scatter=scatter_scaled_triton,
+                scatter_check=check_scatter_input)

@@ -230,16 +230,16 @@ def masked_patchify_write(images, mean, rstd, ids_restore, len_keep, patch_size,
         )
 
 
-def check_input(images, patch_size, masking) -> None:
+def check_input(images, ids_restore, patch_size) -> None:
     """What the kernel takes: CUDA tensors (CPU ones under the interpreter), the fused dtypes, p a power of two >= 4."""
-    why = device_problem(images, masking.ids_restore)
+    why = device_problem(images, ids_restore)
     if why:
         raise UnsupportedInput(why)
-    check_fused_patchify_input(images, masking)
+    check_fused_patchify_input(images, ids_restore)
     p = patch_size
     if p * p < 16 or p & (p - 1):
         raise UnsupportedInput(f"patch size {p} (the Triton kernel takes powers of two >= 4)")
 
 
-register_kernel("triton", masked_patchify_write, check_input,
+register_kernel("triton", "cuda", masked_patchify_write, check_input,
                    visible_dtypes=(torch.float32, torch.bfloat16, torch.float16))

@@ -26,7 +26,8 @@ import triton
 import triton.language as tl
 
 from mae_fast.kernels._common import device_problem, next_pow2, persistent_programs
-from mae_fast.ops.unshuffle import UnsupportedInput, check_fused_unshuffle_input, register_kernel
+from mae_fast.ops.unshuffle import (UnsupportedInput, check_fused_unshuffle_backward_input, check_fused_unshuffle_input,
+                                    register_kernel)
 
 
 @triton.jit
@@ -136,4 +137,12 @@ def check_input(x_visible, mask_token, ids_restore, pos_embed, out_dtype) -> Non
     check_fused_unshuffle_input(x_visible, mask_token, ids_restore, pos_embed, out_dtype)
 
 
-register_kernel("triton", unshuffle_forward_triton, unshuffle_backward_triton, check_input)
+def check_backward_input(grad_out, ids_restore, x_dtype) -> None:
+    why = device_problem(grad_out, ids_restore)
+    if why:
+        raise UnsupportedInput(why)
+    check_fused_unshuffle_backward_input(grad_out, ids_restore, x_dtype)
+
+
+register_kernel("triton", "cuda", unshuffle_forward_triton, unshuffle_backward_triton, check_input,
+                check_backward_input)

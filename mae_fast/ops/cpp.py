@@ -1,9 +1,10 @@
 """The C++ CPU kernels of csrc/ (the optional extension `mae_fast._C`, which registers them as the ops
 `torch.ops.mae_fast.<kernel>_out` etc. with TORCH_LIBRARY_IMPL): their fake implementations (csrc/module.cpp names
-this module as the place to find them) and their registration as the "cpp" kernel of each fused op.
+this module as the place to find them) and their registration as the "cpp" kernel of each fused op for CPU
+tensors (`register_kernel(name, "cpu", ...)` of the op module: `CustomOpDef.register_kernel("cpu", ...)`).
 
 Imported by `mae_fast.ops` (an ImportError when the extension is not built: the ops keep their other kernels).
-Each kernel's check says what it takes; the op's public function runs the reference otherwise.
+Each kernel's check says what it takes; the op's default body (its reference) runs otherwise.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from mae_fast.ops.mae_loss import check_fused_loss_input
 from mae_fast.ops.mae_loss import register_kernel as register_loss
 from mae_fast.ops.masked_patchify import check_fused_patchify_input
 from mae_fast.ops.masked_patchify import register_kernel as register_patchify
-from mae_fast.ops.unshuffle import check_fused_unshuffle_input
+from mae_fast.ops.unshuffle import check_fused_unshuffle_backward_input, check_fused_unshuffle_input
 from mae_fast.ops.unshuffle import register_kernel as register_unshuffle
 from mae_fast.ops.layout import pixel_scale, standardize_eps
 
@@ -85,9 +86,9 @@ def masked_patchify_cpp(images, mean, rstd, ids_restore, len_keep, patch_size, c
                              pixel_scale(images.dtype), visible, target)
 
 
-def _check_patchify(images, patch_size, masking):
-    _on_cpu(images)
-    check_fused_patchify_input(images, masking)
+def _check_patchify(images, ids_restore, patch_size):
+    _on_cpu(images, ids_restore)
+    check_fused_patchify_input(images, ids_restore)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -114,6 +115,11 @@ def _check_unshuffle(x_visible, mask_token, ids_restore, pos_embed, out_dtype):
     check_fused_unshuffle_input(x_visible, mask_token, ids_restore, pos_embed, out_dtype)
 
 
+def _check_unshuffle_backward(grad_out, ids_restore, x_dtype):
+    _on_cpu(grad_out, ids_restore)
+    check_fused_unshuffle_backward_input(grad_out, ids_restore, x_dtype)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # MAE loss
 # ------------------------------------------------------------------------------------------------------------
@@ -125,9 +131,9 @@ def mae_loss_cpp(pred, target, token_weight, uniform_weight, patch_size, planes_
     return _lib.mae_loss_out(pred, target, token_weight, uniform_weight, patch_size, planes_per_token, alpha, grad)
 
 
-def _check_loss(pred, target, mask, patch_size, layout, alpha):
+def _check_loss(pred, target, mask, patch_size):
     _on_cpu(pred, target, mask)
-    check_fused_loss_input(pred, target, mask, patch_size, layout, alpha)
+    check_fused_loss_input(pred, target, mask, patch_size)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -144,7 +150,8 @@ def lion_update_cpp(params, grads, exp_avgs, lr, beta1, beta2, weight_decay) -> 
     lion_update_rest(rest, params, grads, exp_avgs, lr, beta1, beta2, weight_decay)
 
 
-register_patchify("cpp", masked_patchify_cpp, _check_patchify)
-register_unshuffle("cpp", unshuffle_forward_cpp, unshuffle_backward_cpp, _check_unshuffle)
-register_loss("cpp", mae_loss_cpp, _check_loss)
-register_lion("cpp", lion_update_cpp, check_lion_device("cpu"))
+register_patchify("cpp", "cpu", masked_patchify_cpp, _check_patchify)
+register_unshuffle("cpp", "cpu", unshuffle_forward_cpp, unshuffle_backward_cpp, _check_unshuffle,
+                   _check_unshuffle_backward)
+register_loss("cpp", "cpu", mae_loss_cpp, _check_loss)
+register_lion("cpp", "cpu", lion_update_cpp, check_lion_device("cpu"))

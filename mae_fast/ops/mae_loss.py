@@ -1,19 +1,25 @@
 """The MAE loss: (1 - alpha) * masked MSE + alpha * Fourier loss.
 
-The ops `mae_fast::mae_loss` (on the masked tokens) and `mae_fast::masked_mae_loss` (on the decoder's full
-prediction, + `mae_fast::masked_mae_loss_backward`), their reference and kernels:
-    reference  `mae_loss_reference` / `masked_mae_loss_reference` (autograd gives the gradient)
-    cpp        csrc/mae_loss.cpp (registered by mae_fast/ops/cpp.py)
-    triton     kernels/mae_loss.py
-A kernel is `kernel(pred, target, token_weight, uniform_weight, patch_size, planes_per_token, alpha, grad, row_ids)
--> loss` (float32 scalar) that writes d loss / d pred into `grad` in the same pass; the op returns that buffer as a
-second, non-differentiable output and backward only scales it by the incoming gradient (out of place, so
-retain_graph works; higher-order gradients are refused: use impl="reference"). `row_ids` (B, M) (None for
-`mae_loss`): pred is the full prediction (B, L, P) and token (b, m) of target and grad is pred[b, row_ids[b, m]];
-kernels that take `row_ids` are listed in `ROW_MAP_KERNELS` (the others get the masked rows gathered first).
+The torch ops `mae_fast::mae_loss` (on the masked tokens) and `mae_fast::masked_mae_loss` (on the decoder's full
+prediction) with its backward `mae_fast::masked_mae_loss_backward`:
+    definition   `mae_loss_op`, `masked_mae_loss_op`, `masked_mae_loss_backward_op` below (schema, fake, autograd);
+                 their default bodies are the reference kernel `_reference_kernel` / `_reference_scatter`
+    reference    `mae_loss_reference` / `masked_mae_loss_reference` (autograd gives the gradient): what the public
+                 functions run for impl="reference" or MAE_FAST_IMPL=reference
+    kernels      `REGISTERED` ({op: {device: kernel name}}, filled by `register_kernel`):
+                 cpu   cpp     csrc/mae_loss.cpp (mae_fast/ops/cpp.py; masked_mae_loss gathers the rows first,
+                               its backward is the default body)
+                 cuda  triton  kernels/mae_loss.py (reads the masked rows in place; + its scatter for the backward)
+A loss kernel is `kernel(pred, target, token_weight, uniform_weight, patch_size, planes_per_token, alpha, grad,
+row_ids) -> loss` (float32 scalar) that writes d loss / d pred into `grad` in the same pass; the op returns that
+buffer as a second, non-differentiable output and backward only scales it by the incoming gradient (out of place,
+so retain_graph works; higher-order gradients are refused: use impl="reference"). `row_ids` (B, M) (only for a
+kernel registered with `row_map=True`): pred is the full prediction (B, L, P) and token (b, m) of target and grad
+is pred[b, row_ids[b, m]]; other kernels get the masked rows gathered first.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -21,6 +27,8 @@ import torch
 from mae_fast.ops import implementation
 from mae_fast.ops.implementation import UnsupportedInput
 from mae_fast.ops.layout import LAYOUTS, Masking, compute_dtype, gather_tokens
+
+OP, MASKED_OP, SCATTER_OP = "mae_loss", "masked_mae_loss", "masked_mae_loss_backward"
 
 
 def patch_planes(tokens: torch.Tensor, patch_size: int, layout: str) -> torch.Tensor:
@@ -93,38 +101,56 @@ def _reference_kernel(pred, target, token_weight, uniform_weight, patch_size, pl
     return (per_token * weight).sum().float()
 
 
+def _reference_scatter(grad_masked, grad_loss, ids_restore):
+    B, M, P = grad_masked.shape
+    L = ids_restore.shape[1]
+    shuffled = torch.cat([grad_masked.new_zeros((B, L - M, P)), grad_masked * grad_loss.to(grad_masked.dtype)], 1)
+    return gather_tokens(shuffled, ids_restore)
+
+
+# kernel name -> loss kernel (the signature above) and the scatter of `masked_mae_loss_backward`
+# (grad_masked, grad_loss (0-d), ids_restore) -> the (B, L, P) gradient, zeros at visible tokens
 KERNELS: dict[str, Callable] = {"reference": _reference_kernel}
-ROW_MAP_KERNELS = {"reference"}
+SCATTER_KERNELS: dict[str, Callable] = {"reference": _reference_scatter}
 
 
-def register_kernel(name: str, kernel: Callable, check: Callable, *, row_map: bool = False,
-                    scatter: Callable | None = None) -> None:
-    """Add `kernel` as kernel `name` of `mae_loss` and `masked_mae_loss`; `check(pred, target, mask, patch_size,
-    layout, alpha)` raises UnsupportedInput for inputs it cannot take. `row_map`: the kernel reads the masked rows
-    of the full prediction itself (`row_ids`); `scatter`: its backward of `masked_mae_loss` (else the reference's)."""
-    KERNELS[name] = kernel
-    if row_map:
-        ROW_MAP_KERNELS.add(name)
-    if scatter is not None:
-        SCATTER_KERNELS[name] = scatter
-    implementation.register("mae_loss", name, check)
-    implementation.register("masked_mae_loss", name, check)
-
-
-@torch.library.custom_op("mae_fast::mae_loss", mutates_args=(), schema=(
-    "(Tensor pred, Tensor target, Tensor? mask, int patch_size, float alpha, str kernel) -> (Tensor, Tensor)"))
-def mae_loss_op(pred, target, mask, patch_size, alpha, kernel):
-    """(loss, d loss / d pred)."""
+def _run_loss(kernel, pred, target, mask, patch_size, alpha):
+    """`mae_fast::mae_loss` computed by a loss kernel: (loss, d loss / d pred)."""
     B, N, P = pred.shape
     weight, uniform = token_weights(mask, B, N)
     pred, target = pred.contiguous(), target.contiguous()
     grad = torch.empty_like(pred)
-    loss = KERNELS[kernel](pred, target, weight, uniform, patch_size, P // (patch_size * patch_size), alpha, grad)
+    loss = kernel(pred, target, weight, uniform, patch_size, P // (patch_size * patch_size), alpha, grad)
     return loss, grad
 
 
+def _run_masked_loss(kernel, row_map, pred, target, ids_masked, ids_restore, patch_size, alpha):
+    """`mae_fast::masked_mae_loss` computed by a loss kernel: (loss, d loss / d pred at the masked tokens (B, M, P),
+    ids_masked order); a `row_map` kernel reads the masked rows of the full prediction itself, another gets them
+    gathered first."""
+    B, M, P = target.shape
+    grad = torch.empty(target.shape, dtype=pred.dtype, device=pred.device)
+    if row_map:
+        pred, row_ids = pred.contiguous(), ids_masked.contiguous()
+    else:
+        pred, row_ids = gather_tokens(pred, ids_masked).contiguous(), None
+    args = (pred, target.contiguous(), None, 1.0 / (B * M), patch_size, P // (patch_size * patch_size), alpha, grad)
+    loss = kernel(*args, row_ids) if row_map else kernel(*args)
+    return loss, grad
+
+
+def _mae_loss_default(pred, target, mask, patch_size, alpha):
+    """(loss, d loss / d pred) by the reference kernel: the op's default body."""
+    implementation.record(OP, "reference")
+    return _run_loss(_reference_kernel, pred, target, mask, patch_size, alpha)
+
+
+mae_loss_op = torch.library.custom_op("mae_fast::mae_loss", _mae_loss_default, mutates_args=(), schema=(
+    "(Tensor pred, Tensor target, Tensor? mask, int patch_size, float alpha) -> (Tensor, Tensor)"))
+
+
 @mae_loss_op.register_fake
-def _(pred, target, mask, patch_size, alpha, kernel):
+def _(pred, target, mask, patch_size, alpha):
     return pred.new_empty((), dtype=torch.float32), pred.new_empty(pred.shape)
 
 
@@ -137,86 +163,110 @@ def _setup_context(ctx, inputs, output):
 @torch.autograd.function.once_differentiable
 def _backward(ctx, grad_loss, _grad_of_grad):
     (grad,) = ctx.saved_tensors
-    return grad * grad_loss, None, None, None, None, None
+    return grad * grad_loss, None, None, None, None
 
 
 mae_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op("mae_fast::masked_mae_loss", mutates_args=(), schema=(
-    "(Tensor pred, Tensor target, Tensor ids_masked, Tensor ids_restore, int patch_size, float alpha, str kernel) "
-    "-> (Tensor, Tensor)"))
-def masked_mae_loss_op(pred, target, ids_masked, ids_restore, patch_size, alpha, kernel):
-    """(loss, d loss / d pred at the masked tokens (B, M, P), ids_masked order)."""
-    B, M, P = target.shape
-    grad = torch.empty(target.shape, dtype=pred.dtype, device=pred.device)
-    if kernel in ROW_MAP_KERNELS:
-        pred, row_ids = pred.contiguous(), ids_masked.contiguous()
-    else:
-        pred, row_ids = gather_tokens(pred, ids_masked).contiguous(), None
-    args = (pred, target.contiguous(), None, 1.0 / (B * M), patch_size, P // (patch_size * patch_size), alpha, grad)
-    loss = KERNELS[kernel](*args, row_ids) if row_ids is not None else KERNELS[kernel](*args)
-    return loss, grad
+def _masked_mae_loss_default(pred, target, ids_masked, ids_restore, patch_size, alpha):
+    """(loss, d loss / d pred at the masked tokens (B, M, P), ids_masked order) by the reference kernel: the op's
+    default body."""
+    implementation.record(MASKED_OP, "reference")
+    return _run_masked_loss(_reference_kernel, True, pred, target, ids_masked, ids_restore, patch_size, alpha)
+
+
+masked_mae_loss_op = torch.library.custom_op("mae_fast::masked_mae_loss", _masked_mae_loss_default, mutates_args=(),
+                                             schema=("(Tensor pred, Tensor target, Tensor ids_masked, "
+                                                     "Tensor ids_restore, int patch_size, float alpha) "
+                                                     "-> (Tensor, Tensor)"))
 
 
 @masked_mae_loss_op.register_fake
-def _(pred, target, ids_masked, ids_restore, patch_size, alpha, kernel):
+def _(pred, target, ids_masked, ids_restore, patch_size, alpha):
     return pred.new_empty((), dtype=torch.float32), pred.new_empty(target.shape)
 
 
-def _reference_scatter(grad_masked, grad_loss, ids_restore):
-    B, M, P = grad_masked.shape
-    L = ids_restore.shape[1]
-    shuffled = torch.cat([grad_masked.new_zeros((B, L - M, P)), grad_masked * grad_loss.to(grad_masked.dtype)], 1)
-    return gather_tokens(shuffled, ids_restore)
+def _scatter_default(grad_masked, grad_loss, ids_restore):
+    """The gradient of the full prediction: the masked tokens' one scaled by d out / d loss, scattered back (the
+    reference scatter: the op's default body)."""
+    implementation.record(SCATTER_OP, "reference")
+    return _reference_scatter(grad_masked, grad_loss, ids_restore)
 
 
-# kernel -> scatter(grad_masked, grad_loss (0-d), ids_restore) -> the (B, L, P) gradient, zeros at visible tokens
-SCATTER_KERNELS: dict[str, Callable] = {"reference": _reference_scatter}
-
-
-@torch.library.custom_op("mae_fast::masked_mae_loss_backward", mutates_args=(), schema=(
-    "(Tensor grad_masked, Tensor grad_loss, Tensor ids_restore, str kernel) -> Tensor"))
-def masked_mae_loss_backward_op(grad_masked, grad_loss, ids_restore, kernel):
-    """The gradient of the full prediction: the masked tokens' one scaled by d out / d loss, scattered back."""
-    return SCATTER_KERNELS.get(kernel, _reference_scatter)(grad_masked, grad_loss, ids_restore)
+masked_mae_loss_backward_op = torch.library.custom_op(
+    "mae_fast::masked_mae_loss_backward", _scatter_default, mutates_args=(),
+    schema="(Tensor grad_masked, Tensor grad_loss, Tensor ids_restore) -> Tensor")
 
 
 @masked_mae_loss_backward_op.register_fake
-def _(grad_masked, grad_loss, ids_restore, kernel):
+def _(grad_masked, grad_loss, ids_restore):
     B, _, P = grad_masked.shape
     return grad_masked.new_empty((B, ids_restore.shape[1], P))
 
 
 def _masked_setup_context(ctx, inputs, output):
-    _, _, _, ids_restore, _, _, kernel = inputs
+    _, _, _, ids_restore, _, _ = inputs
     _, grad = output
     ctx.mark_non_differentiable(grad)
     ctx.save_for_backward(grad, ids_restore)
-    ctx.kernel = kernel
 
 
 @torch.autograd.function.once_differentiable
 def _masked_backward(ctx, grad_loss, _grad_of_grad):
     grad, ids_restore = ctx.saved_tensors
-    return (masked_mae_loss_backward_op(grad, grad_loss, ids_restore, ctx.kernel), None, None, None, None, None,
-            None)
+    return masked_mae_loss_backward_op(grad, grad_loss, ids_restore), None, None, None, None, None
 
 
 masked_mae_loss_op.register_autograd(_masked_backward, setup_context=_masked_setup_context)
 
 
-def check_fused_loss_input(pred, target, mask, patch_size, layout, alpha, patch_sizes=None) -> None:
-    """What the fused losses take: float32/bfloat16/float16 tensors, no gradient into target, a float mask."""
+# op -> device -> the kernel registered for its tensors (filled by register_kernel)
+REGISTERED: dict[str, dict[str, str]] = {
+    OP: implementation.define(OP, mae_loss_op, _mae_loss_default),
+    MASKED_OP: implementation.define(MASKED_OP, masked_mae_loss_op, _masked_mae_loss_default),
+    SCATTER_OP: implementation.define(SCATTER_OP, masked_mae_loss_backward_op, _scatter_default),
+}
+
+
+def register_kernel(name: str, device: str, kernel: Callable, check: Callable, *, row_map: bool = False,
+                    scatter: Callable | None = None, scatter_check: Callable | None = None) -> None:
+    """Register loss kernel `kernel` as kernel `name` of `mae_loss` and `masked_mae_loss` for tensors of `device`;
+    `check(pred, target, mask, patch_size)` raises UnsupportedInput for inputs it cannot take. `row_map`: the
+    kernel reads the masked rows of the full prediction itself (`row_ids`); `scatter`: its kernel of
+    `masked_mae_loss_backward` (else that op runs its default body), `scatter_check(grad_masked, grad_loss,
+    ids_restore)` its input check."""
+    KERNELS[name] = kernel
+    implementation.register_device_kernel(
+        OP, device, name, functools.partial(_run_loss, kernel),
+        lambda pred, target, mask, patch_size, alpha: check(pred, target, mask, patch_size))
+    implementation.register_device_kernel(
+        MASKED_OP, device, name, functools.partial(_run_masked_loss, kernel, row_map),
+        lambda pred, target, ids_masked, ids_restore, patch_size, alpha: check(pred, target, None, patch_size))
+    if scatter is not None:
+        SCATTER_KERNELS[name] = scatter
+        implementation.register_device_kernel(SCATTER_OP, device, name, scatter, scatter_check)
+
+
+def check_fused_loss_input(pred, target, mask, patch_size, patch_sizes=None) -> None:
+    """What the fused loss kernels take: float32/bfloat16/float16 pred and target, and the patch sizes they have
+    instances for (`patch_sizes`, None: any)."""
     for name, t in (("pred", pred), ("target", target)):
         if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise UnsupportedInput(f"{name} of dtype {t.dtype}")
-    if target.requires_grad and torch.is_grad_enabled():
-        raise UnsupportedInput("a target that requires grad")
     if patch_sizes is not None and patch_size not in patch_sizes:
         raise UnsupportedInput(f"patch size {patch_size} (kernels for {patch_sizes})")
-    if mask is not None and mask.requires_grad and torch.is_grad_enabled():
-        raise UnsupportedInput("a mask that requires grad")
+
+
+def _gradient_refused(target, mask) -> str | None:
+    """Why the ops cannot compute this call, whatever kernel runs them: they give no gradient to target or mask."""
+    if not torch.is_grad_enabled():
+        return None
+    if target.requires_grad:
+        return "a target that requires grad"
+    if mask is not None and mask.requires_grad:
+        return "a mask that requires grad"
+    return None
 
 
 def mae_loss(
@@ -243,11 +293,13 @@ def mae_loss(
         raise ValueError(f"channel-layout tokens hold p*p = {patch_size**2} values, got {P}")
     if pred.shape[0] * pred.shape[1] == 0:
         return no_tokens_loss(pred)
-    kernel = implementation.choose("mae_loss", pred.device, impl, pred, target, mask, patch_size, layout, alpha)
-    if kernel == "reference":
+    if implementation.runs_reference(OP, impl):
         return mae_loss_reference(pred, target, mask, patch_size, layout, float(alpha))
-    return mae_loss_op(pred, target, mask, patch_size, float(alpha), kernel)[0]
-
+    why = _gradient_refused(target, mask)
+    if why:
+        implementation.refuse(OP, impl, why)
+        return mae_loss_reference(pred, target, mask, patch_size, layout, float(alpha))
+    return implementation.call(OP, impl, pred.device, mae_loss_op, pred, target, mask, patch_size, float(alpha))[0]
 
 
 def no_tokens_loss(pred: torch.Tensor) -> torch.Tensor:
@@ -283,9 +335,11 @@ def masked_mae_loss(
         raise ValueError(f"token size {P} is not a multiple of patch_size^2 = {patch_size**2}")
     if masking.len_keep == L or B == 0:  # mask ratio 0: no masked token to score
         return no_tokens_loss(pred)
-    kernel = implementation.choose("masked_mae_loss", pred.device, impl, pred, target, None, patch_size, layout,
-                                   alpha)
-    if kernel == "reference":
+    if implementation.runs_reference(MASKED_OP, impl):
         return masked_mae_loss_reference(pred, target, masking, patch_size, layout, float(alpha))
-    return masked_mae_loss_op(pred, target, masking.ids_masked.contiguous(), masking.ids_restore, patch_size,
-                              float(alpha), kernel)[0]
+    why = _gradient_refused(target, None)
+    if why:
+        implementation.refuse(MASKED_OP, impl, why)
+        return masked_mae_loss_reference(pred, target, masking, patch_size, layout, float(alpha))
+    return implementation.call(MASKED_OP, impl, pred.device, masked_mae_loss_op, pred, target,
+                               masking.ids_masked.contiguous(), masking.ids_restore, patch_size, float(alpha))[0]

@@ -1,9 +1,13 @@
 """Masked patchify + self-standardisation: raw images -> standardised visible tokens and masked targets in one pass.
 
-The op `mae_fast::masked_patchify` (no autograd: images are data), its reference and its kernels:
-    reference  `masked_patchify_reference` (standardise, patchify, gather): the op's default body
-    cpp        csrc/masked_patchify.cpp (registered by mae_fast/ops/cpp.py)
-    triton     kernels/masked_patchify.py
+The torch op `mae_fast::masked_patchify` (no autograd: images are data):
+    definition   `masked_patchify_op` below (schema, fake); its default body is the reference kernel
+                 `_reference_write`
+    reference    `masked_patchify_reference` (standardise, patchify, gather): what the public functions run for
+                 impl="reference" or MAE_FAST_IMPL=reference
+    kernels      `REGISTERED` ({op: {device: kernel name}}, filled by `register_kernel`):
+                 cpu   cpp     csrc/masked_patchify.cpp (registered by mae_fast/ops/cpp.py)
+                 cuda  triton  kernels/masked_patchify.py
 A kernel is `write(images, mean, rstd, ids_restore, len_keep, patch_size, channel_layout, visible, target)`: it fills
 visible (B, len_keep, P) in its dtype and target (B, L - len_keep, P) float32, computing the per-image per-channel
 statistics itself when mean and rstd are None; `VISIBLE_DTYPES[kernel]` are the visible dtypes it writes (another
@@ -11,6 +15,7 @@ one is written as float32 and cast).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -52,16 +57,8 @@ def _reference_write(images, mean, rstd, ids_restore, len_keep, patch_size, chan
     target.copy_(out.target)
 
 
-KERNELS: dict[str, Callable] = {"reference": _reference_write}
+KERNELS: dict[str, Callable] = {"reference": _reference_write}  # kernel name -> write (the signature above)
 VISIBLE_DTYPES: dict[str, tuple] = {"reference": (torch.float32, torch.bfloat16, torch.float16)}
-
-
-def register_kernel(name: str, write: Callable, check: Callable, visible_dtypes: tuple = (torch.float32,)) -> None:
-    """Add `write` as kernel `name` of this op; `check(images, patch_size, masking)` raises UnsupportedInput for
-    inputs it cannot take."""
-    KERNELS[name] = write
-    VISIBLE_DTYPES[name] = visible_dtypes
-    implementation.register(OP, name, check)
 
 
 def patchify_buffers(images, num_tokens, len_keep, patch_size, channel_layout, visible_dtype=torch.float32):
@@ -72,34 +69,57 @@ def patchify_buffers(images, num_tokens, len_keep, patch_size, channel_layout, v
             images.new_empty((B, num_tokens - len_keep, P), dtype=torch.float32))
 
 
-@torch.library.custom_op("mae_fast::masked_patchify", mutates_args=(), schema=(
-    "(Tensor images, Tensor ids_restore, int len_keep, int patch_size, bool channel_layout, Tensor? mean, "
-    "Tensor? rstd, ScalarType out_dtype, str kernel) -> (Tensor, Tensor)"))
-def masked_patchify_op(images, ids_restore, len_keep, patch_size, channel_layout, mean, rstd, out_dtype, kernel):
-    written = out_dtype if out_dtype in VISIBLE_DTYPES[kernel] else torch.float32
+def _run(write, visible_dtypes, images, ids_restore, len_keep, patch_size, channel_layout, mean, rstd, out_dtype):
+    """`mae_fast::masked_patchify` computed by a kernel: (visible in out_dtype, target float32)."""
+    written = out_dtype if out_dtype in visible_dtypes else torch.float32
     visible, target = patchify_buffers(images, ids_restore.shape[1], len_keep, patch_size, channel_layout, written)
     if mean is not None and rstd is not None:
         mean, rstd = mean.float().contiguous(), rstd.float().contiguous()
     else:
         mean = rstd = None
-    KERNELS[kernel](images, mean, rstd, ids_restore.contiguous(), len_keep, patch_size, channel_layout, visible,
-                    target)
+    write(images, mean, rstd, ids_restore.contiguous(), len_keep, patch_size, channel_layout, visible, target)
     return visible.to(out_dtype), target
 
 
+def _default(images, ids_restore, len_keep, patch_size, channel_layout, mean, rstd, out_dtype):
+    """The op by the reference kernel: its default body."""
+    implementation.record(OP, "reference")
+    return _run(_reference_write, VISIBLE_DTYPES["reference"], images, ids_restore, len_keep, patch_size,
+                channel_layout, mean, rstd, out_dtype)
+
+
+masked_patchify_op = torch.library.custom_op("mae_fast::masked_patchify", _default, mutates_args=(), schema=(
+    "(Tensor images, Tensor ids_restore, int len_keep, int patch_size, bool channel_layout, Tensor? mean, "
+    "Tensor? rstd, ScalarType out_dtype) -> (Tensor, Tensor)"))
+
+
 @masked_patchify_op.register_fake
-def _(images, ids_restore, len_keep, patch_size, channel_layout, mean, rstd, out_dtype, kernel):
+def _(images, ids_restore, len_keep, patch_size, channel_layout, mean, rstd, out_dtype):
     return patchify_buffers(images, ids_restore.shape[1], len_keep, patch_size, channel_layout, out_dtype)
 
 
-def check_fused_patchify_input(images: torch.Tensor, masking: Masking) -> None:
+REGISTERED: dict[str, dict[str, str]] = {OP: implementation.define(OP, masked_patchify_op, _default)}
+
+
+def register_kernel(name: str, device: str, write: Callable, check: Callable,
+                    visible_dtypes: tuple = (torch.float32,)) -> None:
+    """Register `write` as kernel `name` of this op for tensors of `device`; `check(images, ids_restore,
+    patch_size)` raises UnsupportedInput for inputs it cannot take."""
+    KERNELS[name] = write
+    VISIBLE_DTYPES[name] = visible_dtypes
+    implementation.register_device_kernel(
+        OP, device, name, functools.partial(_run, write, visible_dtypes),
+        lambda images, ids_restore, len_keep, patch_size, *_: check(images, ids_restore, patch_size))
+
+
+def check_fused_patchify_input(images: torch.Tensor, ids_restore: torch.Tensor) -> None:
     """The fused kernels take uint8/uint16/int32/float16/bfloat16/float32 pixels and int64 permutations."""
     if images.dtype not in (torch.uint8, torch.uint16, torch.int32, torch.float16, torch.bfloat16, torch.float32):
         raise UnsupportedInput(f"images of dtype {images.dtype}")
     if images.shape[1] > 16:
         raise UnsupportedInput(f"{images.shape[1]} channels (the kernels take at most 16)")
-    if masking.ids_restore.dtype != torch.int64:
-        raise UnsupportedInput(f"ids_restore of dtype {masking.ids_restore.dtype}")
+    if ids_restore.dtype != torch.int64:
+        raise UnsupportedInput(f"ids_restore of dtype {ids_restore.dtype}")
 
 
 def masked_patchify(
@@ -151,12 +171,12 @@ def masked_patchify(
         autocast = torch.is_autocast_enabled(device_type)
         out_dtype = torch.get_autocast_dtype(device_type) if autocast else torch.float32
     with torch.no_grad():  # images are data: no gradient flows into them
-        kernel = implementation.choose(OP, images.device, impl, images, patch_size, masking)
-        if kernel == "reference":
+        if implementation.runs_reference(OP, impl):
             return masked_patchify_reference(images, patch_size, masking, layout, stats, out_dtype)
         mean, rstd = (None, None) if stats is None else stats
-        visible, target = masked_patchify_op(images, masking.ids_restore, masking.len_keep, patch_size,
-                                             layout == "channel", mean, rstd, out_dtype, kernel)
+        visible, target = implementation.call(OP, impl, images.device, masked_patchify_op, images,
+                                              masking.ids_restore, masking.len_keep, patch_size, layout == "channel",
+                                              mean, rstd, out_dtype)
         return MaskedPatches(visible, target, masking)
 
 
@@ -172,11 +192,9 @@ def standardized_tokens(images: torch.Tensor, patch_size: int, layout: str = "st
         raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {patch_size}")
     pixel_scale(images.dtype)
     L = (H // patch_size) * (W // patch_size) * (C if layout == "channel" else 1)
-    ids = torch.arange(L, device=images.device).expand(B, L).contiguous()
-    identity = Masking(ids, ids, torch.zeros(B, L, device=images.device), L)
-    kernel = implementation.choose(OP, images.device, impl, images, patch_size, identity)
-    if kernel == "reference":  # no identity gather
+    if implementation.runs_reference(OP, impl):  # no identity gather
         return patchify(self_standardize(images), patch_size, layout)
+    ids = torch.arange(L, device=images.device).expand(B, L).contiguous()
     with torch.no_grad():
-        return masked_patchify_op(images, ids, L, patch_size, layout == "channel", None, None, torch.float32,
-                                  kernel)[0]
+        return implementation.call(OP, impl, images.device, masked_patchify_op, images, ids, L, patch_size,
+                                   layout == "channel", None, None, torch.float32)[0]

@@ -1,9 +1,9 @@
 """The Triton kernels of kernels/ (installed as `mae_fast.kernels`): the one place that imports that folder.
 
 `load()` imports the kernel files, each of which registers its kernel as the "triton" kernel of the op it belongs
-to (`mae_fast/ops/<op>.py`); `mae_fast.ops` calls it when CUDA is available or Triton's CPU interpreter is on
-(TRITON_INTERPRET=1, the tests), and when Triton imports. The import graph stays one-way: kernels/ imports the op
-modules it registers for, `mae_fast.ops` imports this module, and no op module imports either.
+to (`mae_fast/ops/<op>.py`) for CUDA tensors; `mae_fast.ops` calls it when CUDA is available or Triton's CPU
+interpreter is on (TRITON_INTERPRET=1, the tests), and when Triton imports. The import graph stays one-way: kernels/
+imports the op modules it registers for, `mae_fast.ops` imports this module, and no op module imports either.
 
 In a source checkout that is not installed, or a worktree beside an editable install of another checkout,
 `kernels_module()` maps the checkout's own `kernels/` folder onto `mae_fast.kernels`, so tests and benchmarks run the

@@ -2,9 +2,9 @@
 
 A *stack* is one way of running the same MAE train step (forward, backward, Lion step):
 
-    reference           the ops' plain-PyTorch references (MAE_FAST_IMPL=reference), SDPA attention, foreach Lion, eager
+    reference           the ops' plain-PyTorch references (use_impl("reference")), SDPA attention, foreach Lion, eager
     reference_compiled  the same under torch.compile
-    fused               mae_fast's default dispatch (impl="auto": Triton on CUDA, C++ on CPU where built), eager
+    fused               mae_fast's default dispatch (by device: Triton on CUDA, C++ on CPU where built), eager
     fused_compiled      the same under torch.compile
     peer                what a user would write from public code instead (`mae_fast.peer`: timm ViT, FAIR-MAE
                         masking after the patch projection, torch.fft loss, timm's Lion), eager; needs timm
@@ -23,7 +23,6 @@ versions, git commit, date, command); `benchmarks/render_results.py` turns them 
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
 
 import torch
@@ -43,7 +42,7 @@ FUSED_OPS = ("masked_patchify", "unshuffle", "masked_mae_loss", "lion_update")  
 @dataclass(frozen=True)
 class Stack:
     name: str
-    ops_impl: str         # value of MAE_FAST_IMPL while the stack runs: "reference" or "auto"
+    ops_impl: str         # the ops' implementation while the stack runs (ops.use_impl): "reference" or "auto"
     optimizer_impl: str   # Lion(impl=...)
     compiled: bool
     allow_flash_attn: bool  # attention: use_backend("auto") (FlashAttention / fastest SDPA backend), else "sdpa"
@@ -67,18 +66,10 @@ def default_stacks() -> list[str]:
 
 @contextlib.contextmanager
 def stack_context(stack: Stack):
-    """Select the stack's op implementations (MAE_FAST_IMPL) and attention: mae_fast's choice (FlashAttention when
+    """Select the stack's op implementations (`ops.use_impl`) and attention: mae_fast's choice (FlashAttention when
     installed, else the SDPA backend measured fastest per shape) or, for the reference, plain SDPA."""
-    old_env = os.environ.get("MAE_FAST_IMPL")
-    os.environ["MAE_FAST_IMPL"] = stack.ops_impl
-    try:
-        with attention_mod.use_backend("auto" if stack.allow_flash_attn else "sdpa"):
-            yield
-    finally:
-        if old_env is None:
-            os.environ.pop("MAE_FAST_IMPL", None)
-        else:
-            os.environ["MAE_FAST_IMPL"] = old_env
+    with ops.use_impl(stack.ops_impl), attention_mod.use_backend("auto" if stack.allow_flash_attn else "sdpa"):
+        yield
 
 
 def parse_preset(spec: str) -> MAEConfig:

@@ -3,8 +3,9 @@ one tolerance table.
 
 "cpp": the C++ CPU kernels (skipped when the extension is not built). "triton": the Triton kernels, on the GPU when
 CUDA is present, else in Triton's CPU interpreter (the repo conftest sets TRITON_INTERPRET=1; about a second per
-million elements, hence their smaller shapes); marked `triton`, so benchmarks/gpu.sh selects them with -m "gpu or
-triton". Kernel-level calls go through the op module's kernel table (`KERNELS[impl]`), one signature per op.
+million elements, hence their smaller shapes; the test runs inside `ops.use_impl("triton")`, see conftest.py); marked
+`triton`, so benchmarks/gpu.sh selects them with -m "gpu or triton". Kernel-level calls go through the op module's
+kernel table (`KERNELS[impl]`), one signature per op.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 from mae_fast import ops
+from mae_fast.ops.unshuffle import REGISTERED
 
 
 def triton_ready() -> bool:
@@ -44,7 +46,7 @@ def device(impl: str) -> torch.device:
 
 def runs_by_default(impl: str) -> bool:
     """Whether `impl` is what the default dispatch picks for its tensors (C++ on the CPU, Triton on CUDA)."""
-    return ops.implementation.DEVICE_KERNEL[device(impl).type] == impl
+    return REGISTERED["unshuffle"].get(device(impl).type) == impl
 
 
 def gen(seed: int, dev: torch.device | str = "cpu") -> torch.Generator:

@@ -285,38 +285,37 @@ def _lion_args():
             [torch.randn(p.shape, generator=g) for p in params], 1e-2, 0.999, 0.9, 0.1, 0.95, 0.05)
 
 
-def _op_lion_args(kernel: str):
+def _op_lion_args():
     params, grads, moms, lr, _, beta1, _, beta2, _ = _lion_args()
-    return (params, grads, moms, lr, beta1, beta2, 0.1, kernel)
+    return (params, grads, moms, lr, beta1, beta2, 0.1)
 
 
-def _cases(kernel: str) -> list[tuple[str, tuple]]:
-    """(op name, args) of the fused ops computed by one kernel ("reference", "cpp", "triton")."""
+def _cases() -> list[tuple[str, tuple]]:
+    """(op name, args) of the fused ops (`_opcheck_all` runs them under the kernel it checks)."""
     cases = []
     for channel in (False, True):
         images, ids, len_keep = _patchify_args(channel)
         mean, rstd = torch.rand(B, C, generator=_gen(15)), torch.rand(B, C, generator=_gen(16)) + 0.5
-        cases.append(("masked_patchify", (images, ids, len_keep, P, channel, None, None, torch.float32, kernel)))
-        cases.append(("masked_patchify", (images, ids, len_keep, P, channel, mean, rstd, torch.bfloat16, kernel)))
+        cases.append(("masked_patchify", (images, ids, len_keep, P, channel, None, None, torch.float32)))
+        cases.append(("masked_patchify", (images, ids, len_keep, P, channel, mean, rstd, torch.bfloat16)))
     x, token, ids, pos = _unshuffle_args()
-    cases.append(("unshuffle", (x, token, ids, pos, 0, None, kernel)))
-    cases.append(("unshuffle", (x, token, ids, None, 0, None, kernel)))
-    cases.append(("unshuffle", (x, token, ids, pos, 0, torch.bfloat16, kernel)))
+    cases.append(("unshuffle", (x, token, ids, pos, 0, None)))
+    cases.append(("unshuffle", (x, token, ids, None, 0, None)))
+    cases.append(("unshuffle", (x, token, ids, pos, 0, torch.bfloat16)))
     # the decoder's call under autocast: bf16 tokens with the class token in place, float32 out
     x, token, ids, pos = _unshuffle_args(prefix=1, x_dtype=torch.bfloat16)
-    cases.append(("unshuffle", (x, token, ids, pos, 1, None, kernel)))
-    cases.append(("unshuffle_backward", (torch.randn(B, L_DEC, D, generator=_gen(17)), ids, K, 0, None, kernel)))
+    cases.append(("unshuffle", (x, token, ids, pos, 1, None)))
+    cases.append(("unshuffle_backward", (torch.randn(B, L_DEC, D, generator=_gen(17)), ids, K, 0, None)))
     cases.append(("unshuffle_backward", (torch.randn(B, 1 + L_DEC, D, generator=_gen(17)), ids, K, 1,
-                                         torch.bfloat16, kernel)))
+                                         torch.bfloat16)))
     for layout in ops.LAYOUTS:
         pred, target, mask = _loss_args(layout)
-        cases.append(("mae_loss", (pred, target, mask, P, 0.3, kernel)))
-        cases.append(("mae_loss", (pred, target, None, P, 0.01, kernel)))
+        cases.append(("mae_loss", (pred, target, mask, P, 0.3)))
+        cases.append(("mae_loss", (pred, target, None, P, 0.01)))
         full, masking = _full_prediction_args(layout)  # the loss on the full prediction, and its backward
-        cases.append(("masked_mae_loss", (full, target, masking.ids_masked.contiguous(), masking.ids_restore, P, 0.3,
-                                          kernel)))
-        cases.append(("masked_mae_loss_backward", (target, torch.tensor(1.5), masking.ids_restore, kernel)))
-    cases.append(("lion_update", _op_lion_args(kernel)))
+        cases.append(("masked_mae_loss", (full, target, masking.ids_masked.contiguous(), masking.ids_restore, P, 0.3)))
+        cases.append(("masked_mae_loss_backward", (target, torch.tensor(1.5), masking.ids_restore)))
+    cases.append(("lion_update", _op_lion_args()))
     return cases
 
 
@@ -354,11 +353,13 @@ def _cpp_kernel_cases() -> list[tuple[str, tuple]]:
     ]
 
 
-def _opcheck_all(cases):
+def _opcheck_all(cases, kernel: str = "auto"):
+    """opcheck of each case with `kernel` computing the fused ops (`ops.use_impl`)."""
     failures = []
     for name, args in cases:
         try:
-            opcheck(getattr(torch.ops.mae_fast, name).default, args)
+            with ops.use_impl(kernel):
+                opcheck(getattr(torch.ops.mae_fast, name).default, args)
         except Exception as err:  # noqa: BLE001 - collect every failing op, then report them together
             failures.append(f"{name}: {str(err)[:400]}")
     assert not failures, "\n".join(failures)
@@ -369,11 +370,11 @@ def test_opcheck_cpp_kernel_ops():
 
 
 def test_opcheck_fused_ops_with_the_reference_kernel():
-    _opcheck_all(_cases("reference"))
+    _opcheck_all(_cases(), "reference")
 
 
 def test_opcheck_fused_ops_with_the_cpp_kernels():
-    _opcheck_all(_cases("cpp"))
+    _opcheck_all(_cases(), "cpp")
 
 
 def test_opcheck_triton_ops_in_the_interpreter():
@@ -385,12 +386,12 @@ def test_opcheck_triton_ops_in_the_interpreter():
         pytest.skip("needs TRITON_INTERPRET=1 (CPU tensors); CUDA runs are covered by tests/gpu")
     if "triton" not in ops.available_impls("unshuffle"):
         pytest.skip("Triton kernels not registered")
-    _opcheck_all(_cases("triton"))
+    _opcheck_all(_cases(), "triton")
 
 
 def test_every_fused_torch_op_is_checked():
     """A new op registered under mae_fast:: must be added to the opcheck cases above."""
-    checked = {name for name, _ in _cpp_kernel_cases() + _cases("reference")}
+    checked = {name for name, _ in _cpp_kernel_cases() + _cases()}
     registered = {name.split("::")[1] for name in torch._C._dispatch_get_all_op_names()
                   if name.startswith("mae_fast::")}
     assert registered == checked, f"unchecked: {registered - checked}, stale: {checked - registered}"
