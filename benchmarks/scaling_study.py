@@ -79,6 +79,8 @@ def _ints(text: str) -> list[int]:
 
 
 def _names(text: str) -> list[str]:
+    if text.strip() == "none":
+        return []
     names = [t.strip() for t in text.split(",") if t.strip()]
     unknown = sorted(set(names) - set(ABLATIONS))
     if unknown:
@@ -107,9 +109,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="scaling_study_out", help="work folder (default ./scaling_study_out)")
     p.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "results", "scaling_study.json"))
     p.add_argument("--png", default=os.path.join(ROOT, "benchmarks", "results", "scaling_study.png"))
-    argv = list(argv) if argv is not None else None
-    if argv is not None and "--ablations" in argv and argv[argv.index("--ablations") + 1:][:1] == ["none"]:
-        argv[argv.index("--ablations") + 1] = ""  # no ablation
     args = p.parse_args(argv)
     args.presets = args.presets or list(TOY_PRESETS if args.toy else DEFAULT_PRESETS)
     args.crops = args.crops or list(TOY_CROPS if args.toy else DEFAULT_CROPS)
