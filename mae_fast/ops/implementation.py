@@ -83,9 +83,7 @@ def register_device_kernel(op: str, device: str, name: str, kernel: Callable, ch
         except UnsupportedInput as why:
             if name in (_active, _asked):
                 raise RuntimeError(f"{op}: the {name!r} implementation cannot take these inputs: {why}") from None
-            if fallbacks[op] == 0:
-                _log.info("%s: the %s kernel cannot take these inputs (%s): the reference runs", op, name, why)
-            fallbacks[op] += 1
+            _count_fallback(op, f"the {name} kernel", why)
             return reference(*args)
         _last_impl[op] = name
         return kernel(*args)
@@ -96,6 +94,13 @@ def register_device_kernel(op: str, device: str, name: str, kernel: Callable, ch
     _op_defs[op].register_kernel(device, run)
     if _active != "auto":  # a registration under an override (kernels loaded late): the override covers it too
         _apply(_active)
+
+
+def _count_fallback(op: str, who: str, why) -> None:
+    """Count a call of `op` that fell back to the reference; log the first one."""
+    if fallbacks[op] == 0:
+        _log.info("%s: %s cannot take these inputs (%s): the reference runs", op, who, why)
+    fallbacks[op] += 1
 
 
 def available_impls(op: str) -> list[str]:
@@ -207,9 +212,7 @@ def refuse(op: str, impl: str, why: str) -> None:
     if name in ("cpp", "triton"):
         raise RuntimeError(f"{op}: the {name!r} implementation cannot take these inputs: {why}")
     if not torch.compiler.is_compiling():
-        if fallbacks[op] == 0:
-            _log.info("%s: the fused op cannot take these inputs (%s): the reference runs", op, why)
-        fallbacks[op] += 1
+        _count_fallback(op, "the fused op", why)
     _last_impl[op] = "reference"
 
 
