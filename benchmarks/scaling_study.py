@@ -303,7 +303,10 @@ def study_table(study: dict) -> str:
     def cells(recall: dict) -> list[str]:
         planted = recall["planted"]
         whole = planted["all"]
+        if whole["recall"] is None:  # no scorable pair
+            return ["n/a"] + ["" for _ in CLASSES]
         return [f"{whole['recall']:.3f} [{whole['low']:.2f}, {whole['high']:.2f}]"] + [
+            "n/a" if planted.get(c, {}).get("recall", "") is None else
             f"{planted[c]['recall']:.2f}" if c in planted else "" for c in CLASSES]
 
     head = ["model", "run", "crops", "training FLOPs", "final loss", "block", "planted [95% CI]", *CLASSES,

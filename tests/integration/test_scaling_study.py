@@ -59,3 +59,15 @@ def test_toy_study_writes_json_and_png(tmp_path, capsys):
     table = (tmp_path / "study.md").read_text()  # the markdown table beside the JSON, also printed
     assert table in printed and table.count("\n") == 2 + sum(1 + (r["headline_block"] != r["last_block"])
                                                                for r in runs) + len(result["baselines"])
+
+
+def test_table_marks_a_class_without_a_recall():
+    study = load_benchmark_script("scaling_study")
+    recall = {"planted": {"all": {"recall": 0.2, "low": 0.1, "high": 0.3}, "texture": {"recall": None},
+                          "shape": {"recall": 0.25}}}
+    run = {"preset": "mae_vit_micro_patch16_256", "label": "grid", "crops_trained": 16, "train_flops": 1e9,
+           "loss_last": 1.0, "last_block": 1, "headline_block": 1,
+           "blocks": {"1": {"recall": recall, "activity_map": 0.5}}}
+    row = study.study_table({"runs": [run], "baselines": {}}).splitlines()[2].split(" | ")
+    classes = dict(zip(study.CLASSES, row[7:12]))
+    assert classes["texture"] == "n/a" and classes["shape"] == "0.25" and classes["intensity"] == ""
