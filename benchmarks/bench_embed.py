@@ -97,10 +97,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default=None, help="where the screen and outputs go (default: a temp folder)")
     p.add_argument("--json", default=None, help="write the result here")
     args = p.parse_args(argv)
+    if args.workdir:
+        return _measure(args, args.workdir)
+    with tempfile.TemporaryDirectory(prefix="bench_embed_") as work:  # a 64-site 2048² screen: gigabytes
+        return _measure(args, work)
+
+
+def _measure(args: argparse.Namespace, work: str) -> int:
     from mae_fast.device import resolve_device
     from mae_fast.perf.provenance import provenance
 
-    work = args.workdir or tempfile.mkdtemp(prefix="bench_embed_")
     screen_root = os.path.join(work, f"screen_{args.sites}x{args.site_size}_{args.bit_depth}bit")
     if not os.path.exists(os.path.join(screen_root, "metadata.csv")):
         t0 = time.perf_counter()

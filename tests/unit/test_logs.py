@@ -14,13 +14,13 @@ from tests.helpers import ROOT
 # a user's script: a screen, a model, the embedding call that used to print its progress, then the same call
 # after configuring logging the way the CLI does
 SCRIPT = r"""
-import sys, tempfile, os
+import sys, os
 import mae_fast
 from mae_fast.data.synthetic import SyntheticScreenConfig, make_synthetic_screen
 from mae_fast.inference.embed import embed_dataset
 from mae_fast.models import create_model
 
-root = tempfile.mkdtemp()
+root = sys.argv[1]
 screen = make_synthetic_screen(os.path.join(root, "screen"), SyntheticScreenConfig(
     n_experiments=1, n_plates=1, n_complexes=1, complex_size=2, n_singletons=0, n_empty_controls=1,
     n_crispr_controls=0, site_size=64, seed=1))
@@ -35,8 +35,9 @@ embed_dataset(os.path.join(root, "model"), screen.root, os.path.join(root, "e.pa
 """
 
 
-def test_library_calls_print_nothing_until_logging_is_configured():
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, capture_output=True, text=True, timeout=300)
+def test_library_calls_print_nothing_until_logging_is_configured(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     silent, configured = proc.stdout.split("---\n")
     assert silent == "" and proc.stderr.split("---\n")[0] == "", (silent, proc.stderr)
