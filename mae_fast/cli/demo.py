@@ -20,8 +20,10 @@ schedule's planning is in demo_plan.py); split further, the order would have to 
 Time: `--minutes` of training per model (default 3: the budget benchmarks/scaling_study.py found best for the micro
 MAE on 2 cores, README "What to expect"); the schedule's length follows the budget, so the run trains for its
 minutes on any machine and anneals properly: without `--max-steps` a short probe run of the same training
-(`PROBE_STEPS` steps, thrown away) measures the seconds per step, and the schedule is planned from it
-(`demo_plan.plan_steps`); with `--max-steps` the schedule is that many steps, whatever the machine (deterministic). The
+(`PROBE_STEPS` steps, thrown away) measures the seconds per step, the schedule is planned from it
+(`demo_plan.plan_steps`), and it runs on the clock (`schedule_clock=time`): a run that steps slower than its probe
+(checkpoints, figures, a busier machine) still warms up and anneals within the budget instead of being cut partway
+down the decay; with `--max-steps` the schedule is that many steps, whatever the machine (deterministic). The
 probe's time counts against the budget. The summary says how many crops each model trained on.
 
 Block-wise (ViT models): every well is embedded at each encoder block (`embed --blocks all`, one table with a
@@ -176,8 +178,10 @@ def cellprofiler_note(table, seconds: float, cells_asked: int) -> str:
             f"{wells} wells in {seconds:.0f} s, {1000 * seconds / max(wells, 1):.0f} ms per well")
 
 
-def train_config(preset: str, screen_root: str, out_dir: str, args, seconds: float, steps: int):
-    """The demo's training run of one model: its family's demo lr, one micro-batch per step."""
+def train_config(preset: str, screen_root: str, out_dir: str, args, seconds: float, steps: int,
+                 clock: str = "steps"):
+    """The demo's training run of one model: its family's demo lr, one micro-batch per step, the schedule on
+    `clock` (TrainConfig.schedule_clock)."""
     from mae_fast.training.config import DataConfig, TrainConfig
 
     model: dict = {}
@@ -190,7 +194,7 @@ def train_config(preset: str, screen_root: str, out_dir: str, args, seconds: flo
     return TrainConfig(
         preset=preset, model=model, data=DataConfig(root=screen_root), out_dir=out_dir, overwrite=True,
         global_batch=args.batch_size, micro_batch=args.batch_size, steps=steps, lr=lr,
-        max_seconds=seconds, seed=args.seed, device=args.device, amp=args.amp,
+        max_seconds=seconds, schedule_clock=clock, seed=args.seed, device=args.device, amp=args.amp,
         checkpoint_every=max(1, steps // 2), log_every=max(1, steps // 20),
     )
 
@@ -311,10 +315,13 @@ def run(args) -> int:
             print(f"planned {model_steps} steps for {preset}: {plan['step_seconds']:.3f} s per step measured over "
                   f"{plan['probe_steps']} probe steps ({plan['probe_seconds']:.0f} s), "
                   f"{plan['budget_left_seconds']:.0f} s of the budget left")
+        clock = "time" if plan["source"] == "probe" else "steps"
         result = train(train_config(preset, screen.root, os.path.join(folder, "train"), args,
-                                    max(seconds - plan.get("probe_seconds", 0.0), 1.0), model_steps))
+                                    max(seconds - plan.get("probe_seconds", 0.0), 1.0), model_steps, clock))
         first, last = _loss_ends(result.losses)
-        print(f"trained {preset} for {result.steps} of {model_steps} steps in {result.seconds:.0f} s ({result.crops} "
+        steps_note = (f"{result.steps} steps (planned {model_steps}; the schedule followed the clock)"
+                      if clock == "time" else f"{result.steps} of {model_steps} steps")
+        print(f"trained {preset} for {steps_note} in {result.seconds:.0f} s ({result.crops} "
               f"crops, {result.crops_per_second:.1f} crops/s): loss {first:.4f} -> {last:.4f}")
         stage = time.time()
         embeddings = embed_dataset(result.model_dir, screen.root, os.path.join(folder, "embeddings.parquet"),

@@ -29,6 +29,7 @@ ModelConfig = Union[MAEConfig, WSLConfig, MUNetConfig]
 
 DATA_FORMATS = ("auto", "rxrx", "rxrx3_core", "jump", "pack")
 AMP_MODES = ("auto", "bf16", "fp32")
+SCHEDULE_CLOCKS = ("steps", "time")  # what the one-cycle schedule's progress follows (TrainConfig.schedule_clock)
 DISTRIBUTED_MODES = ("ddp", "fsdp")
 FSDP_REDUCE_MODES = ("micro_batch", "step")  # when FSDP2 reduce-scatters the gradients of an accumulated step
 CHECKPOINT_FORMATS = ("auto", "full", "sharded")  # auto: sharded under FSDP, full (one file per kind) otherwise
@@ -91,6 +92,10 @@ class TrainConfig:
     momentum: float | None = None        # SGD (WSL) only; default 0.9
     nesterov: bool | None = None         # SGD (WSL) only; default True
     warmup_fraction: float = 0.1
+    # the one-cycle schedule's clock: "steps", or "time": it follows max(step / steps, elapsed / max_seconds), so a
+    # run that steps slower than planned still warms up and anneals fully within max_seconds (the demo plans its
+    # steps from a short probe and trains on this clock); needs max_seconds, and such a run cannot resume
+    schedule_clock: str = "steps"
     optimizer_impl: str = "auto"         # Lion backend: auto, reference, foreach, triton, cpp (MAE only)
     amp: str = "auto"                    # auto (bf16 on GPU and on CPUs with native bf16, else fp32), bf16, fp32
     activation_checkpointing: bool = False
@@ -685,6 +690,12 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> RunPlan:
         raise ConfigError(f"give exactly one of steps or crops (got steps={cfg.steps}, crops={cfg.crops})")
     if not 0.0 <= cfg.warmup_fraction < 1.0:
         raise ConfigError(f"warmup_fraction must be in [0, 1), got {cfg.warmup_fraction}")
+    _check_choice("schedule_clock", cfg.schedule_clock, SCHEDULE_CLOCKS)
+    if cfg.schedule_clock == "time" and cfg.max_seconds <= 0:
+        raise ConfigError("schedule_clock=time needs max_seconds > 0: the schedule follows the time budget")
+    if cfg.schedule_clock == "time" and cfg.resume:
+        raise ConfigError("a run with schedule_clock=time cannot resume: its learning rate followed the wall "
+                          "time of the run that stopped; start a new run, or train on schedule_clock=steps")
     _check_choice("amp", cfg.amp, AMP_MODES)
     _check_choice("distributed", cfg.distributed, DISTRIBUTED_MODES)
     _check_choice("fsdp_reduce", cfg.fsdp_reduce, FSDP_REDUCE_MODES)

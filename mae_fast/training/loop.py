@@ -263,13 +263,13 @@ def _train(cfg: TrainConfig, plan: RunPlan, info: DistInfo, device: torch.device
     t_start = time.perf_counter()
     stopped_early = False
 
-    def out_of_time() -> bool:
-        return cfg.max_seconds > 0 and time.perf_counter() - t_start > cfg.max_seconds
+    def elapsed() -> float:
+        return time.perf_counter() - t_start
 
     try:
         while step < plan.total_steps:
             try:
-                stats = train_step(step, out_of_time, _last_good(last_ckpt))
+                stats = train_step(step, elapsed, _last_good(last_ckpt))
             except NonFiniteLossError as err:
                 report.event(err.event)
                 raise
@@ -279,8 +279,8 @@ def _train(cfg: TrainConfig, plan: RunPlan, info: DistInfo, device: torch.device
             report.step(step, plan.total_steps, stats, crops_seen)
             if cfg.recon_every and step % cfg.recon_every == 0 and step < plan.total_steps:
                 _reconstruction(checkpointer, info, cfg, val_images, step, device, recon_paths)
-            if stats.out_of_time:
-                stopped_early = step < plan.total_steps
+            if stats.out_of_time:  # on the "time" clock the schedule has annealed: the run's planned end
+                stopped_early = step < plan.total_steps and cfg.schedule_clock != "time"
                 break
             if step % cfg.checkpoint_every == 0 and step < plan.total_steps:
                 last_ckpt = save(step)
@@ -308,13 +308,16 @@ def _train(cfg: TrainConfig, plan: RunPlan, info: DistInfo, device: torch.device
             plot_loss(losses, loss_png, ylabel=LOSS_LABELS.get(plan.family, "loss"))
         summary = {"model": plan.model_cfg.name, "family": plan.family, "optimizer": _optimizer_name(plan),
                    "lr": plan.lr, "classes": len(labels) if labels is not None else None,
-                   "steps": step, "total_steps": plan.total_steps, "crops": crops_seen, "seconds": seconds,
+                   "steps": step, "total_steps": plan.total_steps, "schedule_clock": cfg.schedule_clock,
+                   "crops": crops_seen, "seconds": seconds,
                    "crops_per_second": rate, "mfu": report.mfu(rate), "final_loss": losses[-1] if losses else None,
                    "resumed_from": resume_step, "stopped_early": stopped_early, "world_size": info.world_size,
                    "device": str(device), "amp": "bf16" if amp else "fp32", "checkpoint": last_ckpt}
         _write_json(os.path.join(cfg.out_dir, "train_summary.json"), summary)
         report.event({"event": "stopped_early" if stopped_early else "finished", "step": step, "crops_per_s": rate})
-        report.line(f"{'stopped (time budget)' if stopped_early else 'finished'} at step {step}: loss "
+        on_clock = (f" (the schedule followed the clock: annealed in the {cfg.max_seconds:.0f} s budget, "
+                    f"{plan.total_steps} steps planned)" if cfg.schedule_clock == "time" else "")
+        report.line(f"{'stopped (time budget)' if stopped_early else 'finished'} at step {step}{on_clock}: loss "
                     f"{losses[-1] if losses else float('nan'):.4f}, {rate:.1f} crops/s; final weights in {model_dir}")
     report.close()
     barrier(info)

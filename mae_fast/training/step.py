@@ -62,22 +62,38 @@ class StepStats:
     accuracy: float      # WSL: top-1 on the training crops (0 for the MAE)
     lr: float
     out_of_time: bool    # any rank past max_seconds
+    progress: float      # of the schedule after this step: step / steps, or on the clock (see schedule_progress)
+
+
+def schedule_progress(steps_done: int, total_steps: int, clock: str, seconds: float, max_seconds: float) -> float:
+    """How far the one-cycle schedule has gone, as a fraction (>= 1: annealed): `steps_done / total_steps`, or on
+    the "time" clock the larger of that and `seconds / max_seconds`, so a run slower than its plan anneals by its
+    time budget instead of being stopped partway down the decay."""
+    progress = steps_done / total_steps
+    return max(progress, seconds / max_seconds) if clock == "time" else progress
 
 
 class TrainStep:
-    """Runs optimiser steps: `stats = step(t, out_of_time)` trains step t (0-based) on this rank's micro-batches."""
+    """Runs optimiser steps: `stats = step(t, elapsed, last_good)` trains step t (0-based) on this rank's
+    micro-batches."""
 
     def __init__(self, forward, wrapped: torch.nn.Module, optimizer: torch.optim.Optimizer, streams: dict,
                  labels, cfg: TrainConfig, plan: RunPlan, info: DistInfo, device: torch.device, amp):
         self.forward, self.wrapped, self.optimizer, self.streams = forward, wrapped, optimizer, streams
         self.labels, self.cfg, self.plan, self.info, self.device, self.amp = labels, cfg, plan, info, device, amp
         self.local_micro = plan.local_micro(info.rank)
+        self.progress: float | None = None  # the schedule's progress after the last step (None: none taken yet)
 
-    def __call__(self, step: int, out_of_time, last_good: str) -> StepStats:
-        """Optimiser step `step` (0-based). `out_of_time()` is asked after this rank's micro-batches (any rank past
-        the budget stops every rank after this step); `last_good` goes into a non-finite loss's message."""
+    def __call__(self, step: int, elapsed, last_good: str) -> StepStats:
+        """Optimiser step `step` (0-based). `elapsed()` (seconds this rank has trained) is asked after this rank's
+        micro-batches: any rank past max_seconds stops every rank after this step, and on the "time" clock the
+        ranks' mean sets the next step's learning rate (the same on every rank); `last_good` goes into a
+        non-finite loss's message."""
         cfg, plan, device = self.cfg, self.plan, self.device
-        lr = one_cycle_cosine(step, plan.total_steps, plan.lr, cfg.warmup_fraction)
+        position = step  # on the schedule, in steps; on the clock, where the last step's time put it if further
+        if self.progress is not None and cfg.schedule_clock == "time":
+            position = max(step, self.progress * plan.total_steps)
+        lr = one_cycle_cosine(position, plan.total_steps, plan.lr, cfg.warmup_fraction)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
@@ -96,12 +112,15 @@ class TrainStep:
             accuracy = getattr(out, "extras", {}).get("accuracy")
             if accuracy is not None:
                 accuracy_sum += accuracy.detach().float()
-        stats = torch.stack([loss_sum / n_local, torch.tensor(float(out_of_time()), device=device),
-                             accuracy_sum / n_local])
+        seconds = elapsed()
+        out_of_time = cfg.max_seconds > 0 and seconds > cfg.max_seconds
+        stats = torch.tensor([0.0, float(out_of_time), 0.0, seconds], device=device, dtype=torch.float32)
+        stats[0], stats[2] = loss_sum / n_local, accuracy_sum / n_local
         if self.info.active:
             dist.all_reduce(stats)
             stats[0] /= self.info.world_size
             stats[2] /= self.info.world_size
+            stats[3] /= self.info.world_size
         step_loss = float(stats[0])
         if not math.isfinite(step_loss):
             err = NonFiniteLossError(f"non-finite loss ({step_loss}) at step {step + 1} of {plan.total_steps}; "
@@ -109,4 +128,6 @@ class TrainStep:
             err.event = {"event": "non_finite_loss", "step": step + 1, "loss": str(step_loss)}
             raise err
         self.optimizer.step()
-        return StepStats(step_loss, float(stats[2]), lr, bool(stats[1] > 0))
+        self.progress = schedule_progress(step + 1, plan.total_steps, cfg.schedule_clock, float(stats[3]),
+                                          cfg.max_seconds)
+        return StepStats(step_loss, float(stats[2]), lr, bool(stats[1] > 0), self.progress)

@@ -114,6 +114,9 @@ def test_config_file_yaml_toml_and_overrides(tmp_path):
     ({"amp": "fp16"}, "valid values: auto, bf16, fp32"),
     ({"compile_mode": "everything"}, "valid values: regional, model"),
     ({"activation_checkpointing_policy": "some"}, "valid values: full, selective"),
+    ({"schedule_clock": "wall"}, "valid values: steps, time"),
+    ({"schedule_clock": "time"}, "schedule_clock=time needs max_seconds > 0"),
+    ({"schedule_clock": "time", "max_seconds": 60.0, "resume": True}, "schedule_clock=time cannot resume"),
 ])
 def test_bad_settings_fail_before_work(screen, tmp_path, overrides, message):
     if "cuda" in message.lower() or "CUDA" in message:
@@ -275,6 +278,26 @@ def test_time_budget_stops_with_a_checkpoint_that_resumes_exactly(screen, refere
     assert [s for s, _ in list_checkpoints(str(out))] == [1] and os.path.exists(first.model_dir)
     rest = train(tiny_config(screen.root, out, resume=True))
     assert rest.resumed_from == 1 and not rest.stopped_early and rest.losses == reference_run.losses
+
+
+def test_time_clock_schedule_warms_up_and_anneals_within_the_budget(screen, tmp_path, capsys):
+    """schedule_clock=time (the demo's): a schedule planned far longer than the budget still warms up and anneals
+    by max_seconds, and reaching the budget is the run's planned end, not an early stop."""
+    from mae_fast.logs import configure_logging
+
+    configure_logging(0)  # the run's lines to stdout, as the command line prints them
+    out = tmp_path / "clock"
+    r = train(tiny_config(screen.root, out, steps=100_000, max_seconds=3.0, schedule_clock="time", recon_every=0,
+                          checkpoint_every=100_000))
+    assert 3 < r.steps < 100_000 and not r.stopped_early and r.seconds >= 3.0
+    lrs = [row["lr"] for row in map(json.loads, open(r.metrics_path)) if "lr" in row]
+    peak = max(lrs)
+    assert lrs[0] < 0.1 * 1e-3 and peak > 0.9 * 1e-3     # warmed up from lr/25 to the peak...
+    assert lrs.index(peak) < len(lrs) // 2 and lrs[-1] < 0.05 * 1e-3   # ...and annealed by the budget
+    assert all(a >= b for a, b in zip(lrs[lrs.index(peak):], lrs[lrs.index(peak) + 1:]))
+    summary = json.load(open(out / "train_summary.json"))
+    assert summary["schedule_clock"] == "time" and summary["stopped_early"] is False
+    assert "the schedule followed the clock: annealed in the 3 s budget" in capsys.readouterr().out
 
 
 def test_resume_refuses_changed_settings_and_other_architectures(screen, reference_run, tmp_path):

@@ -7,7 +7,7 @@ from mae_fast.cli.demo_plan import MIN_STEPS, PLAN_MARGIN, plan_steps, probe_ste
 
 
 def test_plan_fills_the_budget_at_the_median_step_time():
-    assert plan_steps(120.0, [0.2, 0.25, 0.3]) == int(PLAN_MARGIN * 120.0 / 0.25)   # 432
+    assert plan_steps(120.0, [0.2, 0.25, 0.3]) == int(PLAN_MARGIN * 120.0 / 0.25)   # 480
     assert plan_steps(120.0, [0.25, 0.25, 9.0]) == plan_steps(120.0, [0.25])          # one stall does not count
     assert plan_steps(600.0, [0.25]) == 5 * plan_steps(120.0, [0.25])                  # linear in the budget
     assert plan_steps(100.0, [0.1], margin=1.0) == 1000
@@ -16,7 +16,7 @@ def test_plan_fills_the_budget_at_the_median_step_time():
 def test_plan_has_a_floor_and_refuses_bad_times():
     assert plan_steps(1.0, [10.0]) == MIN_STEPS          # a slow machine still gets a schedule to anneal
     assert plan_steps(-5.0, [0.1]) == MIN_STEPS          # the probe ate the budget
-    assert plan_steps(10.0, [1.0], minimum=3) == 9
+    assert plan_steps(10.0, [1.0], minimum=3, margin=0.9) == 9
     for times in ([], [0.0, 0.1], [-1.0]):
         with pytest.raises(ValueError, match="positive step times"):
             plan_steps(10.0, times)

@@ -122,3 +122,14 @@ def test_one_cycle_cosine_schedule():
     assert all(a <= b for a, b in zip(lrs[:10], lrs[1:11]))
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
     assert lrs[-1] < 1e-8 and not math.isnan(lrs[-1])
+
+
+def test_schedule_progress_on_each_clock():
+    from mae_fast.training.step import schedule_progress
+
+    assert schedule_progress(30, 100, "steps", 90.0, 60.0) == 0.3          # the steps clock ignores the time
+    assert schedule_progress(30, 100, "time", 45.0, 60.0) == 0.75          # behind its plan: the clock leads
+    assert schedule_progress(80, 100, "time", 30.0, 60.0) == 0.8           # ahead of it: the steps lead
+    # a fractional position on the schedule (where the clock put the step) gives the cosine between the steps
+    between = one_cycle_cosine(55.5, 100, 1e-3)
+    assert one_cycle_cosine(56, 100, 1e-3) < between < one_cycle_cosine(55, 100, 1e-3)
