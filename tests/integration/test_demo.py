@@ -58,6 +58,10 @@ def test_demo_runs_end_to_end_and_loss_goes_down(tmp_path, capsys):
     assert summary["planned_steps"] == 30 and summary["plan"] == {"source": "--max-steps"}  # no probe: as asked
     assert summary["crops"] == 30 * 8 and re.search(r"^trained on:\s+240 crops \(30 steps of 8\)$", printed, re.M)
     assert summary["loss_last"] < summary["loss_first"]
+    # the models train from a raw pack of the screen (no PNG decoding per crop); embedding reads the screen itself
+    run_config = json.loads((out / "train" / "train_config.json").read_text())
+    assert run_config["data"]["root"] == str(out / "screen_pack") and (out / "screen_pack" / "pack.json").exists()
+    assert summary["seconds"]["pack"] >= 0 and re.search(r"^packed the screen for training: ", printed, re.M)
     table = pd.read_parquet(out / "embeddings.parquet")
     depth = 4  # the micro ViT's blocks, each embedded (`block` column)
     assert len(table) == 2 * (5 * 3 + 2 + 3 + 1) * depth  # every well of the two plates, at every block
