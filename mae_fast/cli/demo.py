@@ -58,7 +58,7 @@ from mae_fast.models import list_presets
 
 DEFAULT_WSL_LR = 0.05
 DEFAULT_MUNET_LR = 1e-3
-DEFAULT_MINUTES = 3.0  # from the scaling study: ~8k crops of the micro MAE on 2 idle cores, its best budget (README)
+DEFAULT_MINUTES = 3.0  # from the scaling study: 8-10k crops of the micro MAE on 2 idle cores, near its best (README)
 # The CellProfiler-style baseline measures this many of each site's segmented cells (about 22 on the default
 # screen), drawn by --seed: measuring a cell costs about 12 ms of CPU, so all of them on 760 sites would take
 # about 2.5 minutes of the 2 cores alone (docs/SYNTHETIC_SCREEN.md, "Budget"). The table says so under itself.
