@@ -7,12 +7,9 @@ In order of preference, on CUDA fp16/bf16 inputs:
   3. `torch.nn.functional.scaled_dot_product_attention` with the backend (flash, cuDNN, memory-efficient, math)
      measured fastest for this (shapes, dtype, device, gradient) -- see `SDPABackendCache`.
 A FlashAttention package that refuses a shape (e.g. a head dimension it has no kernel for) is not asked again for
-that shape: the next choice runs. On a CPU only bf16/fp16 inputs are measured, and a backend replaces SDPA's own
-choice only when it beats every other by 1.5x: SDPA's CPU flash kernel trains 2.7-3.2x slower than math at the
-encoder's 65 tokens in bf16 but 3.3x faster at 1025 (measured, fwd+bwd), while in fp32 the two are within 10% (not
-worth a choice that could differ between processes: fp32 runs are the ones compared bit for bit). Under
-torch.compile SDPA keeps its own choice (Inductor picks the kernel); during CUDA-graph capture a cached choice runs,
-nothing is measured.
+that shape: the next choice runs. On a CPU, SDPA keeps its own choice (its CPU flash kernel or math): there is one
+candidate worth having, so the cache is trivial there and nothing is measured. Under torch.compile SDPA keeps its
+own choice (Inductor picks the kernel); during CUDA-graph capture a cached choice runs, nothing is measured.
 
 `last_backend()` names what ran. `use_backend("math")` forces the explicit softmax(q·kᵀ/√d)·v formulation (three
 plain tensor ops, the form every FLOP counter sees), `use_backend("sdpa")` plain SDPA with its own choice (the
@@ -83,26 +80,19 @@ def time_backend(fn, device: torch.device, repeats: int = 3) -> float:
 class SDPABackendCache:
     """The fastest SDPA backend per `shape_key`, measured once per key: every candidate runs on copies of the real
     inputs (forward, plus backward when one will follow), a candidate that refuses the inputs (or runs out of memory)
-    is left out, and the fastest is kept. `measured_device_types`: where measuring is worth it (elsewhere SDPA's own
-    choice stands); `measured_dtypes` {device type: dtypes}: on that device only these are measured;
-    `min_gain` {device type: factor}: there the fastest is kept only when it beats every other candidate by that
-    factor (else SDPA's own choice stands: no choice that a timing's noise could flip between processes).
-    `timer(fn, device) -> seconds` is `time_backend` unless a test passes a fake."""
+    is left out, and the fastest is kept. `measured_device_types`: where measuring is worth it (CUDA; on a CPU SDPA's
+    own choice stands). `timer(fn, device) -> seconds` is `time_backend` unless a test passes a fake."""
 
-    def __init__(self, candidates=tuple(SDPA_BACKENDS), measured_device_types=("cuda",), timer=time_backend,
-                 measured_dtypes: dict | None = None, min_gain: dict | None = None):
+    def __init__(self, candidates=tuple(SDPA_BACKENDS), measured_device_types=("cuda",), timer=time_backend):
         self.candidates = tuple(candidates)
         self.measured_device_types = tuple(measured_device_types)
-        self.measured_dtypes = dict(measured_dtypes or {})
-        self.min_gain = dict(min_gain or {})
         self.timer = timer
         self.choices: dict[tuple, str | None] = {}
         self.timings: dict[tuple, dict[str, float | str]] = {}  # per key: seconds, or why a candidate was left out
 
     def choose(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
         """The backend name to run, or None for SDPA's own choice (not measured on this device, or while tracing)."""
-        device = q.device.type
-        if device not in self.measured_device_types or q.dtype not in self.measured_dtypes.get(device, (q.dtype,)):
+        if q.device.type not in self.measured_device_types:
             return None
         key = shape_key(q, k, v)
         if key in self.choices:
@@ -110,10 +100,9 @@ class SDPABackendCache:
         if _not_measurable():
             return None
         timings = self.measure(q, k, v, backward=key[-1])
-        seconds = sorted((t, name) for name, t in timings.items() if isinstance(t, float))
+        seconds = {name: t for name, t in timings.items() if isinstance(t, float)}
         self.timings[key] = timings
-        clear = len(seconds) < 2 or seconds[1][0] >= self.min_gain.get(device, 1.0) * seconds[0][0]
-        self.choices[key] = seconds[0][1] if seconds and clear else None
+        self.choices[key] = min(seconds, key=seconds.get) if seconds else None
         return self.choices[key]
 
     def measure(self, q, k, v, backward: bool) -> dict[str, float | str]:
@@ -152,9 +141,7 @@ class SDPABackendCache:
         self.timings.clear()
 
 
-# CUDA: the fastest for every dtype; CPU: bf16/fp16 only, and only a clear winner (see the module doc)
-sdpa_cache = SDPABackendCache(measured_device_types=("cuda", "cpu"), measured_dtypes={"cpu": FLASH_DTYPES},
-                              min_gain={"cpu": 1.5})
+sdpa_cache = SDPABackendCache()
 
 
 def _math_attention(q, k, v):

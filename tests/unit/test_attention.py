@@ -48,7 +48,6 @@ def fakes(monkeypatch):
 
 def test_fa4_runs_first_then_the_classic_package_then_sdpa(fakes, monkeypatch):
     fa4, fa2 = fakes
-    monkeypatch.setattr(attention, "sdpa_cache", attention.SDPABackendCache())  # measures on CUDA only
     q, k, v = _qkv(dtype=torch.bfloat16)
     out = torch.full_like(q, float("nan"))
     out.copy_(attention.attention(q, k, v))
@@ -191,30 +190,6 @@ def test_real_measurement_on_cpu_leaves_inputs_and_rng_alone():
     assert q.grad is None and k.grad is None and v.grad is None
     timings = cache.timings[attention.shape_key(q, k, v)]
     assert isinstance(timings["math"], float) and timings["math"] > 0
-
-
-def test_cpu_measures_half_precision_only_and_keeps_only_a_clear_winner(monkeypatch):
-    """The default cache on a CPU: bf16/fp16 shapes are measured (fp32 ones never: they are the runs compared bit
-    for bit, and SDPA's CPU kernels are within 10% there), and the fastest backend is used only when it beats every
-    other by 1.5x; else SDPA's own choice stands."""
-    timer = FakeTimer([3.0, 1.0, 1.2, 1.0])  # shape 1: math 3x faster; shape 2: math only 1.2x faster
-    monkeypatch.setattr(attention.sdpa_cache, "timer", timer)
-    monkeypatch.setattr(attention.sdpa_cache, "candidates", ("flash", "math"))
-    attention.sdpa_cache.clear()
-    try:
-        q, k, v = _qkv(dtype=torch.bfloat16, grad=True)
-        torch.testing.assert_close(attention.attention(q, k, v), _math(q, k, v), rtol=2e-2, atol=2e-2)
-        assert attention.last_backend() == "sdpa_math" and timer.calls == 2
-        attention.attention(*_qkv(N=9, dtype=torch.bfloat16, grad=True))
-        assert attention.last_backend() == "sdpa" and timer.calls == 4   # no clear winner: SDPA's own choice
-        attention.attention(*_qkv(N=9, dtype=torch.bfloat16, grad=True))
-        assert attention.last_backend() == "sdpa" and timer.calls == 4   # ...remembered, not measured again
-        attention.attention(*_qkv(N=11, dtype=torch.float32, grad=True))
-        assert attention.last_backend() == "sdpa" and timer.calls == 4   # fp32: never measured on a CPU
-        report = {tuple(e["q"]): e["chosen"] for e in attention.sdpa_cache.report()}
-        assert report == {(2, 3, 7, 16): "math", (2, 3, 9, 16): None}
-    finally:
-        attention.sdpa_cache.clear()
 
 
 def test_nothing_is_measured_while_compiling(monkeypatch):
