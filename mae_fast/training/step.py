@@ -62,7 +62,6 @@ class StepStats:
     accuracy: float      # WSL: top-1 on the training crops (0 for the MAE)
     lr: float
     out_of_time: bool    # any rank past max_seconds
-    progress: float      # of the schedule after this step: step / steps, or on the clock (see schedule_progress)
 
 
 def schedule_progress(steps_done: int, total_steps: int, clock: str, seconds: float, max_seconds: float) -> float:
@@ -130,4 +129,4 @@ class TrainStep:
         self.optimizer.step()
         self.progress = schedule_progress(step + 1, plan.total_steps, cfg.schedule_clock, float(stats[3]),
                                           cfg.max_seconds)
-        return StepStats(step_loss, float(stats[2]), lr, bool(stats[1] > 0), self.progress)
+        return StepStats(step_loss, float(stats[2]), lr, bool(stats[1] > 0))
